@@ -1,0 +1,70 @@
+//! The codecs and their registry. A codec turns a typed buffer into (metadata, payload) bytes and
+//! back; the packed format (src/format) frames them. Codecs know nothing of files or Python.
+//!
+//! Adding a codec: one file here, one line in [`REGISTRY`], one fixture, one test file.
+
+pub mod params;
+pub mod smaq;
+
+use crate::dtype::{DType, Data, DataMut};
+use crate::error::{Error, Result};
+pub use params::{Param, ParamReader, Params};
+
+/// What an encoder produces: codec metadata (parameters, statistics, chunk index) and payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub meta: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// A configured encoder.
+pub trait Encoder: Send + Sync {
+    fn encode(&self, x: Data<'_>) -> Result<Encoded>;
+}
+
+/// A decoder opened on validated metadata, for one tensor.
+pub trait Decoder: Send + Sync {
+    /// The parameters the tensor was encoded with.
+    fn params(&self) -> Params;
+    /// Statistics recorded at encode time (mean, std, counts of outliers, clamped values...).
+    fn info(&self) -> Params;
+    /// Decodes `payload` into `out` (whose length is the tensor's element count).
+    fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()>;
+}
+
+/// Where the packed tensor's metadata is opened: everything a decoder may check against.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame {
+    pub dtype: DType,
+    pub numel: u64,
+    pub payload_len: u64,
+}
+
+/// One registered codec.
+pub struct CodecInfo {
+    /// Stable on-disk id (docs/FORMAT.md). Never reuse an id.
+    pub id: u16,
+    pub name: &'static str,
+    pub doc: &'static str,
+    pub defaults: fn() -> Params,
+    pub encoder: fn(&Params) -> Result<Box<dyn Encoder>>,
+    pub decoder: fn(meta: &[u8], frame: Frame) -> Result<Box<dyn Decoder>>,
+}
+
+/// Every codec smaq_rs knows.
+pub static REGISTRY: &[&CodecInfo] = &[&smaq::INFO];
+
+pub fn by_name(name: &str) -> Result<&'static CodecInfo> {
+    REGISTRY.iter().copied().find(|c| c.name == name).ok_or_else(|| {
+        let names: Vec<_> = REGISTRY.iter().map(|c| c.name).collect();
+        Error::Codec(format!("unknown codec {name:?}; available: {}", names.join(", ")))
+    })
+}
+
+pub fn by_id(id: u16) -> Result<&'static CodecInfo> {
+    REGISTRY
+        .iter()
+        .copied()
+        .find(|c| c.id == id)
+        .ok_or_else(|| Error::Format(format!("unknown codec id {id} in packed tensor")))
+}

@@ -1,0 +1,811 @@
+//! SmaQ: z-score mixed-width quantization (SPEC.md, "SmaQ").
+//!
+//! Each element becomes one self-delimiting code, written LSB first:
+//!
+//! ```text
+//!   main    (|z| <= t_main):  bit 0 = 0, bit 1 = sign, bits 2.. = round(|z| * r_main)       bits_main wide
+//!   outlier (|z| >  t_main):  bit 0 = 1, bit 1 = sign, bits 2.. = round((|z|-t_main) * r_out) bits_outlier wide
+//! ```
+//!
+//! so a chunk of n values with o outliers takes exactly (n-o)*bits_main + o*bits_outlier bits,
+//! rounded up to a byte. Chunks are independent (their outlier counts are in the chunk index), so
+//! encode and decode run one chunk per Rayon task. Decoding is one table lookup per element: the
+//! low max(bits_main, bits_outlier) bits of the stream index a table of (decoded value, width).
+//!
+//! Non-finite values and, with `outliers="exact"`, values beyond `t_outlier` are kept bit-exact in
+//! a per-chunk exception list (u32 index in the chunk + the raw element), patched after decoding.
+
+use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
+use crate::bits::{peek64, BitWriter};
+use crate::dtype::{DType, Data, DataMut, Element};
+use crate::error::{ensure_format, Error, Result};
+use crate::le::{LeReader, LeWriter};
+use crate::rng::{stream_key, uniform};
+use crate::stats::{mean_std, Sampling, Spread};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub const ID: u16 = 1;
+
+pub static INFO: CodecInfo = CodecInfo {
+    id: ID,
+    name: "smaq",
+    doc: "SmaQ z-score mixed-width quantization: main values (|z| <= t_main) in bits_main bits, \
+          outliers in bits_outlier bits; NaN/Inf kept exactly.",
+    defaults: || SmaqConfig::default().to_params(),
+    encoder: |p| Ok(Box::new(SmaqConfig::from_params(p)?)),
+    decoder: |meta, frame| Ok(Box::new(SmaqHeader::parse(meta, frame)?)),
+};
+
+const ROUNDINGS: [&str; 3] = ["stochastic", "nearest", "truncate"];
+const STATS: [&str; 2] = ["exact", "sampled"];
+const STDS: [&str; 2] = ["std", "range"];
+const OUTLIERS: [&str; 2] = ["clamp", "exact"];
+
+/// How a scaled magnitude becomes an integer code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Rounding {
+    /// floor(v + u), u uniform in [0, 1): unbiased.
+    Stochastic = 0,
+    /// Round half away from zero.
+    Nearest = 1,
+    /// Toward zero.
+    Truncate = 2,
+}
+
+/// The full configuration of the SmaQ codec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmaqConfig {
+    pub bits_main: u8,
+    pub bits_outlier: u8,
+    pub t_main: f32,
+    pub t_outlier: f32,
+    pub sampling: Sampling,
+    pub spread: Spread,
+    pub rounding: Rounding,
+    /// Seed of stochastic rounding (and of sampling); `None` draws a fresh one per call. The seed
+    /// used is recorded in the packed tensor.
+    pub seed: Option<u64>,
+    pub all_positive: bool,
+    /// Keep values beyond t_outlier exactly (exception list) instead of clamping them.
+    pub exact_outliers: bool,
+    /// Tensors with fewer elements are stored uncompressed.
+    pub min_size: u32,
+    /// Elements per independently coded chunk.
+    pub chunk_size: u32,
+}
+
+impl Default for SmaqConfig {
+    fn default() -> Self {
+        Self {
+            bits_main: 6,
+            bits_outlier: 8,
+            t_main: 1.0,
+            t_outlier: 2.5,
+            sampling: Sampling::Exact,
+            spread: Spread::Std,
+            rounding: Rounding::Stochastic,
+            seed: None,
+            all_positive: false,
+            exact_outliers: false,
+            min_size: 8,
+            chunk_size: 1 << 16,
+        }
+    }
+}
+
+impl SmaqConfig {
+    pub fn from_params(p: &Params) -> Result<Self> {
+        let d = Self::default();
+        let mut r = ParamReader::new("smaq", p);
+        let bits_main = r.int("bits_main", d.bits_main as i64, 3, 16)? as u8;
+        let bits_outlier = r.int("bits_outlier", d.bits_outlier as i64, 3, 16)? as u8;
+        let t_main = r.float("t_main", d.t_main as f64, 1e-3, 1e3)? as f32;
+        let t_outlier = r.float("t_outlier", d.t_outlier as f64, 1e-3, 1e6)? as f32;
+        let stats = r.choice("stats", 0, &STATS)?;
+        let k = r.int("k", 4096, 1, u32::MAX as i64)? as u32;
+        let seed = r.opt_u64("seed")?;
+        let spread = [Spread::Std, Spread::Range][r.choice("std", 0, &STDS)?];
+        let rounding =
+            [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate][r.choice("rounding", 0, &ROUNDINGS)?];
+        let all_positive = r.bool("all_positive", d.all_positive)?;
+        let exact_outliers = r.choice("outliers", 0, &OUTLIERS)? == 1;
+        let min_size = r.int("min_size", d.min_size as i64, 0, u32::MAX as i64)? as u32;
+        let chunk_size = r.int("chunk_size", d.chunk_size as i64, 64, 1 << 30)? as u32;
+        r.finish()?;
+        if t_outlier <= t_main {
+            return Err(Error::Codec(format!(
+                "codec \"smaq\": t_outlier ({t_outlier}) must be greater than t_main ({t_main})"
+            )));
+        }
+        let sampling = if stats == 0 { Sampling::Exact } else { Sampling::Sampled { k, seed: 0 } };
+        Ok(Self {
+            bits_main,
+            bits_outlier,
+            t_main,
+            t_outlier,
+            sampling,
+            spread,
+            rounding,
+            seed,
+            all_positive,
+            exact_outliers,
+            min_size,
+            chunk_size,
+        })
+    }
+
+    pub fn to_params(&self) -> Params {
+        let (stats, k) = match self.sampling {
+            Sampling::Exact => ("exact", 4096),
+            Sampling::Sampled { k, .. } => ("sampled", k),
+        };
+        let s = |v: &str| Param::Str(v.to_string());
+        [
+            ("bits_main", Param::Int(self.bits_main as i64)),
+            ("bits_outlier", Param::Int(self.bits_outlier as i64)),
+            ("t_main", Param::Float(self.t_main as f64)),
+            ("t_outlier", Param::Float(self.t_outlier as f64)),
+            ("stats", s(stats)),
+            ("k", Param::Int(k as i64)),
+            ("seed", self.seed.map_or(Param::None, |v| Param::Int(v as i64))),
+            ("std", s(STDS[(self.spread == Spread::Range) as usize])),
+            ("rounding", s(ROUNDINGS[self.rounding as usize])),
+            ("all_positive", Param::Bool(self.all_positive)),
+            ("outliers", s(OUTLIERS[self.exact_outliers as usize])),
+            ("min_size", Param::Int(self.min_size as i64)),
+            ("chunk_size", Param::Int(self.chunk_size as i64)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn quant(&self) -> Quant {
+        Quant::new(self.bits_main, self.bits_outlier, self.t_main, self.t_outlier)
+    }
+}
+
+/// A fresh seed per call when none is given: distinct across calls and processes.
+fn fresh_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    crate::rng::mix64(nanos ^ crate::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
+        ^ (std::process::id() as u64) << 32
+}
+
+/// The quantization grid shared by encoder and decoder.
+#[derive(Debug, Clone, Copy)]
+struct Quant {
+    bits_main: u32,
+    bits_outlier: u32,
+    t_main: f32,
+    t_outlier: f32,
+    r_main: f32,
+    r_out: f32,
+    max_main: u32,
+    max_out: u32,
+}
+
+impl Quant {
+    fn new(bits_main: u8, bits_outlier: u8, t_main: f32, t_outlier: f32) -> Self {
+        let max_main = (1u32 << (bits_main - 2)) - 1;
+        let max_out = (1u32 << (bits_outlier - 2)) - 1;
+        Quant {
+            bits_main: bits_main as u32,
+            bits_outlier: bits_outlier as u32,
+            t_main,
+            t_outlier,
+            r_main: max_main as f32 / t_main,
+            r_out: max_out as f32 / (t_outlier - t_main),
+            max_main,
+            max_out,
+        }
+    }
+
+    /// Bits of a chunk of `n` values of which `outliers` are outliers.
+    fn chunk_bits(&self, n: u64, outliers: u64) -> u64 {
+        (n - outliers) * self.bits_main as u64 + outliers * self.bits_outlier as u64
+    }
+
+    /// Width of the lookup key: the longest code.
+    fn key_bits(&self) -> u32 {
+        self.bits_main.max(self.bits_outlier)
+    }
+
+    /// The z-score a code stands for.
+    fn z_of(&self, key: u32) -> (f64, u32) {
+        let outlier = key & 1 == 1;
+        let negative = key & 2 != 0;
+        let (width, z) = if outlier {
+            let mag = (key >> 2) & self.max_out;
+            (self.bits_outlier, mag as f64 / self.r_out as f64 + self.t_main as f64)
+        } else {
+            let mag = (key >> 2) & self.max_main;
+            (self.bits_main, mag as f64 / self.r_main as f64)
+        };
+        (if negative { -z } else { z }, width)
+    }
+}
+
+/// Per-chunk result of encoding.
+struct ChunkOut {
+    bytes: Vec<u8>,
+    outliers: u32,
+    exceptions: u32,
+    clamped: u64,
+    nonfinite: u64,
+}
+
+impl Encoder for SmaqConfig {
+    fn encode(&self, x: Data<'_>) -> Result<Encoded> {
+        let seed = self.seed.unwrap_or_else(fresh_seed);
+        crate::dispatch!(Data, x, |v| encode_typed(self, seed, v))
+    }
+}
+
+/// Converts a chunk to the type the kernel computes on (f32, or f64 for f64 input).
+trait Compute: Element {
+    type C: Copy + Into<f64> + Send + Sync;
+    fn with_compute<R>(x: &[Self], f: impl FnOnce(&[Self::C]) -> R) -> R;
+}
+impl Compute for f32 {
+    type C = f32;
+    fn with_compute<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+        f(x)
+    }
+}
+impl Compute for f64 {
+    type C = f64;
+    fn with_compute<R>(x: &[f64], f: impl FnOnce(&[f64]) -> R) -> R {
+        f(x)
+    }
+}
+macro_rules! half_compute {
+    ($t:ty) => {
+        impl Compute for $t {
+            type C = f32;
+            fn with_compute<R>(x: &[$t], f: impl FnOnce(&[f32]) -> R) -> R {
+                let mut tmp = vec![0f32; x.len()];
+                x.convert_to_f32_slice(&mut tmp);
+                f(&tmp)
+            }
+        }
+    };
+}
+half_compute!(f16);
+half_compute!(bf16);
+
+fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encoded> {
+    let n = x.len() as u64;
+    let mut head = Header {
+        cfg: SmaqConfig { seed: Some(seed), ..cfg.clone() },
+        mean: 0.0,
+        std: 1.0,
+        clamped: 0,
+        nonfinite: 0,
+        raw: true,
+        chunks: Vec::new(),
+    };
+    if n < cfg.min_size as u64 {
+        head.nonfinite = x.iter().filter(|v| !v.is_finite()).count() as u64;
+        let payload = Data::from_typed(x).to_le_bytes();
+        return Ok(Encoded { meta: head.write(), payload });
+    }
+    let sampling = match cfg.sampling {
+        Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
+        s => s,
+    };
+    let stats = mean_std(x, sampling, cfg.spread);
+    let q = cfg.quant();
+    let (mean, inv_std) = (stats.mean, 1.0 / stats.std);
+    let chunks: Vec<ChunkOut> = crate::pool::install(|| {
+        x.par_chunks(cfg.chunk_size as usize)
+            .enumerate()
+            .map(|(ci, c)| {
+                let key = stream_key(seed, ci as u64);
+                encode_chunk(c, &q, cfg, mean, inv_std, key)
+            })
+            .collect()
+    });
+    head.mean = stats.mean;
+    head.std = stats.std;
+    head.raw = false;
+    head.clamped = chunks.iter().map(|c| c.clamped).sum();
+    head.nonfinite = chunks.iter().map(|c| c.nonfinite).sum();
+    head.chunks = chunks.iter().map(|c| (c.outliers, c.exceptions)).collect();
+    let total: usize = chunks.iter().map(|c| c.bytes.len()).sum();
+    let mut payload = Vec::with_capacity(total);
+    for c in &chunks {
+        payload.extend_from_slice(&c.bytes);
+    }
+    Ok(Encoded { meta: head.write(), payload })
+}
+
+fn encode_chunk<T: Compute>(
+    x: &[T],
+    q: &Quant,
+    cfg: &SmaqConfig,
+    mean: f64,
+    inv_std: f64,
+    key: u32,
+) -> ChunkOut {
+    let (mut w, outliers, clamped, nonfinite) =
+        T::with_compute(x, |c| code_chunk(c, q, cfg.rounding, mean, inv_std, key));
+    // Exceptions: non-finite values always; values beyond t_outlier when asked to keep them.
+    let mut exceptions = 0u32;
+    if nonfinite > 0 || (cfg.exact_outliers && clamped > 0) {
+        let mut list = LeWriter(Vec::new());
+        for (i, v) in x.iter().enumerate() {
+            let f = v.to_f64();
+            let beyond = ((f - mean) * inv_std).abs() > q.t_outlier as f64;
+            if !f.is_finite() || (cfg.exact_outliers && beyond) {
+                list.u32(i as u32);
+                list.bytes(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
+                exceptions += 1;
+            }
+        }
+        let mut bytes = std::mem::take(&mut w);
+        bytes.extend_from_slice(&list.0);
+        w = bytes;
+    }
+    let clamped = if cfg.exact_outliers { 0 } else { clamped };
+    ChunkOut { bytes: w, outliers, exceptions, clamped, nonfinite }
+}
+
+/// The hot loop: codes for one chunk. Returns (packed codes, outliers, beyond t_outlier, non-finite).
+#[inline(never)]
+fn code_chunk<C: Copy + Into<f64>>(
+    x: &[C],
+    q: &Quant,
+    rounding: Rounding,
+    mean: f64,
+    inv_std: f64,
+    key: u32,
+) -> (Vec<u8>, u32, u64, u64) {
+    match rounding {
+        Rounding::Stochastic => code_chunk_with(x, q, mean, inv_std, |i| uniform(key, i)),
+        Rounding::Nearest => code_chunk_with(x, q, mean, inv_std, |_| 0.5),
+        Rounding::Truncate => code_chunk_with(x, q, mean, inv_std, |_| 0.0),
+    }
+}
+
+#[inline(always)]
+fn code_chunk_with<C: Copy + Into<f64>>(
+    x: &[C],
+    q: &Quant,
+    mean: f64,
+    inv_std: f64,
+    dither: impl Fn(u32) -> f32,
+) -> (Vec<u8>, u32, u64, u64) {
+    let mut w = BitWriter::with_capacity_bits(x.len() * q.key_bits() as usize);
+    let (mut outliers, mut clamped, mut nonfinite) = (0u32, 0u64, 0u64);
+    let (max_main, max_out) = (q.max_main as f32, q.max_out as f32);
+    for (i, &v) in x.iter().enumerate() {
+        let vf: f64 = v.into();
+        let finite = vf.is_finite();
+        let z = ((vf - mean) * inv_std) as f32;
+        let a = z.abs();
+        let out = a > q.t_main;
+        // NaN: `out` is false and min() picks the bound; the value is patched from the exceptions.
+        let (scaled, width, flag, max_mag) = if out {
+            (((a - q.t_main) * q.r_out).min(max_out), q.bits_outlier, 1u32, q.max_out)
+        } else {
+            ((a * q.r_main).min(max_main), q.bits_main, 0u32, q.max_main)
+        };
+        let mag = ((scaled + dither(i as u32)) as u32).min(max_mag);
+        let sign = (z < 0.0) as u32;
+        w.put(flag | sign << 1 | mag << 2, width);
+        outliers += out as u32;
+        clamped += (a > q.t_outlier && finite) as u64;
+        nonfinite += !finite as u64;
+    }
+    (w.finish(), outliers, clamped, nonfinite)
+}
+
+/// Everything in a SmaQ tensor's metadata. Layout in docs/FORMAT.md.
+#[derive(Debug, Clone)]
+struct Header {
+    cfg: SmaqConfig,
+    mean: f64,
+    std: f64,
+    clamped: u64,
+    nonfinite: u64,
+    /// Stored uncompressed (fewer than min_size elements).
+    raw: bool,
+    /// Per chunk: (outliers, exceptions).
+    chunks: Vec<(u32, u32)>,
+}
+
+/// A parsed, validated SmaQ header plus the chunk byte ranges it implies.
+#[derive(Debug)]
+struct SmaqHeader {
+    h: Header,
+    dtype: DType,
+    numel: u64,
+    /// Per chunk: (payload offset, code bytes, code bits, exception bytes).
+    spans: Vec<(usize, usize, u64, usize)>,
+}
+
+const FLAG_ALL_POSITIVE: u8 = 1;
+const FLAG_EXACT_OUTLIERS: u8 = 2;
+const FLAG_SAMPLED: u8 = 4;
+const FLAG_RANGE_STD: u8 = 8;
+const FLAG_RAW: u8 = 16;
+const FLAGS_KNOWN: u8 = 31;
+
+impl Header {
+    fn write(&self) -> Vec<u8> {
+        let c = &self.cfg;
+        let (k, sampled) = match c.sampling {
+            Sampling::Exact => (0, 0),
+            Sampling::Sampled { k, .. } => (k, FLAG_SAMPLED),
+        };
+        let flags = (c.all_positive as u8 * FLAG_ALL_POSITIVE)
+            | (c.exact_outliers as u8 * FLAG_EXACT_OUTLIERS)
+            | sampled
+            | ((c.spread == Spread::Range) as u8 * FLAG_RANGE_STD)
+            | (self.raw as u8 * FLAG_RAW);
+        let mut w = LeWriter(Vec::with_capacity(72 + 8 * self.chunks.len()));
+        w.u8(c.bits_main).u8(c.bits_outlier).u8(c.rounding as u8).u8(flags);
+        w.f32(c.t_main).f32(c.t_outlier).u32(c.chunk_size).u32(k).u64(c.seed.unwrap_or(0));
+        w.f64(self.mean).f64(self.std).u64(self.clamped).u64(self.nonfinite);
+        w.u32(c.min_size).u32(self.chunks.len() as u32);
+        for &(o, e) in &self.chunks {
+            w.u32(o).u32(e);
+        }
+        w.0
+    }
+}
+
+impl SmaqHeader {
+    fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
+        let mut r = LeReader::new(meta, "smaq header");
+        let bits_main = r.u8("bits_main")?;
+        let bits_outlier = r.u8("bits_outlier")?;
+        let rounding = r.u8("rounding")?;
+        let flags = r.u8("flags")?;
+        let t_main = r.f32("t_main")?;
+        let t_outlier = r.f32("t_outlier")?;
+        let chunk_size = r.u32("chunk_size")?;
+        let k = r.u32("k")?;
+        let seed = r.u64("seed")?;
+        let mean = r.f64("mean")?;
+        let std = r.f64("std")?;
+        let clamped = r.u64("clamped count")?;
+        let nonfinite = r.u64("non-finite count")?;
+        let min_size = r.u32("min_size")?;
+        let n_chunks = r.u32("chunk count")? as usize;
+        ensure_format!((3..=16).contains(&bits_main), "smaq: bits_main {bits_main} not in 3..=16");
+        ensure_format!(
+            (3..=16).contains(&bits_outlier),
+            "smaq: bits_outlier {bits_outlier} not in 3..=16"
+        );
+        ensure_format!(rounding <= 2, "smaq: unknown rounding mode {rounding}");
+        ensure_format!(flags & !FLAGS_KNOWN == 0, "smaq: unknown flag bits {flags:#04x}");
+        ensure_format!(
+            t_main.is_finite() && t_main > 0.0 && t_outlier.is_finite() && t_outlier > t_main,
+            "smaq: thresholds t_main={t_main}, t_outlier={t_outlier} are invalid"
+        );
+        ensure_format!(chunk_size >= 1, "smaq: chunk_size is 0");
+        ensure_format!(
+            mean.is_finite() && std.is_finite() && std > 0.0,
+            "smaq: statistics mean={mean}, std={std} are invalid"
+        );
+        let raw = flags & FLAG_RAW != 0;
+        let expected_chunks = if raw { 0 } else { frame.numel.div_ceil(chunk_size as u64) };
+        ensure_format!(
+            n_chunks as u64 == expected_chunks,
+            "smaq: header has {n_chunks} chunks, {} elements in chunks of {chunk_size} need {expected_chunks}",
+            frame.numel
+        );
+        ensure_format!(
+            r.remaining() == n_chunks * 8,
+            "smaq: chunk index holds {} bytes, expected {} for {n_chunks} chunks",
+            r.remaining(),
+            n_chunks * 8
+        );
+        let mut chunks = Vec::with_capacity(n_chunks);
+        for _ in 0..n_chunks {
+            chunks.push((r.u32("chunk outliers")?, r.u32("chunk exceptions")?));
+        }
+        r.finish()?;
+
+        let cfg = SmaqConfig {
+            bits_main,
+            bits_outlier,
+            t_main,
+            t_outlier,
+            sampling: if flags & FLAG_SAMPLED != 0 {
+                Sampling::Sampled { k, seed }
+            } else {
+                Sampling::Exact
+            },
+            spread: if flags & FLAG_RANGE_STD != 0 { Spread::Range } else { Spread::Std },
+            rounding: [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate][rounding as usize],
+            seed: Some(seed),
+            all_positive: flags & FLAG_ALL_POSITIVE != 0,
+            exact_outliers: flags & FLAG_EXACT_OUTLIERS != 0,
+            min_size,
+            chunk_size,
+        };
+        let q = cfg.quant();
+        // Chunk byte spans, with every length checked against the payload.
+        let esize = 4 + frame.dtype.size() as u64;
+        let mut spans = Vec::with_capacity(n_chunks);
+        let mut off = 0u64;
+        for (ci, &(o, e)) in chunks.iter().enumerate() {
+            let len = (frame.numel - ci as u64 * chunk_size as u64).min(chunk_size as u64);
+            ensure_format!(
+                o as u64 <= len && e as u64 <= len,
+                "smaq: chunk {ci} claims {o} outliers and {e} exceptions among {len} values"
+            );
+            let bits = q.chunk_bits(len, o as u64);
+            let code_bytes = bits.div_ceil(8);
+            let exc_bytes = e as u64 * esize;
+            spans.push((off as usize, code_bytes as usize, bits, exc_bytes as usize));
+            off += code_bytes + exc_bytes;
+        }
+        let expected = if raw { frame.numel * frame.dtype.size() as u64 } else { off };
+        ensure_format!(
+            frame.payload_len == expected,
+            "smaq: payload is {} bytes, the header implies {expected}",
+            frame.payload_len
+        );
+        let h = Header { cfg, mean, std, clamped, nonfinite, raw, chunks };
+        Ok(SmaqHeader { h, dtype: frame.dtype, numel: frame.numel, spans })
+    }
+
+    /// Decoded value and code width for every lookup key.
+    fn table<T: Element>(&self) -> (Vec<T>, Vec<u8>) {
+        let q = self.h.cfg.quant();
+        let n = 1usize << q.key_bits();
+        let (lo, hi) = (-T::MAX_F64, T::MAX_F64);
+        let floor = if self.h.cfg.all_positive { 0.0 } else { lo };
+        (0..n as u32)
+            .map(|key| {
+                let (z, width) = q.z_of(key);
+                let v = (self.h.mean + z * self.h.std).clamp(floor, hi);
+                (T::from_f64(v), width as u8)
+            })
+            .unzip()
+    }
+
+    fn decode_typed<T: Element>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
+        if self.h.raw {
+            return crate::dtype::fill_from_le_bytes(&mut T::wrap_mut(out), payload);
+        }
+        let (lut, widths) = self.table::<T>();
+        let mask = (lut.len() - 1) as u64;
+        let cs = self.h.cfg.chunk_size as usize;
+        let esize = 4 + T::DTYPE.size();
+        crate::pool::install(|| {
+            out.par_chunks_mut(cs).zip(self.spans.par_iter()).enumerate().try_for_each(
+                |(ci, (dst, &(off, code_bytes, bits, exc_bytes)))| {
+                    let codes = &payload[off..off + code_bytes];
+                    let mut pos = 0usize;
+                    for o in dst.iter_mut() {
+                        let key = (peek64(codes, pos) & mask) as usize;
+                        *o = lut[key];
+                        pos += widths[key] as usize;
+                    }
+                    ensure_format!(
+                        pos as u64 == bits,
+                        "smaq: chunk {ci} codes span {pos} bits, the index says {bits}"
+                    );
+                    let exc = &payload[off + code_bytes..off + code_bytes + exc_bytes];
+                    let mut prev: Option<usize> = None;
+                    for e in exc.chunks_exact(esize) {
+                        let i = u32::from_le_bytes(e[..4].try_into().unwrap()) as usize;
+                        ensure_format!(
+                            i < dst.len() && prev.is_none_or(|p| i > p),
+                            "smaq: chunk {ci} exception index {i} is out of order or out of range"
+                        );
+                        let mut raw = [0u8; 8];
+                        raw[..esize - 4].copy_from_slice(&e[4..]);
+                        dst[i] = T::from_bits_u64(u64::from_le_bytes(raw));
+                        prev = Some(i);
+                    }
+                    Ok(())
+                },
+            )
+        })
+    }
+}
+
+impl Decoder for SmaqHeader {
+    fn params(&self) -> Params {
+        self.h.cfg.to_params()
+    }
+
+    fn info(&self) -> Params {
+        let h = &self.h;
+        let outliers: u64 = h.chunks.iter().map(|c| c.0 as u64).sum();
+        let exceptions: u64 = h.chunks.iter().map(|c| c.1 as u64).sum();
+        [
+            ("mean", Param::Float(h.mean)),
+            ("std", Param::Float(h.std)),
+            ("n_outliers", Param::Int(outliers as i64)),
+            ("n_clamped", Param::Int(h.clamped as i64)),
+            ("n_nonfinite", Param::Int(h.nonfinite as i64)),
+            ("n_exceptions", Param::Int(exceptions as i64)),
+            ("n_chunks", Param::Int(h.chunks.len() as i64)),
+            ("stored_raw", Param::Bool(h.raw)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
+        if out.dtype() != self.dtype || out.len() as u64 != self.numel {
+            return Err(Error::Shape(format!(
+                "output buffer is {} x {}, the tensor is {} x {}",
+                out.len(),
+                out.dtype().name(),
+                self.numel,
+                self.dtype.name()
+            )));
+        }
+        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normal(n: usize, seed: u64) -> Vec<f32> {
+        // Box-Muller over the crate's own generator: no extra dependency for tests.
+        let mut r = crate::rng::SplitMix64::new(seed);
+        let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (0..n)
+            .map(|_| {
+                let (a, b) = (u().max(1e-300), u());
+                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+            })
+            .collect()
+    }
+
+    fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqHeader, usize) {
+        let enc = cfg.encode(Data::F32(x)).unwrap();
+        let frame =
+            Frame { dtype: DType::F32, numel: x.len() as u64, payload_len: enc.payload.len() as u64 };
+        let h = SmaqHeader::parse(&enc.meta, frame).unwrap();
+        let mut out = vec![0f32; x.len()];
+        h.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
+        (out, h, enc.payload.len())
+    }
+
+    #[test]
+    fn nearest_error_within_half_step() {
+        let x = normal(200_000, 1);
+        let cfg = SmaqConfig { rounding: Rounding::Nearest, chunk_size: 4096, ..Default::default() };
+        let (y, h, _) = round_trip(&cfg, &x);
+        let q = cfg.quant();
+        let std = h.h.std as f32;
+        let mean = h.h.mean as f32;
+        for (a, b) in x.iter().zip(&y) {
+            let z = ((a - mean) / std).abs();
+            let bound = if z <= q.t_main {
+                std / (2.0 * q.r_main)
+            } else if z <= q.t_outlier {
+                std / (2.0 * q.r_out)
+            } else {
+                (z - q.t_outlier) * std + std / (2.0 * q.r_out)
+            };
+            assert!((a - b).abs() <= bound * 1.001 + 1e-6, "{a} -> {b}, bound {bound}");
+        }
+    }
+
+    #[test]
+    fn payload_is_exactly_the_bit_count() {
+        let x = normal(100_000, 2);
+        let cfg = SmaqConfig { chunk_size: 1000, ..Default::default() };
+        let (_, h, payload) = round_trip(&cfg, &x);
+        let q = cfg.quant();
+        let expected: u64 = h
+            .h
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(ci, &(o, _))| {
+                let len = (x.len() - ci * 1000).min(1000) as u64;
+                q.chunk_bits(len, o as u64).div_ceil(8)
+            })
+            .sum();
+        assert_eq!(payload as u64, expected);
+        let outliers: u64 = h.h.chunks.iter().map(|c| c.0 as u64).sum();
+        let frac = outliers as f64 / x.len() as f64;
+        assert!((frac - 0.3173).abs() < 0.01, "outlier fraction {frac}");
+    }
+
+    #[test]
+    fn result_does_not_depend_on_thread_count() {
+        let x = normal(300_000, 3);
+        let cfg = SmaqConfig { seed: Some(9), chunk_size: 1024, ..Default::default() };
+        let a = cfg.encode(Data::F32(&x)).unwrap();
+        let b = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| cfg.encode(Data::F32(&x)).unwrap());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn special_values_survive() {
+        let mut x = normal(10_000, 4);
+        x[5] = f32::NAN;
+        x[77] = f32::INFINITY;
+        x[9999] = f32::NEG_INFINITY;
+        x[100] = 50.0;
+        let cfg = SmaqConfig { exact_outliers: true, chunk_size: 512, ..Default::default() };
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert!(y[5].is_nan());
+        assert_eq!(y[77], f32::INFINITY);
+        assert_eq!(y[9999], f32::NEG_INFINITY);
+        assert_eq!(y[100], 50.0);
+        assert_eq!(h.h.nonfinite, 3);
+        assert!(h.h.std < 2.0, "NaN/Inf must not poison the statistics");
+    }
+
+    #[test]
+    fn clamping_is_counted() {
+        let mut x = normal(10_000, 5);
+        x[10] = 100.0;
+        let cfg = SmaqConfig::default();
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert!(h.h.clamped >= 1);
+        let top = (h.h.mean + cfg.t_outlier as f64 * h.h.std) as f32;
+        assert!((y[10] - top).abs() < 1e-3 * top.abs());
+    }
+
+    #[test]
+    fn all_positive_never_decodes_negative() {
+        let x: Vec<f32> = normal(50_000, 6).iter().map(|v| v * v * 1e-6).collect();
+        let cfg = SmaqConfig { all_positive: true, ..Default::default() };
+        let (y, _, _) = round_trip(&cfg, &x);
+        assert!(y.iter().all(|&v| v >= 0.0));
+    }
+
+    #[test]
+    fn small_tensors_are_raw() {
+        let x = [1.5f32, -2.0, f32::NAN];
+        let (y, h, payload) = round_trip(&SmaqConfig::default(), &x);
+        assert!(h.h.raw);
+        assert_eq!(payload, 12);
+        assert_eq!(y[..2], x[..2]);
+        assert!(y[2].is_nan());
+    }
+
+    #[test]
+    fn every_bit_width_round_trips() {
+        let x = normal(5000, 7);
+        for bm in 3..=16u8 {
+            for bo in [3u8, 8, 16] {
+                let cfg = SmaqConfig {
+                    bits_main: bm,
+                    bits_outlier: bo,
+                    rounding: Rounding::Nearest,
+                    ..Default::default()
+                };
+                let (y, h, _) = round_trip(&cfg, &x);
+                let q = cfg.quant();
+                let tol = h.h.std as f32 * (0.5 / q.r_main.min(q.r_out)) * 1.01 + 1e-6;
+                for (a, b) in x.iter().zip(&y) {
+                    let z = ((a - h.h.mean as f32) / h.h.std as f32).abs();
+                    if z <= q.t_outlier {
+                        assert!((a - b).abs() <= tol, "bm={bm} bo={bo}: {a} -> {b}");
+                    }
+                }
+            }
+        }
+    }
+}

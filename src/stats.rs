@@ -1,0 +1,195 @@
+//! Mean and standard deviation of a tensor, ignoring NaN and +-Inf.
+
+use crate::dtype::Element;
+use crate::rng::SplitMix64;
+use rayon::prelude::*;
+
+/// Running moments of the finite values, shifted by `shift` for numerical stability.
+#[derive(Debug, Clone, Copy)]
+struct Moments {
+    count: u64,
+    sum: f64,
+    sumsq: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Moments {
+    const EMPTY: Moments =
+        Moments { count: 0, sum: 0.0, sumsq: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY };
+
+    fn merge(self, o: Moments) -> Moments {
+        Moments {
+            count: self.count + o.count,
+            sum: self.sum + o.sum,
+            sumsq: self.sumsq + o.sumsq,
+            min: self.min.min(o.min),
+            max: self.max.max(o.max),
+        }
+    }
+
+    /// Moments of one block, with 8 independent lanes so the loop vectorizes.
+    fn of<T: Element>(x: &[T], shift: f64) -> Moments {
+        const L: usize = 8;
+        let (mut s, mut q, mut c) = ([0f64; L], [0f64; L], [0u64; L]);
+        let (mut lo, mut hi) = ([f64::INFINITY; L], [f64::NEG_INFINITY; L]);
+        let mut blocks = x.chunks_exact(L);
+        for b in &mut blocks {
+            for j in 0..L {
+                let v = b[j].to_f64();
+                let ok = v.is_finite();
+                let d = if ok { v - shift } else { 0.0 };
+                s[j] += d;
+                q[j] += d * d;
+                c[j] += ok as u64;
+                lo[j] = if ok { lo[j].min(v) } else { lo[j] };
+                hi[j] = if ok { hi[j].max(v) } else { hi[j] };
+            }
+        }
+        let mut m = Moments::EMPTY;
+        for j in 0..L {
+            m = m.merge(Moments { count: c[j], sum: s[j], sumsq: q[j], min: lo[j], max: hi[j] });
+        }
+        for v in blocks.remainder().iter().map(|v| v.to_f64()).filter(|v| v.is_finite()) {
+            let d = v - shift;
+            m = m.merge(Moments { count: 1, sum: d, sumsq: d * d, min: v, max: v });
+        }
+        m
+    }
+}
+
+/// How the statistics are gathered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// Every finite element.
+    Exact,
+    /// `k` elements drawn uniformly with replacement under `seed` (non-finite draws are skipped).
+    Sampled { k: u32, seed: u64 },
+}
+
+/// How the spread is estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// Population standard deviation.
+    Std,
+    /// (max - min) / sqrt(2 ln n): the expected range of n normal draws, inverted.
+    Range,
+}
+
+/// Result of [`mean_std`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub mean: f64,
+    /// Always finite and > 0 (1.0 when the data has no spread).
+    pub std: f64,
+    /// Finite values the statistics were computed from.
+    pub count: u64,
+}
+
+/// Mean and spread of the finite values of `x`. Never returns NaN or a zero spread.
+pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stats {
+    let shift = x.iter().map(|v| v.to_f64()).find(|v| v.is_finite()).unwrap_or(0.0);
+    let m = match sampling {
+        Sampling::Sampled { k, seed } if (k as usize) < x.len() => {
+            let mut rng = SplitMix64::new(seed);
+            let picks: Vec<T> = (0..k).map(|_| x[rng.below(x.len() as u64) as usize]).collect();
+            Moments::of(&picks, shift)
+        }
+        _ => x
+            .par_chunks(1 << 16)
+            .map(|c| Moments::of(c, shift))
+            .reduce(|| Moments::EMPTY, Moments::merge),
+    };
+    finish(m, shift, spread)
+}
+
+fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
+    if m.count == 0 {
+        return Stats { mean: 0.0, std: 1.0, count: 0 };
+    }
+    let n = m.count as f64;
+    let mut mean = shift + m.sum / n;
+    let mut std = match spread {
+        Spread::Std => (m.sumsq / n - (m.sum / n).powi(2)).max(0.0).sqrt(),
+        Spread::Range if m.count > 1 => (m.max - m.min) / (2.0 * n.ln()).sqrt(),
+        Spread::Range => 0.0,
+    };
+    if !mean.is_finite() || !std.is_finite() {
+        // Only float64 data near f64::MAX can overflow the sums: fall back to the midrange and
+        // half-range, which are always finite.
+        mean = m.min * 0.5 + m.max * 0.5;
+        std = m.max * 0.5 - m.min * 0.5;
+    }
+    if !(std > 0.0) || !std.is_finite() {
+        std = 1.0;
+    }
+    Stats { mean, std, count: m.count }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_matches_two_pass() {
+        let x: Vec<f32> = (0..100_003).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 3.0).collect();
+        let s = mean_std(&x, Sampling::Exact, Spread::Std);
+        let n = x.len() as f64;
+        let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!((s.mean - mean).abs() < 1e-9);
+        assert!((s.std - var.sqrt()).abs() < 1e-9);
+        assert_eq!(s.count, x.len() as u64);
+    }
+
+    #[test]
+    fn non_finite_values_are_ignored() {
+        let x = [1.0f32, f32::NAN, 3.0, f32::INFINITY, f32::NEG_INFINITY];
+        let s = mean_std(&x, Sampling::Exact, Spread::Std);
+        assert_eq!(s.mean, 2.0);
+        assert_eq!(s.std, 1.0);
+        assert_eq!(s.count, 2);
+    }
+
+    #[test]
+    fn degenerate_inputs_give_unit_std() {
+        for x in [vec![], vec![f32::NAN], vec![5.0f32; 10]] {
+            let s = mean_std(&x, Sampling::Exact, Spread::Std);
+            assert_eq!(s.std, 1.0);
+            assert!(s.mean.is_finite());
+        }
+    }
+
+    #[test]
+    fn large_offset_is_stable() {
+        // 1e6 + {0, 0.0625}: naive f32 or unshifted sums lose the spread entirely.
+        let x: Vec<f32> = (0..1000).map(|i| 1e6 + (i % 2) as f32 * 0.0625).collect();
+        let s = mean_std(&x, Sampling::Exact, Spread::Std);
+        assert!((s.std - 0.03125).abs() < 1e-9, "{}", s.std);
+    }
+
+    #[test]
+    fn sampled_is_close_and_reproducible() {
+        let x: Vec<f32> = (0..1_000_000).map(|i| ((i * 7919) % 1000) as f32).collect();
+        let a = mean_std(&x, Sampling::Sampled { k: 4096, seed: 1 }, Spread::Std);
+        let b = mean_std(&x, Sampling::Sampled { k: 4096, seed: 1 }, Spread::Std);
+        let e = mean_std(&x, Sampling::Exact, Spread::Std);
+        assert_eq!(a, b);
+        assert!((a.mean - e.mean).abs() < 0.05 * e.std);
+        assert!((a.std - e.std).abs() < 0.05 * e.std);
+    }
+
+    #[test]
+    fn range_std_of_uniform_spread() {
+        let x: Vec<f64> = (0..1001).map(|i| i as f64).collect();
+        let s = mean_std(&x, Sampling::Exact, Spread::Range);
+        assert!((s.std - 1000.0 / (2.0 * 1001f64.ln()).sqrt()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn f64_extremes_stay_finite() {
+        let x = [f64::MAX, -f64::MAX, f64::MAX];
+        let s = mean_std(&x, Sampling::Exact, Spread::Std);
+        assert!(s.mean.is_finite() && s.std.is_finite() && s.std > 0.0);
+    }
+}
