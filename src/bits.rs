@@ -10,7 +10,11 @@ pub struct BitWriter {
 
 impl BitWriter {
     pub fn with_capacity_bits(bits: usize) -> Self {
-        Self { out: Vec::with_capacity(bits.div_ceil(8) + 8), acc: 0, nbits: 0 }
+        Self {
+            out: Vec::with_capacity(bits.div_ceil(8) + 8),
+            acc: 0,
+            nbits: 0,
+        }
     }
 
     /// Appends the low `width` bits of `code` (the bits above must be zero), `width` <= 32.

@@ -41,11 +41,14 @@ impl DType {
     }
 
     pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| {
-            Error::Dtype(format!(
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| {
+                Error::Dtype(format!(
                 "unsupported dtype {name:?}: expected one of float32, float16, bfloat16, float64"
             ))
-        })
+            })
     }
 }
 
@@ -100,10 +103,28 @@ macro_rules! element {
     };
 }
 
-element!(f32, DType::F32, F32, f32::MAX as f64, u32, |v| v as f64, |w| w as f32);
+element!(
+    f32,
+    DType::F32,
+    F32,
+    f32::MAX as f64,
+    u32,
+    |v| v as f64,
+    |w| w as f32
+);
 element!(f64, DType::F64, F64, f64::MAX, u64, |v| v, |w| w);
-element!(f16, DType::F16, F16, 65504.0, u16, |v| v.to_f64(), |w| f16::from_f64(w));
-element!(bf16, DType::BF16, BF16, 3.3895313892515355e38, u16, |v| v.to_f64(), |w| bf16::from_f64(w));
+element!(f16, DType::F16, F16, 65504.0, u16, |v| v.to_f64(), |w| {
+    f16::from_f64(w)
+});
+element!(
+    bf16,
+    DType::BF16,
+    BF16,
+    3.3895313892515355e38,
+    u16,
+    |v| v.to_f64(),
+    |w| bf16::from_f64(w)
+);
 
 /// A borrowed tensor buffer of any supported dtype.
 #[derive(Debug, Clone, Copy)]
@@ -230,10 +251,14 @@ pub fn fill_from_le_bytes(dst: &mut DataMut<'_>, bytes: &[u8]) -> Result<()> {
             size
         )));
     }
-    dispatch!(DataMut, dst, |x| for (v, b) in x.iter_mut().zip(bytes.chunks_exact(size)) {
-        let mut w = [0u8; 8];
-        w[..size].copy_from_slice(b);
-        *v = Element::from_bits_u64(u64::from_le_bytes(w));
-    });
+    dispatch!(
+        DataMut,
+        dst,
+        |x| for (v, b) in x.iter_mut().zip(bytes.chunks_exact(size)) {
+            let mut w = [0u8; 8];
+            w[..size].copy_from_slice(b);
+            *v = Element::from_bits_u64(u64::from_le_bytes(w));
+        }
+    );
     Ok(())
 }

@@ -50,14 +50,18 @@ impl<'a> LeReader<'a> {
     }
 
     pub fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            Error::Format(format!(
-                "{}: truncated reading {field}: need {n} bytes at offset {}, have {}",
-                self.what,
-                self.pos,
-                self.buf.len().saturating_sub(self.pos)
-            ))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                Error::Format(format!(
+                    "{}: truncated reading {field}: need {n} bytes at offset {}, have {}",
+                    self.what,
+                    self.pos,
+                    self.buf.len().saturating_sub(self.pos)
+                ))
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)

@@ -15,8 +15,13 @@ struct Moments {
 }
 
 impl Moments {
-    const EMPTY: Moments =
-        Moments { count: 0, sum: 0.0, sumsq: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY };
+    const EMPTY: Moments = Moments {
+        count: 0,
+        sum: 0.0,
+        sumsq: 0.0,
+        min: f64::INFINITY,
+        max: f64::NEG_INFINITY,
+    };
 
     fn merge(self, o: Moments) -> Moments {
         Moments {
@@ -48,11 +53,28 @@ impl Moments {
         }
         let mut m = Moments::EMPTY;
         for j in 0..L {
-            m = m.merge(Moments { count: c[j], sum: s[j], sumsq: q[j], min: lo[j], max: hi[j] });
+            m = m.merge(Moments {
+                count: c[j],
+                sum: s[j],
+                sumsq: q[j],
+                min: lo[j],
+                max: hi[j],
+            });
         }
-        for v in blocks.remainder().iter().map(|v| v.to_f64()).filter(|v| v.is_finite()) {
+        for v in blocks
+            .remainder()
+            .iter()
+            .map(|v| v.to_f64())
+            .filter(|v| v.is_finite())
+        {
             let d = v - shift;
-            m = m.merge(Moments { count: 1, sum: d, sumsq: d * d, min: v, max: v });
+            m = m.merge(Moments {
+                count: 1,
+                sum: d,
+                sumsq: d * d,
+                min: v,
+                max: v,
+            });
         }
         m
     }
@@ -88,11 +110,17 @@ pub struct Stats {
 
 /// Mean and spread of the finite values of `x`. Never returns NaN or a zero spread.
 pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stats {
-    let shift = x.iter().map(|v| v.to_f64()).find(|v| v.is_finite()).unwrap_or(0.0);
+    let shift = x
+        .iter()
+        .map(|v| v.to_f64())
+        .find(|v| v.is_finite())
+        .unwrap_or(0.0);
     let m = match sampling {
         Sampling::Sampled { k, seed } if (k as usize) < x.len() => {
             let mut rng = SplitMix64::new(seed);
-            let picks: Vec<T> = (0..k).map(|_| x[rng.below(x.len() as u64) as usize]).collect();
+            let picks: Vec<T> = (0..k)
+                .map(|_| x[rng.below(x.len() as u64) as usize])
+                .collect();
             Moments::of(&picks, shift)
         }
         _ => x
@@ -105,7 +133,11 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
 
 fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
     if m.count == 0 {
-        return Stats { mean: 0.0, std: 1.0, count: 0 };
+        return Stats {
+            mean: 0.0,
+            std: 1.0,
+            count: 0,
+        };
     }
     let n = m.count as f64;
     let mut mean = shift + m.sum / n;
@@ -123,7 +155,11 @@ fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
     if !(std > 0.0) || !std.is_finite() {
         std = 1.0;
     }
-    Stats { mean, std, count: m.count }
+    Stats {
+        mean,
+        std,
+        count: m.count,
+    }
 }
 
 #[cfg(test)]
@@ -132,7 +168,9 @@ mod tests {
 
     #[test]
     fn exact_matches_two_pass() {
-        let x: Vec<f32> = (0..100_003).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 3.0).collect();
+        let x: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 3.0)
+            .collect();
         let s = mean_std(&x, Sampling::Exact, Spread::Std);
         let n = x.len() as f64;
         let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / n;

@@ -55,10 +55,17 @@ pub struct CodecInfo {
 pub static REGISTRY: &[&CodecInfo] = &[&smaq::INFO];
 
 pub fn by_name(name: &str) -> Result<&'static CodecInfo> {
-    REGISTRY.iter().copied().find(|c| c.name == name).ok_or_else(|| {
-        let names: Vec<_> = REGISTRY.iter().map(|c| c.name).collect();
-        Error::Codec(format!("unknown codec {name:?}; available: {}", names.join(", ")))
-    })
+    REGISTRY
+        .iter()
+        .copied()
+        .find(|c| c.name == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = REGISTRY.iter().map(|c| c.name).collect();
+            Error::Codec(format!(
+                "unknown codec {name:?}; available: {}",
+                names.join(", ")
+            ))
+        })
 }
 
 pub fn by_id(id: u16) -> Result<&'static CodecInfo> {

@@ -40,11 +40,18 @@ pub struct ParamReader<'a> {
 
 impl<'a> ParamReader<'a> {
     pub fn new(codec: &'static str, given: &'a Params) -> Self {
-        Self { codec, given, known: Vec::new() }
+        Self {
+            codec,
+            given,
+            known: Vec::new(),
+        }
     }
 
     fn bad(&self, name: &str, want: &str, got: &Param) -> Error {
-        Error::Codec(format!("codec {:?}: parameter {name} must be {want}, got {got}", self.codec))
+        Error::Codec(format!(
+            "codec {:?}: parameter {name} must be {want}, got {got}",
+            self.codec
+        ))
     }
 
     fn get(&mut self, name: &'static str) -> Option<&'a Param> {
@@ -91,7 +98,12 @@ impl<'a> ParamReader<'a> {
     }
 
     /// One of `choices`, returned as its index.
-    pub fn choice(&mut self, name: &'static str, default: usize, choices: &[&str]) -> Result<usize> {
+    pub fn choice(
+        &mut self,
+        name: &'static str,
+        default: usize,
+        choices: &[&str],
+    ) -> Result<usize> {
         match self.get(name) {
             None => Ok(default),
             Some(Param::Str(s)) if choices.contains(&s.as_str()) => {
@@ -103,7 +115,11 @@ impl<'a> ParamReader<'a> {
 
     /// Fails if the caller passed a name no getter asked for.
     pub fn finish(self) -> Result<()> {
-        if let Some(unknown) = self.given.keys().find(|k| !self.known.contains(&k.as_str())) {
+        if let Some(unknown) = self
+            .given
+            .keys()
+            .find(|k| !self.known.contains(&k.as_str()))
+        {
             return Err(Error::Codec(format!(
                 "codec {:?} has no parameter {unknown:?}; its parameters are: {}",
                 self.codec,

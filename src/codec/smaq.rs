@@ -109,8 +109,8 @@ impl SmaqConfig {
         let k = r.int("k", 4096, 1, u32::MAX as i64)? as u32;
         let seed = r.opt_u64("seed")?;
         let spread = [Spread::Std, Spread::Range][r.choice("std", 0, &STDS)?];
-        let rounding =
-            [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate][r.choice("rounding", 0, &ROUNDINGS)?];
+        let rounding = [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate]
+            [r.choice("rounding", 0, &ROUNDINGS)?];
         let all_positive = r.bool("all_positive", d.all_positive)?;
         let exact_outliers = r.choice("outliers", 0, &OUTLIERS)? == 1;
         let min_size = r.int("min_size", d.min_size as i64, 0, u32::MAX as i64)? as u32;
@@ -121,7 +121,11 @@ impl SmaqConfig {
                 "codec \"smaq\": t_outlier ({t_outlier}) must be greater than t_main ({t_main})"
             )));
         }
-        let sampling = if stats == 0 { Sampling::Exact } else { Sampling::Sampled { k, seed: 0 } };
+        let sampling = if stats == 0 {
+            Sampling::Exact
+        } else {
+            Sampling::Sampled { k, seed: 0 }
+        };
         Ok(Self {
             bits_main,
             bits_outlier,
@@ -151,7 +155,10 @@ impl SmaqConfig {
             ("t_outlier", Param::Float(self.t_outlier as f64)),
             ("stats", s(stats)),
             ("k", Param::Int(k as i64)),
-            ("seed", self.seed.map_or(Param::None, |v| Param::Int(v as i64))),
+            (
+                "seed",
+                self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
+            ),
             ("std", s(STDS[(self.spread == Spread::Range) as usize])),
             ("rounding", s(ROUNDINGS[self.rounding as usize])),
             ("all_positive", Param::Bool(self.all_positive)),
@@ -165,7 +172,12 @@ impl SmaqConfig {
     }
 
     fn quant(&self) -> Quant {
-        Quant::new(self.bits_main, self.bits_outlier, self.t_main, self.t_outlier)
+        Quant::new(
+            self.bits_main,
+            self.bits_outlier,
+            self.t_main,
+            self.t_outlier,
+        )
     }
 }
 
@@ -176,8 +188,10 @@ fn fresh_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    crate::rng::mix64(nanos ^ crate::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
-        ^ (std::process::id() as u64) << 32
+    let z = crate::rng::mix64(nanos ^ crate::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
+        ^ (std::process::id() as u64) << 32;
+    // 63 bits, so the seed is a non-negative int64 everywhere (Python, JSON, torch).
+    z >> 1
 }
 
 /// The quantization grid shared by encoder and decoder.
@@ -225,7 +239,10 @@ impl Quant {
         let negative = key & 2 != 0;
         let (width, z) = if outlier {
             let mag = (key >> 2) & self.max_out;
-            (self.bits_outlier, mag as f64 / self.r_out as f64 + self.t_main as f64)
+            (
+                self.bits_outlier,
+                mag as f64 / self.r_out as f64 + self.t_main as f64,
+            )
         } else {
             let mag = (key >> 2) & self.max_main;
             (self.bits_main, mag as f64 / self.r_main as f64)
@@ -285,7 +302,10 @@ half_compute!(bf16);
 fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encoded> {
     let n = x.len() as u64;
     let mut head = Header {
-        cfg: SmaqConfig { seed: Some(seed), ..cfg.clone() },
+        cfg: SmaqConfig {
+            seed: Some(seed),
+            ..cfg.clone()
+        },
         mean: 0.0,
         std: 1.0,
         clamped: 0,
@@ -296,7 +316,10 @@ fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Enco
     if n < cfg.min_size as u64 {
         head.nonfinite = x.iter().filter(|v| !v.is_finite()).count() as u64;
         let payload = Data::from_typed(x).to_le_bytes();
-        return Ok(Encoded { meta: head.write(), payload });
+        return Ok(Encoded {
+            meta: head.write(),
+            payload,
+        });
     }
     let sampling = match cfg.sampling {
         Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
@@ -325,7 +348,10 @@ fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Enco
     for c in &chunks {
         payload.extend_from_slice(&c.bytes);
     }
-    Ok(Encoded { meta: head.write(), payload })
+    Ok(Encoded {
+        meta: head.write(),
+        payload,
+    })
 }
 
 fn encode_chunk<T: Compute>(
@@ -356,7 +382,13 @@ fn encode_chunk<T: Compute>(
         w = bytes;
     }
     let clamped = if cfg.exact_outliers { 0 } else { clamped };
-    ChunkOut { bytes: w, outliers, exceptions, clamped, nonfinite }
+    ChunkOut {
+        bytes: w,
+        outliers,
+        exceptions,
+        clamped,
+        nonfinite,
+    }
 }
 
 /// The hot loop: codes for one chunk. Returns (packed codes, outliers, beyond t_outlier, non-finite).
@@ -395,7 +427,12 @@ fn code_chunk_with<C: Copy + Into<f64>>(
         let out = a > q.t_main;
         // NaN: `out` is false and min() picks the bound; the value is patched from the exceptions.
         let (scaled, width, flag, max_mag) = if out {
-            (((a - q.t_main) * q.r_out).min(max_out), q.bits_outlier, 1u32, q.max_out)
+            (
+                ((a - q.t_main) * q.r_out).min(max_out),
+                q.bits_outlier,
+                1u32,
+                q.max_out,
+            )
         } else {
             ((a * q.r_main).min(max_main), q.bits_main, 0u32, q.max_main)
         };
@@ -453,9 +490,19 @@ impl Header {
             | ((c.spread == Spread::Range) as u8 * FLAG_RANGE_STD)
             | (self.raw as u8 * FLAG_RAW);
         let mut w = LeWriter(Vec::with_capacity(72 + 8 * self.chunks.len()));
-        w.u8(c.bits_main).u8(c.bits_outlier).u8(c.rounding as u8).u8(flags);
-        w.f32(c.t_main).f32(c.t_outlier).u32(c.chunk_size).u32(k).u64(c.seed.unwrap_or(0));
-        w.f64(self.mean).f64(self.std).u64(self.clamped).u64(self.nonfinite);
+        w.u8(c.bits_main)
+            .u8(c.bits_outlier)
+            .u8(c.rounding as u8)
+            .u8(flags);
+        w.f32(c.t_main)
+            .f32(c.t_outlier)
+            .u32(c.chunk_size)
+            .u32(k)
+            .u64(c.seed.unwrap_or(0));
+        w.f64(self.mean)
+            .f64(self.std)
+            .u64(self.clamped)
+            .u64(self.nonfinite);
         w.u32(c.min_size).u32(self.chunks.len() as u32);
         for &(o, e) in &self.chunks {
             w.u32(o).u32(e);
@@ -482,13 +529,19 @@ impl SmaqHeader {
         let nonfinite = r.u64("non-finite count")?;
         let min_size = r.u32("min_size")?;
         let n_chunks = r.u32("chunk count")? as usize;
-        ensure_format!((3..=16).contains(&bits_main), "smaq: bits_main {bits_main} not in 3..=16");
+        ensure_format!(
+            (3..=16).contains(&bits_main),
+            "smaq: bits_main {bits_main} not in 3..=16"
+        );
         ensure_format!(
             (3..=16).contains(&bits_outlier),
             "smaq: bits_outlier {bits_outlier} not in 3..=16"
         );
         ensure_format!(rounding <= 2, "smaq: unknown rounding mode {rounding}");
-        ensure_format!(flags & !FLAGS_KNOWN == 0, "smaq: unknown flag bits {flags:#04x}");
+        ensure_format!(
+            flags & !FLAGS_KNOWN == 0,
+            "smaq: unknown flag bits {flags:#04x}"
+        );
         ensure_format!(
             t_main.is_finite() && t_main > 0.0 && t_outlier.is_finite() && t_outlier > t_main,
             "smaq: thresholds t_main={t_main}, t_outlier={t_outlier} are invalid"
@@ -499,7 +552,11 @@ impl SmaqHeader {
             "smaq: statistics mean={mean}, std={std} are invalid"
         );
         let raw = flags & FLAG_RAW != 0;
-        let expected_chunks = if raw { 0 } else { frame.numel.div_ceil(chunk_size as u64) };
+        let expected_chunks = if raw {
+            0
+        } else {
+            frame.numel.div_ceil(chunk_size as u64)
+        };
         ensure_format!(
             n_chunks as u64 == expected_chunks,
             "smaq: header has {n_chunks} chunks, {} elements in chunks of {chunk_size} need {expected_chunks}",
@@ -527,8 +584,13 @@ impl SmaqHeader {
             } else {
                 Sampling::Exact
             },
-            spread: if flags & FLAG_RANGE_STD != 0 { Spread::Range } else { Spread::Std },
-            rounding: [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate][rounding as usize],
+            spread: if flags & FLAG_RANGE_STD != 0 {
+                Spread::Range
+            } else {
+                Spread::Std
+            },
+            rounding: [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate]
+                [rounding as usize],
             seed: Some(seed),
             all_positive: flags & FLAG_ALL_POSITIVE != 0,
             exact_outliers: flags & FLAG_EXACT_OUTLIERS != 0,
@@ -552,14 +614,31 @@ impl SmaqHeader {
             spans.push((off as usize, code_bytes as usize, bits, exc_bytes as usize));
             off += code_bytes + exc_bytes;
         }
-        let expected = if raw { frame.numel * frame.dtype.size() as u64 } else { off };
+        let expected = if raw {
+            frame.numel * frame.dtype.size() as u64
+        } else {
+            off
+        };
         ensure_format!(
             frame.payload_len == expected,
             "smaq: payload is {} bytes, the header implies {expected}",
             frame.payload_len
         );
-        let h = Header { cfg, mean, std, clamped, nonfinite, raw, chunks };
-        Ok(SmaqHeader { h, dtype: frame.dtype, numel: frame.numel, spans })
+        let h = Header {
+            cfg,
+            mean,
+            std,
+            clamped,
+            nonfinite,
+            raw,
+            chunks,
+        };
+        Ok(SmaqHeader {
+            h,
+            dtype: frame.dtype,
+            numel: frame.numel,
+            spans,
+        })
     }
 
     /// Decoded value and code width for every lookup key.
@@ -586,8 +665,10 @@ impl SmaqHeader {
         let cs = self.h.cfg.chunk_size as usize;
         let esize = 4 + T::DTYPE.size();
         crate::pool::install(|| {
-            out.par_chunks_mut(cs).zip(self.spans.par_iter()).enumerate().try_for_each(
-                |(ci, (dst, &(off, code_bytes, bits, exc_bytes)))| {
+            out.par_chunks_mut(cs)
+                .zip(self.spans.par_iter())
+                .enumerate()
+                .try_for_each(|(ci, (dst, &(off, code_bytes, bits, exc_bytes)))| {
                     let codes = &payload[off..off + code_bytes];
                     let mut pos = 0usize;
                     for o in dst.iter_mut() {
@@ -613,8 +694,7 @@ impl SmaqHeader {
                         prev = Some(i);
                     }
                     Ok(())
-                },
-            )
+                })
         })
     }
 }
@@ -675,8 +755,11 @@ mod tests {
 
     fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqHeader, usize) {
         let enc = cfg.encode(Data::F32(x)).unwrap();
-        let frame =
-            Frame { dtype: DType::F32, numel: x.len() as u64, payload_len: enc.payload.len() as u64 };
+        let frame = Frame {
+            dtype: DType::F32,
+            numel: x.len() as u64,
+            payload_len: enc.payload.len() as u64,
+        };
         let h = SmaqHeader::parse(&enc.meta, frame).unwrap();
         let mut out = vec![0f32; x.len()];
         h.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
@@ -686,7 +769,11 @@ mod tests {
     #[test]
     fn nearest_error_within_half_step() {
         let x = normal(200_000, 1);
-        let cfg = SmaqConfig { rounding: Rounding::Nearest, chunk_size: 4096, ..Default::default() };
+        let cfg = SmaqConfig {
+            rounding: Rounding::Nearest,
+            chunk_size: 4096,
+            ..Default::default()
+        };
         let (y, h, _) = round_trip(&cfg, &x);
         let q = cfg.quant();
         let std = h.h.std as f32;
@@ -700,26 +787,31 @@ mod tests {
             } else {
                 (z - q.t_outlier) * std + std / (2.0 * q.r_out)
             };
-            assert!((a - b).abs() <= bound * 1.001 + 1e-6, "{a} -> {b}, bound {bound}");
+            assert!(
+                (a - b).abs() <= bound * 1.001 + 1e-6,
+                "{a} -> {b}, bound {bound}"
+            );
         }
     }
 
     #[test]
     fn payload_is_exactly_the_bit_count() {
         let x = normal(100_000, 2);
-        let cfg = SmaqConfig { chunk_size: 1000, ..Default::default() };
+        let cfg = SmaqConfig {
+            chunk_size: 1000,
+            ..Default::default()
+        };
         let (_, h, payload) = round_trip(&cfg, &x);
         let q = cfg.quant();
-        let expected: u64 = h
-            .h
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(ci, &(o, _))| {
-                let len = (x.len() - ci * 1000).min(1000) as u64;
-                q.chunk_bits(len, o as u64).div_ceil(8)
-            })
-            .sum();
+        let expected: u64 =
+            h.h.chunks
+                .iter()
+                .enumerate()
+                .map(|(ci, &(o, _))| {
+                    let len = (x.len() - ci * 1000).min(1000) as u64;
+                    q.chunk_bits(len, o as u64).div_ceil(8)
+                })
+                .sum();
         assert_eq!(payload as u64, expected);
         let outliers: u64 = h.h.chunks.iter().map(|c| c.0 as u64).sum();
         let frac = outliers as f64 / x.len() as f64;
@@ -729,7 +821,11 @@ mod tests {
     #[test]
     fn result_does_not_depend_on_thread_count() {
         let x = normal(300_000, 3);
-        let cfg = SmaqConfig { seed: Some(9), chunk_size: 1024, ..Default::default() };
+        let cfg = SmaqConfig {
+            seed: Some(9),
+            chunk_size: 1024,
+            ..Default::default()
+        };
         let a = cfg.encode(Data::F32(&x)).unwrap();
         let b = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
@@ -746,7 +842,11 @@ mod tests {
         x[77] = f32::INFINITY;
         x[9999] = f32::NEG_INFINITY;
         x[100] = 50.0;
-        let cfg = SmaqConfig { exact_outliers: true, chunk_size: 512, ..Default::default() };
+        let cfg = SmaqConfig {
+            exact_outliers: true,
+            chunk_size: 512,
+            ..Default::default()
+        };
         let (y, h, _) = round_trip(&cfg, &x);
         assert!(y[5].is_nan());
         assert_eq!(y[77], f32::INFINITY);
@@ -770,7 +870,10 @@ mod tests {
     #[test]
     fn all_positive_never_decodes_negative() {
         let x: Vec<f32> = normal(50_000, 6).iter().map(|v| v * v * 1e-6).collect();
-        let cfg = SmaqConfig { all_positive: true, ..Default::default() };
+        let cfg = SmaqConfig {
+            all_positive: true,
+            ..Default::default()
+        };
         let (y, _, _) = round_trip(&cfg, &x);
         assert!(y.iter().all(|&v| v >= 0.0));
     }

@@ -42,9 +42,10 @@ impl std::fmt::Debug for Packed {
 }
 
 fn numel_of(shape: &[u64]) -> Result<u64> {
-    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        Error::Format(format!("shape {shape:?} has more than 2^64 elements"))
-    })
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Format(format!("shape {shape:?} has more than 2^64 elements")))
 }
 
 impl Packed {
@@ -70,7 +71,9 @@ impl Packed {
         ));
         w.bytes(&MAGIC).u8(VERSION).u8(x.dtype() as u8).u16(info.id);
         w.u8(shape.len() as u8).bytes(&[0; 3]);
-        w.u32(enc.meta.len() as u32).u64(enc.payload.len() as u64).u64(numel);
+        w.u32(enc.meta.len() as u32)
+            .u64(enc.payload.len() as u64)
+            .u64(numel);
         for &d in shape {
             w.u64(d);
         }
@@ -103,7 +106,10 @@ impl Packed {
         let ndim = r.u8("ndim")? as usize;
         ensure_format!(ndim <= MAX_NDIM, "ndim {ndim} exceeds {MAX_NDIM}");
         let reserved = r.take(3, "reserved")?;
-        ensure_format!(reserved == [0, 0, 0], "reserved header bytes are {reserved:?}, not zero");
+        ensure_format!(
+            reserved == [0, 0, 0],
+            "reserved header bytes are {reserved:?}, not zero"
+        );
         let meta_len = r.u32("meta length")? as u64;
         let payload_len = r.u64("payload length")?;
         let numel = r.u64("element count")?;
@@ -138,9 +144,21 @@ impl Packed {
         let codec = codec::by_id(codec_id)?;
         let meta = head..head + meta_len as usize;
         let payload = meta.end..body;
-        let frame = Frame { dtype, numel, payload_len };
+        let frame = Frame {
+            dtype,
+            numel,
+            payload_len,
+        };
         let decoder = (codec.decoder)(&bytes[meta.clone()], frame)?;
-        Ok(Packed { bytes, dtype, shape, codec, meta, payload, decoder })
+        Ok(Packed {
+            bytes,
+            dtype,
+            shape,
+            codec,
+            meta,
+            payload,
+            decoder,
+        })
     }
 
     /// The packed bytes: what `nbytes` counts and what `from_bytes` reads.

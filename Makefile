@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv from scratch
+# when needed (numpy, torch, pytest, hypothesis, maturin...), build the extension in release mode,
+# and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILT := $(VENV)/.built
+RUST_SRC := $(shell find src -name '*.rs') Cargo.toml pyproject.toml
+
+.PHONY: demo test bench bench-rust build venv lint clean
+
+demo: $(BUILT)
+	$(PY) examples/demo.py
+
+test: $(BUILT)
+	cargo test --release
+	$(PY) -m pytest -q
+
+bench: $(BUILT)
+	$(PY) benches/bench_smaq.py
+
+bench-rust:
+	cargo bench --bench kernels
+
+build: $(BUILT)
+
+venv: $(STAMP)
+
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(STAMP) $(RUST_SRC)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
+		$(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --features python -- -D warnings
+
+clean:
+	rm -rf target $(VENV)

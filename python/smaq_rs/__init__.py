@@ -1,0 +1,45 @@
+"""smaq_rs: compress deep-learning tensors into real packed bytes.
+
+>>> import numpy as np, smaq_rs
+>>> x = np.random.default_rng(0).standard_normal(1 << 16, dtype=np.float32)
+>>> p = smaq_rs.compress(x)            # SmaQ 6/8 bits
+>>> p.nbytes < x.nbytes / 4.5          # the true byte length of the packed buffer
+True
+>>> y = smaq_rs.decompress(p)          # a numpy array again, same dtype and shape
+"""
+
+from ._api import (
+    PackedTensor,
+    codecs,
+    compress,
+    decompress,
+    get_num_threads,
+    set_num_threads,
+)
+from ._core import (
+    FORMAT_VERSION,
+    ChecksumError,
+    CodecError,
+    DtypeError,
+    FormatError,
+    LayoutError,
+    SmaqError,
+    __version__,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ChecksumError",
+    "CodecError",
+    "DtypeError",
+    "FormatError",
+    "LayoutError",
+    "PackedTensor",
+    "SmaqError",
+    "__version__",
+    "codecs",
+    "compress",
+    "decompress",
+    "get_num_threads",
+    "set_num_threads",
+]

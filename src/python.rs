@@ -1,0 +1,371 @@
+//! The PyO3 glue: the only file that knows about Python. Buffers are borrowed from NumPy arrays
+//! while the GIL is held, the work runs with the GIL released ([`detached`]), and every core error
+//! becomes one exception class ([`to_py`]).
+
+use crate::codec::{self, Param, Params};
+use crate::dtype::{DType, Data, DataMut, Owned};
+use crate::error::Error;
+use crate::format::Packed;
+use half::{bf16, f16};
+use numpy::{
+    IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
+
+create_exception!(
+    smaq_rs,
+    SmaqError,
+    PyValueError,
+    "Base class of every smaq_rs error."
+);
+create_exception!(
+    smaq_rs,
+    FormatError,
+    SmaqError,
+    "Bytes that are not a valid packed tensor."
+);
+create_exception!(
+    smaq_rs,
+    ChecksumError,
+    FormatError,
+    "Packed bytes whose checksum does not match."
+);
+create_exception!(
+    smaq_rs,
+    CodecError,
+    SmaqError,
+    "Unknown codec or invalid codec parameters."
+);
+create_exception!(smaq_rs, DtypeError, SmaqError, "Unsupported element type.");
+create_exception!(
+    smaq_rs,
+    LayoutError,
+    SmaqError,
+    "Non-contiguous input or a mismatched output buffer."
+);
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Format(_) => FormatError::new_err(msg),
+        Error::Checksum { .. } => ChecksumError::new_err(msg),
+        Error::Codec(_) => CodecError::new_err(msg),
+        Error::Dtype(_) => DtypeError::new_err(msg),
+        Error::Shape(_) => LayoutError::new_err(msg),
+    }
+}
+
+/// Runs `f` without the GIL and maps its error.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    py.detach(f).map_err(to_py)
+}
+
+fn not_contiguous(what: &str) -> PyErr {
+    LayoutError::new_err(format!(
+        "{what} is not C-contiguous; pass np.ascontiguousarray(x) or x.contiguous() \
+         (smaq_rs never copies silently)"
+    ))
+}
+
+fn params_from_dict(d: Option<&Bound<'_, PyDict>>) -> PyResult<Params> {
+    let mut out = Params::new();
+    let Some(d) = d else { return Ok(out) };
+    for (k, v) in d.iter() {
+        let key: String = k.extract()?;
+        let p = if v.is_none() {
+            Param::None
+        } else if v.is_instance_of::<PyBool>() {
+            Param::Bool(v.extract()?)
+        } else if v.is_instance_of::<PyInt>() {
+            Param::Int(v.extract().map_err(|_| {
+                CodecError::new_err(format!("parameter {key} = {v} does not fit in 64 bits"))
+            })?)
+        } else if v.is_instance_of::<PyFloat>() {
+            Param::Float(v.extract()?)
+        } else if v.is_instance_of::<PyString>() {
+            Param::Str(v.extract()?)
+        } else {
+            return Err(CodecError::new_err(format!(
+                "parameter {key} has type {}; expected bool, int, float, str or None",
+                v.get_type().name()?
+            )));
+        };
+        out.insert(key, p);
+    }
+    Ok(out)
+}
+
+fn params_to_dict<'py>(py: Python<'py>, p: &Params) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in p {
+        match v {
+            Param::Bool(b) => d.set_item(k, b)?,
+            Param::Int(i) => d.set_item(k, i)?,
+            Param::Float(x) => d.set_item(k, x)?,
+            Param::Str(s) => d.set_item(k, s)?,
+            Param::None => d.set_item(k, py.None())?,
+        }
+    }
+    Ok(d)
+}
+
+/// A tensor in packed form. Created by `encode` or `Packed.from_bytes`; immutable.
+#[pyclass(module = "smaq_rs._core", name = "Packed", frozen)]
+struct PyPacked {
+    inner: Packed,
+}
+
+#[pymethods]
+impl PyPacked {
+    /// Parses packed bytes (bytes, bytearray, memoryview...), verifying the checksum.
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let buf = PyBuffer::<u8>::get(data).map_err(|_| {
+            FormatError::new_err(format!(
+                "expected bytes-like packed data, got {}",
+                data.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let bytes = buf.to_vec(py)?;
+        let inner = detached(py, move || Packed::from_bytes(bytes))?;
+        Ok(Self { inner })
+    }
+
+    /// The packed bytes, exactly `nbytes` of them.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.bytes())
+    }
+
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+    #[getter]
+    fn dense_nbytes(&self) -> u64 {
+        self.inner.dense_nbytes()
+    }
+    #[getter]
+    fn meta_nbytes(&self) -> usize {
+        self.inner.meta_len()
+    }
+    #[getter]
+    fn payload_nbytes(&self) -> usize {
+        self.inner.payload_len()
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype().name()
+    }
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.inner.shape())
+    }
+    #[getter]
+    fn codec(&self) -> &'static str {
+        self.inner.codec_name()
+    }
+    #[getter]
+    fn params<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        params_to_dict(py, &self.inner.params())
+    }
+    #[getter]
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        params_to_dict(py, &self.inner.info())
+    }
+
+    /// Decodes into a new NumPy array (bfloat16 comes back as its uint16 bit pattern).
+    fn decode<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyUntypedArray>> {
+        let owned = detached(py, || self.inner.decode())?;
+        let shape: Vec<usize> = self.inner.shape().iter().map(|&d| d as usize).collect();
+        let arr = match owned {
+            Owned::F32(v) => v.into_pyarray(py).reshape(shape)?.into_any(),
+            Owned::F64(v) => v.into_pyarray(py).reshape(shape)?.into_any(),
+            Owned::F16(v) => v.into_pyarray(py).reshape(shape)?.into_any(),
+            Owned::BF16(v) => {
+                let bits: Vec<u16> = bytemuck::cast_vec(v);
+                bits.into_pyarray(py).reshape(shape)?.into_any()
+            }
+        };
+        Ok(arr.cast_into::<PyUntypedArray>()?)
+    }
+
+    /// Decodes into `out`, a writable C-contiguous array of the tensor's dtype and size
+    /// (uint16 for bfloat16).
+    fn decode_into(&self, py: Python<'_>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        macro_rules! into {
+            ($t:ty, |$s:ident| $wrap:expr) => {{
+                let mut arr: PyReadwriteArrayDyn<'_, $t> = out.extract()?;
+                let $s = arr.as_slice_mut().map_err(|_| not_contiguous("out"))?;
+                let dst = $wrap;
+                detached(py, move || self.inner.decode_into(dst))
+            }};
+        }
+        let want = self.inner.dtype();
+        let check = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(LayoutError::new_err(format!(
+                    "out must be a writable {} array with {} elements",
+                    if want == DType::BF16 {
+                        "uint16 (bfloat16 bits)"
+                    } else {
+                        want.name()
+                    },
+                    self.inner.numel()
+                )))
+            }
+        };
+        match want {
+            DType::F32 => {
+                check(out.cast::<PyArrayDyn<f32>>().is_ok())?;
+                into!(f32, |s| DataMut::F32(s))
+            }
+            DType::F64 => {
+                check(out.cast::<PyArrayDyn<f64>>().is_ok())?;
+                into!(f64, |s| DataMut::F64(s))
+            }
+            DType::F16 => {
+                check(out.cast::<PyArrayDyn<f16>>().is_ok())?;
+                into!(f16, |s| DataMut::F16(s))
+            }
+            DType::BF16 => {
+                check(out.cast::<PyArrayDyn<u16>>().is_ok())?;
+                into!(u16, |s| DataMut::BF16(
+                    bytemuck::cast_slice_mut::<u16, bf16>(s)
+                ))
+            }
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Packed(codec={:?}, dtype={}, shape={:?}, nbytes={})",
+            self.inner.codec_name(),
+            self.inner.dtype().name(),
+            self.inner.shape(),
+            self.inner.nbytes()
+        )
+    }
+}
+
+/// Encodes a C-contiguous NumPy array. `dtype` names the element type ("bfloat16" for a uint16
+/// array holding bfloat16 bits); the array's shape is recorded.
+#[pyfunction]
+#[pyo3(signature = (array, codec, params=None, dtype=None))]
+fn encode(
+    py: Python<'_>,
+    array: &Bound<'_, PyUntypedArray>,
+    codec: &str,
+    params: Option<&Bound<'_, PyDict>>,
+    dtype: Option<&str>,
+) -> PyResult<PyPacked> {
+    let params = params_from_dict(params)?;
+    let shape: Vec<u64> = array.shape().iter().map(|&d| d as u64).collect();
+    let np_dtype = array.dtype().str()?.to_string();
+    let want = match dtype {
+        Some(d) => DType::from_name(d).map_err(to_py)?,
+        None => match np_dtype.as_str() {
+            "float32" => DType::F32,
+            "float64" => DType::F64,
+            "float16" => DType::F16,
+            other => {
+                return Err(DtypeError::new_err(format!(
+                    "cannot compress an array of dtype {other} ({}); supported: float32, float16, \
+                     float64, and bfloat16 (from torch)",
+                    array.dtype()
+                )))
+            }
+        },
+    };
+    macro_rules! run {
+        ($t:ty, |$s:ident| $wrap:expr) => {{
+            let arr: PyReadonlyArrayDyn<'_, $t> = array.extract().map_err(|_| {
+                DtypeError::new_err(format!(
+                    "array of dtype {np_dtype} does not hold {}",
+                    want.name()
+                ))
+            })?;
+            let $s = arr.as_slice().map_err(|_| not_contiguous("input"))?;
+            let data = $wrap;
+            detached(py, || Packed::encode(data, &shape, codec, &params))?
+        }};
+    }
+    let inner = match want {
+        DType::F32 => run!(f32, |s| Data::F32(s)),
+        DType::F64 => run!(f64, |s| Data::F64(s)),
+        DType::F16 => run!(f16, |s| Data::F16(s)),
+        DType::BF16 => run!(u16, |s| Data::BF16(bytemuck::cast_slice::<u16, bf16>(s))),
+    };
+    Ok(PyPacked { inner })
+}
+
+/// Every codec: a list of dicts with name, id, doc and default parameters.
+#[pyfunction]
+fn codecs<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    codec::REGISTRY
+        .iter()
+        .map(|c| {
+            let d = PyDict::new(py);
+            d.set_item("name", c.name)?;
+            d.set_item("id", c.id)?;
+            d.set_item("doc", c.doc)?;
+            d.set_item("defaults", params_to_dict(py, &(c.defaults)())?)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Validates codec parameters without encoding; returns the full resolved configuration.
+#[pyfunction]
+#[pyo3(signature = (codec, params=None))]
+fn resolve_params<'py>(
+    py: Python<'py>,
+    codec: &str,
+    params: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let info = codec::by_name(codec).map_err(to_py)?;
+    let given = params_from_dict(params)?;
+    (info.encoder)(&given).map_err(to_py)?;
+    let mut full = (info.defaults)();
+    full.extend(given);
+    params_to_dict(py, &full)
+}
+
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    crate::pool::set_num_threads(n)
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::pool::num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("FORMAT_VERSION", crate::format::VERSION)?;
+    m.add("SmaqError", py.get_type::<SmaqError>())?;
+    m.add("FormatError", py.get_type::<FormatError>())?;
+    m.add("ChecksumError", py.get_type::<ChecksumError>())?;
+    m.add("CodecError", py.get_type::<CodecError>())?;
+    m.add("DtypeError", py.get_type::<DtypeError>())?;
+    m.add("LayoutError", py.get_type::<LayoutError>())?;
+    m.add_class::<PyPacked>()?;
+    m.add_function(wrap_pyfunction!(encode, m)?)?;
+    m.add_function(wrap_pyfunction!(codecs, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_params, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    Ok(())
+}
