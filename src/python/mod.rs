@@ -1,4 +1,4 @@
-//! The PyO3 glue: the only file that knows about Python. Buffers are borrowed from NumPy arrays
+//! The PyO3 glue: the only module that knows about Python (one file per area, registered below). Buffers are borrowed from NumPy arrays
 //! while the GIL is held, the work runs with the GIL released ([`detached`]), and every core error
 //! becomes one exception class ([`to_py`]).
 
@@ -49,7 +49,7 @@ create_exception!(
     "Non-contiguous input or a mismatched output buffer."
 );
 
-fn to_py(e: Error) -> PyErr {
+pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
         Error::Format(_) => FormatError::new_err(msg),
@@ -61,7 +61,7 @@ fn to_py(e: Error) -> PyErr {
 }
 
 /// Runs `f` without the GIL and maps its error.
-fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
     py.detach(f).map_err(to_py)
 }
 
@@ -72,7 +72,7 @@ fn not_contiguous(what: &str) -> PyErr {
     ))
 }
 
-fn params_from_dict(d: Option<&Bound<'_, PyDict>>) -> PyResult<Params> {
+pub(crate) fn params_from_dict(d: Option<&Bound<'_, PyDict>>) -> PyResult<Params> {
     let mut out = Params::new();
     let Some(d) = d else { return Ok(out) };
     for (k, v) in d.iter() {
@@ -100,7 +100,7 @@ fn params_from_dict(d: Option<&Bound<'_, PyDict>>) -> PyResult<Params> {
     Ok(out)
 }
 
-fn params_to_dict<'py>(py: Python<'py>, p: &Params) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn params_to_dict<'py>(py: Python<'py>, p: &Params) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for (k, v) in p {
         match v {
@@ -367,5 +367,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_params, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    // Other areas register here, one line each: `area::register(m)?;`
     Ok(())
 }
