@@ -30,6 +30,17 @@ impl BitWriter {
         }
     }
 
+    /// Appends the low `width` bits of `code` (the bits above must be zero), `width` <= 64.
+    #[inline(always)]
+    pub fn put_wide(&mut self, code: u64, width: u32) {
+        if width > 32 {
+            self.put(code as u32, 32);
+            self.put((code >> 32) as u32, width - 32);
+        } else {
+            self.put(code as u32, width);
+        }
+    }
+
     /// Number of bits written so far.
     pub fn bit_len(&self) -> usize {
         self.out.len() * 8 + self.nbits as usize
@@ -109,6 +120,20 @@ mod tests {
                 prop_assert_eq!(get(&buf, i * 6, 6), c);
             }
         }
+    }
+
+    #[test]
+    fn wide_puts() {
+        let mut w = BitWriter::default();
+        w.put(5, 3);
+        w.put_wide(0x1_2345_6789_abcd, 49);
+        w.put_wide(0, 0);
+        w.put_wide(u64::MAX, 64);
+        let buf = w.finish();
+        assert_eq!(get(&buf, 0, 3), 5);
+        assert_eq!(peek64(&buf, 3) & ((1 << 49) - 1), 0x1_2345_6789_abcd);
+        assert_eq!(peek64(&buf, 52) & 0xff_ffff, 0xff_ffff);
+        assert_eq!(buf.len(), (3 + 49 + 64usize).div_ceil(8));
     }
 
     #[test]

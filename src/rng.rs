@@ -29,9 +29,10 @@ pub fn stream_key(seed: u64, stream: u64) -> u32 {
 }
 
 /// A uniform f32 in [0, 1) for element `i` of the stream with key `key` (24 random bits).
+/// The SIMD kernels compute exactly this, lane by lane.
 #[inline(always)]
 pub fn uniform(key: u32, i: u32) -> f32 {
-    (hash32(key ^ hash32(i)) >> 8) as f32 * (1.0 / 16_777_216.0)
+    (hash32(key.wrapping_add(i)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// A small sequential generator (SplitMix64) for things like sampling indices.

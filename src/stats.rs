@@ -33,8 +33,83 @@ impl Moments {
         }
     }
 
-    /// Moments of one block, with 8 independent lanes so the loop vectorizes.
+    /// Moments of one block: f32 data goes through an AVX2 kernel where the CPU has one.
     fn of<T: Element>(x: &[T], shift: f64) -> Moments {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+                // SAFETY: T is f32, so the slice is a slice of f32.
+                let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
+                if std::arch::is_x86_feature_detected!("avx2") && shift.abs() < 1e30 {
+                    // SAFETY: AVX2 is present (checked just above).
+                    return unsafe { Moments::of_f32_avx2(x32, shift) };
+                }
+            }
+        }
+        Moments::of_portable(x, shift)
+    }
+
+    /// f32 moments in AVX2: sums in f32 over runs of 512 elements per lane (relative error below
+    /// 1e-4, far under what the quantization grid needs), then carried in f64.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn of_f32_avx2(x: &[f32], shift: f64) -> Moments {
+        use std::arch::x86_64::*;
+        const RUN: usize = 512 * 8;
+        let sh = _mm256_set1_ps(shift as f32);
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let mut m = Moments::EMPTY;
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut count = _mm256_setzero_si256();
+        let body = x.len() / 8 * 8;
+        let mut start = 0;
+        while start < body {
+            let end = (start + RUN).min(body);
+            let (mut s, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = start;
+            while i < end {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let vb = _mm256_castps_si256(v);
+                let bad = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(vb, exp), exp));
+                let d = _mm256_andnot_ps(bad, _mm256_sub_ps(v, sh));
+                s = _mm256_add_ps(s, d);
+                q = _mm256_add_ps(q, _mm256_mul_ps(d, d));
+                lo = _mm256_min_ps(lo, _mm256_blendv_ps(v, _mm256_set1_ps(f32::INFINITY), bad));
+                hi = _mm256_max_ps(
+                    hi,
+                    _mm256_blendv_ps(v, _mm256_set1_ps(f32::NEG_INFINITY), bad),
+                );
+                count = _mm256_sub_epi32(
+                    count,
+                    _mm256_xor_si256(_mm256_castps_si256(bad), _mm256_set1_epi32(-1)),
+                );
+                i += 8;
+            }
+            let (mut sa, mut qa) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(sa.as_mut_ptr(), s);
+            _mm256_storeu_ps(qa.as_mut_ptr(), q);
+            m.sum += sa.iter().map(|&v| v as f64).sum::<f64>();
+            m.sumsq += qa.iter().map(|&v| v as f64).sum::<f64>();
+            start = end;
+        }
+        let (mut la, mut ha, mut ca) = ([0f32; 8], [0f32; 8], [0u32; 8]);
+        _mm256_storeu_ps(la.as_mut_ptr(), lo);
+        _mm256_storeu_ps(ha.as_mut_ptr(), hi);
+        _mm256_storeu_si256(ca.as_mut_ptr() as *mut __m256i, count);
+        m.count = ca.iter().map(|&c| c as u64).sum();
+        m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
+        m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        // The shift went through f32: correct the sums for the part of it that was rounded off.
+        let eps = shift as f32 as f64 - shift;
+        let n = m.count as f64;
+        m.sumsq += 2.0 * eps * m.sum + n * eps * eps;
+        m.sum += n * eps;
+        m.merge(Moments::of_portable(&x[body..], shift))
+    }
+
+    /// Moments of one block, with 8 independent lanes.
+    fn of_portable<T: Element>(x: &[T], shift: f64) -> Moments {
         const L: usize = 8;
         let (mut s, mut q, mut c) = ([0f64; L], [0f64; L], [0u64; L]);
         let (mut lo, mut hi) = ([f64::INFINITY; L], [f64::NEG_INFINITY; L]);
@@ -175,9 +250,27 @@ mod tests {
         let n = x.len() as f64;
         let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        assert!((s.mean - mean).abs() < 1e-9);
-        assert!((s.std - var.sqrt()).abs() < 1e-9);
+        // f32 data is summed in f32 runs (see of_f32_avx2): agreement to 1e-6 of the spread.
+        assert!((s.mean - mean).abs() < 1e-6 * var.sqrt());
+        assert!((s.std - var.sqrt()).abs() < 1e-6 * var.sqrt());
         assert_eq!(s.count, x.len() as u64);
+    }
+
+    #[test]
+    fn simd_matches_portable() {
+        let mut x: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 + 0.3)
+            .collect();
+        x[7] = f32::NAN;
+        x[50_000] = f32::NEG_INFINITY;
+        for shift in [0.0, 0.3, 1.0 / 3.0] {
+            let a = Moments::of(&x, shift);
+            let b = Moments::of_portable(&x, shift);
+            assert_eq!(a.count, b.count);
+            assert_eq!((a.min, a.max), (b.min, b.max));
+            assert!((a.sum - b.sum).abs() <= 1e-5 * b.sumsq.sqrt() * (x.len() as f64).sqrt());
+            assert!((a.sumsq - b.sumsq).abs() <= 1e-4 * b.sumsq);
+        }
     }
 
     #[test]

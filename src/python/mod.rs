@@ -61,7 +61,10 @@ pub(crate) fn to_py(e: Error) -> PyErr {
 }
 
 /// Runs `f` without the GIL and maps its error.
-pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+pub(crate) fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
     py.detach(f).map_err(to_py)
 }
 

@@ -16,14 +16,14 @@
 //! a per-chunk exception list (u32 index in the chunk + the raw element), patched after decoding.
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
-use crate::bits::{peek64, BitWriter};
 use crate::dtype::{DType, Data, DataMut, Element};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
-use crate::rng::{stream_key, uniform};
+use crate::rng::stream_key;
 use crate::stats::{mean_std, Sampling, Spread};
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+mod kernel;
+
+use kernel::{Codes, Prep, Quant};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -116,6 +116,11 @@ impl SmaqConfig {
         let min_size = r.int("min_size", d.min_size as i64, 0, u32::MAX as i64)? as u32;
         let chunk_size = r.int("chunk_size", d.chunk_size as i64, 64, 1 << 30)? as u32;
         r.finish()?;
+        if bits_outlier < bits_main {
+            return Err(Error::Codec(format!(
+                "codec \"smaq\": bits_outlier ({bits_outlier}) must be at least bits_main ({bits_main})"
+            )));
+        }
         if t_outlier <= t_main {
             return Err(Error::Codec(format!(
                 "codec \"smaq\": t_outlier ({t_outlier}) must be greater than t_main ({t_main})"
@@ -194,63 +199,6 @@ fn fresh_seed() -> u64 {
     z >> 1
 }
 
-/// The quantization grid shared by encoder and decoder.
-#[derive(Debug, Clone, Copy)]
-struct Quant {
-    bits_main: u32,
-    bits_outlier: u32,
-    t_main: f32,
-    t_outlier: f32,
-    r_main: f32,
-    r_out: f32,
-    max_main: u32,
-    max_out: u32,
-}
-
-impl Quant {
-    fn new(bits_main: u8, bits_outlier: u8, t_main: f32, t_outlier: f32) -> Self {
-        let max_main = (1u32 << (bits_main - 2)) - 1;
-        let max_out = (1u32 << (bits_outlier - 2)) - 1;
-        Quant {
-            bits_main: bits_main as u32,
-            bits_outlier: bits_outlier as u32,
-            t_main,
-            t_outlier,
-            r_main: max_main as f32 / t_main,
-            r_out: max_out as f32 / (t_outlier - t_main),
-            max_main,
-            max_out,
-        }
-    }
-
-    /// Bits of a chunk of `n` values of which `outliers` are outliers.
-    fn chunk_bits(&self, n: u64, outliers: u64) -> u64 {
-        (n - outliers) * self.bits_main as u64 + outliers * self.bits_outlier as u64
-    }
-
-    /// Width of the lookup key: the longest code.
-    fn key_bits(&self) -> u32 {
-        self.bits_main.max(self.bits_outlier)
-    }
-
-    /// The z-score a code stands for.
-    fn z_of(&self, key: u32) -> (f64, u32) {
-        let outlier = key & 1 == 1;
-        let negative = key & 2 != 0;
-        let (width, z) = if outlier {
-            let mag = (key >> 2) & self.max_out;
-            (
-                self.bits_outlier,
-                mag as f64 / self.r_out as f64 + self.t_main as f64,
-            )
-        } else {
-            let mag = (key >> 2) & self.max_main;
-            (self.bits_main, mag as f64 / self.r_main as f64)
-        };
-        (if negative { -z } else { z }, width)
-    }
-}
-
 /// Per-chunk result of encoding.
 struct ChunkOut {
     bytes: Vec<u8>,
@@ -267,39 +215,7 @@ impl Encoder for SmaqConfig {
     }
 }
 
-/// Converts a chunk to the type the kernel computes on (f32, or f64 for f64 input).
-trait Compute: Element {
-    type C: Copy + Into<f64> + Send + Sync;
-    fn with_compute<R>(x: &[Self], f: impl FnOnce(&[Self::C]) -> R) -> R;
-}
-impl Compute for f32 {
-    type C = f32;
-    fn with_compute<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
-        f(x)
-    }
-}
-impl Compute for f64 {
-    type C = f64;
-    fn with_compute<R>(x: &[f64], f: impl FnOnce(&[f64]) -> R) -> R {
-        f(x)
-    }
-}
-macro_rules! half_compute {
-    ($t:ty) => {
-        impl Compute for $t {
-            type C = f32;
-            fn with_compute<R>(x: &[$t], f: impl FnOnce(&[f32]) -> R) -> R {
-                let mut tmp = vec![0f32; x.len()];
-                x.convert_to_f32_slice(&mut tmp);
-                f(&tmp)
-            }
-        }
-    };
-}
-half_compute!(f16);
-half_compute!(bf16);
-
-fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encoded> {
+fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encoded> {
     let n = x.len() as u64;
     let mut head = Header {
         cfg: SmaqConfig {
@@ -325,15 +241,26 @@ fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Enco
         Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
         s => s,
     };
-    let stats = mean_std(x, sampling, cfg.spread);
-    let q = cfg.quant();
-    let (mean, inv_std) = (stats.mean, 1.0 / stats.std);
+    let stats = crate::pool::install(|| mean_std(x, sampling, cfg.spread));
+    let prep = Prep {
+        q: cfg.quant(),
+        mean: stats.mean,
+        inv_std: 1.0 / stats.std,
+        key: None,
+        dither: if cfg.rounding == Rounding::Nearest {
+            0.5
+        } else {
+            0.0
+        },
+        f32_ok: Prep::f32_safe(stats.mean, stats.std),
+    };
+    let stochastic = cfg.rounding == Rounding::Stochastic;
     let chunks: Vec<ChunkOut> = crate::pool::install(|| {
         x.par_chunks(cfg.chunk_size as usize)
             .enumerate()
-            .map(|(ci, c)| {
-                let key = stream_key(seed, ci as u64);
-                encode_chunk(c, &q, cfg, mean, inv_std, key)
+            .map_init(Vec::new, |codes, (ci, c)| {
+                let key = stochastic.then(|| stream_key(seed, ci as u64));
+                encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, codes)
             })
             .collect()
     });
@@ -354,96 +281,38 @@ fn encode_typed<T: Compute>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Enco
     })
 }
 
-fn encode_chunk<T: Compute>(
+/// Encodes one chunk; `codes` is scratch space reused across the chunks of one worker.
+fn encode_chunk<T: Codes>(
     x: &[T],
-    q: &Quant,
-    cfg: &SmaqConfig,
-    mean: f64,
-    inv_std: f64,
-    key: u32,
+    p: &Prep,
+    exact_outliers: bool,
+    codes: &mut Vec<u16>,
 ) -> ChunkOut {
-    let (mut w, outliers, clamped, nonfinite) =
-        T::with_compute(x, |c| code_chunk(c, q, cfg.rounding, mean, inv_std, key));
+    codes.resize(x.len(), 0);
+    let c = T::codes(x, p, codes);
+    let mut bytes = kernel::pack(codes, &p.q, c.outliers);
     // Exceptions: non-finite values always; values beyond t_outlier when asked to keep them.
     let mut exceptions = 0u32;
-    if nonfinite > 0 || (cfg.exact_outliers && clamped > 0) {
+    if c.nonfinite > 0 || (exact_outliers && c.beyond > 0) {
+        let zf = kernel::z_f64::<T>(p.mean, p.inv_std);
         let mut list = LeWriter(Vec::new());
-        for (i, v) in x.iter().enumerate() {
-            let f = v.to_f64();
-            let beyond = ((f - mean) * inv_std).abs() > q.t_outlier as f64;
-            if !f.is_finite() || (cfg.exact_outliers && beyond) {
+        for (i, &v) in x.iter().enumerate() {
+            let (z, finite, zero) = zf(v);
+            if !finite || (exact_outliers && !zero && z.abs() > p.q.t_outlier) {
                 list.u32(i as u32);
                 list.bytes(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
                 exceptions += 1;
             }
         }
-        let mut bytes = std::mem::take(&mut w);
         bytes.extend_from_slice(&list.0);
-        w = bytes;
     }
-    let clamped = if cfg.exact_outliers { 0 } else { clamped };
     ChunkOut {
-        bytes: w,
-        outliers,
+        bytes,
+        outliers: c.outliers,
         exceptions,
-        clamped,
-        nonfinite,
+        clamped: if exact_outliers { 0 } else { c.beyond as u64 },
+        nonfinite: c.nonfinite as u64,
     }
-}
-
-/// The hot loop: codes for one chunk. Returns (packed codes, outliers, beyond t_outlier, non-finite).
-#[inline(never)]
-fn code_chunk<C: Copy + Into<f64>>(
-    x: &[C],
-    q: &Quant,
-    rounding: Rounding,
-    mean: f64,
-    inv_std: f64,
-    key: u32,
-) -> (Vec<u8>, u32, u64, u64) {
-    match rounding {
-        Rounding::Stochastic => code_chunk_with(x, q, mean, inv_std, |i| uniform(key, i)),
-        Rounding::Nearest => code_chunk_with(x, q, mean, inv_std, |_| 0.5),
-        Rounding::Truncate => code_chunk_with(x, q, mean, inv_std, |_| 0.0),
-    }
-}
-
-#[inline(always)]
-fn code_chunk_with<C: Copy + Into<f64>>(
-    x: &[C],
-    q: &Quant,
-    mean: f64,
-    inv_std: f64,
-    dither: impl Fn(u32) -> f32,
-) -> (Vec<u8>, u32, u64, u64) {
-    let mut w = BitWriter::with_capacity_bits(x.len() * q.key_bits() as usize);
-    let (mut outliers, mut clamped, mut nonfinite) = (0u32, 0u64, 0u64);
-    let (max_main, max_out) = (q.max_main as f32, q.max_out as f32);
-    for (i, &v) in x.iter().enumerate() {
-        let vf: f64 = v.into();
-        let finite = vf.is_finite();
-        let z = ((vf - mean) * inv_std) as f32;
-        let a = z.abs();
-        let out = a > q.t_main;
-        // NaN: `out` is false and min() picks the bound; the value is patched from the exceptions.
-        let (scaled, width, flag, max_mag) = if out {
-            (
-                ((a - q.t_main) * q.r_out).min(max_out),
-                q.bits_outlier,
-                1u32,
-                q.max_out,
-            )
-        } else {
-            ((a * q.r_main).min(max_main), q.bits_main, 0u32, q.max_main)
-        };
-        let mag = ((scaled + dither(i as u32)) as u32).min(max_mag);
-        let sign = (z < 0.0) as u32;
-        w.put(flag | sign << 1 | mag << 2, width);
-        outliers += out as u32;
-        clamped += (a > q.t_outlier && finite) as u64;
-        nonfinite += !finite as u64;
-    }
-    (w.finish(), outliers, clamped, nonfinite)
 }
 
 /// Everything in a SmaQ tensor's metadata. Layout in docs/FORMAT.md.
@@ -460,14 +329,24 @@ struct Header {
     chunks: Vec<(u32, u32)>,
 }
 
+/// Where one chunk's streams lie in the payload.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    offset: usize,
+    primary: usize,
+    extra: usize,
+    /// Bits the extra stream must hold: outliers * (bits_outlier - bits_main).
+    extra_bits: u64,
+    exceptions: usize,
+}
+
 /// A parsed, validated SmaQ header plus the chunk byte ranges it implies.
 #[derive(Debug)]
 struct SmaqHeader {
     h: Header,
     dtype: DType,
     numel: u64,
-    /// Per chunk: (payload offset, code bytes, code bits, exception bytes).
-    spans: Vec<(usize, usize, u64, usize)>,
+    spans: Vec<Span>,
 }
 
 const FLAG_ALL_POSITIVE: u8 = 1;
@@ -534,8 +413,8 @@ impl SmaqHeader {
             "smaq: bits_main {bits_main} not in 3..=16"
         );
         ensure_format!(
-            (3..=16).contains(&bits_outlier),
-            "smaq: bits_outlier {bits_outlier} not in 3..=16"
+            (bits_main..=16).contains(&bits_outlier),
+            "smaq: bits_outlier {bits_outlier} not in bits_main..=16"
         );
         ensure_format!(rounding <= 2, "smaq: unknown rounding mode {rounding}");
         ensure_format!(
@@ -608,11 +487,16 @@ impl SmaqHeader {
                 o as u64 <= len && e as u64 <= len,
                 "smaq: chunk {ci} claims {o} outliers and {e} exceptions among {len} values"
             );
-            let bits = q.chunk_bits(len, o as u64);
-            let code_bytes = bits.div_ceil(8);
+            let (primary, extra) = q.chunk_bytes(len, o as u64);
             let exc_bytes = e as u64 * esize;
-            spans.push((off as usize, code_bytes as usize, bits, exc_bytes as usize));
-            off += code_bytes + exc_bytes;
+            spans.push(Span {
+                offset: off as usize,
+                primary: primary as usize,
+                extra: extra as usize,
+                extra_bits: o as u64 * q.extra_bits() as u64,
+                exceptions: exc_bytes as usize,
+            });
+            off += primary + extra + exc_bytes;
         }
         let expected = if raw {
             frame.numel * frame.dtype.size() as u64
@@ -641,46 +525,29 @@ impl SmaqHeader {
         })
     }
 
-    /// Decoded value and code width for every lookup key.
-    fn table<T: Element>(&self) -> (Vec<T>, Vec<u8>) {
-        let q = self.h.cfg.quant();
-        let n = 1usize << q.key_bits();
-        let (lo, hi) = (-T::MAX_F64, T::MAX_F64);
-        let floor = if self.h.cfg.all_positive { 0.0 } else { lo };
-        (0..n as u32)
-            .map(|key| {
-                let (z, width) = q.z_of(key);
-                let v = (self.h.mean + z * self.h.std).clamp(floor, hi);
-                (T::from_f64(v), width as u8)
-            })
-            .unzip()
-    }
-
     fn decode_typed<T: Element>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
         if self.h.raw {
             return crate::dtype::fill_from_le_bytes(&mut T::wrap_mut(out), payload);
         }
-        let (lut, widths) = self.table::<T>();
-        let mask = (lut.len() - 1) as u64;
+        let q = self.h.cfg.quant();
+        let lut = kernel::table::<T>(&q, self.h.mean, self.h.std, self.h.cfg.all_positive);
         let cs = self.h.cfg.chunk_size as usize;
         let esize = 4 + T::DTYPE.size();
         crate::pool::install(|| {
             out.par_chunks_mut(cs)
                 .zip(self.spans.par_iter())
                 .enumerate()
-                .try_for_each(|(ci, (dst, &(off, code_bytes, bits, exc_bytes)))| {
-                    let codes = &payload[off..off + code_bytes];
-                    let mut pos = 0usize;
-                    for o in dst.iter_mut() {
-                        let key = (peek64(codes, pos) & mask) as usize;
-                        *o = lut[key];
-                        pos += widths[key] as usize;
-                    }
+                .try_for_each(|(ci, (dst, s))| {
+                    let chunk = &payload[s.offset..s.offset + s.primary + s.extra + s.exceptions];
+                    let (primary, rest) = chunk.split_at(s.primary);
+                    let (extra, exc) = rest.split_at(s.extra);
+                    let used = kernel::unpack(primary, extra, &q, &lut, dst);
                     ensure_format!(
-                        pos as u64 == bits,
-                        "smaq: chunk {ci} codes span {pos} bits, the index says {bits}"
+                        used == s.extra_bits,
+                        "smaq: chunk {ci} flags {} outliers, the index says {}",
+                        used / q.extra_bits().max(1) as u64,
+                        s.extra_bits / q.extra_bits().max(1) as u64
                     );
-                    let exc = &payload[off + code_bytes..off + code_bytes + exc_bytes];
                     let mut prev: Option<usize> = None;
                     for e in exc.chunks_exact(esize) {
                         let i = u32::from_le_bytes(e[..4].try_into().unwrap()) as usize;
@@ -802,14 +669,14 @@ mod tests {
             ..Default::default()
         };
         let (_, h, payload) = round_trip(&cfg, &x);
-        let q = cfg.quant();
+        // 6 bits per value in the primary stream, 2 more per outlier; each rounded to bytes.
         let expected: u64 =
             h.h.chunks
                 .iter()
                 .enumerate()
                 .map(|(ci, &(o, _))| {
                     let len = (x.len() - ci * 1000).min(1000) as u64;
-                    q.chunk_bits(len, o as u64).div_ceil(8)
+                    (len * 6).div_ceil(8) + (o as u64 * 2).div_ceil(8)
                 })
                 .sum();
         assert_eq!(payload as u64, expected);
@@ -892,7 +759,7 @@ mod tests {
     fn every_bit_width_round_trips() {
         let x = normal(5000, 7);
         for bm in 3..=16u8 {
-            for bo in [3u8, 8, 16] {
+            for bo in [bm, bm.max(8), 16] {
                 let cfg = SmaqConfig {
                     bits_main: bm,
                     bits_outlier: bo,
