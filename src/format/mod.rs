@@ -67,7 +67,7 @@ impl Packed {
         }
         let enc = (info.encoder)(params)?.encode(x)?;
         let mut w = LeWriter(Vec::with_capacity(
-            FIXED_HEADER + 8 * shape.len() + enc.meta.len() + enc.payload.len() + CHECKSUM_LEN,
+            FIXED_HEADER + 8 * shape.len() + enc.meta.len(),
         ));
         w.bytes(&MAGIC).u8(VERSION).u8(x.dtype() as u8).u16(info.id);
         w.u8(shape.len() as u8).bytes(&[0; 3]);
@@ -77,11 +77,20 @@ impl Packed {
         for &d in shape {
             w.u64(d);
         }
-        w.bytes(&enc.meta).bytes(&enc.payload);
-        let sum = checksum(&w.0);
-        w.u64(sum);
+        w.bytes(&enc.meta);
+        // Put the header in front of the payload in place: a large payload is reallocated
+        // without copying (mremap) and shifted once, instead of copied into fresh memory.
+        let head = w.0;
+        let mut bytes = enc.payload;
+        let n = bytes.len();
+        bytes.reserve_exact(head.len() + CHECKSUM_LEN);
+        bytes.resize(n + head.len(), 0);
+        bytes.copy_within(0..n, head.len());
+        bytes[..head.len()].copy_from_slice(&head);
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum.to_le_bytes());
         // Parse what we wrote: one code path for fresh and loaded tensors, and a self-check.
-        Packed::parse(w.0, false)
+        Packed::parse(bytes, false)
     }
 
     /// Parses and validates bytes (checksum verified): never panics on any input.

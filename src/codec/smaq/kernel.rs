@@ -213,136 +213,403 @@ fn codes_with<T: Copy>(
     }
 }
 
-/// f32 codes, in AVX2 when the CPU has it (detected at run time).
-fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
+/// Whether the AVX2 kernels can run (detected once per call; the check is cached by std).
+#[inline]
+fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { codes_f32_avx2(x, first, p, out) };
-        }
+        std::arch::is_x86_feature_detected!("avx2")
     }
-    codes_with(x, first, p, z_f32(p.mean, p.inv_std), out)
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
-/// The AVX2 version of [`codes_body`] over [`z_f32`]: the same IEEE operations in the same
-/// order, eight lanes at a time, so both produce identical codes.
+/// f32 codes, in AVX2 when the CPU has it (detected at run time).
+fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
+    let mut done = 0;
+    let mut c = Counts::default();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        (done, c) = unsafe { avx2::codes(x, first, p, out) };
+    }
+    let zf = z_f32(p.mean, p.inv_std);
+    c.add(codes_with(
+        &x[done..],
+        first.wrapping_add(done as u32),
+        p,
+        zf,
+        &mut out[done..],
+    ));
+    c
+}
+
+/// Codes of one f32 chunk packed in a single pass (the AVX2 fast path): the primary stream into
+/// `primary` (exactly its size), the extra bits into `extra`. None when that path does not apply
+/// (no AVX2, statistics unsafe in f32, or wide codes); nothing is written then.
+pub fn encode_f32_fused(
+    x: &[f32],
+    p: &Prep,
+    primary: &mut [u8],
+    extra: &mut BitWriter,
+) -> Option<Counts> {
+    let (bm, ew) = (p.q.bits_main, p.q.extra_bits());
+    if !(has_avx2() && p.f32_ok && bm <= 8 && ew <= 4) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: AVX2 is present.
+        let (done, mut c) = unsafe { avx2::encode(x, p, primary, extra) };
+        // The last < 8 values: portable codes, packed bit by bit.
+        let rest = &x[done..];
+        let mut codes = [0u16; 8];
+        let zf = z_f32(p.mean, p.inv_std);
+        c.add(codes_with(
+            rest,
+            done as u32,
+            p,
+            zf,
+            &mut codes[..rest.len()],
+        ));
+        pack_tail(
+            &codes[..rest.len()],
+            &p.q,
+            &mut primary[done / 8 * bm as usize..],
+            extra,
+        );
+        Some(c)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// AVX2 kernels: the same IEEE operations as [`codes_body`] over [`z_f32`] in the same order,
+/// eight lanes at a time, so they produce identical codes (tested).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn codes_f32_avx2(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
+mod avx2 {
+    use super::{Counts, Prep, ZERO_CODE};
+    use crate::bits::{peek64, BitWriter};
     use std::arch::x86_64::*;
-    let q = &p.q;
-    let n8 = x.len().min(out.len()) / 8 * 8;
-    let hi = p.mean as f32;
-    let lo = (p.mean - hi as f64) as f32;
-    let (hi, lo, inv) = (
-        _mm256_set1_ps(hi),
-        _mm256_set1_ps(lo),
-        _mm256_set1_ps(p.inv_std as f32),
-    );
-    let (t_main, t_out) = (_mm256_set1_ps(q.t_main), _mm256_set1_ps(q.t_outlier));
-    let (r_main, r_out) = (_mm256_set1_ps(q.r_main), _mm256_set1_ps(q.r_out));
-    let (mx_main, mx_out) = (
-        _mm256_set1_ps(q.max_main as f32),
-        _mm256_set1_ps(q.max_out as f32),
-    );
-    let (mi_main, mi_out) = (
-        _mm256_set1_epi32(q.max_main as i32),
-        _mm256_set1_epi32(q.max_out as i32),
-    );
-    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let exp = _mm256_set1_epi32(0x7f80_0000);
-    let zero_i = _mm256_setzero_si256();
-    let (one, two, zero_code) = (
-        _mm256_set1_epi32(1),
-        _mm256_set1_epi32(2),
-        _mm256_set1_epi32(ZERO_CODE as i32),
-    );
-    let stoch = p.key.is_some();
-    let dither = _mm256_set1_ps(p.dither);
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let base = _mm256_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32);
-    let (m1, m2) = (
-        _mm256_set1_epi32(0x7feb_352d),
-        _mm256_set1_epi32(0x846c_a68b_u32 as i32),
-    );
-    let scale24 = _mm256_set1_ps(1.0 / 16_777_216.0);
-    let (mut c_out, mut c_beyond, mut c_nonfin) = (zero_i, zero_i, zero_i);
-    let mut i = 0;
-    while i < n8 {
-        let v = _mm256_loadu_ps(x.as_ptr().add(i));
+
+    /// For each 8-bit mask of outlier lanes, the rank of every lane among the outliers before it.
+    static RANKS: [[u8; 8]; 256] = {
+        let mut t = [[0u8; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut r = 0u8;
+            let mut j = 0;
+            while j < 8 {
+                t[m][j] = r;
+                r += ((m >> j) & 1) as u8;
+                j += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// Broadcast constants of one chunk.
+    pub struct Consts {
+        hi: __m256,
+        lo: __m256,
+        inv: __m256,
+        t_main: __m256,
+        t_out: __m256,
+        r_main: __m256,
+        r_out: __m256,
+        mx_main: __m256,
+        mx_out: __m256,
+        mi_main: __m256i,
+        mi_out: __m256i,
+        dither: __m256,
+        stoch: bool,
+        base: __m256i,
+    }
+
+    /// One step's codes (32-bit lanes) and masks.
+    pub struct Step {
+        pub code: __m256i,
+        pub is_out: __m256i,
+        beyond: __m256i,
+        nonfin: __m256i,
+    }
+
+    impl Consts {
+        #[target_feature(enable = "avx2")]
+        pub fn new(p: &Prep, first: u32) -> Consts {
+            let q = &p.q;
+            let hi = p.mean as f32;
+            let lo = (p.mean - hi as f64) as f32;
+            Consts {
+                hi: _mm256_set1_ps(hi),
+                lo: _mm256_set1_ps(lo),
+                inv: _mm256_set1_ps(p.inv_std as f32),
+                t_main: _mm256_set1_ps(q.t_main),
+                t_out: _mm256_set1_ps(q.t_outlier),
+                r_main: _mm256_set1_ps(q.r_main),
+                r_out: _mm256_set1_ps(q.r_out),
+                mx_main: _mm256_set1_ps(q.max_main as f32),
+                mx_out: _mm256_set1_ps(q.max_out as f32),
+                mi_main: _mm256_set1_epi32(q.max_main as i32),
+                mi_out: _mm256_set1_epi32(q.max_out as i32),
+                dither: _mm256_set1_ps(p.dither),
+                stoch: p.key.is_some(),
+                base: _mm256_add_epi32(
+                    _mm256_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                ),
+            }
+        }
+    }
+
+    /// Codes of the eight values at `x[i..i + 8]`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn step(c: &Consts, x: *const f32, i: usize) -> Step {
+        let zero_i = _mm256_setzero_si256();
+        let v = _mm256_loadu_ps(x.add(i));
         let vb = _mm256_castps_si256(v);
-        let z = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(v, hi), lo), inv);
-        let a = _mm256_and_ps(z, abs);
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let z = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(v, c.hi), c.lo), c.inv);
+        let a = _mm256_and_ps(z, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)));
         let zero = _mm256_cmpeq_epi32(_mm256_slli_epi32(vb, 1), zero_i);
         let nonfin = _mm256_cmpeq_epi32(_mm256_and_si256(vb, exp), exp);
-        let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, t_main));
+        let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, c.t_main));
         let is_out = _mm256_andnot_si256(zero, gt);
         let out_ps = _mm256_castsi256_ps(is_out);
-        let d = _mm256_sub_ps(a, _mm256_and_ps(out_ps, t_main));
-        let r = _mm256_blendv_ps(r_main, r_out, out_ps);
-        let mx = _mm256_blendv_ps(mx_main, mx_out, out_ps);
+        let d = _mm256_sub_ps(a, _mm256_and_ps(out_ps, c.t_main));
+        let r = _mm256_blendv_ps(c.r_main, c.r_out, out_ps);
+        let mx = _mm256_blendv_ps(c.mx_main, c.mx_out, out_ps);
         // minps returns its second operand when the first is NaN, as the scalar `<` select does.
         let s = _mm256_min_ps(_mm256_mul_ps(d, r), mx);
-        let u = if stoch {
-            let mut h =
-                _mm256_add_epi32(base, _mm256_add_epi32(lanes, _mm256_set1_epi32(i as i32)));
+        let u = if c.stoch {
+            let mut h = _mm256_add_epi32(c.base, _mm256_set1_epi32(i as i32));
             h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-            h = _mm256_mullo_epi32(h, m1);
+            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb_352d));
             h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
-            h = _mm256_mullo_epi32(h, m2);
+            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
             h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), scale24)
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)),
+                _mm256_set1_ps(1.0 / 16_777_216.0),
+            )
         } else {
-            dither
+            c.dither
         };
         let mag = _mm256_cvttps_epi32(_mm256_add_ps(s, u));
-        let mag = _mm256_min_epi32(mag, _mm256_blendv_epi8(mi_main, mi_out, is_out));
+        let mag = _mm256_min_epi32(mag, _mm256_blendv_epi8(c.mi_main, c.mi_out, is_out));
         let zneg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(z, _mm256_setzero_ps()));
         let nz = _mm256_or_si256(
             _mm256_xor_si256(_mm256_cmpeq_epi32(mag, zero_i), _mm256_set1_epi32(-1)),
             is_out,
         );
-        let neg = _mm256_and_si256(_mm256_and_si256(zneg, nz), two);
+        let neg = _mm256_and_si256(_mm256_and_si256(zneg, nz), _mm256_set1_epi32(2));
         let code = _mm256_or_si256(
-            _mm256_or_si256(_mm256_and_si256(is_out, one), neg),
+            _mm256_or_si256(_mm256_and_si256(is_out, _mm256_set1_epi32(1)), neg),
             _mm256_slli_epi32(mag, 2),
         );
-        let code = _mm256_blendv_epi8(code, zero_code, zero);
-        let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(code, code));
-        _mm_storeu_si128(
-            out.as_mut_ptr().add(i) as *mut __m128i,
-            _mm256_castsi256_si128(packed),
-        );
-        let beyond = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, t_out));
+        let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(ZERO_CODE as i32), zero);
+        let beyond = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, c.t_out));
         let beyond = _mm256_andnot_si256(_mm256_or_si256(nonfin, zero), beyond);
-        c_out = _mm256_sub_epi32(c_out, is_out);
-        c_beyond = _mm256_sub_epi32(c_beyond, beyond);
-        c_nonfin = _mm256_sub_epi32(c_nonfin, nonfin);
-        i += 8;
+        Step {
+            code,
+            is_out,
+            beyond,
+            nonfin,
+        }
     }
-    let sum = |v: __m256i| {
-        let mut a = [0u32; 8];
-        _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, v);
-        a.iter().sum::<u32>()
-    };
-    let mut c = Counts {
-        outliers: sum(c_out),
-        beyond: sum(c_beyond),
-        nonfinite: sum(c_nonfin),
-    };
-    c.add(codes_with(
-        &x[n8..],
-        first.wrapping_add(n8 as u32),
-        p,
-        z_f32(p.mean, p.inv_std),
-        &mut out[n8..],
-    ));
-    c
+
+    /// Lane counters, summed at the end.
+    pub struct Tally(__m256i, __m256i, __m256i);
+
+    impl Tally {
+        #[target_feature(enable = "avx2")]
+        pub fn new() -> Tally {
+            Tally(
+                _mm256_setzero_si256(),
+                _mm256_setzero_si256(),
+                _mm256_setzero_si256(),
+            )
+        }
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        pub fn add(&mut self, s: &Step) {
+            self.0 = _mm256_sub_epi32(self.0, s.is_out);
+            self.1 = _mm256_sub_epi32(self.1, s.beyond);
+            self.2 = _mm256_sub_epi32(self.2, s.nonfin);
+        }
+        #[target_feature(enable = "avx2")]
+        pub fn counts(&self) -> Counts {
+            let sum = |v: __m256i| {
+                let mut a = [0u32; 8];
+                // SAFETY: `a` is 32 writable bytes.
+                unsafe { _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, v) };
+                a.iter().sum::<u32>()
+            };
+            Counts {
+                outliers: sum(self.0),
+                beyond: sum(self.1),
+                nonfinite: sum(self.2),
+            }
+        }
+    }
+
+    /// Codes for the first len/8*8 values, stored as u16.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn codes(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> (usize, Counts) {
+        let n8 = x.len().min(out.len()) / 8 * 8;
+        let c = Consts::new(p, first);
+        let mut t = Tally::new();
+        let mut i = 0;
+        while i < n8 {
+            let s = step(&c, x.as_ptr(), i);
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(s.code, s.code));
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(i) as *mut __m128i,
+                _mm256_castsi256_si128(packed),
+            );
+            t.add(&s);
+            i += 8;
+        }
+        (n8, t.counts())
+    }
+
+    /// OR of the eight 32-bit lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn or_lanes32(v: __m256i) -> u32 {
+        let o = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let o = _mm_or_si128(o, _mm_shuffle_epi32::<0b1110>(o));
+        let o = _mm_or_si128(o, _mm_shuffle_epi32::<0b0001>(o));
+        _mm_cvtsi128_si32(o) as u32
+    }
+
+    /// Codes and packing fused, for bits_main <= 8 and extra bits <= 4: the first len/8*8 values
+    /// go to `primary` (bits_main bytes per eight values) and `extra`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn encode(
+        x: &[f32],
+        p: &Prep,
+        primary: &mut [u8],
+        extra: &mut BitWriter,
+    ) -> (usize, Counts) {
+        let (bm, ew) = (p.q.bits_main, p.q.extra_bits());
+        let n8 = x.len() / 8 * 8;
+        assert!(bm <= 8 && ew <= 4 && primary.len() >= n8 / 8 * bm as usize);
+        // Groups whose 8-byte store stays inside `primary`; the rest store bm bytes.
+        let wide = (primary.len().saturating_sub(8) / bm as usize * 8).min(n8);
+        let c = Consts::new(p, 0);
+        let mut t = Tally::new();
+        let pmask = _mm256_set1_epi32(((1u32 << bm) - 1) as i32);
+        let b = bm as i64;
+        let sh_lo = _mm256_setr_epi64x(0, b, 2 * b, 3 * b);
+        let sh_hi = _mm256_setr_epi64x(4 * b, 5 * b, 6 * b, 7 * b);
+        let bm_x = _mm_cvtsi32_si128(bm as i32);
+        let ew_v = _mm256_set1_epi32(ew as i32);
+        let mut i = 0;
+        let mut at = 0usize;
+        while i < n8 {
+            let s = step(&c, x.as_ptr(), i);
+            t.add(&s);
+            let k = _mm256_and_si256(s.code, pmask);
+            let lo4 = _mm256_sllv_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(k)), sh_lo);
+            let hi4 = _mm256_sllv_epi64(
+                _mm256_cvtepu32_epi64(_mm256_extracti128_si256::<1>(k)),
+                sh_hi,
+            );
+            let o = _mm256_or_si256(lo4, hi4);
+            let o = _mm_or_si128(_mm256_castsi256_si128(o), _mm256_extracti128_si256::<1>(o));
+            let w = (_mm_cvtsi128_si64(o) | _mm_extract_epi64::<1>(o)) as u64;
+            if i < wide {
+                std::ptr::write_unaligned(primary.as_mut_ptr().add(at) as *mut u64, w.to_le());
+            } else {
+                primary[at..at + bm as usize].copy_from_slice(&w.to_le_bytes()[..bm as usize]);
+            }
+            at += bm as usize;
+            if ew > 0 {
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(s.is_out)) as usize;
+                if m != 0 {
+                    let ranks =
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(RANKS[m].as_ptr() as *const __m128i));
+                    let e = _mm256_srl_epi32(s.code, bm_x);
+                    let e = _mm256_sllv_epi32(e, _mm256_mullo_epi32(ranks, ew_v));
+                    extra.put(or_lanes32(e), ew * m.count_ones());
+                }
+            }
+            i += 8;
+        }
+        (n8, t.counts())
+    }
+
+    /// Decodes the first len/8*8 values through an f32 table with gathers, for bits_main <= 8
+    /// and extra bits <= 4. Returns (values decoded, extra bits consumed).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn unpack_f32(
+        primary: &[u8],
+        extra: &[u8],
+        bm: u32,
+        ew: u32,
+        lut: &[f32],
+        out: &mut [f32],
+    ) -> (usize, usize) {
+        assert!(bm <= 8 && ew <= 4 && lut.len() >= 1 << (bm + ew));
+        let n8 = out.len() / 8 * 8;
+        let pmask = _mm256_set1_epi64x(((1u64 << bm) - 1) as i64);
+        let b = bm as i64;
+        let sh_lo = _mm256_setr_epi64x(0, b, 2 * b, 3 * b);
+        let sh_hi = _mm256_setr_epi64x(4 * b, 5 * b, 6 * b, 7 * b);
+        let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        let one = _mm256_set1_epi32(1);
+        let emask = _mm256_set1_epi32(((1u32 << ew) - 1) as i32);
+        let ew_v = _mm256_set1_epi32(ew as i32);
+        let bm_x = _mm_cvtsi32_si128(bm as i32);
+        let mut xpos = 0usize;
+        let mut i = 0;
+        while i < n8 {
+            let w = _mm256_set1_epi64x(peek64(primary, i * bm as usize) as i64);
+            let lo4 = _mm256_and_si256(_mm256_srlv_epi64(w, sh_lo), pmask);
+            let hi4 = _mm256_and_si256(_mm256_srlv_epi64(w, sh_hi), pmask);
+            // lanes (k0, k4, k1, k5, ...) -> (k0, k1, ..., k7)
+            let k = _mm256_permutevar8x32_epi32(
+                _mm256_or_si256(lo4, _mm256_slli_epi64(hi4, 32)),
+                order,
+            );
+            let f = _mm256_cmpeq_epi32(_mm256_and_si256(k, one), one);
+            let m = _mm256_movemask_ps(_mm256_castsi256_ps(f)) as usize;
+            let idx = if m != 0 && ew > 0 {
+                let xv = _mm256_set1_epi32(peek64(extra, xpos) as u32 as i32);
+                let ranks =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(RANKS[m].as_ptr() as *const __m128i));
+                let e = _mm256_srlv_epi32(xv, _mm256_mullo_epi32(ranks, ew_v));
+                let e = _mm256_and_si256(_mm256_and_si256(e, emask), f);
+                xpos += (ew * m.count_ones()) as usize;
+                _mm256_or_si256(k, _mm256_sll_epi32(e, bm_x))
+            } else {
+                k
+            };
+            let v = _mm256_i32gather_ps::<4>(lut.as_ptr(), idx);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+            i += 8;
+        }
+        (n8, xpos)
+    }
 }
 
 /// Element types SmaQ encodes, each with its fastest code path.
 pub trait Codes: Element {
+    /// Codes packed in one pass, where a fused kernel exists (see [`encode_f32_fused`]).
+    fn encode_fused(
+        _x: &[Self],
+        _p: &Prep,
+        _primary: &mut [u8],
+        _extra: &mut BitWriter,
+    ) -> Option<Counts> {
+        None
+    }
+
     /// Codes of one chunk into `out` (same length).
     fn codes(x: &[Self], p: &Prep, out: &mut [u16]) -> Counts {
         codes_with(x, 0, p, z_f64::<Self>(p.mean, p.inv_std), out)
@@ -352,6 +619,14 @@ pub trait Codes: Element {
 impl Codes for f64 {}
 
 impl Codes for f32 {
+    fn encode_fused(
+        x: &[f32],
+        p: &Prep,
+        primary: &mut [u8],
+        extra: &mut BitWriter,
+    ) -> Option<Counts> {
+        encode_f32_fused(x, p, primary, extra)
+    }
     fn codes(x: &[f32], p: &Prep, out: &mut [u16]) -> Counts {
         if p.f32_ok {
             codes_f32(x, 0, p, out)
@@ -385,94 +660,131 @@ macro_rules! half_codes {
 half_codes!(f16);
 half_codes!(bf16);
 
-/// Packs codes into the chunk layout: primary stream then extra stream.
-pub fn pack(codes: &[u16], q: &Quant, outliers: u32) -> Vec<u8> {
-    let (bm, ew) = (q.bits_main, q.extra_bits());
-    let (pbytes, ebytes) = q.chunk_bytes(codes.len() as u64, outliers as u64);
-    let (pbytes, ebytes) = (pbytes as usize, ebytes as usize);
+/// Packs codes: the primary stream into `primary` (exactly ceil(len * bits_main / 8) bytes), the
+/// outliers' extra bits appended to `extra`.
+pub fn pack(codes: &[u16], q: &Quant, primary: &mut [u8], extra: &mut BitWriter) {
+    let bm = q.bits_main;
     let pmask = (1u64 << bm) - 1;
-    let mut extra = BitWriter::with_capacity_bits(outliers as usize * ew as usize);
-    // Appends one code's extra bits (main codes have none above bits_main: they add nothing).
-    let put_extra = |w: &mut BitWriter, code: u16| {
-        let f = code as u32 & 1;
-        w.put((code as u32 >> bm) * f, ew * f);
+    let groups = if bm <= 8 && q.extra_bits() <= 7 {
+        codes.len() / 8
+    } else {
+        0
     };
-    let mut out = Vec::with_capacity(pbytes + ebytes + 8);
-    let mut rest = codes;
-    if bm <= 8 && ew <= 7 {
-        // Eight codes fill exactly `bm` primary bytes and at most 56 extra bits.
-        let groups = codes.len() / 8;
-        out.resize(groups * bm as usize + 8, 0);
-        for (g, c) in codes.chunks_exact(8).enumerate() {
-            let (mut w, mut xw, mut xn) = (0u64, 0u64, 0u32);
-            for (j, &code) in c.iter().enumerate() {
-                let code = code as u64;
-                w |= (code & pmask) << (j as u32 * bm);
-                xw |= (code >> bm) << xn;
-                xn += ew * (code & 1) as u32;
-            }
-            let at = g * bm as usize;
-            out[at..at + 8].copy_from_slice(&w.to_le_bytes());
-            extra.put_wide(xw, xn);
+    // Eight codes fill exactly `bm` primary bytes and at most 56 extra bits.
+    for (g, c) in codes[..groups * 8].chunks_exact(8).enumerate() {
+        let (mut w, mut xw, mut xn) = (0u64, 0u64, 0u32);
+        for (j, &code) in c.iter().enumerate() {
+            let code = code as u64;
+            w |= (code & pmask) << (j as u32 * bm);
+            // Main codes have no bits above bits_main: they add nothing.
+            xw |= (code >> bm) << xn;
+            xn += q.extra_bits() * (code & 1) as u32;
         }
-        out.truncate(groups * bm as usize);
-        rest = &codes[groups * 8..];
+        let at = g * bm as usize;
+        primary[at..at + bm as usize].copy_from_slice(&w.to_le_bytes()[..bm as usize]);
+        extra.put_wide(xw, xn);
     }
-    let mut tail = BitWriter::with_capacity_bits(rest.len() * bm as usize);
-    for &code in rest {
-        tail.put((code as u64 & pmask) as u32, bm);
-        put_extra(&mut extra, code);
+    pack_tail(
+        &codes[groups * 8..],
+        q,
+        &mut primary[groups * bm as usize..],
+        extra,
+    );
+}
+
+/// Packs codes one at a time (any widths): primary bits into `primary`, extra bits to `extra`.
+fn pack_tail(codes: &[u16], q: &Quant, primary: &mut [u8], extra: &mut BitWriter) {
+    let (bm, ew) = (q.bits_main, q.extra_bits());
+    let mut t = BitWriter::with_capacity_bits(codes.len() * bm as usize);
+    for &code in codes {
+        let code = code as u32;
+        t.put(code & ((1 << bm) - 1), bm);
+        let f = code & 1;
+        extra.put((code >> bm) * f, ew * f);
     }
-    out.extend_from_slice(&tail.finish());
-    debug_assert_eq!(out.len(), pbytes);
-    debug_assert_eq!(extra.bit_len(), outliers as usize * ew as usize);
-    out.extend_from_slice(&extra.finish());
-    debug_assert_eq!(out.len(), pbytes + ebytes);
-    out
+    let bytes = t.finish();
+    primary[..bytes.len()].copy_from_slice(&bytes);
 }
 
 /// Decodes one chunk's primary and extra streams through `lut` (indexed by the full code).
 /// Returns the number of extra bits consumed, which the caller checks against the index.
-pub fn unpack<T: Copy>(primary: &[u8], extra: &[u8], q: &Quant, lut: &[T], out: &mut [T]) -> u64 {
+pub fn unpack<T: Copy + 'static>(
+    primary: &[u8],
+    extra: &[u8],
+    q: &Quant,
+    lut: &[T],
+    out: &mut [T],
+) -> u64 {
     let (bm, ew) = (q.bits_main, q.extra_bits());
+    #[cfg(target_arch = "x86_64")]
+    if bm <= 8
+        && ew <= 4
+        && has_avx2()
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+    {
+        // SAFETY: T is f32 (checked), so these are f32 slices; AVX2 is present.
+        let (lut32, out32) = unsafe {
+            (
+                std::slice::from_raw_parts(lut.as_ptr() as *const f32, lut.len()),
+                std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()),
+            )
+        };
+        let (done, xpos) = unsafe { avx2::unpack_f32(primary, extra, bm, ew, lut32, out32) };
+        return unpack_portable(primary, extra, q, lut, out, done, xpos);
+    }
+    unpack_portable(primary, extra, q, lut, out, 0, 0)
+}
+
+/// Portable decoding of `out[start..]` (`start` a multiple of 8), the extra stream being at bit
+/// `xpos`. Returns the extra stream position at the end.
+fn unpack_portable<T: Copy>(
+    primary: &[u8],
+    extra: &[u8],
+    q: &Quant,
+    lut: &[T],
+    out: &mut [T],
+    start: usize,
+    mut xpos: usize,
+) -> u64 {
+    debug_assert_eq!(start % 8, 0);
+    let (bm, ew) = (q.bits_main as usize, q.extra_bits() as usize);
     let pmask = (1u64 << bm) - 1;
     let emask = (1u64 << ew) - 1;
     let lmask = lut.len() - 1;
-    let mut xpos = 0usize;
+    let key = |k: u64, e: u64| (k | e << bm) as usize & lmask;
+    let out = &mut out[start..];
     let base = out.len() / 8 * 8;
     let mut groups = out.chunks_exact_mut(8);
-    if bm <= 8 && ew <= 7 {
-        for (g, dst) in (&mut groups).enumerate() {
-            let w = peek64(primary, g * 8 * bm as usize);
+    for (g, dst) in (&mut groups).enumerate() {
+        let at = (start + g * 8) * bm;
+        if bm <= 8 && ew <= 7 {
+            // One load per stream per group: 8 primary codes, and at most 56 extra bits.
+            let w = peek64(primary, at);
             let mut x = peek64(extra, xpos);
-            let start = xpos;
             for (j, o) in dst.iter_mut().enumerate() {
-                let k = (w >> (j as u32 * bm)) & pmask;
+                let k = (w >> (j * bm)) & pmask;
                 let f = k & 1;
                 let e = x & emask & f.wrapping_neg();
                 x >>= ew as u64 * f;
-                xpos += (ew as u64 * f) as usize;
-                *o = lut[(k | e << bm) as usize & lmask];
+                xpos += ew * f as usize;
+                *o = lut[key(k, e)];
             }
-            debug_assert!(xpos - start <= 56);
-        }
-    } else {
-        for (g, dst) in (&mut groups).enumerate() {
+        } else {
             for (j, o) in dst.iter_mut().enumerate() {
-                let k = peek64(primary, (g * 8 + j) * bm as usize) & pmask;
+                let k = peek64(primary, at + j * bm) & pmask;
                 let f = k & 1;
                 let e = peek64(extra, xpos) & emask & f.wrapping_neg();
-                xpos += (ew as u64 * f) as usize;
-                *o = lut[(k | e << bm) as usize & lmask];
+                xpos += ew * f as usize;
+                *o = lut[key(k, e)];
             }
         }
     }
     for (j, o) in groups.into_remainder().iter_mut().enumerate() {
-        let k = peek64(primary, (base + j) * bm as usize) & pmask;
+        let k = peek64(primary, (start + base + j) * bm) & pmask;
         let f = k & 1;
         let e = peek64(extra, xpos) & emask & f.wrapping_neg();
-        xpos += (ew as u64 * f) as usize;
-        *o = lut[(k | e << bm) as usize & lmask];
+        xpos += ew * f as usize;
+        *o = lut[key(k, e)];
     }
     xpos as u64
 }
@@ -492,6 +804,15 @@ pub fn table<T: Element>(q: &Quant, mean: f64, std: f64, all_positive: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Primary stream then extra stream of one chunk, as bytes.
+    fn pack_chunk(codes: &[u16], q: &Quant) -> Vec<u8> {
+        let mut primary = vec![0u8; q.chunk_bytes(codes.len() as u64, 0).0 as usize];
+        let mut extra = BitWriter::default();
+        pack(codes, q, &mut primary, &mut extra);
+        primary.extend_from_slice(&extra.finish());
+        primary
+    }
 
     fn prep(q: Quant, key: Option<u32>) -> Prep {
         Prep {
@@ -567,7 +888,7 @@ mod tests {
                 };
                 let mut codes = vec![0u16; z.len()];
                 let c = codes_f32(&z, 0, &p, &mut codes);
-                let bytes = pack(&codes, &q, c.outliers);
+                let bytes = pack_chunk(&codes, &q);
                 let (pb, eb) = q.chunk_bytes(z.len() as u64, c.outliers as u64);
                 assert_eq!(bytes.len() as u64, pb + eb);
                 let keys: Vec<u32> = (0..1u32 << bo).collect();
@@ -583,6 +904,42 @@ mod tests {
                 for (a, b) in codes.iter().zip(&back) {
                     assert_eq!(*a as u32, *b, "bm={bm} bo={bo}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_encode_and_simd_decode_match_portable() {
+        let mut x: Vec<f32> = (0..10_005)
+            .map(|i| ((i * 7919) % 2001) as f32 * 0.004 - 4.0)
+            .collect();
+        x[3] = f32::NAN;
+        x[10] = 0.0;
+        for (bm, bo) in [(6u8, 8u8), (4, 8), (8, 8), (3, 5), (5, 9)] {
+            let q = Quant::new(bm, bo, 1.0, 2.5);
+            for key in [None, Some(99)] {
+                let p = prep(q, key);
+                let mut codes = vec![0u16; x.len()];
+                let c = codes_f32(&x, 0, &p, &mut codes);
+                let bytes = pack_chunk(&codes, &q);
+                let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
+                let mut primary = vec![0u8; pb];
+                let mut extra = BitWriter::default();
+                if let Some(cf) = encode_f32_fused(&x, &p, &mut primary, &mut extra) {
+                    assert_eq!(cf, c);
+                    primary.extend_from_slice(&extra.finish());
+                    assert_eq!(primary, bytes, "bm={bm} bo={bo}");
+                }
+                let lut = table::<f32>(&q, p.mean, 1.0 / p.inv_std, false);
+                let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+                let ua = unpack(&bytes[..pb], &bytes[pb..], &q, &lut, &mut a);
+                let ub = unpack_portable(&bytes[..pb], &bytes[pb..], &q, &lut, &mut b, 0, 0);
+                assert_eq!(ua, ub);
+                assert_eq!(ua, c.outliers as u64 * q.extra_bits() as u64);
+                assert_eq!(
+                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
             }
         }
     }

@@ -23,7 +23,8 @@ use crate::rng::stream_key;
 use crate::stats::{mean_std, Sampling, Spread};
 mod kernel;
 
-use kernel::{Codes, Prep, Quant};
+use crate::bits::BitWriter;
+use kernel::{Codes, Counts, Prep, Quant};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,7 +86,9 @@ impl Default for SmaqConfig {
             bits_outlier: 8,
             t_main: 1.0,
             t_outlier: 2.5,
-            sampling: Sampling::Exact,
+            // SPEC.md: sampled statistics with a large k (4096) are the better default; they
+            // spare a full read pass over the tensor. `stats="exact"` reads every element.
+            sampling: Sampling::Sampled { k: 4096, seed: 0 },
             spread: Spread::Std,
             rounding: Rounding::Stochastic,
             seed: None,
@@ -105,7 +108,7 @@ impl SmaqConfig {
         let bits_outlier = r.int("bits_outlier", d.bits_outlier as i64, 3, 16)? as u8;
         let t_main = r.float("t_main", d.t_main as f64, 1e-3, 1e3)? as f32;
         let t_outlier = r.float("t_outlier", d.t_outlier as f64, 1e-3, 1e6)? as f32;
-        let stats = r.choice("stats", 0, &STATS)?;
+        let stats = r.choice("stats", 1, &STATS)?;
         let k = r.int("k", 4096, 1, u32::MAX as i64)? as u32;
         let seed = r.opt_u64("seed")?;
         let spread = [Spread::Std, Spread::Range][r.choice("std", 0, &STDS)?];
@@ -199,13 +202,12 @@ fn fresh_seed() -> u64 {
     z >> 1
 }
 
-/// Per-chunk result of encoding.
+/// Per-chunk result of encoding (its primary stream is written in place).
 struct ChunkOut {
-    bytes: Vec<u8>,
-    outliers: u32,
-    exceptions: u32,
-    clamped: u64,
-    nonfinite: u64,
+    extra: Vec<u8>,
+    exceptions: Vec<u8>,
+    counts: Counts,
+    n_exceptions: u32,
 }
 
 impl Encoder for SmaqConfig {
@@ -242,8 +244,9 @@ fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encode
         s => s,
     };
     let stats = crate::pool::install(|| mean_std(x, sampling, cfg.spread));
+    let q = cfg.quant();
     let prep = Prep {
-        q: cfg.quant(),
+        q,
         mean: stats.mean,
         inv_std: 1.0 / stats.std,
         key: None,
@@ -255,25 +258,47 @@ fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encode
         f32_ok: Prep::f32_safe(stats.mean, stats.std),
     };
     let stochastic = cfg.rounding == Rounding::Stochastic;
+    let cs = cfg.chunk_size as usize;
+    // The primary streams have known sizes: every chunk writes its own straight into the payload.
+    let prim: Vec<usize> = x
+        .chunks(cs)
+        .map(|c| q.chunk_bytes(c.len() as u64, 0).0 as usize)
+        .collect();
+    let mut payload = vec![0u8; prim.iter().sum()];
+    let mut slices = Vec::with_capacity(prim.len());
+    let mut rest = payload.as_mut_slice();
+    for &len in &prim {
+        let (head, tail) = rest.split_at_mut(len);
+        slices.push(head);
+        rest = tail;
+    }
     let chunks: Vec<ChunkOut> = crate::pool::install(|| {
-        x.par_chunks(cfg.chunk_size as usize)
+        x.par_chunks(cs)
+            .zip(slices)
             .enumerate()
-            .map_init(Vec::new, |codes, (ci, c)| {
+            .map_init(Vec::new, |codes, (ci, (c, primary))| {
                 let key = stochastic.then(|| stream_key(seed, ci as u64));
-                encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, codes)
+                encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, primary, codes)
             })
             .collect()
     });
     head.mean = stats.mean;
     head.std = stats.std;
     head.raw = false;
-    head.clamped = chunks.iter().map(|c| c.clamped).sum();
-    head.nonfinite = chunks.iter().map(|c| c.nonfinite).sum();
-    head.chunks = chunks.iter().map(|c| (c.outliers, c.exceptions)).collect();
-    let total: usize = chunks.iter().map(|c| c.bytes.len()).sum();
-    let mut payload = Vec::with_capacity(total);
+    head.clamped = chunks.iter().map(|c| c.counts.beyond as u64).sum();
+    if cfg.exact_outliers {
+        head.clamped = 0;
+    }
+    head.nonfinite = chunks.iter().map(|c| c.counts.nonfinite as u64).sum();
+    head.chunks = chunks
+        .iter()
+        .map(|c| (c.counts.outliers, c.n_exceptions))
+        .collect();
     for c in &chunks {
-        payload.extend_from_slice(&c.bytes);
+        payload.extend_from_slice(&c.extra);
+    }
+    for c in &chunks {
+        payload.extend_from_slice(&c.exceptions);
     }
     Ok(Encoded {
         meta: head.write(),
@@ -281,37 +306,44 @@ fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encode
     })
 }
 
-/// Encodes one chunk; `codes` is scratch space reused across the chunks of one worker.
+/// Encodes one chunk: primary stream into `primary`, the rest returned. `codes` is scratch space
+/// reused across the chunks of one worker.
 fn encode_chunk<T: Codes>(
     x: &[T],
     p: &Prep,
     exact_outliers: bool,
+    primary: &mut [u8],
     codes: &mut Vec<u16>,
 ) -> ChunkOut {
-    codes.resize(x.len(), 0);
-    let c = T::codes(x, p, codes);
-    let mut bytes = kernel::pack(codes, &p.q, c.outliers);
+    let mut extra = BitWriter::with_capacity_bits(x.len() / 2 * p.q.extra_bits() as usize);
+    let counts = match T::encode_fused(x, p, primary, &mut extra) {
+        Some(c) => c,
+        None => {
+            codes.resize(x.len(), 0);
+            let c = T::codes(x, p, codes);
+            kernel::pack(codes, &p.q, primary, &mut extra);
+            c
+        }
+    };
     // Exceptions: non-finite values always; values beyond t_outlier when asked to keep them.
-    let mut exceptions = 0u32;
-    if c.nonfinite > 0 || (exact_outliers && c.beyond > 0) {
+    let mut list = LeWriter(Vec::new());
+    let mut n_exceptions = 0u32;
+    if counts.nonfinite > 0 || (exact_outliers && counts.beyond > 0) {
         let zf = kernel::z_f64::<T>(p.mean, p.inv_std);
-        let mut list = LeWriter(Vec::new());
         for (i, &v) in x.iter().enumerate() {
             let (z, finite, zero) = zf(v);
             if !finite || (exact_outliers && !zero && z.abs() > p.q.t_outlier) {
                 list.u32(i as u32);
                 list.bytes(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
-                exceptions += 1;
+                n_exceptions += 1;
             }
         }
-        bytes.extend_from_slice(&list.0);
     }
     ChunkOut {
-        bytes,
-        outliers: c.outliers,
-        exceptions,
-        clamped: if exact_outliers { 0 } else { c.beyond as u64 },
-        nonfinite: c.nonfinite as u64,
+        extra: extra.finish(),
+        exceptions: list.0,
+        counts,
+        n_exceptions,
     }
 }
 
@@ -329,15 +361,14 @@ struct Header {
     chunks: Vec<(u32, u32)>,
 }
 
-/// Where one chunk's streams lie in the payload.
-#[derive(Debug, Clone, Copy)]
+/// Where one chunk's streams lie in the payload (byte ranges).
+#[derive(Debug, Clone)]
 struct Span {
-    offset: usize,
-    primary: usize,
-    extra: usize,
+    primary: std::ops::Range<usize>,
+    extra: std::ops::Range<usize>,
+    exceptions: std::ops::Range<usize>,
     /// Bits the extra stream must hold: outliers * (bits_outlier - bits_main).
     extra_bits: u64,
-    exceptions: usize,
 }
 
 /// A parsed, validated SmaQ header plus the chunk byte ranges it implies.
@@ -477,10 +508,10 @@ impl SmaqHeader {
             chunk_size,
         };
         let q = cfg.quant();
-        // Chunk byte spans, with every length checked against the payload.
+        // Chunk byte ranges: all primary streams, then all extra streams, then all exception
+        // lists. Sizes come from the index and are checked against the payload length.
         let esize = 4 + frame.dtype.size() as u64;
-        let mut spans = Vec::with_capacity(n_chunks);
-        let mut off = 0u64;
+        let mut sizes = Vec::with_capacity(n_chunks);
         for (ci, &(o, e)) in chunks.iter().enumerate() {
             let len = (frame.numel - ci as u64 * chunk_size as u64).min(chunk_size as u64);
             ensure_format!(
@@ -488,26 +519,40 @@ impl SmaqHeader {
                 "smaq: chunk {ci} claims {o} outliers and {e} exceptions among {len} values"
             );
             let (primary, extra) = q.chunk_bytes(len, o as u64);
-            let exc_bytes = e as u64 * esize;
-            spans.push(Span {
-                offset: off as usize,
-                primary: primary as usize,
-                extra: extra as usize,
-                extra_bits: o as u64 * q.extra_bits() as u64,
-                exceptions: exc_bytes as usize,
-            });
-            off += primary + extra + exc_bytes;
+            sizes.push((
+                primary,
+                extra,
+                e as u64 * esize,
+                o as u64 * q.extra_bits() as u64,
+            ));
         }
+        let total = |f: fn(&(u64, u64, u64, u64)) -> u64| sizes.iter().map(f).sum::<u64>();
+        let (ptotal, etotal, xtotal) = (total(|s| s.0), total(|s| s.1), total(|s| s.2));
         let expected = if raw {
             frame.numel * frame.dtype.size() as u64
         } else {
-            off
+            ptotal + etotal + xtotal
         };
         ensure_format!(
             frame.payload_len == expected,
             "smaq: payload is {} bytes, the header implies {expected}",
             frame.payload_len
         );
+        let (mut p, mut e, mut x) = (0usize, ptotal as usize, (ptotal + etotal) as usize);
+        let spans = sizes
+            .iter()
+            .map(|&(ps, es, xs, bits)| {
+                let (ps, es, xs) = (ps as usize, es as usize, xs as usize);
+                let span = Span {
+                    primary: p..p + ps,
+                    extra: e..e + es,
+                    exceptions: x..x + xs,
+                    extra_bits: bits,
+                };
+                (p, e, x) = (p + ps, e + es, x + xs);
+                span
+            })
+            .collect();
         let h = Header {
             cfg,
             mean,
@@ -538,9 +583,8 @@ impl SmaqHeader {
                 .zip(self.spans.par_iter())
                 .enumerate()
                 .try_for_each(|(ci, (dst, s))| {
-                    let chunk = &payload[s.offset..s.offset + s.primary + s.extra + s.exceptions];
-                    let (primary, rest) = chunk.split_at(s.primary);
-                    let (extra, exc) = rest.split_at(s.extra);
+                    let (primary, extra) = (&payload[s.primary.clone()], &payload[s.extra.clone()]);
+                    let exc = &payload[s.exceptions.clone()];
                     let used = kernel::unpack(primary, extra, &q, &lut, dst);
                     ensure_format!(
                         used == s.extra_bits,
