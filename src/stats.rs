@@ -190,18 +190,26 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
         .map(|v| v.to_f64())
         .find(|v| v.is_finite())
         .unwrap_or(0.0);
+    let exact = || {
+        x.par_chunks(1 << 16)
+            .map(|c| Moments::of(c, shift))
+            .reduce(|| Moments::EMPTY, Moments::merge)
+    };
     let m = match sampling {
         Sampling::Sampled { k, seed } if (k as usize) < x.len() => {
             let mut rng = SplitMix64::new(seed);
             let picks: Vec<T> = (0..k)
                 .map(|_| x[rng.below(x.len() as u64) as usize])
                 .collect();
-            Moments::of(&picks, shift)
+            let m = Moments::of(&picks, shift);
+            // Mostly non-finite draws say little about the rest: read everything instead.
+            if m.count < (k as u64).min(64) {
+                exact()
+            } else {
+                m
+            }
         }
-        _ => x
-            .par_chunks(1 << 16)
-            .map(|c| Moments::of(c, shift))
-            .reduce(|| Moments::EMPTY, Moments::merge),
+        _ => exact(),
     };
     finish(m, shift, spread)
 }
@@ -308,6 +316,15 @@ mod tests {
         assert_eq!(a, b);
         assert!((a.mean - e.mean).abs() < 0.05 * e.std);
         assert!((a.std - e.std).abs() < 0.05 * e.std);
+    }
+
+    #[test]
+    fn sampling_mostly_nan_falls_back_to_exact() {
+        let mut x = vec![f32::NAN; 100_000];
+        x[5] = 1.0;
+        x[6] = 3.0;
+        let s = mean_std(&x, Sampling::Sampled { k: 256, seed: 3 }, Spread::Std);
+        assert_eq!((s.mean, s.std, s.count), (2.0, 1.0, 2));
     }
 
     #[test]
