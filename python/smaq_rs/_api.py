@@ -197,6 +197,8 @@ def decompress(packed: Union[PackedTensor, bytes, bytearray, memoryview],
 
 
 def _decompress_into(packed: PackedTensor, out: ArrayLike) -> ArrayLike:
+    if not (_is_torch(out) or isinstance(out, np.ndarray)):
+        raise LayoutError(f"out must be a numpy.ndarray or torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != packed.shape:
         raise LayoutError(f"out has shape {tuple(out.shape)}, the tensor has {packed.shape}")
     if _is_torch(out):
@@ -205,7 +207,7 @@ def _decompress_into(packed: PackedTensor, out: ArrayLike) -> ArrayLike:
         view, _ = _torch_as_numpy(out, "out")
         packed._packed.decode_into(view)
         return out
-    if isinstance(out, np.ndarray):
+    else:
         want = np.uint16 if packed.dtype == "bfloat16" else _NUMPY_DTYPES[packed.dtype]
         if out.dtype != want:
             raise LayoutError(f"out has dtype {out.dtype}, expected {np.dtype(want).name}")
@@ -213,7 +215,6 @@ def _decompress_into(packed: PackedTensor, out: ArrayLike) -> ArrayLike:
             raise LayoutError("out must be a writable C-contiguous array")
         packed._packed.decode_into(out)
         return out
-    raise LayoutError(f"out must be a numpy.ndarray or torch.Tensor, got {type(out).__name__}")
 
 
 def codecs() -> List[Dict[str, Any]]:

@@ -40,6 +40,11 @@ pub struct Frame {
     pub payload_len: u64,
 }
 
+/// Builds a configured encoder from parameters.
+pub type EncoderFn = fn(&Params) -> Result<Box<dyn Encoder>>;
+/// Opens a decoder on one tensor's metadata.
+pub type DecoderFn = fn(meta: &[u8], frame: Frame) -> Result<Box<dyn Decoder>>;
+
 /// One registered codec.
 pub struct CodecInfo {
     /// Stable on-disk id (docs/FORMAT.md). Never reuse an id.
@@ -47,8 +52,8 @@ pub struct CodecInfo {
     pub name: &'static str,
     pub doc: &'static str,
     pub defaults: fn() -> Params,
-    pub encoder: fn(&Params) -> Result<Box<dyn Encoder>>,
-    pub decoder: fn(meta: &[u8], frame: Frame) -> Result<Box<dyn Decoder>>,
+    pub encoder: EncoderFn,
+    pub decoder: DecoderFn,
 }
 
 /// Every codec smaq_rs knows.

@@ -1,0 +1,90 @@
+"""SmaQ throughput beside its peers, measured in one run on the same tensor (`make bench`).
+
+    python benches/bench_smaq.py [--numel N] [--repeat R]
+
+Peers: a single-thread memcpy (numpy copy), torch's float32->float8_e4m3fn and float32->float16
+casts, and the SmaQ round trip written in plain torch from SPEC.md (smaq_rs.reference, what the
+research code did). Every ratio is the peer's time over smaq_rs's time for the same work (> 1: we
+are faster). Throughput is GB/s of float32 input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+import smaq_rs
+from smaq_rs.reference import smaq_roundtrip
+
+
+def best_time(fn, repeat: int) -> float:
+    fn()  # warm up (page faults, thread pools)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--numel", type=int, default=64 << 20, help="elements (default 64M)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--reference-repeat", type=int, default=2)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(args.numel, dtype=np.float32)
+    xt = torch.from_numpy(x)
+    gb = x.nbytes / 1e9
+
+    packed = smaq_rs.compress(x)
+    out = np.empty_like(x)
+    t_enc = best_time(lambda: smaq_rs.compress(x), args.repeat)
+    t_dec = best_time(lambda: smaq_rs.decompress(packed, out=out), args.repeat)
+    y = smaq_rs.decompress(packed)
+
+    copy_dst = np.empty_like(x)
+    torch.set_num_threads(torch.get_num_threads())
+    t_memcpy = best_time(lambda: np.copyto(copy_dst, x), args.repeat)
+    t_fp8 = best_time(lambda: xt.to(torch.float8_e4m3fn), args.repeat)
+    t_fp16 = best_time(lambda: xt.to(torch.float16), args.repeat)
+    gen = torch.Generator().manual_seed(0)
+    t_ref = best_time(lambda: smaq_roundtrip(xt, generator=gen), args.reference_repeat)
+    ref = smaq_roundtrip(xt, generator=gen).numpy()
+
+    def rel_rmse(a: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((a.astype(np.float64) - x) ** 2)) / x.std())
+
+    print(f"# SmaQ 6/8 on {args.numel:,} float32 N(0,1) values ({x.nbytes / 2**20:.0f} MiB)")
+    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, smaq_rs threads "
+          f"{smaq_rs.get_num_threads()}, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}; best of {args.repeat}")
+    print(f"# stored: {packed.nbytes:,} bytes = {packed.bits_per_value:.3f} bits/value, "
+          f"ratio {packed.ratio:.2f}x; rel. RMSE {rel_rmse(y):.4f} "
+          f"(plain-torch reference {rel_rmse(ref):.4f})")
+    rows = [
+        ("smaq_rs encode", t_enc, t_enc),
+        ("smaq_rs decode", t_dec, t_dec),
+        ("smaq_rs round trip", t_enc + t_dec, t_enc + t_dec),
+        ("memcpy (numpy, 1 thread)", t_memcpy, t_enc),
+        ("torch f32->float8_e4m3fn", t_fp8, t_enc),
+        ("torch f32->float16", t_fp16, t_enc),
+        ("plain-torch SmaQ round trip", t_ref, t_enc + t_dec),
+    ]
+    print(f"{'operation':30} {'ms':>9} {'GB/s':>7} {'peer/ours':>10}")
+    for name, t, ours in rows:
+        ratio = "" if name.startswith("smaq_rs") else f"{t / ours:9.2f}x"
+        print(f"{name:30} {t * 1e3:9.1f} {gb / t:7.2f} {ratio:>10}")
+    print("# peer/ours: the peer's time over smaq_rs's for the same work (encode for the casts and"
+          " memcpy, round trip for the reference); above 1 means smaq_rs is faster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Shared helpers for the tests (not a test module)."""
+
+import numpy as np
+
+
+def mantissa_bits(dtype) -> int:
+    return {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}[str(dtype).replace("torch.", "")]
+
+
+def smaq_bound(x64, y64, stats, params, out_dtype):
+    """Per-element error bound of SmaQ with nearest rounding, from the recorded statistics.
+
+    Main values: std / (2 r_main); outliers: std / (2 r_out); values beyond t_outlier were clamped,
+    so their bound grows with the distance. Plus half a unit in the last place of the output dtype.
+    """
+    bm, bo = params["bits_main"], params["bits_outlier"]
+    t_main, t_out = params["t_main"], params["t_outlier"]
+    r_main = (2 ** (bm - 2) - 1) / t_main
+    r_out = (2 ** (bo - 2) - 1) / (t_out - t_main)
+    mean, std = stats["mean"], stats["std"]
+    a = np.abs((x64 - mean) / std)
+    bound = np.where(a <= t_main, std / (2 * r_main), std / (2 * r_out))
+    bound = np.where(a > t_out, (a - t_out) * std + std / (2 * r_out), bound)
+    ulp = np.maximum(np.abs(y64), np.abs(x64)) * 2.0 ** -(mantissa_bits(out_dtype) + 1)
+    return bound * (1 + 1e-4) + ulp * 1.01 + 1e-30
