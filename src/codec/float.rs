@@ -623,6 +623,7 @@ impl FloatConfig {
         let width = fmt.width() as usize;
         let mut payload = vec![0u8; (x.len() * width).div_ceil(8)];
         let rounding = self.rounding;
+        let fast_f16 = self.kind == Kind::Fp16 && rounding == NEAREST && !self.saturate;
         crate::pool::install(|| {
             payload
                 .par_chunks_mut(CHUNK * width / 8)
@@ -649,7 +650,7 @@ impl FloatConfig {
                             }
                             None => f,
                         };
-                        write_codes(rounding, f, o, &plan, key, width)
+                        write_codes(rounding, f, o, &plan, key, width, fast_f16)
                     });
                 })
         });
@@ -661,16 +662,37 @@ impl FloatConfig {
 }
 
 /// Codes of one chunk into its bytes.
-fn write_codes(rounding: u8, f: &[f32], o: &mut [u8], plan: &Plan, key: u32, width: usize) {
+/// `fast_f16`: IEEE float16 with nearest-even rounding and overflow to Inf, which is exactly the
+/// hardware conversion (F16C `vcvtps2ph`, used by `half` when the CPU has it).
+fn write_codes(
+    rounding: u8,
+    f: &[f32],
+    o: &mut [u8],
+    plan: &Plan,
+    key: u32,
+    width: usize,
+    fast_f16: bool,
+) {
     match width {
         8 => codes_dyn::<u8>(rounding, f, o, plan, key),
-        16 => {
-            let mut tmp = vec![0u16; f.len()];
-            codes_dyn::<u16>(rounding, f, &mut tmp, plan, key);
-            for (d, s) in o.chunks_exact_mut(2).zip(&tmp) {
-                d.copy_from_slice(&s.to_le_bytes());
+        16 => match bytemuck::try_cast_slice_mut::<u8, u16>(o) {
+            // Little-endian target and an aligned chunk (the usual case): write codes in place.
+            Ok(o16) if cfg!(target_endian = "little") => {
+                if fast_f16 {
+                    let h: &mut [f16] = bytemuck::cast_slice_mut(o16);
+                    h.convert_from_f32_slice(f);
+                } else {
+                    codes_dyn::<u16>(rounding, f, o16, plan, key)
+                }
             }
-        }
+            _ => {
+                let mut tmp = vec![0u16; f.len()];
+                codes_dyn::<u16>(rounding, f, &mut tmp, plan, key);
+                for (d, s) in o.chunks_exact_mut(2).zip(&tmp) {
+                    d.copy_from_slice(&s.to_le_bytes());
+                }
+            }
+        },
         _ => {
             let mut tmp = vec![0u32; f.len()];
             codes_dyn::<u32>(rounding, f, &mut tmp, plan, key);

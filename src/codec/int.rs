@@ -300,6 +300,7 @@ struct Stats {
     sum_sq: f64,
     sum_abs: f64,
     count: u64,
+    nonfinite: u64,
 }
 
 impl Stats {
@@ -309,6 +310,7 @@ impl Stats {
         sum_sq: 0.0,
         sum_abs: 0.0,
         count: 0,
+        nonfinite: 0,
     };
     fn merge(self, o: Stats) -> Stats {
         Stats {
@@ -317,6 +319,7 @@ impl Stats {
             sum_sq: self.sum_sq + o.sum_sq,
             sum_abs: self.sum_abs + o.sum_abs,
             count: self.count + o.count,
+            nonfinite: self.nonfinite + o.nonfinite,
         }
     }
 }
@@ -326,6 +329,7 @@ impl Stats {
 fn stats_body(x: &[f32], moments: bool) -> Stats {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
+    let mut bad = [0u32; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
         for j in 0..8 {
@@ -333,15 +337,19 @@ fn stats_body(x: &[f32], moments: bool) -> Stats {
             let ok = v.abs() < f32::INFINITY;
             lo[j] = if ok && v < lo[j] { v } else { lo[j] };
             hi[j] = if ok && v > hi[j] { v } else { hi[j] };
+            bad[j] += !ok as u32;
         }
     }
     for &v in it.remainder() {
         if v.abs() < f32::INFINITY {
             lo[0] = lo[0].min(v);
             hi[0] = hi[0].max(v);
+        } else {
+            bad[0] += 1;
         }
     }
     let mut s = Stats::EMPTY;
+    s.nonfinite = bad.iter().map(|&b| b as u64).sum();
     for j in 0..8 {
         s.lo = s.lo.min(lo[j]);
         s.hi = s.hi.max(hi[j]);
@@ -642,6 +650,8 @@ impl IntConfig {
                     let key = stream_key(seed, ci as u64);
                     let i0 = (ci * ch) as u64;
                     let mut params = Vec::new();
+                    // Fused chunks know whether they hold NaN/Inf; others scan for them.
+                    let mut any_bad = global.is_some();
                     T::with_f32(c, |f| {
                         let mut tmp16 = if width == 8 {
                             Vec::new()
@@ -652,7 +662,9 @@ impl IntConfig {
                             let (lo, step) = match &global {
                                 Some(p) => p[g],
                                 None => {
-                                    let p = group_params(self, stats(&f[s..e], moments));
+                                    let st = stats(&f[s..e], moments);
+                                    any_bad |= st.nonfinite > 0;
+                                    let p = group_params(self, st);
                                     params.push(p);
                                     p
                                 }
@@ -688,7 +700,11 @@ impl IntConfig {
                         }
                     });
                     let mut exceptions = Vec::new();
-                    let n_exc = collect_exceptions(c, i0, &mut exceptions);
+                    let n_exc = if any_bad {
+                        collect_exceptions(c, i0, &mut exceptions)
+                    } else {
+                        0
+                    };
                     ChunkOut {
                         params,
                         exceptions,
