@@ -116,9 +116,8 @@ impl BdiConfig {
             Some(Param::Int(v)) => v.to_string(),
             _ => d.base_bits.clone(),
         };
-        let _ = r
-            .bool("base_bits", false)
-            .or_else(|_| Ok::<_, Error>(false));
+        // Mark the name as known (its value, a string, was read above).
+        let _ = r.bool("base_bits", false);
         let max_delta_bits = r.int("max_delta_bits", d.max_delta_bits as i64, 1, 16)? as u8;
         let zero_mask = r.choice("zero_mask", d.zero_mask as usize, &MASKS)? as u8;
         let configs = match p.get("configs") {
@@ -131,7 +130,7 @@ impl BdiConfig {
                 )))
             }
         };
-        let _ = r.bool("configs", false).or_else(|_| Ok::<_, Error>(false));
+        let _ = r.bool("configs", false);
         let seed = r.opt_u64("seed")?;
         r.finish()?;
         if scale_init >= bits - 1 {

@@ -267,8 +267,7 @@ impl Layout {
     /// The group of element `i` and where its run of same-group elements ends.
     #[inline]
     fn seg(&self, i: u64) -> (usize, u64) {
-        if self.run > 0 {
-            let g = i / self.run;
+        if let Some(g) = i.checked_div(self.run) {
             (g as usize, ((g + 1) * self.run).min(self.n))
         } else {
             let (r, c) = (i / self.row, i % self.row);
@@ -423,6 +422,7 @@ const NEAREST: u8 = 0;
 
 /// Codes of one run: v = (x - lo) / step + zp, clamped to [0, cmax], plus 1/2 or u, floored.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn quant_body<O: crate::codec::float::Code>(
     x: &[f32],
     out: &mut [O],
@@ -1053,7 +1053,7 @@ impl LuqConfig {
                             let u =
                                 (hash32(key ^ hash32(i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
                             let r = v.abs() * inv_eps; // in units of the smallest level
-                            let j = if !(r < f32::INFINITY) {
+                            let j = if !r.is_finite() {
                                 0
                             } else if r < 1.0 {
                                 (u < r) as u32 // prune to 0 or keep the smallest level
