@@ -212,7 +212,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['codec']} | {r['bits']:.3f} | {r['rel']:.2e} | {r['max']:.3g} | "
-            f"{r['enc']:.2f} | {r['dec']:.2f} |"
+            f"{r['enc']:.3g} | {r['dec']:.3g} |"
         )
     return "\n".join(lines)
 
