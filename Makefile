@@ -19,6 +19,7 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) benches/bench_smaq.py
+	$(PY) -m smaq_rs bench
 
 bench-rust:
 	cargo bench --bench kernels

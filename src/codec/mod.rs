@@ -3,6 +3,9 @@
 //!
 //! Adding a codec: one file here, one line in [`REGISTRY`], one fixture, one test file.
 
+pub mod bdi;
+pub mod float;
+pub mod int;
 pub mod params;
 pub mod smaq;
 
@@ -57,7 +60,18 @@ pub struct CodecInfo {
 }
 
 /// Every codec smaq_rs knows.
-pub static REGISTRY: &[&CodecInfo] = &[&smaq::INFO];
+pub static REGISTRY: &[&CodecInfo] = &[
+    &smaq::INFO,
+    &float::INFO_FP32,
+    &float::INFO_FP16,
+    &float::INFO_BF16,
+    &float::INFO_FP8,
+    &float::INFO_S2FP8,
+    &float::INFO_MANTISSA,
+    &int::INFO_INT,
+    &int::INFO_LUQ,
+    &bdi::INFO,
+];
 
 pub fn by_name(name: &str) -> Result<&'static CodecInfo> {
     REGISTRY

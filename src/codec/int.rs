@@ -1,0 +1,1388 @@
+//! Integer encoders (SPEC.md, "The quantizers of QML and QSparseProp"): `int` (int-N, N in
+//! 2..=16, affine min-max or symmetric absmax, per tensor / row / tile / block, nearest,
+//! stochastic or dithered rounding, optional SAWB clipping) and `luq` (logarithmic unbiased
+//! quantization for gradients).
+//!
+//! Payload of `int`: the per-group parameters (affine: f32 lo and f32 step; absmax: f32 step),
+//! then the N-bit codes in element order, LSB-first bit-packed (two 4-bit codes per byte, one
+//! 8-bit code per byte...), then the exception list. A group is the set of values sharing one
+//! scale: the tensor, a row of `row_size` values, a tile of `tile_rows` x `tile_cols` of the
+//! tensor seen as rows of `row_size`, or a run of `block_size` values.
+//!
+//! Decoding: affine x = lo + q * step; absmax x = (q - qmax) * step with qmax = 2^(N-1) - 1, so 0
+//! decodes to exactly 0. Rounding: `nearest` (half up in code space), `stochastic` (floor(v + u):
+//! unbiased), `dithered` (subtractive dither: the code is floor(v + u) as in stochastic rounding,
+//! and the decoder, which regenerates u from the stored seed, subtracts u - 1/2; the error is then
+//! uniform in +-step/2 and independent of the signal). Error bound per value, for values inside
+//! the group's range: step/2 (nearest, dithered) or step (stochastic).
+//!
+//! NaN and +-Inf are excluded from the statistics and kept bit-exact in the exception list
+//! (u64 index + the raw element): `n_exceptions` in `.stats`.
+//!
+//! The encoder sees a flat buffer: `row` and `tile` need `row_size` (the product of the trailing
+//! dimensions) given as a parameter.
+
+use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
+use crate::bits::{peek64, BitWriter};
+use crate::codec::float::{fresh_seed, ToF32};
+use crate::dtype::{Data, DataMut, Element};
+use crate::error::{ensure_format, Error, Result};
+use crate::le::{LeReader, LeWriter};
+use crate::rng::{hash32, stream_key};
+use rayon::prelude::*;
+
+pub const ID_INT: u16 = 8;
+pub const ID_LUQ: u16 = 9;
+
+/// Target values per parallel chunk.
+const CHUNK: usize = 1 << 16;
+
+const SCHEMES: [&str; 2] = ["affine", "absmax"];
+const GRANULARITIES: [&str; 4] = ["tensor", "row", "tile", "block"];
+const ROUNDINGS: [&str; 3] = ["nearest", "stochastic", "dithered"];
+const CLIPS: [&str; 2] = ["none", "sawb"];
+
+pub static INFO_INT: CodecInfo = CodecInfo {
+    id: ID_INT,
+    name: "int",
+    doc: "int-N (N in 2..=16) affine min-max or symmetric absmax, per tensor/row/tile/block, \
+          nearest/stochastic/dithered rounding, optional SAWB clipping; codes bit-packed.",
+    defaults: || IntConfig::default().to_params(),
+    encoder: |p| Ok(Box::new(IntConfig::from_params(p)?)),
+    decoder: |meta, frame| Ok(Box::new(IntHeader::parse(meta, frame)?)),
+};
+
+pub static INFO_LUQ: CodecInfo = CodecInfo {
+    id: ID_LUQ,
+    name: "luq",
+    doc: "LUQ logarithmic unbiased quantization (gradients): sign + (bits-1)-bit power-of-two \
+          level below max|x|, stochastic rounding and pruning; unbiased.",
+    defaults: || LuqConfig::default().to_params(),
+    encoder: |p| Ok(Box::new(LuqConfig::from_params(p)?)),
+    decoder: |meta, frame| Ok(Box::new(LuqHeader::parse(meta, frame)?)),
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Granularity {
+    Tensor = 0,
+    Row = 1,
+    Tile = 2,
+    Block = 3,
+}
+
+/// The configuration of the `int` codec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntConfig {
+    pub bits: u8,
+    pub absmax: bool,
+    pub granularity: Granularity,
+    pub block_size: u32,
+    pub row_size: u64,
+    pub tile_rows: u32,
+    pub tile_cols: u32,
+    /// 0 nearest, 1 stochastic, 2 dithered.
+    pub rounding: u8,
+    pub sawb: bool,
+    pub seed: Option<u64>,
+}
+
+impl Default for IntConfig {
+    fn default() -> Self {
+        IntConfig {
+            bits: 8,
+            absmax: false,
+            granularity: Granularity::Block,
+            block_size: 256,
+            row_size: 0,
+            tile_rows: 0,
+            tile_cols: 0,
+            rounding: 0,
+            sawb: false,
+            seed: None,
+        }
+    }
+}
+
+/// SAWB clip coefficients (c1, c2): alpha = c1 * sqrt(E[x^2]) - c2 * E|x| (Choi et al. 2018).
+fn sawb_coeffs(bits: u8) -> Option<(f64, f64)> {
+    match bits {
+        2 => Some((3.12, 2.064)),
+        3 => Some((7.509, 6.892)),
+        4 => Some((12.68, 12.80)),
+        5 => Some((17.74, 18.64)),
+        8 => Some((31.76, 35.04)),
+        _ => None,
+    }
+}
+
+impl IntConfig {
+    pub fn from_params(p: &Params) -> Result<Self> {
+        let d = Self::default();
+        let mut r = ParamReader::new("int", p);
+        let bits = r.int("bits", d.bits as i64, 2, 16)? as u8;
+        let absmax = r.choice("scheme", 0, &SCHEMES)? == 1;
+        let granularity = [
+            Granularity::Tensor,
+            Granularity::Row,
+            Granularity::Tile,
+            Granularity::Block,
+        ][r.choice("granularity", 3, &GRANULARITIES)?];
+        let block_size = r.int("block_size", d.block_size as i64, 8, 1 << 20)? as u32;
+        let row_size = r.int("row_size", 0, 0, i64::MAX)? as u64;
+        let tile_rows = r.int("tile_rows", 0, 0, u32::MAX as i64)? as u32;
+        let tile_cols = r.int("tile_cols", 0, 0, u32::MAX as i64)? as u32;
+        let rounding = r.choice("rounding", 0, &ROUNDINGS)? as u8;
+        let sawb = r.choice("clip", 0, &CLIPS)? == 1;
+        let seed = r.opt_u64("seed")?;
+        r.finish()?;
+        let bad = |m: String| Err(Error::Codec(format!("codec \"int\": {m}")));
+        if matches!(granularity, Granularity::Row | Granularity::Tile) && row_size == 0 {
+            return bad(format!(
+                "granularity {:?} needs row_size (the product of the trailing dimensions), a \
+                 positive integer",
+                GRANULARITIES[granularity as usize]
+            ));
+        }
+        if granularity == Granularity::Tile && (tile_rows == 0 || tile_cols == 0) {
+            return bad("granularity \"tile\" needs tile_rows and tile_cols >= 1".into());
+        }
+        if sawb && sawb_coeffs(bits).is_none() {
+            return bad(format!(
+                "clip=\"sawb\" has coefficients for bits in 2, 3, 4, 5, 8; got bits={bits}"
+            ));
+        }
+        Ok(IntConfig {
+            bits,
+            absmax,
+            granularity,
+            block_size,
+            row_size,
+            tile_rows,
+            tile_cols,
+            rounding,
+            sawb,
+            seed,
+        })
+    }
+
+    pub fn to_params(&self) -> Params {
+        let s = |v: &str| Param::Str(v.to_string());
+        [
+            ("bits", Param::Int(self.bits as i64)),
+            ("scheme", s(SCHEMES[self.absmax as usize])),
+            ("granularity", s(GRANULARITIES[self.granularity as usize])),
+            ("block_size", Param::Int(self.block_size as i64)),
+            ("row_size", Param::Int(self.row_size as i64)),
+            ("tile_rows", Param::Int(self.tile_rows as i64)),
+            ("tile_cols", Param::Int(self.tile_cols as i64)),
+            ("rounding", s(ROUNDINGS[self.rounding as usize])),
+            ("clip", s(CLIPS[self.sawb as usize])),
+            (
+                "seed",
+                self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Largest code.
+    fn cmax(&self) -> u32 {
+        if self.absmax {
+            2 * ((1u32 << (self.bits - 1)) - 1)
+        } else {
+            (1u32 << self.bits) - 1
+        }
+    }
+
+    fn zp(&self) -> f32 {
+        if self.absmax {
+            ((1u32 << (self.bits - 1)) - 1) as f32
+        } else {
+            0.0
+        }
+    }
+}
+
+/// How elements map to groups (shared by encoder and decoder).
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    n: u64,
+    /// Contiguous groups of this length (tensor, row, block), or 0 for tiles.
+    run: u64,
+    row: u64,
+    tr: u64,
+    tc: u64,
+    /// Values per parallel chunk (a multiple of 8, and of `run` where `run` is small).
+    chunk: u64,
+}
+
+impl Layout {
+    fn new(c: &IntConfig, n: u64) -> Self {
+        let run = match c.granularity {
+            Granularity::Tensor => n.max(1),
+            Granularity::Row => c.row_size,
+            Granularity::Block => c.block_size as u64,
+            Granularity::Tile => 0,
+        };
+        let chunk = if run > 0 && run <= CHUNK as u64 {
+            // A whole number of groups, and of 8 values.
+            let per = (CHUNK as u64).div_ceil(run);
+            let mut ch = per * run;
+            while ch % 8 != 0 {
+                ch += run;
+            }
+            ch
+        } else {
+            CHUNK as u64
+        };
+        Layout {
+            n,
+            run,
+            row: c.row_size.max(1),
+            tr: c.tile_rows.max(1) as u64,
+            tc: c.tile_cols.max(1) as u64,
+            chunk,
+        }
+    }
+
+    fn n_groups(&self) -> u64 {
+        if self.n == 0 {
+            0
+        } else if self.run > 0 {
+            self.n.div_ceil(self.run)
+        } else {
+            let rows = self.n.div_ceil(self.row);
+            rows.div_ceil(self.tr) * self.row.div_ceil(self.tc)
+        }
+    }
+
+    /// Groups align with chunks: each chunk can compute its own groups' statistics.
+    fn fused(&self) -> bool {
+        self.run > 0 && self.chunk % self.run == 0
+    }
+
+    /// The group of element `i` and where its run of same-group elements ends.
+    #[inline]
+    fn seg(&self, i: u64) -> (usize, u64) {
+        if let Some(g) = i.checked_div(self.run) {
+            (g as usize, ((g + 1) * self.run).min(self.n))
+        } else {
+            let (r, c) = (i / self.row, i % self.row);
+            let g = (r / self.tr) * self.row.div_ceil(self.tc) + c / self.tc;
+            let end_c = ((c / self.tc + 1) * self.tc).min(self.row);
+            (g as usize, (i - c + end_c).min(self.n))
+        }
+    }
+
+    /// Calls `f(group, local_start, local_end)` for the runs of one chunk starting at `i0`.
+    #[inline]
+    fn for_runs(&self, i0: u64, len: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let mut i = i0;
+        let end = i0 + len as u64;
+        while i < end {
+            let (g, e) = self.seg(i);
+            let e = e.min(end);
+            f(g, (i - i0) as usize, (e - i0) as usize);
+            i = e;
+        }
+    }
+}
+
+/// Statistics of one group over its finite values.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    lo: f32,
+    hi: f32,
+    sum_sq: f64,
+    sum_abs: f64,
+    count: u64,
+    nonfinite: u64,
+}
+
+impl Stats {
+    const EMPTY: Stats = Stats {
+        lo: f32::INFINITY,
+        hi: f32::NEG_INFINITY,
+        sum_sq: 0.0,
+        sum_abs: 0.0,
+        count: 0,
+        nonfinite: 0,
+    };
+    fn merge(self, o: Stats) -> Stats {
+        Stats {
+            lo: self.lo.min(o.lo),
+            hi: self.hi.max(o.hi),
+            sum_sq: self.sum_sq + o.sum_sq,
+            sum_abs: self.sum_abs + o.sum_abs,
+            count: self.count + o.count,
+            nonfinite: self.nonfinite + o.nonfinite,
+        }
+    }
+}
+
+/// Min and max of the finite values (8 lanes, so it vectorizes), and the moments SAWB needs.
+#[inline(always)]
+fn stats_body(x: &[f32], moments: bool) -> Stats {
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    let mut bad = [0u32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            let v = c[j];
+            let ok = v.abs() < f32::INFINITY;
+            lo[j] = if ok && v < lo[j] { v } else { lo[j] };
+            hi[j] = if ok && v > hi[j] { v } else { hi[j] };
+            bad[j] += !ok as u32;
+        }
+    }
+    for &v in it.remainder() {
+        if v.abs() < f32::INFINITY {
+            lo[0] = lo[0].min(v);
+            hi[0] = hi[0].max(v);
+        } else {
+            bad[0] += 1;
+        }
+    }
+    let mut s = Stats::EMPTY;
+    s.nonfinite = bad.iter().map(|&b| b as u64).sum();
+    for j in 0..8 {
+        s.lo = s.lo.min(lo[j]);
+        s.hi = s.hi.max(hi[j]);
+    }
+    if moments {
+        for &v in x {
+            if v.abs() < f32::INFINITY {
+                s.sum_sq += (v as f64) * (v as f64);
+                s.sum_abs += v.abs() as f64;
+                s.count += 1;
+            }
+        }
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn stats_avx2(x: &[f32], moments: bool) -> Stats {
+    stats_body(x, moments)
+}
+
+fn stats(x: &[f32], moments: bool) -> Stats {
+    #[cfg(target_arch = "x86_64")]
+    if crate::codec::float::has_avx2() {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        return unsafe { stats_avx2(x, moments) };
+    }
+    stats_body(x, moments)
+}
+
+/// Per-group (lo, step) from statistics.
+fn group_params(c: &IntConfig, s: Stats) -> (f32, f32) {
+    if s.lo > s.hi {
+        return (0.0, 0.0); // no finite value
+    }
+    let clip = if c.sawb && s.count > 0 {
+        let (c1, c2) = sawb_coeffs(c.bits).unwrap();
+        let n = s.count as f64;
+        let a = c1 * (s.sum_sq / n).sqrt() - c2 * (s.sum_abs / n);
+        (a > 0.0 && a.is_finite()).then_some(a as f32)
+    } else {
+        None
+    };
+    let cmax = c.cmax() as f32;
+    let step_of = |range: f32| {
+        let st = range / cmax;
+        if st.is_finite() && st > 0.0 {
+            st
+        } else {
+            0.0
+        }
+    };
+    if c.absmax {
+        let mut m = s.lo.abs().max(s.hi.abs());
+        if let Some(a) = clip {
+            m = m.min(a);
+        }
+        (0.0, step_of(2.0 * m))
+    } else {
+        let (mut lo, mut hi) = (s.lo, s.hi);
+        if let Some(a) = clip {
+            lo = lo.max(-a);
+            hi = hi.min(a).max(lo);
+        }
+        (lo, step_of(hi - lo))
+    }
+}
+
+const NEAREST: u8 = 0;
+
+/// Codes of one run: v = (x - lo) / step + zp, clamped to [0, cmax], plus 1/2 or u, floored.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn quant_body<O: crate::codec::float::Code>(
+    x: &[f32],
+    out: &mut [O],
+    a: f32,
+    b: f32,
+    cmax: f32,
+    stochastic: bool,
+    key: u32,
+    i0: u32,
+) {
+    if stochastic {
+        for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+            let u = (hash32(key ^ hash32(i0 + i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
+            let q = (v.mul_add(a, b)).max(0.0).min(cmax) + u;
+            *o = O::from_u32(q as i32 as u32);
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let q = (v.mul_add(a, b)).max(0.0).min(cmax) + 0.5;
+            *o = O::from_u32(q as i32 as u32);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quant_avx2<O: crate::codec::float::Code>(
+    x: &[f32],
+    out: &mut [O],
+    a: f32,
+    b: f32,
+    cmax: f32,
+    stochastic: bool,
+    key: u32,
+    i0: u32,
+) {
+    quant_body(x, out, a, b, cmax, stochastic, key, i0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn quant<O: crate::codec::float::Code>(
+    x: &[f32],
+    out: &mut [O],
+    a: f32,
+    b: f32,
+    cmax: f32,
+    stochastic: bool,
+    key: u32,
+    i0: u32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::codec::float::has_avx2() {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        return unsafe { quant_avx2(x, out, a, b, cmax, stochastic, key, i0) };
+    }
+    // Without FMA, mul_add is a slow libm call: use separate multiply and add.
+    let _ = (a, b);
+    quant_body(x, out, a, b, cmax, stochastic, key, i0)
+}
+
+/// Packs `codes` of `width` bits into `out` (exactly ceil(len * width / 8) bytes).
+pub(crate) fn pack_into(codes: &[u16], width: u32, out: &mut [u8]) {
+    match width {
+        16 => {
+            for (d, c) in out.chunks_exact_mut(2).zip(codes) {
+                d.copy_from_slice(&c.to_le_bytes());
+            }
+        }
+        4 => {
+            for (d, c) in out.iter_mut().zip(codes.chunks(2)) {
+                *d = (c[0] as u8) | ((*c.get(1).unwrap_or(&0) as u8) << 4);
+            }
+        }
+        2 => {
+            for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
+                let mut b = 0u8;
+                for (k, &v) in c.iter().enumerate() {
+                    b |= (v as u8) << (2 * k);
+                }
+                *d = b;
+            }
+        }
+        _ => {
+            let mut w = BitWriter::with_capacity_bits(codes.len() * width as usize);
+            for &c in codes {
+                w.put(c as u32, width);
+            }
+            out.copy_from_slice(&w.finish());
+        }
+    }
+}
+
+/// Unpacks `out.len()` codes of `width` bits.
+pub(crate) fn unpack(src: &[u8], width: u32, out: &mut [u32]) {
+    match width {
+        8 => {
+            for (o, &b) in out.iter_mut().zip(src) {
+                *o = b as u32;
+            }
+        }
+        16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = u16::from_le_bytes([b[0], b[1]]) as u32;
+            }
+        }
+        4 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = ((src[i / 2] >> (4 * (i % 2))) & 15) as u32;
+            }
+        }
+        _ => {
+            let mask = (1u64 << width) - 1;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = (peek64(src, i * width as usize) & mask) as u32;
+            }
+        }
+    }
+}
+
+/// NaN/Inf kept exactly: u64 index + the raw element, appended to `out`. Returns the count.
+pub(crate) fn collect_exceptions<T: Element>(x: &[T], base: u64, out: &mut Vec<u8>) -> u64 {
+    let mut n = 0;
+    for (i, v) in x.iter().enumerate() {
+        if !v.is_finite() {
+            out.extend_from_slice(&(base + i as u64).to_le_bytes());
+            out.extend_from_slice(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Bytes of `count` exceptions of `dsize`-byte elements, or a format error on overflow.
+pub(crate) fn exception_bytes(count: u64, dsize: usize, what: &str) -> Result<u64> {
+    count
+        .checked_mul(8 + dsize as u64)
+        .ok_or_else(|| Error::Format(format!("{what}: exception count {count} overflows")))
+}
+
+/// Writes the exceptions in `list` into `out`, checking indices are in range and increasing.
+pub(crate) fn apply_exceptions<T: Element>(list: &[u8], out: &mut [T], what: &str) -> Result<()> {
+    let esize = 8 + T::DTYPE.size();
+    let mut prev: Option<u64> = None;
+    for e in list.chunks_exact(esize) {
+        let i = u64::from_le_bytes(e[..8].try_into().unwrap());
+        ensure_format!(
+            i < out.len() as u64 && prev.is_none_or(|p| i > p),
+            "{what}: exception index {i} is out of order or out of range"
+        );
+        let mut raw = [0u8; 8];
+        raw[..esize - 8].copy_from_slice(&e[8..]);
+        out[i as usize] = T::from_bits_u64(u64::from_le_bytes(raw));
+        prev = Some(i);
+    }
+    Ok(())
+}
+
+impl Encoder for IntConfig {
+    fn encode(&self, x: Data<'_>) -> Result<Encoded> {
+        let seed = match (self.rounding, self.seed) {
+            (NEAREST, s) => s.unwrap_or(0),
+            (_, Some(s)) => s,
+            (_, None) => fresh_seed(),
+        };
+        crate::dispatch!(Data, x, |v| self.encode_typed(v, seed))
+    }
+}
+
+/// What one chunk produced.
+struct ChunkOut {
+    params: Vec<(f32, f32)>,
+    exceptions: Vec<u8>,
+    n_exc: u64,
+}
+
+impl IntConfig {
+    fn encode_typed<T: ToF32>(&self, x: &[T], seed: u64) -> Result<Encoded> {
+        let n = x.len() as u64;
+        if matches!(self.granularity, Granularity::Row | Granularity::Tile)
+            && n % self.row_size != 0
+        {
+            return Err(Error::Shape(format!(
+                "int: {n} elements are not a whole number of rows of row_size={}",
+                self.row_size
+            )));
+        }
+        let lay = Layout::new(self, n);
+        let width = self.bits as u32;
+        let ch = lay.chunk as usize;
+        let code_bytes = (x.len() * width as usize).div_ceil(8);
+        let mut codes = vec![0u8; code_bytes];
+        let (cmax, zp) = (self.cmax() as f32, self.zp());
+        let stochastic = self.rounding != NEAREST;
+        let moments = self.sawb;
+        // Group parameters: computed inside each chunk when groups align with chunks, else in a
+        // first pass over the whole tensor.
+        let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
+            let parts: Vec<Vec<(usize, Stats)>> = crate::pool::install(|| {
+                x.par_chunks(ch)
+                    .enumerate()
+                    .map(|(ci, c)| {
+                        T::with_f32(c, |f| {
+                            let mut v = Vec::new();
+                            lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
+                                v.push((g, stats(&f[s..e], moments)))
+                            });
+                            v
+                        })
+                    })
+                    .collect()
+            });
+            let mut st = vec![Stats::EMPTY; lay.n_groups() as usize];
+            for (g, s) in parts.into_iter().flatten() {
+                st[g] = st[g].merge(s);
+            }
+            st.into_iter().map(|s| group_params(self, s)).collect()
+        });
+        let outs: Vec<ChunkOut> = crate::pool::install(|| {
+            codes
+                .par_chunks_mut(ch * width as usize / 8)
+                .zip(x.par_chunks(ch))
+                .enumerate()
+                .map(|(ci, (o, c))| {
+                    let key = stream_key(seed, ci as u64);
+                    let i0 = (ci * ch) as u64;
+                    let mut params = Vec::new();
+                    // Fused chunks know whether they hold NaN/Inf; others scan for them.
+                    let mut any_bad = global.is_some();
+                    T::with_f32(c, |f| {
+                        let mut tmp16 = if width == 8 {
+                            Vec::new()
+                        } else {
+                            vec![0u16; f.len()]
+                        };
+                        lay.for_runs(i0, f.len(), |g, s, e| {
+                            let (lo, step) = match &global {
+                                Some(p) => p[g],
+                                None => {
+                                    let st = stats(&f[s..e], moments);
+                                    any_bad |= st.nonfinite > 0;
+                                    let p = group_params(self, st);
+                                    params.push(p);
+                                    p
+                                }
+                            };
+                            let a = if step > 0.0 { 1.0 / step } else { 0.0 };
+                            let b = zp - lo * a;
+                            if width == 8 {
+                                quant(
+                                    &f[s..e],
+                                    &mut o[s..e],
+                                    a,
+                                    b,
+                                    cmax,
+                                    stochastic,
+                                    key,
+                                    s as u32,
+                                );
+                            } else {
+                                quant(
+                                    &f[s..e],
+                                    &mut tmp16[s..e],
+                                    a,
+                                    b,
+                                    cmax,
+                                    stochastic,
+                                    key,
+                                    s as u32,
+                                );
+                            }
+                        });
+                        if width != 8 {
+                            pack_into(&tmp16, width, o);
+                        }
+                    });
+                    let mut exceptions = Vec::new();
+                    let n_exc = if any_bad {
+                        collect_exceptions(c, i0, &mut exceptions)
+                    } else {
+                        0
+                    };
+                    ChunkOut {
+                        params,
+                        exceptions,
+                        n_exc,
+                    }
+                })
+                .collect()
+        });
+        let params: Vec<(f32, f32)> = match global {
+            Some(p) => p,
+            None => outs.iter().flat_map(|o| o.params.iter().copied()).collect(),
+        };
+        let n_exc: u64 = outs.iter().map(|o| o.n_exc).sum();
+        let pbytes = if self.absmax { 4 } else { 8 };
+        let exc_len: usize = outs.iter().map(|o| o.exceptions.len()).sum();
+        let mut payload = LeWriter(Vec::with_capacity(
+            params.len() * pbytes + codes.len() + exc_len,
+        ));
+        for &(lo, step) in &params {
+            if !self.absmax {
+                payload.f32(lo);
+            }
+            payload.f32(step);
+        }
+        payload.bytes(&codes);
+        drop(codes);
+        for o in &outs {
+            payload.bytes(&o.exceptions);
+        }
+        let cfg = IntConfig {
+            seed: (self.rounding != NEAREST).then_some(seed),
+            ..self.clone()
+        };
+        let head = IntHead {
+            cfg,
+            chunk: lay.chunk,
+            n_groups: params.len() as u64,
+            n_exc,
+        };
+        Ok(Encoded {
+            meta: head.write(),
+            payload: payload.0,
+        })
+    }
+}
+
+/// `int` metadata.
+#[derive(Debug, Clone)]
+struct IntHead {
+    cfg: IntConfig,
+    chunk: u64,
+    n_groups: u64,
+    n_exc: u64,
+}
+
+impl IntHead {
+    fn write(&self) -> Vec<u8> {
+        let c = &self.cfg;
+        let mut w = LeWriter::default();
+        w.u8(c.bits)
+            .u8(c.absmax as u8)
+            .u8(c.granularity as u8)
+            .u8(c.rounding)
+            .u8(c.sawb as u8)
+            .bytes(&[0; 3]);
+        w.u32(c.block_size)
+            .u32(c.tile_rows)
+            .u32(c.tile_cols)
+            .u32(0)
+            .u64(c.row_size)
+            .u64(self.chunk)
+            .u64(c.seed.unwrap_or(0))
+            .u64(self.n_groups)
+            .u64(self.n_exc);
+        w.0
+    }
+}
+
+/// An `int` decoder opened on validated metadata.
+pub struct IntHeader {
+    h: IntHead,
+    lay: Layout,
+    numel: u64,
+    code_bytes: usize,
+}
+
+impl IntHeader {
+    fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
+        let mut r = LeReader::new(meta, "int header");
+        let bits = r.u8("bits")?;
+        let scheme = r.u8("scheme")?;
+        let gran = r.u8("granularity")?;
+        let rounding = r.u8("rounding")?;
+        let clip = r.u8("clip")?;
+        let reserved = r.take(3, "reserved")?;
+        let block_size = r.u32("block_size")?;
+        let tile_rows = r.u32("tile_rows")?;
+        let tile_cols = r.u32("tile_cols")?;
+        let reserved2 = r.u32("reserved")?;
+        let row_size = r.u64("row_size")?;
+        let chunk = r.u64("chunk")?;
+        let seed = r.u64("seed")?;
+        let n_groups = r.u64("group count")?;
+        let n_exc = r.u64("exception count")?;
+        r.finish()?;
+        ensure_format!((2..=16).contains(&bits), "int: bits {bits} not in 2..=16");
+        ensure_format!(scheme <= 1, "int: unknown scheme {scheme}");
+        ensure_format!(gran <= 3, "int: unknown granularity {gran}");
+        ensure_format!(rounding <= 2, "int: unknown rounding {rounding}");
+        ensure_format!(clip <= 1, "int: unknown clip {clip}");
+        ensure_format!(
+            reserved == [0, 0, 0] && reserved2 == 0,
+            "int: reserved bytes are not zero"
+        );
+        let granularity = [
+            Granularity::Tensor,
+            Granularity::Row,
+            Granularity::Tile,
+            Granularity::Block,
+        ][gran as usize];
+        ensure_format!(
+            block_size >= 1 || granularity != Granularity::Block,
+            "int: block_size is 0"
+        );
+        ensure_format!(
+            !matches!(granularity, Granularity::Row | Granularity::Tile)
+                || (row_size >= 1 && frame.numel % row_size == 0),
+            "int: row_size {row_size} does not divide {} elements",
+            frame.numel
+        );
+        ensure_format!(
+            granularity != Granularity::Tile || (tile_rows >= 1 && tile_cols >= 1),
+            "int: tile dims {tile_rows} x {tile_cols} are invalid"
+        );
+        let cfg = IntConfig {
+            bits,
+            absmax: scheme == 1,
+            granularity,
+            block_size,
+            row_size,
+            tile_rows,
+            tile_cols,
+            rounding,
+            sawb: clip == 1,
+            seed: (rounding != NEAREST).then_some(seed),
+        };
+        let lay = Layout::new(&cfg, frame.numel);
+        ensure_format!(
+            chunk == lay.chunk,
+            "int: chunk length {chunk}, this layout uses {}",
+            lay.chunk
+        );
+        ensure_format!(
+            n_groups == lay.n_groups(),
+            "int: header has {n_groups} groups, the layout has {}",
+            lay.n_groups()
+        );
+        ensure_format!(
+            n_exc <= frame.numel,
+            "int: {n_exc} exceptions among {} values",
+            frame.numel
+        );
+        let pbytes = if cfg.absmax { 4 } else { 8 };
+        let code_bytes = frame.numel.saturating_mul(bits as u64).div_ceil(8);
+        let expected = n_groups
+            .checked_mul(pbytes)
+            .and_then(|v| v.checked_add(code_bytes))
+            .and_then(|v| v.checked_add(exception_bytes(n_exc, frame.dtype.size(), "int").ok()?));
+        ensure_format!(
+            expected == Some(frame.payload_len),
+            "int: payload is {} bytes, the header implies {expected:?}",
+            frame.payload_len
+        );
+        Ok(IntHeader {
+            h: IntHead {
+                cfg,
+                chunk,
+                n_groups,
+                n_exc,
+            },
+            lay,
+            numel: frame.numel,
+            code_bytes: code_bytes as usize,
+        })
+    }
+
+    fn decode_typed<T: ToF32>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
+        let c = &self.h.cfg;
+        let pbytes = if c.absmax { 4 } else { 8 };
+        let ng = self.h.n_groups as usize;
+        let (pp, rest) = payload.split_at(ng * pbytes);
+        let (codes, exc) = rest.split_at(self.code_bytes);
+        let mut r = LeReader::new(pp, "int group parameters");
+        let mut params = Vec::with_capacity(ng);
+        for _ in 0..ng {
+            let lo = if c.absmax { 0.0 } else { r.f32("lo")? };
+            let step = r.f32("step")?;
+            ensure_format!(
+                lo.is_finite() && step.is_finite() && step >= 0.0,
+                "int: group parameters lo={lo}, step={step} are invalid"
+            );
+            params.push((lo, step));
+        }
+        let width = c.bits as u32;
+        let ch = self.lay.chunk as usize;
+        let zp = c.zp();
+        let dithered = c.rounding == 2;
+        let seed = c.seed.unwrap_or(0);
+        crate::pool::install(|| {
+            out.par_chunks_mut(ch)
+                .zip(codes.par_chunks(ch * width as usize / 8))
+                .enumerate()
+                .for_each(|(ci, (dst, src))| {
+                    let key = stream_key(seed, ci as u64);
+                    let mut q = vec![0u32; dst.len()];
+                    unpack(src, width, &mut q);
+                    let mut f = vec![0f32; dst.len()];
+                    self.lay.for_runs((ci * ch) as u64, dst.len(), |g, s, e| {
+                        let (lo, step) = params[g];
+                        for i in s..e {
+                            let mut v = q[i] as f32 - zp;
+                            if dithered {
+                                let u = (hash32(key ^ hash32(i as u32)) >> 8) as f32
+                                    * (1.0 / 16_777_216.0);
+                                v -= u - 0.5;
+                            }
+                            f[i] = v * step + lo;
+                        }
+                    });
+                    T::from_f32_slice(&f, dst);
+                })
+        });
+        apply_exceptions(exc, out, "int")
+    }
+}
+
+impl Decoder for IntHeader {
+    fn params(&self) -> Params {
+        self.h.cfg.to_params()
+    }
+    fn info(&self) -> Params {
+        [
+            ("n_groups", Param::Int(self.h.n_groups as i64)),
+            ("n_exceptions", Param::Int(self.h.n_exc as i64)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+    fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
+        if out.len() as u64 != self.numel {
+            return Err(Error::Shape(format!(
+                "output buffer has {} elements, the tensor has {}",
+                out.len(),
+                self.numel
+            )));
+        }
+        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LUQ
+
+/// The configuration of the `luq` codec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LuqConfig {
+    pub bits: u8,
+    pub seed: Option<u64>,
+}
+
+impl Default for LuqConfig {
+    fn default() -> Self {
+        LuqConfig {
+            bits: 4,
+            seed: None,
+        }
+    }
+}
+
+impl LuqConfig {
+    pub fn from_params(p: &Params) -> Result<Self> {
+        let mut r = ParamReader::new("luq", p);
+        let bits = r.int("bits", 4, 2, 8)? as u8;
+        let seed = r.opt_u64("seed")?;
+        r.finish()?;
+        Ok(LuqConfig { bits, seed })
+    }
+    pub fn to_params(&self) -> Params {
+        [
+            ("bits", Param::Int(self.bits as i64)),
+            (
+                "seed",
+                self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+    /// Number of non-zero levels.
+    fn levels(bits: u8) -> u32 {
+        (1 << (bits - 1)) - 1
+    }
+}
+
+impl Encoder for LuqConfig {
+    fn encode(&self, x: Data<'_>) -> Result<Encoded> {
+        let seed = self.seed.unwrap_or_else(fresh_seed);
+        crate::dispatch!(Data, x, |v| self.encode_typed(v, seed))
+    }
+}
+
+impl LuqConfig {
+    fn encode_typed<T: ToF32>(&self, x: &[T], seed: u64) -> Result<Encoded> {
+        let alpha = crate::pool::install(|| {
+            x.par_chunks(CHUNK)
+                .map(|c| T::with_f32(c, |f| stats(f, false)))
+                .reduce(|| Stats::EMPTY, Stats::merge)
+        });
+        let alpha = if alpha.lo <= alpha.hi {
+            alpha.lo.abs().max(alpha.hi.abs())
+        } else {
+            0.0
+        };
+        let levels = Self::levels(self.bits);
+        // Smallest level: alpha * 2^(1 - levels).
+        let eps = alpha * 2f32.powi(1 - levels as i32);
+        let inv_eps = if eps > 0.0 && eps.is_finite() {
+            1.0 / eps
+        } else {
+            0.0
+        };
+        let width = self.bits as usize;
+        let mut codes = vec![0u8; (x.len() * width).div_ceil(8)];
+        let outs: Vec<(Vec<u8>, u64)> = crate::pool::install(|| {
+            codes
+                .par_chunks_mut(CHUNK * width / 8)
+                .zip(x.par_chunks(CHUNK))
+                .enumerate()
+                .map(|(ci, (o, c))| {
+                    let key = stream_key(seed, ci as u64);
+                    T::with_f32(c, |f| {
+                        let mut q = vec![0u16; f.len()];
+                        for (i, (d, &v)) in q.iter_mut().zip(f).enumerate() {
+                            let u =
+                                (hash32(key ^ hash32(i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
+                            let r = v.abs() * inv_eps; // in units of the smallest level
+                            let j = if !r.is_finite() {
+                                0
+                            } else if r < 1.0 {
+                                (u < r) as u32 // prune to 0 or keep the smallest level
+                            } else {
+                                let e = (r.to_bits() >> 23) as i32 - 127; // floor(log2 r)
+                                let frac =
+                                    f32::from_bits((r.to_bits() & 0x007f_ffff) | 0x3f80_0000) - 1.0;
+                                (e as u32 + 1 + (u < frac) as u32).min(levels)
+                            };
+                            let sign = (v.is_sign_negative() && j > 0) as u32;
+                            *d = ((sign << (width - 1)) | j) as u16;
+                        }
+                        pack_into(&q, width as u32, o);
+                    });
+                    let mut exc = Vec::new();
+                    let n = collect_exceptions(c, (ci * CHUNK) as u64, &mut exc);
+                    (exc, n)
+                })
+                .collect()
+        });
+        let n_exc: u64 = outs.iter().map(|o| o.1).sum();
+        let mut meta = LeWriter::default();
+        meta.u8(self.bits)
+            .bytes(&[0; 3])
+            .f32(alpha)
+            .u64(seed)
+            .u64(n_exc);
+        let mut payload = codes;
+        for (e, _) in &outs {
+            payload.extend_from_slice(e);
+        }
+        Ok(Encoded {
+            meta: meta.0,
+            payload,
+        })
+    }
+}
+
+/// A `luq` decoder.
+pub struct LuqHeader {
+    bits: u8,
+    alpha: f32,
+    seed: u64,
+    n_exc: u64,
+    numel: u64,
+    code_bytes: usize,
+}
+
+impl LuqHeader {
+    fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
+        let mut r = LeReader::new(meta, "luq header");
+        let bits = r.u8("bits")?;
+        let reserved = r.take(3, "reserved")?;
+        let alpha = r.f32("alpha")?;
+        let seed = r.u64("seed")?;
+        let n_exc = r.u64("exception count")?;
+        r.finish()?;
+        ensure_format!((2..=8).contains(&bits), "luq: bits {bits} not in 2..=8");
+        ensure_format!(reserved == [0, 0, 0], "luq: reserved bytes are not zero");
+        ensure_format!(
+            alpha.is_finite() && alpha >= 0.0,
+            "luq: alpha {alpha} is invalid"
+        );
+        ensure_format!(
+            n_exc <= frame.numel,
+            "luq: {n_exc} exceptions among {} values",
+            frame.numel
+        );
+        let code_bytes = frame.numel.saturating_mul(bits as u64).div_ceil(8);
+        let expected = code_bytes.checked_add(exception_bytes(n_exc, frame.dtype.size(), "luq")?);
+        ensure_format!(
+            expected == Some(frame.payload_len),
+            "luq: payload is {} bytes, the header implies {expected:?}",
+            frame.payload_len
+        );
+        Ok(LuqHeader {
+            bits,
+            alpha,
+            seed,
+            n_exc,
+            numel: frame.numel,
+            code_bytes: code_bytes as usize,
+        })
+    }
+
+    fn decode_typed<T: ToF32>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
+        let (codes, exc) = payload.split_at(self.code_bytes);
+        let width = self.bits as u32;
+        let levels = LuqConfig::levels(self.bits);
+        let table: Vec<f32> = (0..1u32 << width)
+            .map(|c| {
+                let j = c & ((1 << (width - 1)) - 1);
+                let v = if j == 0 || j > levels {
+                    0.0
+                } else {
+                    self.alpha * 2f32.powi(j as i32 - levels as i32)
+                };
+                if c >> (width - 1) == 1 {
+                    -v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        crate::pool::install(|| {
+            out.par_chunks_mut(CHUNK)
+                .zip(codes.par_chunks(CHUNK * width as usize / 8))
+                .for_each(|(dst, src)| {
+                    let mut q = vec![0u32; dst.len()];
+                    unpack(src, width, &mut q);
+                    let f: Vec<f32> = q.iter().map(|&c| table[c as usize]).collect();
+                    T::from_f32_slice(&f, dst);
+                })
+        });
+        apply_exceptions(exc, out, "luq")
+    }
+}
+
+impl Decoder for LuqHeader {
+    fn params(&self) -> Params {
+        LuqConfig {
+            bits: self.bits,
+            seed: Some(self.seed),
+        }
+        .to_params()
+    }
+    fn info(&self) -> Params {
+        [
+            ("alpha", Param::Float(self.alpha as f64)),
+            ("n_exceptions", Param::Int(self.n_exc as i64)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+    fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
+        if out.len() as u64 != self.numel {
+            return Err(Error::Shape(format!(
+                "output buffer has {} elements, the tensor has {}",
+                out.len(),
+                self.numel
+            )));
+        }
+        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    fn normal(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::SplitMix64::new(seed);
+        let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (0..n)
+            .map(|_| {
+                let (a, b) = (u().max(1e-300), u());
+                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+            })
+            .collect()
+    }
+
+    fn params(kv: &[(&str, Param)]) -> Params {
+        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    fn rt(info: &CodecInfo, p: &Params, x: &[f32]) -> (Vec<f32>, Box<dyn Decoder>, usize) {
+        let enc = (info.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
+        let frame = Frame {
+            dtype: DType::F32,
+            numel: x.len() as u64,
+            payload_len: enc.payload.len() as u64,
+        };
+        let d = (info.decoder)(&enc.meta, frame).unwrap();
+        let mut out = vec![0f32; x.len()];
+        d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
+        (out, d, enc.payload.len())
+    }
+
+    #[test]
+    fn int8_block_nearest_within_half_step() {
+        let x = normal(100_003, 1);
+        for (absmax, bs) in [(false, 64), (true, 256), (false, 4096), (true, 1000)] {
+            let p = params(&[
+                ("block_size", Param::Int(bs)),
+                ("scheme", Param::Str(SCHEMES[absmax as usize].into())),
+            ]);
+            let (y, _, len) = rt(&INFO_INT, &p, &x);
+            let groups = x.len().div_ceil(bs as usize);
+            assert_eq!(len, groups * if absmax { 4 } else { 8 } + x.len());
+            for (g, (a, b)) in x.chunks(bs as usize).zip(y.chunks(bs as usize)).enumerate() {
+                let lo = a.iter().cloned().fold(f32::INFINITY, f32::min);
+                let hi = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let step = if absmax {
+                    2.0 * lo.abs().max(hi.abs()) / 254.0
+                } else {
+                    (hi - lo) / 255.0
+                };
+                for (u, v) in a.iter().zip(b) {
+                    assert!(
+                        (u - v).abs() <= step * 0.5001 + 1e-7,
+                        "group {g}: {u} -> {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_width_and_granularity() {
+        let x = normal(12 * 50, 2);
+        for bits in 2..=16i64 {
+            for (g, extra) in [
+                ("tensor", vec![]),
+                ("row", vec![("row_size", Param::Int(50))]),
+                (
+                    "tile",
+                    vec![
+                        ("row_size", Param::Int(50)),
+                        ("tile_rows", Param::Int(5)),
+                        ("tile_cols", Param::Int(16)),
+                    ],
+                ),
+                ("block", vec![("block_size", Param::Int(64))]),
+            ] {
+                for rounding in ROUNDINGS {
+                    let mut kv = vec![
+                        ("bits", Param::Int(bits)),
+                        ("granularity", Param::Str(g.into())),
+                        ("rounding", Param::Str(rounding.into())),
+                        ("seed", Param::Int(1)),
+                    ];
+                    kv.extend(extra.clone());
+                    let (y, d, _) = rt(&INFO_INT, &params(&kv), &x);
+                    let ng = match d.info()["n_groups"] {
+                        Param::Int(v) => v,
+                        _ => unreachable!(),
+                    };
+                    let range = 8.0f32; // covers all of x
+                    let step = range / ((1u32 << bits) - 1) as f32;
+                    let tol = if rounding == "stochastic" { 1.0 } else { 0.5 } * step * 1.001;
+                    assert!(ng >= 1);
+                    for (a, b) in x.iter().zip(&y) {
+                        assert!(
+                            (a - b).abs() <= tol + 4e-6,
+                            "{bits} {g} {rounding}: {a} -> {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stochastic_is_unbiased_and_dither_is_uniform() {
+        let x = vec![0.3f32; 1 << 16];
+        let mut x2 = x.clone();
+        x2[0] = 0.0;
+        x2[1] = 1.0;
+        for rounding in ["stochastic", "dithered"] {
+            let p = params(&[
+                ("bits", Param::Int(2)),
+                ("granularity", Param::Str("tensor".into())),
+                ("rounding", Param::Str(rounding.into())),
+                ("seed", Param::Int(5)),
+            ]);
+            let (y, _, _) = rt(&INFO_INT, &p, &x2);
+            let mean = y[2..].iter().map(|&v| v as f64).sum::<f64>() / (y.len() - 2) as f64;
+            assert!((mean - 0.3).abs() < 3e-3, "{rounding}: mean {mean}");
+        }
+    }
+
+    #[test]
+    fn nonfinite_and_constant() {
+        let mut x = vec![2.5f32; 1000];
+        x[3] = f32::NAN;
+        x[500] = f32::NEG_INFINITY;
+        let (y, d, _) = rt(&INFO_INT, &Params::new(), &x);
+        assert!(y[3].is_nan());
+        assert_eq!(y[500], f32::NEG_INFINITY);
+        assert!(y
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| i == 3 || i == 500 || v == 2.5));
+        assert_eq!(d.info()["n_exceptions"], Param::Int(2));
+        let (y, _, _) = rt(&INFO_INT, &Params::new(), &[]);
+        assert!(y.is_empty());
+    }
+
+    #[test]
+    fn absmax_keeps_zero() {
+        let mut x = normal(4096, 3);
+        x[7] = 0.0;
+        let p = params(&[
+            ("scheme", Param::Str("absmax".into())),
+            ("bits", Param::Int(4)),
+        ]);
+        let (y, _, len) = rt(&INFO_INT, &p, &x);
+        assert_eq!(y[7], 0.0);
+        assert_eq!(len, 16 * 4 + 4096 / 2);
+    }
+
+    #[test]
+    fn sawb_clips() {
+        let mut x = normal(10_000, 4);
+        x[0] = 100.0;
+        let p = params(&[
+            ("scheme", Param::Str("absmax".into())),
+            ("bits", Param::Int(4)),
+            ("granularity", Param::Str("tensor".into())),
+            ("clip", Param::Str("sawb".into())),
+        ]);
+        let (y, _, _) = rt(&INFO_INT, &p, &x);
+        assert!(y[0] < 10.0, "clipped to alpha: {}", y[0]);
+    }
+
+    #[test]
+    fn luq_is_unbiased_and_on_levels() {
+        let mut x: Vec<f32> = vec![0.013; 1 << 16];
+        x[0] = 1.0;
+        let p = params(&[("bits", Param::Int(4)), ("seed", Param::Int(2))]);
+        let (y, _, len) = rt(&INFO_LUQ, &p, &x);
+        assert_eq!(len, x.len() / 2);
+        let levels: Vec<f32> = (0..8)
+            .map(|j| if j == 0 { 0.0 } else { 2f32.powi(j - 7) })
+            .collect();
+        assert!(y.iter().all(|v| levels.contains(v)));
+        let mean = y[1..].iter().map(|&v| v as f64).sum::<f64>() / (y.len() - 1) as f64;
+        assert!((mean - 0.013).abs() < 3e-4, "mean {mean}");
+    }
+}
