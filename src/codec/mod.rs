@@ -3,6 +3,7 @@
 //!
 //! Adding a codec: one file here, one line in [`REGISTRY`], one fixture, one test file.
 
+pub mod lossless;
 pub mod params;
 pub mod smaq;
 
@@ -52,7 +53,7 @@ pub struct CodecInfo {
 }
 
 /// Every codec smaq_rs knows.
-pub static REGISTRY: &[&CodecInfo] = &[&smaq::INFO];
+pub static REGISTRY: &[&CodecInfo] = &[&smaq::INFO, &lossless::INFO];
 
 pub fn by_name(name: &str) -> Result<&'static CodecInfo> {
     REGISTRY
