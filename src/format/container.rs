@@ -442,14 +442,18 @@ pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> 
                     spec.dtype.name()
                 ))
             })?;
-            let aligned;
-            let words: &[u8] = if (raw.as_ptr() as usize) % 8 == 0 {
+            let mut copy: Vec<u64> = Vec::new();
+            let words: &[u8] = if (raw.as_ptr() as usize) % dt.size() == 0 {
                 raw
             } else {
-                aligned = raw.to_vec(); // the allocator aligns; a misaligned view is rare
-                &aligned
+                // A view at an odd offset (rare): copy into an 8-byte-aligned buffer.
+                copy.resize(raw.len().div_ceil(8), 0);
+                let b: &mut [u8] = bytemuck::cast_slice_mut(&mut copy);
+                b[..raw.len()].copy_from_slice(raw);
+                &bytemuck::cast_slice::<u64, u8>(&copy)[..raw.len()]
             };
             let data = match dt {
+                _ if raw.is_empty() => Data::empty(dt),
                 DType::F32 => Data::F32(bytemuck::cast_slice(words)),
                 DType::F16 => Data::F16(bytemuck::cast_slice(words)),
                 DType::BF16 => Data::BF16(bytemuck::cast_slice(words)),
@@ -458,6 +462,21 @@ pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> 
             let p = Packed::encode(data, &spec.shape, name, params)?;
             let id = codec::by_name(p.codec_name())?.id;
             Ok((ENC_PACKED, id, p.into_bytes()))
+        }
+    }
+}
+
+trait EmptyData {
+    fn empty(dt: DType) -> Self;
+}
+
+impl EmptyData for Data<'static> {
+    fn empty(dt: DType) -> Self {
+        match dt {
+            DType::F32 => Data::F32(&[]),
+            DType::F16 => Data::F16(&[]),
+            DType::BF16 => Data::BF16(&[]),
+            DType::F64 => Data::F64(&[]),
         }
     }
 }
