@@ -106,6 +106,18 @@ fn split<T: Element>(x: &[T], size: usize) -> Vec<Vec<u8>> {
                 lo[0].push(b as u8);
             }
         }
+        4 => {
+            let [p0, p1, p2, p3] = &mut planes[..] else {
+                unreachable!()
+            };
+            for v in x {
+                let b = rotl(v.to_bits_u64(), 32);
+                p0.push((b >> 24) as u8);
+                p1.push((b >> 16) as u8);
+                p2.push((b >> 8) as u8);
+                p3.push(b as u8);
+            }
+        }
         _ => {
             for v in x {
                 let b = rotl(v.to_bits_u64(), width);
@@ -138,9 +150,34 @@ fn join<T: Element>(planes: &[Vec<u8>], out: &mut [T], size: usize) {
     }
 }
 
+/// True when an order-0 entropy estimate over a sample says zstd cannot save even 2% (mantissa
+/// bytes): skips a zstd call whose output would be thrown away.
+fn looks_random(plane: &[u8]) -> bool {
+    let step = (plane.len() / 8192).max(1);
+    let mut hist = [0u32; 256];
+    let mut n = 0u32;
+    for &b in plane.iter().step_by(step) {
+        hist[b as usize] += 1;
+        n += 1;
+    }
+    if n < 1024 {
+        return false;
+    }
+    let inv = 1.0 / n as f64;
+    let h: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 * inv;
+            -p * p.log2()
+        })
+        .sum();
+    h > 7.85
+}
+
 /// One coded plane: (mode, stored bytes).
 fn code_plane(plane: Vec<u8>, level: i32) -> Result<(u8, Vec<u8>)> {
-    if plane.is_empty() {
+    if plane.is_empty() || looks_random(&plane) {
         return Ok((MODE_RAW, plane));
     }
     let z = zstd::bulk::compress(&plane, level)
