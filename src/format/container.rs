@@ -789,6 +789,9 @@ impl Drop for Writer {
 /// Where a container's bytes come from: a file (pread) or a buffer.
 pub trait Source: Sync {
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn read_at(&self, offset: u64, len: usize) -> FileResult<Vec<u8>>;
 }
 

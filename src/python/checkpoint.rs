@@ -16,6 +16,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::path::PathBuf;
 
+/// (name, dtype, shape, codec, params) of one entry, as Python passes it.
+type Spec<'py> = (String, String, Vec<u64>, String, Option<Bound<'py, PyDict>>);
+/// (params, encoder statistics) of a packed entry.
+type CodecInfo<'py> = (Option<Bound<'py, PyDict>>, Option<Bound<'py, PyDict>>);
+
 /// Maps a container error to its exception, naming the entry when there is one.
 fn file_err(entry: Option<&str>, e: FileError) -> PyErr {
     match e {
@@ -55,12 +60,7 @@ impl PyWriter {
     /// `specs`: one (name, dtype, shape, codec, params) per entry, in order; codec is "raw",
     /// "zstd" (params: level) or a registered codec name. `json`: the document stored beside.
     #[new]
-    fn new(
-        py: Python<'_>,
-        path: PathBuf,
-        specs: Vec<(String, String, Vec<u64>, String, Option<Bound<'_, PyDict>>)>,
-        json: String,
-    ) -> PyResult<Self> {
+    fn new(py: Python<'_>, path: PathBuf, specs: Vec<Spec<'_>>, json: String) -> PyResult<Self> {
         let mut out = Vec::with_capacity(specs.len());
         for (name, dtype, shape, codec, params) in specs {
             let dtype = CDType::from_name(&dtype).map_err(|e| file_err(Some(&name), e.into()))?;
@@ -210,11 +210,7 @@ impl PyReader {
 
     /// Parameters and encoder statistics of a packed entry (reads and verifies its bytes);
     /// (None, None) for raw and zstd entries.
-    fn codec_info<'py>(
-        &self,
-        py: Python<'py>,
-        name: &str,
-    ) -> PyResult<(Option<Bound<'py, PyDict>>, Option<Bound<'py, PyDict>>)> {
+    fn codec_info<'py>(&self, py: Python<'py>, name: &str) -> PyResult<CodecInfo<'py>> {
         let i = self.index(name)?;
         if self.inner.header.entries[i].encoding != crate::format::container::ENC_PACKED {
             return Ok((None, None));
