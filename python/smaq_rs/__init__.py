@@ -16,6 +16,7 @@ from ._api import (
     get_num_threads,
     set_num_threads,
 )
+from .checkpoint import Checkpoint, Policy, load, open, save
 from ._core import (
     FORMAT_VERSION,
     ChecksumError,
@@ -42,4 +43,9 @@ __all__ = [
     "decompress",
     "get_num_threads",
     "set_num_threads",
+    "Checkpoint",
+    "Policy",
+    "load",
+    "open",
+    "save",
 ]

@@ -6,6 +6,7 @@
 pub mod bdi;
 pub mod float;
 pub mod int;
+pub mod lossless;
 pub mod params;
 pub mod smaq;
 
@@ -71,6 +72,7 @@ pub static REGISTRY: &[&CodecInfo] = &[
     &int::INFO_INT,
     &int::INFO_LUQ,
     &bdi::INFO,
+    &lossless::INFO,
 ];
 
 pub fn by_name(name: &str) -> Result<&'static CodecInfo> {

@@ -1,6 +1,8 @@
 //! The packed tensor format, version 1 (docs/FORMAT.md): a fixed little-endian header, codec
 //! metadata, the codec's payload, and an XXH3-64 checksum of everything before it.
 
+pub mod container;
+
 use crate::codec::{self, Decoder, Frame, Params};
 use crate::dtype::{DType, Data, DataMut, Owned};
 use crate::error::{ensure_format, Error, Result};

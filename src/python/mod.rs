@@ -2,6 +2,8 @@
 //! while the GIL is held, the work runs with the GIL released ([`detached`]), and every core error
 //! becomes one exception class ([`to_py`]).
 
+mod checkpoint;
+
 use crate::codec::{self, Param, Params};
 use crate::dtype::{DType, Data, DataMut, Owned};
 use crate::error::Error;
@@ -371,5 +373,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     // Other areas register here, one line each: `area::register(m)?;`
+    checkpoint::register(m)?;
     Ok(())
 }

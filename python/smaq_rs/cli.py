@@ -1,0 +1,290 @@
+"""smaq-rs: compress, decompress and inspect checkpoints from the command line.
+
+    smaq-rs compress model.pt model.smaq                # lossy SmaQ 6/8 for large float tensors
+    smaq-rs compress model.safetensors m.smaq --lossless
+    smaq-rs decompress m.smaq model.safetensors         # or .pt / .pth
+    smaq-rs info m.smaq --against model.pt              # per-entry sizes, ratios and errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from . import checkpoint as ckpt
+from ._core import SmaqError
+
+_TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _need_torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        sys.exit("smaq-rs: this command needs torch (pip install torch)")
+    return torch
+
+
+def _read_any(path: str) -> Any:
+    """Loads .pt/.pth (torch.load with weights_only=True), .safetensors or a smaq_rs checkpoint."""
+    low = path.lower()
+    if low.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if low.endswith(_TORCH_EXT):
+        torch = _need_torch()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt.load(path)
+
+
+def _flat_tensors(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    """name -> tensor for every tensor in a nesting of dicts/lists (names as the container's)."""
+    torch = _need_torch()
+    out: Dict[str, Any] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix or "tensor"] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flat_tensors(v, f"{prefix}.{i}" if prefix else str(i)))
+    return out
+
+
+class _Bar:
+    """A progress bar on stderr, shown only on a terminal and for runs longer than a moment."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.t0 = label, enabled and sys.stderr.isatty(), time.time()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or (not self.shown and time.time() - self.t0 < 0.5):
+            return
+        self.shown = True
+        frac = done / total if total else 1.0
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(
+            f"\r{self.label} [{bar:<30}] {100 * frac:5.1f}%  {done / 1e6:,.0f}/{total / 1e6:,.0f} MB"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def _parse_params(items: List[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SmaqError(f"--param expects NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                pass
+        else:
+            out[k] = {"true": True, "false": False, "none": None}.get(v.lower(), v)
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    obj = _read_any(a.input)
+    t1 = time.perf_counter()
+    codec = "lossless" if a.lossless else a.codec
+    params = _parse_params(a.param)
+    policy = None
+    if codec in (None, "smaq") or params or a.min_numel is not None:
+        base = ckpt.Policy() if codec in (None, "smaq") else ckpt.Policy(codec=codec, params={})
+        base_params = dict(base.params)
+        base_params.update(params)
+        kw: Dict[str, Any] = {"params": base_params}
+        if a.min_numel is not None:
+            kw["min_numel"] = a.min_numel
+        if codec == "lossless":
+            kw.update(min_numel=0, exact=())
+        policy = ckpt.Policy(**{**base.__dict__, **kw})
+        codec = None
+    bar = _Bar("compress", not a.quiet)
+    try:
+        summary = ckpt.save(obj, a.output, codec=codec, policy=policy, progress=bar)
+    finally:
+        bar.close()
+    t2 = time.perf_counter()
+    if not a.quiet:
+        dense, stored = summary["dense_nbytes"], summary["nbytes"]
+        print(
+            f"{a.input} -> {a.output}: {len(summary['entries'])} tensors, {_size(dense)} -> "
+            f"{_size(stored)} ({dense / stored if stored else float('nan'):.2f}x); "
+            f"read {t1 - t0:.2f} s, compress+write {t2 - t1:.2f} s"
+        )
+    return 0
+
+
+def cmd_decompress(a: argparse.Namespace) -> int:
+    torch = _need_torch()
+    obj = ckpt.load(a.input)
+    low = a.output.lower()
+    if low.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        flat = _flat_tensors(obj)
+        if not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+            print(
+                "smaq-rs: note: the checkpoint is not a flat dict of tensors; safetensors keeps "
+                "only its tensors (names joined by '.'); use .pt to keep everything",
+                file=sys.stderr,
+            )
+        seen: Dict[int, str] = {}
+        for k, v in list(flat.items()):  # safetensors refuses shared storage: copy the repeats
+            ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+            if ptr in seen and ptr != -1:
+                flat[k] = v.clone()
+            seen[ptr] = k
+        save_file({k: v.contiguous() for k, v in flat.items()}, a.output)
+    elif low.endswith(_TORCH_EXT):
+        torch.save(obj, a.output)
+    else:
+        raise SmaqError(f"output {a.output!r}: expected a .pt, .pth or .safetensors file name")
+    if not a.quiet:
+        print(f"{a.input} -> {a.output}")
+    return 0
+
+
+def _errors(orig, back) -> str:
+    torch = _need_torch()
+    if orig is None:
+        return ""
+    if tuple(orig.shape) != tuple(back.shape):
+        return "shape differs"
+    if orig.numel() == 0:
+        return "exact"
+    if not (orig.is_floating_point() or orig.is_complex()):
+        return "exact" if torch.equal(orig, back) else "DIFFERS"
+    o, b = orig.double(), back.double()
+    if torch.equal(orig.view(-1), back.view(-1)) or bool(
+        (o.isnan() == b.isnan()).all() and (o.nan_to_num() == b.nan_to_num()).all()
+    ):
+        return "exact"
+    d = (o - b).abs().nan_to_num()
+    rel = (torch.linalg.vector_norm(d) / torch.linalg.vector_norm(o.nan_to_num())).item()
+    return f"max {d.max().item():.3g} rel {rel:.3g}"
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    against: Optional[Dict[str, Any]] = None
+    if a.against:
+        against = _flat_tensors(_read_any(a.against))
+    with ckpt.open(a.file) as ck:
+        rows = []
+        for e in ck.entries():
+            err = ""
+            if against is not None:
+                orig = against.get(e["name"])
+                err = _errors(orig, ck[e["name"]]) if orig is not None else "not in original"
+            ratio = e["ratio"]
+            rows.append([
+                e["name"], e["dtype"], "x".join(map(str, e["shape"])) or "()", e["codec"],
+                str(e["nbytes"]), str(e["dense_nbytes"]),
+                "-" if math.isnan(ratio) else f"{ratio:.2f}", err,
+            ])
+        head = ["name", "dtype", "shape", "codec", "bytes", "dense", "ratio"]
+        if against is not None:
+            head.append("error vs original")
+        else:
+            rows = [r[:-1] for r in rows]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+                  for i, h in enumerate(head)]
+        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        dense = sum(e["dense_nbytes"] for e in ck.entries())
+        print(
+            f"{len(rows)} entries; file {_size(ck.nbytes)} ({ck.nbytes} bytes) holds "
+            f"{_size(dense)} of tensors: {dense / ck.nbytes if ck.nbytes else 0:.2f}x"
+        )
+        if ck.metadata is not None:
+            print(f"metadata: {ck.metadata!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smaq-rs",
+        description="Compress deep-learning checkpoints into smaq_rs containers (no pickle, "
+        "checksummed, atomic writes), expand them back, and inspect them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser(
+        "compress",
+        help="torch .pt/.pth or .safetensors -> smaq_rs checkpoint",
+        description="Reads IN (torch.load with weights_only=True, or safetensors) and writes a "
+        "smaq_rs checkpoint. By default large float tensors are stored lossy with SmaQ 6/8 and "
+        "small, integer and norm-layer tensors exactly.",
+    )
+    c.add_argument("input", metavar="IN")
+    c.add_argument("output", metavar="OUT")
+    c.add_argument("--codec", default=None,
+                   help="codec for large float tensors: smaq (default), lossless, raw, or any "
+                   "codec smaq_rs.codecs() lists")
+    c.add_argument("--lossless", action="store_true",
+                   help="store every tensor bit-exactly (same as --codec lossless)")
+    c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="codec parameter, repeatable (e.g. --param bits_main=5)")
+    c.add_argument("--min-numel", type=int, default=None,
+                   help="float tensors with fewer elements are stored exactly (default 4096)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=cmd_compress)
+    d = sub.add_parser(
+        "decompress",
+        help="smaq_rs checkpoint -> .pt/.pth or .safetensors",
+        description="Decodes IN and writes OUT with torch.save (.pt/.pth) or safetensors "
+        "(.safetensors: the tensors only, named as in the checkpoint).",
+    )
+    d.add_argument("input", metavar="IN")
+    d.add_argument("output", metavar="OUT")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_decompress)
+    i = sub.add_parser(
+        "info",
+        help="per-entry table: dtype, shape, codec, bytes, ratio (and error vs an original)",
+        description="Prints one row per entry. With --against ORIG (.pt/.pth/.safetensors or a "
+        "checkpoint) also the max absolute and relative L2 error of each tensor.",
+    )
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--against", metavar="ORIG", default=None)
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SmaqError, OSError) as e:
+        print(f"smaq-rs {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
