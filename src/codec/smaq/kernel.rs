@@ -246,38 +246,39 @@ fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
     c
 }
 
+/// Whether the fused AVX2 encoder handles this configuration.
+fn fused_applies(p: &Prep) -> bool {
+    has_avx2() && p.f32_ok && p.q.bits_main <= 8 && p.q.extra_bits() <= 4
+}
+
 /// Codes of one f32 chunk packed in a single pass (the AVX2 fast path): the primary stream into
 /// `primary` (exactly its size), the extra bits into `extra`. None when that path does not apply
 /// (no AVX2, statistics unsafe in f32, or wide codes); nothing is written then.
 pub fn encode_f32_fused(
     x: &[f32],
+    first: u32,
     p: &Prep,
     primary: &mut [u8],
     extra: &mut BitWriter,
 ) -> Option<Counts> {
-    let (bm, ew) = (p.q.bits_main, p.q.extra_bits());
-    if !(has_avx2() && p.f32_ok && bm <= 8 && ew <= 4) {
+    if !fused_applies(p) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: AVX2 is present.
-        let (done, mut c) = unsafe { avx2::encode(x, p, primary, extra) };
+        let bm = p.q.bits_main as usize;
+        // SAFETY: AVX2 is present (fused_applies).
+        let (done, mut c) = unsafe { avx2::encode(x, first, p, primary, extra) };
         // The last < 8 values: portable codes, packed bit by bit.
         let rest = &x[done..];
         let mut codes = [0u16; 8];
         let zf = z_f32(p.mean, p.inv_std);
-        c.add(codes_with(
-            rest,
-            done as u32,
-            p,
-            zf,
-            &mut codes[..rest.len()],
-        ));
+        let at = first.wrapping_add(done as u32);
+        c.add(codes_with(rest, at, p, zf, &mut codes[..rest.len()]));
         pack_tail(
             &codes[..rest.len()],
             &p.q,
-            &mut primary[done / 8 * bm as usize..],
+            &mut primary[done / 8 * bm..],
             extra,
         );
         Some(c)
@@ -492,6 +493,7 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn encode(
         x: &[f32],
+        first: u32,
         p: &Prep,
         primary: &mut [u8],
         extra: &mut BitWriter,
@@ -501,7 +503,7 @@ mod avx2 {
         assert!(bm <= 8 && ew <= 4 && primary.len() >= n8 / 8 * bm as usize);
         // Groups whose 8-byte store stays inside `primary`; the rest store bm bytes.
         let wide = (primary.len().saturating_sub(8) / bm as usize * 8).min(n8);
-        let c = Consts::new(p, 0);
+        let c = Consts::new(p, first);
         let mut t = Tally::new();
         let pmask = _mm256_set1_epi32(((1u32 << bm) - 1) as i32);
         let b = bm as i64;
@@ -555,8 +557,51 @@ mod avx2 {
         lut: &[f32],
         out: &mut [f32],
     ) -> (usize, usize) {
+        let dst = out.as_mut_ptr();
+        gather_groups(primary, extra, bm, ew, lut, out.len(), |i, v| {
+            _mm256_storeu_ps(dst.add(i), v)
+        })
+    }
+
+    /// As [`unpack_f32`] into 16-bit floats: the table holds values exactly representable in
+    /// the output type, so narrowing is exact (bfloat16: the high half; float16: F16C).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn unpack_16(
+        primary: &[u8],
+        extra: &[u8],
+        bm: u32,
+        ew: u32,
+        lut: &[f32],
+        out: &mut [u16],
+        bfloat: bool,
+    ) -> (usize, usize) {
+        let dst = out.as_mut_ptr();
+        gather_groups(primary, extra, bm, ew, lut, out.len(), |i, v| {
+            let h = if bfloat {
+                let w = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+                let p = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(w, w));
+                _mm256_castsi256_si128(p)
+            } else {
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
+            };
+            _mm_storeu_si128(dst.add(i) as *mut __m128i, h)
+        })
+    }
+
+    /// The shared loop: eight codes per step through `lut`, handed to `store(index, values)`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn gather_groups(
+        primary: &[u8],
+        extra: &[u8],
+        bm: u32,
+        ew: u32,
+        lut: &[f32],
+        len: usize,
+        mut store: impl FnMut(usize, __m256),
+    ) -> (usize, usize) {
         assert!(bm <= 8 && ew <= 4 && lut.len() >= 1 << (bm + ew));
-        let n8 = out.len() / 8 * 8;
+        let n8 = len / 8 * 8;
         let pmask = _mm256_set1_epi64x(((1u64 << bm) - 1) as i64);
         let b = bm as i64;
         let sh_lo = _mm256_setr_epi64x(0, b, 2 * b, 3 * b);
@@ -590,8 +635,7 @@ mod avx2 {
             } else {
                 k
             };
-            let v = _mm256_i32gather_ps::<4>(lut.as_ptr(), idx);
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+            store(i, _mm256_i32gather_ps::<4>(lut.as_ptr(), idx));
             i += 8;
         }
         (n8, xpos)
@@ -625,7 +669,7 @@ impl Codes for f32 {
         primary: &mut [u8],
         extra: &mut BitWriter,
     ) -> Option<Counts> {
-        encode_f32_fused(x, p, primary, extra)
+        encode_f32_fused(x, 0, p, primary, extra)
     }
     fn codes(x: &[f32], p: &Prep, out: &mut [u16]) -> Counts {
         if p.f32_ok {
@@ -639,6 +683,38 @@ impl Codes for f32 {
 macro_rules! half_codes {
     ($t:ty) => {
         impl Codes for $t {
+            fn encode_fused(
+                x: &[$t],
+                p: &Prep,
+                primary: &mut [u8],
+                extra: &mut BitWriter,
+            ) -> Option<Counts> {
+                if !fused_applies(p) {
+                    return None;
+                }
+                // Widen a block at a time (exact); blocks are multiples of 8 values, so each
+                // block's primary stream starts on a byte.
+                const B: usize = 1024;
+                let bm = p.q.bits_main as usize;
+                let mut buf = [0f32; B];
+                let mut c = Counts::default();
+                for (bi, xs) in x.chunks(B).enumerate() {
+                    let w = &mut buf[..xs.len()];
+                    xs.convert_to_f32_slice(w);
+                    let start = bi * B * bm / 8;
+                    let end = start + (xs.len() * bm).div_ceil(8);
+                    let first = (bi * B) as u32;
+                    c.add(encode_f32_fused(
+                        w,
+                        first,
+                        p,
+                        &mut primary[start..end],
+                        extra,
+                    )?);
+                }
+                Some(c)
+            }
+
             fn codes(x: &[$t], p: &Prep, out: &mut [u16]) -> Counts {
                 if !p.f32_ok {
                     return codes_with(x, 0, p, z_f64::<$t>(p.mean, p.inv_std), out);
@@ -717,6 +793,10 @@ pub fn unpack<T: Copy + 'static>(
 ) -> u64 {
     let (bm, ew) = (q.bits_main, q.extra_bits());
     #[cfg(target_arch = "x86_64")]
+    if let Some(xpos) = unpack_16_simd(primary, extra, q, lut, out) {
+        return xpos;
+    }
+    #[cfg(target_arch = "x86_64")]
     if bm <= 8
         && ew <= 4
         && has_avx2()
@@ -733,6 +813,40 @@ pub fn unpack<T: Copy + 'static>(
         return unpack_portable(primary, extra, q, lut, out, done, xpos);
     }
     unpack_portable(primary, extra, q, lut, out, 0, 0)
+}
+
+/// The float16/bfloat16 SIMD decode, when it applies (AVX2 + F16C, narrow codes).
+#[cfg(target_arch = "x86_64")]
+fn unpack_16_simd<T: Copy + 'static>(
+    primary: &[u8],
+    extra: &[u8],
+    q: &Quant,
+    lut: &[T],
+    out: &mut [T],
+) -> Option<u64> {
+    use std::any::TypeId;
+    let (bm, ew) = (q.bits_main, q.extra_bits());
+    let bfloat = TypeId::of::<T>() == TypeId::of::<bf16>();
+    if !(bfloat || TypeId::of::<T>() == TypeId::of::<f16>())
+        || !(bm <= 8 && ew <= 4 && has_avx2() && std::arch::is_x86_feature_detected!("f16c"))
+    {
+        return None;
+    }
+    // SAFETY: T is f16 or bf16 (checked), both plain 16-bit values.
+    let (bits, out16) = unsafe {
+        (
+            std::slice::from_raw_parts(lut.as_ptr() as *const u16, lut.len()),
+            std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u16, out.len()),
+        )
+    };
+    let lut32: Vec<f32> = if bfloat {
+        bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+    } else {
+        bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
+    };
+    // SAFETY: AVX2 and F16C are present (checked above).
+    let (done, xpos) = unsafe { avx2::unpack_16(primary, extra, bm, ew, &lut32, out16, bfloat) };
+    Some(unpack_portable(primary, extra, q, lut, out, done, xpos))
 }
 
 /// Portable decoding of `out[start..]` (`start` a multiple of 8), the extra stream being at bit
@@ -925,7 +1039,7 @@ mod tests {
                 let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
                 let mut primary = vec![0u8; pb];
                 let mut extra = BitWriter::default();
-                if let Some(cf) = encode_f32_fused(&x, &p, &mut primary, &mut extra) {
+                if let Some(cf) = encode_f32_fused(&x, 0, &p, &mut primary, &mut extra) {
                     assert_eq!(cf, c);
                     primary.extend_from_slice(&extra.finish());
                     assert_eq!(primary, bytes, "bm={bm} bo={bo}");
@@ -942,6 +1056,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn half_fused_matches_codes_and_pack() {
+        let x: Vec<bf16> = (0..5003)
+            .map(|i| bf16::from_f32(((i * 7919) % 2001) as f32 * 0.004 - 4.0))
+            .collect();
+        let q = Quant::new(6, 8, 1.0, 2.5);
+        let p = prep(q, Some(5));
+        let mut codes = vec![0u16; x.len()];
+        let c = <bf16 as Codes>::codes(&x, &p, &mut codes);
+        let bytes = pack_chunk(&codes, &q);
+        let mut primary = vec![0u8; q.chunk_bytes(x.len() as u64, 0).0 as usize];
+        let mut extra = BitWriter::default();
+        let cf = <bf16 as Codes>::encode_fused(&x, &p, &mut primary, &mut extra);
+        if let Some(cf) = cf {
+            assert_eq!(cf, c);
+            primary.extend_from_slice(&extra.finish());
+            assert_eq!(primary, bytes);
+        }
+    }
+
+    #[test]
+    fn half_simd_decode_matches_portable() {
+        let q = Quant::new(6, 8, 1.0, 2.5);
+        let x: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 2001) as f32 * 0.004 - 4.0)
+            .collect();
+        let p = prep(q, Some(1));
+        let mut codes = vec![0u16; x.len()];
+        codes_f32(&x, 0, &p, &mut codes);
+        let bytes = pack_chunk(&codes, &q);
+        let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
+        let (prim, extra) = bytes.split_at(pb);
+        let lut = table::<f16>(&q, 1e3, 2e4, false); // some entries overflow f16: clamped
+        let (mut a, mut b) = (vec![f16::ZERO; x.len()], vec![f16::ZERO; x.len()]);
+        let ua = unpack(prim, extra, &q, &lut, &mut a);
+        assert_eq!(ua, unpack_portable(prim, extra, &q, &lut, &mut b, 0, 0));
+        assert_eq!(a, b);
+        let lut = table::<bf16>(&q, 0.5, 1.5, false);
+        let (mut a, mut b) = (vec![bf16::ZERO; x.len()], vec![bf16::ZERO; x.len()]);
+        unpack(prim, extra, &q, &lut, &mut a);
+        unpack_portable(prim, extra, &q, &lut, &mut b, 0, 0);
+        assert_eq!(a, b);
     }
 
     #[test]
