@@ -13,7 +13,9 @@ fn normal(n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| {
             // Irwin-Hall(4): close enough to a normal for SmaQ's outlier fraction.
-            let s: f64 = (0..4).map(|_| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64).sum();
+            let s: f64 = (0..4)
+                .map(|_| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+                .sum();
             ((s - 2.0) * 3f64.sqrt()) as f32
         })
         .collect()
@@ -41,7 +43,9 @@ fn smaq(c: &mut Criterion) {
 }
 
 fn bits(c: &mut Criterion) {
-    let codes: Vec<u32> = (0..1u32 << 20).map(|i| i.wrapping_mul(2654435761) & 63).collect();
+    let codes: Vec<u32> = (0..1u32 << 20)
+        .map(|i| i.wrapping_mul(2654435761) & 63)
+        .collect();
     let mut g = c.benchmark_group("bits");
     g.throughput(Throughput::Elements(codes.len() as u64));
     g.bench_function("put_6bit", |b| {
@@ -55,7 +59,11 @@ fn bits(c: &mut Criterion) {
     });
     let packed = smaq_rs::bits::pack(&codes, 6);
     g.bench_function("get_6bit", |b| {
-        b.iter(|| (0..codes.len()).map(|i| get(&packed, i * 6, 6)).fold(0u32, u32::wrapping_add))
+        b.iter(|| {
+            (0..codes.len())
+                .map(|i| get(&packed, i * 6, 6))
+                .fold(0u32, u32::wrapping_add)
+        })
     });
     g.finish();
 }

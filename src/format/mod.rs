@@ -226,3 +226,129 @@ impl Packed {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Param;
+    use proptest::prelude::*;
+
+    fn params(items: &[(&str, Param)]) -> Params {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    /// Re-seals bytes after a mutation so the parsers behind the checksum are exercised.
+    fn reseal(bytes: &mut [u8]) {
+        let body = bytes.len() - CHECKSUM_LEN;
+        let sum = checksum(&bytes[..body]);
+        bytes[body..].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    fn sample(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::SplitMix64::new(seed);
+        (0..n)
+            .map(|_| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 6.0 - 3.0)
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn round_trip_any_shape_and_params(
+            n in 0usize..5000,
+            bm in 3u8..=8,
+            extra in 0u8..=8,
+            chunk in prop::sample::select(vec![64i64, 200, 4096]),
+            rounding in prop::sample::select(vec!["stochastic", "nearest", "truncate"]),
+            seed in any::<u32>(),
+        ) {
+            let x = sample(n, seed as u64);
+            let p = params(&[
+                ("bits_main", Param::Int(bm as i64)),
+                ("bits_outlier", Param::Int((bm + extra).min(16) as i64)),
+                ("chunk_size", Param::Int(chunk)),
+                ("rounding", Param::Str(rounding.into())),
+                ("seed", Param::Int(seed as i64)),
+            ]);
+            let packed = Packed::encode(Data::F32(&x), &[n as u64], "smaq", &p).unwrap();
+            let again = Packed::from_bytes(packed.bytes().to_vec()).unwrap();
+            let y = match again.decode().unwrap() { Owned::F32(v) => v, _ => unreachable!() };
+            prop_assert_eq!(y.len(), n);
+            let info = again.info();
+            let (Some(Param::Float(mean)), Some(Param::Float(std))) = (info.get("mean"), info.get("std"))
+            else { panic!("no statistics") };
+            let bo = (bm + extra).min(16);
+            let r_main = ((1u32 << (bm - 2)) - 1) as f64;
+            let r_out = ((1u32 << (bo - 2)) - 1) as f64 / 1.5;
+            for (a, b) in x.iter().zip(&y) {
+                // One grid step at most (truncation), plus the distance clamped beyond 2.5 std.
+                let z = ((*a as f64 - mean) / std).abs();
+                let bound = std * (1.0 / r_main.min(r_out) + (z - 2.5).max(0.0)) + 1e-4;
+                prop_assert!(((a - b).abs() as f64) <= bound, "{} -> {} (bound {})", a, b, bound);
+            }
+        }
+
+        #[test]
+        fn resealed_mutations_never_panic(pos in any::<prop::sample::Index>(), byte in any::<u8>(),
+                                          pos2 in any::<prop::sample::Index>(), byte2 in any::<u8>()) {
+            let mut x = sample(700, 1);
+            x[3] = f32::NAN;
+            let p = params(&[("chunk_size", Param::Int(128)), ("outliers", Param::Str("exact".into()))]);
+            let mut bytes = Packed::encode(Data::F32(&x), &[7, 100], "smaq", &p).unwrap().into_bytes();
+            let body = bytes.len() - CHECKSUM_LEN;
+            bytes[pos.index(body)] = byte;
+            bytes[pos2.index(body)] = byte2;
+            reseal(&mut bytes);
+            if let Ok(packed) = Packed::from_bytes(bytes) {
+                let _ = packed.decode();
+            }
+        }
+    }
+
+    #[test]
+    fn every_resealed_single_byte_change_is_handled() {
+        let x = sample(300, 2);
+        let p = params(&[("chunk_size", Param::Int(64))]);
+        let good = Packed::encode(Data::F32(&x), &[300], "smaq", &p)
+            .unwrap()
+            .into_bytes();
+        let body = good.len() - CHECKSUM_LEN;
+        for i in 0..body {
+            for v in [0u8, 1, 0x7f, 0x80, 0xff, good[i] ^ 1] {
+                let mut bad = good.clone();
+                bad[i] = v;
+                reseal(&mut bad);
+                if let Ok(packed) = Packed::from_bytes(bad) {
+                    // Whatever parses must decode or fail cleanly.
+                    let _ = packed.decode();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn header_errors_say_what_was_expected() {
+        let x = sample(100, 3);
+        let good = Packed::encode(Data::F32(&x), &[100], "smaq", &Params::new())
+            .unwrap()
+            .into_bytes();
+        let err = Packed::from_bytes(good[..good.len() - 1].to_vec()).unwrap_err();
+        assert!(err.to_string().contains("buffer has"), "{err}");
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(Packed::from_bytes(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        let mut bad = good.clone();
+        bad[20] ^= 1;
+        assert!(matches!(
+            Packed::from_bytes(bad),
+            Err(Error::Checksum { .. }) | Err(Error::Format(_))
+        ));
+    }
+}
