@@ -218,7 +218,8 @@ fn codes_with<T: Copy>(
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
+        // Every AVX2 CPU has POPCNT; the kernels use both.
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -423,47 +424,25 @@ mod avx2 {
         }
     }
 
-    /// Lane counters, summed at the end.
-    pub struct Tally(__m256i, __m256i, __m256i);
-
-    impl Tally {
-        #[target_feature(enable = "avx2")]
-        pub fn new() -> Tally {
-            Tally(
-                _mm256_setzero_si256(),
-                _mm256_setzero_si256(),
-                _mm256_setzero_si256(),
-            )
-        }
-        #[target_feature(enable = "avx2")]
-        #[inline]
-        pub fn add(&mut self, s: &Step) {
-            self.0 = _mm256_sub_epi32(self.0, s.is_out);
-            self.1 = _mm256_sub_epi32(self.1, s.beyond);
-            self.2 = _mm256_sub_epi32(self.2, s.nonfin);
-        }
-        #[target_feature(enable = "avx2")]
-        pub fn counts(&self) -> Counts {
-            let sum = |v: __m256i| {
-                let mut a = [0u32; 8];
-                // SAFETY: `a` is 32 writable bytes.
-                unsafe { _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, v) };
-                a.iter().sum::<u32>()
-            };
-            Counts {
-                outliers: sum(self.0),
-                beyond: sum(self.1),
-                nonfinite: sum(self.2),
-            }
-        }
+    /// Adds one step's lane masks to the counts (movemask + popcount: no vector registers held).
+    /// Returns the outlier lane mask.
+    #[target_feature(enable = "avx2,popcnt")]
+    #[inline]
+    fn tally(c: &mut Counts, s: &Step) -> usize {
+        let m = |v: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(v)) as u32;
+        let out = m(s.is_out);
+        c.outliers += out.count_ones();
+        c.beyond += m(s.beyond).count_ones();
+        c.nonfinite += m(s.nonfin).count_ones();
+        out as usize
     }
 
     /// Codes for the first len/8*8 values, stored as u16.
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,popcnt")]
     pub unsafe fn codes(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> (usize, Counts) {
         let n8 = x.len().min(out.len()) / 8 * 8;
         let c = Consts::new(p, first);
-        let mut t = Tally::new();
+        let mut t = Counts::default();
         let mut i = 0;
         while i < n8 {
             let s = step(&c, x.as_ptr(), i);
@@ -472,10 +451,10 @@ mod avx2 {
                 out.as_mut_ptr().add(i) as *mut __m128i,
                 _mm256_castsi256_si128(packed),
             );
-            t.add(&s);
+            tally(&mut t, &s);
             i += 8;
         }
-        (n8, t.counts())
+        (n8, t)
     }
 
     /// OR of the eight 32-bit lanes.
@@ -490,7 +469,7 @@ mod avx2 {
 
     /// Codes and packing fused, for bits_main <= 8 and extra bits <= 4: the first len/8*8 values
     /// go to `primary` (bits_main bytes per eight values) and `extra`.
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,popcnt")]
     pub unsafe fn encode(
         x: &[f32],
         first: u32,
@@ -504,7 +483,7 @@ mod avx2 {
         // Groups whose 8-byte store stays inside `primary`; the rest store bm bytes.
         let wide = (primary.len().saturating_sub(8) / bm as usize * 8).min(n8);
         let c = Consts::new(p, first);
-        let mut t = Tally::new();
+        let mut t = Counts::default();
         let pmask = _mm256_set1_epi32(((1u32 << bm) - 1) as i32);
         let b = bm as i64;
         let sh_lo = _mm256_setr_epi64x(0, b, 2 * b, 3 * b);
@@ -515,7 +494,7 @@ mod avx2 {
         let mut at = 0usize;
         while i < n8 {
             let s = step(&c, x.as_ptr(), i);
-            t.add(&s);
+            let m = tally(&mut t, &s);
             let k = _mm256_and_si256(s.code, pmask);
             let lo4 = _mm256_sllv_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(k)), sh_lo);
             let hi4 = _mm256_sllv_epi64(
@@ -531,19 +510,16 @@ mod avx2 {
                 primary[at..at + bm as usize].copy_from_slice(&w.to_le_bytes()[..bm as usize]);
             }
             at += bm as usize;
-            if ew > 0 {
-                let m = _mm256_movemask_ps(_mm256_castsi256_ps(s.is_out)) as usize;
-                if m != 0 {
-                    let ranks =
-                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(RANKS[m].as_ptr() as *const __m128i));
-                    let e = _mm256_srl_epi32(s.code, bm_x);
-                    let e = _mm256_sllv_epi32(e, _mm256_mullo_epi32(ranks, ew_v));
-                    extra.put(or_lanes32(e), ew * m.count_ones());
-                }
+            if ew > 0 && m != 0 {
+                let ranks =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(RANKS[m].as_ptr() as *const __m128i));
+                let e = _mm256_srl_epi32(s.code, bm_x);
+                let e = _mm256_sllv_epi32(e, _mm256_mullo_epi32(ranks, ew_v));
+                extra.put(or_lanes32(e), ew * m.count_ones());
             }
             i += 8;
         }
-        (n8, t.counts())
+        (n8, t)
     }
 
     /// Decodes the first len/8*8 values through an f32 table with gathers, for bits_main <= 8
