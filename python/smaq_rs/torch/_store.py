@@ -1,0 +1,160 @@
+"""Packed storage of one torch tensor, shared by the activation hooks and the optimizers.
+
+A :class:`Stored` holds a tensor as real bytes: the codec's packed record of its values, and,
+where zeros matter, a 1-bit map of which elements are non-zero (``np.packbits``) with only the
+non-zero values packed. Zeros then decode to exactly 0 whatever the codec does with them, and a
+ReLU output (half zeros) costs about 1 + 6.63/2 bits per value instead of 6.63. Every size it
+reports is the length of a real buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _api
+from .._api import PackedTensor
+from .._core import DtypeError
+
+#: Float dtypes the codecs accept.
+CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: With a codec that keeps exact zeros, the zero map is used only when at least this fraction of
+#: the elements are zero (1 bit per element pays for itself from about 1/6.63 = 15% zeros).
+SPARSE_FRACTION = 0.15
+
+
+def _freeze(params: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _keeps_zeros(codec: str, frozen: Tuple[Tuple[str, Any], ...]) -> bool:
+    params = dict(frozen)
+    params.pop("seed", None)
+    base = np.array([0.0, 1.5, -2.0, 0.0, 0.3, -0.7, 0.0, 4.0, 0.01, 0.0, -0.01, 3.0],
+                    dtype=np.float32)
+    for shift in (0.0, 0.37, -1.3):
+        x = np.tile(base + np.float32(shift) * (base != 0), 16)
+        for seed in range(4):
+            y = _api.decompress(_api.compress(x, codec, seed=seed, **params))
+            if not np.all(y[x == 0] == 0):
+                return False
+    return True
+
+
+def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
+    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (probed once, cached)."""
+    return _keeps_zeros(codec, _freeze(params))
+
+
+class Stored:
+    """One tensor held as packed bytes (see the module doc)."""
+
+    __slots__ = ("packed", "mask", "shape", "dtype", "numel", "__weakref__")
+
+    def __init__(self, packed: Optional[PackedTensor], mask: Optional[np.ndarray],
+                 shape: Tuple[int, ...], dtype: torch.dtype):
+        self.packed = packed
+        self.mask = mask
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        n = 1
+        for s in self.shape:
+            n *= s
+        self.numel = n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held: packed record plus zero map."""
+        return (self.packed.nbytes if self.packed is not None else 0) + (
+            self.mask.nbytes if self.mask is not None else 0)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    # -- serialization (torch.save(..., weights_only=True) compatible) -------------------------
+    def to_state(self) -> Dict[str, torch.Tensor]:
+        d: Dict[str, torch.Tensor] = {}
+        if self.packed is not None:
+            d["smaq_packed"] = torch.frombuffer(bytearray(self.packed.to_bytes()),
+                                                dtype=torch.uint8)
+        if self.mask is not None:
+            d["smaq_mask"] = torch.from_numpy(self.mask.copy())
+        return d
+
+    @classmethod
+    def from_state(cls, d: Dict[str, torch.Tensor], shape, dtype) -> "Stored":
+        packed = None
+        if "smaq_packed" in d:
+            raw = d["smaq_packed"].detach().cpu().contiguous().numpy()
+            packed = PackedTensor.from_bytes(memoryview(raw), kind="torch")
+        mask = d["smaq_mask"].detach().cpu().numpy().copy() if "smaq_mask" in d else None
+        s = cls(packed, mask, shape, dtype)
+        if packed is not None and mask is None and packed.numel != s.numel:
+            raise DtypeError(f"packed state holds {packed.numel} values, the parameter "
+                             f"has {s.numel}")
+        return s
+
+    def __repr__(self) -> str:
+        return (f"Stored(shape={self.shape}, dtype={self.dtype}, nbytes={self.nbytes}, "
+                f"dense_nbytes={self.dense_nbytes}, zero_map={self.mask is not None})")
+
+
+def is_stored_state(v: Any) -> bool:
+    return isinstance(v, dict) and ("smaq_packed" in v or "smaq_mask" in v)
+
+
+def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "auto") -> Stored:
+    """Packs a float tensor (any device; read, never modified).
+
+    zeros: "auto" uses the zero map where needed for exactness (codec loses zeros and the tensor
+    has some) or where it saves bytes (>= SPARSE_FRACTION zeros); "never" relies on the codec.
+    """
+    if t.dtype not in CODEC_DTYPES:
+        raise DtypeError(f"cannot pack a tensor of dtype {t.dtype}")
+    src = t.detach()
+    if src.device.type != "cpu":
+        src = src.cpu()
+    if not src.is_contiguous():
+        src = src.contiguous()
+    flat = src.reshape(-1)
+    mask = None
+    if zeros == "auto" and flat.numel():
+        nz = flat != 0
+        n_nz = int(nz.sum())
+        n_zero = flat.numel() - n_nz
+        if n_zero and (n_zero >= SPARSE_FRACTION * flat.numel()
+                       or not codec_keeps_zeros(codec, params)):
+            mask = np.packbits(nz.numpy(), bitorder="little")
+            if n_nz == 0:
+                return Stored(None, mask, src.shape, src.dtype)
+            flat = flat[nz]
+    packed = _api.compress(flat if mask is not None else src, codec, **params)
+    return Stored(packed, mask, src.shape, src.dtype)
+
+
+def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decodes into a new CPU tensor, or into ``out`` (CPU, contiguous, right dtype/shape)."""
+    if out is None:
+        out = torch.empty(s.shape, dtype=s.dtype)
+    if s.mask is None:
+        return _api.decompress(s.packed, out=out)
+    flat = out.view(-1)
+    flat.zero_()
+    if s.packed is not None:
+        bits = np.unpackbits(s.mask, count=s.numel, bitorder="little").view(np.bool_)
+        flat.masked_scatter_(torch.from_numpy(bits), _api.decompress(s.packed))
+    return out
+
+
+def roundtrip(t: torch.Tensor, codec: str, params: Dict[str, Any]) -> torch.Tensor:
+    """compress then decompress (simulation as in the paper); same device, dtype and shape."""
+    if t.dtype not in CODEC_DTYPES or t.numel() == 0:
+        return t
+    y = decode(encode(t, codec, params))
+    return y.to(t.device) if t.device.type != "cpu" else y
