@@ -91,7 +91,7 @@ def wrap_model(model: nn.Module, codec: str = "smaq",
     sizes per tag. Returns ``model`` (modified in place); :func:`unwrap_model` removes the hooks.
     """
     types = _resolve(layer_types)
-    _store.roundtrip(torch.zeros(64), codec, params)  # bad codec/params fail here
+    _store.roundtrip(torch.arange(1.0, 65.0), codec, params)  # bad codec/params fail here
     log = meter.log if meter is not None else None
     unwrap_model(model)
     handles = []

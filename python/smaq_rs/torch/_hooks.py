@@ -43,6 +43,33 @@ class _Bits:
         return torch.from_numpy(b).reshape(self.shape).to(self.device)
 
 
+class _Narrow:
+    """An integer tensor stored losslessly in the narrowest integer type that holds its values
+    (max-pool indices: int64 -> uint8/int16)."""
+
+    __slots__ = ("arr", "dtype", "device", "__weakref__")
+
+    def __init__(self, arr: np.ndarray, dtype: torch.dtype, device):
+        self.arr, self.dtype, self.device = arr, dtype, device
+
+    @staticmethod
+    def make(t: torch.Tensor):
+        src = t.detach().cpu().contiguous()
+        lo, hi = int(src.min()), int(src.max())
+        for nt in (np.uint8, np.int8, np.int16, np.int32):
+            info = np.iinfo(nt)
+            if info.min <= lo and hi <= info.max and np.dtype(nt).itemsize < t.element_size():
+                return _Narrow(src.numpy().astype(nt), t.dtype, t.device)
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return self.arr.nbytes
+
+    def unpack(self) -> torch.Tensor:
+        return torch.from_numpy(self.arr).to(device=self.device, dtype=self.dtype)
+
+
 class _Handle:
     """What the autograd graph holds instead of a saved tensor."""
 
@@ -60,7 +87,7 @@ class _Handle:
     def unpack(self) -> torch.Tensor:
         if isinstance(self.store, _Passthrough):
             return self.store.t
-        if isinstance(self.store, _Bits):
+        if isinstance(self.store, (_Bits, _Narrow)):
             return self.store.unpack()
         t = _store.decode(self.store)
         if self.perm is not None:
@@ -89,7 +116,9 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
 
     - parameters (leaf tensors that require grad), views of them, and any tensor sharing storage
       with ``model``'s parameters or buffers pass through untouched: they stay in memory anyway;
-    - integer tensors, and float tensors with fewer than ``min_numel`` elements, pass through;
+    - tensors with fewer than ``min_numel`` elements pass through;
+    - integer tensors (max-pool indices) are kept exactly, in the narrowest integer type that
+      holds their values when ``narrow_ints`` (int64 indices of a 2x2 pool fit in uint8);
     - bool tensors (dropout masks) are stored as 1 bit per element when ``bool_bits``;
     - float16 / bfloat16 / float32 / float64 tensors are packed with ``codec`` and ``params``;
       zeros always come back as exactly 0 (see ``_store``), so ReLU masks stay right;
@@ -110,13 +139,14 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, codec: Optional[str] = "smaq", min_numel: int = 4096,
                  model: Optional[torch.nn.Module] = None, bool_bits: bool = True,
-                 **params: Any):
+                 narrow_ints: bool = True, **params: Any):
         if min_numel < 0:
             raise ValueError("min_numel must be >= 0")
         self.codec = codec
         self.params: Dict[str, Any] = dict(params)
         self.min_numel = int(min_numel)
         self.bool_bits = bool_bits
+        self.narrow_ints = narrow_ints
         self._lock = threading.Lock()
         self._exclude: set = set()
         if model is not None:
@@ -132,7 +162,7 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
         self._warned_compile = False
         if codec is not None:
             # Fail at construction, not inside backward, on a bad codec or parameter.
-            _store.roundtrip(torch.zeros(64), codec, self.params)
+            _store.roundtrip(torch.arange(1.0, 65.0), codec, self.params)
         super().__init__(self._pack, self._unpack)
 
     # -- configuration ------------------------------------------------------------------------
@@ -193,7 +223,14 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
             if h is not None and tref() is t:
                 return h
         dense = t.numel() * t.element_size()
-        if self.codec is None or t.numel() < self.min_numel or (
+        narrow = None
+        if (self.narrow_ints and self.codec is not None and t.numel() >= self.min_numel
+                and t.dtype in (torch.int64, torch.int32, torch.int16)):
+            narrow = _Narrow.make(t)
+        if narrow is not None:
+            self.n_packed += 1
+            h = _Handle(narrow, None, t.device, dense, self)
+        elif self.codec is None or t.numel() < self.min_numel or (
                 t.dtype not in _store.CODEC_DTYPES
                 and not (self.bool_bits and t.dtype == torch.bool)):
             self.n_passthrough += 1

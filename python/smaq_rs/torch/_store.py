@@ -54,12 +54,14 @@ def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
 class Stored:
     """One tensor held as packed bytes (see the module doc)."""
 
-    __slots__ = ("packed", "mask", "shape", "dtype", "numel", "__weakref__")
+    __slots__ = ("packed", "mask", "zidx", "shape", "dtype", "numel", "__weakref__")
 
     def __init__(self, packed: Optional[PackedTensor], mask: Optional[np.ndarray],
-                 shape: Tuple[int, ...], dtype: torch.dtype):
+                 shape: Tuple[int, ...], dtype: torch.dtype,
+                 zidx: Optional[np.ndarray] = None):
         self.packed = packed
         self.mask = mask
+        self.zidx = zidx
         self.shape = tuple(shape)
         self.dtype = dtype
         n = 1
@@ -69,9 +71,10 @@ class Stored:
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually held: packed record plus zero map."""
-        return (self.packed.nbytes if self.packed is not None else 0) + (
-            self.mask.nbytes if self.mask is not None else 0)
+        """Bytes actually held: packed record plus zero map or zero index list."""
+        return ((self.packed.nbytes if self.packed is not None else 0)
+                + (self.mask.nbytes if self.mask is not None else 0)
+                + (self.zidx.nbytes if self.zidx is not None else 0))
 
     @property
     def dense_nbytes(self) -> int:
@@ -85,6 +88,8 @@ class Stored:
                                                 dtype=torch.uint8)
         if self.mask is not None:
             d["smaq_mask"] = torch.from_numpy(self.mask.copy())
+        if self.zidx is not None:
+            d["smaq_zidx"] = torch.from_numpy(self.zidx.copy())
         return d
 
     @classmethod
@@ -94,10 +99,16 @@ class Stored:
             raw = d["smaq_packed"].detach().cpu().contiguous().numpy()
             packed = PackedTensor.from_bytes(memoryview(raw), kind="torch")
         mask = d["smaq_mask"].detach().cpu().numpy().copy() if "smaq_mask" in d else None
-        s = cls(packed, mask, shape, dtype)
+        zidx = d["smaq_zidx"].detach().cpu().numpy().copy() if "smaq_zidx" in d else None
+        s = cls(packed, mask, shape, dtype, zidx)
         if packed is not None and mask is None and packed.numel != s.numel:
             raise DtypeError(f"packed state holds {packed.numel} values, the parameter "
                              f"has {s.numel}")
+        if mask is not None and mask.size != (s.numel + 7) // 8:
+            raise DtypeError(f"zero map holds {mask.size} bytes, the parameter needs "
+                             f"{(s.numel + 7) // 8}")
+        if zidx is not None and zidx.size and (zidx.min() < 0 or zidx.max() >= s.numel):
+            raise DtypeError("zero index list points outside the parameter")
         return s
 
     def __repr__(self) -> str:
@@ -123,19 +134,23 @@ def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "au
     if not src.is_contiguous():
         src = src.contiguous()
     flat = src.reshape(-1)
-    mask = None
+    mask = zidx = None
     if zeros == "auto" and flat.numel():
         nz = flat != 0
         n_nz = int(nz.sum())
-        n_zero = flat.numel() - n_nz
-        if n_zero and (n_zero >= SPARSE_FRACTION * flat.numel()
-                       or not codec_keeps_zeros(codec, params)):
+        n = flat.numel()
+        n_zero = n - n_nz
+        if n_zero and n_zero < SPARSE_FRACTION * n and not codec_keeps_zeros(codec, params) \
+                and 4 * n_zero < n // 8:
+            # Few zeros and a codec that loses them: their positions cost less than a map.
+            zidx = np.flatnonzero(~nz.numpy()).astype(np.int32 if n < 2**31 else np.int64)
+        elif n_zero and (n_zero >= SPARSE_FRACTION * n or not codec_keeps_zeros(codec, params)):
             mask = np.packbits(nz.numpy(), bitorder="little")
             if n_nz == 0:
                 return Stored(None, mask, src.shape, src.dtype)
             flat = flat[nz]
     packed = _api.compress(flat if mask is not None else src, codec, **params)
-    return Stored(packed, mask, src.shape, src.dtype)
+    return Stored(packed, mask, src.shape, src.dtype, zidx)
 
 
 def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -143,7 +158,10 @@ def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     if out is None:
         out = torch.empty(s.shape, dtype=s.dtype)
     if s.mask is None:
-        return _api.decompress(s.packed, out=out)
+        _api.decompress(s.packed, out=out)
+        if s.zidx is not None and s.zidx.size:
+            out.view(-1)[torch.from_numpy(s.zidx).long()] = 0
+        return out
     flat = out.view(-1)
     flat.zero_()
     if s.packed is not None:

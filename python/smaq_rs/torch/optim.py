@@ -57,7 +57,7 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         self.min_numel = int(min_numel)
         self._scratch: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
         for slot in self._slots:  # bad codec/params fail here, not in the first step
-            _store.roundtrip(torch.zeros(64), codec, self._params_for(slot, 0))
+            _store.roundtrip(torch.arange(1.0, 65.0), codec, self._params_for(slot, 0))
 
     # -- codec parameters per slot ------------------------------------------------------------
     def _params_for(self, slot: str, seed: int) -> Dict[str, Any]:
@@ -113,8 +113,9 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["step"] += 1
                 step = int(state["step"].item())
+                decoded = any(isinstance(state.get(s), Stored) for s in self._slots)
                 bufs = {s: (None if fresh else self._load(state, s, p)) for s in self._slots}
-                bufs = self._update(p, g, bufs, group, step)
+                bufs = self._update(p, g, bufs, group, step, decoded)
                 for s, v in bufs.items():
                     if v is None:
                         continue
@@ -128,7 +129,7 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                         "weight", _derive_seed(group["seed"], gi, pi, step, "weight"))))
         return loss
 
-    def _update(self, p, g, bufs, group, step):  # pragma: no cover - abstract
+    def _update(self, p, g, bufs, group, step, decoded):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- state_dict ---------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class SGD(_PackedStateOptimizer):
                          codec, codec_params, min_numel, compress_state, quantize_weights,
                          quantize_grads, seed)
 
-    def _update(self, p, g, bufs, group, step):
+    def _update(self, p, g, bufs, group, step, decoded):
         if group["maximize"]:
             g = -g
         if group["weight_decay"]:
@@ -231,7 +232,7 @@ class Adam(_PackedStateOptimizer):
                          codec, codec_params, min_numel, compress_state, quantize_weights,
                          quantize_grads, seed)
 
-    def _update(self, p, g, bufs, group, step):
+    def _update(self, p, g, bufs, group, step, decoded):
         b1, b2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         if group["maximize"]:
@@ -245,7 +246,7 @@ class Adam(_PackedStateOptimizer):
         if m is None:
             m = torch.zeros_like(p, memory_format=torch.contiguous_format)
             v = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        elif group["guard"] and b1 * b1 < b2:
+        elif decoded and group["guard"] and b1 * b1 < b2:
             c = (1 - b2) * (1 - b1 * b1 / b2) / ((1 - b1) ** 2)
             torch.maximum(v, m * m * c, out=v)
         m.lerp_(g, 1 - b1)
