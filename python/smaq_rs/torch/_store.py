@@ -84,8 +84,8 @@ class Stored:
     def to_state(self) -> Dict[str, torch.Tensor]:
         d: Dict[str, torch.Tensor] = {}
         if self.packed is not None:
-            d["smaq_packed"] = torch.frombuffer(bytearray(self.packed.to_bytes()),
-                                                dtype=torch.uint8)
+            raw = np.frombuffer(self.packed.to_bytes(), dtype=np.uint8).copy()
+            d["smaq_packed"] = torch.from_numpy(raw)
         if self.mask is not None:
             d["smaq_mask"] = torch.from_numpy(self.mask.copy())
         if self.zidx is not None:
@@ -97,7 +97,7 @@ class Stored:
         packed = None
         if "smaq_packed" in d:
             raw = d["smaq_packed"].detach().cpu().contiguous().numpy()
-            packed = PackedTensor.from_bytes(memoryview(raw), kind="torch")
+            packed = PackedTensor.from_bytes(raw.tobytes(), kind="torch")
         mask = d["smaq_mask"].detach().cpu().numpy().copy() if "smaq_mask" in d else None
         zidx = d["smaq_zidx"].detach().cpu().numpy().copy() if "smaq_zidx" in d else None
         s = cls(packed, mask, shape, dtype, zidx)

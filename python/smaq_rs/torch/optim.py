@@ -140,11 +140,23 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():
-            for n, v in list(st.items()):
-                if _store.is_stored_state(v):
-                    st[n] = Stored.from_state(v, p.shape, p.dtype)
+        # torch's loader casts every non-"step" state tensor to the parameter's dtype, which
+        # would turn packed bytes into floats: take them out, load the rest, put them back.
+        packed: Dict[Any, Dict[str, Any]] = {}
+        plain: Dict[Any, Dict[str, Any]] = {}
+        for k, st in state_dict["state"].items():
+            plain[k] = {n: v for n, v in st.items() if not _store.is_stored_state(v)}
+            packed[k] = {n: v for n, v in st.items() if _store.is_stored_state(v)}
+        super().load_state_dict({**state_dict, "state": plain})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        for k, entries in packed.items():
+            if not entries:
+                continue
+            p = id_map[k]
+            for n, v in entries.items():
+                self.state[p][n] = Stored.from_state(v, p.shape, p.dtype)
 
     # -- accounting ---------------------------------------------------------------------------
     def state_nbytes(self) -> Tuple[int, int]:
