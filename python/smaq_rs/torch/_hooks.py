@@ -147,7 +147,7 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
         self.min_numel = int(min_numel)
         self.bool_bits = bool_bits
         self.narrow_ints = narrow_ints
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # __del__ of a handle may run inside _add (GC)
         self._exclude: set = set()
         if model is not None:
             self.exclude(model.parameters())

@@ -47,8 +47,9 @@ def _keeps_zeros(codec: str, frozen: Tuple[Tuple[str, Any], ...]) -> bool:
 
 
 def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
-    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (probed once, cached)."""
-    return _keeps_zeros(codec, _freeze(params))
+    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (probed once per
+    codec and parameters, the seed aside, and cached)."""
+    return _keeps_zeros(codec, _freeze({k: v for k, v in params.items() if k != "seed"}))
 
 
 class Stored:
@@ -136,10 +137,10 @@ def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "au
     flat = src.reshape(-1)
     mask = zidx = None
     if zeros == "auto" and flat.numel():
-        nz = flat != 0
-        n_nz = int(nz.sum())
         n = flat.numel()
+        n_nz = int(torch.count_nonzero(flat))
         n_zero = n - n_nz
+        nz = (flat != 0) if n_zero else None
         if n_zero and n_zero < SPARSE_FRACTION * n and not codec_keeps_zeros(codec, params) \
                 and 4 * n_zero < n // 8:
             # Few zeros and a codec that loses them: their positions cost less than a map.
