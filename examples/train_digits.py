@@ -1,6 +1,6 @@
 """Train a small CNN on scikit-learn's digits, plainly and with packed memory, side by side.
 
-    python examples/train_digits.py [--epochs 12] [--seed 0]
+    python examples/train_digits.py [--epochs 12] [--seed 0] [--threads 1]
 
 Run 1 ("plain"): torch.optim.Adam, activations kept by autograd as usual (counted, not packed).
 Run 2 ("smaq"):  smaq_rs.torch.Adam (exp_avg / exp_avg_sq packed with SmaQ 6/8) and
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import smaq_rs
 import smaq_rs.torch as st
 
 
@@ -95,8 +96,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for torch and for the codec (default 1: this model is tiny, "
+                         "and spinning thread pools slow everything down on a shared machine)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(args.threads)
+    smaq_rs.set_num_threads(args.threads)
     data = load_digits_tensors(args.seed)
     runs = {}
     for name, comp in (("plain", False), ("smaq", True)):

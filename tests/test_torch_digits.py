@@ -10,6 +10,8 @@ import pathlib
 import pytest
 import torch
 
+import smaq_rs
+
 pytest.importorskip("sklearn")
 
 _path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
@@ -20,14 +22,18 @@ _spec.loader.exec_module(td)
 
 @pytest.fixture(scope="module")
 def runs():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
+    # One thread each for torch and the codec: on a shared 2-core machine spinning thread pools
+    # make this test many times slower, and one thread keeps the float results reproducible.
+    threads, codec_threads = torch.get_num_threads(), smaq_rs.get_num_threads()
+    torch.set_num_threads(1)
+    smaq_rs.set_num_threads(1)
     try:
         data = td.load_digits_tensors(0)
         return {name: td.train(comp, seed=0, data=data)
                 for name, comp in (("plain", False), ("smaq", True))}
     finally:
         torch.set_num_threads(threads)
+        smaq_rs.set_num_threads(codec_threads)
 
 
 def test_accuracy_within_one_point_of_plain(runs):
