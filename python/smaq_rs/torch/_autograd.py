@@ -7,7 +7,7 @@ use :class:`smaq_rs.torch.compressed_activations` and the optimizers of ``smaq_r
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
