@@ -55,14 +55,17 @@ def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
 class Stored:
     """One tensor held as packed bytes (see the module doc)."""
 
-    __slots__ = ("packed", "mask", "zidx", "shape", "dtype", "numel", "__weakref__")
+    __slots__ = ("packed", "mask", "zidx", "range", "shape", "dtype", "numel", "__weakref__")
 
     def __init__(self, packed: Optional[PackedTensor], mask: Optional[np.ndarray],
                  shape: Tuple[int, ...], dtype: torch.dtype,
-                 zidx: Optional[np.ndarray] = None):
+                 zidx: Optional[np.ndarray] = None, range: Optional[np.ndarray] = None):
         self.packed = packed
         self.mask = mask
         self.zidx = zidx
+        # [min, max] of the packed values (float64): decoded values are clamped into it, so a
+        # small positive value of a non-negative tensor (a ReLU output) never decodes <= 0.
+        self.range = range
         self.shape = tuple(shape)
         self.dtype = dtype
         n = 1
@@ -75,7 +78,8 @@ class Stored:
         """Bytes actually held: packed record plus zero map or zero index list."""
         return ((self.packed.nbytes if self.packed is not None else 0)
                 + (self.mask.nbytes if self.mask is not None else 0)
-                + (self.zidx.nbytes if self.zidx is not None else 0))
+                + (self.zidx.nbytes if self.zidx is not None else 0)
+                + (self.range.nbytes if self.range is not None else 0))
 
     @property
     def dense_nbytes(self) -> int:
@@ -91,6 +95,8 @@ class Stored:
             d["smaq_mask"] = torch.from_numpy(self.mask.copy())
         if self.zidx is not None:
             d["smaq_zidx"] = torch.from_numpy(self.zidx.copy())
+        if self.range is not None:
+            d["smaq_range"] = torch.from_numpy(self.range.copy())
         return d
 
     @classmethod
@@ -101,7 +107,11 @@ class Stored:
             packed = PackedTensor.from_bytes(raw.tobytes(), kind="torch")
         mask = d["smaq_mask"].detach().cpu().numpy().copy() if "smaq_mask" in d else None
         zidx = d["smaq_zidx"].detach().cpu().numpy().copy() if "smaq_zidx" in d else None
-        s = cls(packed, mask, shape, dtype, zidx)
+        rng = d["smaq_range"].detach().cpu().numpy().astype(np.float64) \
+            if "smaq_range" in d else None
+        if rng is not None and rng.shape != (2,):
+            raise DtypeError(f"value range must hold 2 numbers, not {rng.shape}")
+        s = cls(packed, mask, shape, dtype, zidx, rng)
         if packed is not None and mask is None and packed.numel != s.numel:
             raise DtypeError(f"packed state holds {packed.numel} values, the parameter "
                              f"has {s.numel}")
@@ -150,8 +160,15 @@ def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "au
             if n_nz == 0:
                 return Stored(None, mask, src.shape, src.dtype)
             flat = flat[nz]
-    packed = _api.compress(flat if mask is not None else src, codec, **params)
-    return Stored(packed, mask, src.shape, src.dtype, zidx)
+    data = flat if mask is not None else src
+    rng = None
+    if data.numel():
+        lo, hi = torch.aminmax(data.reshape(-1))
+        lo, hi = float(lo), float(hi)
+        if lo == lo and hi == hi:  # no NaN
+            rng = np.array([lo, hi], dtype=np.float64)
+    packed = _api.compress(data, codec, **params)
+    return Stored(packed, mask, src.shape, src.dtype, zidx, rng)
 
 
 def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -160,6 +177,8 @@ def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty(s.shape, dtype=s.dtype)
     if s.mask is None:
         _api.decompress(s.packed, out=out)
+        if s.range is not None:
+            out.clamp_(float(s.range[0]), float(s.range[1]))
         if s.zidx is not None and s.zidx.size:
             out.view(-1)[torch.from_numpy(s.zidx).long()] = 0
         return out
@@ -167,7 +186,10 @@ def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     flat.zero_()
     if s.packed is not None:
         bits = np.unpackbits(s.mask, count=s.numel, bitorder="little").view(np.bool_)
-        flat.masked_scatter_(torch.from_numpy(bits), _api.decompress(s.packed))
+        vals = _api.decompress(s.packed)
+        if s.range is not None:
+            vals.clamp_(float(s.range[0]), float(s.range[1]))
+        flat.masked_scatter_(torch.from_numpy(bits), vals)
     return out
 
 
