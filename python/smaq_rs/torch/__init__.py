@@ -1,0 +1,38 @@
+"""smaq_rs for PyTorch training: real packed memory, measured from real buffers.
+
+- :func:`wrap_model` / :class:`Compressor`: simulation as in the SmaQ paper (compress and
+  decompress feature maps and gradient maps); studies accuracy, saves no memory.
+- :class:`compressed_activations`: saved-tensor hooks that keep what autograd saves for backward
+  as packed bytes (real savings).
+- :mod:`smaq_rs.torch.optim`: SGD / Adam / AdamW with momentum / exp_avg / exp_avg_sq packed
+  between steps.
+- :class:`MemoryMeter`: per-step, per-tag dense vs held bytes and the process's peak RSS.
+
+CPU tensors; a CUDA tensor is copied to the host to be packed and brought back when decoded.
+"""
+
+from . import optim
+from ._autograd import LAYER_GROUPS, Compressor, unwrap_model, wrap_model
+from ._hooks import compressed_activations
+from ._meter import MemoryMeter, format_table, peak_rss, reset_peak_rss
+from ._store import Stored, codec_keeps_zeros
+from .optim import SGD, Adam, AdamW, state_nbytes
+
+__all__ = [
+    "LAYER_GROUPS",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Compressor",
+    "MemoryMeter",
+    "Stored",
+    "codec_keeps_zeros",
+    "compressed_activations",
+    "format_table",
+    "optim",
+    "peak_rss",
+    "reset_peak_rss",
+    "state_nbytes",
+    "unwrap_model",
+    "wrap_model",
+]

@@ -1,0 +1,201 @@
+"""Packed storage of one torch tensor, shared by the activation hooks and the optimizers.
+
+A :class:`Stored` holds a tensor as real bytes: the codec's packed record of its values, and,
+where zeros matter, a 1-bit map of which elements are non-zero (``np.packbits``) with only the
+non-zero values packed. Zeros then decode to exactly 0 whatever the codec does with them, and a
+ReLU output (half zeros) costs about 1 + 6.63/2 bits per value instead of 6.63. Every size it
+reports is the length of a real buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _api
+from .._api import PackedTensor
+from .._core import DtypeError
+
+#: Float dtypes the codecs accept.
+CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: With a codec that keeps exact zeros, the zero map is used only when at least this fraction of
+#: the elements are zero (1 bit per element pays for itself from about 1/6.63 = 15% zeros).
+SPARSE_FRACTION = 0.15
+
+
+def _freeze(params: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _keeps_zeros(codec: str, frozen: Tuple[Tuple[str, Any], ...]) -> bool:
+    params = dict(frozen)
+    params.pop("seed", None)
+    base = np.array([0.0, 1.5, -2.0, 0.0, 0.3, -0.7, 0.0, 4.0, 0.01, 0.0, -0.01, 3.0],
+                    dtype=np.float32)
+    for shift in (0.0, 0.37, -1.3):
+        x = np.tile(base + np.float32(shift) * (base != 0), 16)
+        for seed in range(4):
+            y = _api.decompress(_api.compress(x, codec, seed=seed, **params))
+            if not np.all(y[x == 0] == 0):
+                return False
+    return True
+
+
+def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
+    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (probed once per
+    codec and parameters, the seed aside, and cached)."""
+    return _keeps_zeros(codec, _freeze({k: v for k, v in params.items() if k != "seed"}))
+
+
+class Stored:
+    """One tensor held as packed bytes (see the module doc)."""
+
+    __slots__ = ("packed", "mask", "zidx", "range", "shape", "dtype", "numel", "__weakref__")
+
+    def __init__(self, packed: Optional[PackedTensor], mask: Optional[np.ndarray],
+                 shape: Tuple[int, ...], dtype: torch.dtype,
+                 zidx: Optional[np.ndarray] = None, range: Optional[np.ndarray] = None):
+        self.packed = packed
+        self.mask = mask
+        self.zidx = zidx
+        # [min, max] of the packed values (float64): decoded values are clamped into it, so a
+        # small positive value of a non-negative tensor (a ReLU output) never decodes <= 0.
+        self.range = range
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        n = 1
+        for s in self.shape:
+            n *= s
+        self.numel = n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held: packed record plus zero map or zero index list."""
+        return ((self.packed.nbytes if self.packed is not None else 0)
+                + (self.mask.nbytes if self.mask is not None else 0)
+                + (self.zidx.nbytes if self.zidx is not None else 0)
+                + (self.range.nbytes if self.range is not None else 0))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    # -- serialization (torch.save(..., weights_only=True) compatible) -------------------------
+    def to_state(self) -> Dict[str, torch.Tensor]:
+        d: Dict[str, torch.Tensor] = {}
+        if self.packed is not None:
+            raw = np.frombuffer(self.packed.to_bytes(), dtype=np.uint8).copy()
+            d["smaq_packed"] = torch.from_numpy(raw)
+        if self.mask is not None:
+            d["smaq_mask"] = torch.from_numpy(self.mask.copy())
+        if self.zidx is not None:
+            d["smaq_zidx"] = torch.from_numpy(self.zidx.copy())
+        if self.range is not None:
+            d["smaq_range"] = torch.from_numpy(self.range.copy())
+        return d
+
+    @classmethod
+    def from_state(cls, d: Dict[str, torch.Tensor], shape, dtype) -> "Stored":
+        packed = None
+        if "smaq_packed" in d:
+            raw = d["smaq_packed"].detach().cpu().contiguous().numpy()
+            packed = PackedTensor.from_bytes(raw.tobytes(), kind="torch")
+        mask = d["smaq_mask"].detach().cpu().numpy().copy() if "smaq_mask" in d else None
+        zidx = d["smaq_zidx"].detach().cpu().numpy().copy() if "smaq_zidx" in d else None
+        rng = d["smaq_range"].detach().cpu().numpy().astype(np.float64) \
+            if "smaq_range" in d else None
+        if rng is not None and rng.shape != (2,):
+            raise DtypeError(f"value range must hold 2 numbers, not {rng.shape}")
+        s = cls(packed, mask, shape, dtype, zidx, rng)
+        if packed is not None and mask is None and packed.numel != s.numel:
+            raise DtypeError(f"packed state holds {packed.numel} values, the parameter "
+                             f"has {s.numel}")
+        if mask is not None and mask.size != (s.numel + 7) // 8:
+            raise DtypeError(f"zero map holds {mask.size} bytes, the parameter needs "
+                             f"{(s.numel + 7) // 8}")
+        if zidx is not None and zidx.size and (zidx.min() < 0 or zidx.max() >= s.numel):
+            raise DtypeError("zero index list points outside the parameter")
+        return s
+
+    def __repr__(self) -> str:
+        return (f"Stored(shape={self.shape}, dtype={self.dtype}, nbytes={self.nbytes}, "
+                f"dense_nbytes={self.dense_nbytes}, zero_map={self.mask is not None})")
+
+
+def is_stored_state(v: Any) -> bool:
+    return isinstance(v, dict) and ("smaq_packed" in v or "smaq_mask" in v)
+
+
+def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "auto") -> Stored:
+    """Packs a float tensor (any device; read, never modified).
+
+    zeros: "auto" uses the zero map where needed for exactness (codec loses zeros and the tensor
+    has some) or where it saves bytes (>= SPARSE_FRACTION zeros); "never" relies on the codec.
+    """
+    if t.dtype not in CODEC_DTYPES:
+        raise DtypeError(f"cannot pack a tensor of dtype {t.dtype}")
+    src = t.detach()
+    if src.device.type != "cpu":
+        src = src.cpu()
+    if not src.is_contiguous():
+        src = src.contiguous()
+    flat = src.reshape(-1)
+    mask = zidx = None
+    if zeros == "auto" and flat.numel():
+        n = flat.numel()
+        n_nz = int(torch.count_nonzero(flat))
+        n_zero = n - n_nz
+        nz = (flat != 0) if n_zero else None
+        if n_zero and n_zero < SPARSE_FRACTION * n and not codec_keeps_zeros(codec, params) \
+                and 4 * n_zero < n // 8:
+            # Few zeros and a codec that loses them: their positions cost less than a map.
+            zidx = np.flatnonzero(~nz.numpy()).astype(np.int32 if n < 2**31 else np.int64)
+        elif n_zero and (n_zero >= SPARSE_FRACTION * n or not codec_keeps_zeros(codec, params)):
+            mask = np.packbits(nz.numpy(), bitorder="little")
+            if n_nz == 0:
+                return Stored(None, mask, src.shape, src.dtype)
+            flat = flat[nz]
+    data = flat if mask is not None else src
+    rng = None
+    if data.numel():
+        lo, hi = torch.aminmax(data.reshape(-1))
+        lo, hi = float(lo), float(hi)
+        if lo == lo and hi == hi:  # no NaN
+            rng = np.array([lo, hi], dtype=np.float64)
+    packed = _api.compress(data, codec, **params)
+    return Stored(packed, mask, src.shape, src.dtype, zidx, rng)
+
+
+def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decodes into a new CPU tensor, or into ``out`` (CPU, contiguous, right dtype/shape)."""
+    if out is None:
+        out = torch.empty(s.shape, dtype=s.dtype)
+    if s.mask is None:
+        _api.decompress(s.packed, out=out)
+        if s.range is not None:
+            out.clamp_(float(s.range[0]), float(s.range[1]))
+        if s.zidx is not None and s.zidx.size:
+            out.view(-1)[torch.from_numpy(s.zidx).long()] = 0
+        return out
+    flat = out.view(-1)
+    flat.zero_()
+    if s.packed is not None:
+        bits = np.unpackbits(s.mask, count=s.numel, bitorder="little").view(np.bool_)
+        vals = _api.decompress(s.packed)
+        if s.range is not None:
+            vals.clamp_(float(s.range[0]), float(s.range[1]))
+        flat.masked_scatter_(torch.from_numpy(bits), vals)
+    return out
+
+
+def roundtrip(t: torch.Tensor, codec: str, params: Dict[str, Any]) -> torch.Tensor:
+    """compress then decompress (simulation as in the paper); same device, dtype and shape."""
+    if t.dtype not in CODEC_DTYPES or t.numel() == 0:
+        return t
+    y = decode(encode(t, codec, params))
+    return y.to(t.device) if t.device.type != "cpu" else y

@@ -1,0 +1,282 @@
+"""Drop-in SGD / Adam / AdamW whose state lives as packed bytes between steps.
+
+During ``step()`` each parameter's state is decoded into a reusable scratch buffer, updated with
+the usual formulas, and packed again, so only one parameter's state is dense at a time.
+``exp_avg_sq`` is packed with ``all_positive=True``. Tensors with fewer than ``min_numel``
+elements, and parameter groups with ``compress_state=False``, keep dense state.
+
+Exactness and resuming: zeros in the state decode to exactly 0 (a zero map is stored when the
+codec does not guarantee it). Stochastic rounding draws its seed from (group ``seed``, group,
+parameter, step, slot), so a run resumed from ``state_dict()`` continues bit for bit like the
+uninterrupted one. ``state_dict()`` holds only tensors, ints, floats and strings and loads with
+``torch.load(..., weights_only=True)``.
+
+Adam guard (``guard=True``, the default): with zero-initialised moments and beta1**2 < beta2,
+Cauchy-Schwarz gives exp_avg**2 <= exp_avg_sq * (1-beta1)**2 / ((1-beta2)(1-beta1**2/beta2)).
+A decoded exp_avg_sq below that bound (quantization error) is raised to it, so a small decoded
+exp_avg over a near-zero decoded exp_avg_sq cannot blow a parameter up.
+
+The paper's weight and gradient quantization around the step: ``quantize_grads`` replaces the
+gradient by its compressed-decompressed value before the update, ``quantize_weights`` does the
+same to the parameter after it (simulation: both stay dense). Both are per-group options, so a
+group (e.g. norms and biases) can opt out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from . import _store
+from ._store import Stored
+
+_COMMON = ("compress_state", "quantize_weights", "quantize_grads", "seed")
+
+
+def _derive_seed(base: int, gi: int, pi: int, step: int, slot: str) -> int:
+    h = hashlib.blake2b(f"{base}:{gi}:{pi}:{step}:{slot}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class _PackedStateOptimizer(torch.optim.Optimizer):
+    """Shared machinery: decoding/encoding state slots around a per-parameter update."""
+
+    _slots: Tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: Dict[str, Any], codec: str, codec_params, min_numel,
+                 compress_state, quantize_weights, quantize_grads, seed):
+        defaults.update(compress_state=compress_state, quantize_weights=quantize_weights,
+                        quantize_grads=quantize_grads, seed=int(seed))
+        super().__init__(params, defaults)
+        self.codec = codec
+        self.codec_params: Dict[str, Any] = dict(codec_params or {})
+        self.codec_params.pop("seed", None)
+        self.min_numel = int(min_numel)
+        self._scratch: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+        for slot in self._slots:  # bad codec/params fail here, not in the first step
+            _store.roundtrip(torch.arange(1.0, 65.0), codec, self._params_for(slot, 0))
+
+    # -- codec parameters per slot ------------------------------------------------------------
+    def _params_for(self, slot: str, seed: int) -> Dict[str, Any]:
+        p = dict(self.codec_params)
+        if slot == "exp_avg_sq" and self.codec == "smaq":
+            p["all_positive"] = True
+        p["seed"] = seed
+        return p
+
+    def _scratch_for(self, slot: str, like: torch.Tensor) -> torch.Tensor:
+        key = (slot, like.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = torch.empty(like.numel(), dtype=like.dtype)
+            self._scratch[key] = buf
+        return buf[: like.numel()].view(like.shape)
+
+    def _load(self, state, slot: str, p: torch.Tensor) -> torch.Tensor:
+        v = state[slot]
+        if isinstance(v, Stored):
+            t = _store.decode(v, out=self._scratch_for(slot, p))
+            return t.to(p.device) if p.device.type != "cpu" else t
+        return v
+
+    def _save(self, state, slot: str, value: torch.Tensor, packed: bool, seed: int) -> None:
+        if packed:
+            state[slot] = _store.encode(value, self.codec, self._params_for(slot, seed))
+        else:
+            state[slot] = value
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if group["quantize_grads"]:
+                    g = _store.roundtrip(g, self.codec, self._params_for(
+                        "grad", _derive_seed(group["seed"], gi, pi, -1, "grad")))
+                state = self.state[p]
+                packed = (group["compress_state"] and p.numel() >= self.min_numel
+                          and p.dtype in _store.CODEC_DTYPES)
+                fresh = len(state) == 0
+                if fresh:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] += 1
+                step = int(state["step"].item())
+                decoded = any(isinstance(state.get(s), Stored) for s in self._slots)
+                bufs = {s: (None if fresh else self._load(state, s, p)) for s in self._slots}
+                bufs = self._update(p, g, bufs, group, step, decoded)
+                for s, v in bufs.items():
+                    if v is None:
+                        continue
+                    if packed:
+                        self._save(state, s, v, True,
+                                   _derive_seed(group["seed"], gi, pi, step, s))
+                    else:  # never keep a view of a scratch buffer as dense state
+                        state[s] = v.clone() if isinstance(state.get(s), Stored) else v
+                if group["quantize_weights"]:
+                    p.copy_(_store.roundtrip(p, self.codec, self._params_for(
+                        "weight", _derive_seed(group["seed"], gi, pi, step, "weight"))))
+        return loss
+
+    def _update(self, p, g, bufs, group, step, decoded):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- state_dict ---------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"] = {k: {n: (v.to_state() if isinstance(v, Stored) else v)
+                           for n, v in st.items()} for k, st in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # torch's loader casts every non-"step" state tensor to the parameter's dtype, which
+        # would turn packed bytes into floats: take them out, load the rest, put them back.
+        packed: Dict[Any, Dict[str, Any]] = {}
+        plain: Dict[Any, Dict[str, Any]] = {}
+        for k, st in state_dict["state"].items():
+            plain[k] = {n: v for n, v in st.items() if not _store.is_stored_state(v)}
+            packed[k] = {n: v for n, v in st.items() if _store.is_stored_state(v)}
+        super().load_state_dict({**state_dict, "state": plain})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        for k, entries in packed.items():
+            if not entries:
+                continue
+            p = id_map[k]
+            for n, v in entries.items():
+                self.state[p][n] = Stored.from_state(v, p.shape, p.dtype)
+
+    # -- accounting ---------------------------------------------------------------------------
+    def state_nbytes(self) -> Tuple[int, int]:
+        """(dense bytes the state would take, bytes actually held), from the real buffers."""
+        return state_nbytes(self)
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> Tuple[int, int]:
+    """(dense, held) bytes of any optimizer's state: packed entries count their real bytes."""
+    dense = held = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, Stored):
+                dense += v.dense_nbytes
+                held += v.nbytes
+            elif isinstance(v, torch.Tensor):
+                n = v.numel() * v.element_size()
+                dense += n
+                held += n
+    return dense, held
+
+
+class SGD(_PackedStateOptimizer):
+    """torch.optim.SGD with the momentum buffer packed between steps."""
+
+    _slots = ("momentum_buffer",)
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 maximize: bool = False, *, codec: str = "smaq",
+                 codec_params: Optional[Dict[str, Any]] = None, min_numel: int = 4096,
+                 compress_state: bool = True, quantize_weights: bool = False,
+                 quantize_grads: bool = False, seed: int = 0):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError("lr, momentum and weight_decay must be >= 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if momentum == 0:
+            self._slots = ()
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize),
+                         codec, codec_params, min_numel, compress_state, quantize_weights,
+                         quantize_grads, seed)
+
+    def _update(self, p, g, bufs, group, step, decoded):
+        if group["maximize"]:
+            g = -g
+        if group["weight_decay"]:
+            g = g.add(p, alpha=group["weight_decay"])
+        mom = group["momentum"]
+        if mom:
+            buf = bufs.get("momentum_buffer")
+            if buf is None:
+                buf = g.detach().clone()
+            else:
+                buf.mul_(mom).add_(g, alpha=1 - group["dampening"])
+            bufs["momentum_buffer"] = buf
+            g = g.add(buf, alpha=mom) if group["nesterov"] else buf
+        p.add_(g, alpha=-group["lr"])
+        return bufs
+
+
+class Adam(_PackedStateOptimizer):
+    """torch.optim.Adam (``decoupled=False``) / AdamW with exp_avg, exp_avg_sq packed."""
+
+    _slots = ("exp_avg", "exp_avg_sq")
+    _decoupled = False
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
+                 maximize: bool = False, *, guard: bool = True, codec: str = "smaq",
+                 codec_params: Optional[Dict[str, Any]] = None, min_numel: int = 4096,
+                 compress_state: bool = True, quantize_weights: bool = False,
+                 quantize_grads: bool = False, seed: int = 0):
+        if amsgrad:
+            raise ValueError(f"{type(self).__name__}: amsgrad is not supported")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"invalid betas {betas}")
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be >= 0")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, maximize=maximize,
+                                      guard=guard),
+                         codec, codec_params, min_numel, compress_state, quantize_weights,
+                         quantize_grads, seed)
+
+    def _update(self, p, g, bufs, group, step, decoded):
+        b1, b2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        if group["maximize"]:
+            g = -g
+        if wd:
+            if self._decoupled:
+                p.mul_(1 - lr * wd)
+            else:
+                g = g.add(p, alpha=wd)
+        m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+        if m is None:
+            m = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            v = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        elif decoded and group["guard"] and b1 * b1 < b2:
+            c = (1 - b2) * (1 - b1 * b1 / b2) / ((1 - b1) ** 2)
+            torch.maximum(v, m * m * c, out=v)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - b1 ** step
+        bc2 = 1 - b2 ** step
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        bufs["exp_avg"], bufs["exp_avg_sq"] = m, v
+        return bufs
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (decoupled weight decay, default 1e-2) with packed state."""
+
+    _decoupled = True
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs: Any):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         **kwargs)
