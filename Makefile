@@ -12,6 +12,7 @@ RUST_SRC := $(shell find src -name '*.rs') Cargo.toml pyproject.toml
 
 demo: $(BUILT)
 	$(PY) examples/demo.py
+	$(PY) examples/train_digits.py
 
 test: $(BUILT)
 	cargo test --release

@@ -9,3 +9,21 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("smaq")
+
+
+import numpy as _np  # noqa: E402
+import pytest  # noqa: E402
+
+try:
+    import torch as _torch  # noqa: E402
+except ImportError:  # pragma: no cover
+    _torch = None
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs():
+    """Every test starts from the same torch and NumPy RNG state: failures reproduce."""
+    _np.random.seed(0)
+    if _torch is not None:
+        _torch.manual_seed(0)
+    yield

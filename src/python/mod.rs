@@ -130,16 +130,23 @@ impl PyPacked {
     /// Parses packed bytes (bytes, bytearray, memoryview...), verifying the checksum.
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let buf = PyBuffer::<u8>::get(data).map_err(|_| {
-            FormatError::new_err(format!(
-                "expected bytes-like packed data, got {}",
-                data.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        let bytes = buf.to_vec(py)?;
+        // Any contiguous byte buffer: bytes, bytearray, memoryview ('B' or 'b'), uint8 arrays.
+        let bytes = match PyBuffer::<u8>::get(data) {
+            Ok(buf) => buf.to_vec(py)?,
+            Err(_) => match PyBuffer::<i8>::get(data) {
+                Ok(buf) => buf.to_vec(py)?.into_iter().map(|b| b as u8).collect(),
+                Err(_) => {
+                    let kind = data
+                        .get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default();
+                    return Err(FormatError::new_err(format!(
+                        "expected bytes-like packed data, got {kind}"
+                    )));
+                }
+            },
+        };
         let inner = detached(py, move || Packed::from_bytes(bytes))?;
         Ok(Self { inner })
     }
