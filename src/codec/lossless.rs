@@ -1,37 +1,45 @@
-//! Lossless: exact round trip of float tensors by byte-plane splitting and zstd (in the spirit of
-//! ZipNN; written from the idea, not the code).
+//! Lossless: exact round trip of float tensors by byte-plane splitting and entropy coding (in
+//! the spirit of ZipNN; written from the idea, not the code).
 //!
 //! Each value's bit pattern is rotated left by one bit so the sign lands in the lowest bit and the
 //! exponent fills the most significant byte (exactly for float32, bfloat16 and the top 8 of
 //! float64's 11 exponent bits; float16's top byte holds its 5 exponent bits and 3 mantissa bits).
 //! The tensor is cut into chunks of `chunk_size` elements; in each chunk the values are split into
-//! byte planes (plane 0 = most significant byte of every value, ...) and each plane is compressed
-//! with zstd at `level`, or stored raw when zstd does not make it smaller (mantissa bytes are
-//! close to uniform and usually go raw). Chunks are independent and run in parallel.
+//! byte planes (plane 0 = most significant byte of every value, ...). Each plane is stored raw
+//! when a sampled entropy says it is near-random (mantissa bytes), as one byte when constant, or
+//! Huffman-coded (`huffman.rs`: the exponent plane, about 2.6 bits per value on weights), with
+//! zstd at `level` tried as well on planes that Huffman takes below 2 bits per byte (repeats).
+//! Order-0 Huffman beats zstd's fast levels here: their short matches cost more than they save
+//! on exponent bytes, and Huffman alone runs several times faster. Chunks are independent and
+//! run in parallel; per-thread scratch buffers hold a chunk's planes.
 //!
-//! Metadata (little-endian): version u8 (= 1), level i8, chunk_size u32, n_chunks u32, then per
-//! chunk and per plane: mode u8 (0 raw, 1 zstd), stored length u32. The payload is the planes'
-//! stored bytes in that order.
+//! Metadata (little-endian): version u8 (= 2), level i8, chunk_size u32, n_chunks u32, then per
+//! chunk and per plane: mode u8 (0 raw, 1 zstd, 2 Huffman, 3 constant), stored length u32. The
+//! payload is the planes' stored bytes in that order (docs/FORMAT.md).
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::dispatch;
-use crate::dtype::{Data, DataMut, Element};
+use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 use rayon::prelude::*;
 
+mod huffman;
+
 pub const ID: u16 = 16;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const DEFAULT_LEVEL: i64 = 1;
 const DEFAULT_CHUNK: i64 = 1 << 18;
 const MODE_RAW: u8 = 0;
 const MODE_ZSTD: u8 = 1;
+const MODE_HUFFMAN: u8 = 2;
+const MODE_CONST: u8 = 3;
 
 pub static INFO: CodecInfo = CodecInfo {
     id: ID,
     name: "lossless",
-    doc: "Exact: byte planes (exponent byte first) of each chunk entropy-coded with zstd, raw \
-          where zstd does not help; chunked and parallel.",
+    doc: "Exact: byte planes (exponent byte first) of each chunk Huffman-coded, raw where \
+          near-random, zstd where it beats Huffman; chunked and parallel.",
     defaults,
     encoder: |p| Ok(Box::new(LosslessConfig::from_params(p)?)),
     decoder: |meta, frame| Ok(Box::new(LosslessDecoder::open(meta, frame)?)),
@@ -73,86 +81,91 @@ impl LosslessConfig {
     }
 }
 
-#[inline(always)]
-fn rotl(bits: u64, width: u32) -> u64 {
-    let mask = if width == 64 {
-        u64::MAX
-    } else {
-        (1u64 << width) - 1
-    };
-    ((bits << 1) | (bits >> (width - 1))) & mask
-}
-
-#[inline(always)]
-fn rotr(bits: u64, width: u32) -> u64 {
-    let mask = if width == 64 {
-        u64::MAX
-    } else {
-        (1u64 << width) - 1
-    };
-    ((bits >> 1) | (bits << (width - 1))) & mask
-}
-
-/// Splits `x` into `size` byte planes (most significant first) after the sign rotation.
-fn split<T: Element>(x: &[T], size: usize) -> Vec<Vec<u8>> {
-    let width = 8 * size as u32;
-    let mut planes: Vec<Vec<u8>> = (0..size).map(|_| Vec::with_capacity(x.len())).collect();
-    match size {
-        2 => {
-            let (hi, lo) = planes.split_at_mut(1);
-            for v in x {
-                let b = rotl(v.to_bits_u64(), 16);
-                hi[0].push((b >> 8) as u8);
-                lo[0].push(b as u8);
+/// Splits `x` into `size` byte planes (most significant first, after the sign rotation), plane
+/// `p` at `planes[p * n..(p + 1) * n]`.
+fn split(x: Data<'_>, planes: &mut [u8]) {
+    fn go<W: Copy, const S: usize>(x: &[W], planes: &mut [u8], bytes: impl Fn(W) -> [u8; S]) {
+        let n = x.len();
+        let mut ps: Vec<&mut [u8]> = planes[..S * n].chunks_mut(n.max(1)).collect();
+        match &mut ps[..] {
+            [p0, p1] => {
+                for ((&v, a), b) in x.iter().zip(p0.iter_mut()).zip(p1.iter_mut()) {
+                    [*a, *b] = bytes(v)[..2].try_into().unwrap();
+                }
+            }
+            [p0, p1, p2, p3] => {
+                for (i, &v) in x.iter().enumerate() {
+                    let b = bytes(v);
+                    (p0[i], p1[i], p2[i], p3[i]) = (b[0], b[1], b[2], b[3]);
+                }
+            }
+            ps => {
+                for (i, &v) in x.iter().enumerate() {
+                    for (p, &b) in ps.iter_mut().zip(&bytes(v)) {
+                        p[i] = b;
+                    }
+                }
             }
         }
-        4 => {
-            let [p0, p1, p2, p3] = &mut planes[..] else {
+    }
+    match x {
+        Data::F32(v) => go(bytemuck::cast_slice::<_, u32>(v), planes, |w| {
+            w.rotate_left(1).to_be_bytes()
+        }),
+        Data::F16(v) => go(bytemuck::cast_slice::<_, u16>(v), planes, |w| {
+            w.rotate_left(1).to_be_bytes()
+        }),
+        Data::BF16(v) => go(bytemuck::cast_slice::<_, u16>(v), planes, |w| {
+            w.rotate_left(1).to_be_bytes()
+        }),
+        Data::F64(v) => go(bytemuck::cast_slice::<_, u64>(v), planes, |w| {
+            w.rotate_left(1).to_be_bytes()
+        }),
+    }
+}
+
+/// Joins byte planes (most significant first) back into values, undoing the sign rotation.
+fn join(planes: &[&[u8]], out: DataMut<'_>) {
+    match out {
+        DataMut::F32(o) => {
+            let o = bytemuck::cast_slice_mut::<_, u32>(o);
+            let [p0, p1, p2, p3] = planes else {
                 unreachable!()
             };
-            for v in x {
-                let b = rotl(v.to_bits_u64(), 32);
-                p0.push((b >> 24) as u8);
-                p1.push((b >> 16) as u8);
-                p2.push((b >> 8) as u8);
-                p3.push(b as u8);
+            let (p0, p1, p2, p3) = (
+                &p0[..o.len()],
+                &p1[..o.len()],
+                &p2[..o.len()],
+                &p3[..o.len()],
+            );
+            for (i, w) in o.iter_mut().enumerate() {
+                *w = u32::from_be_bytes([p0[i], p1[i], p2[i], p3[i]]).rotate_right(1);
             }
         }
-        _ => {
-            for v in x {
-                let b = rotl(v.to_bits_u64(), width);
-                for (p, plane) in planes.iter_mut().enumerate() {
-                    plane.push((b >> (8 * (size - 1 - p))) as u8);
+        DataMut::F16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
+        DataMut::BF16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
+        DataMut::F64(o) => {
+            let o = bytemuck::cast_slice_mut::<_, u64>(o);
+            for (i, w) in o.iter_mut().enumerate() {
+                let mut b = [0u8; 8];
+                for (d, p) in b.iter_mut().zip(planes) {
+                    *d = p[i];
                 }
-            }
-        }
-    }
-    planes
-}
-
-fn join<T: Element>(planes: &[Vec<u8>], out: &mut [T], size: usize) {
-    let width = 8 * size as u32;
-    match size {
-        2 => {
-            for ((o, &h), &l) in out.iter_mut().zip(&planes[0]).zip(&planes[1]) {
-                *o = T::from_bits_u64(rotr(((h as u64) << 8) | l as u64, 16));
-            }
-        }
-        _ => {
-            for (i, o) in out.iter_mut().enumerate() {
-                let mut b = 0u64;
-                for plane in planes {
-                    b = (b << 8) | plane[i] as u64;
-                }
-                *o = T::from_bits_u64(rotr(b, width));
+                *w = u64::from_be_bytes(b).rotate_right(1);
             }
         }
     }
 }
 
-/// True when an order-0 entropy estimate over a sample says zstd cannot save even 2% (mantissa
-/// bytes): skips a zstd call whose output would be thrown away.
-fn looks_random(plane: &[u8]) -> bool {
+fn join16(planes: &[&[u8]], o: &mut [u16]) {
+    let [hi, lo] = planes else { unreachable!() };
+    for ((w, &h), &l) in o.iter_mut().zip(*hi).zip(*lo) {
+        *w = u16::from_be_bytes([h, l]).rotate_right(1);
+    }
+}
+
+/// Order-0 entropy (bits per byte) of a sample of about 8192 bytes.
+fn sampled_entropy(plane: &[u8]) -> f64 {
     let step = (plane.len() / 8192).max(1);
     let mut hist = [0u32; 256];
     let mut n = 0u32;
@@ -160,47 +173,104 @@ fn looks_random(plane: &[u8]) -> bool {
         hist[b as usize] += 1;
         n += 1;
     }
-    if n < 1024 {
-        return false;
-    }
     let inv = 1.0 / n as f64;
-    let h: f64 = hist
-        .iter()
+    hist.iter()
         .filter(|&&c| c > 0)
         .map(|&c| {
             let p = c as f64 * inv;
             -p * p.log2()
         })
-        .sum();
-    h > 7.85
+        .sum()
 }
 
-/// One coded plane: (mode, stored bytes).
-fn code_plane(plane: Vec<u8>, level: i32) -> Result<(u8, Vec<u8>)> {
-    if plane.is_empty() || looks_random(&plane) {
-        return Ok((MODE_RAW, plane));
+/// A plane whose sampled entropy is above this many bits per byte is stored raw without trying
+/// anything (mantissa bytes: Huffman would save under 1% of them at the cost of a full pass).
+const RAW_ENTROPY: f64 = 7.9;
+
+thread_local! {
+    /// Per-thread scratch: the byte planes of a chunk (encode) or its decoded planes (decode).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Codes one plane onto `out`; returns its mode.
+fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
+    let start = out.len();
+    if plane.is_empty() || (plane.len() >= 1024 && sampled_entropy(plane) > RAW_ENTROPY) {
+        out.extend_from_slice(plane);
+        return Ok(MODE_RAW);
     }
-    let z = zstd::bulk::compress(&plane, level)
-        .map_err(|e| Error::Codec(format!("codec \"lossless\": zstd failed: {e}")))?;
-    if z.len() < plane.len() {
-        Ok((MODE_ZSTD, z))
-    } else {
-        Ok((MODE_RAW, plane))
+    let hist = huffman::histogram(plane);
+    if let Some(s) = hist.iter().position(|&c| c as usize == plane.len()) {
+        out.push(s as u8);
+        return Ok(MODE_CONST);
     }
+    let lens = huffman::code_lengths(&hist);
+    let huff = huffman::block_size(&hist, &lens);
+    let mut best = (MODE_RAW, plane.len());
+    if huff < plane.len() {
+        best = (MODE_HUFFMAN, huff);
+    }
+    // Very compressible planes (<= 2 bits per byte after Huffman) may hold repeats that zstd's
+    // matches capture: try it too and keep the smaller.
+    if huff * 4 <= plane.len() {
+        let z = ZSTD.with(|c| -> Result<Vec<u8>> {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = Some(zstd::bulk::Compressor::new(level).map_err(zstd_err)?);
+            }
+            let c = c.as_mut().unwrap();
+            c.set_compression_level(level).map_err(zstd_err)?;
+            c.compress(plane).map_err(zstd_err)
+        })?;
+        if z.len() < best.1 {
+            out.extend_from_slice(&z);
+            return Ok(MODE_ZSTD);
+        }
+    }
+    match best.0 {
+        MODE_HUFFMAN => huffman::encode(plane, &lens, out),
+        _ => out.extend_from_slice(plane),
+    }
+    debug_assert!(out.len() - start <= plane.len().max(best.1));
+    Ok(best.0)
+}
+
+fn zstd_err(e: std::io::Error) -> Error {
+    Error::Codec(format!("codec \"lossless\": zstd failed: {e}"))
+}
+
+/// One coded chunk: per plane (mode, stored length), and the stored bytes back to back.
+type Chunk = (Vec<(u8, u32)>, Vec<u8>);
+
+fn code_chunk(x: Data<'_>, level: i32) -> Result<Chunk> {
+    let (n, size) = (x.len(), x.dtype().size());
+    SCRATCH.with(|s| {
+        let mut planes = s.borrow_mut();
+        if planes.len() < n * size {
+            planes.resize(n * size, 0);
+        }
+        split(x, &mut planes);
+        let mut index = Vec::with_capacity(size);
+        let mut bytes = Vec::with_capacity(n * size);
+        for p in planes[..n * size].chunks(n.max(1)).take(size) {
+            let before = bytes.len();
+            let mode = code_plane(p, level, &mut bytes)?;
+            index.push((mode, (bytes.len() - before) as u32));
+        }
+        Ok((index, bytes))
+    })
 }
 
 impl Encoder for LosslessConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
-        let size = x.dtype().size();
         let chunk = self.chunk_size as usize;
         let level = self.level;
-        let coded: Vec<Vec<(u8, Vec<u8>)>> = crate::pool::install(|| {
+        let coded: Vec<Chunk> = crate::pool::install(|| {
             dispatch!(Data, x, |v| v
                 .par_chunks(chunk)
-                .map(|c| split(c, size)
-                    .into_iter()
-                    .map(|p| code_plane(p, level))
-                    .collect::<Result<Vec<_>>>())
+                .map(|c| code_chunk(Data::from_typed(c), level))
                 .collect::<Result<Vec<_>>>())
         })?;
         let mut meta = LeWriter::default();
@@ -208,10 +278,12 @@ impl Encoder for LosslessConfig {
             .u8(level as i8 as u8)
             .u32(self.chunk_size)
             .u32(coded.len() as u32);
-        let total: usize = coded.iter().flatten().map(|(_, b)| b.len()).sum();
+        let total: usize = coded.iter().map(|(_, b)| b.len()).sum();
         let mut payload = Vec::with_capacity(total);
-        for (mode, bytes) in coded.iter().flatten() {
-            meta.u8(*mode).u32(bytes.len() as u32);
+        for (index, bytes) in &coded {
+            for &(mode, len) in index {
+                meta.u8(mode).u32(len);
+            }
             payload.extend_from_slice(bytes);
         }
         Ok(Encoded {
@@ -281,7 +353,11 @@ impl LosslessDecoder {
                     len == chunk_len,
                     "lossless chunk {chunk}: raw plane holds {len} bytes, expected {chunk_len}"
                 ),
-                MODE_ZSTD => {}
+                MODE_CONST => ensure_format!(
+                    len == 1,
+                    "lossless chunk {chunk}: constant plane holds {len} bytes, expected 1"
+                ),
+                MODE_ZSTD | MODE_HUFFMAN => {}
                 m => return Err(Error::Format(format!("lossless plane mode {m} is unknown"))),
             }
             planes.push(Plane { mode, start, len });
@@ -304,24 +380,52 @@ impl LosslessDecoder {
     }
 }
 
-fn decode_plane(p: &Plane, payload: &[u8], n: usize, chunk: usize) -> Result<Vec<u8>> {
-    let src = &payload[p.start..p.start + p.len];
-    if p.mode == MODE_RAW {
-        return Ok(src.to_vec());
+/// Decodes a non-raw plane into `out` (its length is the chunk's element count).
+fn decode_plane(p: &Plane, src: &[u8], out: &mut [u8], chunk: usize) -> Result<()> {
+    let n = out.len();
+    match p.mode {
+        MODE_CONST => out.fill(src[0]),
+        MODE_HUFFMAN => huffman::decode(src, out)
+            .map_err(|e| Error::Format(format!("lossless chunk {chunk}: {e}")))?,
+        _ => {
+            let got = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(src, out))
+                .map_err(|e| {
+                    Error::Format(format!(
+                        "lossless chunk {chunk}: zstd stream is corrupt: {e}"
+                    ))
+                })?;
+            ensure_format!(
+                got == n,
+                "lossless chunk {chunk}: plane decompressed to {got} bytes, expected {n}"
+            );
+        }
     }
-    let mut out = vec![0u8; n];
-    let got = zstd::bulk::Decompressor::new()
-        .and_then(|mut d| d.decompress_to_buffer(src, &mut out[..]))
-        .map_err(|e| {
-            Error::Format(format!(
-                "lossless chunk {chunk}: zstd stream is corrupt: {e}"
-            ))
-        })?;
-    ensure_format!(
-        got == n,
-        "lossless chunk {chunk}: plane decompressed to {got} bytes, expected {n}"
-    );
-    Ok(out)
+    Ok(())
+}
+
+fn decode_chunk(planes: &[Plane], payload: &[u8], out: DataMut<'_>, chunk: usize) -> Result<()> {
+    let n = out.len();
+    SCRATCH.with(|s| {
+        let mut scratch = s.borrow_mut();
+        if scratch.len() < n * planes.len() {
+            scratch.resize(n * planes.len(), 0);
+        }
+        let mut slots = scratch[..n * planes.len()].chunks_mut(n.max(1));
+        let mut views: Vec<&[u8]> = Vec::with_capacity(planes.len());
+        for p in planes {
+            let src = &payload[p.start..p.start + p.len];
+            let slot = slots.next().unwrap_or_default();
+            if p.mode == MODE_RAW {
+                views.push(src);
+            } else {
+                decode_plane(p, src, slot, chunk)?;
+                views.push(slot);
+            }
+        }
+        join(&views, out);
+        Ok(())
+    })
 }
 
 impl Decoder for LosslessDecoder {
@@ -329,10 +433,15 @@ impl Decoder for LosslessDecoder {
         self.cfg.to_params()
     }
     fn info(&self) -> Params {
-        let zstd = self.planes.iter().filter(|p| p.mode == MODE_ZSTD).count();
+        let count = |m| self.planes.iter().filter(|p| p.mode == m).count() as i64;
         [
             ("planes".to_string(), Param::Int(self.planes.len() as i64)),
-            ("planes_zstd".to_string(), Param::Int(zstd as i64)),
+            ("planes_zstd".to_string(), Param::Int(count(MODE_ZSTD))),
+            (
+                "planes_huffman".to_string(),
+                Param::Int(count(MODE_HUFFMAN)),
+            ),
+            ("planes_const".to_string(), Param::Int(count(MODE_CONST))),
         ]
         .into_iter()
         .collect()
@@ -352,14 +461,12 @@ impl Decoder for LosslessDecoder {
             dispatch!(DataMut, out, |o| o
                 .par_chunks_mut(chunk)
                 .enumerate()
-                .try_for_each(|(c, dst)| {
-                    let ps = planes[c * size..(c + 1) * size]
-                        .iter()
-                        .map(|p| decode_plane(p, payload, dst.len(), c))
-                        .collect::<Result<Vec<_>>>()?;
-                    join(&ps, dst, size);
-                    Ok(())
-                }))
+                .try_for_each(|(c, dst)| decode_chunk(
+                    &planes[c * size..(c + 1) * size],
+                    payload,
+                    crate::dtype::Element::wrap_mut(dst),
+                    c
+                )))
         })
     }
 }
