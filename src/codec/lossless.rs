@@ -81,46 +81,38 @@ impl LosslessConfig {
     }
 }
 
-/// Splits `x` into `size` byte planes (most significant first, after the sign rotation), plane
-/// `p` at `planes[p * n..(p + 1) * n]`.
-fn split(x: Data<'_>, planes: &mut [u8]) {
-    fn go<W: Copy, const S: usize>(x: &[W], planes: &mut [u8], bytes: impl Fn(W) -> [u8; S]) {
-        let n = x.len();
-        let mut ps: Vec<&mut [u8]> = planes[..S * n].chunks_mut(n.max(1)).collect();
-        match &mut ps[..] {
-            [p0, p1] => {
-                for ((&v, a), b) in x.iter().zip(p0.iter_mut()).zip(p1.iter_mut()) {
-                    [*a, *b] = bytes(v)[..2].try_into().unwrap();
-                }
-            }
-            [p0, p1, p2, p3] => {
-                for (i, &v) in x.iter().enumerate() {
-                    let b = bytes(v);
-                    (p0[i], p1[i], p2[i], p3[i]) = (b[0], b[1], b[2], b[3]);
-                }
-            }
-            ps => {
-                for (i, &v) in x.iter().enumerate() {
-                    for (p, &b) in ps.iter_mut().zip(&bytes(v)) {
-                        p[i] = b;
-                    }
-                }
-            }
+/// Byte plane `p` (0 = most significant byte after the sign rotation) of `x` into `out`.
+fn extract(x: Data<'_>, p: usize, out: &mut [u8]) {
+    fn go<W: Copy>(x: &[W], out: &mut [u8], byte: impl Fn(W) -> u8) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = byte(v);
         }
     }
     match x {
-        Data::F32(v) => go(bytemuck::cast_slice::<_, u32>(v), planes, |w| {
-            w.rotate_left(1).to_be_bytes()
-        }),
-        Data::F16(v) => go(bytemuck::cast_slice::<_, u16>(v), planes, |w| {
-            w.rotate_left(1).to_be_bytes()
-        }),
-        Data::BF16(v) => go(bytemuck::cast_slice::<_, u16>(v), planes, |w| {
-            w.rotate_left(1).to_be_bytes()
-        }),
-        Data::F64(v) => go(bytemuck::cast_slice::<_, u64>(v), planes, |w| {
-            w.rotate_left(1).to_be_bytes()
-        }),
+        Data::F32(v) => {
+            let s = 24 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u32>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+        Data::F16(v) => {
+            let s = 8 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u16>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+        Data::BF16(v) => {
+            let s = 8 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u16>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+        Data::F64(v) => {
+            let s = 56 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u64>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
     }
 }
 
@@ -164,16 +156,31 @@ fn join16(planes: &[&[u8]], o: &mut [u16]) {
     }
 }
 
-/// Order-0 entropy (bits per byte) of a sample of about 8192 bytes.
-fn sampled_entropy(plane: &[u8]) -> f64 {
-    let step = (plane.len() / 8192).max(1);
-    let mut hist = [0u32; 256];
-    let mut n = 0u32;
-    for &b in plane.iter().step_by(step) {
-        hist[b as usize] += 1;
-        n += 1;
+/// Order-0 entropy (bits per byte) of byte plane `p` of `x`, from a sample of about 8192 values.
+fn sampled_entropy(x: Data<'_>, p: usize) -> f64 {
+    fn go<W: Copy>(x: &[W], byte: impl Fn(W) -> u8) -> [u32; 256] {
+        let mut hist = [0u32; 256];
+        for &v in x.iter().step_by((x.len() / 8192).max(1)) {
+            hist[byte(v) as usize] += 1;
+        }
+        hist
     }
-    let inv = 1.0 / n as f64;
+    let hist = match x {
+        Data::F32(v) => go(bytemuck::cast_slice::<_, u32>(v), |w| {
+            (w.rotate_left(1) >> (24 - 8 * p)) as u8
+        }),
+        Data::F16(v) => go(bytemuck::cast_slice::<_, u16>(v), |w| {
+            (w.rotate_left(1) >> (8 - 8 * p)) as u8
+        }),
+        Data::BF16(v) => go(bytemuck::cast_slice::<_, u16>(v), |w| {
+            (w.rotate_left(1) >> (8 - 8 * p)) as u8
+        }),
+        Data::F64(v) => go(bytemuck::cast_slice::<_, u64>(v), |w| {
+            (w.rotate_left(1) >> (56 - 8 * p)) as u8
+        }),
+    };
+    let n: u32 = hist.iter().sum();
+    let inv = 1.0 / n.max(1) as f64;
     hist.iter()
         .filter(|&&c| c > 0)
         .map(|&c| {
@@ -194,11 +201,11 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Codes one plane onto `out`; returns its mode.
+/// Codes one plane onto `out` and returns its mode; a raw plane adds nothing to `out` (the
+/// payload is filled from the tensor later).
 fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
     let start = out.len();
-    if plane.is_empty() || (plane.len() >= 1024 && sampled_entropy(plane) > RAW_ENTROPY) {
-        out.extend_from_slice(plane);
+    if plane.is_empty() {
         return Ok(MODE_RAW);
     }
     let hist = huffman::histogram(plane);
@@ -229,11 +236,10 @@ fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
             return Ok(MODE_ZSTD);
         }
     }
-    match best.0 {
-        MODE_HUFFMAN => huffman::encode(plane, &lens, out),
-        _ => out.extend_from_slice(plane),
+    if best.0 == MODE_HUFFMAN {
+        huffman::encode(plane, &lens, out);
     }
-    debug_assert!(out.len() - start <= plane.len().max(best.1));
+    debug_assert!(out.len() - start <= best.1);
     Ok(best.0)
 }
 
@@ -241,26 +247,54 @@ fn zstd_err(e: std::io::Error) -> Error {
     Error::Codec(format!("codec \"lossless\": zstd failed: {e}"))
 }
 
-/// One coded chunk: per plane (mode, stored length), and the stored bytes back to back.
+/// One coded chunk: per plane (mode, stored length), and the stored bytes of its non-raw planes
+/// back to back.
 type Chunk = (Vec<(u8, u32)>, Vec<u8>);
 
+/// First pass over a chunk: choose each plane's mode and code the non-raw ones. Near-random
+/// planes are recognised from a sample of the tensor and never copied here.
 fn code_chunk(x: Data<'_>, level: i32) -> Result<Chunk> {
     let (n, size) = (x.len(), x.dtype().size());
-    SCRATCH.with(|s| {
-        let mut planes = s.borrow_mut();
-        if planes.len() < n * size {
-            planes.resize(n * size, 0);
+    let mut index = Vec::with_capacity(size);
+    let mut bytes = Vec::new();
+    for p in 0..size {
+        if n >= 1024 && sampled_entropy(x, p) > RAW_ENTROPY {
+            index.push((MODE_RAW, n as u32));
+            continue;
         }
-        split(x, &mut planes);
-        let mut index = Vec::with_capacity(size);
-        let mut bytes = Vec::with_capacity(n * size);
-        for p in planes[..n * size].chunks(n.max(1)).take(size) {
-            let before = bytes.len();
-            let mode = code_plane(p, level, &mut bytes)?;
-            index.push((mode, (bytes.len() - before) as u32));
+        let before = bytes.len();
+        let mode = SCRATCH.with(|s| {
+            let mut plane = s.borrow_mut();
+            if plane.len() < n {
+                plane.resize(n, 0);
+            }
+            extract(x, p, &mut plane[..n]);
+            code_plane(&plane[..n], level, &mut bytes)
+        })?;
+        let len = if mode == MODE_RAW {
+            n
+        } else {
+            bytes.len() - before
+        };
+        index.push((mode, len as u32));
+    }
+    Ok((index, bytes))
+}
+
+/// Second pass: a chunk's stored planes into its slice of the payload, raw planes straight from
+/// the tensor.
+fn write_chunk(x: Data<'_>, (index, bytes): &Chunk, dst: &mut [u8]) {
+    let (mut at, mut from) = (0usize, 0usize);
+    for (p, &(mode, len)) in index.iter().enumerate() {
+        let len = len as usize;
+        if mode == MODE_RAW {
+            extract(x, p, &mut dst[at..at + len]);
+        } else {
+            dst[at..at + len].copy_from_slice(&bytes[from..from + len]);
+            from += len;
         }
-        Ok((index, bytes))
-    })
+        at += len;
+    }
 }
 
 impl Encoder for LosslessConfig {
@@ -278,14 +312,34 @@ impl Encoder for LosslessConfig {
             .u8(level as i8 as u8)
             .u32(self.chunk_size)
             .u32(coded.len() as u32);
-        let total: usize = coded.iter().map(|(_, b)| b.len()).sum();
-        let mut payload = Vec::with_capacity(total);
-        for (index, bytes) in &coded {
+        let sizes: Vec<usize> = coded
+            .iter()
+            .map(|(index, _)| index.iter().map(|&(_, l)| l as usize).sum())
+            .collect();
+        for (index, _) in &coded {
             for &(mode, len) in index {
                 meta.u8(mode).u32(len);
             }
-            payload.extend_from_slice(bytes);
         }
+        let mut payload = vec![0u8; sizes.iter().sum()];
+        let mut slices = Vec::with_capacity(coded.len());
+        let mut rest = &mut payload[..];
+        for &s in &sizes {
+            let (head, tail) = rest.split_at_mut(s);
+            slices.push(head);
+            rest = tail;
+        }
+        crate::pool::install(|| {
+            dispatch!(Data, x, |v| v
+                .par_chunks(chunk)
+                .zip(&coded)
+                .zip(slices)
+                .for_each(|((c, k), dst)| write_chunk(
+                    Data::from_typed(c),
+                    k,
+                    dst
+                )))
+        });
         Ok(Encoded {
             meta: meta.0,
             payload,
