@@ -612,6 +612,80 @@ mod tests {
     }
 
     #[test]
+    fn special_bit_patterns_and_every_plane_mode_round_trip() {
+        let p = Params::from([("chunk_size".to_string(), Param::Int(1024))]);
+        let decode = |pk: &Packed| {
+            Packed::from_bytes(pk.bytes().to_vec())
+                .unwrap()
+                .decode()
+                .unwrap()
+        };
+        // NaN payloads (quiet and signalling, both signs), -0.0, subnormals, infinities.
+        let mut bits: Vec<u32> = vec![
+            0x7fc0_0000,
+            0xffc0_0001,
+            0x7f80_0001,
+            0xff80_1234,
+            0x8000_0000,
+            0x0000_0001,
+            0x807f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f7f_ffff,
+        ];
+        bits.extend(weights(5000).iter().map(|v| v.to_bits()));
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let pk = Packed::encode(Data::F32(&x), &[x.len() as u64], "lossless", &p).unwrap();
+        let Owned::F32(b) = decode(&pk) else { panic!() };
+        assert_eq!(b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), bits);
+        let h: Vec<bf16> = bits
+            .iter()
+            .map(|&b| bf16::from_bits((b >> 16) as u16))
+            .collect();
+        let pk = Packed::encode(Data::BF16(&h), &[h.len() as u64], "lossless", &p).unwrap();
+        let Owned::BF16(b) = decode(&pk) else {
+            panic!()
+        };
+        assert!(b.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let h: Vec<f16> = bits
+            .iter()
+            .map(|&b| f16::from_bits(b as u16 ^ (b >> 16) as u16))
+            .collect();
+        let pk = Packed::encode(Data::F16(&h), &[h.len() as u64], "lossless", &p).unwrap();
+        let Owned::F16(b) = decode(&pk) else { panic!() };
+        assert!(b.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let d: Vec<f64> = bits
+            .iter()
+            .map(|&b| f64::from_bits((b as u64) << 29 | b as u64))
+            .collect();
+        let pk = Packed::encode(Data::F64(&d), &[d.len() as u64], "lossless", &p).unwrap();
+        let Owned::F64(b) = decode(&pk) else { panic!() };
+        assert!(b.iter().zip(&d).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        // Weights upcast from bfloat16: the two low planes are constant (zero). A repeating
+        // pattern: zstd. Gaussian weights: Huffman exponents, raw mantissas.
+        let up: Vec<f32> = weights(8192)
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect();
+        let rep: Vec<f32> = (0..8192).map(|i| (i % 2) as f32).collect();
+        for (x, mode) in [
+            (up, "planes_const"),
+            (rep, "planes_zstd"),
+            (weights(8192), "planes_huffman"),
+        ] {
+            let pk = Packed::encode(Data::F32(&x), &[8192], "lossless", &p).unwrap();
+            let Owned::F32(b) = decode(&pk) else { panic!() };
+            assert!(b.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let info = Packed::from_bytes(pk.bytes().to_vec()).unwrap().info();
+            assert!(
+                matches!(info.get(mode), Some(Param::Int(k)) if *k > 0),
+                "{mode}: {info:?}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_unknown_params() {
         assert!(
             LosslessConfig::from_params(&Params::from([("bits".to_string(), Param::Int(3))]))
