@@ -1,37 +1,45 @@
-//! Lossless: exact round trip of float tensors by byte-plane splitting and zstd (in the spirit of
-//! ZipNN; written from the idea, not the code).
+//! Lossless: exact round trip of float tensors by byte-plane splitting and entropy coding (in
+//! the spirit of ZipNN; written from the idea, not the code).
 //!
 //! Each value's bit pattern is rotated left by one bit so the sign lands in the lowest bit and the
 //! exponent fills the most significant byte (exactly for float32, bfloat16 and the top 8 of
 //! float64's 11 exponent bits; float16's top byte holds its 5 exponent bits and 3 mantissa bits).
 //! The tensor is cut into chunks of `chunk_size` elements; in each chunk the values are split into
-//! byte planes (plane 0 = most significant byte of every value, ...) and each plane is compressed
-//! with zstd at `level`, or stored raw when zstd does not make it smaller (mantissa bytes are
-//! close to uniform and usually go raw). Chunks are independent and run in parallel.
+//! byte planes (plane 0 = most significant byte of every value, ...). Each plane is stored raw
+//! when a sampled entropy says it is near-random (mantissa bytes), as one byte when constant, or
+//! Huffman-coded (`huffman.rs`: the exponent plane, about 2.6 bits per value on weights), with
+//! zstd at `level` tried as well on planes that Huffman takes below 2 bits per byte (repeats).
+//! Order-0 Huffman beats zstd's fast levels here: their short matches cost more than they save
+//! on exponent bytes, and Huffman alone runs several times faster. Chunks are independent and
+//! run in parallel; per-thread scratch buffers hold a chunk's planes.
 //!
-//! Metadata (little-endian): version u8 (= 1), level i8, chunk_size u32, n_chunks u32, then per
-//! chunk and per plane: mode u8 (0 raw, 1 zstd), stored length u32. The payload is the planes'
-//! stored bytes in that order.
+//! Metadata (little-endian): version u8 (= 2), level i8, chunk_size u32, n_chunks u32, then per
+//! chunk and per plane: mode u8 (0 raw, 1 zstd, 2 Huffman, 3 constant), stored length u32. The
+//! payload is the planes' stored bytes in that order (docs/FORMAT.md).
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::dispatch;
-use crate::dtype::{Data, DataMut, Element};
+use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 use rayon::prelude::*;
 
+mod huffman;
+
 pub const ID: u16 = 16;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const DEFAULT_LEVEL: i64 = 1;
 const DEFAULT_CHUNK: i64 = 1 << 18;
 const MODE_RAW: u8 = 0;
 const MODE_ZSTD: u8 = 1;
+const MODE_HUFFMAN: u8 = 2;
+const MODE_CONST: u8 = 3;
 
 pub static INFO: CodecInfo = CodecInfo {
     id: ID,
     name: "lossless",
-    doc: "Exact: byte planes (exponent byte first) of each chunk entropy-coded with zstd, raw \
-          where zstd does not help; chunked and parallel.",
+    doc: "Exact: byte planes (exponent byte first) of each chunk Huffman-coded, raw where \
+          near-random, zstd where it beats Huffman; chunked and parallel.",
     defaults,
     encoder: |p| Ok(Box::new(LosslessConfig::from_params(p)?)),
     decoder: |meta, frame| Ok(Box::new(LosslessDecoder::open(meta, frame)?)),
@@ -73,134 +81,230 @@ impl LosslessConfig {
     }
 }
 
-#[inline(always)]
-fn rotl(bits: u64, width: u32) -> u64 {
-    let mask = if width == 64 {
-        u64::MAX
-    } else {
-        (1u64 << width) - 1
-    };
-    ((bits << 1) | (bits >> (width - 1))) & mask
-}
-
-#[inline(always)]
-fn rotr(bits: u64, width: u32) -> u64 {
-    let mask = if width == 64 {
-        u64::MAX
-    } else {
-        (1u64 << width) - 1
-    };
-    ((bits >> 1) | (bits << (width - 1))) & mask
-}
-
-/// Splits `x` into `size` byte planes (most significant first) after the sign rotation.
-fn split<T: Element>(x: &[T], size: usize) -> Vec<Vec<u8>> {
-    let width = 8 * size as u32;
-    let mut planes: Vec<Vec<u8>> = (0..size).map(|_| Vec::with_capacity(x.len())).collect();
-    match size {
-        2 => {
-            let (hi, lo) = planes.split_at_mut(1);
-            for v in x {
-                let b = rotl(v.to_bits_u64(), 16);
-                hi[0].push((b >> 8) as u8);
-                lo[0].push(b as u8);
-            }
+/// Byte plane `p` (0 = most significant byte after the sign rotation) of `x` into `out`.
+fn extract(x: Data<'_>, p: usize, out: &mut [u8]) {
+    fn go<W: Copy>(x: &[W], out: &mut [u8], byte: impl Fn(W) -> u8) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = byte(v);
         }
-        4 => {
-            let [p0, p1, p2, p3] = &mut planes[..] else {
+    }
+    match x {
+        Data::F32(v) => {
+            let s = 24 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u32>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+        Data::F16(v) => {
+            let s = 8 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u16>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+        Data::BF16(v) => {
+            let s = 8 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u16>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+        Data::F64(v) => {
+            let s = 56 - 8 * p as u32;
+            go(bytemuck::cast_slice::<_, u64>(v), out, |w| {
+                (w.rotate_left(1) >> s) as u8
+            })
+        }
+    }
+}
+
+/// Joins byte planes (most significant first) back into values, undoing the sign rotation.
+fn join(planes: &[&[u8]], out: DataMut<'_>) {
+    match out {
+        DataMut::F32(o) => {
+            let o = bytemuck::cast_slice_mut::<_, u32>(o);
+            let [p0, p1, p2, p3] = planes else {
                 unreachable!()
             };
-            for v in x {
-                let b = rotl(v.to_bits_u64(), 32);
-                p0.push((b >> 24) as u8);
-                p1.push((b >> 16) as u8);
-                p2.push((b >> 8) as u8);
-                p3.push(b as u8);
+            let (p0, p1, p2, p3) = (
+                &p0[..o.len()],
+                &p1[..o.len()],
+                &p2[..o.len()],
+                &p3[..o.len()],
+            );
+            for (i, w) in o.iter_mut().enumerate() {
+                *w = u32::from_be_bytes([p0[i], p1[i], p2[i], p3[i]]).rotate_right(1);
             }
         }
-        _ => {
-            for v in x {
-                let b = rotl(v.to_bits_u64(), width);
-                for (p, plane) in planes.iter_mut().enumerate() {
-                    plane.push((b >> (8 * (size - 1 - p))) as u8);
+        DataMut::F16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
+        DataMut::BF16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
+        DataMut::F64(o) => {
+            let o = bytemuck::cast_slice_mut::<_, u64>(o);
+            for (i, w) in o.iter_mut().enumerate() {
+                let mut b = [0u8; 8];
+                for (d, p) in b.iter_mut().zip(planes) {
+                    *d = p[i];
                 }
-            }
-        }
-    }
-    planes
-}
-
-fn join<T: Element>(planes: &[Vec<u8>], out: &mut [T], size: usize) {
-    let width = 8 * size as u32;
-    match size {
-        2 => {
-            for ((o, &h), &l) in out.iter_mut().zip(&planes[0]).zip(&planes[1]) {
-                *o = T::from_bits_u64(rotr(((h as u64) << 8) | l as u64, 16));
-            }
-        }
-        _ => {
-            for (i, o) in out.iter_mut().enumerate() {
-                let mut b = 0u64;
-                for plane in planes {
-                    b = (b << 8) | plane[i] as u64;
-                }
-                *o = T::from_bits_u64(rotr(b, width));
+                *w = u64::from_be_bytes(b).rotate_right(1);
             }
         }
     }
 }
 
-/// True when an order-0 entropy estimate over a sample says zstd cannot save even 2% (mantissa
-/// bytes): skips a zstd call whose output would be thrown away.
-fn looks_random(plane: &[u8]) -> bool {
-    let step = (plane.len() / 8192).max(1);
-    let mut hist = [0u32; 256];
-    let mut n = 0u32;
-    for &b in plane.iter().step_by(step) {
-        hist[b as usize] += 1;
-        n += 1;
+fn join16(planes: &[&[u8]], o: &mut [u16]) {
+    let [hi, lo] = planes else { unreachable!() };
+    for ((w, &h), &l) in o.iter_mut().zip(*hi).zip(*lo) {
+        *w = u16::from_be_bytes([h, l]).rotate_right(1);
     }
-    if n < 1024 {
-        return false;
+}
+
+/// Order-0 entropy (bits per byte) of byte plane `p` of `x`, from a sample of about 8192 values.
+fn sampled_entropy(x: Data<'_>, p: usize) -> f64 {
+    fn go<W: Copy>(x: &[W], byte: impl Fn(W) -> u8) -> [u32; 256] {
+        let mut hist = [0u32; 256];
+        for &v in x.iter().step_by((x.len() / 8192).max(1)) {
+            hist[byte(v) as usize] += 1;
+        }
+        hist
     }
-    let inv = 1.0 / n as f64;
-    let h: f64 = hist
-        .iter()
+    let hist = match x {
+        Data::F32(v) => go(bytemuck::cast_slice::<_, u32>(v), |w| {
+            (w.rotate_left(1) >> (24 - 8 * p)) as u8
+        }),
+        Data::F16(v) => go(bytemuck::cast_slice::<_, u16>(v), |w| {
+            (w.rotate_left(1) >> (8 - 8 * p)) as u8
+        }),
+        Data::BF16(v) => go(bytemuck::cast_slice::<_, u16>(v), |w| {
+            (w.rotate_left(1) >> (8 - 8 * p)) as u8
+        }),
+        Data::F64(v) => go(bytemuck::cast_slice::<_, u64>(v), |w| {
+            (w.rotate_left(1) >> (56 - 8 * p)) as u8
+        }),
+    };
+    let n: u32 = hist.iter().sum();
+    let inv = 1.0 / n.max(1) as f64;
+    hist.iter()
         .filter(|&&c| c > 0)
         .map(|&c| {
             let p = c as f64 * inv;
             -p * p.log2()
         })
-        .sum();
-    h > 7.85
+        .sum()
 }
 
-/// One coded plane: (mode, stored bytes).
-fn code_plane(plane: Vec<u8>, level: i32) -> Result<(u8, Vec<u8>)> {
-    if plane.is_empty() || looks_random(&plane) {
-        return Ok((MODE_RAW, plane));
+/// A plane whose sampled entropy is above this many bits per byte is stored raw without trying
+/// anything (mantissa bytes: Huffman would save under 1% of them at the cost of a full pass).
+const RAW_ENTROPY: f64 = 7.9;
+
+thread_local! {
+    /// Per-thread scratch: the byte planes of a chunk (encode) or its decoded planes (decode).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Codes one plane onto `out` and returns its mode; a raw plane adds nothing to `out` (the
+/// payload is filled from the tensor later).
+fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
+    let start = out.len();
+    if plane.is_empty() {
+        return Ok(MODE_RAW);
     }
-    let z = zstd::bulk::compress(&plane, level)
-        .map_err(|e| Error::Codec(format!("codec \"lossless\": zstd failed: {e}")))?;
-    if z.len() < plane.len() {
-        Ok((MODE_ZSTD, z))
-    } else {
-        Ok((MODE_RAW, plane))
+    let hist = huffman::histogram(plane);
+    if let Some(s) = hist.iter().position(|&c| c as usize == plane.len()) {
+        out.push(s as u8);
+        return Ok(MODE_CONST);
+    }
+    let lens = huffman::code_lengths(&hist);
+    let huff = huffman::block_size(&hist, &lens);
+    let mut best = (MODE_RAW, plane.len());
+    if huff < plane.len() {
+        best = (MODE_HUFFMAN, huff);
+    }
+    // Very compressible planes (<= 2 bits per byte after Huffman) may hold repeats that zstd's
+    // matches capture: try it too and keep the smaller.
+    if huff * 4 <= plane.len() {
+        let z = ZSTD.with(|c| -> Result<Vec<u8>> {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = Some(zstd::bulk::Compressor::new(level).map_err(zstd_err)?);
+            }
+            let c = c.as_mut().unwrap();
+            c.set_compression_level(level).map_err(zstd_err)?;
+            c.compress(plane).map_err(zstd_err)
+        })?;
+        if z.len() < best.1 {
+            out.extend_from_slice(&z);
+            return Ok(MODE_ZSTD);
+        }
+    }
+    if best.0 == MODE_HUFFMAN {
+        huffman::encode(plane, &lens, out);
+    }
+    debug_assert!(out.len() - start <= best.1);
+    Ok(best.0)
+}
+
+fn zstd_err(e: std::io::Error) -> Error {
+    Error::Codec(format!("codec \"lossless\": zstd failed: {e}"))
+}
+
+/// One coded chunk: per plane (mode, stored length), and the stored bytes of its non-raw planes
+/// back to back.
+type Chunk = (Vec<(u8, u32)>, Vec<u8>);
+
+/// First pass over a chunk: choose each plane's mode and code the non-raw ones. Near-random
+/// planes are recognised from a sample of the tensor and never copied here.
+fn code_chunk(x: Data<'_>, level: i32) -> Result<Chunk> {
+    let (n, size) = (x.len(), x.dtype().size());
+    let mut index = Vec::with_capacity(size);
+    let mut bytes = Vec::new();
+    for p in 0..size {
+        if n >= 1024 && sampled_entropy(x, p) > RAW_ENTROPY {
+            index.push((MODE_RAW, n as u32));
+            continue;
+        }
+        let before = bytes.len();
+        let mode = SCRATCH.with(|s| {
+            let mut plane = s.borrow_mut();
+            if plane.len() < n {
+                plane.resize(n, 0);
+            }
+            extract(x, p, &mut plane[..n]);
+            code_plane(&plane[..n], level, &mut bytes)
+        })?;
+        let len = if mode == MODE_RAW {
+            n
+        } else {
+            bytes.len() - before
+        };
+        index.push((mode, len as u32));
+    }
+    Ok((index, bytes))
+}
+
+/// Second pass: a chunk's stored planes into its slice of the payload, raw planes straight from
+/// the tensor.
+fn write_chunk(x: Data<'_>, (index, bytes): &Chunk, dst: &mut [u8]) {
+    let (mut at, mut from) = (0usize, 0usize);
+    for (p, &(mode, len)) in index.iter().enumerate() {
+        let len = len as usize;
+        if mode == MODE_RAW {
+            extract(x, p, &mut dst[at..at + len]);
+        } else {
+            dst[at..at + len].copy_from_slice(&bytes[from..from + len]);
+            from += len;
+        }
+        at += len;
     }
 }
 
 impl Encoder for LosslessConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
-        let size = x.dtype().size();
         let chunk = self.chunk_size as usize;
         let level = self.level;
-        let coded: Vec<Vec<(u8, Vec<u8>)>> = crate::pool::install(|| {
+        let coded: Vec<Chunk> = crate::pool::install(|| {
             dispatch!(Data, x, |v| v
                 .par_chunks(chunk)
-                .map(|c| split(c, size)
-                    .into_iter()
-                    .map(|p| code_plane(p, level))
-                    .collect::<Result<Vec<_>>>())
+                .map(|c| code_chunk(Data::from_typed(c), level))
                 .collect::<Result<Vec<_>>>())
         })?;
         let mut meta = LeWriter::default();
@@ -208,12 +312,34 @@ impl Encoder for LosslessConfig {
             .u8(level as i8 as u8)
             .u32(self.chunk_size)
             .u32(coded.len() as u32);
-        let total: usize = coded.iter().flatten().map(|(_, b)| b.len()).sum();
-        let mut payload = Vec::with_capacity(total);
-        for (mode, bytes) in coded.iter().flatten() {
-            meta.u8(*mode).u32(bytes.len() as u32);
-            payload.extend_from_slice(bytes);
+        let sizes: Vec<usize> = coded
+            .iter()
+            .map(|(index, _)| index.iter().map(|&(_, l)| l as usize).sum())
+            .collect();
+        for (index, _) in &coded {
+            for &(mode, len) in index {
+                meta.u8(mode).u32(len);
+            }
         }
+        let mut payload = vec![0u8; sizes.iter().sum()];
+        let mut slices = Vec::with_capacity(coded.len());
+        let mut rest = &mut payload[..];
+        for &s in &sizes {
+            let (head, tail) = rest.split_at_mut(s);
+            slices.push(head);
+            rest = tail;
+        }
+        crate::pool::install(|| {
+            dispatch!(Data, x, |v| v
+                .par_chunks(chunk)
+                .zip(&coded)
+                .zip(slices)
+                .for_each(|((c, k), dst)| write_chunk(
+                    Data::from_typed(c),
+                    k,
+                    dst
+                )))
+        });
         Ok(Encoded {
             meta: meta.0,
             payload,
@@ -281,7 +407,11 @@ impl LosslessDecoder {
                     len == chunk_len,
                     "lossless chunk {chunk}: raw plane holds {len} bytes, expected {chunk_len}"
                 ),
-                MODE_ZSTD => {}
+                MODE_CONST => ensure_format!(
+                    len == 1,
+                    "lossless chunk {chunk}: constant plane holds {len} bytes, expected 1"
+                ),
+                MODE_ZSTD | MODE_HUFFMAN => {}
                 m => return Err(Error::Format(format!("lossless plane mode {m} is unknown"))),
             }
             planes.push(Plane { mode, start, len });
@@ -304,24 +434,52 @@ impl LosslessDecoder {
     }
 }
 
-fn decode_plane(p: &Plane, payload: &[u8], n: usize, chunk: usize) -> Result<Vec<u8>> {
-    let src = &payload[p.start..p.start + p.len];
-    if p.mode == MODE_RAW {
-        return Ok(src.to_vec());
+/// Decodes a non-raw plane into `out` (its length is the chunk's element count).
+fn decode_plane(p: &Plane, src: &[u8], out: &mut [u8], chunk: usize) -> Result<()> {
+    let n = out.len();
+    match p.mode {
+        MODE_CONST => out.fill(src[0]),
+        MODE_HUFFMAN => huffman::decode(src, out)
+            .map_err(|e| Error::Format(format!("lossless chunk {chunk}: {e}")))?,
+        _ => {
+            let got = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(src, out))
+                .map_err(|e| {
+                    Error::Format(format!(
+                        "lossless chunk {chunk}: zstd stream is corrupt: {e}"
+                    ))
+                })?;
+            ensure_format!(
+                got == n,
+                "lossless chunk {chunk}: plane decompressed to {got} bytes, expected {n}"
+            );
+        }
     }
-    let mut out = vec![0u8; n];
-    let got = zstd::bulk::Decompressor::new()
-        .and_then(|mut d| d.decompress_to_buffer(src, &mut out[..]))
-        .map_err(|e| {
-            Error::Format(format!(
-                "lossless chunk {chunk}: zstd stream is corrupt: {e}"
-            ))
-        })?;
-    ensure_format!(
-        got == n,
-        "lossless chunk {chunk}: plane decompressed to {got} bytes, expected {n}"
-    );
-    Ok(out)
+    Ok(())
+}
+
+fn decode_chunk(planes: &[Plane], payload: &[u8], out: DataMut<'_>, chunk: usize) -> Result<()> {
+    let n = out.len();
+    SCRATCH.with(|s| {
+        let mut scratch = s.borrow_mut();
+        if scratch.len() < n * planes.len() {
+            scratch.resize(n * planes.len(), 0);
+        }
+        let mut slots = scratch[..n * planes.len()].chunks_mut(n.max(1));
+        let mut views: Vec<&[u8]> = Vec::with_capacity(planes.len());
+        for p in planes {
+            let src = &payload[p.start..p.start + p.len];
+            let slot = slots.next().unwrap_or_default();
+            if p.mode == MODE_RAW {
+                views.push(src);
+            } else {
+                decode_plane(p, src, slot, chunk)?;
+                views.push(slot);
+            }
+        }
+        join(&views, out);
+        Ok(())
+    })
 }
 
 impl Decoder for LosslessDecoder {
@@ -329,10 +487,15 @@ impl Decoder for LosslessDecoder {
         self.cfg.to_params()
     }
     fn info(&self) -> Params {
-        let zstd = self.planes.iter().filter(|p| p.mode == MODE_ZSTD).count();
+        let count = |m| self.planes.iter().filter(|p| p.mode == m).count() as i64;
         [
             ("planes".to_string(), Param::Int(self.planes.len() as i64)),
-            ("planes_zstd".to_string(), Param::Int(zstd as i64)),
+            ("planes_zstd".to_string(), Param::Int(count(MODE_ZSTD))),
+            (
+                "planes_huffman".to_string(),
+                Param::Int(count(MODE_HUFFMAN)),
+            ),
+            ("planes_const".to_string(), Param::Int(count(MODE_CONST))),
         ]
         .into_iter()
         .collect()
@@ -352,14 +515,12 @@ impl Decoder for LosslessDecoder {
             dispatch!(DataMut, out, |o| o
                 .par_chunks_mut(chunk)
                 .enumerate()
-                .try_for_each(|(c, dst)| {
-                    let ps = planes[c * size..(c + 1) * size]
-                        .iter()
-                        .map(|p| decode_plane(p, payload, dst.len(), c))
-                        .collect::<Result<Vec<_>>>()?;
-                    join(&ps, dst, size);
-                    Ok(())
-                }))
+                .try_for_each(|(c, dst)| decode_chunk(
+                    &planes[c * size..(c + 1) * size],
+                    payload,
+                    crate::dtype::Element::wrap_mut(dst),
+                    c
+                )))
         })
     }
 }
@@ -447,6 +608,80 @@ mod tests {
             let mut p = payload.to_vec();
             p[i] ^= 0x5a;
             let _ = dec.decode(&p, DataMut::F32(&mut out));
+        }
+    }
+
+    #[test]
+    fn special_bit_patterns_and_every_plane_mode_round_trip() {
+        let p = Params::from([("chunk_size".to_string(), Param::Int(1024))]);
+        let decode = |pk: &Packed| {
+            Packed::from_bytes(pk.bytes().to_vec())
+                .unwrap()
+                .decode()
+                .unwrap()
+        };
+        // NaN payloads (quiet and signalling, both signs), -0.0, subnormals, infinities.
+        let mut bits: Vec<u32> = vec![
+            0x7fc0_0000,
+            0xffc0_0001,
+            0x7f80_0001,
+            0xff80_1234,
+            0x8000_0000,
+            0x0000_0001,
+            0x807f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f7f_ffff,
+        ];
+        bits.extend(weights(5000).iter().map(|v| v.to_bits()));
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let pk = Packed::encode(Data::F32(&x), &[x.len() as u64], "lossless", &p).unwrap();
+        let Owned::F32(b) = decode(&pk) else { panic!() };
+        assert_eq!(b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), bits);
+        let h: Vec<bf16> = bits
+            .iter()
+            .map(|&b| bf16::from_bits((b >> 16) as u16))
+            .collect();
+        let pk = Packed::encode(Data::BF16(&h), &[h.len() as u64], "lossless", &p).unwrap();
+        let Owned::BF16(b) = decode(&pk) else {
+            panic!()
+        };
+        assert!(b.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let h: Vec<f16> = bits
+            .iter()
+            .map(|&b| f16::from_bits(b as u16 ^ (b >> 16) as u16))
+            .collect();
+        let pk = Packed::encode(Data::F16(&h), &[h.len() as u64], "lossless", &p).unwrap();
+        let Owned::F16(b) = decode(&pk) else { panic!() };
+        assert!(b.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let d: Vec<f64> = bits
+            .iter()
+            .map(|&b| f64::from_bits((b as u64) << 29 | b as u64))
+            .collect();
+        let pk = Packed::encode(Data::F64(&d), &[d.len() as u64], "lossless", &p).unwrap();
+        let Owned::F64(b) = decode(&pk) else { panic!() };
+        assert!(b.iter().zip(&d).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        // Weights upcast from bfloat16: the two low planes are constant (zero). A repeating
+        // pattern: zstd. Gaussian weights: Huffman exponents, raw mantissas.
+        let up: Vec<f32> = weights(8192)
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect();
+        let rep: Vec<f32> = (0..8192).map(|i| (i % 2) as f32).collect();
+        for (x, mode) in [
+            (up, "planes_const"),
+            (rep, "planes_zstd"),
+            (weights(8192), "planes_huffman"),
+        ] {
+            let pk = Packed::encode(Data::F32(&x), &[8192], "lossless", &p).unwrap();
+            let Owned::F32(b) = decode(&pk) else { panic!() };
+            assert!(b.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let info = Packed::from_bytes(pk.bytes().to_vec()).unwrap().info();
+            assert!(
+                matches!(info.get(mode), Some(Param::Int(k)) if *k > 0),
+                "{mode}: {info:?}"
+            );
         }
     }
 

@@ -1,0 +1,437 @@
+//! Canonical Huffman coding of one byte plane, four interleaved streams, table-driven decoding.
+//!
+//! Block layout (docs/FORMAT.md, "The lossless codec"):
+//!
+//! ```text
+//!   first   u8    lowest symbol with a code
+//!   count   u8    number of symbols from `first` that have a length entry, minus one
+//!   lengths ceil(count / 2) bytes: 4-bit code lengths, low nibble first, 0 = no code, <= 11
+//!   sizes   u32 * 3   byte lengths of streams 0, 1, 2 (stream 3 takes the rest)
+//!   streams the n symbols cut into 4 runs of ceil(n / 4) (the last shorter), each coded
+//!           LSB-first: a code's first bit is the lowest bit of the next byte position
+//! ```
+//!
+//! Codes are canonical (by length, then symbol), so the lengths alone rebuild them. Each stream
+//! ends on a whole byte, zero-padded. Decoding looks up 11 bits at a time in a table that yields
+//! up to three whole symbols per lookup (exponent codes are 2 to 4 bits long, so most lookups do),
+//! and runs the four streams side by side so their lookups overlap in the CPU.
+
+/// Longest code; also the decode table's index width.
+pub const MAX_LEN: u32 = 11;
+const TABLE: usize = 1 << MAX_LEN;
+const STREAMS: usize = 4;
+
+/// Byte histogram, four sub-counts to keep consecutive equal bytes from serialising.
+pub fn histogram(data: &[u8]) -> [u32; 256] {
+    let mut h = [[0u32; 256]; 4];
+    let mut it = data.chunks_exact(4);
+    for c in &mut it {
+        h[0][c[0] as usize] += 1;
+        h[1][c[1] as usize] += 1;
+        h[2][c[2] as usize] += 1;
+        h[3][c[3] as usize] += 1;
+    }
+    for &b in it.remainder() {
+        h[0][b as usize] += 1;
+    }
+    let mut out = [0u32; 256];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = h[0][i] + h[1][i] + h[2][i] + h[3][i];
+    }
+    out
+}
+
+/// Code lengths (0 for absent symbols), limited to `MAX_LEN`. Needs at least two symbols
+/// present; deterministic for a given histogram.
+pub fn code_lengths(hist: &[u32; 256]) -> [u8; 256] {
+    let mut syms: Vec<(u32, u8)> = (0..256)
+        .filter(|&s| hist[s] > 0)
+        .map(|s| (hist[s], s as u8))
+        .collect();
+    syms.sort_unstable();
+    let m = syms.len();
+    debug_assert!(m >= 2);
+    // Two-queue Huffman: leaves in ascending weight, internal nodes appended in ascending weight.
+    let mut w: Vec<u64> = syms.iter().map(|s| s.0 as u64).collect();
+    w.resize(2 * m - 1, 0);
+    let mut parent = vec![0usize; 2 * m - 1];
+    let (mut leaf, mut node) = (0usize, m);
+    for next in m..2 * m - 1 {
+        let mut pick = || {
+            if leaf < m && (node >= next || w[leaf] <= w[node]) {
+                leaf += 1;
+                leaf - 1
+            } else {
+                node += 1;
+                node - 1
+            }
+        };
+        let (a, b) = (pick(), pick());
+        w[next] = w[a] + w[b];
+        parent[a] = next;
+        parent[b] = next;
+    }
+    let mut depth = vec![0u32; 2 * m - 1];
+    for i in (0..2 * m - 2).rev() {
+        depth[i] = depth[parent[i]] + 1;
+    }
+    let mut len: Vec<u32> = depth[..m].to_vec();
+    // Length limit: clamp, then lengthen the rarest short codes until the Kraft sum fits, then
+    // shorten the most frequent codes while it still fits.
+    let cap = 1u64 << MAX_LEN;
+    let mut kraft: u64 = 0;
+    for l in len.iter_mut() {
+        *l = (*l).min(MAX_LEN);
+        kraft += 1 << (MAX_LEN - *l);
+    }
+    while kraft > cap {
+        for l in len.iter_mut() {
+            if *l < MAX_LEN {
+                kraft -= 1 << (MAX_LEN - *l - 1);
+                *l += 1;
+                if kraft <= cap {
+                    break;
+                }
+            }
+        }
+    }
+    for l in len.iter_mut().rev() {
+        while *l > 1 && kraft + (1 << (MAX_LEN - *l)) <= cap {
+            kraft += 1 << (MAX_LEN - *l);
+            *l -= 1;
+        }
+    }
+    let mut out = [0u8; 256];
+    for (&(_, s), &l) in syms.iter().zip(&len) {
+        out[s as usize] = l as u8;
+    }
+    out
+}
+
+/// Canonical codes, bit-reversed for LSB-first output. None when the lengths over-fill the
+/// code space or exceed `MAX_LEN` (a corrupt table).
+fn canonical(lens: &[u8; 256]) -> Option<[u16; 256]> {
+    let mut count = [0u32; MAX_LEN as usize + 1];
+    let mut kraft = 0u32;
+    for &l in lens {
+        if l as u32 > MAX_LEN {
+            return None;
+        }
+        if l > 0 {
+            count[l as usize] += 1;
+            kraft += 1 << (MAX_LEN - l as u32);
+        }
+    }
+    if kraft > 1 << MAX_LEN {
+        return None;
+    }
+    let mut next = [0u32; MAX_LEN as usize + 1];
+    let mut code = 0u32;
+    for l in 1..=MAX_LEN as usize {
+        code = (code + count[l - 1]) << 1;
+        next[l] = code;
+    }
+    let mut codes = [0u16; 256];
+    for (s, &l) in lens.iter().enumerate() {
+        if l > 0 {
+            let c = next[l as usize];
+            next[l as usize] += 1;
+            codes[s] = ((c as u16).reverse_bits()) >> (16 - l as u32);
+        }
+    }
+    Some(codes)
+}
+
+/// Bytes of the block for this histogram and these lengths.
+pub fn block_size(hist: &[u32; 256], lens: &[u8; 256]) -> usize {
+    let (_, count) = span(lens);
+    // Streams each round up to a byte: bound by the total bits plus one byte per stream.
+    let bits: u64 = hist
+        .iter()
+        .zip(lens)
+        .map(|(&c, &l)| c as u64 * l as u64)
+        .sum();
+    2 + count.div_ceil(2) + 12 + (bits as usize).div_ceil(8) + STREAMS
+}
+
+fn span(lens: &[u8; 256]) -> (usize, usize) {
+    let first = lens.iter().position(|&l| l > 0).unwrap_or(0);
+    let last = lens.iter().rposition(|&l| l > 0).unwrap_or(0);
+    (first, last + 1 - first)
+}
+
+/// Appends the block for `data` coded with `lens` (from `code_lengths` of its histogram).
+pub fn encode(data: &[u8], lens: &[u8; 256], out: &mut Vec<u8>) {
+    let codes = canonical(lens).expect("code_lengths makes a valid code");
+    // One table of (code | len << 16) keeps each symbol to a single lookup.
+    let mut table = [0u32; 256];
+    for s in 0..256 {
+        table[s] = codes[s] as u32 | (lens[s] as u32) << 16;
+    }
+    let (first, count) = span(lens);
+    out.push(first as u8);
+    out.push((count - 1) as u8);
+    for pair in lens[first..first + count].chunks(2) {
+        out.push(pair[0] | pair.get(1).map_or(0, |&h| h << 4));
+    }
+    let sizes_at = out.len();
+    out.extend_from_slice(&[0u8; 12]);
+    let q = data.len().div_ceil(STREAMS).max(1);
+    for (k, run) in data
+        .chunks(q)
+        .chain(std::iter::repeat(&[][..]))
+        .take(STREAMS)
+        .enumerate()
+    {
+        let start = out.len();
+        let len = encode_stream(run, &table, out);
+        if k < STREAMS - 1 {
+            out[sizes_at + 4 * k..sizes_at + 4 * k + 4]
+                .copy_from_slice(&(len as u32).to_le_bytes());
+        }
+        debug_assert_eq!(out.len(), start + len);
+    }
+}
+
+/// Codes one run, LSB-first; returns its byte length.
+fn encode_stream(run: &[u8], table: &[u32; 256], out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    // Room for the worst case plus an 8-byte store past the end.
+    out.resize(start + (run.len() * MAX_LEN as usize).div_ceil(8) + 16, 0);
+    let buf = &mut out[start..];
+    let (mut acc, mut nbits, mut pos) = (0u64, 0u32, 0usize);
+    let mut it = run.chunks_exact(4);
+    for c in &mut it {
+        // 4 codes of <= 11 bits on top of <= 7 pending bits: 51 bits, fits.
+        for &s in c {
+            let e = table[s as usize];
+            acc |= ((e & 0xffff) as u64) << nbits;
+            nbits += e >> 16;
+        }
+        buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
+        let whole = (nbits >> 3) as usize;
+        pos += whole;
+        acc = if whole == 8 { 0 } else { acc >> (8 * whole) };
+        nbits &= 7;
+    }
+    for &s in it.remainder() {
+        let e = table[s as usize];
+        acc |= ((e & 0xffff) as u64) << nbits;
+        nbits += e >> 16;
+    }
+    buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
+    pos += nbits.div_ceil(8) as usize;
+    out.truncate(start + pos);
+    pos
+}
+
+/// Decodes a block into `out` (its length is the symbol count). Errors name what is wrong.
+pub fn decode(src: &[u8], out: &mut [u8]) -> Result<(), String> {
+    if src.len() < 2 {
+        return Err("Huffman block shorter than its header".into());
+    }
+    let first = src[0] as usize;
+    let count = src[1] as usize + 1;
+    if first + count > 256 {
+        return Err(format!(
+            "Huffman table spans symbols {first}..{}",
+            first + count
+        ));
+    }
+    let table_end = 2 + count.div_ceil(2) + 12;
+    if src.len() < table_end {
+        return Err(format!(
+            "Huffman block of {} bytes cannot hold its {table_end}-byte header",
+            src.len()
+        ));
+    }
+    let mut lens = [0u8; 256];
+    for i in 0..count {
+        let b = src[2 + i / 2];
+        lens[first + i] = if i % 2 == 0 { b & 15 } else { b >> 4 };
+    }
+    let codes = canonical(&lens).ok_or("Huffman code lengths are invalid")?;
+    if lens.iter().all(|&l| l == 0) {
+        return Err("Huffman table has no symbols".into());
+    }
+    // Single-symbol table: sym | len << 8; entries no code reaches keep length MAX_LEN.
+    let mut single = [(MAX_LEN as u16) << 8; TABLE];
+    for s in 0..256 {
+        let l = lens[s] as u32;
+        if l > 0 {
+            let mut i = codes[s] as usize;
+            while i < TABLE {
+                single[i] = s as u16 | (l as u16) << 8;
+                i += 1 << l;
+            }
+        }
+    }
+    // Multi-symbol table: s1 | s2 << 8 | s3 << 16 | bits << 24 | count << 28.
+    let mut multi = [0u32; TABLE];
+    for (idx, m) in multi.iter_mut().enumerate() {
+        let mut syms = 0u32;
+        let (mut used, mut n, mut rest) = (0u32, 0u32, idx);
+        while n < 3 {
+            let e = single[rest];
+            let l = (e >> 8) as u32;
+            if used + l > MAX_LEN {
+                break;
+            }
+            syms |= ((e & 0xff) as u32) << (8 * n);
+            used += l;
+            n += 1;
+            rest >>= l;
+        }
+        *m = syms | used << 24 | n << 28;
+    }
+    let sizes = &src[table_end - 12..table_end];
+    let mut bounds = [0usize; STREAMS + 1];
+    bounds[0] = table_end;
+    for k in 0..STREAMS - 1 {
+        let s = u32::from_le_bytes(sizes[4 * k..4 * k + 4].try_into().unwrap()) as usize;
+        bounds[k + 1] = bounds[k]
+            .checked_add(s)
+            .filter(|&e| e <= src.len())
+            .ok_or("Huffman stream sizes exceed the block")?;
+    }
+    bounds[STREAMS] = src.len();
+    let n = out.len();
+    let q = n.div_ceil(STREAMS).max(1);
+    let streams: [&[u8]; STREAMS] = std::array::from_fn(|k| &src[bounds[k]..bounds[k + 1]]);
+    let mut outs: Vec<&mut [u8]> = out.chunks_mut(q).collect();
+    while outs.len() < STREAMS {
+        outs.push(&mut []);
+    }
+    let mut bit = [0usize; STREAMS];
+    let mut at = [0usize; STREAMS];
+    // Fast path: all four streams have 8 readable bytes and 16 writable ones.
+    loop {
+        let ready = (0..STREAMS)
+            .all(|k| (bit[k] >> 3) + 8 <= streams[k].len() && at[k] + 16 <= outs[k].len());
+        if !ready {
+            break;
+        }
+        for k in 0..STREAMS {
+            let p = bit[k] >> 3;
+            let mut w =
+                u64::from_le_bytes(streams[k][p..p + 8].try_into().unwrap()) >> (bit[k] & 7);
+            let o = &mut *outs[k];
+            let mut a = at[k];
+            let mut used = 0u32;
+            // 56 fresh bits: five lookups of <= 11 bits each.
+            for _ in 0..5 {
+                let e = multi[(w & (TABLE as u64 - 1)) as usize];
+                o[a..a + 4].copy_from_slice(&e.to_le_bytes());
+                a += (e >> 28) as usize;
+                let l = (e >> 24) & 15;
+                w >>= l;
+                used += l;
+            }
+            at[k] = a;
+            bit[k] += used as usize;
+        }
+    }
+    // Tails: one symbol at a time with a zero-padded read.
+    for k in 0..STREAMS {
+        let s = streams[k];
+        let o = &mut *outs[k];
+        let (mut b, mut a) = (bit[k], at[k]);
+        while a < o.len() {
+            let p = b >> 3;
+            let w = if p + 8 <= s.len() {
+                u64::from_le_bytes(s[p..p + 8].try_into().unwrap())
+            } else {
+                let mut t = [0u8; 8];
+                let avail = s.len().saturating_sub(p);
+                t[..avail].copy_from_slice(&s[p.min(s.len())..]);
+                u64::from_le_bytes(t)
+            } >> (b & 7);
+            let e = single[(w & (TABLE as u64 - 1)) as usize];
+            o[a] = e as u8;
+            a += 1;
+            b += (e >> 8) as usize;
+        }
+        if b.div_ceil(8) != s.len() {
+            return Err(format!(
+                "Huffman stream {k} holds {} bytes, its {} symbols take {}",
+                s.len(),
+                o.len(),
+                b.div_ceil(8)
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(data: &[u8]) -> Vec<u8> {
+        let h = histogram(data);
+        let lens = code_lengths(&h);
+        let mut blk = vec![0xAA];
+        encode(data, &lens, &mut blk);
+        // block_size bounds the block (each stream rounds up on its own) within a few bytes.
+        let bound = block_size(&h, &lens);
+        assert!(bound >= blk.len() - 1 && bound - (blk.len() - 1) <= STREAMS);
+        let mut out = vec![0u8; data.len()];
+        decode(&blk[1..], &mut out).unwrap();
+        assert_eq!(out, data);
+        blk
+    }
+
+    #[test]
+    fn round_trips_skewed_uniform_and_tiny_inputs() {
+        let mut rng = crate::rng::SplitMix64::new(3);
+        let skewed: Vec<u8> = (0..100_003)
+            .map(|_| (rng.next_u64().trailing_zeros().min(40) + 100) as u8)
+            .collect();
+        round_trip(&skewed);
+        let uniform: Vec<u8> = (0..70_001).map(|_| rng.next_u64() as u8).collect();
+        round_trip(&uniform);
+        for n in [2usize, 3, 5, 17, 63, 64, 65] {
+            let v: Vec<u8> = (0..n).map(|i| (i % 3) as u8 * 7).collect();
+            round_trip(&v);
+        }
+    }
+
+    #[test]
+    fn lengths_are_limited_and_fill_the_code_space() {
+        // Fibonacci-like counts force a deep tree.
+        let mut h = [0u32; 256];
+        let (mut a, mut b) = (1u32, 1u32);
+        for c in h.iter_mut().take(40) {
+            *c = a;
+            (a, b) = (b, a.saturating_add(b).min(1 << 30));
+        }
+        let lens = code_lengths(&h);
+        assert!(lens.iter().all(|&l| l as u32 <= MAX_LEN));
+        let kraft: u32 = lens
+            .iter()
+            .filter(|&&l| l > 0)
+            .map(|&l| 1 << (MAX_LEN - l as u32))
+            .sum();
+        assert_eq!(kraft, 1 << MAX_LEN);
+        assert_eq!(lens.iter().filter(|&&l| l > 0).count(), 40);
+    }
+
+    #[test]
+    fn corrupt_blocks_are_errors_not_panics() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * i % 13) as u8).collect();
+        let blk = round_trip(&data)[1..].to_vec();
+        let mut out = vec![0u8; data.len()];
+        for cut in 0..blk.len().min(64) {
+            assert!(decode(&blk[..cut], &mut out).is_err());
+        }
+        let mut errors = 0;
+        for i in 0..blk.len() {
+            for flip in [1u8, 0x10, 0xff] {
+                let mut b = blk.clone();
+                b[i] ^= flip;
+                errors += decode(&b, &mut out).is_err() as usize;
+            }
+        }
+        assert!(errors > 0);
+    }
+}
