@@ -710,6 +710,7 @@ mod tests {
         let x = normal(100_000, 2);
         let cfg = SmaqConfig {
             chunk_size: 1000,
+            sampling: Sampling::Exact,
             ..Default::default()
         };
         let (_, h, payload) = round_trip(&cfg, &x);
