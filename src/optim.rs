@@ -270,7 +270,7 @@ fn adam_body(
         }
         // lerp with a small weight: fma(w, g - m, m); addcmul: v*b2 + (c2*g)*g.
         mi = s.w.mul_add(g - mi, mi);
-        vi = vi * s.b2 + s.c2 * g * g;
+        vi = (s.c2 * g).mul_add(g, vi * s.b2);
         let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
         *p += s.step_size * mi / denom;
         *m = mi;
