@@ -4,7 +4,8 @@
 
 Measured in one run, same model and gradients: torch's fused AdamW (float32 state), torch's
 foreach AdamW, smaq_rs.torch.AdamW (exp_avg / exp_avg_sq packed with SmaQ 6/8, dense below
-4096 elements), and bitsandbytes' AdamW8bit / torchao's AdamW8bit where they are installed.
+4096 elements) with its fused Rust step and, for comparison, with the per-operation torch update
+(``fused = False``, the path before it), and bitsandbytes' AdamW8bit / torchao's AdamW8bit where they are installed.
 State bytes are summed from the real buffers each optimizer holds after the steps (tensors'
 storage bytes; for smaq_rs the packed bytes). Times are medians of ``--steps`` steps after two
 warm-up steps. Gradients are fixed random tensors (no forward/backward), so only the optimizer
@@ -14,6 +15,7 @@ step is timed. Nothing asserts: the figures are printed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -71,11 +73,21 @@ def tensor_state_bytes(opt) -> int:
     return total
 
 
+def _unfused(make):
+    """The per-operation torch update (the path before the fused Rust step), for comparison."""
+    def f(p):
+        opt = make(p)
+        opt.fused = False
+        return opt
+    return f
+
+
 def candidates():
     out = [
         ("torch AdamW fused fp32", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
         ("torch AdamW foreach fp32", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
         ("smaq_rs AdamW (SmaQ 6/8)", lambda p: st.AdamW(p, lr=1e-3)),
+        ("  same, torch path (before)", _unfused(lambda p: st.AdamW(p, lr=1e-3))),
         ("smaq_rs AdamW (SmaQ 5/7)", lambda p: st.AdamW(
             p, lr=1e-3, codec_params={"bits_main": 5, "bits_outlier": 7})),
     ]
@@ -102,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     model = make_model(args.width, args.layers)
     n = sum(p.numel() for p in model.parameters())
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), smaq_rs "
+    print(f"load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__} ({torch.get_num_threads()} threads), smaq_rs "
           f"{smaq_rs.__version__} ({smaq_rs.get_num_threads()} threads)")
     print(f"MLP {args.layers} x Linear({args.width}, {args.width}): {n / 1e6:.2f}M parameters")
     rows = []
@@ -138,6 +150,7 @@ def main() -> None:
             print(f"{name:<28}{'-':>14}{'-':>16}{'-':>10}  {note}")
         else:
             print(f"{name:<28}{bpp:>14.3f}{ms:>16.1f}{ms / base:>9.1f}x")
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
     print("\ngoal for smaq_rs: <= 1.6 bytes/param and a step within 3x of fused fp32 AdamW")
 
 

@@ -20,6 +20,7 @@ pub mod dtype;
 pub mod error;
 pub mod format;
 pub mod le;
+pub mod optim;
 pub mod pool;
 pub mod rng;
 pub mod stats;

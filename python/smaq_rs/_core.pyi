@@ -76,3 +76,24 @@ class CheckpointReader:
     def stored(self, name: str) -> bytes: ...
     def read(self, name: str) -> np.ndarray: ...
     def read_many(self, names: List[str]) -> List[np.ndarray]: ...
+
+# ---- fused optimizer steps (src/python/optim.rs) ---------------------------------------------
+# A slot's state: None (first step), (None, None, None) (its buffer holds the values) or
+# (packed, (lo, hi) | None, int64 zero positions | None). Returned per slot: None (store it with a
+# zero map from its buffer) or (packed, int64 zero positions | None, (lo, hi) | None).
+_SlotIn = Optional[Tuple[Optional[Packed], Optional[Tuple[float, float]], Optional[np.ndarray]]]
+_SlotOut = Optional[Tuple[Packed, Optional[np.ndarray], Optional[Tuple[float, float]]]]
+
+def adam_step(
+    param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+    states: Tuple[_SlotIn, _SlotIn], *, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, decoupled: bool, maximize: bool, guard: bool, decoded: bool,
+    step: int, codec: str, params: Tuple[Dict[str, Any], Dict[str, Any]],
+    keeps_zeros: Tuple[bool, bool], sparse_fraction: float,
+) -> Tuple[_SlotOut, _SlotOut]: ...
+def sgd_step(
+    param: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarray, state: _SlotIn, *,
+    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+    maximize: bool, codec: str, params: Dict[str, Any], keeps_zeros: bool,
+    sparse_fraction: float,
+) -> _SlotOut: ...

@@ -3,6 +3,7 @@
 //! becomes one exception class ([`to_py`]).
 
 mod checkpoint;
+mod optim;
 
 use crate::codec::{self, Param, Params};
 use crate::dtype::{DType, Data, DataMut, Owned};
@@ -381,5 +382,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     // Other areas register here, one line each: `area::register(m)?;`
     checkpoint::register(m)?;
+    optim::register(m)?;
     Ok(())
 }

@@ -28,8 +28,11 @@ import hashlib
 import math
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+import numpy as np
 import torch
 
+from .. import _core
+from .._api import PackedTensor
 from . import _store
 from ._store import Stored
 
@@ -114,6 +117,16 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"].item())
                 decoded = any(isinstance(state.get(s), Stored) for s in self._slots)
+                if packed and self._fusable(p, g, group):
+                    ins = tuple(self._fused_in(state, s, p) for s in self._slots)
+                    seeds = [_derive_seed(group["seed"], gi, pi, step, s) for s in self._slots]
+                    outs = self._fused(p, g, ins, group, step, decoded, seeds)
+                    for s, res, seed in zip(self._slots, outs, seeds):
+                        self._fused_out(state, s, res, p, seed)
+                    if group["quantize_weights"]:
+                        p.copy_(_store.roundtrip(p, self.codec, self._params_for(
+                            "weight", _derive_seed(group["seed"], gi, pi, step, "weight"))))
+                    continue
                 bufs = {s: (None if fresh else self._load(state, s, p)) for s in self._slots}
                 bufs = self._update(p, g, bufs, group, step, decoded)
                 for s, v in bufs.items():
@@ -130,6 +143,53 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self, p, g, bufs, group, step, decoded):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the fused step (src/optim.rs): decode, update and re-encode in one Rust call ----------
+    #: Set to False to force the per-operation torch path (tests compare the two).
+    fused = True
+
+    def _fusable(self, p, g, group) -> bool:
+        return (self.fused and bool(self._slots) and self.codec == "smaq"
+                and p.dtype == torch.float32 and g.dtype == torch.float32
+                and p.device.type == "cpu" and g.device.type == "cpu"
+                and p.is_contiguous() and g.is_contiguous() and p.numel() > 0
+                and g.shape == p.shape)
+
+    def _fused_in(self, state, slot: str, p: torch.Tensor):
+        """A slot's state as the fused step takes it; values not passed as packed bytes are
+        put in the slot's scratch buffer."""
+        v = state.get(slot)
+        if v is None:
+            return None
+        if isinstance(v, Stored) and v.mask is None and v.packed is not None:
+            z = None if v.zidx is None else np.ascontiguousarray(v.zidx, dtype=np.int64)
+            r = None if v.range is None else (float(v.range[0]), float(v.range[1]))
+            return (v.packed._packed, r, z)
+        buf = self._scratch_for(slot, p)
+        if isinstance(v, Stored):
+            _store.decode(v, out=buf)
+        else:
+            buf.copy_(v)
+        return (None, None, None)
+
+    def _fused_out(self, state, slot: str, res, p: torch.Tensor, seed: int) -> None:
+        if res is None:  # needs a zero map: the new values are in the scratch buffer
+            state[slot] = _store.encode(self._scratch_for(slot, p), self.codec,
+                                        self._params_for(slot, seed))
+            return
+        core, zidx, rng = res
+        if zidx is not None:
+            zidx = zidx.astype(np.int32 if p.numel() < 2**31 else np.int64)
+        state[slot] = Stored(PackedTensor(core, "torch"), None, p.shape, p.dtype, zidx,
+                             None if rng is None else np.array(rng, dtype=np.float64))
+
+    def _fused_common(self, p, g):
+        arrays = (p.detach().numpy(), g.detach().numpy())
+        bufs = tuple(self._scratch_for(s, p).numpy() for s in self._slots)
+        return arrays, bufs
+
+    def _fused(self, p, g, ins, group, step, decoded, seeds):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- state_dict ---------------------------------------------------------------------------
@@ -219,6 +279,16 @@ class SGD(_PackedStateOptimizer):
         p.add_(g, alpha=-group["lr"])
         return bufs
 
+    def _fused(self, p, g, ins, group, step, decoded, seeds):
+        (pa, ga), (buf,) = self._fused_common(p, g)
+        params = self._params_for("momentum_buffer", seeds[0])
+        return (_core.sgd_step(
+            pa, ga, buf, ins[0], lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], maximize=group["maximize"], codec=self.codec,
+            params=params, keeps_zeros=_store.codec_keeps_zeros(self.codec, params),
+            sparse_fraction=_store.SPARSE_FRACTION),)
+
 
 class Adam(_PackedStateOptimizer):
     """torch.optim.Adam (``decoupled=False``) / AdamW with exp_avg, exp_avg_sq packed."""
@@ -269,6 +339,20 @@ class Adam(_PackedStateOptimizer):
         p.addcdiv_(m, denom, value=-lr / bc1)
         bufs["exp_avg"], bufs["exp_avg_sq"] = m, v
         return bufs
+
+    def _fused(self, p, g, ins, group, step, decoded, seeds):
+        (pa, ga), (m, v) = self._fused_common(p, g)
+        b1, b2 = group["betas"]
+        pm = self._params_for("exp_avg", seeds[0])
+        pv = self._params_for("exp_avg_sq", seeds[1])
+        return _core.adam_step(
+            pa, ga, m, v, ins, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled=self._decoupled,
+            maximize=group["maximize"], guard=group["guard"], decoded=decoded, step=step,
+            codec=self.codec, params=(pm, pv),
+            keeps_zeros=(_store.codec_keeps_zeros(self.codec, pm),
+                         _store.codec_keeps_zeros(self.codec, pv)),
+            sparse_fraction=_store.SPARSE_FRACTION)
 
 
 class AdamW(Adam):

@@ -1,0 +1,467 @@
+//! Fused optimizer steps over packed state (SGD with momentum, Adam, AdamW).
+//!
+//! One call updates one parameter: the packed state slots are decoded into the caller's
+//! reusable buffers, one Rayon-parallel pass over chunks applies the exact-zero list, the value
+//! range clamp, the Adam lower-bound guard and the update (parameter in place, new state in the
+//! buffers), tallying per slot the zeros and the value range; then each slot is packed again.
+//!
+//! The arithmetic repeats, operation for operation, what `python/smaq_rs/torch/optim.py` does
+//! with torch's CPU kernels: float32 throughout, scalars rounded to float32, and a fused
+//! multiply-add wherever torch's vectorized kernel uses one (`add(alpha=)`, `lerp`). So, on the
+//! same state, the fused step gives the Python step's values (tests/test_torch_optim.py checks
+//! how closely).
+//!
+//! How a slot is stored afterwards mirrors `_store.encode(zeros="auto")`: plain, plain with a
+//! list of exact-zero positions, or (returned as [`SlotOut::NeedsMap`]) with a zero map, which
+//! the caller builds from the buffer.
+
+use crate::codec::Params;
+use crate::dtype::{Data, DataMut};
+use crate::error::{Error, Result};
+use crate::format::Packed;
+use rayon::prelude::*;
+
+/// Elements per task of the fused pass.
+const TASK: usize = 1 << 14;
+
+/// Adam / AdamW hyper-parameters for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// AdamW: decay the parameter (`p *= 1 - lr*wd`) instead of adding `wd*p` to the gradient.
+    pub decoupled: bool,
+    pub maximize: bool,
+    /// Raise a decoded exp_avg_sq to the Cauchy-Schwarz bound implied by exp_avg (optim.py).
+    pub guard: bool,
+    /// Whether the state was decoded from packed bytes (the guard applies only then).
+    pub decoded: bool,
+    /// The step number, counted from 1.
+    pub step: u64,
+}
+
+/// SGD hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    pub maximize: bool,
+}
+
+/// How one state slot enters the step.
+#[derive(Debug, Clone, Copy)]
+pub enum SlotIn<'a> {
+    /// No state yet (first step).
+    Fresh,
+    /// The slot's buffer already holds the values.
+    Dense,
+    /// Decode `packed` into the buffer, clamp into `range`, set the positions in `zeros` to 0.
+    Packed {
+        packed: &'a Packed,
+        range: Option<[f64; 2]>,
+        zeros: &'a [i64],
+    },
+}
+
+/// How the new values of one slot are to be stored (the caller's `_store.encode` rules).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreRule<'a> {
+    pub codec: &'a str,
+    pub params: &'a Params,
+    /// Whether the codec with these parameters decodes 0 to exactly 0.
+    pub keeps_zeros: bool,
+    /// A zero map is used from this fraction of zeros on.
+    pub sparse_fraction: f64,
+}
+
+/// One slot after the step.
+#[derive(Debug)]
+pub enum SlotOut {
+    /// Packed values, positions of exact zeros (when the codec loses zeros), and the
+    /// [min, max] of the values (None when there is a NaN).
+    Plain {
+        packed: Packed,
+        zeros: Vec<i64>,
+        range: Option<[f64; 2]>,
+    },
+    /// Store with a zero map: the new values are in the slot's buffer.
+    NeedsMap,
+}
+
+/// Zero count and value range of a run of values (NaN-propagating like torch.aminmax).
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    zeros: u64,
+    min: f32,
+    max: f32,
+    nan: bool,
+}
+
+impl Tally {
+    const EMPTY: Tally = Tally {
+        zeros: 0,
+        min: f32::INFINITY,
+        max: f32::NEG_INFINITY,
+        nan: false,
+    };
+    #[inline(always)]
+    fn add(&mut self, x: f32) {
+        self.zeros += (x == 0.0) as u64;
+        self.nan |= x.is_nan();
+        if x < self.min {
+            self.min = x;
+        }
+        if x > self.max {
+            self.max = x;
+        }
+    }
+    /// Combines with the tally of the values after these (the leftmost extreme wins ties).
+    fn then(self, o: Tally) -> Tally {
+        Tally {
+            zeros: self.zeros + o.zeros,
+            min: if o.min < self.min { o.min } else { self.min },
+            max: if o.max > self.max { o.max } else { self.max },
+            nan: self.nan || o.nan,
+        }
+    }
+}
+
+fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
+    if len != n {
+        return Err(Error::Shape(format!(
+            "{what} has {len} elements, the parameter has {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a packed slot into `buf`, clamps into its range and restores its exact zeros.
+fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<()> {
+    let SlotIn::Packed {
+        packed,
+        range,
+        zeros,
+    } = slot
+    else {
+        return Ok(());
+    };
+    if packed.numel() != buf.len() as u64 {
+        return Err(Error::Shape(format!(
+            "packed {what} holds {} values, the parameter has {}",
+            packed.numel(),
+            buf.len()
+        )));
+    }
+    packed.decode_into(DataMut::F32(buf))?;
+    if let Some([lo, hi]) = range {
+        let (lo, hi) = (lo as f32, hi as f32);
+        crate::pool::install(|| {
+            buf.par_chunks_mut(TASK).for_each(|c| {
+                for x in c {
+                    *x = clamp(*x, lo, hi);
+                }
+            })
+        });
+    }
+    let n = buf.len();
+    for &i in zeros {
+        match usize::try_from(i).ok().filter(|&i| i < n) {
+            Some(i) => buf[i] = 0.0,
+            None => {
+                return Err(Error::Shape(format!(
+                    "{what}: zero index {i} is outside the parameter ({n} values)"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// torch.clamp with float32 bounds: NaN stays NaN.
+#[inline(always)]
+fn clamp(x: f32, lo: f32, hi: f32) -> f32 {
+    if x < lo {
+        lo
+    } else if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
+/// torch.maximum: NaN wins.
+#[inline(always)]
+fn maximum(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b > a || b.is_nan() {
+        b
+    } else {
+        a
+    }
+}
+
+/// Packs a slot's new values the way `_store.encode(zeros="auto")` would.
+fn store(buf: &[f32], shape: &[u64], t: Tally, rule: &StoreRule<'_>) -> Result<SlotOut> {
+    let n = buf.len() as u64;
+    let z = t.zeros;
+    let few = (z as f64) < rule.sparse_fraction * n as f64;
+    let mut zeros = Vec::new();
+    if z > 0 && few && !rule.keeps_zeros && 4 * z < n / 8 {
+        zeros.reserve_exact(z as usize);
+        zeros.extend(
+            buf.iter()
+                .enumerate()
+                .filter(|(_, &x)| x == 0.0)
+                .map(|(i, _)| i as i64),
+        );
+    } else if z > 0 && (!few || !rule.keeps_zeros) {
+        return Ok(SlotOut::NeedsMap);
+    }
+    let range = (n > 0 && !t.nan).then_some([t.min as f64, t.max as f64]);
+    let packed = Packed::encode(Data::F32(buf), shape, rule.codec, rule.params)?;
+    Ok(SlotOut::Plain {
+        packed,
+        zeros,
+        range,
+    })
+}
+
+/// Float32 scalars of an Adam step, rounded as torch rounds Python floats.
+#[derive(Clone, Copy)]
+struct AdamScalars {
+    maximize: bool,
+    decay: Option<f32>,
+    l2: Option<f32>,
+    guard: Option<f32>,
+    w: f32,
+    b2: f32,
+    c2: f32,
+    sqrt_bc2: f32,
+    eps: f32,
+    step_size: f32,
+    fresh: bool,
+}
+
+#[inline(always)]
+fn adam_body(
+    s: &AdamScalars,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> [Tally; 2] {
+    let (mut tm, mut tv) = (Tally::EMPTY, Tally::EMPTY);
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let mut g = if s.maximize { -g } else { g };
+        if let Some(d) = s.decay {
+            *p *= d;
+        }
+        if let Some(wd) = s.l2 {
+            g = p.mul_add(wd, g);
+        }
+        let (mut mi, mut vi) = if s.fresh { (0.0, 0.0) } else { (*m, *v) };
+        if let Some(c) = s.guard {
+            vi = maximum(vi, mi * mi * c);
+        }
+        // lerp with a small weight: fma(w, g - m, m); addcmul: v*b2 + (c2*g)*g.
+        mi = s.w.mul_add(g - mi, mi);
+        vi = (s.c2 * g).mul_add(g, vi * s.b2);
+        let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
+        *p += s.step_size * mi / denom;
+        *m = mi;
+        *v = vi;
+        tm.add(mi);
+        tv.add(vi);
+    }
+    [tm, tv]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn adam_fma(
+    s: &AdamScalars,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> [Tally; 2] {
+    adam_body(s, p, g, m, v)
+}
+
+fn adam_chunk(
+    s: &AdamScalars,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> [Tally; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { adam_fma(s, p, g, m, v) };
+    }
+    adam_body(s, p, g, m, v)
+}
+
+/// One Adam/AdamW step of one parameter: `param` updated in place from `grad`; `exp_avg` and
+/// `exp_avg_sq` are the slots' buffers (same length as `param`; their contents on entry matter
+/// only for [`SlotIn::Dense`]); returns how each slot is stored.
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step(
+    h: &AdamStep,
+    param: &mut [f32],
+    grad: &[f32],
+    shape: &[u64],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    slots: [SlotIn<'_>; 2],
+    rules: [StoreRule<'_>; 2],
+) -> Result<[SlotOut; 2]> {
+    let n = param.len();
+    check_len("grad", grad.len(), n)?;
+    check_len("exp_avg buffer", exp_avg.len(), n)?;
+    check_len("exp_avg_sq buffer", exp_avg_sq.len(), n)?;
+    let fresh = matches!(slots[0], SlotIn::Fresh);
+    if fresh != matches!(slots[1], SlotIn::Fresh) {
+        return Err(Error::Shape(
+            "exp_avg and exp_avg_sq must both be present or both absent".into(),
+        ));
+    }
+    if h.step == 0 {
+        return Err(Error::Shape("the step count starts at 1".into()));
+    }
+    load(slots[0], exp_avg, "exp_avg")?;
+    load(slots[1], exp_avg_sq, "exp_avg_sq")?;
+    let (b1, b2) = (h.beta1, h.beta2);
+    let step = h.step;
+    // Python's `b ** step` is libm pow.
+    let bc1 = 1.0 - b1.powf(step as f64);
+    let bc2 = 1.0 - b2.powf(step as f64);
+    let s = AdamScalars {
+        maximize: h.maximize,
+        decay: (h.weight_decay != 0.0 && h.decoupled)
+            .then_some((1.0 - h.lr * h.weight_decay) as f32),
+        l2: (h.weight_decay != 0.0 && !h.decoupled).then_some(h.weight_decay as f32),
+        guard: (!fresh && h.decoded && h.guard && b1 * b1 < b2)
+            .then_some(((1.0 - b2) * (1.0 - b1 * b1 / b2) / ((1.0 - b1) * (1.0 - b1))) as f32),
+        w: (1.0 - b1) as f32,
+        b2: b2 as f32,
+        c2: (1.0 - b2) as f32,
+        sqrt_bc2: bc2.sqrt() as f32,
+        eps: h.eps as f32,
+        step_size: (-h.lr / bc1) as f32,
+        fresh,
+    };
+    let tallies: Vec<[Tally; 2]> = crate::pool::install(|| {
+        param
+            .par_chunks_mut(TASK)
+            .zip(grad.par_chunks(TASK))
+            .zip(exp_avg.par_chunks_mut(TASK))
+            .zip(exp_avg_sq.par_chunks_mut(TASK))
+            .map(|(((p, g), m), v)| adam_chunk(&s, p, g, m, v))
+            .collect()
+    });
+    let [tm, tv] = tallies
+        .into_iter()
+        .fold([Tally::EMPTY; 2], |[a, b], [c, d]| [a.then(c), b.then(d)]);
+    Ok([
+        store(exp_avg, shape, tm, &rules[0])?,
+        store(exp_avg_sq, shape, tv, &rules[1])?,
+    ])
+}
+
+/// Float32 scalars of an SGD step.
+#[derive(Clone, Copy)]
+struct SgdScalars {
+    maximize: bool,
+    l2: Option<f32>,
+    mom: f32,
+    /// 1 - dampening.
+    keep: f32,
+    nesterov: bool,
+    neg_lr: f32,
+    fresh: bool,
+}
+
+#[inline(always)]
+fn sgd_body(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
+    let mut t = Tally::EMPTY;
+    for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+        let mut g = if s.maximize { -g } else { g };
+        if let Some(wd) = s.l2 {
+            g = p.mul_add(wd, g);
+        }
+        let bi = if s.fresh {
+            g
+        } else {
+            g.mul_add(s.keep, *b * s.mom)
+        };
+        *b = bi;
+        t.add(bi);
+        g = if s.nesterov { bi.mul_add(s.mom, g) } else { bi };
+        *p = g.mul_add(s.neg_lr, *p);
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sgd_fma(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
+    sgd_body(s, p, g, b)
+}
+
+fn sgd_chunk(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { sgd_fma(s, p, g, b) };
+    }
+    sgd_body(s, p, g, b)
+}
+
+/// One SGD step with momentum of one parameter (see [`adam_step`]); `slot` is the momentum
+/// buffer's state. `momentum` must be positive (without it there is no state to pack).
+pub fn sgd_step(
+    h: &SgdStep,
+    param: &mut [f32],
+    grad: &[f32],
+    shape: &[u64],
+    momentum_buffer: &mut [f32],
+    slot: SlotIn<'_>,
+    rule: StoreRule<'_>,
+) -> Result<SlotOut> {
+    let n = param.len();
+    check_len("grad", grad.len(), n)?;
+    check_len("momentum buffer", momentum_buffer.len(), n)?;
+    if h.momentum <= 0.0 {
+        return Err(Error::Shape(format!(
+            "the fused SGD step needs a positive momentum, not {}",
+            h.momentum
+        )));
+    }
+    load(slot, momentum_buffer, "momentum_buffer")?;
+    let s = SgdScalars {
+        maximize: h.maximize,
+        l2: (h.weight_decay != 0.0).then_some(h.weight_decay as f32),
+        mom: h.momentum as f32,
+        keep: (1.0 - h.dampening) as f32,
+        nesterov: h.nesterov,
+        neg_lr: -h.lr as f32,
+        fresh: matches!(slot, SlotIn::Fresh),
+    };
+    let tallies: Vec<Tally> = crate::pool::install(|| {
+        param
+            .par_chunks_mut(TASK)
+            .zip(grad.par_chunks(TASK))
+            .zip(momentum_buffer.par_chunks_mut(TASK))
+            .map(|((p, g), b)| sgd_chunk(&s, p, g, b))
+            .collect()
+    });
+    let t = tallies.into_iter().fold(Tally::EMPTY, Tally::then);
+    store(momentum_buffer, shape, t, &rule)
+}
