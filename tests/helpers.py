@@ -19,7 +19,13 @@ def smaq_bound(x64, y64, stats, params, out_dtype):
     r_out = (2 ** (bo - 2) - 1) / (t_out - t_main)
     mean, std = stats["mean"], stats["std"]
     a = np.abs((x64 - mean) / std)
-    bound = np.where(a <= t_main, std / (2 * r_main), std / (2 * r_out))
-    bound = np.where(a > t_out, (a - t_out) * std + std / (2 * r_out), bound)
+    # The kernel computes z and the scaled magnitude in float32: a code of b bits carries up to
+    # about 2^(b - 2) * 2^-21 grid steps of arithmetic error (negligible below ~12 bits).
+    slack_main = 1 + 2.0 ** (bm - 2 - 21)
+    slack_out = 1 + 2.0 ** (bo - 2 - 21)
+    half_main = std / (2 * r_main) * slack_main
+    half_out = std / (2 * r_out) * slack_out
+    bound = np.where(a <= t_main, half_main, half_out)
+    bound = np.where(a > t_out, (a - t_out) * std + half_out, bound)
     ulp = np.maximum(np.abs(y64), np.abs(x64)) * 2.0 ** -(mantissa_bits(out_dtype) + 1)
     return bound * (1 + 1e-4) + ulp * 1.01 + 1e-30
