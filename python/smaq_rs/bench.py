@@ -91,19 +91,24 @@ def _cpu_best(fn: Callable[[], Any], repeat: int) -> float:
     return best
 
 
-def paired(fa: Callable[[], Any], fb: Callable[[], Any], repeat: int) -> Tuple[float, float]:
-    """Best wall times of ``fa`` and ``fb`` run alternately ``repeat`` times each, so both see
-    the same load on a shared machine."""
+def paired(fa: Callable[[], Any], fb: Callable[[], Any], repeat: int,
+           block: int = 3) -> Tuple[float, float]:
+    """Best wall times of ``fa`` and ``fb`` over ``repeat`` rounds of ``block`` calls of each, so
+    both see the same load on a shared machine. Blocks rather than strict alternation: a thread
+    pool that spins after its call (torch's OpenMP, briefly Rayon's) slows whatever runs next, and
+    that should only cost the first call of a block, which the best-of discards."""
     ta = tb = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fa()
-        ta = min(ta, time.perf_counter() - t0)
-        del out
-        t0 = time.perf_counter()
-        out = fb()
-        tb = min(tb, time.perf_counter() - t0)
-        del out
+        for _ in range(block):
+            t0 = time.perf_counter()
+            out = fa()
+            ta = min(ta, time.perf_counter() - t0)
+            del out
+        for _ in range(block):
+            t0 = time.perf_counter()
+            out = fb()
+            tb = min(tb, time.perf_counter() - t0)
+            del out
     return ta, tb
 
 
@@ -281,16 +286,16 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def ratios(rows: List[Dict[str, Any]], repeat: int = 7) -> List[str]:
-    """The issue's speed comparisons: encode speed ours / peer's, each pair timed alternately
-    (best of ``repeat`` each) so both see the same load; then the ratio of CPU time per value
+    """The issue's speed comparisons: encode speed ours / peer's, each pair timed in alternating
+    blocks (``paired``) so both see the same load; then the ratio of CPU time per value
     (peer / ours) from the table."""
     by = {r["codec"]: r for r in rows}
     out = []
     for a, b in PAIRS:
         if a in by and b in by:
             ta, tb = paired(by[a]["fn"], by[b]["fn"], repeat)
-            out.append(f"{a} encode / {b} encode: {tb / ta:.2f}x wall (alternating, best of "
-                       f"{repeat}), {by[b]['cpu'] / by[a]['cpu']:.2f}x CPU time")
+            out.append(f"{a} encode / {b} encode: {tb / ta:.2f}x wall (alternating blocks, best "
+                       f"of {3 * repeat}), {by[b]['cpu'] / by[a]['cpu']:.2f}x CPU time")
     return out
 
 
