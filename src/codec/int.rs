@@ -323,52 +323,110 @@ impl Stats {
     }
 }
 
-/// Min and max of the finite values (8 lanes, so it vectorizes), and the moments SAWB needs.
-#[inline(always)]
-fn stats_body(x: &[f32], moments: bool) -> Stats {
-    let mut lo = [f32::INFINITY; 8];
-    let mut hi = [f32::NEG_INFINITY; 8];
-    let mut bad = [0u32; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for j in 0..8 {
-            let v = c[j];
-            let ok = v.abs() < f32::INFINITY;
-            lo[j] = if ok && v < lo[j] { v } else { lo[j] };
-            hi[j] = if ok && v > hi[j] { v } else { hi[j] };
-            bad[j] += !ok as u32;
-        }
-    }
-    for &v in it.remainder() {
-        if v.abs() < f32::INFINITY {
-            lo[0] = lo[0].min(v);
-            hi[0] = hi[0].max(v);
-        } else {
-            bad[0] += 1;
-        }
-    }
-    let mut s = Stats::EMPTY;
-    s.nonfinite = bad.iter().map(|&b| b as u64).sum();
-    for j in 0..8 {
-        s.lo = s.lo.min(lo[j]);
-        s.hi = s.hi.max(hi[j]);
-    }
-    if moments {
-        for &v in x {
-            if v.abs() < f32::INFINITY {
-                s.sum_sq += (v as f64) * (v as f64);
-                s.sum_abs += v.abs() as f64;
-                s.count += 1;
-            }
-        }
-    }
-    s
+/// Lanes of the min/max accumulators. The SIMD path uses the same lanes (two AVX2 registers)
+/// and the same final reduction, so both give identical results, signed zeros included.
+const LANES: usize = 16;
+
+/// Per-lane min/max of the finite values and count of non-finite ones.
+struct Lanes {
+    lo: [f32; LANES],
+    hi: [f32; LANES],
+    bad: [u32; LANES],
 }
 
+impl Lanes {
+    const START: Lanes = Lanes {
+        lo: [f32::INFINITY; LANES],
+        hi: [f32::NEG_INFINITY; LANES],
+        bad: [0; LANES],
+    };
+
+    /// Adds `v` to lane `j`: `vminps`/`vmaxps` semantics (the new value wins only if strictly
+    /// smaller / larger).
+    #[inline(always)]
+    fn add(&mut self, j: usize, v: f32) {
+        let ok = v.to_bits() & 0x7fff_ffff < 0x7f80_0000;
+        let vl = if ok { v } else { f32::INFINITY };
+        let vh = if ok { v } else { f32::NEG_INFINITY };
+        self.lo[j] = if vl < self.lo[j] { vl } else { self.lo[j] };
+        self.hi[j] = if vh > self.hi[j] { vh } else { self.hi[j] };
+        self.bad[j] += !ok as u32;
+    }
+
+    /// The remainder (`tail`, fewer than LANES values), the reduction, and the moments.
+    fn finish(mut self, x: &[f32], tail: &[f32], moments: bool) -> Stats {
+        for (j, &v) in tail.iter().enumerate() {
+            self.add(j, v);
+        }
+        let mut s = Stats::EMPTY;
+        s.nonfinite = self.bad.iter().map(|&b| b as u64).sum();
+        for j in 0..LANES {
+            s.lo = if self.lo[j] < s.lo { self.lo[j] } else { s.lo };
+            s.hi = if self.hi[j] > s.hi { self.hi[j] } else { s.hi };
+        }
+        if moments {
+            for &v in x {
+                if v.abs() < f32::INFINITY {
+                    s.sum_sq += (v as f64) * (v as f64);
+                    s.sum_abs += v.abs() as f64;
+                    s.count += 1;
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Min and max of the finite values, the count of the others, and the moments SAWB needs.
+fn stats_portable(x: &[f32], moments: bool) -> Stats {
+    let mut l = Lanes::START;
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for (j, &v) in c.iter().enumerate() {
+            l.add(j, v);
+        }
+    }
+    l.finish(x, it.remainder(), moments)
+}
+
+/// [`stats_portable`] with AVX2 intrinsics (16 lanes in two registers).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn stats_avx2(x: &[f32], moments: bool) -> Stats {
-    stats_body(x, moments)
+    use std::arch::x86_64::*;
+    let mut l = Lanes::START;
+    let mut it = x.chunks_exact(LANES);
+    // SAFETY: loads read whole chunks of LANES floats; stores write the LANES-long lane arrays.
+    unsafe {
+        let absm = _mm256_set1_epi32(0x7fff_ffff);
+        let maxf = _mm256_set1_epi32(0x7f7f_ffff);
+        let pinf = _mm256_set1_ps(f32::INFINITY);
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let (mut lo0, mut lo1) = (pinf, pinf);
+        let (mut hi0, mut hi1) = (ninf, ninf);
+        let (mut b0, mut b1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in &mut it {
+            let v0 = _mm256_loadu_ps(c.as_ptr());
+            let v1 = _mm256_loadu_ps(c.as_ptr().add(8));
+            let n0 = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_castps_si256(v0), absm), maxf);
+            let n1 = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_castps_si256(v1), absm), maxf);
+            let (n0f, n1f) = (_mm256_castsi256_ps(n0), _mm256_castsi256_ps(n1));
+            // min_ps(a, b) = a < b ? a : b, as in Lanes::add.
+            lo0 = _mm256_min_ps(_mm256_blendv_ps(v0, pinf, n0f), lo0);
+            lo1 = _mm256_min_ps(_mm256_blendv_ps(v1, pinf, n1f), lo1);
+            hi0 = _mm256_max_ps(_mm256_blendv_ps(v0, ninf, n0f), hi0);
+            hi1 = _mm256_max_ps(_mm256_blendv_ps(v1, ninf, n1f), hi1);
+            b0 = _mm256_sub_epi32(b0, n0);
+            b1 = _mm256_sub_epi32(b1, n1);
+        }
+        _mm256_storeu_ps(l.lo.as_mut_ptr(), lo0);
+        _mm256_storeu_ps(l.lo.as_mut_ptr().add(8), lo1);
+        _mm256_storeu_ps(l.hi.as_mut_ptr(), hi0);
+        _mm256_storeu_ps(l.hi.as_mut_ptr().add(8), hi1);
+        _mm256_storeu_si256(l.bad.as_mut_ptr().cast(), b0);
+        _mm256_storeu_si256(l.bad.as_mut_ptr().add(8).cast(), b1);
+    }
+    l.finish(x, it.remainder(), moments)
 }
 
 fn stats(x: &[f32], moments: bool) -> Stats {
@@ -377,7 +435,7 @@ fn stats(x: &[f32], moments: bool) -> Stats {
         // SAFETY: AVX2 and FMA are present (checked at run time).
         return unsafe { stats_avx2(x, moments) };
     }
-    stats_body(x, moments)
+    stats_portable(x, moments)
 }
 
 /// Per-group (lo, step) from statistics.
@@ -420,6 +478,15 @@ fn group_params(c: &IntConfig, s: Stats) -> (f32, f32) {
 
 const NEAREST: u8 = 0;
 
+/// floor(q) for q in [0, 2^16] (callers clamp to [0, cmax] first, which also maps NaN to 0, then
+/// add at most 1). Unlike `q as i32` (saturating, which LLVM does not vectorize) this is one
+/// `vcvttps2dq` per 8 lanes.
+#[inline(always)]
+fn code_of(q: f32) -> u32 {
+    // SAFETY: q is finite and in [0, 65536], which fits an i32.
+    unsafe { q.to_int_unchecked::<i32>() as u32 }
+}
+
 /// Codes of one run: v = (x - lo) / step + zp, clamped to [0, cmax], plus 1/2 or u, floored.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -437,12 +504,12 @@ fn quant_body<O: crate::codec::float::Code>(
         for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
             let u = (hash32(key ^ hash32(i0 + i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
             let q = (v.mul_add(a, b)).max(0.0).min(cmax) + u;
-            *o = O::from_u32(q as i32 as u32);
+            *o = O::from_u32(code_of(q));
         }
     } else {
         for (o, &v) in out.iter_mut().zip(x) {
             let q = (v.mul_add(a, b)).max(0.0).min(cmax) + 0.5;
-            *o = O::from_u32(q as i32 as u32);
+            *o = O::from_u32(code_of(q));
         }
     }
 }
@@ -583,24 +650,30 @@ pub(crate) fn apply_exceptions<T: Element>(list: &[u8], out: &mut [T], what: &st
 
 impl Encoder for IntConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
+        let (mut meta, m) = self.encode_framed(x, 0, 0)?;
+        let payload = meta.split_off(m);
+        Ok(Encoded { meta, payload })
+    }
+
+    fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
         let seed = match (self.rounding, self.seed) {
             (NEAREST, s) => s.unwrap_or(0),
             (_, Some(s)) => s,
             (_, None) => fresh_seed(),
         };
-        crate::dispatch!(Data, x, |v| self.encode_typed(v, seed))
+        crate::dispatch!(Data, x, |v| self.encode_typed(v, seed, lead, tail))
     }
 }
 
-/// What one chunk produced.
-struct ChunkOut {
-    params: Vec<(f32, f32)>,
-    exceptions: Vec<u8>,
-    n_exc: u64,
-}
-
 impl IntConfig {
-    fn encode_typed<T: ToF32>(&self, x: &[T], seed: u64) -> Result<Encoded> {
+    /// `lead` bytes for the caller, the metadata, then the payload (`Encoder::encode_framed`).
+    fn encode_typed<T: ToF32>(
+        &self,
+        x: &[T],
+        seed: u64,
+        lead: usize,
+        tail: usize,
+    ) -> Result<(Vec<u8>, usize)> {
         let n = x.len() as u64;
         if matches!(self.granularity, Granularity::Row | Granularity::Tile)
             && n % self.row_size != 0
@@ -614,10 +687,37 @@ impl IntConfig {
         let width = self.bits as u32;
         let ch = lay.chunk as usize;
         let code_bytes = (x.len() * width as usize).div_ceil(8);
-        let mut codes = vec![0u8; code_bytes];
+        let pbytes = if self.absmax { 4 } else { 8 };
+        let n_groups = lay.n_groups() as usize;
+        let mut head = IntHead {
+            cfg: IntConfig {
+                seed: (self.rounding != NEAREST).then_some(seed),
+                ..self.clone()
+            },
+            chunk: lay.chunk,
+            n_groups: n_groups as u64,
+            n_exc: 0,
+        };
+        // Fixed length: written now, rewritten with the exception count at the end.
+        let m = head.write().len();
+        let start = lead + m;
+        // One allocation for everything: group parameters, then codes, written in place by the
+        // chunks (no per-chunk buffers to concatenate); exceptions are appended at the end.
+        let mut payload =
+            crate::codec::float::zeroed_with_tail(start + n_groups * pbytes + code_bytes, tail);
+        let (pp, codes) = payload[start..].split_at_mut(n_groups * pbytes);
         let (cmax, zp) = (self.cmax() as f32, self.zp());
         let stochastic = self.rounding != NEAREST;
         let moments = self.sawb;
+        let absmax = self.absmax;
+        let put_params = move |dst: &mut [u8], (lo, step): (f32, f32)| {
+            if absmax {
+                dst.copy_from_slice(&step.to_le_bytes());
+            } else {
+                dst[..4].copy_from_slice(&lo.to_le_bytes());
+                dst[4..].copy_from_slice(&step.to_le_bytes());
+            }
+        };
         // Group parameters: computed inside each chunk when groups align with chunks, else in a
         // first pass over the whole tensor.
         let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
@@ -635,21 +735,39 @@ impl IntConfig {
                     })
                     .collect()
             });
-            let mut st = vec![Stats::EMPTY; lay.n_groups() as usize];
+            let mut st = vec![Stats::EMPTY; n_groups];
             for (g, s) in parts.into_iter().flatten() {
                 st[g] = st[g].merge(s);
             }
             st.into_iter().map(|s| group_params(self, s)).collect()
         });
-        let outs: Vec<ChunkOut> = crate::pool::install(|| {
+        if let Some(p) = &global {
+            for (d, &gp) in pp.chunks_exact_mut(pbytes).zip(p) {
+                put_params(d, gp);
+            }
+        }
+        // Fused: chunk ci holds groups ci * per.. (per = chunk / run) and writes their parameters.
+        let per = if lay.fused() {
+            (lay.chunk / lay.run) as usize
+        } else {
+            0
+        };
+        let pp_chunk = (per * pbytes).max(1);
+        let pp_parts: Vec<Option<&mut [u8]>> = if lay.fused() {
+            pp.chunks_mut(pp_chunk).map(Some).collect()
+        } else {
+            (0..x.len().div_ceil(ch)).map(|_| None).collect()
+        };
+        debug_assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
+        let outs: Vec<(Vec<u8>, u64)> = crate::pool::install(|| {
             codes
                 .par_chunks_mut(ch * width as usize / 8)
                 .zip(x.par_chunks(ch))
+                .zip(pp_parts)
                 .enumerate()
-                .map(|(ci, (o, c))| {
+                .map(|(ci, ((o, c), mut pdst))| {
                     let key = stream_key(seed, ci as u64);
                     let i0 = (ci * ch) as u64;
-                    let mut params = Vec::new();
                     // Fused chunks know whether they hold NaN/Inf; others scan for them.
                     let mut any_bad = global.is_some();
                     T::with_f32(c, |f| {
@@ -658,6 +776,7 @@ impl IntConfig {
                         } else {
                             vec![0u16; f.len()]
                         };
+                        let mut gi = 0;
                         lay.for_runs(i0, f.len(), |g, s, e| {
                             let (lo, step) = match &global {
                                 Some(p) => p[g],
@@ -665,7 +784,10 @@ impl IntConfig {
                                     let st = stats(&f[s..e], moments);
                                     any_bad |= st.nonfinite > 0;
                                     let p = group_params(self, st);
-                                    params.push(p);
+                                    if let Some(d) = pdst.as_deref_mut() {
+                                        put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
+                                    }
+                                    gi += 1;
                                     p
                                 }
                             };
@@ -705,49 +827,21 @@ impl IntConfig {
                     } else {
                         0
                     };
-                    ChunkOut {
-                        params,
-                        exceptions,
-                        n_exc,
-                    }
+                    (exceptions, n_exc)
                 })
                 .collect()
         });
-        let params: Vec<(f32, f32)> = match global {
-            Some(p) => p,
-            None => outs.iter().flat_map(|o| o.params.iter().copied()).collect(),
-        };
-        let n_exc: u64 = outs.iter().map(|o| o.n_exc).sum();
-        let pbytes = if self.absmax { 4 } else { 8 };
-        let exc_len: usize = outs.iter().map(|o| o.exceptions.len()).sum();
-        let mut payload = LeWriter(Vec::with_capacity(
-            params.len() * pbytes + codes.len() + exc_len,
-        ));
-        for &(lo, step) in &params {
-            if !self.absmax {
-                payload.f32(lo);
+        let n_exc: u64 = outs.iter().map(|o| o.1).sum();
+        let exc_len: usize = outs.iter().map(|o| o.0.len()).sum();
+        if exc_len > 0 {
+            payload.reserve_exact(exc_len + tail);
+            for (e, _) in &outs {
+                payload.extend_from_slice(e);
             }
-            payload.f32(step);
         }
-        payload.bytes(&codes);
-        drop(codes);
-        for o in &outs {
-            payload.bytes(&o.exceptions);
-        }
-        let cfg = IntConfig {
-            seed: (self.rounding != NEAREST).then_some(seed),
-            ..self.clone()
-        };
-        let head = IntHead {
-            cfg,
-            chunk: lay.chunk,
-            n_groups: params.len() as u64,
-            n_exc,
-        };
-        Ok(Encoded {
-            meta: head.write(),
-            payload: payload.0,
-        })
+        head.n_exc = n_exc;
+        payload[lead..start].copy_from_slice(&head.write());
+        Ok((payload, m))
     }
 }
 
@@ -1259,6 +1353,66 @@ mod tests {
                         "group {g}: {u} -> {v}"
                     );
                 }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_stats_and_codes_match_portable() {
+        if !crate::codec::float::has_avx2() {
+            eprintln!("no AVX2 here: only the portable path exists");
+            return;
+        }
+        let mut x = normal(10_000, 9);
+        for (i, v) in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            f32::MAX,
+            -f32::MAX,
+            1e-42,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            x[37 * i + 3] = v;
+        }
+        // Signed zeros as the minimum: the lane order decides which one is kept.
+        let mut zeros: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        for i in (0..100).step_by(3) {
+            zeros[i] = if i % 2 == 0 { -0.0 } else { 0.0 };
+        }
+        for data in [&x[..], &zeros[..], &x[..5], &[][..]] {
+            for len in [data.len(), data.len().saturating_sub(7), data.len() / 2] {
+                let d = &data[..len];
+                for moments in [false, true] {
+                    // SAFETY: AVX2 and FMA checked above.
+                    let a = unsafe { stats_avx2(d, moments) };
+                    let b = stats_portable(d, moments);
+                    assert_eq!(
+                        (a.lo.to_bits(), a.hi.to_bits(), a.nonfinite, a.count),
+                        (b.lo.to_bits(), b.hi.to_bits(), b.nonfinite, b.count),
+                        "len {len}"
+                    );
+                    assert_eq!(a.sum_sq.to_bits(), b.sum_sq.to_bits());
+                }
+            }
+        }
+        for (a, b, cmax) in [
+            (12.7f32, 127.0f32, 254.0f32),
+            (3.1, 7.5, 15.0),
+            (0.0, 0.0, 255.0),
+        ] {
+            for stochastic in [false, true] {
+                let mut p = vec![0u8; x.len()];
+                let mut q = vec![0u8; x.len()];
+                // SAFETY: as above.
+                unsafe { quant_avx2(&x, &mut p, a, b, cmax, stochastic, 5, 0) };
+                quant_body(&x, &mut q, a, b, cmax, stochastic, 5, 0);
+                assert_eq!(p, q);
             }
         }
     }

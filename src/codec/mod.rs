@@ -21,9 +21,34 @@ pub struct Encoded {
     pub payload: Vec<u8>,
 }
 
+impl Encoded {
+    /// One buffer: `lead` zero bytes, the metadata, the payload, with capacity for `tail` more
+    /// bytes; and the metadata's length. The payload is reallocated in place where the allocator
+    /// can (mremap) and moved once.
+    pub fn into_framed(self, lead: usize, tail: usize) -> (Vec<u8>, usize) {
+        let m = self.meta.len();
+        let mut bytes = self.payload;
+        let n = bytes.len();
+        bytes.reserve_exact(lead + m + tail);
+        bytes.resize(n + lead + m, 0);
+        bytes.copy_within(0..n, lead + m);
+        bytes[..lead].fill(0);
+        bytes[lead..lead + m].copy_from_slice(&self.meta);
+        (bytes, m)
+    }
+}
+
 /// A configured encoder.
 pub trait Encoder: Send + Sync {
     fn encode(&self, x: Data<'_>) -> Result<Encoded>;
+
+    /// Encodes into one buffer laid out as `lead` bytes left to the caller, the metadata, then
+    /// the payload, with capacity for `tail` more bytes; returns it and the metadata's length.
+    /// The packed format writes its header into the lead, so an encoder that overrides this
+    /// writes a large payload once, where it stays. The default moves `encode`'s payload once.
+    fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
+        Ok(self.encode(x)?.into_framed(lead, tail))
+    }
 }
 
 /// A decoder opened on validated metadata, for one tensor.

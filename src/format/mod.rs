@@ -67,28 +67,20 @@ impl Packed {
                 x.len()
             )));
         }
-        let enc = (info.encoder)(params)?.encode(x)?;
-        let mut w = LeWriter(Vec::with_capacity(
-            FIXED_HEADER + 8 * shape.len() + enc.meta.len(),
-        ));
+        // The encoder leaves room for the header in front of its metadata and payload, and for
+        // the checksum behind: a large payload is written once and never moved or copied.
+        let head_len = FIXED_HEADER + 8 * shape.len();
+        let (mut bytes, meta_len) =
+            (info.encoder)(params)?.encode_framed(x, head_len, CHECKSUM_LEN)?;
+        let payload_len = bytes.len() - head_len - meta_len;
+        let mut w = LeWriter(Vec::with_capacity(head_len));
         w.bytes(&MAGIC).u8(VERSION).u8(x.dtype() as u8).u16(info.id);
         w.u8(shape.len() as u8).bytes(&[0; 3]);
-        w.u32(enc.meta.len() as u32)
-            .u64(enc.payload.len() as u64)
-            .u64(numel);
+        w.u32(meta_len as u32).u64(payload_len as u64).u64(numel);
         for &d in shape {
             w.u64(d);
         }
-        w.bytes(&enc.meta);
-        // Put the header in front of the payload in place: a large payload is reallocated
-        // without copying (mremap) and shifted once, instead of copied into fresh memory.
-        let head = w.0;
-        let mut bytes = enc.payload;
-        let n = bytes.len();
-        bytes.reserve_exact(head.len() + CHECKSUM_LEN);
-        bytes.resize(n + head.len(), 0);
-        bytes.copy_within(0..n, head.len());
-        bytes[..head.len()].copy_from_slice(&head);
+        bytes[..head_len].copy_from_slice(&w.0);
         let sum = checksum(&bytes);
         bytes.extend_from_slice(&sum.to_le_bytes());
         // Parse what we wrote: one code path for fresh and loaded tensors, and a self-check.
