@@ -4,7 +4,7 @@
 //! - [`python`] (feature `python`): the PyO3 glue, the only place that knows about Python;
 //! - [`format`]: the packed tensor byte format (docs/FORMAT.md);
 //! - [`codec`]: the encoders (SmaQ, ...) and their registry;
-//! - [`bits`], [`stats`], [`rng`], [`le`], [`dtype`], [`pool`], [`error`]: primitives.
+//! - [`bits`], [`buf`], [`stats`], [`rng`], [`le`], [`dtype`], [`pool`], [`error`]: primitives.
 //!
 //! ```
 //! use smaq_rs::{codec::Params, dtype::Data, format::Packed};
@@ -15,6 +15,7 @@
 //! ```
 
 pub mod bits;
+pub mod buf;
 pub mod codec;
 pub mod dtype;
 pub mod error;

@@ -704,7 +704,7 @@ impl IntConfig {
         // One allocation for everything: group parameters, then codes, written in place by the
         // chunks (no per-chunk buffers to concatenate); exceptions are appended at the end.
         let mut payload =
-            crate::codec::float::zeroed_with_tail(start + n_groups * pbytes + code_bytes, tail);
+            crate::buf::zeroed_with_tail(start + n_groups * pbytes + code_bytes, tail);
         let (pp, codes) = payload[start..].split_at_mut(n_groups * pbytes);
         let (cmax, zp) = (self.cmax() as f32, self.zp());
         let stochastic = self.rounding != NEAREST;

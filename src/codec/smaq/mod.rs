@@ -212,12 +212,30 @@ struct ChunkOut {
 
 impl Encoder for SmaqConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
+        let (mut bytes, m) = self.encode_framed(x, 0, 0)?;
+        let payload = bytes.split_off(m);
+        Ok(Encoded {
+            meta: bytes,
+            payload,
+        })
+    }
+
+    fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
         let seed = self.seed.unwrap_or_else(fresh_seed);
-        crate::dispatch!(Data, x, |v| encode_typed(self, seed, v))
+        crate::dispatch!(Data, x, |v| encode_typed(self, seed, v, lead, tail))
     }
 }
 
-fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encoded> {
+/// Encodes into one buffer: `lead` bytes for the caller, the metadata, the payload, room for
+/// `tail` more. The metadata's size is known up front (it depends on the chunk count only), so
+/// the primary streams are written where they stay; returns the buffer and the metadata length.
+fn encode_typed<T: Codes>(
+    cfg: &SmaqConfig,
+    seed: u64,
+    x: &[T],
+    lead: usize,
+    tail: usize,
+) -> Result<(Vec<u8>, usize)> {
     let n = x.len() as u64;
     let mut head = Header {
         cfg: SmaqConfig {
@@ -237,7 +255,8 @@ fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encode
         return Ok(Encoded {
             meta: head.write(),
             payload,
-        });
+        }
+        .into_framed(lead, tail));
     }
     let sampling = match cfg.sampling {
         Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
@@ -264,9 +283,15 @@ fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encode
         .chunks(cs)
         .map(|c| q.chunk_bytes(c.len() as u64, 0).0 as usize)
         .collect();
-    let mut payload = vec![0u8; prim.iter().sum()];
+    let meta_len = Header::len_for(prim.len());
+    let start = lead + meta_len;
+    let ptotal: usize = prim.iter().sum();
+    // Room for the extra streams (at most bits_outlier - bits_main bits per value, plus a byte of
+    // rounding per chunk) and the tail: appending them does not reallocate.
+    let extra_room = x.len() * q.extra_bits() as usize / 8 + prim.len();
+    let mut bytes = crate::buf::zeroed_with_tail(start + ptotal, extra_room + tail);
     let mut slices = Vec::with_capacity(prim.len());
-    let mut rest = payload.as_mut_slice();
+    let mut rest = &mut bytes[start..];
     for &len in &prim {
         let (head, tail) = rest.split_at_mut(len);
         slices.push(head);
@@ -295,15 +320,15 @@ fn encode_typed<T: Codes>(cfg: &SmaqConfig, seed: u64, x: &[T]) -> Result<Encode
         .map(|c| (c.counts.outliers, c.n_exceptions))
         .collect();
     for c in &chunks {
-        payload.extend_from_slice(&c.extra);
+        bytes.extend_from_slice(&c.extra);
     }
     for c in &chunks {
-        payload.extend_from_slice(&c.exceptions);
+        bytes.extend_from_slice(&c.exceptions);
     }
-    Ok(Encoded {
-        meta: head.write(),
-        payload,
-    })
+    let meta = head.write();
+    debug_assert_eq!(meta.len(), meta_len);
+    bytes[lead..start].copy_from_slice(&meta);
+    Ok((bytes, meta_len))
 }
 
 /// Encodes one chunk: primary stream into `primary`, the rest returned. `codes` is scratch space
@@ -388,6 +413,11 @@ const FLAG_RAW: u8 = 16;
 const FLAGS_KNOWN: u8 = 31;
 
 impl Header {
+    /// Bytes of the metadata of a tensor coded in `n_chunks` chunks.
+    fn len_for(n_chunks: usize) -> usize {
+        68 + 8 * n_chunks
+    }
+
     fn write(&self) -> Vec<u8> {
         let c = &self.cfg;
         let (k, sampled) = match c.sampling {
