@@ -55,6 +55,19 @@ impl SplitMix64 {
     }
 }
 
+/// `n` standard normal f32 values (Box-Muller over [`SplitMix64`]): test and benchmark data
+/// without another dependency.
+pub fn normal_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix64::new(seed);
+    let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    (0..n)
+        .map(|_| {
+            let (a, b) = (u().max(1e-300), u());
+            ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -981,13 +981,7 @@ impl Decoder for FloatHeader {
     }
 
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
-        if out.len() as u64 != self.numel {
-            return Err(Error::Shape(format!(
-                "output buffer has {} elements, the tensor has {}",
-                out.len(),
-                self.numel
-            )));
-        }
+        super::check_out_len(out.len(), self.numel)?;
         crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
     }
 }

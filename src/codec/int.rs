@@ -1049,13 +1049,7 @@ impl Decoder for IntHeader {
         .collect()
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
-        if out.len() as u64 != self.numel {
-            return Err(Error::Shape(format!(
-                "output buffer has {} elements, the tensor has {}",
-                out.len(),
-                self.numel
-            )));
-        }
+        super::check_out_len(out.len(), self.numel)?;
         crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
     }
 }
@@ -1284,13 +1278,7 @@ impl Decoder for LuqHeader {
         .collect()
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
-        if out.len() as u64 != self.numel {
-            return Err(Error::Shape(format!(
-                "output buffer has {} elements, the tensor has {}",
-                out.len(),
-                self.numel
-            )));
-        }
+        super::check_out_len(out.len(), self.numel)?;
         crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
     }
 }
@@ -1300,16 +1288,7 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
 
-    fn normal(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = crate::rng::SplitMix64::new(seed);
-        let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (0..n)
-            .map(|_| {
-                let (a, b) = (u().max(1e-300), u());
-                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
-            })
-            .collect()
-    }
+    use crate::rng::normal_f32 as normal;
 
     fn params(kv: &[(&str, Param)]) -> Params {
         kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()

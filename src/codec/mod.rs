@@ -100,6 +100,16 @@ pub static REGISTRY: &[&CodecInfo] = &[
     &lossless::INFO,
 ];
 
+/// The guard every decoder runs first: the output buffer holds exactly the tensor's elements.
+pub fn check_out_len(out_len: usize, numel: u64) -> Result<()> {
+    if out_len as u64 != numel {
+        return Err(Error::Shape(format!(
+            "output buffer has {out_len} elements, the tensor has {numel}"
+        )));
+    }
+    Ok(())
+}
+
 pub fn by_name(name: &str) -> Result<&'static CodecInfo> {
     REGISTRY
         .iter()

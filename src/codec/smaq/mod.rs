@@ -682,17 +682,7 @@ impl Decoder for SmaqHeader {
 mod tests {
     use super::*;
 
-    fn normal(n: usize, seed: u64) -> Vec<f32> {
-        // Box-Muller over the crate's own generator: no extra dependency for tests.
-        let mut r = crate::rng::SplitMix64::new(seed);
-        let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (0..n)
-            .map(|_| {
-                let (a, b) = (u().max(1e-300), u());
-                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
-            })
-            .collect()
-    }
+    use crate::rng::normal_f32 as normal;
 
     fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqHeader, usize) {
         let enc = cfg.encode(Data::F32(x)).unwrap();
