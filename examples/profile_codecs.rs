@@ -1,9 +1,10 @@
-//! Encodes 16M normal floats with one codec in a loop and prints CPU time per element (user +
-//! system from /proc, so it is meaningful on a loaded machine), for `perf record` too:
+//! Encodes (then decodes) 16M normal floats with one codec in a loop and prints CPU time per
+//! element (user + system from /proc, so it is meaningful on a loaded machine), for `perf record`
+//! too:
 //! `cargo run --release --example profile_codecs -- <codec> [reps] [k=v ...]`, e.g.
 //! `profile_codecs fp16`, `profile_codecs int 20 scheme=absmax block_size=4096`.
 use smaq_rs::codec::{Param, Params};
-use smaq_rs::dtype::Data;
+use smaq_rs::dtype::{Data, DataMut};
 use smaq_rs::format::Packed;
 use std::time::Instant;
 
@@ -47,6 +48,21 @@ fn main() {
         "{codec} encode: best {:.2} GB/s wall, mean {:.2} GB/s wall, {:.3} ns CPU per element",
         gb / best,
         gb * reps as f64 / t.elapsed().as_secs_f64(),
+        cpu * 1e9 / (n * reps) as f64
+    );
+    let packed = Packed::encode(Data::F32(&x), &shape, &codec, &p).unwrap();
+    let mut out = vec![0f32; n];
+    let cpu0 = cpu_seconds();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t1 = Instant::now();
+        packed.decode_into(DataMut::F32(&mut out)).unwrap();
+        best = best.min(t1.elapsed().as_secs_f64());
+    }
+    let cpu = cpu_seconds() - cpu0;
+    println!(
+        "{codec} decode: best {:.2} GB/s wall, {:.3} ns CPU per element",
+        gb / best,
         cpu * 1e9 / (n * reps) as f64
     );
 }
