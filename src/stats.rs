@@ -187,10 +187,14 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
         .map(|v| v.to_f64())
         .find(|v| v.is_finite())
         .unwrap_or(0.0);
+    // Per-block moments in parallel, merged in block order: the result does not depend on the
+    // number of threads (a tree reduction would add in a thread-dependent order).
     let exact = || {
-        x.par_chunks(1 << 16)
+        let blocks: Vec<Moments> = x
+            .par_chunks(1 << 16)
             .map(|c| Moments::of(c, shift))
-            .reduce(|| Moments::EMPTY, Moments::merge)
+            .collect();
+        blocks.into_iter().fold(Moments::EMPTY, Moments::merge)
     };
     let m = match sampling {
         Sampling::Sampled { k, seed } if (k as usize) < x.len() => {

@@ -156,7 +156,7 @@ impl BdiConfig {
 
     pub fn to_params(&self) -> Params {
         let s = |v: &str| Param::Str(v.to_string());
-        [
+        super::params::from_pairs([
             ("bits", Param::Int(self.bits as i64)),
             ("scale_init", Param::Int(self.scale_init as i64)),
             ("scale_delta", Param::Int(self.scale_delta as i64)),
@@ -169,10 +169,7 @@ impl BdiConfig {
                 "seed",
                 self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
             ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ])
     }
 
     /// The configurations tried per block.
@@ -747,7 +744,7 @@ impl Decoder for BdiHeader {
         .to_params()
     }
     fn info(&self) -> Params {
-        [
+        super::params::from_pairs([
             ("scale", Param::Float(self.scale as f64)),
             ("n_raw_blocks", Param::Int(self.n_raw as i64)),
             (
@@ -756,10 +753,7 @@ impl Decoder for BdiHeader {
             ),
             ("n_configs", Param::Int(self.cfgs.len() as i64)),
             ("n_exceptions", Param::Int(self.n_exc as i64)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ])
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
         super::check_out_len(out.len(), self.numel)?;

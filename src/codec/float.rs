@@ -656,9 +656,7 @@ impl Squeeze {
 
 impl Encoder for FloatConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
-        let (mut meta, m) = self.encode_framed(x, 0, 0)?;
-        let payload = meta.split_off(m);
-        Ok(Encoded { meta, payload })
+        Ok(Encoded::from_framed(self.encode_framed(x, 0, 0)?))
     }
 
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {

@@ -168,7 +168,7 @@ impl IntConfig {
 
     pub fn to_params(&self) -> Params {
         let s = |v: &str| Param::Str(v.to_string());
-        [
+        super::params::from_pairs([
             ("bits", Param::Int(self.bits as i64)),
             ("scheme", s(SCHEMES[self.absmax as usize])),
             ("granularity", s(GRANULARITIES[self.granularity as usize])),
@@ -182,10 +182,7 @@ impl IntConfig {
                 "seed",
                 self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
             ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ])
     }
 
     /// Largest code.
@@ -650,9 +647,7 @@ pub(crate) fn apply_exceptions<T: Element>(list: &[u8], out: &mut [T], what: &st
 
 impl Encoder for IntConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
-        let (mut meta, m) = self.encode_framed(x, 0, 0)?;
-        let payload = meta.split_off(m);
-        Ok(Encoded { meta, payload })
+        Ok(Encoded::from_framed(self.encode_framed(x, 0, 0)?))
     }
 
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
@@ -1040,13 +1035,10 @@ impl Decoder for IntHeader {
         self.h.cfg.to_params()
     }
     fn info(&self) -> Params {
-        [
+        super::params::from_pairs([
             ("n_groups", Param::Int(self.h.n_groups as i64)),
             ("n_exceptions", Param::Int(self.h.n_exc as i64)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ])
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
         super::check_out_len(out.len(), self.numel)?;
@@ -1082,16 +1074,13 @@ impl LuqConfig {
         Ok(LuqConfig { bits, seed })
     }
     pub fn to_params(&self) -> Params {
-        [
+        super::params::from_pairs([
             ("bits", Param::Int(self.bits as i64)),
             (
                 "seed",
                 self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
             ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ])
     }
     /// Number of non-zero levels.
     fn levels(bits: u8) -> u32 {
@@ -1269,13 +1258,10 @@ impl Decoder for LuqHeader {
         .to_params()
     }
     fn info(&self) -> Params {
-        [
+        super::params::from_pairs([
             ("alpha", Param::Float(self.alpha as f64)),
             ("n_exceptions", Param::Int(self.n_exc as i64)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ])
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
         super::check_out_len(out.len(), self.numel)?;

@@ -22,6 +22,15 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// Splits what [`Encoder::encode_framed`] produced with no lead or tail back into parts.
+    pub fn from_framed((mut bytes, meta_len): (Vec<u8>, usize)) -> Self {
+        let payload = bytes.split_off(meta_len);
+        Encoded {
+            meta: bytes,
+            payload,
+        }
+    }
+
     /// One buffer: `lead` zero bytes, the metadata, the payload, with capacity for `tail` more
     /// bytes; and the metadata's length. The payload is reallocated in place where the allocator
     /// can (mremap) and moved once.

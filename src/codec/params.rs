@@ -31,6 +31,11 @@ impl fmt::Display for Param {
 /// Named parameters, sorted by name.
 pub type Params = BTreeMap<String, Param>;
 
+/// Params from `(name, value)` pairs.
+pub fn from_pairs<const N: usize>(pairs: [(&str, Param); N]) -> Params {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
 /// Reads typed values out of user-given [`Params`], rejecting unknown names and bad values.
 pub struct ParamReader<'a> {
     codec: &'static str,
