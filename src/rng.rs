@@ -35,6 +35,21 @@ pub fn uniform(key: u32, i: u32) -> f32 {
     (hash32(key.wrapping_add(i)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// A fresh seed per call, for encoders given none: distinct across calls and processes. 63 bits,
+/// so it is a non-negative int64 everywhere (Python, JSON, torch). The seed used is recorded in
+/// the packed tensor, so any result can be reproduced.
+pub fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let z = mix64(nanos ^ mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
+        ^ ((std::process::id() as u64) << 32);
+    z >> 1
+}
+
 /// A small sequential generator (SplitMix64) for things like sampling indices.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);

@@ -23,11 +23,12 @@
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::bits::{peek64, BitWriter};
-use crate::codec::float::{fresh_seed, ToF32};
+use crate::codec::float::ToF32;
 use crate::codec::int::{apply_exceptions, collect_exceptions, exception_bytes};
 use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
+use crate::rng::fresh_seed;
 use crate::rng::{hash32, stream_key, uniform};
 use rayon::prelude::*;
 

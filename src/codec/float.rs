@@ -26,11 +26,10 @@ use crate::bits::{peek64, BitWriter};
 use crate::dtype::{Data, DataMut, Element};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
-use crate::rng::{hash32, stream_key};
+use crate::rng::{fresh_seed, hash32, stream_key};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Values per parallel chunk (a multiple of 8: every chunk starts on a byte boundary).
 const CHUNK: usize = 1 << 16;
@@ -401,18 +400,6 @@ fn f16_codes_portable(x: &[f32], out: &mut [u16]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = f16::from_f32_const(v).to_bits();
     }
-}
-
-/// A fresh seed per call when none is given: distinct across calls and processes (63 bits).
-pub(crate) fn fresh_seed() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let z = crate::rng::mix64(nanos ^ crate::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
-        ^ ((std::process::id() as u64) << 32);
-    z >> 1
 }
 
 /// Input elements as float32 (a view for float32, a converted copy otherwise).

@@ -19,14 +19,13 @@ use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Par
 use crate::dtype::{DType, Data, DataMut, Element};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
-use crate::rng::stream_key;
+use crate::rng::{fresh_seed, stream_key};
 use crate::stats::{mean_std, Sampling, Spread};
 mod kernel;
 
 use crate::bits::BitWriter;
 use kernel::{Codes, Counts, Prep, Quant};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const ID: u16 = 1;
 
@@ -185,19 +184,6 @@ impl SmaqConfig {
             self.t_outlier,
         )
     }
-}
-
-/// A fresh seed per call when none is given: distinct across calls and processes.
-fn fresh_seed() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let z = crate::rng::mix64(nanos ^ crate::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
-        ^ (std::process::id() as u64) << 32;
-    // 63 bits, so the seed is a non-negative int64 everywhere (Python, JSON, torch).
-    z >> 1
 }
 
 /// Per-chunk result of encoding (its primary stream is written in place).
