@@ -141,15 +141,19 @@ fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Decodes a packed slot into `buf`, clamps into its range and restores its exact zeros.
-fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<()> {
+/// Decodes a packed slot into `buf` and restores its exact zeros; returns the value range
+/// the step clamps the decoded values into (applied in the fused pass, which reads them anyway).
+///
+/// Clamping after the zeros are restored gives the same values as clamping before: the range
+/// was measured on values that included those zeros, so it contains 0.
+fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<Option<[f32; 2]>> {
     let SlotIn::Packed {
         packed,
         range,
         zeros,
     } = slot
     else {
-        return Ok(());
+        return Ok(None);
     };
     if packed.numel() != buf.len() as u64 {
         return Err(Error::Shape(format!(
@@ -159,16 +163,6 @@ fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<()> {
         )));
     }
     packed.decode_into(DataMut::F32(buf))?;
-    if let Some([lo, hi]) = range {
-        let (lo, hi) = (lo as f32, hi as f32);
-        crate::pool::install(|| {
-            buf.par_chunks_mut(TASK).for_each(|c| {
-                for x in c {
-                    *x = clamp(*x, lo, hi);
-                }
-            })
-        });
-    }
     let n = buf.len();
     for &i in zeros {
         match usize::try_from(i).ok().filter(|&i| i < n) {
@@ -180,7 +174,7 @@ fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(range.map(|[lo, hi]| [lo as f32, hi as f32]))
 }
 
 /// torch.clamp with float32 bounds: NaN stays NaN.
@@ -238,6 +232,9 @@ struct AdamScalars {
     decay: Option<f32>,
     l2: Option<f32>,
     guard: Option<f32>,
+    /// Ranges the decoded exp_avg / exp_avg_sq are clamped into.
+    range_m: Option<[f32; 2]>,
+    range_v: Option<[f32; 2]>,
     w: f32,
     b2: f32,
     c2: f32,
@@ -247,7 +244,35 @@ struct AdamScalars {
     fresh: bool,
 }
 
+/// The scalar step of one element: the reference the SIMD loop reproduces bit for bit.
 #[inline(always)]
+fn adam_one(s: &AdamScalars, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+    let mut g = if s.maximize { -g } else { g };
+    if let Some(d) = s.decay {
+        *p *= d;
+    }
+    if let Some(wd) = s.l2 {
+        g = p.mul_add(wd, g);
+    }
+    let (mut mi, mut vi) = if s.fresh { (0.0, 0.0) } else { (*m, *v) };
+    if let Some([lo, hi]) = s.range_m {
+        mi = clamp(mi, lo, hi);
+    }
+    if let Some([lo, hi]) = s.range_v {
+        vi = clamp(vi, lo, hi);
+    }
+    if let Some(c) = s.guard {
+        vi = maximum(vi, mi * mi * c);
+    }
+    // lerp with a small weight: fma(w, g - m, m); addcmul: v*b2 + (c2*g)*g.
+    mi = s.w.mul_add(g - mi, mi);
+    vi = (s.c2 * g).mul_add(g, vi * s.b2);
+    let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
+    *p += s.step_size * mi / denom;
+    *m = mi;
+    *v = vi;
+}
+
 fn adam_body(
     s: &AdamScalars,
     p: &mut [f32],
@@ -257,40 +282,168 @@ fn adam_body(
 ) -> [Tally; 2] {
     let (mut tm, mut tv) = (Tally::EMPTY, Tally::EMPTY);
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let mut g = if s.maximize { -g } else { g };
-        if let Some(d) = s.decay {
-            *p *= d;
-        }
-        if let Some(wd) = s.l2 {
-            g = p.mul_add(wd, g);
-        }
-        let (mut mi, mut vi) = if s.fresh { (0.0, 0.0) } else { (*m, *v) };
-        if let Some(c) = s.guard {
-            vi = maximum(vi, mi * mi * c);
-        }
-        // lerp with a small weight: fma(w, g - m, m); addcmul: v*b2 + (c2*g)*g.
-        mi = s.w.mul_add(g - mi, mi);
-        vi = (s.c2 * g).mul_add(g, vi * s.b2);
-        let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
-        *p += s.step_size * mi / denom;
-        *m = mi;
-        *v = vi;
-        tm.add(mi);
-        tv.add(vi);
+        adam_one(s, p, g, m, v);
+        tm.add(*m);
+        tv.add(*v);
     }
     [tm, tv]
 }
 
+/// A zero extreme takes the sign of the first zero in `x`, as the scalar tally's leftmost-wins
+/// rule gives (vector min/max do not say which of -0.0 and +0.0 they keep).
+fn fix_zero_signs(t: &mut Tally, x: &[f32]) {
+    if t.min == 0.0 || t.max == 0.0 {
+        if let Some(&z) = x.iter().find(|&&z| z == 0.0) {
+            if t.min == 0.0 {
+                t.min = z;
+            }
+            if t.max == 0.0 {
+                t.max = z;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn adam_fma(
-    s: &AdamScalars,
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-) -> [Tally; 2] {
-    adam_body(s, p, g, m, v)
+mod avx2 {
+    use super::{adam_one, AdamScalars, Tally};
+    use std::arch::x86_64::*;
+
+    /// Vector form of [`Tally`]: zero count, NaN flag, NaN-ignoring min and max.
+    struct VTally {
+        zeros: u64,
+        nan: __m256,
+        min: __m256,
+        max: __m256,
+    }
+
+    impl VTally {
+        #[target_feature(enable = "avx2")]
+        fn new() -> Self {
+            VTally {
+                zeros: 0,
+                nan: _mm256_setzero_ps(),
+                min: _mm256_set1_ps(f32::INFINITY),
+                max: _mm256_set1_ps(f32::NEG_INFINITY),
+            }
+        }
+        #[target_feature(enable = "avx2,popcnt")]
+        fn add(&mut self, x: __m256) {
+            let z = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(x, _mm256_setzero_ps()));
+            self.zeros += z.count_ones() as u64;
+            self.nan = _mm256_or_ps(self.nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            // min/max return the second operand when either is NaN: NaN never enters.
+            self.min = _mm256_min_ps(x, self.min);
+            self.max = _mm256_max_ps(x, self.max);
+        }
+        #[target_feature(enable = "avx2")]
+        fn finish(self) -> Tally {
+            let mut lo = [0f32; 8];
+            let mut hi = [0f32; 8];
+            // SAFETY: both arrays hold 8 floats; unaligned stores.
+            unsafe {
+                _mm256_storeu_ps(lo.as_mut_ptr(), self.min);
+                _mm256_storeu_ps(hi.as_mut_ptr(), self.max);
+            }
+            Tally {
+                zeros: self.zeros,
+                min: lo.into_iter().fold(f32::INFINITY, f32::min),
+                max: hi.into_iter().fold(f32::NEG_INFINITY, f32::max),
+                nan: _mm256_movemask_ps(self.nan) != 0,
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn clamp(x: __m256, r: Option<[f32; 2]>) -> __m256 {
+        match r {
+            // torch.clamp keeps NaN: max/min with the bound first return x when x is NaN.
+            Some([lo, hi]) => {
+                _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x))
+            }
+            None => x,
+        }
+    }
+
+    /// Eight lanes of [`adam_one`], the same operations in the same order (IEEE sqrt and
+    /// division, fused multiply-adds where the scalar code has `mul_add`), so the same bits.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and POPCNT; the four slices have the same length.
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    pub unsafe fn adam(
+        s: &AdamScalars,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> [Tally; 2] {
+        let n = p.len();
+        let (mut tm, mut tv) = (VTally::new(), VTally::new());
+        let neg = _mm256_set1_ps(if s.maximize { -0.0 } else { 0.0 });
+        let w = _mm256_set1_ps(s.w);
+        let b2 = _mm256_set1_ps(s.b2);
+        let c2 = _mm256_set1_ps(s.c2);
+        let sqrt_bc2 = _mm256_set1_ps(s.sqrt_bc2);
+        let eps = _mm256_set1_ps(s.eps);
+        let step_size = _mm256_set1_ps(s.step_size);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n for all four slices (same length).
+            let (pp, gp, mp, vp) = unsafe {
+                (
+                    p.as_mut_ptr().add(i),
+                    g.as_ptr().add(i),
+                    m.as_mut_ptr().add(i),
+                    v.as_mut_ptr().add(i),
+                )
+            };
+            // SAFETY: 8 in-bounds floats each (above).
+            let (mut pv, mut gv) = unsafe { (_mm256_loadu_ps(pp), _mm256_loadu_ps(gp)) };
+            gv = _mm256_xor_ps(gv, neg);
+            if let Some(d) = s.decay {
+                pv = _mm256_mul_ps(pv, _mm256_set1_ps(d));
+            }
+            if let Some(wd) = s.l2 {
+                gv = _mm256_fmadd_ps(pv, _mm256_set1_ps(wd), gv);
+            }
+            let (mut mi, mut vi) = if s.fresh {
+                (_mm256_setzero_ps(), _mm256_setzero_ps())
+            } else {
+                // SAFETY: 8 in-bounds floats each (above).
+                unsafe { (_mm256_loadu_ps(mp), _mm256_loadu_ps(vp)) }
+            };
+            mi = clamp(mi, s.range_m);
+            vi = clamp(vi, s.range_v);
+            if let Some(c) = s.guard {
+                // maximum(vi, b): b wins when vi is NaN, b > vi or b is NaN, that is when
+                // not (vi >= b) with unordered counted as true.
+                let b = _mm256_mul_ps(_mm256_mul_ps(mi, mi), _mm256_set1_ps(c));
+                vi = _mm256_blendv_ps(vi, b, _mm256_cmp_ps::<_CMP_NGE_UQ>(vi, b));
+            }
+            mi = _mm256_fmadd_ps(w, _mm256_sub_ps(gv, mi), mi);
+            vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv, _mm256_mul_ps(vi, b2));
+            let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), sqrt_bc2), eps);
+            let upd = _mm256_div_ps(_mm256_mul_ps(step_size, mi), denom);
+            pv = _mm256_add_ps(pv, upd);
+            // SAFETY: 8 in-bounds floats each (above).
+            unsafe {
+                _mm256_storeu_ps(pp, pv);
+                _mm256_storeu_ps(mp, mi);
+                _mm256_storeu_ps(vp, vi);
+            }
+            tm.add(mi);
+            tv.add(vi);
+            i += 8;
+        }
+        let (mut a, mut b) = (tm.finish(), tv.finish());
+        for j in i..n {
+            adam_one(s, &mut p[j], g[j], &mut m[j], &mut v[j]);
+            a.add(m[j]);
+            b.add(v[j]);
+        }
+        [a, b]
+    }
 }
 
 fn adam_chunk(
@@ -301,9 +454,16 @@ fn adam_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { adam_fma(s, p, g, m, v) };
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("popcnt")
+    {
+        // SAFETY: the CPU has the features the function is compiled for; the slices come from
+        // zipped chunks of equal-length buffers.
+        let [mut a, mut b] = unsafe { avx2::adam(s, p, g, m, v) };
+        fix_zero_signs(&mut a, m);
+        fix_zero_signs(&mut b, v);
+        return [a, b];
     }
     adam_body(s, p, g, m, v)
 }
@@ -335,8 +495,8 @@ pub fn adam_step(
     if h.step == 0 {
         return Err(Error::Shape("the step count starts at 1".into()));
     }
-    load(slots[0], exp_avg, "exp_avg")?;
-    load(slots[1], exp_avg_sq, "exp_avg_sq")?;
+    let range_m = load(slots[0], exp_avg, "exp_avg")?;
+    let range_v = load(slots[1], exp_avg_sq, "exp_avg_sq")?;
     let (b1, b2) = (h.beta1, h.beta2);
     let step = h.step;
     // Python's `b ** step` is libm pow.
@@ -349,6 +509,8 @@ pub fn adam_step(
         l2: (h.weight_decay != 0.0 && !h.decoupled).then_some(h.weight_decay as f32),
         guard: (!fresh && h.decoded && h.guard && b1 * b1 < b2)
             .then_some(((1.0 - b2) * (1.0 - b1 * b1 / b2) / ((1.0 - b1) * (1.0 - b1))) as f32),
+        range_m,
+        range_v,
         w: (1.0 - b1) as f32,
         b2: b2 as f32,
         c2: (1.0 - b2) as f32,
@@ -464,4 +626,102 @@ pub fn sgd_step(
     });
     let t = tallies.into_iter().fold(Tally::EMPTY, Tally::then);
     store(momentum_buffer, shape, t, &rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn values(n: usize, seed: u64, specials: bool) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+                match (specials, r.next_u64() % 16) {
+                    (true, 0) => 0.0,
+                    (true, 1) => -0.0,
+                    (true, 2) if i % 7 == 0 => f32::NAN,
+                    (true, 3) if i % 11 == 0 => f32::INFINITY,
+                    _ => (u - 0.5) * 1e-2,
+                }
+            })
+            .collect()
+    }
+
+    fn tally_bits(t: Tally) -> (u64, u32, u32, bool) {
+        (t.zeros, t.min.to_bits(), t.max.to_bits(), t.nan)
+    }
+
+    /// The SIMD step gives the scalar step's bits: parameter, both states and both tallies
+    /// (zero signs of the extremes included), over every option and awkward lengths.
+    #[test]
+    fn simd_adam_matches_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("popcnt"))
+        {
+            return;
+        }
+        let mut case = 0u64;
+        for n in [0usize, 1, 7, 8, 9, 63, 1000] {
+            for specials in [false, true] {
+                for variant in 0..8u32 {
+                    case += 1;
+                    let s = AdamScalars {
+                        maximize: variant & 1 != 0,
+                        decay: (variant & 2 != 0).then_some(0.999),
+                        l2: (variant & 2 == 0).then_some(0.01),
+                        guard: (variant & 4 != 0).then_some(0.0123),
+                        range_m: (variant & 4 != 0).then_some([-3e-3, 4e-3]),
+                        range_v: (variant & 1 != 0).then_some([-0.0, 2e-3]),
+                        w: 0.1,
+                        b2: 0.999,
+                        c2: 0.001,
+                        sqrt_bc2: 0.0447,
+                        eps: 1e-8,
+                        step_size: -0.01,
+                        fresh: variant == 3,
+                    };
+                    let p = values(n, case, specials);
+                    let g = values(n, case + 100, specials);
+                    let m = values(n, case + 200, specials);
+                    let mut v = values(n, case + 300, specials);
+                    v.iter_mut().for_each(|x| *x = x.abs());
+                    let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
+                    let (mut p2, mut m2, mut v2) = (p, m, v);
+                    let want = adam_body(&s, &mut p1, &g, &mut m1, &mut v1);
+                    let got = adam_chunk(&s, &mut p2, &g, &mut m2, &mut v2);
+                    // NaN payloads and signs follow operand order, which the compiler may swap
+                    // in scalar code: NaNs compare as NaN, everything else bit for bit.
+                    let bits = |x: &[f32]| {
+                        x.iter()
+                            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(&p1), bits(&p2), "p, n={n} variant={variant}");
+                    assert_eq!(bits(&m1), bits(&m2), "m, n={n} variant={variant}");
+                    assert_eq!(bits(&v1), bits(&v2), "v, n={n} variant={variant}");
+                    for k in 0..2 {
+                        assert_eq!(tally_bits(want[k]), tally_bits(got[k]), "tally {k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_extremes_keep_the_first_zeros_sign() {
+        let x = [1.0f32, -0.0, 0.0, 2.0];
+        let mut u = Tally {
+            zeros: 2,
+            min: 0.0,
+            max: 2.0,
+            nan: false,
+        };
+        fix_zero_signs(&mut u, &x);
+        assert_eq!(u.min.to_bits(), (-0.0f32).to_bits());
+        assert_eq!(u.max, 2.0);
+    }
 }
