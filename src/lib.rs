@@ -25,6 +25,7 @@ pub mod optim;
 pub mod pool;
 pub mod rng;
 pub mod stats;
+pub mod zmap;
 
 #[cfg(feature = "python")]
 mod python;

@@ -4,6 +4,7 @@
 
 mod checkpoint;
 mod optim;
+mod zmap;
 
 use crate::codec::{self, Param, Params};
 use crate::dtype::{DType, Data, DataMut, Owned};
@@ -213,50 +214,9 @@ impl PyPacked {
     /// Decodes into `out`, a writable C-contiguous array of the tensor's dtype and size
     /// (uint16 for bfloat16).
     fn decode_into(&self, py: Python<'_>, out: &Bound<'_, PyAny>) -> PyResult<()> {
-        macro_rules! into {
-            ($t:ty, |$s:ident| $wrap:expr) => {{
-                let mut arr: PyReadwriteArrayDyn<'_, $t> = out.extract()?;
-                let $s = arr.as_slice_mut().map_err(|_| not_contiguous("out"))?;
-                let dst = $wrap;
-                detached(py, move || self.inner.decode_into(dst))
-            }};
-        }
-        let want = self.inner.dtype();
-        let check = |ok: bool| {
-            if ok {
-                Ok(())
-            } else {
-                Err(LayoutError::new_err(format!(
-                    "out must be a writable {} array with {} elements",
-                    if want == DType::BF16 {
-                        "uint16 (bfloat16 bits)"
-                    } else {
-                        want.name()
-                    },
-                    self.inner.numel()
-                )))
-            }
-        };
-        match want {
-            DType::F32 => {
-                check(out.cast::<PyArrayDyn<f32>>().is_ok())?;
-                into!(f32, |s| DataMut::F32(s))
-            }
-            DType::F64 => {
-                check(out.cast::<PyArrayDyn<f64>>().is_ok())?;
-                into!(f64, |s| DataMut::F64(s))
-            }
-            DType::F16 => {
-                check(out.cast::<PyArrayDyn<f16>>().is_ok())?;
-                into!(f16, |s| DataMut::F16(s))
-            }
-            DType::BF16 => {
-                check(out.cast::<PyArrayDyn<u16>>().is_ok())?;
-                into!(u16, |s| DataMut::BF16(
-                    bytemuck::cast_slice_mut::<u16, bf16>(s)
-                ))
-            }
-        }
+        with_output(out, self.inner.dtype(), self.inner.numel(), |dst| {
+            detached(py, move || self.inner.decode_into(dst))
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -270,19 +230,13 @@ impl PyPacked {
     }
 }
 
-/// Encodes a C-contiguous NumPy array. `dtype` names the element type ("bfloat16" for a uint16
-/// array holding bfloat16 bits); the array's shape is recorded.
-#[pyfunction]
-#[pyo3(signature = (array, codec, params=None, dtype=None))]
-fn encode(
-    py: Python<'_>,
+/// Runs `f` on the elements of a C-contiguous NumPy array, borrowed. `dtype` names the element
+/// type ("bfloat16" for a uint16 array holding bfloat16 bits); by default the array's own.
+pub(crate) fn with_input<R>(
     array: &Bound<'_, PyUntypedArray>,
-    codec: &str,
-    params: Option<&Bound<'_, PyDict>>,
     dtype: Option<&str>,
-) -> PyResult<PyPacked> {
-    let params = params_from_dict(params)?;
-    let shape: Vec<u64> = array.shape().iter().map(|&d| d as u64).collect();
+    f: impl FnOnce(Data<'_>) -> PyResult<R>,
+) -> PyResult<R> {
     let np_dtype = array.dtype().str()?.to_string();
     let want = match dtype {
         Some(d) => DType::from_name(d).map_err(to_py)?,
@@ -308,16 +262,73 @@ fn encode(
                 ))
             })?;
             let $s = arr.as_slice().map_err(|_| not_contiguous("input"))?;
-            let data = $wrap;
-            detached(py, || Packed::encode(data, &shape, codec, &params))?
+            f($wrap)
         }};
     }
-    let inner = match want {
+    match want {
         DType::F32 => run!(f32, |s| Data::F32(s)),
         DType::F64 => run!(f64, |s| Data::F64(s)),
         DType::F16 => run!(f16, |s| Data::F16(s)),
         DType::BF16 => run!(u16, |s| Data::BF16(bytemuck::cast_slice::<u16, bf16>(s))),
+    }
+}
+
+/// Runs `f` on the elements of `out`, a writable C-contiguous array of `want` with `numel`
+/// elements (uint16 for bfloat16), borrowed.
+pub(crate) fn with_output<R>(
+    out: &Bound<'_, PyAny>,
+    want: DType,
+    numel: u64,
+    f: impl FnOnce(DataMut<'_>) -> PyResult<R>,
+) -> PyResult<R> {
+    let check = |ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(LayoutError::new_err(format!(
+                "out must be a writable {} array with {numel} elements",
+                if want == DType::BF16 {
+                    "uint16 (bfloat16 bits)"
+                } else {
+                    want.name()
+                },
+            )))
+        }
     };
+    macro_rules! into {
+        ($t:ty, |$s:ident| $wrap:expr) => {{
+            check(out.cast::<PyArrayDyn<$t>>().is_ok())?;
+            let mut arr: PyReadwriteArrayDyn<'_, $t> = out.extract()?;
+            let $s = arr.as_slice_mut().map_err(|_| not_contiguous("out"))?;
+            f($wrap)
+        }};
+    }
+    match want {
+        DType::F32 => into!(f32, |s| DataMut::F32(s)),
+        DType::F64 => into!(f64, |s| DataMut::F64(s)),
+        DType::F16 => into!(f16, |s| DataMut::F16(s)),
+        DType::BF16 => into!(u16, |s| DataMut::BF16(
+            bytemuck::cast_slice_mut::<u16, bf16>(s)
+        )),
+    }
+}
+
+/// Encodes a C-contiguous NumPy array (see [`with_input`] for `dtype`); the array's shape is
+/// recorded.
+#[pyfunction]
+#[pyo3(signature = (array, codec, params=None, dtype=None))]
+fn encode(
+    py: Python<'_>,
+    array: &Bound<'_, PyUntypedArray>,
+    codec: &str,
+    params: Option<&Bound<'_, PyDict>>,
+    dtype: Option<&str>,
+) -> PyResult<PyPacked> {
+    let params = params_from_dict(params)?;
+    let shape: Vec<u64> = array.shape().iter().map(|&d| d as u64).collect();
+    let inner = with_input(array, dtype, |data| {
+        detached(py, || Packed::encode(data, &shape, codec, &params))
+    })?;
     Ok(PyPacked { inner })
 }
 
@@ -383,5 +394,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Other areas register here, one line each: `area::register(m)?;`
     checkpoint::register(m)?;
     optim::register(m)?;
+    zmap::register(m)?;
     Ok(())
 }

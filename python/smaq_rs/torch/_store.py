@@ -17,6 +17,7 @@ import torch
 
 from .. import _api
 from .._api import PackedTensor
+from .. import _core
 from .._core import DtypeError
 
 #: Float dtypes the codecs accept.
@@ -136,60 +137,41 @@ def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "au
 
     zeros: "auto" uses the zero map where needed for exactness (codec loses zeros and the tensor
     has some) or where it saves bytes (>= SPARSE_FRACTION zeros); "never" relies on the codec.
+    The counting, the map and the packing are one Rust call (src/zmap.rs).
     """
     if t.dtype not in CODEC_DTYPES:
         raise DtypeError(f"cannot pack a tensor of dtype {t.dtype}")
+    if zeros not in ("auto", "never"):
+        raise ValueError(f"zeros must be 'auto' or 'never', not {zeros!r}")
     src = t.detach()
     if src.device.type != "cpu":
         src = src.cpu()
     if not src.is_contiguous():
         src = src.contiguous()
-    flat = src.reshape(-1)
-    mask = zidx = None
-    if zeros == "auto" and flat.numel():
-        n = flat.numel()
-        n_nz = int(torch.count_nonzero(flat))
-        n_zero = n - n_nz
-        nz = (flat != 0) if n_zero else None
-        if n_zero and n_zero < SPARSE_FRACTION * n and not codec_keeps_zeros(codec, params) \
-                and 4 * n_zero < n // 8:
-            # Few zeros and a codec that loses them: their positions cost less than a map.
-            zidx = np.flatnonzero(~nz.numpy()).astype(np.int32 if n < 2**31 else np.int64)
-        elif n_zero and (n_zero >= SPARSE_FRACTION * n or not codec_keeps_zeros(codec, params)):
-            mask = np.packbits(nz.numpy(), bitorder="little")
-            if n_nz == 0:
-                return Stored(None, mask, src.shape, src.dtype)
-            flat = flat[nz]
-    data = flat if mask is not None else src
-    rng = None
-    if data.numel():
-        lo, hi = torch.aminmax(data.reshape(-1))
-        lo, hi = float(lo), float(hi)
-        if lo == lo and hi == hi:  # no NaN
-            rng = np.array([lo, hi], dtype=np.float64)
-    packed = _api.compress(data, codec, **params)
-    return Stored(packed, mask, src.shape, src.dtype, zidx, rng)
+    arr, name = _api._torch_as_numpy(src, "tensor")
+    if zeros == "auto":
+        keeps, fraction = codec_keeps_zeros(codec, params), SPARSE_FRACTION
+    else:
+        keeps, fraction = True, float("inf")
+    core, mask, zidx, rng = _core.store_encode(arr, codec, params, keeps, fraction, name)
+    if zidx is not None:
+        zidx = zidx.astype(np.int32 if src.numel() < 2**31 else np.int64)
+    return Stored(None if core is None else PackedTensor(core, "torch"), mask, src.shape,
+                  src.dtype, zidx, None if rng is None else np.array(rng, dtype=np.float64))
 
 
 def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decodes into a new CPU tensor, or into ``out`` (CPU, contiguous, right dtype/shape)."""
     if out is None:
         out = torch.empty(s.shape, dtype=s.dtype)
-    if s.mask is None:
-        _api.decompress(s.packed, out=out)
-        if s.range is not None:
-            out.clamp_(float(s.range[0]), float(s.range[1]))
-        if s.zidx is not None and s.zidx.size:
-            out.view(-1)[torch.from_numpy(s.zidx).long()] = 0
-        return out
-    flat = out.view(-1)
-    flat.zero_()
-    if s.packed is not None:
-        bits = np.unpackbits(s.mask, count=s.numel, bitorder="little").view(np.bool_)
-        vals = _api.decompress(s.packed)
-        if s.range is not None:
-            vals.clamp_(float(s.range[0]), float(s.range[1]))
-        flat.masked_scatter_(torch.from_numpy(bits), vals)
+    elif out.dtype != s.dtype or tuple(out.shape) != s.shape:
+        raise DtypeError(f"out is {out.dtype} {tuple(out.shape)}, the stored tensor is "
+                         f"{s.dtype} {s.shape}")
+    view, name = _api._torch_as_numpy(out, "out")
+    zidx = None if s.zidx is None else np.ascontiguousarray(s.zidx, dtype=np.int64)
+    rng = None if s.range is None else (float(s.range[0]), float(s.range[1]))
+    _core.store_decode(None if s.packed is None else s.packed._packed, s.mask, zidx, rng,
+                       view, name)
     return out
 
 
