@@ -320,6 +320,13 @@ def test_killing_the_writer_keeps_the_previous_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert path.read_bytes() == before  # untouched
     assert torch.equal(smaq_rs.load(path)["w"], old["w"])
+    # The killed writer's temporary file is left; the next save of that path removes it
+    # (its process is gone), and leaves a live writer's file (this process's pid) alone.
+    assert [p.name for p in tmp_path.iterdir() if ".smaq-tmp." in p.name] == [tmp[0].name]
+    live = tmp_path / f".ck.smaq.smaq-tmp.{os.getpid()}.1"
+    live.write_bytes(b"in progress")
+    smaq_rs.save(old, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck.smaq", live.name])
 
 
 def test_abort_on_exception_removes_temporary(tmp_path, monkeypatch):

@@ -591,6 +591,51 @@ macro_rules! ensure_file {
 
 pub type FileResult<T> = std::result::Result<T, FileError>;
 
+/// Removes the temporary files that killed writers of `dir/fname` left behind: those named
+/// `.FNAME.smaq-tmp.PID.*` whose process no longer exists on this machine. A live writer's file
+/// (this process's included) is never touched; failures to remove are ignored.
+fn sweep_stale(dir: &Path, fname: &std::ffi::OsStr) {
+    let prefix = format!(".{}.smaq-tmp.", fname.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (on other systems than Linux: assumed so).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return true;
+        }
+        // EPERM: it exists but belongs to someone else.
+        std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// Writes a container: a temporary file beside the target, entries appended in batches (each
 /// batch encoded in parallel), then the header, fsync, and an atomic rename over `path`. Dropping
 /// an unfinished writer removes the temporary file; a killed process leaves only it behind.
@@ -659,6 +704,7 @@ impl Writer {
         let fname = path
             .file_name()
             .ok_or_else(|| Error::Shape(format!("{} is not a file path", path.display())))?;
+        sweep_stale(&dir, fname);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
