@@ -1,4 +1,4 @@
-"""Type stubs of the Rust extension (src/python.rs)."""
+"""Type stubs of the Rust extension (src/python/)."""
 
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -97,3 +97,15 @@ def sgd_step(
     maximize: bool, codec: str, params: Dict[str, Any], keeps_zeros: bool,
     sparse_fraction: float,
 ) -> _SlotOut: ...
+
+# ---- zero-map storage (src/python/zmap.rs, used by smaq_rs/torch/_store.py) -----------------
+def store_encode(
+    array: np.ndarray, codec: str, params: Optional[Dict[str, Any]], keeps_zeros: bool,
+    sparse_fraction: float, dtype: Optional[str] = None,
+) -> Tuple[Optional[Packed], Optional[np.ndarray], Optional[np.ndarray],
+           Optional[Tuple[float, float]]]:
+    """(packed | None, uint8 zero map | None, int64 zero positions | None, (min, max) | None)."""
+def store_decode(
+    packed: Optional[Packed], mask: Optional[np.ndarray], zeros: Optional[np.ndarray],
+    range: Optional[Tuple[float, float]], out: np.ndarray, dtype: str,
+) -> None: ...
