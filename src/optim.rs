@@ -11,14 +11,14 @@
 //! same state, the fused step gives the Python step's values (tests/test_torch_optim.py checks
 //! how closely).
 //!
-//! How a slot is stored afterwards mirrors `_store.encode(zeros="auto")`: plain, plain with a
-//! list of exact-zero positions, or (returned as [`SlotOut::NeedsMap`]) with a zero map, which
-//! the caller builds from the buffer.
+//! How a slot is stored afterwards follows `zmap::layout`, as `_store.encode` does: plain, plain
+//! with a list of exact-zero positions, or (returned as [`SlotOut::NeedsMap`]) with a zero map,
+//! which the caller builds from the buffer.
 
-use crate::codec::Params;
 use crate::dtype::{Data, DataMut};
 use crate::error::{Error, Result};
 use crate::format::Packed;
+use crate::zmap::{self, Layout, Rule, Tally};
 use rayon::prelude::*;
 
 /// Elements per task of the fused pass.
@@ -69,17 +69,6 @@ pub enum SlotIn<'a> {
     },
 }
 
-/// How the new values of one slot are to be stored (the caller's `_store.encode` rules).
-#[derive(Debug, Clone, Copy)]
-pub struct StoreRule<'a> {
-    pub codec: &'a str,
-    pub params: &'a Params,
-    /// Whether the codec with these parameters decodes 0 to exactly 0.
-    pub keeps_zeros: bool,
-    /// A zero map is used from this fraction of zeros on.
-    pub sparse_fraction: f64,
-}
-
 /// One slot after the step.
 #[derive(Debug)]
 pub enum SlotOut {
@@ -92,44 +81,6 @@ pub enum SlotOut {
     },
     /// Store with a zero map: the new values are in the slot's buffer.
     NeedsMap,
-}
-
-/// Zero count and value range of a run of values (NaN-propagating like torch.aminmax).
-#[derive(Debug, Clone, Copy)]
-struct Tally {
-    zeros: u64,
-    min: f32,
-    max: f32,
-    nan: bool,
-}
-
-impl Tally {
-    const EMPTY: Tally = Tally {
-        zeros: 0,
-        min: f32::INFINITY,
-        max: f32::NEG_INFINITY,
-        nan: false,
-    };
-    #[inline(always)]
-    fn add(&mut self, x: f32) {
-        self.zeros += (x == 0.0) as u64;
-        self.nan |= x.is_nan();
-        if x < self.min {
-            self.min = x;
-        }
-        if x > self.max {
-            self.max = x;
-        }
-    }
-    /// Combines with the tally of the values after these (the leftmost extreme wins ties).
-    fn then(self, o: Tally) -> Tally {
-        Tally {
-            zeros: self.zeros + o.zeros,
-            min: if o.min < self.min { o.min } else { self.min },
-            max: if o.max > self.max { o.max } else { self.max },
-            nan: self.nan || o.nan,
-        }
-    }
 }
 
 fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
@@ -200,23 +151,14 @@ fn maximum(a: f32, b: f32) -> f32 {
 }
 
 /// Packs a slot's new values the way `_store.encode(zeros="auto")` would.
-fn store(buf: &[f32], shape: &[u64], t: Tally, rule: &StoreRule<'_>) -> Result<SlotOut> {
+fn store(buf: &[f32], shape: &[u64], t: Tally, rule: &Rule<'_>) -> Result<SlotOut> {
     let n = buf.len() as u64;
-    let z = t.zeros;
-    let few = (z as f64) < rule.sparse_fraction * n as f64;
-    let mut zeros = Vec::new();
-    if z > 0 && few && !rule.keeps_zeros && 4 * z < n / 8 {
-        zeros.reserve_exact(z as usize);
-        zeros.extend(
-            buf.iter()
-                .enumerate()
-                .filter(|(_, &x)| x == 0.0)
-                .map(|(i, _)| i as i64),
-        );
-    } else if z > 0 && (!few || !rule.keeps_zeros) {
-        return Ok(SlotOut::NeedsMap);
-    }
-    let range = (n > 0 && !t.nan).then_some([t.min as f64, t.max as f64]);
+    let zeros = match zmap::layout(n, t.zeros, rule) {
+        Layout::Plain => Vec::new(),
+        Layout::List => zmap::zero_positions(buf, t.zeros),
+        Layout::Map => return Ok(SlotOut::NeedsMap),
+    };
+    let range = t.range(n);
     let packed = Packed::encode(Data::F32(buf), shape, rule.codec, rule.params)?;
     Ok(SlotOut::Plain {
         packed,
@@ -283,8 +225,8 @@ fn adam_body(
     let (mut tm, mut tv) = (Tally::EMPTY, Tally::EMPTY);
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         adam_one(s, p, g, m, v);
-        tm.add(*m);
-        tv.add(*v);
+        tm.add(*m as f64);
+        tv.add(*v as f64);
     }
     [tm, tv]
 }
@@ -295,18 +237,28 @@ fn fix_zero_signs(t: &mut Tally, x: &[f32]) {
     if t.min == 0.0 || t.max == 0.0 {
         if let Some(&z) = x.iter().find(|&&z| z == 0.0) {
             if t.min == 0.0 {
-                t.min = z;
+                t.min = z as f64;
             }
             if t.max == 0.0 {
-                t.max = z;
+                t.max = z as f64;
             }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("popcnt")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{adam_one, AdamScalars, Tally};
+    use super::{adam_one, sgd_one, AdamScalars, SgdScalars, Tally};
     use std::arch::x86_64::*;
 
     /// Vector form of [`Tally`]: zero count, NaN flag, NaN-ignoring min and max.
@@ -347,8 +299,8 @@ mod avx2 {
             }
             Tally {
                 zeros: self.zeros,
-                min: lo.into_iter().fold(f32::INFINITY, f32::min),
-                max: hi.into_iter().fold(f32::NEG_INFINITY, f32::max),
+                min: lo.into_iter().fold(f32::INFINITY, f32::min) as f64,
+                max: hi.into_iter().fold(f32::NEG_INFINITY, f32::max) as f64,
                 nan: _mm256_movemask_ps(self.nan) != 0,
             }
         }
@@ -439,10 +391,66 @@ mod avx2 {
         let (mut a, mut b) = (tm.finish(), tv.finish());
         for j in i..n {
             adam_one(s, &mut p[j], g[j], &mut m[j], &mut v[j]);
-            a.add(m[j]);
-            b.add(v[j]);
+            a.add(m[j] as f64);
+            b.add(v[j] as f64);
         }
         [a, b]
+    }
+
+    /// Eight lanes of [`sgd_one`] (same operations, same order, same bits).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and POPCNT; the three slices have the same length.
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    pub unsafe fn sgd(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
+        let n = p.len();
+        let mut t = VTally::new();
+        let neg = _mm256_set1_ps(if s.maximize { -0.0 } else { 0.0 });
+        let mom = _mm256_set1_ps(s.mom);
+        let keep = _mm256_set1_ps(s.keep);
+        let neg_lr = _mm256_set1_ps(s.neg_lr);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n for all three slices (same length).
+            let (pp, gp, bp) = unsafe {
+                (
+                    p.as_mut_ptr().add(i),
+                    g.as_ptr().add(i),
+                    b.as_mut_ptr().add(i),
+                )
+            };
+            // SAFETY: 8 in-bounds floats each (above).
+            let (pv, mut gv) = unsafe { (_mm256_loadu_ps(pp), _mm256_loadu_ps(gp)) };
+            gv = _mm256_xor_ps(gv, neg);
+            if let Some(wd) = s.l2 {
+                gv = _mm256_fmadd_ps(pv, _mm256_set1_ps(wd), gv);
+            }
+            let bi = if s.fresh {
+                gv
+            } else {
+                // SAFETY: 8 in-bounds floats (above).
+                let bo = clamp(unsafe { _mm256_loadu_ps(bp) }, s.range);
+                _mm256_fmadd_ps(gv, keep, _mm256_mul_ps(bo, mom))
+            };
+            let d = if s.nesterov {
+                _mm256_fmadd_ps(bi, mom, gv)
+            } else {
+                bi
+            };
+            // SAFETY: 8 in-bounds floats each (above).
+            unsafe {
+                _mm256_storeu_ps(bp, bi);
+                _mm256_storeu_ps(pp, _mm256_fmadd_ps(d, neg_lr, pv));
+            }
+            t.add(bi);
+            i += 8;
+        }
+        let mut out = t.finish();
+        for j in i..n {
+            sgd_one(s, &mut p[j], g[j], &mut b[j]);
+            out.add(b[j] as f64);
+        }
+        out
     }
 }
 
@@ -454,10 +462,7 @@ fn adam_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("popcnt")
-    {
+    if has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for; the slices come from
         // zipped chunks of equal-length buffers.
         let [mut a, mut b] = unsafe { avx2::adam(s, p, g, m, v) };
@@ -480,7 +485,7 @@ pub fn adam_step(
     exp_avg: &mut [f32],
     exp_avg_sq: &mut [f32],
     slots: [SlotIn<'_>; 2],
-    rules: [StoreRule<'_>; 2],
+    rules: [Rule<'_>; 2],
 ) -> Result<[SlotOut; 2]> {
     let n = param.len();
     check_len("grad", grad.len(), n)?;
@@ -542,6 +547,8 @@ pub fn adam_step(
 struct SgdScalars {
     maximize: bool,
     l2: Option<f32>,
+    /// Range the decoded momentum is clamped into.
+    range: Option<[f32; 2]>,
     mom: f32,
     /// 1 - dampening.
     keep: f32,
@@ -550,38 +557,44 @@ struct SgdScalars {
     fresh: bool,
 }
 
+/// The scalar SGD step of one element: the reference the SIMD loop reproduces bit for bit.
 #[inline(always)]
+fn sgd_one(s: &SgdScalars, p: &mut f32, g: f32, b: &mut f32) {
+    let mut g = if s.maximize { -g } else { g };
+    if let Some(wd) = s.l2 {
+        g = p.mul_add(wd, g);
+    }
+    let bi = if s.fresh {
+        g
+    } else {
+        let bo = match s.range {
+            Some([lo, hi]) => clamp(*b, lo, hi),
+            None => *b,
+        };
+        g.mul_add(s.keep, bo * s.mom)
+    };
+    *b = bi;
+    g = if s.nesterov { bi.mul_add(s.mom, g) } else { bi };
+    *p = g.mul_add(s.neg_lr, *p);
+}
+
 fn sgd_body(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
     let mut t = Tally::EMPTY;
     for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
-        let mut g = if s.maximize { -g } else { g };
-        if let Some(wd) = s.l2 {
-            g = p.mul_add(wd, g);
-        }
-        let bi = if s.fresh {
-            g
-        } else {
-            g.mul_add(s.keep, *b * s.mom)
-        };
-        *b = bi;
-        t.add(bi);
-        g = if s.nesterov { bi.mul_add(s.mom, g) } else { bi };
-        *p = g.mul_add(s.neg_lr, *p);
+        sgd_one(s, p, g, b);
+        t.add(*b as f64);
     }
     t
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sgd_fma(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
-    sgd_body(s, p, g, b)
-}
-
 fn sgd_chunk(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { sgd_fma(s, p, g, b) };
+    if has_avx2_fma() {
+        // SAFETY: the CPU has the features the function is compiled for; the slices come from
+        // zipped chunks of equal-length buffers.
+        let mut t = unsafe { avx2::sgd(s, p, g, b) };
+        fix_zero_signs(&mut t, b);
+        return t;
     }
     sgd_body(s, p, g, b)
 }
@@ -595,7 +608,7 @@ pub fn sgd_step(
     shape: &[u64],
     momentum_buffer: &mut [f32],
     slot: SlotIn<'_>,
-    rule: StoreRule<'_>,
+    rule: Rule<'_>,
 ) -> Result<SlotOut> {
     let n = param.len();
     check_len("grad", grad.len(), n)?;
@@ -606,10 +619,11 @@ pub fn sgd_step(
             h.momentum
         )));
     }
-    load(slot, momentum_buffer, "momentum_buffer")?;
+    let range = load(slot, momentum_buffer, "momentum_buffer")?;
     let s = SgdScalars {
         maximize: h.maximize,
         l2: (h.weight_decay != 0.0).then_some(h.weight_decay as f32),
+        range,
         mom: h.momentum as f32,
         keep: (1.0 - h.dampening) as f32,
         nesterov: h.nesterov,
@@ -649,7 +663,7 @@ mod tests {
             .collect()
     }
 
-    fn tally_bits(t: Tally) -> (u64, u32, u32, bool) {
+    fn tally_bits(t: Tally) -> (u64, u64, u64, bool) {
         (t.zeros, t.min.to_bits(), t.max.to_bits(), t.nan)
     }
 
@@ -711,6 +725,48 @@ mod tests {
         }
     }
 
+    /// Same for SGD with momentum, over its options.
+    #[test]
+    fn simd_sgd_matches_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if !has_avx2_fma() {
+            return;
+        }
+        let canon = |x: &[f32]| {
+            x.iter()
+                .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                .collect::<Vec<_>>()
+        };
+        let mut case = 0u64;
+        for n in [0usize, 5, 8, 13, 1000] {
+            for specials in [false, true] {
+                for variant in 0..16u32 {
+                    case += 1;
+                    let s = SgdScalars {
+                        maximize: variant & 1 != 0,
+                        l2: (variant & 2 != 0).then_some(1e-3),
+                        range: (variant & 4 != 0).then_some([-2e-3, 3e-3]),
+                        mom: 0.9,
+                        keep: 0.9,
+                        nesterov: variant & 8 != 0,
+                        neg_lr: -0.05,
+                        fresh: variant == 5,
+                    };
+                    let p = values(n, case, specials);
+                    let g = values(n, case + 100, specials);
+                    let b = values(n, case + 200, specials);
+                    let (mut p1, mut b1) = (p.clone(), b.clone());
+                    let (mut p2, mut b2) = (p, b);
+                    let want = sgd_body(&s, &mut p1, &g, &mut b1);
+                    let got = sgd_chunk(&s, &mut p2, &g, &mut b2);
+                    assert_eq!(canon(&p1), canon(&p2), "p, n={n} variant={variant}");
+                    assert_eq!(canon(&b1), canon(&b2), "b, n={n} variant={variant}");
+                    assert_eq!(tally_bits(want), tally_bits(got), "tally");
+                }
+            }
+        }
+    }
+
     #[test]
     fn zero_extremes_keep_the_first_zeros_sign() {
         let x = [1.0f32, -0.0, 0.0, 2.0];
@@ -721,7 +777,7 @@ mod tests {
             nan: false,
         };
         fix_zero_signs(&mut u, &x);
-        assert_eq!(u.min.to_bits(), (-0.0f32).to_bits());
+        assert_eq!(u.min.to_bits(), (-0.0f64).to_bits());
         assert_eq!(u.max, 2.0);
     }
 }

@@ -40,7 +40,7 @@ impl Tally {
     };
 
     #[inline(always)]
-    fn add(&mut self, x: f64) {
+    pub fn add(&mut self, x: f64) {
         self.zeros += (x == 0.0) as u64;
         self.nan |= x.is_nan();
         if x < self.min {
@@ -457,38 +457,49 @@ pub struct Held {
     pub range: Option<[f64; 2]>,
 }
 
-/// Which shape a tensor of `n` values with `z` zeros takes (module doc).
-fn shape_for(n: u64, z: u64, rule: &Rule<'_>) -> u8 {
+/// The three shapes of the module doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Plain,
+    List,
+    Map,
+}
+
+/// Which shape a tensor of `n` values with `z` zeros takes under `rule`.
+pub fn layout(n: u64, z: u64, rule: &Rule<'_>) -> Layout {
     let few = (z as f64) < rule.sparse_fraction * n as f64;
     if z > 0 && few && !rule.keeps_zeros && 4 * z < n / 8 {
-        1
+        Layout::List
     } else if z > 0 && (!few || !rule.keeps_zeros) {
-        2
+        Layout::Map
     } else {
-        0
+        Layout::Plain
     }
+}
+
+/// Positions of the zeros of `x` (`count` of them).
+pub fn zero_positions<T: Element>(x: &[T], count: u64) -> Vec<i64> {
+    let mut zeros = Vec::with_capacity(count as usize);
+    zeros.extend(
+        x.iter()
+            .enumerate()
+            .filter(|(_, v)| v.to_f64() == 0.0)
+            .map(|(i, _)| i as i64),
+    );
+    zeros
 }
 
 /// Holds `x` (of `shape`) by `rule`; `None` for `zeros_auto = false` relies on the codec alone.
 pub fn store<T: Element>(x: &[T], shape: &[u64], rule: &Rule<'_>) -> Result<Held> {
     let n = x.len() as u64;
     let c = census(x);
-    match shape_for(n, c.all.zeros, rule) {
-        1 => {
-            let mut zeros = Vec::with_capacity(c.all.zeros as usize);
-            zeros.extend(
-                x.iter()
-                    .enumerate()
-                    .filter(|(_, v)| v.to_f64() == 0.0)
-                    .map(|(i, _)| i as i64),
-            );
-            Ok(Held {
-                packed: Some(Packed::encode(T::wrap(x), shape, rule.codec, rule.params)?),
-                zeros: Zeros::List(zeros),
-                range: c.all.range(n),
-            })
-        }
-        2 => {
+    match layout(n, c.all.zeros, rule) {
+        Layout::List => Ok(Held {
+            packed: Some(Packed::encode(T::wrap(x), shape, rule.codec, rule.params)?),
+            zeros: Zeros::List(zero_positions(x, c.all.zeros)),
+            range: c.all.range(n),
+        }),
+        Layout::Map => {
             let (mask, values) = split(x, &c);
             let packed = if values.is_empty() {
                 None
@@ -507,7 +518,7 @@ pub fn store<T: Element>(x: &[T], shape: &[u64], rule: &Rule<'_>) -> Result<Held
                 range: c.nonzero.range(n - c.all.zeros),
             })
         }
-        _ => Ok(Held {
+        Layout::Plain => Ok(Held {
             packed: Some(Packed::encode(T::wrap(x), shape, rule.codec, rule.params)?),
             zeros: Zeros::Kept,
             range: c.all.range(n),

@@ -9,7 +9,8 @@
 
 use super::{detached, not_contiguous, params_from_dict, DtypeError, LayoutError, PyPacked};
 use crate::codec::Params;
-use crate::optim::{self, AdamStep, SgdStep, SlotIn, SlotOut, StoreRule};
+use crate::optim::{self, AdamStep, SgdStep, SlotIn, SlotOut};
+use crate::zmap::Rule;
 use numpy::{
     IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
@@ -173,7 +174,7 @@ fn adam_step<'py>(
     let v = v
         .as_slice_mut()
         .map_err(|_| not_contiguous("exp_avg_sq buffer"))?;
-    let rule = |params, keeps_zeros| StoreRule {
+    let rule = |params, keeps_zeros| Rule {
         codec,
         params,
         keeps_zeros,
@@ -237,7 +238,7 @@ fn sgd_step<'py>(
     let b = b
         .as_slice_mut()
         .map_err(|_| not_contiguous("momentum buffer"))?;
-    let rule = StoreRule {
+    let rule = Rule {
         codec,
         params: &params,
         keeps_zeros,
