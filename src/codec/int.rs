@@ -259,7 +259,7 @@ impl Layout {
 
     /// Groups align with chunks: each chunk can compute its own groups' statistics.
     fn fused(&self) -> bool {
-        self.run > 0 && self.chunk % self.run == 0
+        self.run > 0 && self.chunk.is_multiple_of(self.run)
     }
 
     /// The group of element `i` and where its run of same-group elements ends.
@@ -672,7 +672,7 @@ impl IntConfig {
     ) -> Result<(Vec<u8>, usize)> {
         let n = x.len() as u64;
         if matches!(self.granularity, Granularity::Row | Granularity::Tile)
-            && n % self.row_size != 0
+            && !n.is_multiple_of(self.row_size)
         {
             return Err(Error::Shape(format!(
                 "int: {n} elements are not a whole number of rows of row_size={}",
@@ -921,7 +921,7 @@ impl IntHeader {
         );
         ensure_format!(
             !matches!(granularity, Granularity::Row | Granularity::Tile)
-                || (row_size >= 1 && frame.numel % row_size == 0),
+                || (row_size >= 1 && frame.numel.is_multiple_of(row_size)),
             "int: row_size {row_size} does not divide {} elements",
             frame.numel
         );
