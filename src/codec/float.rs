@@ -828,16 +828,22 @@ impl FloatConfig {
             // fp32 passthrough.
             let meta = Header::new(cfg, None).write();
             let start = lead + meta.len();
-            let mut buf = crate::buf::zeroed_with_tail(start + x.len() * 4, tail);
-            buf[lead..start].copy_from_slice(&meta);
-            crate::pool::install(|| {
-                buf[start..]
-                    .par_chunks_mut(CHUNK * 4)
-                    .zip(x.par_chunks(CHUNK))
-                    .for_each(|(o, c)| {
-                        T::with_f32(c, |f| o.copy_from_slice(bytemuck::cast_slice(f)));
+            // SAFETY: the closure initializes every byte: the head through `zero_init`, each
+            // chunk through `zero_init` before its values are copied in.
+            let buf = unsafe {
+                crate::buf::init_with_tail(start + x.len() * 4, tail, |b| {
+                    let (head, body) = b.split_at_mut(start);
+                    crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
+                    crate::pool::install(|| {
+                        body.par_chunks_mut(CHUNK * 4)
+                            .zip(x.par_chunks(CHUNK))
+                            .for_each(|(o, c)| {
+                                let o = crate::buf::zero_init(o);
+                                T::with_f32(c, |f| o.copy_from_slice(bytemuck::cast_slice(f)));
+                            })
                     })
-            });
+                })
+            };
             return Ok((buf, meta.len()));
         };
         let squeeze = (self.kind == Kind::S2fp8).then(|| {
@@ -850,42 +856,67 @@ impl FloatConfig {
         let meta = Header::new(cfg, squeeze).write();
         // Codes start at an even offset when the lead and metadata allow (16-bit stores in place).
         let start = lead + meta.len();
-        let mut buf = crate::buf::zeroed_with_tail(start + (x.len() * width).div_ceil(8), tail);
-        buf[lead..start].copy_from_slice(&meta);
         let rounding = self.rounding;
         let fast_f16 = self.kind == Kind::Fp16 && rounding == NEAREST && !self.saturate;
-        crate::pool::install(|| {
-            buf[start..]
-                .par_chunks_mut(CHUNK * width / 8)
-                .zip(x.par_chunks(CHUNK))
-                .enumerate()
-                .for_each(|(ci, (o, c))| {
-                    let key = stream_key(seed, ci as u64);
-                    T::with_f32(c, |f| {
-                        let sq;
-                        let f = match squeeze {
-                            Some(s) => {
-                                sq = f
-                                    .iter()
-                                    .map(|&v| {
-                                        let y = (s.alpha * v.abs().log2() + s.beta).exp2();
-                                        if v.is_nan() {
-                                            v
-                                        } else {
-                                            y.copysign(v)
-                                        }
-                                    })
-                                    .collect::<Vec<f32>>();
-                                &sq[..]
-                            }
-                            None => f,
-                        };
-                        write_codes(rounding, f, o, &plan, key, width, fast_f16)
-                    });
+        let len = start + (x.len() * width).div_ceil(8);
+        // Each chunk is zeroed just before its codes are written (in cache, in parallel) rather
+        // than the whole buffer up front.
+        // SAFETY: the closure initializes every byte: the head and each chunk through
+        // `zero_init`.
+        let buf = unsafe {
+            crate::buf::init_with_tail(len, tail, |b| {
+                let (head, body) = b.split_at_mut(start);
+                crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
+                crate::pool::install(|| {
+                    body.par_chunks_mut(CHUNK * width / 8)
+                        .zip(x.par_chunks(CHUNK))
+                        .enumerate()
+                        .for_each(|(ci, (o, c))| {
+                            let o = crate::buf::zero_init(o);
+                            encode_chunk(rounding, o, c, ci, seed, squeeze, &plan, width, fast_f16)
+                        })
                 })
-        });
+            })
+        };
         Ok((buf, meta.len()))
     }
+}
+
+/// One chunk of `encode_typed`: squeeze (S2FP8) if asked, then the codes into `o`.
+#[allow(clippy::too_many_arguments)]
+fn encode_chunk<T: ToF32>(
+    rounding: u8,
+    o: &mut [u8],
+    c: &[T],
+    ci: usize,
+    seed: u64,
+    squeeze: Option<Squeeze>,
+    plan: &Plan,
+    width: usize,
+    fast_f16: bool,
+) {
+    let key = stream_key(seed, ci as u64);
+    T::with_f32(c, |f| {
+        let sq;
+        let f = match squeeze {
+            Some(s) => {
+                sq = f
+                    .iter()
+                    .map(|&v| {
+                        let y = (s.alpha * v.abs().log2() + s.beta).exp2();
+                        if v.is_nan() {
+                            v
+                        } else {
+                            y.copysign(v)
+                        }
+                    })
+                    .collect::<Vec<f32>>();
+                &sq[..]
+            }
+            None => f,
+        };
+        write_codes(rounding, f, o, plan, key, width, fast_f16)
+    });
 }
 
 /// Codes of one chunk into its bytes.

@@ -894,152 +894,167 @@ impl IntConfig {
         let start = lead + m;
         // One allocation for everything: group parameters, then codes, written in place by the
         // chunks (no per-chunk buffers to concatenate); exceptions are appended at the end.
-        let mut payload =
-            crate::buf::zeroed_with_tail(start + n_groups * pbytes + code_bytes, tail);
-        let (pp, codes) = payload[start..].split_at_mut(n_groups * pbytes);
-        let (cmax, zp) = (self.cmax() as f32, self.zp());
-        let stochastic = self.rounding != NEAREST;
-        let moments = self.sawb;
-        let absmax = self.absmax;
-        let put_params = move |dst: &mut [u8], (lo, step): (f32, f32)| {
-            if absmax {
-                dst.copy_from_slice(&step.to_le_bytes());
-            } else {
-                dst[..4].copy_from_slice(&lo.to_le_bytes());
-                dst[4..].copy_from_slice(&step.to_le_bytes());
-            }
-        };
-        // Group parameters: computed inside each chunk when groups align with chunks, else in a
-        // first pass over the whole tensor.
-        let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
-            let parts: Vec<Vec<(usize, Stats)>> = crate::pool::install(|| {
-                x.par_chunks(ch)
-                    .enumerate()
-                    .map(|(ci, c)| {
-                        T::with_f32(c, |f| {
-                            let mut v = Vec::new();
-                            lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
-                                v.push((g, stats(&f[s..e], moments)))
-                            });
-                            v
+        let len = start + n_groups * pbytes + code_bytes;
+        let mut outs: Vec<(Vec<u8>, u64)> = Vec::new();
+        // Each chunk's codes (and, fused, its parameters) are zeroed just before they are written
+        // (in cache, in parallel) rather than the whole buffer up front.
+        let init = |b: &mut [std::mem::MaybeUninit<u8>]| {
+            let (head_raw, rest) = b.split_at_mut(start);
+            crate::buf::zero_init(head_raw);
+            let (pp_raw, codes) = rest.split_at_mut(n_groups * pbytes);
+            let (cmax, zp) = (self.cmax() as f32, self.zp());
+            let stochastic = self.rounding != NEAREST;
+            let moments = self.sawb;
+            let absmax = self.absmax;
+            let put_params = move |dst: &mut [u8], (lo, step): (f32, f32)| {
+                if absmax {
+                    dst.copy_from_slice(&step.to_le_bytes());
+                } else {
+                    dst[..4].copy_from_slice(&lo.to_le_bytes());
+                    dst[4..].copy_from_slice(&step.to_le_bytes());
+                }
+            };
+            // Group parameters: computed inside each chunk when groups align with chunks, else in a
+            // first pass over the whole tensor.
+            let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
+                let parts: Vec<Vec<(usize, Stats)>> = crate::pool::install(|| {
+                    x.par_chunks(ch)
+                        .enumerate()
+                        .map(|(ci, c)| {
+                            T::with_f32(c, |f| {
+                                let mut v = Vec::new();
+                                lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
+                                    v.push((g, stats(&f[s..e], moments)))
+                                });
+                                v
+                            })
                         })
+                        .collect()
+                });
+                let mut st = vec![Stats::EMPTY; n_groups];
+                for (g, s) in parts.into_iter().flatten() {
+                    st[g] = st[g].merge(s);
+                }
+                st.into_iter().map(|s| group_params(self, s)).collect()
+            });
+            let mut pp_raw = Some(pp_raw);
+            if let Some(p) = &global {
+                let pp = crate::buf::zero_init(pp_raw.take().unwrap());
+                for (d, &gp) in pp.chunks_exact_mut(pbytes).zip(p) {
+                    put_params(d, gp);
+                }
+            }
+            // Fused: chunk ci holds groups ci * per.. (per = chunk / run) and writes their parameters.
+            let per = if lay.fused() {
+                (lay.chunk / lay.run) as usize
+            } else {
+                0
+            };
+            // 8-bit nearest codes of whole 16-value-multiple groups: one AVX-512 kernel per chunk.
+            #[cfg(target_arch = "x86_64")]
+            let fast8 = width == 8
+                && !stochastic
+                && !moments
+                && lay.fused()
+                && lay.run.is_multiple_of(16)
+                && crate::codec::float::has_avx512();
+            let pp_chunk = (per * pbytes).max(1);
+            let pp_parts: Vec<Option<&mut [std::mem::MaybeUninit<u8>]>> = if lay.fused() {
+                let pp = pp_raw.take().unwrap_or_default();
+                pp.chunks_mut(pp_chunk).map(Some).collect()
+            } else {
+                (0..x.len().div_ceil(ch)).map(|_| None).collect()
+            };
+            // Every chunk of codes is zipped with a part: all of them get initialized.
+            assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
+            outs = crate::pool::install(|| {
+                codes
+                    .par_chunks_mut(ch * width as usize / 8)
+                    .zip(x.par_chunks(ch))
+                    .zip(pp_parts)
+                    .enumerate()
+                    .map(|(ci, ((o, c), pdst))| {
+                        let o = crate::buf::zero_init(o);
+                        let mut pdst = pdst.map(crate::buf::zero_init);
+                        let key = stream_key(seed, ci as u64);
+                        let i0 = (ci * ch) as u64;
+                        // Fused chunks know whether they hold NaN/Inf; others scan for them.
+                        let mut any_bad = global.is_some();
+                        T::with_f32(c, |f| {
+                            #[cfg(target_arch = "x86_64")]
+                            if fast8 {
+                                if let Some(d) = pdst.as_deref_mut() {
+                                    // SAFETY: `fast8` implies AVX-512 F and BW (checked at run time).
+                                    any_bad = unsafe {
+                                        chunk8_avx512(self, f, lay.run as usize, o, d, put_params)
+                                    };
+                                    return;
+                                }
+                            }
+                            let mut tmp16 = if width == 8 {
+                                Vec::new()
+                            } else {
+                                vec![0u16; f.len()]
+                            };
+                            let mut gi = 0;
+                            lay.for_runs(i0, f.len(), |g, s, e| {
+                                let (lo, step) = match &global {
+                                    Some(p) => p[g],
+                                    None => {
+                                        let st = stats(&f[s..e], moments);
+                                        any_bad |= st.nonfinite > 0;
+                                        let p = group_params(self, st);
+                                        if let Some(d) = pdst.as_deref_mut() {
+                                            put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
+                                        }
+                                        gi += 1;
+                                        p
+                                    }
+                                };
+                                let a = if step > 0.0 { 1.0 / step } else { 0.0 };
+                                let b = zp - lo * a;
+                                if width == 8 {
+                                    quant(
+                                        &f[s..e],
+                                        &mut o[s..e],
+                                        a,
+                                        b,
+                                        cmax,
+                                        stochastic,
+                                        key,
+                                        s as u32,
+                                    );
+                                } else {
+                                    quant(
+                                        &f[s..e],
+                                        &mut tmp16[s..e],
+                                        a,
+                                        b,
+                                        cmax,
+                                        stochastic,
+                                        key,
+                                        s as u32,
+                                    );
+                                }
+                            });
+                            if width != 8 {
+                                pack_into(&tmp16, width, o);
+                            }
+                        });
+                        let mut exceptions = Vec::new();
+                        let n_exc = if any_bad {
+                            collect_exceptions(c, i0, &mut exceptions)
+                        } else {
+                            0
+                        };
+                        (exceptions, n_exc)
                     })
                     .collect()
             });
-            let mut st = vec![Stats::EMPTY; n_groups];
-            for (g, s) in parts.into_iter().flatten() {
-                st[g] = st[g].merge(s);
-            }
-            st.into_iter().map(|s| group_params(self, s)).collect()
-        });
-        if let Some(p) = &global {
-            for (d, &gp) in pp.chunks_exact_mut(pbytes).zip(p) {
-                put_params(d, gp);
-            }
-        }
-        // Fused: chunk ci holds groups ci * per.. (per = chunk / run) and writes their parameters.
-        let per = if lay.fused() {
-            (lay.chunk / lay.run) as usize
-        } else {
-            0
         };
-        // 8-bit nearest codes of whole 16-value-multiple groups: one AVX-512 kernel per chunk.
-        #[cfg(target_arch = "x86_64")]
-        let fast8 = width == 8
-            && !stochastic
-            && !moments
-            && lay.fused()
-            && lay.run.is_multiple_of(16)
-            && crate::codec::float::has_avx512();
-        let pp_chunk = (per * pbytes).max(1);
-        let pp_parts: Vec<Option<&mut [u8]>> = if lay.fused() {
-            pp.chunks_mut(pp_chunk).map(Some).collect()
-        } else {
-            (0..x.len().div_ceil(ch)).map(|_| None).collect()
-        };
-        debug_assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
-        let outs: Vec<(Vec<u8>, u64)> = crate::pool::install(|| {
-            codes
-                .par_chunks_mut(ch * width as usize / 8)
-                .zip(x.par_chunks(ch))
-                .zip(pp_parts)
-                .enumerate()
-                .map(|(ci, ((o, c), mut pdst))| {
-                    let key = stream_key(seed, ci as u64);
-                    let i0 = (ci * ch) as u64;
-                    // Fused chunks know whether they hold NaN/Inf; others scan for them.
-                    let mut any_bad = global.is_some();
-                    T::with_f32(c, |f| {
-                        #[cfg(target_arch = "x86_64")]
-                        if fast8 {
-                            if let Some(d) = pdst.as_deref_mut() {
-                                // SAFETY: `fast8` implies AVX-512 F and BW (checked at run time).
-                                any_bad = unsafe {
-                                    chunk8_avx512(self, f, lay.run as usize, o, d, put_params)
-                                };
-                                return;
-                            }
-                        }
-                        let mut tmp16 = if width == 8 {
-                            Vec::new()
-                        } else {
-                            vec![0u16; f.len()]
-                        };
-                        let mut gi = 0;
-                        lay.for_runs(i0, f.len(), |g, s, e| {
-                            let (lo, step) = match &global {
-                                Some(p) => p[g],
-                                None => {
-                                    let st = stats(&f[s..e], moments);
-                                    any_bad |= st.nonfinite > 0;
-                                    let p = group_params(self, st);
-                                    if let Some(d) = pdst.as_deref_mut() {
-                                        put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
-                                    }
-                                    gi += 1;
-                                    p
-                                }
-                            };
-                            let a = if step > 0.0 { 1.0 / step } else { 0.0 };
-                            let b = zp - lo * a;
-                            if width == 8 {
-                                quant(
-                                    &f[s..e],
-                                    &mut o[s..e],
-                                    a,
-                                    b,
-                                    cmax,
-                                    stochastic,
-                                    key,
-                                    s as u32,
-                                );
-                            } else {
-                                quant(
-                                    &f[s..e],
-                                    &mut tmp16[s..e],
-                                    a,
-                                    b,
-                                    cmax,
-                                    stochastic,
-                                    key,
-                                    s as u32,
-                                );
-                            }
-                        });
-                        if width != 8 {
-                            pack_into(&tmp16, width, o);
-                        }
-                    });
-                    let mut exceptions = Vec::new();
-                    let n_exc = if any_bad {
-                        collect_exceptions(c, i0, &mut exceptions)
-                    } else {
-                        0
-                    };
-                    (exceptions, n_exc)
-                })
-                .collect()
-        });
+        // SAFETY: `init` initializes every byte through `zero_init`: the head, the group
+        // parameters (all at once, or per chunk when fused) and each chunk of codes.
+        let mut payload = unsafe { crate::buf::init_with_tail(len, tail, init) };
         let n_exc: u64 = outs.iter().map(|o| o.1).sum();
         let exc_len: usize = outs.iter().map(|o| o.0.len()).sum();
         if exc_len > 0 {
