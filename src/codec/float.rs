@@ -330,9 +330,21 @@ unsafe fn codes_avx2<O: Code, const R: u8>(x: &[f32], out: &mut [O], p: &Plan, k
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn codes_nearest_avx512<O: Code>(x: &[f32], out: &mut [O], p: &Plan) {
-    use std::arch::x86_64::*;
     let n = x.len().min(out.len());
-    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    // SAFETY: `out` holds at least n codes.
+    unsafe { codes_nearest_avx512_to(&x[..n], out.as_mut_ptr(), p) }
+}
+
+/// [`codes_nearest_avx512`] into `dst`, which may be uninitialized memory.
+///
+/// # Safety
+/// AVX-512 F and BW are available, and `dst` is valid for writing `x.len()` values of `O`
+/// (alignment is not needed: every store is unaligned).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan) {
+    use std::arch::x86_64::*;
+    let (src, n) = (x.as_ptr(), x.len());
     let shift = _mm_cvtsi32_si128(p.shift as i32);
     let absm = _mm512_set1_epi32(0x7fff_ffff);
     let one = _mm512_set1_epi32(1);
@@ -859,10 +871,10 @@ impl FloatConfig {
         let rounding = self.rounding;
         let fast_f16 = self.kind == Kind::Fp16 && rounding == NEAREST && !self.saturate;
         let len = start + (x.len() * width).div_ceil(8);
-        // Each chunk is zeroed just before its codes are written (in cache, in parallel) rather
-        // than the whole buffer up front.
-        // SAFETY: the closure initializes every byte: the head and each chunk through
-        // `zero_init`.
+        // No up-front zeroing: each chunk is written once by the AVX-512 kernel, or zeroed just
+        // before its codes are written (in cache, in parallel).
+        // SAFETY: the closure initializes every byte: the head through `zero_init`, each chunk
+        // through `encode_chunk`.
         let buf = unsafe {
             crate::buf::init_with_tail(len, tail, |b| {
                 let (head, body) = b.split_at_mut(start);
@@ -872,7 +884,6 @@ impl FloatConfig {
                         .zip(x.par_chunks(CHUNK))
                         .enumerate()
                         .for_each(|(ci, (o, c))| {
-                            let o = crate::buf::zero_init(o);
                             encode_chunk(rounding, o, c, ci, seed, squeeze, &plan, width, fast_f16)
                         })
                 })
@@ -882,11 +893,12 @@ impl FloatConfig {
     }
 }
 
-/// One chunk of `encode_typed`: squeeze (S2FP8) if asked, then the codes into `o`.
+/// One chunk of `encode_typed`: squeeze (S2FP8) if asked, then the codes into `o`, which this
+/// initializes (the AVX-512 kernel writes every byte directly; other paths zero it first).
 #[allow(clippy::too_many_arguments)]
 fn encode_chunk<T: ToF32>(
     rounding: u8,
-    o: &mut [u8],
+    o: &mut [std::mem::MaybeUninit<u8>],
     c: &[T],
     ci: usize,
     seed: u64,
@@ -896,6 +908,29 @@ fn encode_chunk<T: ToF32>(
     fast_f16: bool,
 ) {
     let key = stream_key(seed, ci as u64);
+    #[cfg(target_arch = "x86_64")]
+    if squeeze.is_none()
+        && rounding == NEAREST
+        && !fast_f16
+        && (width == 8 || width == 16)
+        && o.len() == c.len() * width / 8
+        && has_avx512()
+    {
+        T::with_f32(c, |f| {
+            let dst = o.as_mut_ptr();
+            // SAFETY: AVX-512 F and BW are present (checked at run time); `o` holds exactly
+            // f.len() codes of width / 8 bytes, all of which the kernel writes.
+            unsafe {
+                if width == 8 {
+                    codes_nearest_avx512_to::<u8>(f, dst.cast(), plan)
+                } else {
+                    codes_nearest_avx512_to::<u16>(f, dst.cast(), plan)
+                }
+            }
+        });
+        return;
+    }
+    let o = crate::buf::zero_init(o);
     T::with_f32(c, |f| {
         let sq;
         let f = match squeeze {
