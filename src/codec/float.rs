@@ -553,6 +553,43 @@ unsafe fn f16_codes_f16c(x: &[f32], out: &mut [u16]) {
     }
 }
 
+/// [`f16_codes_f16c`] with 512-bit conversions (`vcvtps2ph` on 16 values, the same rounding and
+/// NaN handling), writing into `dst`, which may be uninitialized.
+///
+/// # Safety
+/// AVX-512 F is available and `dst` is valid for writing `x.len()` `u16` codes (alignment is
+/// not needed: every store is unaligned).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let (src, n) = (x.as_ptr(), x.len());
+    let mut i = 0;
+    // SAFETY: full loads read x[i..i + 16] and stores write dst[i..i + 16] with i + 16 <= n; the
+    // tail loads and stores only the n - i lanes below n.
+    unsafe {
+        while i + 32 <= n {
+            let a = _mm512_cvtps_ph::<RN>(_mm512_loadu_ps(src.add(i)));
+            let b = _mm512_cvtps_ph::<RN>(_mm512_loadu_ps(src.add(i + 16)));
+            _mm256_storeu_si256(dst.add(i).cast(), a);
+            _mm256_storeu_si256(dst.add(i + 16).cast(), b);
+            i += 32;
+        }
+        while i < n {
+            let k: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let h = _mm512_cvtps_ph::<RN>(_mm512_maskz_loadu_ps(k, src.add(i)));
+            // Widened to 32-bit lanes for the masked narrowing store (AVX-512 F only).
+            _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(h));
+            i += 16;
+        }
+    }
+}
+
 /// IEEE float16 codes, nearest-even with overflow to Inf (the IEEE cast), F16C when available.
 fn f16_codes(x: &[f32], out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
@@ -894,7 +931,7 @@ impl FloatConfig {
 }
 
 /// One chunk of `encode_typed`: squeeze (S2FP8) if asked, then the codes into `o`, which this
-/// initializes (the AVX-512 kernel writes every byte directly; other paths zero it first).
+/// initializes (the AVX-512 kernels write every byte directly; other paths zero it first).
 #[allow(clippy::too_many_arguments)]
 fn encode_chunk<T: ToF32>(
     rounding: u8,
@@ -908,6 +945,15 @@ fn encode_chunk<T: ToF32>(
     fast_f16: bool,
 ) {
     let key = stream_key(seed, ci as u64);
+    #[cfg(target_arch = "x86_64")]
+    if fast_f16 && o.len() == c.len() * 2 && has_avx512() {
+        T::with_f32(c, |f| {
+            // SAFETY: AVX-512 F is present (checked at run time); `o` holds exactly f.len()
+            // 16-bit codes, all of which the kernel writes.
+            unsafe { f16_codes_avx512_to(f, o.as_mut_ptr().cast()) }
+        });
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if squeeze.is_none()
         && rounding == NEAREST
@@ -1296,6 +1342,25 @@ mod tests {
             if !v.is_nan() {
                 assert_eq!(*c, f16::from_f32(*v).to_bits(), "{v}");
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_float16_matches_portable() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: F16C or the portable path runs");
+            return;
+        }
+        let mut x = all_bits(100_003);
+        x.extend(boundaries(Fmt::ieee(5, 10)));
+        for len in (0..70).chain([x.len() - 1, x.len()]) {
+            let mut a = vec![0u16; len];
+            let mut b = vec![0u16; len];
+            // SAFETY: AVX-512 F checked above; `a` holds len codes.
+            unsafe { f16_codes_avx512_to(&x[..len], a.as_mut_ptr()) };
+            f16_codes_portable(&x[..len], &mut b);
+            assert_eq!(a, b, "length {len}");
         }
     }
 
