@@ -170,6 +170,10 @@ struct Plan {
     min_normal: u32,
     /// 2^(bias - 1 + mbits): scales a subnormal to its integer mantissa.
     sub_scale: f32,
+    /// float32 bits of 2^(24 - bias - mbits), whose ulp is the target's subnormal spacing
+    /// 2^(1 - bias - mbits) (the AVX-512 kernel's subnormal rounding).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    sub_magic: u32,
     max_code: u32,
     nan_code: u32,
     /// Code of a finite overflow, and of +-Inf input.
@@ -204,6 +208,7 @@ impl Plan {
                 ((1 - f.bias + 127) as u32) << 23
             },
             sub_scale: 2f32.powi(f.bias - 1 + f.mbits as i32),
+            sub_magic: ((127 + 24 - f.bias - f.mbits as i32) as u32) << 23,
             max_code: f.max_code(),
             nan_code: f.nan_code(),
             overflow_code,
@@ -316,8 +321,171 @@ unsafe fn codes_avx2<O: Code, const R: u8>(x: &[f32], out: &mut [O], p: &Plan, k
     codes_body::<O, R>(x, out, p, key)
 }
 
-/// Codes of `x` into `out` (same length), with runtime AVX2 dispatch.
+/// [`to_code`] with nearest-even rounding, 16 values per iteration in AVX-512 registers, for
+/// 8-, 16- or 32-bit codes. The same integer steps as `to_code` (re-biased exponent, rounding
+/// increment, overflow and special cases selected by masks) except the target-subnormal branch,
+/// which rounds by adding 2^(24 - bias - mbits) in float32 (its ulp is the target's subnormal
+/// spacing, so the FPU's nearest-even addition leaves round(|x| / spacing) in the low bits):
+/// the same nearest-even result as `to_code`'s scale-and-round, in two instructions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn codes_nearest_avx512<O: Code>(x: &[f32], out: &mut [O], p: &Plan) {
+    let n = x.len().min(out.len());
+    // SAFETY: `out` holds at least n codes.
+    unsafe { codes_nearest_avx512_to(&x[..n], out.as_mut_ptr(), p) }
+}
+
+/// [`codes_nearest_avx512`] into `dst`, which may be uninitialized memory.
+///
+/// # Safety
+/// AVX-512 F and BW are available, and `dst` is valid for writing `x.len()` values of `O`
+/// (alignment is not needed: every store is unaligned).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan) {
+    use std::arch::x86_64::*;
+    let (src, n) = (x.as_ptr(), x.len());
+    let shift = _mm_cvtsi32_si128(p.shift as i32);
+    let absm = _mm512_set1_epi32(0x7fff_ffff);
+    let one = _mm512_set1_epi32(1);
+    let half_m1 = _mm512_set1_epi32(((1u32 << p.shift) >> 1).wrapping_sub(1) as i32);
+    let rebias = _mm512_set1_epi32(p.rebias as i32);
+    let min_normal = _mm512_set1_epi32(p.min_normal as i32);
+    let magic = _mm512_set1_epi32(p.sub_magic as i32);
+    let max_code = _mm512_set1_epi32(p.max_code as i32);
+    let overflow_code = _mm512_set1_epi32(p.overflow_code as i32);
+    let inf_bits = _mm512_set1_epi32(0x7f80_0000);
+    let inf_code = _mm512_set1_epi32(p.inf_input_code as i32);
+    let nan_code = _mm512_set1_epi32(p.nan_code as i32);
+    let sign_shift = _mm_cvtsi32_si128(p.sign_shift as i32);
+    let e8 = p.e8;
+    let code16 = |v: __m512i| -> __m512i {
+        let a = _mm512_and_si512(v, absm);
+        let odd = _mm512_and_si512(_mm512_srl_epi32(a, shift), one);
+        let r = _mm512_add_epi32(half_m1, odd);
+        let normal = _mm512_srl_epi32(_mm512_sub_epi32(_mm512_add_epi32(a, r), rebias), shift);
+        let code = if e8 {
+            normal
+        } else {
+            let sub = _mm512_sub_epi32(
+                _mm512_castps_si512(_mm512_add_ps(
+                    _mm512_castsi512_ps(a),
+                    _mm512_castsi512_ps(magic),
+                )),
+                magic,
+            );
+            _mm512_mask_mov_epi32(normal, _mm512_cmplt_epu32_mask(a, min_normal), sub)
+        };
+        let code =
+            _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(code, max_code), overflow_code);
+        let code = _mm512_mask_mov_epi32(code, _mm512_cmpeq_epi32_mask(a, inf_bits), inf_code);
+        let code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(a, inf_bits), nan_code);
+        _mm512_or_si512(
+            code,
+            _mm512_sll_epi32(_mm512_srli_epi32::<31>(v), sign_shift),
+        )
+    };
+    // SAFETY: `load` reads x[i..i + 16] for the i that `store_codes_avx512` passes, which keeps
+    // i + 16 <= n (full loads) or masks the lanes past n.
+    unsafe {
+        store_codes_avx512(dst, n, |i, k| {
+            code16(_mm512_maskz_loadu_epi32(k, src.add(i).cast()))
+        })
+    }
+}
+
+/// Writes `n` codes to `dst` (8-, 16- or 32-bit elements `O`): `code(i, mask)` gives the codes
+/// of elements i..i + 16 as 32-bit lanes, reading only the lanes set in `mask` (all 16 except
+/// at the end). 64 codes per iteration are narrowed with saturating packs (the codes fit their
+/// width) and one permutation, then stored with one full-width store: narrowing stores
+/// (`vpmovdb` to memory) are slow on some CPUs (AMD Zen 4).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn store_codes_avx512<O: Code>(
+    dst: *mut O,
+    n: usize,
+    mut code: impl FnMut(usize, std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512i,
+) {
+    use std::arch::x86_64::*;
+    let osize = std::mem::size_of::<O>();
+    debug_assert!(osize == 1 || osize == 2 || osize == 4);
+    const ALL: __mmask16 = 0xffff;
+    let mut i = 0;
+    // SAFETY (whole function): the caller guarantees `dst` is valid for `n` writes; full-width
+    // stores write dst[i..i + 64] with i + 64 <= n, the tail stores only lanes below n.
+    unsafe {
+        while i + 64 <= n {
+            let c0 = code(i, ALL);
+            let c1 = code(i + 16, ALL);
+            let c2 = code(i + 32, ALL);
+            let c3 = code(i + 48, ALL);
+            match osize {
+                1 => {
+                    // Per 128-bit lane L, the packs leave dwords c0[4L..], c1[4L..], c2[4L..],
+                    // c3[4L..]: the permutation puts them back in element order.
+                    let b = _mm512_packus_epi16(
+                        _mm512_packus_epi32(c0, c1),
+                        _mm512_packus_epi32(c2, c3),
+                    );
+                    let idx =
+                        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+                    _mm512_storeu_si512(dst.add(i).cast(), _mm512_permutexvar_epi32(idx, b));
+                }
+                2 => {
+                    // Per lane L, qwords c0[4L..], c1[4L..] (and c2, c3 in the second pack).
+                    let idx = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+                    let w01 = _mm512_permutexvar_epi64(idx, _mm512_packus_epi32(c0, c1));
+                    let w23 = _mm512_permutexvar_epi64(idx, _mm512_packus_epi32(c2, c3));
+                    _mm512_storeu_si512(dst.add(i).cast(), w01);
+                    _mm512_storeu_si512(dst.add(i + 32).cast(), w23);
+                }
+                _ => {
+                    _mm512_storeu_si512(dst.add(i).cast(), c0);
+                    _mm512_storeu_si512(dst.add(i + 16).cast(), c1);
+                    _mm512_storeu_si512(dst.add(i + 32).cast(), c2);
+                    _mm512_storeu_si512(dst.add(i + 48).cast(), c3);
+                }
+            }
+            i += 64;
+        }
+        while i < n {
+            let k: __mmask16 = if n - i >= 16 {
+                ALL
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let c = code(i, k);
+            match osize {
+                1 => _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, c),
+                2 => _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, c),
+                _ => _mm512_mask_storeu_epi32(dst.add(i).cast(), k, c),
+            }
+            i += 16;
+        }
+    }
+}
+
+/// AVX-512 F and BW available (checked once). `SMAQ_RS_AVX512=0` in the environment turns the AVX-512
+/// kernels off (the AVX2 ones run instead: the same bytes), for comparisons.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && std::env::var_os("SMAQ_RS_AVX512").is_none_or(|v| v != "0")
+    })
+}
+
+/// Codes of `x` into `out` (same length), with runtime AVX-512 / AVX2 dispatch.
 fn codes<O: Code, const R: u8>(x: &[f32], out: &mut [O], p: &Plan, key: u32) {
+    #[cfg(target_arch = "x86_64")]
+    if R == NEAREST && has_avx512() {
+        // SAFETY: the CPU supports AVX-512 F and BW (checked at run time).
+        return unsafe { codes_nearest_avx512::<O>(x, out, p) };
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::codec::float::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
@@ -382,6 +550,43 @@ unsafe fn f16_codes_f16c(x: &[f32], out: &mut [u16]) {
         let h: [u16; 8] =
             unsafe { std::mem::transmute(_mm256_cvtps_ph::<RN>(_mm256_loadu_ps(buf.as_ptr()))) };
         out[i..n].copy_from_slice(&h[..n - i]);
+    }
+}
+
+/// [`f16_codes_f16c`] with 512-bit conversions (`vcvtps2ph` on 16 values, the same rounding and
+/// NaN handling), writing into `dst`, which may be uninitialized.
+///
+/// # Safety
+/// AVX-512 F is available and `dst` is valid for writing `x.len()` `u16` codes (alignment is
+/// not needed: every store is unaligned).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let (src, n) = (x.as_ptr(), x.len());
+    let mut i = 0;
+    // SAFETY: full loads read x[i..i + 16] and stores write dst[i..i + 16] with i + 16 <= n; the
+    // tail loads and stores only the n - i lanes below n.
+    unsafe {
+        while i + 32 <= n {
+            let a = _mm512_cvtps_ph::<RN>(_mm512_loadu_ps(src.add(i)));
+            let b = _mm512_cvtps_ph::<RN>(_mm512_loadu_ps(src.add(i + 16)));
+            _mm256_storeu_si256(dst.add(i).cast(), a);
+            _mm256_storeu_si256(dst.add(i + 16).cast(), b);
+            i += 32;
+        }
+        while i < n {
+            let k: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let h = _mm512_cvtps_ph::<RN>(_mm512_maskz_loadu_ps(k, src.add(i)));
+            // Widened to 32-bit lanes for the masked narrowing store (AVX-512 F only).
+            _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(h));
+            i += 16;
+        }
     }
 }
 
@@ -672,16 +877,22 @@ impl FloatConfig {
             // fp32 passthrough.
             let meta = Header::new(cfg, None).write();
             let start = lead + meta.len();
-            let mut buf = crate::buf::zeroed_with_tail(start + x.len() * 4, tail);
-            buf[lead..start].copy_from_slice(&meta);
-            crate::pool::install(|| {
-                buf[start..]
-                    .par_chunks_mut(CHUNK * 4)
-                    .zip(x.par_chunks(CHUNK))
-                    .for_each(|(o, c)| {
-                        T::with_f32(c, |f| o.copy_from_slice(bytemuck::cast_slice(f)));
+            // SAFETY: the closure initializes every byte: the head through `zero_init`, each
+            // chunk through `zero_init` before its values are copied in.
+            let buf = unsafe {
+                crate::buf::init_with_tail(start + x.len() * 4, tail, |b| {
+                    let (head, body) = b.split_at_mut(start);
+                    crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
+                    crate::pool::install(|| {
+                        body.par_chunks_mut(CHUNK * 4)
+                            .zip(x.par_chunks(CHUNK))
+                            .for_each(|(o, c)| {
+                                let o = crate::buf::zero_init(o);
+                                T::with_f32(c, |f| o.copy_from_slice(bytemuck::cast_slice(f)));
+                            })
                     })
-            });
+                })
+            };
             return Ok((buf, meta.len()));
         };
         let squeeze = (self.kind == Kind::S2fp8).then(|| {
@@ -694,42 +905,99 @@ impl FloatConfig {
         let meta = Header::new(cfg, squeeze).write();
         // Codes start at an even offset when the lead and metadata allow (16-bit stores in place).
         let start = lead + meta.len();
-        let mut buf = crate::buf::zeroed_with_tail(start + (x.len() * width).div_ceil(8), tail);
-        buf[lead..start].copy_from_slice(&meta);
         let rounding = self.rounding;
         let fast_f16 = self.kind == Kind::Fp16 && rounding == NEAREST && !self.saturate;
-        crate::pool::install(|| {
-            buf[start..]
-                .par_chunks_mut(CHUNK * width / 8)
-                .zip(x.par_chunks(CHUNK))
-                .enumerate()
-                .for_each(|(ci, (o, c))| {
-                    let key = stream_key(seed, ci as u64);
-                    T::with_f32(c, |f| {
-                        let sq;
-                        let f = match squeeze {
-                            Some(s) => {
-                                sq = f
-                                    .iter()
-                                    .map(|&v| {
-                                        let y = (s.alpha * v.abs().log2() + s.beta).exp2();
-                                        if v.is_nan() {
-                                            v
-                                        } else {
-                                            y.copysign(v)
-                                        }
-                                    })
-                                    .collect::<Vec<f32>>();
-                                &sq[..]
-                            }
-                            None => f,
-                        };
-                        write_codes(rounding, f, o, &plan, key, width, fast_f16)
-                    });
+        let len = start + (x.len() * width).div_ceil(8);
+        // No up-front zeroing: each chunk is written once by the AVX-512 kernel, or zeroed just
+        // before its codes are written (in cache, in parallel).
+        // SAFETY: the closure initializes every byte: the head through `zero_init`, each chunk
+        // through `encode_chunk`.
+        let buf = unsafe {
+            crate::buf::init_with_tail(len, tail, |b| {
+                let (head, body) = b.split_at_mut(start);
+                crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
+                crate::pool::install(|| {
+                    body.par_chunks_mut(CHUNK * width / 8)
+                        .zip(x.par_chunks(CHUNK))
+                        .enumerate()
+                        .for_each(|(ci, (o, c))| {
+                            encode_chunk(rounding, o, c, ci, seed, squeeze, &plan, width, fast_f16)
+                        })
                 })
-        });
+            })
+        };
         Ok((buf, meta.len()))
     }
+}
+
+/// One chunk of `encode_typed`: squeeze (S2FP8) if asked, then the codes into `o`, which this
+/// initializes (the AVX-512 kernels write every byte directly; other paths zero it first).
+#[allow(clippy::too_many_arguments)]
+fn encode_chunk<T: ToF32>(
+    rounding: u8,
+    o: &mut [std::mem::MaybeUninit<u8>],
+    c: &[T],
+    ci: usize,
+    seed: u64,
+    squeeze: Option<Squeeze>,
+    plan: &Plan,
+    width: usize,
+    fast_f16: bool,
+) {
+    let key = stream_key(seed, ci as u64);
+    #[cfg(target_arch = "x86_64")]
+    if fast_f16 && o.len() == c.len() * 2 && has_avx512() {
+        T::with_f32(c, |f| {
+            // SAFETY: AVX-512 F is present (checked at run time); `o` holds exactly f.len()
+            // 16-bit codes, all of which the kernel writes.
+            unsafe { f16_codes_avx512_to(f, o.as_mut_ptr().cast()) }
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if squeeze.is_none()
+        && rounding == NEAREST
+        && !fast_f16
+        && (width == 8 || width == 16)
+        && o.len() == c.len() * width / 8
+        && has_avx512()
+    {
+        T::with_f32(c, |f| {
+            let dst = o.as_mut_ptr();
+            // SAFETY: AVX-512 F and BW are present (checked at run time); `o` holds exactly
+            // f.len() codes of width / 8 bytes, all of which the kernel writes.
+            unsafe {
+                if width == 8 {
+                    codes_nearest_avx512_to::<u8>(f, dst.cast(), plan)
+                } else {
+                    codes_nearest_avx512_to::<u16>(f, dst.cast(), plan)
+                }
+            }
+        });
+        return;
+    }
+    let o = crate::buf::zero_init(o);
+    T::with_f32(c, |f| {
+        let sq;
+        let f = match squeeze {
+            Some(s) => {
+                sq = f
+                    .iter()
+                    .map(|&v| {
+                        let y = (s.alpha * v.abs().log2() + s.beta).exp2();
+                        if v.is_nan() {
+                            v
+                        } else {
+                            y.copysign(v)
+                        }
+                    })
+                    .collect::<Vec<f32>>();
+                &sq[..]
+            }
+            None => f,
+        };
+        write_codes(rounding, f, o, plan, key, width, fast_f16)
+    });
 }
 
 /// Codes of one chunk into its bytes.
@@ -1079,6 +1347,25 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
+    fn avx512_float16_matches_portable() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: F16C or the portable path runs");
+            return;
+        }
+        let mut x = all_bits(100_003);
+        x.extend(boundaries(Fmt::ieee(5, 10)));
+        for len in (0..70).chain([x.len() - 1, x.len()]) {
+            let mut a = vec![0u16; len];
+            let mut b = vec![0u16; len];
+            // SAFETY: AVX-512 F checked above; `a` holds len codes.
+            unsafe { f16_codes_avx512_to(&x[..len], a.as_mut_ptr()) };
+            f16_codes_portable(&x[..len], &mut b);
+            assert_eq!(a, b, "length {len}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
     fn simd_codes_match_portable() {
         if !has_avx2() {
             eprintln!("no AVX2 here: only the portable path exists");
@@ -1126,6 +1413,129 @@ mod tests {
         }
     }
 
+    /// Values at and beside every rounding boundary of `f` (midpoints between neighbouring codes,
+    /// one float32 ulp either side), the overflow threshold, and the subnormal range, both signs.
+    fn boundaries(f: Fmt) -> Vec<f32> {
+        let mut v = Vec::new();
+        let top = f.max_code();
+        // Every code of the 8- and 16-bit formats; for wider ones the lowest and highest codes
+        // and a stride through the rest.
+        let stride = (top / 100_000).max(1) as usize;
+        let codes = (0..=top.min(4096))
+            .chain((4096..top.saturating_sub(4096)).step_by(stride))
+            .chain(top.saturating_sub(4096).max(4097)..=top);
+        for c in codes {
+            let lo = f.value(c) as f64;
+            let hi = if c < top {
+                f.value(c + 1) as f64
+            } else {
+                // One ulp above the largest finite value: its midpoint is the overflow threshold.
+                lo + (lo - f.value(c - 1) as f64)
+            };
+            let mid = ((lo + hi) / 2.0) as f32;
+            for m in [
+                mid,
+                f32::from_bits(mid.to_bits() - 1),
+                f32::from_bits(mid.to_bits() + 1),
+            ] {
+                v.push(m);
+                v.push(-m);
+            }
+            v.push(lo as f32);
+            v.push(-(lo as f32));
+        }
+        v
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_codes_match_portable() {
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            eprintln!("no AVX-512 here: the AVX2 and portable paths run");
+            return;
+        }
+        let e4m3 = Fmt {
+            ebits: 4,
+            mbits: 3,
+            bias: 7,
+            has_inf: false,
+        };
+        let fmts = [
+            Fmt::ieee(5, 2),
+            e4m3,
+            Fmt::ieee(5, 10),
+            Fmt::ieee(8, 7),
+            Fmt::ieee(8, 3),
+            Fmt::ieee(8, 22),
+        ];
+        let common = all_bits(30_001);
+        for f in fmts {
+            let mut x = boundaries(f);
+            x.extend(&common);
+            for sat in [false, true] {
+                let p = Plan::new(f, sat);
+                let mut want = vec![0u32; x.len()];
+                codes_body::<u32, NEAREST>(&x, &mut want, &p, 0);
+                for len in (0..40).chain([x.len() - 1, x.len()]) {
+                    let w = &want[..len];
+                    let mut a = vec![0u32; len];
+                    // SAFETY: AVX-512 F and BW checked above.
+                    unsafe { codes_nearest_avx512(&x[..len], &mut a, &p) };
+                    assert_eq!(a, w, "{f:?} saturate={sat} len={len}");
+                    if f.width() <= 16 {
+                        let mut a = vec![0u16; len];
+                        // SAFETY: as above.
+                        unsafe { codes_nearest_avx512(&x[..len], &mut a, &p) };
+                        assert!(a.iter().zip(w).all(|(&a, &w)| a as u32 == w), "{f:?}");
+                    }
+                    if f.width() <= 8 {
+                        let mut a = vec![0u8; len];
+                        // SAFETY: as above.
+                        unsafe { codes_nearest_avx512(&x[..len], &mut a, &p) };
+                        assert!(a.iter().zip(w).all(|(&a, &w)| a as u32 == w), "{f:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_boundaries_are_nearest_even() {
+        // Every midpoint between neighbouring codes (ties), one ulp either side, the overflow
+        // threshold and the subnormals, through the encoder's dispatch, against brute force.
+        let e4m3 = Fmt {
+            ebits: 4,
+            mbits: 3,
+            bias: 7,
+            has_inf: false,
+        };
+        for (e5m2, fmt) in [(false, e4m3), (true, Fmt::ieee(5, 2))] {
+            let mut x = boundaries(fmt);
+            x.extend([0.0, -0.0, f32::MIN_POSITIVE, -1e-45, 1e30, -1e30]);
+            for sat in [true, false] {
+                let mut p = Params::new();
+                p.insert(
+                    "format".into(),
+                    Param::Str(FP8_FORMATS[e5m2 as usize].into()),
+                );
+                p.insert(
+                    "overflow".into(),
+                    Param::Str(OVERFLOWS[sat as usize].into()),
+                );
+                let (y, _) = round_trip(Kind::Fp8 { e5m2 }, &p, &x);
+                for (a, b) in x.iter().zip(&y) {
+                    let want = brute_nearest(fmt, *a, sat);
+                    assert!(
+                        want.to_bits() == b.to_bits() || (want.is_nan() && b.is_nan()),
+                        "e5m2={e5m2} sat={sat}: {a:e} -> {b:e}, want {want:e}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_matches_half_crate() {
         let x = samples();
@@ -1152,7 +1562,11 @@ mod tests {
         let max = f.value(f.max_code()) as f64;
         let ulp = max - f.value(f.max_code() - 1) as f64;
         let mut v = f.value(best.1);
-        if x.abs() as f64 >= max + ulp / 2.0 {
+        // Overflow: beyond the midpoint above max, or on it when ties-to-even rounds away from
+        // max (an odd max code: IEEE formats; e4m3fn's max, 448, is even and keeps the tie).
+        let thr = max + ulp / 2.0;
+        let a = x.abs() as f64;
+        if a > thr || (a == thr && f.max_code() % 2 == 1) {
             v = if saturate {
                 max as f32
             } else if f.has_inf {

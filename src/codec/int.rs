@@ -427,7 +427,197 @@ unsafe fn stats_avx2(x: &[f32], moments: bool) -> Stats {
     l.finish(x, it.remainder(), moments)
 }
 
+/// [`stats_portable`] with AVX-512 intrinsics: the 16 lanes are one register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn stats_avx512(x: &[f32], moments: bool) -> Stats {
+    use std::arch::x86_64::*;
+    let mut l = Lanes::START;
+    let mut it = x.chunks_exact(LANES);
+    let mut bad = _mm512_setzero_si512();
+    let (mut lo, mut hi) = (
+        _mm512_set1_ps(f32::INFINITY),
+        _mm512_set1_ps(f32::NEG_INFINITY),
+    );
+    // SAFETY: loads read whole chunks of LANES floats; stores write the LANES-long lane arrays.
+    unsafe {
+        for c in &mut it {
+            let v = _mm512_loadu_ps(c.as_ptr());
+            let n = nonfinite16(v);
+            lo = _mm512_min_ps(_mm512_mask_mov_ps(v, n, lo_fill()), lo);
+            hi = _mm512_max_ps(_mm512_mask_mov_ps(v, n, hi_fill()), hi);
+            bad = _mm512_mask_sub_epi32(bad, n, bad, _mm512_set1_epi32(-1));
+        }
+        _mm512_storeu_ps(l.lo.as_mut_ptr(), lo);
+        _mm512_storeu_ps(l.hi.as_mut_ptr(), hi);
+        _mm512_storeu_si512(l.bad.as_mut_ptr().cast(), bad);
+    }
+    l.finish(x, it.remainder(), moments)
+}
+
+/// Lanes holding NaN or +-Inf.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn nonfinite16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__mmask16 {
+    use std::arch::x86_64::*;
+    let a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff));
+    _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7f7f_ffff))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn lo_fill() -> std::arch::x86_64::__m512 {
+    std::arch::x86_64::_mm512_set1_ps(f32::INFINITY)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn hi_fill() -> std::arch::x86_64::__m512 {
+    std::arch::x86_64::_mm512_set1_ps(f32::NEG_INFINITY)
+}
+
+/// `Lanes::finish`'s reduction of the 16 lo lanes in one register: the smallest value, the
+/// lowest lane among equal ones (which only matters for signed zeros). Pairs of adjacent lane
+/// ranges are merged with `min(upper, lower)`, which keeps the lower range's value on ties, so
+/// the lowest lane wins exactly as in the sequential scan.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn first_min16(v: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm512_min_ps(_mm512_permute_ps::<0xb1>(v), v);
+    let v = _mm512_min_ps(_mm512_permute_ps::<0x4e>(v), v);
+    let v = _mm512_min_ps(_mm512_shuffle_f32x4::<0xb1>(v, v), v);
+    let v = _mm512_min_ps(_mm512_shuffle_f32x4::<0x4e>(v, v), v);
+    _mm512_cvtss_f32(v)
+}
+
+/// [`first_min16`] for the hi lanes: the largest value, the lowest lane among equal ones.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn first_max16(v: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm512_max_ps(_mm512_permute_ps::<0xb1>(v), v);
+    let v = _mm512_max_ps(_mm512_permute_ps::<0x4e>(v), v);
+    let v = _mm512_max_ps(_mm512_shuffle_f32x4::<0xb1>(v, v), v);
+    let v = _mm512_max_ps(_mm512_shuffle_f32x4::<0x4e>(v, v), v);
+    _mm512_cvtss_f32(v)
+}
+
+/// Min and max of the finite values of `x` (a multiple of 16 values) and whether any value is
+/// NaN or +-Inf: [`stats_portable`]'s lo, hi and nonfinite > 0, with the lanes in one register
+/// and the reduction in registers.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn lohi16_avx512(x: &[f32]) -> (f32, f32, bool) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len().is_multiple_of(16));
+    let (mut lo, mut hi) = (lo_fill(), hi_fill());
+    let mut bad: __mmask16 = 0;
+    for v16 in x.chunks_exact(16) {
+        // SAFETY: `v16` holds 16 floats.
+        let v = unsafe { _mm512_loadu_ps(v16.as_ptr()) };
+        let n = nonfinite16(v);
+        lo = _mm512_min_ps(_mm512_mask_mov_ps(v, n, lo_fill()), lo);
+        hi = _mm512_max_ps(_mm512_mask_mov_ps(v, n, hi_fill()), hi);
+        bad |= n;
+    }
+    (first_min16(lo), first_max16(hi), bad != 0)
+}
+
+/// 8-bit nearest codes of one whole chunk of a fused layout whose groups are runs of `run`
+/// values, `run` a multiple of 16, without SAWB: per group, the statistics in registers (the
+/// same 16 lanes and reduction as [`stats_portable`]), [`group_params`], the parameters written
+/// to `params` (`pbytes` per group) and the codes (as [`quant_body`]). The last group may be
+/// shorter (the tensor's end): it goes through [`stats`] and [`quant`]. Returns whether any
+/// value was NaN or +-Inf.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn chunk8_avx512(
+    c: &IntConfig,
+    f: &[f32],
+    run: usize,
+    out: &mut [u8],
+    params: &mut [u8],
+    put: impl Fn(&mut [u8], (f32, f32)),
+) -> bool {
+    debug_assert!(run.is_multiple_of(16) && run > 0);
+    let pbytes = if c.absmax { 4 } else { 8 };
+    let (cmax, zp) = (c.cmax() as f32, c.zp());
+    let mut any_bad = 0u32;
+    for ((xb, ob), pd) in f
+        .chunks(run)
+        .zip(out.chunks_mut(run))
+        .zip(params.chunks_exact_mut(pbytes))
+    {
+        let (lo, step) = if xb.len() == run {
+            let (lo, hi, bad) = lohi16_avx512(xb);
+            any_bad |= bad as u32;
+            let s = Stats {
+                lo,
+                hi,
+                ..Stats::EMPTY
+            };
+            group_params(c, s)
+        } else {
+            let s = stats(xb, false);
+            any_bad |= (s.nonfinite > 0) as u32;
+            group_params(c, s)
+        };
+        put(pd, (lo, step));
+        let a = if step > 0.0 { 1.0 / step } else { 0.0 };
+        let b = zp - lo * a;
+        // SAFETY: AVX-512 F and BW are enabled in this function.
+        unsafe { quant_nearest_avx512(xb, ob, a, b, cmax) };
+    }
+    any_bad != 0
+}
+
+/// [`quant_body`] with nearest rounding, 16 values per iteration, for 8- or 16-bit codes (cmax
+/// must fit the code type: at most 255 for `u8`): the same operations (fused multiply-add, max
+/// with 0 which maps NaN to 0, min with cmax, + 1/2, truncation).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quant_nearest_avx512<O: crate::codec::float::Code>(
+    x: &[f32],
+    out: &mut [O],
+    a: f32,
+    b: f32,
+    cmax: f32,
+) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(out.len());
+    let (va, vb) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
+    let (vmax, half, zero) = (
+        _mm512_set1_ps(cmax),
+        _mm512_set1_ps(0.5),
+        _mm512_setzero_ps(),
+    );
+    let src = x.as_ptr();
+    // SAFETY: `store_codes_avx512` asks for the codes of x[i..i + 16] with i + 16 <= n, or
+    // masks the lanes past n; it writes out[..n].
+    unsafe {
+        crate::codec::float::store_codes_avx512(out.as_mut_ptr(), n, |i, k| {
+            let v = _mm512_maskz_loadu_ps(k, src.add(i));
+            // max_ps(q, 0) returns its second operand when q is NaN, like f32::max.
+            let q = _mm512_max_ps(_mm512_fmadd_ps(v, va, vb), zero);
+            _mm512_cvttps_epi32(_mm512_add_ps(_mm512_min_ps(q, vmax), half))
+        })
+    }
+}
+
 fn stats(x: &[f32], moments: bool) -> Stats {
+    #[cfg(target_arch = "x86_64")]
+    if crate::codec::float::has_avx512() {
+        // SAFETY: AVX-512 F and BW are present (checked at run time).
+        return unsafe { stats_avx512(x, moments) };
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::codec::float::has_avx2() {
         // SAFETY: AVX2 and FMA are present (checked at run time).
@@ -539,6 +729,11 @@ fn quant<O: crate::codec::float::Code>(
     key: u32,
     i0: u32,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if !stochastic && crate::codec::float::has_avx512() {
+        // SAFETY: AVX-512 F and BW are present (checked at run time).
+        return unsafe { quant_nearest_avx512(x, out, a, b, cmax) };
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::codec::float::has_avx2() {
         // SAFETY: AVX2 and FMA are present (checked at run time).
@@ -699,134 +894,167 @@ impl IntConfig {
         let start = lead + m;
         // One allocation for everything: group parameters, then codes, written in place by the
         // chunks (no per-chunk buffers to concatenate); exceptions are appended at the end.
-        let mut payload =
-            crate::buf::zeroed_with_tail(start + n_groups * pbytes + code_bytes, tail);
-        let (pp, codes) = payload[start..].split_at_mut(n_groups * pbytes);
-        let (cmax, zp) = (self.cmax() as f32, self.zp());
-        let stochastic = self.rounding != NEAREST;
-        let moments = self.sawb;
-        let absmax = self.absmax;
-        let put_params = move |dst: &mut [u8], (lo, step): (f32, f32)| {
-            if absmax {
-                dst.copy_from_slice(&step.to_le_bytes());
-            } else {
-                dst[..4].copy_from_slice(&lo.to_le_bytes());
-                dst[4..].copy_from_slice(&step.to_le_bytes());
-            }
-        };
-        // Group parameters: computed inside each chunk when groups align with chunks, else in a
-        // first pass over the whole tensor.
-        let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
-            let parts: Vec<Vec<(usize, Stats)>> = crate::pool::install(|| {
-                x.par_chunks(ch)
-                    .enumerate()
-                    .map(|(ci, c)| {
-                        T::with_f32(c, |f| {
-                            let mut v = Vec::new();
-                            lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
-                                v.push((g, stats(&f[s..e], moments)))
-                            });
-                            v
+        let len = start + n_groups * pbytes + code_bytes;
+        let mut outs: Vec<(Vec<u8>, u64)> = Vec::new();
+        // Each chunk's codes (and, fused, its parameters) are zeroed just before they are written
+        // (in cache, in parallel) rather than the whole buffer up front.
+        let init = |b: &mut [std::mem::MaybeUninit<u8>]| {
+            let (head_raw, rest) = b.split_at_mut(start);
+            crate::buf::zero_init(head_raw);
+            let (pp_raw, codes) = rest.split_at_mut(n_groups * pbytes);
+            let (cmax, zp) = (self.cmax() as f32, self.zp());
+            let stochastic = self.rounding != NEAREST;
+            let moments = self.sawb;
+            let absmax = self.absmax;
+            let put_params = move |dst: &mut [u8], (lo, step): (f32, f32)| {
+                if absmax {
+                    dst.copy_from_slice(&step.to_le_bytes());
+                } else {
+                    dst[..4].copy_from_slice(&lo.to_le_bytes());
+                    dst[4..].copy_from_slice(&step.to_le_bytes());
+                }
+            };
+            // Group parameters: computed inside each chunk when groups align with chunks, else in a
+            // first pass over the whole tensor.
+            let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
+                let parts: Vec<Vec<(usize, Stats)>> = crate::pool::install(|| {
+                    x.par_chunks(ch)
+                        .enumerate()
+                        .map(|(ci, c)| {
+                            T::with_f32(c, |f| {
+                                let mut v = Vec::new();
+                                lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
+                                    v.push((g, stats(&f[s..e], moments)))
+                                });
+                                v
+                            })
                         })
+                        .collect()
+                });
+                let mut st = vec![Stats::EMPTY; n_groups];
+                for (g, s) in parts.into_iter().flatten() {
+                    st[g] = st[g].merge(s);
+                }
+                st.into_iter().map(|s| group_params(self, s)).collect()
+            });
+            let mut pp_raw = Some(pp_raw);
+            if let Some(p) = &global {
+                let pp = crate::buf::zero_init(pp_raw.take().unwrap());
+                for (d, &gp) in pp.chunks_exact_mut(pbytes).zip(p) {
+                    put_params(d, gp);
+                }
+            }
+            // Fused: chunk ci holds groups ci * per.. (per = chunk / run) and writes their parameters.
+            let per = if lay.fused() {
+                (lay.chunk / lay.run) as usize
+            } else {
+                0
+            };
+            // 8-bit nearest codes of whole 16-value-multiple groups: one AVX-512 kernel per chunk.
+            #[cfg(target_arch = "x86_64")]
+            let fast8 = width == 8
+                && !stochastic
+                && !moments
+                && lay.fused()
+                && lay.run.is_multiple_of(16)
+                && crate::codec::float::has_avx512();
+            let pp_chunk = (per * pbytes).max(1);
+            let pp_parts: Vec<Option<&mut [std::mem::MaybeUninit<u8>]>> = if lay.fused() {
+                let pp = pp_raw.take().unwrap_or_default();
+                pp.chunks_mut(pp_chunk).map(Some).collect()
+            } else {
+                (0..x.len().div_ceil(ch)).map(|_| None).collect()
+            };
+            // Every chunk of codes is zipped with a part: all of them get initialized.
+            assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
+            outs = crate::pool::install(|| {
+                codes
+                    .par_chunks_mut(ch * width as usize / 8)
+                    .zip(x.par_chunks(ch))
+                    .zip(pp_parts)
+                    .enumerate()
+                    .map(|(ci, ((o, c), pdst))| {
+                        let o = crate::buf::zero_init(o);
+                        let mut pdst = pdst.map(crate::buf::zero_init);
+                        let key = stream_key(seed, ci as u64);
+                        let i0 = (ci * ch) as u64;
+                        // Fused chunks know whether they hold NaN/Inf; others scan for them.
+                        let mut any_bad = global.is_some();
+                        T::with_f32(c, |f| {
+                            #[cfg(target_arch = "x86_64")]
+                            if fast8 {
+                                if let Some(d) = pdst.as_deref_mut() {
+                                    // SAFETY: `fast8` implies AVX-512 F and BW (checked at run time).
+                                    any_bad = unsafe {
+                                        chunk8_avx512(self, f, lay.run as usize, o, d, put_params)
+                                    };
+                                    return;
+                                }
+                            }
+                            let mut tmp16 = if width == 8 {
+                                Vec::new()
+                            } else {
+                                vec![0u16; f.len()]
+                            };
+                            let mut gi = 0;
+                            lay.for_runs(i0, f.len(), |g, s, e| {
+                                let (lo, step) = match &global {
+                                    Some(p) => p[g],
+                                    None => {
+                                        let st = stats(&f[s..e], moments);
+                                        any_bad |= st.nonfinite > 0;
+                                        let p = group_params(self, st);
+                                        if let Some(d) = pdst.as_deref_mut() {
+                                            put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
+                                        }
+                                        gi += 1;
+                                        p
+                                    }
+                                };
+                                let a = if step > 0.0 { 1.0 / step } else { 0.0 };
+                                let b = zp - lo * a;
+                                if width == 8 {
+                                    quant(
+                                        &f[s..e],
+                                        &mut o[s..e],
+                                        a,
+                                        b,
+                                        cmax,
+                                        stochastic,
+                                        key,
+                                        s as u32,
+                                    );
+                                } else {
+                                    quant(
+                                        &f[s..e],
+                                        &mut tmp16[s..e],
+                                        a,
+                                        b,
+                                        cmax,
+                                        stochastic,
+                                        key,
+                                        s as u32,
+                                    );
+                                }
+                            });
+                            if width != 8 {
+                                pack_into(&tmp16, width, o);
+                            }
+                        });
+                        let mut exceptions = Vec::new();
+                        let n_exc = if any_bad {
+                            collect_exceptions(c, i0, &mut exceptions)
+                        } else {
+                            0
+                        };
+                        (exceptions, n_exc)
                     })
                     .collect()
             });
-            let mut st = vec![Stats::EMPTY; n_groups];
-            for (g, s) in parts.into_iter().flatten() {
-                st[g] = st[g].merge(s);
-            }
-            st.into_iter().map(|s| group_params(self, s)).collect()
-        });
-        if let Some(p) = &global {
-            for (d, &gp) in pp.chunks_exact_mut(pbytes).zip(p) {
-                put_params(d, gp);
-            }
-        }
-        // Fused: chunk ci holds groups ci * per.. (per = chunk / run) and writes their parameters.
-        let per = if lay.fused() {
-            (lay.chunk / lay.run) as usize
-        } else {
-            0
         };
-        let pp_chunk = (per * pbytes).max(1);
-        let pp_parts: Vec<Option<&mut [u8]>> = if lay.fused() {
-            pp.chunks_mut(pp_chunk).map(Some).collect()
-        } else {
-            (0..x.len().div_ceil(ch)).map(|_| None).collect()
-        };
-        debug_assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
-        let outs: Vec<(Vec<u8>, u64)> = crate::pool::install(|| {
-            codes
-                .par_chunks_mut(ch * width as usize / 8)
-                .zip(x.par_chunks(ch))
-                .zip(pp_parts)
-                .enumerate()
-                .map(|(ci, ((o, c), mut pdst))| {
-                    let key = stream_key(seed, ci as u64);
-                    let i0 = (ci * ch) as u64;
-                    // Fused chunks know whether they hold NaN/Inf; others scan for them.
-                    let mut any_bad = global.is_some();
-                    T::with_f32(c, |f| {
-                        let mut tmp16 = if width == 8 {
-                            Vec::new()
-                        } else {
-                            vec![0u16; f.len()]
-                        };
-                        let mut gi = 0;
-                        lay.for_runs(i0, f.len(), |g, s, e| {
-                            let (lo, step) = match &global {
-                                Some(p) => p[g],
-                                None => {
-                                    let st = stats(&f[s..e], moments);
-                                    any_bad |= st.nonfinite > 0;
-                                    let p = group_params(self, st);
-                                    if let Some(d) = pdst.as_deref_mut() {
-                                        put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
-                                    }
-                                    gi += 1;
-                                    p
-                                }
-                            };
-                            let a = if step > 0.0 { 1.0 / step } else { 0.0 };
-                            let b = zp - lo * a;
-                            if width == 8 {
-                                quant(
-                                    &f[s..e],
-                                    &mut o[s..e],
-                                    a,
-                                    b,
-                                    cmax,
-                                    stochastic,
-                                    key,
-                                    s as u32,
-                                );
-                            } else {
-                                quant(
-                                    &f[s..e],
-                                    &mut tmp16[s..e],
-                                    a,
-                                    b,
-                                    cmax,
-                                    stochastic,
-                                    key,
-                                    s as u32,
-                                );
-                            }
-                        });
-                        if width != 8 {
-                            pack_into(&tmp16, width, o);
-                        }
-                    });
-                    let mut exceptions = Vec::new();
-                    let n_exc = if any_bad {
-                        collect_exceptions(c, i0, &mut exceptions)
-                    } else {
-                        0
-                    };
-                    (exceptions, n_exc)
-                })
-                .collect()
-        });
+        // SAFETY: `init` initializes every byte through `zero_init`: the head, the group
+        // parameters (all at once, or per chunk when fused) and each chunk of codes.
+        let mut payload = unsafe { crate::buf::init_with_tail(len, tail, init) };
         let n_exc: u64 = outs.iter().map(|o| o.1).sum();
         let exc_len: usize = outs.iter().map(|o| o.0.len()).sum();
         if exc_len > 0 {
@@ -1379,6 +1607,151 @@ mod tests {
                 unsafe { quant_avx2(&x, &mut p, a, b, cmax, stochastic, 5, 0) };
                 quant_body(&x, &mut q, a, b, cmax, stochastic, 5, 0);
                 assert_eq!(p, q);
+            }
+        }
+    }
+
+    /// Blocks where ties among signed zeros decide the stored minimum and maximum, plus
+    /// non-finite values, huge values and subnormals.
+    fn tricky_blocks(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::SplitMix64::new(seed);
+        let pool = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            2.5,
+            -3.0,
+            1e-42,
+            -1e-42,
+            f32::MAX,
+            -f32::MAX,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        (0..n)
+            .map(|i| {
+                let u = r.next_u64();
+                // Mostly zeros of either sign, so whole blocks are zero or non-negative.
+                let mode = (i / 64) % 4;
+                match (mode, u % 16) {
+                    (0, _) => [0.0f32, -0.0][(u >> 8) as usize % 2],
+                    (1, k) if k < 12 => [0.0f32, -0.0][(u >> 8) as usize % 2],
+                    (2, k) if k < 8 => [0.0f32, -0.0, 1.0, -2.0][(u >> 8) as usize % 4],
+                    _ => pool[(u >> 8) as usize % pool.len()],
+                }
+            })
+            .collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_stats_and_codes_match_portable() {
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            eprintln!("no AVX-512 here: the AVX2 and portable paths run");
+            return;
+        }
+        let mut x = normal(10_000, 9);
+        x.extend(tricky_blocks(64 * 400, 4));
+        x.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.25));
+        for data in [&x[..], &x[..5], &x[..17], &[][..]] {
+            for len in [data.len(), data.len().saturating_sub(7), data.len() / 2] {
+                let d = &data[..len];
+                for moments in [false, true] {
+                    // SAFETY: AVX-512 F and BW checked above.
+                    let a = unsafe { stats_avx512(d, moments) };
+                    let b = stats_portable(d, moments);
+                    assert_eq!(
+                        (a.lo.to_bits(), a.hi.to_bits(), a.nonfinite, a.count),
+                        (b.lo.to_bits(), b.hi.to_bits(), b.nonfinite, b.count),
+                        "len {len}"
+                    );
+                    assert_eq!(a.sum_sq.to_bits(), b.sum_sq.to_bits());
+                }
+            }
+        }
+        // The register reduction, block by block (16..4096 values).
+        for run in [16usize, 32, 64, 256, 4096] {
+            for b in x.chunks_exact(run) {
+                // SAFETY: as above.
+                let (lo, hi, bad) = unsafe { lohi16_avx512(b) };
+                let s = stats_portable(b, false);
+                assert_eq!(
+                    (lo.to_bits(), hi.to_bits(), bad),
+                    (s.lo.to_bits(), s.hi.to_bits(), s.nonfinite > 0),
+                    "run {run}: {b:?}"
+                );
+            }
+        }
+        // Codes: every tail length, 8- and 16-bit outputs.
+        for (a, b, cmax) in [
+            (12.7f32, 127.0f32, 254.0f32),
+            (3.1, 7.5, 15.0),
+            (0.0, 0.0, 255.0),
+            (1e30, -3.0, 65535.0),
+        ] {
+            for len in (0..40).chain([x.len() - 3, x.len()]) {
+                // 8-bit codes where they fit (cmax <= 255, as for every 8-bit encode).
+                if cmax <= 255.0 {
+                    let mut p = vec![0u8; len];
+                    let mut q = vec![0u8; len];
+                    // SAFETY: as above.
+                    unsafe { quant_nearest_avx512(&x[..len], &mut p, a, b, cmax) };
+                    quant_body(&x[..len], &mut q, a, b, cmax, false, 0, 0);
+                    assert_eq!(p, q, "len {len}");
+                }
+                let mut p = vec![0u16; len];
+                let mut q = vec![0u16; len];
+                // SAFETY: as above.
+                unsafe { quant_nearest_avx512(&x[..len], &mut p, a, b, cmax) };
+                quant_body(&x[..len], &mut q, a, b, cmax, false, 0, 0);
+                assert_eq!(p, q, "len {len}");
+            }
+        }
+        // The fused chunk kernel against statistics, parameters and codes of the portable path.
+        for absmax in [false, true] {
+            for run in [16usize, 64, 4096] {
+                let c = IntConfig {
+                    absmax,
+                    block_size: run as u32,
+                    ..IntConfig::default()
+                };
+                let pbytes = if absmax { 4 } else { 8 };
+                let put = |d: &mut [u8], (lo, step): (f32, f32)| {
+                    if absmax {
+                        d.copy_from_slice(&step.to_le_bytes());
+                    } else {
+                        d[..4].copy_from_slice(&lo.to_le_bytes());
+                        d[4..].copy_from_slice(&step.to_le_bytes());
+                    }
+                };
+                for len in [x.len(), x.len() - 5, run * 3, run + 1, 3] {
+                    let f = &x[x.len() - len..];
+                    let groups = len.div_ceil(run);
+                    let (mut o1, mut p1) = (vec![0u8; len], vec![0u8; groups * pbytes]);
+                    let (mut o2, mut p2) = (vec![0u8; len], vec![0u8; groups * pbytes]);
+                    // SAFETY: as above.
+                    let bad1 = unsafe { chunk8_avx512(&c, f, run, &mut o1, &mut p1, put) };
+                    let mut bad2 = false;
+                    for ((xb, ob), pd) in f
+                        .chunks(run)
+                        .zip(o2.chunks_mut(run))
+                        .zip(p2.chunks_exact_mut(pbytes))
+                    {
+                        let s = stats_portable(xb, false);
+                        bad2 |= s.nonfinite > 0;
+                        let (lo, step) = group_params(&c, s);
+                        put(pd, (lo, step));
+                        let a = if step > 0.0 { 1.0 / step } else { 0.0 };
+                        quant_body(xb, ob, a, c.zp() - lo * a, c.cmax() as f32, false, 0, 0);
+                    }
+                    assert_eq!(bad1, bad2, "absmax={absmax} run={run} len={len}");
+                    assert_eq!(p1, p2, "absmax={absmax} run={run} len={len}");
+                    assert_eq!(o1, o2, "absmax={absmax} run={run} len={len}");
+                }
             }
         }
     }
