@@ -1,0 +1,473 @@
+//! AVX-512 kernels (F, BW, DQ, VL, VBMI, VBMI2), 64 values per step: the same IEEE operations as
+//! the portable `codes_body` over `z_f32` in the same order, sixteen lanes at a time, so they
+//! produce identical codes and bytes (tested against the portable path).
+//!
+//! Encode: sixteen values per vector, lane classes (outlier, exact zero, non-finite, beyond
+//! t_outlier) in mask registers; four vectors of codes are narrowed to 64 bytes, their primary
+//! bits packed in-register (three shift-or levels and one byte permutation) and stored at once;
+//! the outliers' extra bits are compressed (`vpcompressb`), packed the same way and shifted into
+//! the extra stream with one store.
+//!
+//! Decode: 64 primary codes come out of one load with a byte permutation and `vpmultishiftqb`;
+//! the outliers' extra bits are read the same way and expanded to their lanes (`vpexpandb`); the
+//! values come from the f32 table with in-register permutations (`vpermi2ps`), no gathers.
+
+use super::{Counts, Prep, ZERO_CODE};
+use crate::bits::BitWriter;
+use std::arch::x86_64::*;
+
+/// Whether the CPU has every extension these kernels use (detected at run time, cached by std).
+#[inline]
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("avx512vbmi2")
+        && is_x86_feature_detected!("popcnt")
+}
+
+/// Broadcast constants of one chunk.
+struct Consts {
+    hi: __m512,
+    lo: __m512,
+    inv: __m512,
+    t_main: __m512,
+    t_out: __m512,
+    r_main: __m512,
+    r_out: __m512,
+    mx_main: __m512,
+    mx_out: __m512,
+    mi_main: __m512i,
+    mi_out: __m512i,
+    dither: __m512,
+    stoch: bool,
+    /// key + first + lane: the counter of lane 0 of the first vector.
+    base: __m512i,
+}
+
+impl Consts {
+    #[target_feature(enable = "avx512f")]
+    fn new(p: &Prep, first: u32) -> Consts {
+        let q = &p.q;
+        let hi = p.mean as f32;
+        let lo = (p.mean - hi as f64) as f32;
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        Consts {
+            hi: _mm512_set1_ps(hi),
+            lo: _mm512_set1_ps(lo),
+            inv: _mm512_set1_ps(p.inv_std as f32),
+            t_main: _mm512_set1_ps(q.t_main),
+            t_out: _mm512_set1_ps(q.t_outlier),
+            r_main: _mm512_set1_ps(q.r_main),
+            r_out: _mm512_set1_ps(q.r_out),
+            mx_main: _mm512_set1_ps(q.max_main as f32),
+            mx_out: _mm512_set1_ps(q.max_out as f32),
+            mi_main: _mm512_set1_epi32(q.max_main as i32),
+            mi_out: _mm512_set1_epi32(q.max_out as i32),
+            dither: _mm512_set1_ps(p.dither),
+            stoch: p.key.is_some(),
+            base: _mm512_add_epi32(
+                _mm512_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32),
+                lanes,
+            ),
+        }
+    }
+}
+
+/// Codes (32-bit lanes) of sixteen values and their lane masks.
+struct Step {
+    code: __m512i,
+    beyond: __mmask16,
+    nonfin: __mmask16,
+}
+
+/// Codes of the sixteen values `v`, the first being element `i` of the call.
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+fn step(c: &Consts, v: __m512, i: usize) -> Step {
+    let vb = _mm512_castps_si512(v);
+    let exp = _mm512_set1_epi32(0x7f80_0000);
+    let z = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(v, c.hi), c.lo), c.inv);
+    let a = _mm512_abs_ps(z);
+    // bits << 1 == 0: +-0.0.
+    let zero = _mm512_testn_epi32_mask(vb, _mm512_set1_epi32(0x7fff_ffff));
+    let nonfin = _mm512_cmpeq_epi32_mask(_mm512_and_si512(vb, exp), exp);
+    let is_out = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, c.t_main) & !zero;
+    let d = _mm512_mask_sub_ps(a, is_out, a, c.t_main);
+    let r = _mm512_mask_blend_ps(is_out, c.r_main, c.r_out);
+    let mx = _mm512_mask_blend_ps(is_out, c.mx_main, c.mx_out);
+    // vminps returns its second operand when the first is NaN, as the scalar `<` select does.
+    let s = _mm512_min_ps(_mm512_mul_ps(d, r), mx);
+    let u = if c.stoch {
+        let mut h = _mm512_add_epi32(c.base, _mm512_set1_epi32(i as i32));
+        h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
+        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb_352d));
+        h = _mm512_xor_si512(h, _mm512_srli_epi32::<15>(h));
+        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
+        h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
+        _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)),
+            _mm512_set1_ps(1.0 / 16_777_216.0),
+        )
+    } else {
+        c.dither
+    };
+    let mag = _mm512_cvttps_epi32(_mm512_add_ps(s, u));
+    let mag = _mm512_min_epi32(mag, _mm512_mask_blend_epi32(is_out, c.mi_main, c.mi_out));
+    let zneg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
+    let neg = zneg & (_mm512_test_epi32_mask(mag, mag) | is_out);
+    let code = _mm512_slli_epi32::<2>(mag);
+    let code = _mm512_mask_or_epi32(code, is_out, code, _mm512_set1_epi32(1));
+    let code = _mm512_mask_or_epi32(code, neg, code, _mm512_set1_epi32(2));
+    let code = _mm512_mask_mov_epi32(code, zero, _mm512_set1_epi32(ZERO_CODE as i32));
+    let beyond = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, c.t_out) & !(nonfin | zero);
+    Step {
+        code,
+        beyond,
+        nonfin,
+    }
+}
+
+/// `vpermb` indices that gather the low `w` bytes of every 64-bit lane to the front.
+fn compact_index(w: u32) -> [u8; 64] {
+    let mut t = [0u8; 64];
+    for (o, v) in t.iter_mut().enumerate().take(8 * w as usize) {
+        *v = ((o / w as usize) * 8 + o % w as usize) as u8;
+    }
+    t
+}
+
+/// Packs the 64 bytes of `v`, each holding a `w`-bit field (1 <= w <= 8, higher bits zero),
+/// LSB first: every 64-bit lane ends up holding its eight fields in its low `w` bytes.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn pack_lanes(v: __m512i, w: u32) -> __m512i {
+    // (A & B) | C
+    const AND_OR: i32 = 0xEA;
+    let hi = _mm512_srl_epi16(
+        _mm512_and_si512(v, _mm512_set1_epi16(0xff00u16 as i16)),
+        _mm_cvtsi32_si128(8 - w as i32),
+    );
+    let v = _mm512_ternarylogic_epi32::<AND_OR>(v, _mm512_set1_epi16(0x00ff), hi);
+    let hi = _mm512_srl_epi32(
+        _mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000u32 as i32)),
+        _mm_cvtsi32_si128(16 - 2 * w as i32),
+    );
+    let v = _mm512_ternarylogic_epi32::<AND_OR>(v, _mm512_set1_epi32(0xffff), hi);
+    let hi = _mm512_srl_epi64(
+        _mm512_and_si512(v, _mm512_set1_epi64(0xffff_ffff_0000_0000u64 as i64)),
+        _mm_cvtsi32_si128(32 - 4 * w as i32),
+    );
+    _mm512_ternarylogic_epi32::<AND_OR>(v, _mm512_set1_epi64(0xffff_ffff), hi)
+}
+
+/// Codes and packing fused, for 3 <= bits_main <= 8 and extra bits <= 4: the first len/64*64
+/// values go to `primary` (8 * bits_main bytes per 64 values) and `extra`. Returns the number of
+/// values done and their counts.
+///
+/// # Safety
+/// The CPU must have the extensions of [`available`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
+pub unsafe fn encode(
+    x: &[f32],
+    first: u32,
+    p: &Prep,
+    primary: &mut [u8],
+    extra: &mut BitWriter,
+) -> (usize, Counts) {
+    let (bm, ew) = (p.q.bits_main, p.q.extra_bits());
+    let n64 = x.len() / 64 * 64;
+    assert!((3..=8).contains(&bm) && ew <= 4 && primary.len() >= n64 / 8 * bm as usize);
+    let step_bytes = 8 * bm as usize;
+    // Blocks whose 64-byte store stays inside `primary`; the rest store through a mask.
+    let wide = primary.len().saturating_sub(64) / step_bytes * 64;
+    let pstore: __mmask64 = if bm == 8 {
+        !0
+    } else {
+        (1u64 << step_bytes) - 1
+    };
+    let k = Blocks {
+        c: Consts::new(p, first),
+        bm,
+        ew,
+        wide,
+        pstore,
+        pidx: _mm512_loadu_si512(compact_index(bm).as_ptr() as *const _),
+        eidx: _mm512_loadu_si512(compact_index(ew.max(1)).as_ptr() as *const _),
+        ekeep: (1u64 << (8 * ew)) - 1,
+    };
+    let mut t = Counts::default();
+    let x = &x[..n64];
+    if ew > 0 {
+        extra.append_raw(n64 * ew as usize / 8 + 66, |buf, xbit| {
+            // SAFETY: the same extensions are present (this function's contract).
+            unsafe { k.run(x, primary, buf, xbit, &mut t) }
+        });
+    } else {
+        // SAFETY: as above; with no extra bits the buffer is never touched.
+        unsafe { k.run(x, primary, &mut [], 0, &mut t) };
+    }
+    (n64, t)
+}
+
+/// The encoder's loop and its constants.
+struct Blocks {
+    c: Consts,
+    bm: u32,
+    ew: u32,
+    /// Blocks before this value index store 64 primary bytes; the rest store through `pstore`.
+    wide: usize,
+    pstore: __mmask64,
+    pidx: __m512i,
+    eidx: __m512i,
+    ekeep: __mmask64,
+}
+
+impl Blocks {
+    /// Encodes `x` (a multiple of 64 values) into `primary`, and the extra bits into `buf` from
+    /// bit `xbit` on (the byte holding it holds the pending bits). Returns the end bit.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
+    unsafe fn run(
+        &self,
+        x: &[f32],
+        primary: &mut [u8],
+        buf: &mut [u8],
+        mut xbit: usize,
+        t: &mut Counts,
+    ) -> usize {
+        let (bm, ew, c) = (self.bm, self.ew, &self.c);
+        let pmask = _mm512_set1_epi16(((1u32 << bm) - 1) as i16);
+        let bm_x = _mm_cvtsi32_si128(bm as i32);
+        // Narrowed bytes come out of the two packs as (lane L of each of the four vectors) per
+        // 128-bit lane; this puts the 32-bit groups of four values back in order.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        assert!(x.len() % 64 == 0 && primary.len() >= x.len() / 8 * bm as usize);
+        let (xp, pp, bp) = (x.as_ptr(), primary.as_mut_ptr(), buf.as_mut_ptr());
+        let mut i = 0;
+        while i < x.len() {
+            // SAFETY: i + 64 <= x.len(): the four loads are in bounds.
+            let (v0, v1, v2, v3) = unsafe {
+                (
+                    _mm512_loadu_ps(xp.add(i)),
+                    _mm512_loadu_ps(xp.add(i + 16)),
+                    _mm512_loadu_ps(xp.add(i + 32)),
+                    _mm512_loadu_ps(xp.add(i + 48)),
+                )
+            };
+            let s0 = step(c, v0, i);
+            let s1 = step(c, v1, i + 16);
+            let s2 = step(c, v2, i + 32);
+            let s3 = step(c, v3, i + 48);
+            for s in [&s0, &s1, &s2, &s3] {
+                t.beyond += s.beyond.count_ones();
+                t.nonfinite += s.nonfin.count_ones();
+            }
+            // Codes fit 16 bits (bits_outlier <= 12): narrow to words, then to bytes.
+            let w01 = _mm512_packus_epi32(s0.code, s1.code);
+            let w23 = _mm512_packus_epi32(s2.code, s3.code);
+            let prim =
+                _mm512_packus_epi16(_mm512_and_si512(w01, pmask), _mm512_and_si512(w23, pmask));
+            let prim = _mm512_permutexvar_epi32(order, prim);
+            let outl = _mm512_test_epi8_mask(prim, _mm512_set1_epi8(1));
+            t.outliers += outl.count_ones();
+            let packed = _mm512_permutexvar_epi8(self.pidx, pack_lanes(prim, bm));
+            let at = i / 8 * bm as usize;
+            if i < self.wide {
+                // SAFETY: at + 64 <= primary.len() (i < wide).
+                unsafe { _mm512_storeu_si512(pp.add(at) as *mut _, packed) };
+            } else {
+                // SAFETY: the mask covers 8 * bm bytes and at + 8 * bm <= primary.len().
+                unsafe { _mm512_mask_storeu_epi8(pp.add(at) as *mut i8, self.pstore, packed) };
+            }
+            if ew > 0 && outl != 0 {
+                let e =
+                    _mm512_packus_epi16(_mm512_srl_epi16(w01, bm_x), _mm512_srl_epi16(w23, bm_x));
+                let e = _mm512_maskz_compress_epi8(outl, _mm512_permutexvar_epi32(order, e));
+                let e = _mm512_maskz_permutexvar_epi8(self.ekeep, self.eidx, pack_lanes(e, ew));
+                // Shift the bit string left by xbit % 8 across the 64-bit lanes and add the
+                // pending bits of its first byte.
+                let prev = _mm512_alignr_epi64::<7>(e, _mm512_setzero_si512());
+                let e = _mm512_shldv_epi64(e, prev, _mm512_set1_epi64((xbit % 8) as i64));
+                let at = xbit / 8;
+                assert!(at + 64 <= buf.len());
+                // SAFETY: at + 64 <= buf.len() (asserted): the byte read and the store are in
+                // bounds.
+                unsafe {
+                    let carry = _mm512_zextsi128_si512(_mm_cvtsi32_si128(*bp.add(at) as i32));
+                    _mm512_storeu_si512(bp.add(at) as *mut _, _mm512_or_si512(e, carry));
+                }
+                xbit += (outl.count_ones() * ew) as usize;
+            }
+            i += 64;
+        }
+        xbit
+    }
+}
+
+/// Decodes the first len/64*64 values of a chunk whose full codes are at most 8 bits
+/// (bits_main + extra bits <= 8) through `lut` (2^(bits_main + extra) entries of `size` = 2 or 4
+/// bytes each, as little-endian bytes) into `out` (the same element size). Returns (values
+/// decoded, extra stream bits consumed).
+///
+/// # Safety
+/// The CPU must have the extensions of [`available`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
+pub unsafe fn unpack(
+    primary: &[u8],
+    extra: &[u8],
+    bm: u32,
+    ew: u32,
+    lut: &[u8],
+    out: &mut [u8],
+    size: usize,
+) -> (usize, usize) {
+    let bits = bm + ew;
+    assert!((3..=8).contains(&bm) && bits <= 8 && (size == 2 || size == 4));
+    assert!(lut.len() == size << bits && out.len() % size == 0);
+    let n64 = out.len() / size / 64 * 64;
+    assert!(primary.len() >= n64 / 8 * bm as usize);
+    // Byte planes of the table: plane b holds byte b of every entry, 2 x 128 entries.
+    let mut planes = [[0u8; 256]; 4];
+    for (e, v) in lut.chunks_exact(size).enumerate() {
+        for (b, &byte) in v.iter().enumerate() {
+            planes[b][e] = byte;
+        }
+    }
+    let tab: [[__m512i; 4]; 4] = std::array::from_fn(|b| {
+        // SAFETY: each plane is 256 bytes: four 64-byte loads in bounds.
+        std::array::from_fn(|h| unsafe {
+            _mm512_loadu_si512(planes[b].as_ptr().add(64 * h) as *const _)
+        })
+    });
+    // Position p of the looked-up planes ends up as value sigma(p) after the byte/word unpacks
+    // (they work within 128-bit lanes); the indices are permuted to match beforehand.
+    let sigma: [u8; 64] = std::array::from_fn(|p| {
+        (if size == 4 {
+            16 * ((p % 16) / 4) + 4 * (p / 16) + p % 4
+        } else {
+            32 * ((p % 16) / 8) + 8 * (p / 16) + p % 8
+        }) as u8
+    });
+    // Primary: the 8 bytes holding codes 8j..8j+7 go to 64-bit lane j; vpmultishiftqb then
+    // takes byte t of lane j from bit t * bm.
+    let pgather: [u8; 64] = std::array::from_fn(|o| ((o / 8) * bm as usize + o % 8) as u8);
+    let pshift: [u8; 64] = std::array::from_fn(|o| ((o % 8) * bm as usize) as u8);
+    // Extra: fields 8j..8j+7 start within the 8 bytes from byte j * ew of the current position.
+    let egather: [u8; 64] = std::array::from_fn(|o| ((o / 8) * ew as usize + o % 8) as u8);
+    let eshift: [u8; 64] = std::array::from_fn(|o| ((o % 8) * ew as usize) as u8);
+    let ld = |a: &[u8; 64]| _mm512_loadu_si512(a.as_ptr() as *const _);
+    let k = Unpacker {
+        bm,
+        ew,
+        size,
+        tab,
+        sigma: ld(&sigma),
+        pgather: ld(&pgather),
+        pshift: ld(&pshift),
+        egather: ld(&egather),
+        eshift: ld(&eshift),
+    };
+    let xpos = k.run(primary, extra, &mut out[..n64 * size]);
+    (n64, xpos)
+}
+
+/// The decoder's loop and its constants.
+struct Unpacker {
+    bm: u32,
+    ew: u32,
+    size: usize,
+    /// [byte plane][quarter of the table].
+    tab: [[__m512i; 4]; 4],
+    sigma: __m512i,
+    pgather: __m512i,
+    pshift: __m512i,
+    egather: __m512i,
+    eshift: __m512i,
+}
+
+/// The `len` bytes of `buf` from `at` (at most 64) as a vector, zero past the end of `buf`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn load_upto64(buf: &[u8], at: usize) -> __m512i {
+    let avail = buf.len().saturating_sub(at);
+    if avail >= 64 {
+        // SAFETY: at + 64 <= buf.len().
+        unsafe { _mm512_loadu_si512(buf.as_ptr().add(at) as *const _) }
+    } else {
+        let m: __mmask64 = (1u64 << avail) - 1;
+        // SAFETY: only the `avail` bytes from `at` are read (masked load: no fault past them);
+        // with avail == 0 nothing is read and the address is only formed.
+        unsafe { _mm512_maskz_loadu_epi8(m, buf.as_ptr().wrapping_add(at) as *const i8) }
+    }
+}
+
+impl Unpacker {
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
+    unsafe fn run(&self, primary: &[u8], extra: &[u8], out: &mut [u8]) -> usize {
+        let (bm, ew, size) = (self.bm, self.ew, self.size);
+        let n64 = out.len() / size;
+        let pmask = _mm512_set1_epi8(((1u32 << bm) - 1) as i8);
+        let emask = _mm512_set1_epi8(((1u32 << ew) - 1) as i8);
+        let bm_x = _mm_cvtsi32_si128(bm as i32);
+        let wide_tab = bm + ew == 8;
+        let op = out.as_mut_ptr();
+        let mut xpos = 0usize;
+        let mut i = 0;
+        while i < n64 {
+            let raw = load_upto64(primary, i / 8 * bm as usize);
+            let k = _mm512_permutexvar_epi8(self.pgather, raw);
+            let k = _mm512_and_si512(_mm512_multishift_epi64_epi8(self.pshift, k), pmask);
+            let m = _mm512_test_epi8_mask(k, _mm512_set1_epi8(1));
+            let idx = if ew > 0 && m != 0 {
+                let raw = load_upto64(extra, xpos / 8);
+                let f = _mm512_permutexvar_epi8(self.egather, raw);
+                let sh = _mm512_add_epi8(self.eshift, _mm512_set1_epi8((xpos % 8) as i8));
+                let f = _mm512_and_si512(_mm512_multishift_epi64_epi8(sh, f), emask);
+                let e = _mm512_maskz_expand_epi8(m, f);
+                xpos += (m.count_ones() * ew) as usize;
+                // e << bm stays within each byte (bm + ew <= 8).
+                _mm512_or_si512(k, _mm512_sll_epi16(e, bm_x))
+            } else {
+                k
+            };
+            let idx = _mm512_permutexvar_epi8(self.sigma, idx);
+            let top = _mm512_movepi8_mask(idx);
+            let plane = |t: &[__m512i; 4]| {
+                let lo = _mm512_permutex2var_epi8(t[0], idx, t[1]);
+                if wide_tab {
+                    let hi = _mm512_permutex2var_epi8(t[2], idx, t[3]);
+                    _mm512_mask_blend_epi8(top, lo, hi)
+                } else {
+                    lo
+                }
+            };
+            let p0 = plane(&self.tab[0]);
+            let p1 = plane(&self.tab[1]);
+            let at = i * size;
+            // SAFETY (both arms): out holds n64 * size bytes and at + 64 * size <= that.
+            if size == 4 {
+                let p2 = plane(&self.tab[2]);
+                let p3 = plane(&self.tab[3]);
+                let a = _mm512_unpacklo_epi8(p0, p1);
+                let b = _mm512_unpackhi_epi8(p0, p1);
+                let c = _mm512_unpacklo_epi8(p2, p3);
+                let d = _mm512_unpackhi_epi8(p2, p3);
+                unsafe {
+                    _mm512_storeu_si512(op.add(at) as *mut _, _mm512_unpacklo_epi16(a, c));
+                    _mm512_storeu_si512(op.add(at + 64) as *mut _, _mm512_unpackhi_epi16(a, c));
+                    _mm512_storeu_si512(op.add(at + 128) as *mut _, _mm512_unpacklo_epi16(b, d));
+                    _mm512_storeu_si512(op.add(at + 192) as *mut _, _mm512_unpackhi_epi16(b, d));
+                }
+            } else {
+                unsafe {
+                    _mm512_storeu_si512(op.add(at) as *mut _, _mm512_unpacklo_epi8(p0, p1));
+                    _mm512_storeu_si512(op.add(at + 64) as *mut _, _mm512_unpackhi_epi8(p0, p1));
+                }
+            }
+            i += 64;
+        }
+        xpos
+    }
+}
