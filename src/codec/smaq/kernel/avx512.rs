@@ -26,6 +26,7 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("avx512vbmi")
         && is_x86_feature_detected!("avx512vbmi2")
         && is_x86_feature_detected!("popcnt")
+        && is_x86_feature_detected!("fma")
 }
 
 /// Broadcast constants of one chunk.
@@ -39,10 +40,7 @@ struct Consts {
     r_out: __m512,
     mx_main: __m512,
     mx_out: __m512,
-    mi_main: __m512i,
-    mi_out: __m512i,
     dither: __m512,
-    stoch: bool,
     /// key + first + lane: the counter of lane 0 of the first vector.
     base: __m512i,
 }
@@ -64,10 +62,7 @@ impl Consts {
             r_out: _mm512_set1_ps(q.r_out),
             mx_main: _mm512_set1_ps(q.max_main as f32),
             mx_out: _mm512_set1_ps(q.max_out as f32),
-            mi_main: _mm512_set1_epi32(q.max_main as i32),
-            mi_out: _mm512_set1_epi32(q.max_out as i32),
             dither: _mm512_set1_ps(p.dither),
-            stoch: p.key.is_some(),
             base: _mm512_add_epi32(
                 _mm512_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32),
                 lanes,
@@ -79,55 +74,79 @@ impl Consts {
 /// Codes (32-bit lanes) of sixteen values and their lane masks.
 struct Step {
     code: __m512i,
+    is_out: __mmask16,
     beyond: __mmask16,
     nonfin: __mmask16,
 }
 
-/// Codes of the sixteen values `v`, the first being element `i` of the call.
-#[target_feature(enable = "avx512f,avx512dq")]
+/// Codes of the sixteen values `v`, the first being element `i` of the call; `STOCH`:
+/// stochastic rounding (else the constant dither).
+///
+/// The portable code computes `s = min(d * r, mx)`, `mag = min(trunc(s + u), mx)`; here
+/// `mag = trunc(min(d * r + u, mx))`, which is the same for every input: d * r >= 0 and u < 1,
+/// so either d * r + u < mx and both truncate the same sum, or both give mx (NaN included:
+/// vminps returns its second operand). The uniform is (h >> 8) * 2^-24, an exact product, so
+/// adding it with one FMA rounds exactly as the separate add does.
+#[target_feature(enable = "avx512f,avx512dq,fma")]
 #[inline]
-fn step(c: &Consts, v: __m512, i: usize) -> Step {
+fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i) -> Step {
     let vb = _mm512_castps_si512(v);
-    let exp = _mm512_set1_epi32(0x7f80_0000);
     let z = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(v, c.hi), c.lo), c.inv);
     let a = _mm512_abs_ps(z);
-    // bits << 1 == 0: +-0.0.
-    let zero = _mm512_testn_epi32_mask(vb, _mm512_set1_epi32(0x7fff_ffff));
-    let nonfin = _mm512_cmpeq_epi32_mask(_mm512_and_si512(vb, exp), exp);
-    let is_out = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, c.t_main) & !zero;
+    // bits << 1 != 0: not +-0.0. Lane masks feed the compares directly (mask logic through
+    // general registers costs more than the compares).
+    let nonzero = _mm512_test_epi32_mask(vb, _mm512_set1_epi32(0x7fff_ffff));
+    // NaN (quiet 0x01, signalling 0x80) and +-Inf (0x08, 0x10): exponent all ones.
+    let nonfin = _mm512_fpclass_ps_mask::<0x99>(v);
+    let is_out = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(nonzero, a, c.t_main);
     let d = _mm512_mask_sub_ps(a, is_out, a, c.t_main);
     let r = _mm512_mask_blend_ps(is_out, c.r_main, c.r_out);
     let mx = _mm512_mask_blend_ps(is_out, c.mx_main, c.mx_out);
-    // vminps returns its second operand when the first is NaN, as the scalar `<` select does.
-    let s = _mm512_min_ps(_mm512_mul_ps(d, r), mx);
-    let u = if c.stoch {
-        let mut h = _mm512_add_epi32(c.base, _mm512_set1_epi32(i as i32));
+    let dr = _mm512_mul_ps(d, r);
+    let sum = if STOCH {
+        let mut h = ctr;
         h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
         h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb_352d));
         h = _mm512_xor_si512(h, _mm512_srli_epi32::<15>(h));
         h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
         h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
-        _mm512_mul_ps(
+        _mm512_fmadd_ps(
             _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)),
             _mm512_set1_ps(1.0 / 16_777_216.0),
+            dr,
         )
     } else {
-        c.dither
+        _mm512_add_ps(dr, c.dither)
     };
-    let mag = _mm512_cvttps_epi32(_mm512_add_ps(s, u));
-    let mag = _mm512_min_epi32(mag, _mm512_mask_blend_epi32(is_out, c.mi_main, c.mi_out));
+    let mag = _mm512_cvttps_epi32(_mm512_min_ps(sum, mx));
     let zneg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
     let neg = zneg & (_mm512_test_epi32_mask(mag, mag) | is_out);
-    let code = _mm512_slli_epi32::<2>(mag);
-    let code = _mm512_mask_or_epi32(code, is_out, code, _mm512_set1_epi32(1));
+    // mag << 2 | (is_out ? 1 : 0): (A << 2) | (B & C) with B = all ones in outlier lanes.
+    let code = _mm512_ternarylogic_epi32::<0xF8>(
+        _mm512_slli_epi32::<2>(mag),
+        _mm512_movm_epi32(is_out),
+        _mm512_set1_epi32(1),
+    );
     let code = _mm512_mask_or_epi32(code, neg, code, _mm512_set1_epi32(2));
-    let code = _mm512_mask_mov_epi32(code, zero, _mm512_set1_epi32(ZERO_CODE as i32));
-    let beyond = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, c.t_out) & !(nonfin | zero);
+    let code = _mm512_mask_mov_epi32(code, !nonzero, _mm512_set1_epi32(ZERO_CODE as i32));
+    // Finite, non-zero, beyond t_outlier (NaN fails both compares, Inf the second).
+    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(nonzero, a, c.t_out);
+    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(beyond, a, _mm512_set1_ps(f32::INFINITY));
     Step {
         code,
+        is_out,
         beyond,
         nonfin,
     }
+}
+
+/// The four 16-lane masks of a 64-value step as one mask, in value order.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn mask64(m: [__mmask16; 4]) -> __mmask64 {
+    let lo = _mm512_kunpackw(m[1] as __mmask32, m[0] as __mmask32);
+    let hi = _mm512_kunpackw(m[3] as __mmask32, m[2] as __mmask32);
+    _mm512_kunpackd(hi as __mmask64, lo as __mmask64)
 }
 
 /// `vpermb` indices that gather the low `w` bytes of every 64-bit lane to the front.
@@ -135,6 +154,17 @@ fn compact_index(w: u32) -> [u8; 64] {
     let mut t = [0u8; 64];
     for (o, v) in t.iter_mut().enumerate().take(8 * w as usize) {
         *v = ((o / w as usize) * 8 + o % w as usize) as u8;
+    }
+    t
+}
+
+/// `vpermb` indices that gather the low `w / 2` bytes of every 32-bit lane to the front, the
+/// lanes taken in the order `lane(g)` for output group g.
+fn compact_index32(w: u32, lane: impl Fn(usize) -> usize) -> [u8; 64] {
+    let b = (w / 2) as usize;
+    let mut t = [0u8; 64];
+    for (o, v) in t.iter_mut().enumerate().take(16 * b) {
+        *v = (lane(o / b) * 4 + o % b) as u8;
     }
     t
 }
@@ -163,13 +193,37 @@ fn pack_lanes(v: __m512i, w: u32) -> __m512i {
     _mm512_ternarylogic_epi32::<AND_OR>(v, _mm512_set1_epi64(0xffff_ffff), hi)
 }
 
+/// As [`pack_lanes`] for an even width, within 32-bit lanes (two multiply-adds): every 32-bit
+/// lane ends up holding its four fields in its low `w / 2` bytes. `mul8` is [1, 2^w] per byte
+/// pair and `mul16` [1, 2^2w] per word pair (w = 8 needs no packing: both unused).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn pack_dwords(v: __m512i, w: u32, mul8: __m512i, mul16: __m512i) -> __m512i {
+    if w == 8 {
+        return v;
+    }
+    // Byte pairs: a0 + a1 * 2^w < 2^2w (unsigned by signed bytes, w <= 6: no saturation);
+    // word pairs: b0 + b1 * 2^2w < 2^4w.
+    _mm512_madd_epi16(_mm512_maddubs_epi16(v, mul8), mul16)
+}
+
+/// The multipliers of [`pack_dwords`] for width `w`.
+#[target_feature(enable = "avx512f")]
+fn pack_mul(w: u32) -> (__m512i, __m512i) {
+    let w = w.min(6);
+    (
+        _mm512_set1_epi16((1 | (1 << (8 + w))) as i16),
+        _mm512_set1_epi32((1 | (1 << (16 + 2 * w))) as i32),
+    )
+}
+
 /// Codes and packing fused, for 3 <= bits_main <= 8 and extra bits <= 4: the first len/64*64
 /// values go to `primary` (8 * bits_main bytes per 64 values) and `extra`. Returns the number of
 /// values done and their counts.
 ///
 /// # Safety
 /// The CPU must have the extensions of [`available`].
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
 pub unsafe fn encode(
     x: &[f32],
     first: u32,
@@ -188,26 +242,49 @@ pub unsafe fn encode(
     } else {
         (1u64 << step_bytes) - 1
     };
+    // After the two narrowing packs, 32-bit lane p holds values 16 * (p % 4) + 4 * (p / 4)..;
+    // group g (values 4g..4g+4) is therefore in lane (g % 4) * 4 + g / 4.
+    let packed_lane = |g: usize| (g % 4) * 4 + g / 4;
+    let pidx = if bm % 2 == 0 {
+        compact_index32(bm, packed_lane)
+    } else {
+        compact_index(bm)
+    };
+    let eidx = if ew % 2 == 0 {
+        compact_index32(ew.max(2), |g| g)
+    } else {
+        compact_index(ew)
+    };
+    let (pmul8, pmul16) = pack_mul(bm);
+    let (emul8, emul16) = pack_mul(ew);
     let k = Blocks {
         c: Consts::new(p, first),
         bm,
         ew,
         wide,
         pstore,
-        pidx: _mm512_loadu_si512(compact_index(bm).as_ptr() as *const _),
-        eidx: _mm512_loadu_si512(compact_index(ew.max(1)).as_ptr() as *const _),
+        pidx: _mm512_loadu_si512(pidx.as_ptr() as *const _),
+        eidx: _mm512_loadu_si512(eidx.as_ptr() as *const _),
         ekeep: (1u64 << (8 * ew)) - 1,
+        pmul8,
+        pmul16,
+        emul8,
+        emul16,
     };
     let mut t = Counts::default();
     let x = &x[..n64];
-    if ew > 0 {
-        extra.append_raw(n64 * ew as usize / 8 + 66, |buf, xbit| {
-            // SAFETY: the same extensions are present (this function's contract).
-            unsafe { k.run(x, primary, buf, xbit, &mut t) }
-        });
-    } else {
-        // SAFETY: as above; with no extra bits the buffer is never touched.
-        unsafe { k.run(x, primary, &mut [], 0, &mut t) };
+    let stoch = p.key.is_some();
+    // SAFETY (all four calls): the same extensions are present (this function's contract); with
+    // no extra bits the buffer is never touched.
+    match (ew > 0, stoch) {
+        (true, true) => extra.append_raw(n64 * ew as usize / 8 + 66, |buf, xbit| unsafe {
+            k.run::<true>(x, primary, buf, xbit, &mut t)
+        }),
+        (true, false) => extra.append_raw(n64 * ew as usize / 8 + 66, |buf, xbit| unsafe {
+            k.run::<false>(x, primary, buf, xbit, &mut t)
+        }),
+        (false, true) => _ = unsafe { k.run::<true>(x, primary, &mut [], 0, &mut t) },
+        (false, false) => _ = unsafe { k.run::<false>(x, primary, &mut [], 0, &mut t) },
     }
     (n64, t)
 }
@@ -223,13 +300,19 @@ struct Blocks {
     pidx: __m512i,
     eidx: __m512i,
     ekeep: __mmask64,
+    pmul8: __m512i,
+    pmul16: __m512i,
+    emul8: __m512i,
+    emul16: __m512i,
 }
 
 impl Blocks {
     /// Encodes `x` (a multiple of 64 values) into `primary`, and the extra bits into `buf` from
     /// bit `xbit` on (the byte holding it holds the pending bits). Returns the end bit.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
-    unsafe fn run(
+    #[target_feature(
+        enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma"
+    )]
+    unsafe fn run<const STOCH: bool>(
         &self,
         x: &[f32],
         primary: &mut [u8],
@@ -240,11 +323,14 @@ impl Blocks {
         let (bm, ew, c) = (self.bm, self.ew, &self.c);
         let pmask = _mm512_set1_epi16(((1u32 << bm) - 1) as i16);
         let bm_x = _mm_cvtsi32_si128(bm as i32);
-        // Narrowed bytes come out of the two packs as (lane L of each of the four vectors) per
-        // 128-bit lane; this puts the 32-bit groups of four values back in order.
+        // Undoes the lane order of the narrowing packs (see `packed_lane`).
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         assert!(x.len() % 64 == 0 && primary.len() >= x.len() / 8 * bm as usize);
         let (xp, pp, bp) = (x.as_ptr(), primary.as_mut_ptr(), buf.as_mut_ptr());
+        // The pending bits of the extra stream's current byte, in byte 0.
+        let mut carry = _mm512_maskz_set1_epi8(1, buf.first().map_or(0, |&b| b as i8));
+        // Stochastic rounding counters (key + element index) of the next sixteen lanes.
+        let mut ctr = c.base;
         let mut i = 0;
         while i < x.len() {
             // SAFETY: i + 64 <= x.len(): the four loads are in bounds.
@@ -256,23 +342,32 @@ impl Blocks {
                     _mm512_loadu_ps(xp.add(i + 48)),
                 )
             };
-            let s0 = step(c, v0, i);
-            let s1 = step(c, v1, i + 16);
-            let s2 = step(c, v2, i + 32);
-            let s3 = step(c, v3, i + 48);
-            for s in [&s0, &s1, &s2, &s3] {
-                t.beyond += s.beyond.count_ones();
-                t.nonfinite += s.nonfin.count_ones();
-            }
+            let sixteen = _mm512_set1_epi32(16);
+            let s0 = step::<STOCH>(c, v0, ctr);
+            ctr = _mm512_add_epi32(ctr, sixteen);
+            let s1 = step::<STOCH>(c, v1, ctr);
+            ctr = _mm512_add_epi32(ctr, sixteen);
+            let s2 = step::<STOCH>(c, v2, ctr);
+            ctr = _mm512_add_epi32(ctr, sixteen);
+            let s3 = step::<STOCH>(c, v3, ctr);
+            ctr = _mm512_add_epi32(ctr, sixteen);
+            let outl = mask64([s0.is_out, s1.is_out, s2.is_out, s3.is_out]);
+            t.outliers += outl.count_ones();
+            t.beyond += mask64([s0.beyond, s1.beyond, s2.beyond, s3.beyond]).count_ones();
+            t.nonfinite += mask64([s0.nonfin, s1.nonfin, s2.nonfin, s3.nonfin]).count_ones();
             // Codes fit 16 bits (bits_outlier <= 12): narrow to words, then to bytes.
             let w01 = _mm512_packus_epi32(s0.code, s1.code);
             let w23 = _mm512_packus_epi32(s2.code, s3.code);
             let prim =
                 _mm512_packus_epi16(_mm512_and_si512(w01, pmask), _mm512_and_si512(w23, pmask));
-            let prim = _mm512_permutexvar_epi32(order, prim);
-            let outl = _mm512_test_epi8_mask(prim, _mm512_set1_epi8(1));
-            t.outliers += outl.count_ones();
-            let packed = _mm512_permutexvar_epi8(self.pidx, pack_lanes(prim, bm));
+            let packed = if bm % 2 == 0 {
+                // Packed within 32-bit lanes (four consecutive values each), reordered by the
+                // compaction.
+                pack_dwords(prim, bm, self.pmul8, self.pmul16)
+            } else {
+                pack_lanes(_mm512_permutexvar_epi32(order, prim), bm)
+            };
+            let packed = _mm512_permutexvar_epi8(self.pidx, packed);
             let at = i / 8 * bm as usize;
             if i < self.wide {
                 // SAFETY: at + 64 <= primary.len() (i < wide).
@@ -285,20 +380,26 @@ impl Blocks {
                 let e =
                     _mm512_packus_epi16(_mm512_srl_epi16(w01, bm_x), _mm512_srl_epi16(w23, bm_x));
                 let e = _mm512_maskz_compress_epi8(outl, _mm512_permutexvar_epi32(order, e));
-                let e = _mm512_maskz_permutexvar_epi8(self.ekeep, self.eidx, pack_lanes(e, ew));
+                let e = if ew % 2 == 0 {
+                    pack_dwords(e, ew, self.emul8, self.emul16)
+                } else {
+                    pack_lanes(e, ew)
+                };
+                let e = _mm512_maskz_permutexvar_epi8(self.ekeep, self.eidx, e);
                 // Shift the bit string left by xbit % 8 across the 64-bit lanes and add the
                 // pending bits of its first byte.
                 let prev = _mm512_alignr_epi64::<7>(e, _mm512_setzero_si512());
                 let e = _mm512_shldv_epi64(e, prev, _mm512_set1_epi64((xbit % 8) as i64));
                 let at = xbit / 8;
+                let e = _mm512_or_si512(e, carry);
                 assert!(at + 64 <= buf.len());
-                // SAFETY: at + 64 <= buf.len() (asserted): the byte read and the store are in
-                // bounds.
-                unsafe {
-                    let carry = _mm512_zextsi128_si512(_mm_cvtsi32_si128(*bp.add(at) as i32));
-                    _mm512_storeu_si512(bp.add(at) as *mut _, _mm512_or_si512(e, carry));
-                }
+                // SAFETY: at + 64 <= buf.len() (asserted).
+                unsafe { _mm512_storeu_si512(bp.add(at) as *mut _, e) };
                 xbit += (outl.count_ones() * ew) as usize;
+                // The byte holding the new end, kept in a register (reading it back from the
+                // store just made would wait for store forwarding on every step).
+                let end = _mm512_set1_epi8((xbit / 8 - at) as i8);
+                carry = _mm512_maskz_permutexvar_epi8(1, end, e);
             }
             i += 64;
         }
