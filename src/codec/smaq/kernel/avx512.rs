@@ -16,6 +16,9 @@ use super::{Counts, Prep, ZERO_CODE};
 use crate::bits::BitWriter;
 use std::arch::x86_64::*;
 
+// The encoder builds the zero code as "main, sign set, magnitude 0".
+const _: () = assert!(ZERO_CODE == 0b10);
+
 /// Whether the CPU has every extension these kernels use (detected at run time, cached by std).
 #[inline]
 pub fn available() -> bool {
@@ -41,6 +44,8 @@ struct Consts {
     mx_main: __m512,
     mx_out: __m512,
     dither: __m512,
+    /// 1 in every lane.
+    one: __m512i,
     /// key + first + lane: the counter of lane 0 of the first vector.
     base: __m512i,
 }
@@ -63,6 +68,7 @@ impl Consts {
             mx_main: _mm512_set1_ps(q.max_main as f32),
             mx_out: _mm512_set1_ps(q.max_out as f32),
             dither: _mm512_set1_ps(p.dither),
+            one: _mm512_set1_epi32(1),
             base: _mm512_add_epi32(
                 _mm512_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32),
                 lanes,
@@ -118,20 +124,18 @@ fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i) -> Step {
     } else {
         _mm512_add_ps(dr, c.dither)
     };
-    let mag = _mm512_cvttps_epi32(_mm512_min_ps(sum, mx));
+    // Exact zeros get magnitude 0 here (and are never outliers): with the sign bit they make
+    // ZERO_CODE below.
+    let mag = _mm512_maskz_cvttps_epi32(nonzero, _mm512_min_ps(sum, mx));
     let zneg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
-    let neg = zneg & (_mm512_test_epi32_mask(mag, mag) | is_out);
-    // mag << 2 | (is_out ? 1 : 0): (A << 2) | (B & C) with B = all ones in outlier lanes.
-    let code = _mm512_ternarylogic_epi32::<0xF8>(
-        _mm512_slli_epi32::<2>(mag),
-        _mm512_movm_epi32(is_out),
-        _mm512_set1_epi32(1),
-    );
+    let neg = (zneg & (_mm512_test_epi32_mask(mag, mag) | is_out)) | !nonzero;
+    // Outlier lanes: bit 0 set. (`c.one` is a field rather than a literal: with a literal 1 the
+    // compiler turns the masked OR into three instructions.)
+    let code = _mm512_slli_epi32::<2>(mag);
+    let code = _mm512_mask_or_epi32(code, is_out, code, c.one);
     let code = _mm512_mask_or_epi32(code, neg, code, _mm512_set1_epi32(2));
-    let code = _mm512_mask_mov_epi32(code, !nonzero, _mm512_set1_epi32(ZERO_CODE as i32));
-    // Finite, non-zero, beyond t_outlier (NaN fails both compares, Inf the second).
-    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(nonzero, a, c.t_out);
-    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(beyond, a, _mm512_set1_ps(f32::INFINITY));
+    // Finite, non-zero, beyond t_outlier (NaN fails the compare).
+    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(nonzero & !nonfin, a, c.t_out);
     Step {
         code,
         is_out,
@@ -322,6 +326,9 @@ impl Blocks {
     ) -> usize {
         let (bm, ew, c) = (self.bm, self.ew, &self.c);
         let pmask = _mm512_set1_epi16(((1u32 << bm) - 1) as i16);
+        let pmask8 = _mm512_set1_epi8(((1u32 << bm) - 1) as i8);
+        let emask8 = _mm512_set1_epi8(((1u32 << ew) - 1) as i8);
+        let narrow = bm + ew <= 8;
         let bm_x = _mm_cvtsi32_si128(bm as i32);
         // Undoes the lane order of the narrowing packs (see `packed_lane`).
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -358,8 +365,14 @@ impl Blocks {
             // Codes fit 16 bits (bits_outlier <= 12): narrow to words, then to bytes.
             let w01 = _mm512_packus_epi32(s0.code, s1.code);
             let w23 = _mm512_packus_epi32(s2.code, s3.code);
-            let prim =
-                _mm512_packus_epi16(_mm512_and_si512(w01, pmask), _mm512_and_si512(w23, pmask));
+            // Full codes of at most 8 bits narrow to bytes as they are; wider ones are cut to
+            // their primary bits first (the narrowing saturates).
+            let full = _mm512_packus_epi16(w01, w23);
+            let prim = if narrow {
+                _mm512_and_si512(full, pmask8)
+            } else {
+                _mm512_packus_epi16(_mm512_and_si512(w01, pmask), _mm512_and_si512(w23, pmask))
+            };
             let packed = if bm % 2 == 0 {
                 // Packed within 32-bit lanes (four consecutive values each), reordered by the
                 // compaction.
@@ -377,8 +390,13 @@ impl Blocks {
                 unsafe { _mm512_mask_storeu_epi8(pp.add(at) as *mut i8, self.pstore, packed) };
             }
             if ew > 0 && outl != 0 {
-                let e =
-                    _mm512_packus_epi16(_mm512_srl_epi16(w01, bm_x), _mm512_srl_epi16(w23, bm_x));
+                let e = if narrow {
+                    // The 16-bit shift brings bits of the next byte above the low ew bits of
+                    // each byte (ew <= 8 - bm); the mask drops them.
+                    _mm512_and_si512(_mm512_srl_epi16(full, bm_x), emask8)
+                } else {
+                    _mm512_packus_epi16(_mm512_srl_epi16(w01, bm_x), _mm512_srl_epi16(w23, bm_x))
+                };
                 let e = _mm512_maskz_compress_epi8(outl, _mm512_permutexvar_epi32(order, e));
                 let e = if ew % 2 == 0 {
                     pack_dwords(e, ew, self.emul8, self.emul16)
