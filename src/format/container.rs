@@ -443,7 +443,7 @@ pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> 
                 ))
             })?;
             let mut copy: Vec<u64> = Vec::new();
-            let words: &[u8] = if (raw.as_ptr() as usize) % dt.size() == 0 {
+            let words: &[u8] = if (raw.as_ptr() as usize).is_multiple_of(dt.size()) {
                 raw
             } else {
                 // A view at an odd offset (rare): copy into an 8-byte-aligned buffer.
@@ -548,7 +548,7 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
                 entry.shape
             );
             ensure_format!(
-                (out.as_ptr() as usize) % 8 == 0,
+                (out.as_ptr() as usize).is_multiple_of(8),
                 "decode buffer is not 8-byte aligned"
             );
             let dst = match p.dtype() {

@@ -906,8 +906,8 @@ fn unpack_avx512<T: Copy + 'static>(
     // pattern valid, so both slices may be viewed as their bytes.
     let (lut8, out8) = unsafe {
         (
-            std::slice::from_raw_parts(lut.as_ptr() as *const u8, lut.len() * size),
-            std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out.len() * size),
+            std::slice::from_raw_parts(lut.as_ptr() as *const u8, std::mem::size_of_val(lut)),
+            std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, std::mem::size_of_val(out)),
         )
     };
     // SAFETY: the CPU has the AVX-512 extensions (the caller's isa comes from Isa::detect).

@@ -217,7 +217,7 @@ fn pack_mul(w: u32) -> (__m512i, __m512i) {
     let w = w.min(6);
     (
         _mm512_set1_epi16((1 | (1 << (8 + w))) as i16),
-        _mm512_set1_epi32((1 | (1 << (16 + 2 * w))) as i32),
+        _mm512_set1_epi32(1 | (1 << (16 + 2 * w))),
     )
 }
 
@@ -332,7 +332,7 @@ impl Blocks {
         let bm_x = _mm_cvtsi32_si128(bm as i32);
         // Undoes the lane order of the narrowing packs (see `packed_lane`).
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-        assert!(x.len() % 64 == 0 && primary.len() >= x.len() / 8 * bm as usize);
+        assert!(x.len().is_multiple_of(64) && primary.len() >= x.len() / 8 * bm as usize);
         let (xp, pp, bp) = (x.as_ptr(), primary.as_mut_ptr(), buf.as_mut_ptr());
         // The pending bits of the extra stream's current byte, in byte 0.
         let mut carry = _mm512_maskz_set1_epi8(1, buf.first().map_or(0, |&b| b as i8));
@@ -444,7 +444,7 @@ pub unsafe fn unpack(
 ) -> (usize, usize) {
     let bits = bm + ew;
     assert!((3..=8).contains(&bm) && bits <= 8 && (size == 2 || size == 4));
-    assert!(lut.len() == size << bits && out.len() % size == 0);
+    assert!(lut.len() == size << bits && out.len().is_multiple_of(size));
     let n64 = out.len() / size / 64 * 64;
     assert!(primary.len() >= n64 / 8 * bm as usize);
     // Byte planes of the table: plane b holds byte b of every entry, 2 x 128 entries.
