@@ -13,6 +13,12 @@
 //! always take exactly `bits_main` bytes: encode and decode work on groups of eight without any
 //! serial dependency but the running position in the small extra stream. The main code with sign
 //! set and magnitude 0 (never produced otherwise) stands for an exact 0.0.
+//!
+//! Three levels, chosen at run time ([`Isa::detect`]): AVX-512 (`kernel/avx512.rs`, 64 values
+//! per step: fused encode for bits_main <= 8 and extra bits <= 4, table decode for full codes of
+//! at most 8 bits), AVX2 (the module below, eight values per step, also the tails of the AVX-512
+//! loops) and portable code. All three produce identical bytes and values; the tests run every
+//! level the CPU has against the portable code.
 
 use crate::bits::{peek64, BitWriter};
 use crate::dtype::Element;
