@@ -256,6 +256,7 @@ fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
 /// The SIMD level a kernel call may use. The kernels of every level produce identical bytes;
 /// tests run each level the CPU has against the portable code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub enum Isa {
     Portable,
     /// AVX2 + POPCNT (+ F16C for the 16-bit decode).
