@@ -41,6 +41,33 @@ impl BitWriter {
         }
     }
 
+    /// Hands the end of the stream to a kernel that writes whole bytes (SIMD stores): `f(buf,
+    /// bits)` gets at least `room` bytes whose first byte holds the `bits` (< 8) pending bits
+    /// (its other bits zero, every later byte zero) and returns the stream's new length in bits
+    /// counted from the start of `buf`; the bits it wrote past that length must be zero in the
+    /// byte that holds the end (later bytes are dropped).
+    pub fn append_raw(&mut self, room: usize, f: impl FnOnce(&mut [u8], usize) -> usize) {
+        while self.nbits >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.nbits -= 8;
+        }
+        let base = self.out.len();
+        let room = room.max(1);
+        self.out.resize(base + room, 0);
+        self.out[base] = self.acc as u8;
+        let end = f(&mut self.out[base..], self.nbits as usize);
+        assert!(end >= self.nbits as usize && end <= room * 8);
+        let full = end / 8;
+        self.nbits = (end % 8) as u32;
+        self.acc = if self.nbits > 0 {
+            (self.out[base + full] & ((1u8 << self.nbits) - 1)) as u64
+        } else {
+            0
+        };
+        self.out.truncate(base + full);
+    }
+
     /// Number of bits written so far.
     pub fn bit_len(&self) -> usize {
         self.out.len() * 8 + self.nbits as usize
@@ -134,6 +161,40 @@ mod tests {
         assert_eq!(peek64(&buf, 3) & ((1 << 49) - 1), 0x1_2345_6789_abcd);
         assert_eq!(peek64(&buf, 52) & 0xff_ffff, 0xff_ffff);
         assert_eq!(buf.len(), (3 + 49 + 64usize).div_ceil(8));
+    }
+
+    #[test]
+    fn append_raw_continues_the_stream() {
+        for pending in 0..40u32 {
+            for added in [0usize, 1, 7, 8, 13, 64, 200] {
+                let mut w = BitWriter::default();
+                let mut plain = BitWriter::default();
+                for i in 0..pending {
+                    w.put(i & 1, 1);
+                    plain.put(i & 1, 1);
+                }
+                // Append `added` bits of the pattern 1, 1, 0, 1, 1, 0, ... by hand, in bytes.
+                let bit = |j: usize| (j % 3 != 2) as u32;
+                w.append_raw(added.div_ceil(8) + 2, |buf, at| {
+                    for j in 0..added {
+                        let p = at + j;
+                        buf[p / 8] |= (bit(j) as u8) << (p % 8);
+                    }
+                    at + added
+                });
+                for j in 0..added {
+                    plain.put(bit(j), 1);
+                }
+                w.put(0b101, 3);
+                plain.put(0b101, 3);
+                assert_eq!(w.bit_len(), plain.bit_len());
+                assert_eq!(
+                    w.finish(),
+                    plain.finish(),
+                    "pending {pending} added {added}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -40,6 +40,13 @@ impl Moments {
             if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
                 // SAFETY: T is f32, so the slice is a slice of f32.
                 let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: AVX-512 F/DQ/VL are present (checked just above).
+                    return unsafe { Moments::of_f32_avx512(x32, shift) };
+                }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: AVX2 is present (checked just above).
                     return unsafe { Moments::of_f32_avx2(x32, shift) };
@@ -100,6 +107,61 @@ impl Moments {
         _mm256_storeu_ps(ha.as_mut_ptr(), hi);
         _mm256_storeu_si256(ca.as_mut_ptr() as *mut __m256i, count);
         m.count = ca.iter().map(|&c| c as u64).sum();
+        m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
+        m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        m.merge(Moments::of_portable(&x[body..], shift))
+    }
+
+    /// [`Moments::of_f32_avx2`] in AVX-512: the same eight f64 lanes (lane j sums the elements
+    /// j mod 8, in order), the same operations and the same final reduction, so the result is
+    /// bit-identical; non-finite lanes are masked instead of blended.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+    unsafe fn of_f32_avx512(x: &[f32], shift: f64) -> Moments {
+        use std::arch::x86_64::*;
+        let sh = _mm512_set1_pd(shift);
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let mut s = _mm512_setzero_pd();
+        let mut q = _mm512_setzero_pd();
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut count = 0u64;
+        let body = x.len() / 8 * 8;
+        let p = x.as_ptr();
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 8 <= body <= x.len().
+            let v = unsafe { _mm256_loadu_ps(p.add(i)) };
+            let vb = _mm256_castps_si256(v);
+            let ok = _mm256_cmpneq_epi32_mask(_mm256_and_si256(vb, exp), exp);
+            // Finite lanes: widen, subtract the shift; the others are +0.0, as in AVX2.
+            let d = _mm512_maskz_sub_pd(ok, _mm512_cvtps_pd(v), sh);
+            s = _mm512_add_pd(s, d);
+            q = _mm512_add_pd(q, _mm512_mul_pd(d, d));
+            lo = _mm256_mask_min_ps(lo, ok, lo, v);
+            hi = _mm256_mask_max_ps(hi, ok, hi, v);
+            count += ok.count_ones() as u64;
+            i += 8;
+        }
+        let mut m = Moments::EMPTY;
+        let (mut sl, mut ql) = ([0f64; 8], [0f64; 8]);
+        // SAFETY: both arrays hold eight f64.
+        unsafe {
+            _mm512_storeu_pd(sl.as_mut_ptr(), s);
+            _mm512_storeu_pd(ql.as_mut_ptr(), q);
+        }
+        // The AVX2 kernel's order: its two 4-lane halves added lane-wise, then summed.
+        let a: [f64; 4] = std::array::from_fn(|j| sl[j] + sl[j + 4]);
+        let b: [f64; 4] = std::array::from_fn(|j| ql[j] + ql[j + 4]);
+        m.sum = a.iter().sum();
+        m.sumsq = b.iter().sum();
+        let (mut la, mut ha) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: both arrays hold eight f32.
+        unsafe {
+            _mm256_storeu_ps(la.as_mut_ptr(), lo);
+            _mm256_storeu_ps(ha.as_mut_ptr(), hi);
+        }
+        m.count = count;
         m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
         m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
         m.merge(Moments::of_portable(&x[body..], shift))
@@ -278,6 +340,50 @@ mod tests {
             assert_eq!((a.min, a.max), (b.min, b.max));
             assert!((a.sum - b.sum).abs() <= 1e-9 * b.sumsq.sqrt());
             assert!((a.sumsq - b.sumsq).abs() <= 1e-12 * b.sumsq);
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_is_bit_identical_to_avx2() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("avx512f") && has!("avx512dq") && has!("avx512vl")) {
+            return;
+        }
+        let mut x: Vec<f32> = (0..100_013)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.0137 - 2.9)
+            .collect();
+        for (j, v) in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            1e-40,
+            3e38,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            x[5 + 9 * j] = v;
+            x[70_000 + j] = v;
+        }
+        for shift in [0.0, 0.3, -2.9, 1e30] {
+            for len in [x.len(), 7, 8, 9, 64 * 1024] {
+                let x = &x[..len];
+                // SAFETY: the extensions were checked above.
+                let (a, b) = unsafe {
+                    (
+                        Moments::of_f32_avx512(x, shift),
+                        Moments::of_f32_avx2(x, shift),
+                    )
+                };
+                assert_eq!(a.count, b.count);
+                assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "shift {shift} len {len}");
+                assert_eq!(a.sumsq.to_bits(), b.sumsq.to_bits());
+                assert_eq!(a.min.to_bits(), b.min.to_bits());
+                assert_eq!(a.max.to_bits(), b.max.to_bits());
+            }
         }
     }
 

@@ -13,6 +13,12 @@
 //! always take exactly `bits_main` bytes: encode and decode work on groups of eight without any
 //! serial dependency but the running position in the small extra stream. The main code with sign
 //! set and magnitude 0 (never produced otherwise) stands for an exact 0.0.
+//!
+//! Three levels, chosen at run time ([`Isa::detect`]): AVX-512 (`kernel/avx512.rs`, 64 values
+//! per step: fused encode for bits_main <= 8 and extra bits <= 4, table decode for full codes of
+//! at most 8 bits), AVX2 (the module below, eight values per step, also the tails of the AVX-512
+//! loops) and portable code. All three produce identical bytes and values; the tests run every
+//! level the CPU has against the portable code.
 
 use crate::bits::{peek64, BitWriter};
 use crate::dtype::Element;
@@ -247,12 +253,48 @@ fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
     c
 }
 
-/// Whether the fused AVX2 encoder handles this configuration.
-fn fused_applies(p: &Prep) -> bool {
-    has_avx2() && p.f32_ok && p.q.bits_main <= 8 && p.q.extra_bits() <= 4
+/// The SIMD level a kernel call may use. The kernels of every level produce identical bytes;
+/// tests run each level the CPU has against the portable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub enum Isa {
+    Portable,
+    /// AVX2 + POPCNT (+ F16C for the 16-bit decode).
+    Avx2,
+    /// AVX-512 F/BW/DQ/VL/VBMI/VBMI2 (and AVX2).
+    Avx512,
 }
 
-/// Codes of one f32 chunk packed in a single pass (the AVX2 fast path): the primary stream into
+impl Isa {
+    /// The best level this CPU has (detected at run time; std caches the checks).
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && avx512::available() {
+            return Isa::Avx512;
+        }
+        if has_avx2() {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    }
+
+    /// Every level up to [`Isa::detect`], for tests.
+    #[cfg(test)]
+    pub fn all_available() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&l| l <= Isa::detect())
+            .collect()
+    }
+}
+
+/// Whether the fused encoder handles this configuration at this level.
+fn fused_applies(isa: Isa, p: &Prep) -> bool {
+    isa >= Isa::Avx2 && p.f32_ok && p.q.bits_main <= 8 && p.q.extra_bits() <= 4
+}
+
+/// Codes of one f32 chunk packed in a single pass (the SIMD fast path): the primary stream into
 /// `primary` (exactly its size), the extra bits into `extra`. None when that path does not apply
 /// (no AVX2, statistics unsafe in f32, or wide codes); nothing is written then.
 pub fn encode_f32_fused(
@@ -262,14 +304,42 @@ pub fn encode_f32_fused(
     primary: &mut [u8],
     extra: &mut BitWriter,
 ) -> Option<Counts> {
-    if !fused_applies(p) {
+    encode_f32_fused_with(Isa::detect(), x, first, p, primary, extra)
+}
+
+/// [`encode_f32_fused`] at a given level (at most [`Isa::detect`]).
+fn encode_f32_fused_with(
+    isa: Isa,
+    x: &[f32],
+    first: u32,
+    p: &Prep,
+    primary: &mut [u8],
+    extra: &mut BitWriter,
+) -> Option<Counts> {
+    if !fused_applies(isa, p) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
         let bm = p.q.bits_main as usize;
+        let (mut done, mut c) = (0, Counts::default());
+        if isa >= Isa::Avx512 {
+            // SAFETY: the CPU has every extension the AVX-512 kernel uses (Isa::detect).
+            (done, c) = unsafe { avx512::encode(x, first, p, primary, extra) };
+        }
+        // The rest (< 64 values after AVX-512): AVX2 for whole groups of eight.
         // SAFETY: AVX2 is present (fused_applies).
-        let (done, mut c) = unsafe { avx2::encode(x, first, p, primary, extra) };
+        let (d2, c2) = unsafe {
+            avx2::encode(
+                &x[done..],
+                first.wrapping_add(done as u32),
+                p,
+                &mut primary[done / 8 * bm..],
+                extra,
+            )
+        };
+        c.add(c2);
+        let done = done + d2;
         // The last < 8 values: portable codes, packed bit by bit.
         let rest = &x[done..];
         let mut codes = [0u16; 8];
@@ -287,6 +357,9 @@ pub fn encode_f32_fused(
     #[cfg(not(target_arch = "x86_64"))]
     None
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// AVX2 kernels: the same IEEE operations as [`codes_body`] over [`z_f32`] in the same order,
 /// eight lanes at a time, so they produce identical codes (tested).
@@ -665,7 +738,7 @@ macro_rules! half_codes {
                 primary: &mut [u8],
                 extra: &mut BitWriter,
             ) -> Option<Counts> {
-                if !fused_applies(p) {
+                if !fused_applies(Isa::detect(), p) {
                     return None;
                 }
                 // Widen a block at a time (exact); blocks are multiples of 8 values, so each
@@ -767,28 +840,86 @@ pub fn unpack<T: Copy + 'static>(
     lut: &[T],
     out: &mut [T],
 ) -> u64 {
+    unpack_with(Isa::detect(), primary, extra, q, lut, out)
+}
+
+/// [`unpack`] at a given level (at most [`Isa::detect`]).
+fn unpack_with<T: Copy + 'static>(
+    isa: Isa,
+    primary: &[u8],
+    extra: &[u8],
+    q: &Quant,
+    lut: &[T],
+    out: &mut [T],
+) -> u64 {
     let (bm, ew) = (q.bits_main, q.extra_bits());
     #[cfg(target_arch = "x86_64")]
-    if let Some(xpos) = unpack_16_simd(primary, extra, q, lut, out) {
-        return xpos;
+    if isa >= Isa::Avx512 {
+        if let Some(xpos) = unpack_avx512(primary, extra, q, lut, out) {
+            return xpos;
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    if bm <= 8
+    if isa >= Isa::Avx2 {
+        if let Some(xpos) = unpack_16_simd(primary, extra, q, lut, out) {
+            return xpos;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2
+        && bm <= 8
         && ew <= 4
-        && has_avx2()
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
     {
-        // SAFETY: T is f32 (checked), so these are f32 slices; AVX2 is present.
+        // SAFETY: T is f32 (checked), so these are f32 slices; AVX2 is present (isa).
         let (lut32, out32) = unsafe {
             (
                 std::slice::from_raw_parts(lut.as_ptr() as *const f32, lut.len()),
                 std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()),
             )
         };
+        // SAFETY: AVX2 is present (isa >= Avx2 comes from Isa::detect).
         let (done, xpos) = unsafe { avx2::unpack_f32(primary, extra, bm, ew, lut32, out32) };
         return unpack_portable(primary, extra, q, lut, out, done, xpos);
     }
+    let _ = isa;
     unpack_portable(primary, extra, q, lut, out, 0, 0)
+}
+
+/// The AVX-512 decode, when it applies (full codes of at most 8 bits; 16- or 32-bit plain
+/// elements: f32, u32, f16, bf16). The caller has checked that the CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn unpack_avx512<T: Copy + 'static>(
+    primary: &[u8],
+    extra: &[u8],
+    q: &Quant,
+    lut: &[T],
+    out: &mut [T],
+) -> Option<u64> {
+    use std::any::TypeId;
+    let (bm, ew) = (q.bits_main, q.extra_bits());
+    let t = TypeId::of::<T>();
+    let plain = [
+        TypeId::of::<f32>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<f16>(),
+        TypeId::of::<bf16>(),
+    ];
+    if bm + ew > 8 || lut.len() != 1 << (bm + ew) || !plain.contains(&t) {
+        return None;
+    }
+    let size = std::mem::size_of::<T>();
+    // SAFETY: T is one of f32, u32, f16, bf16 (checked): plain values without padding, any bit
+    // pattern valid, so both slices may be viewed as their bytes.
+    let (lut8, out8) = unsafe {
+        (
+            std::slice::from_raw_parts(lut.as_ptr() as *const u8, std::mem::size_of_val(lut)),
+            std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, std::mem::size_of_val(out)),
+        )
+    };
+    // SAFETY: the CPU has the AVX-512 extensions (the caller's isa comes from Isa::detect).
+    let (done, xpos) = unsafe { avx512::unpack(primary, extra, bm, ew, lut8, out8, size) };
+    Some(unpack_portable(primary, extra, q, lut, out, done, xpos))
 }
 
 /// The float16/bfloat16 SIMD decode, when it applies (AVX2 + F16C, narrow codes).
@@ -804,7 +935,7 @@ fn unpack_16_simd<T: Copy + 'static>(
     let (bm, ew) = (q.bits_main, q.extra_bits());
     let bfloat = TypeId::of::<T>() == TypeId::of::<bf16>();
     if !(bfloat || TypeId::of::<T>() == TypeId::of::<f16>())
-        || !(bm <= 8 && ew <= 4 && has_avx2() && std::arch::is_x86_feature_detected!("f16c"))
+        || !(bm <= 8 && ew <= 4 && std::arch::is_x86_feature_detected!("f16c"))
     {
         return None;
     }
@@ -820,7 +951,7 @@ fn unpack_16_simd<T: Copy + 'static>(
     } else {
         bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
     };
-    // SAFETY: AVX2 and F16C are present (checked above).
+    // SAFETY: AVX2 (the caller's isa) and F16C (checked above) are present.
     let (done, xpos) = unsafe { avx2::unpack_16(primary, extra, bm, ew, &lut32, out16, bfloat) };
     Some(unpack_portable(primary, extra, q, lut, out, done, xpos))
 }
@@ -998,37 +1129,139 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fused_encode_and_simd_decode_match_portable() {
-        let mut x: Vec<f32> = (0..10_005)
+    /// Values that exercise every lane class: main, outlier, beyond t_outlier, exact zeros of
+    /// both signs, NaN, +-Inf, and values on the rounding and threshold boundaries.
+    fn mixed_values(n: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 2001) as f32 * 0.004 - 4.0)
             .collect();
-        x[3] = f32::NAN;
-        x[10] = 0.0;
-        for (bm, bo) in [(6u8, 8u8), (4, 8), (8, 8), (3, 5), (5, 9)] {
-            let q = Quant::new(bm, bo, 1.0, 2.5);
-            for key in [None, Some(99)] {
-                let p = prep(q, key);
-                let mut codes = vec![0u16; x.len()];
-                let c = codes_f32(&x, 0, &p, &mut codes);
-                let bytes = pack_chunk(&codes, &q);
-                let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
-                let mut primary = vec![0u8; pb];
-                let mut extra = BitWriter::default();
-                if let Some(cf) = encode_f32_fused(&x, 0, &p, &mut primary, &mut extra) {
-                    assert_eq!(cf, c);
-                    primary.extend_from_slice(&extra.finish());
-                    assert_eq!(primary, bytes, "bm={bm} bo={bo}");
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e30,
+            -1e30,
+            0.25 + 1.5, // z = t_main exactly
+            0.25 - 1.5,
+            0.25 + 3.75, // z = t_outlier exactly
+            0.25,        // z = 0
+            f32::MIN_POSITIVE,
+        ];
+        for (j, &v) in specials.iter().enumerate() {
+            for at in [3 + j, 64 + 5 * j, 1000 + 7 * j, n - 1 - j] {
+                if at < n {
+                    x[at] = v;
                 }
-                let lut = table::<f32>(&q, p.mean, 1.0 / p.inv_std, false);
-                let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-                let ua = unpack(&bytes[..pb], &bytes[pb..], &q, &lut, &mut a);
-                let ub = unpack_portable(&bytes[..pb], &bytes[pb..], &q, &lut, &mut b, 0, 0);
-                assert_eq!(ua, ub);
-                assert_eq!(ua, c.outliers as u64 * q.extra_bits() as u64);
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn fused_encode_and_simd_decode_match_portable() {
+        // Lengths around the 64-value AVX-512 step and the 8-value AVX2 step.
+        for n in [10_005usize, 4096, 64, 65, 127, 128 + 8 + 3, 7, 0] {
+            let x = mixed_values(n);
+            for (bm, bo) in [
+                (6u8, 8u8),
+                (4, 8),
+                (8, 8),
+                (3, 5),
+                (5, 9),
+                (3, 3),
+                (8, 12),
+                (7, 8),
+                (5, 8),
+                (4, 5),
+                (6, 10),
+                (4, 4),
+            ] {
+                let q = Quant::new(bm, bo, 1.0, 2.5);
+                for key in [None, Some(99)] {
+                    for dither in [0.0, 0.5] {
+                        let p = Prep {
+                            dither,
+                            ..prep(q, key)
+                        };
+                        check_fused_and_unpack(&x, &p, 12_345);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every SIMD level's fused encode and decode of `x` against portable codes and decoding.
+    fn check_fused_and_unpack(x: &[f32], p: &Prep, first: u32) {
+        let q = p.q;
+        let mut codes = vec![0u16; x.len()];
+        let c = codes_with(x, first, p, z_f32(p.mean, p.inv_std), &mut codes);
+        let bytes = pack_chunk(&codes, &q);
+        let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
+        let tag = format!("bm={} bo={} n={}", q.bits_main, q.bits_outlier, x.len());
+        for isa in Isa::all_available() {
+            let mut primary = vec![0u8; pb];
+            let mut extra = BitWriter::default();
+            // Pending bits in the extra stream before the chunk: appended after them.
+            extra.put(0b101, 3);
+            if let Some(cf) = encode_f32_fused_with(isa, x, first, p, &mut primary, &mut extra) {
+                assert_eq!(cf, c, "{isa:?} {tag}");
+                let mut want = BitWriter::default();
+                want.put(0b101, 3);
+                pack(&codes, &q, &mut vec![0u8; pb], &mut want);
+                assert_eq!(extra.finish(), want.finish(), "{isa:?} {tag}");
+                assert_eq!(primary, bytes[..pb], "{isa:?} {tag}");
+            }
+        }
+        let lut = table::<f32>(&q, p.mean, 1.0 / p.inv_std, false);
+        let (prim, extra) = bytes.split_at(pb);
+        let mut b = vec![0f32; x.len()];
+        let ub = unpack_portable(prim, extra, &q, &lut, &mut b, 0, 0);
+        assert_eq!(ub, c.outliers as u64 * q.extra_bits() as u64);
+        let keys: Vec<u32> = (0..1u32 << q.bits_outlier).collect();
+        for isa in Isa::all_available() {
+            let mut a = vec![0f32; x.len()];
+            let ua = unpack_with(isa, prim, extra, &q, &lut, &mut a);
+            assert_eq!(ua, ub, "{isa:?} {tag}");
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{isa:?} {tag}"
+            );
+            // The codes themselves, through an identity table.
+            let mut k = vec![0u32; x.len()];
+            unpack_with(isa, prim, extra, &q, &keys, &mut k);
+            assert!(
+                codes.iter().zip(&k).all(|(&u, &v)| u as u32 == v),
+                "{isa:?} {tag}"
+            );
+        }
+    }
+
+    #[test]
+    fn simd_decode_reads_only_its_streams() {
+        // Outliers flagged in the primary stream with the extra stream cut short: every level
+        // reads the missing bits as zero and reports the same position (the caller rejects it).
+        let q = Quant::new(6, 8, 1.0, 2.5);
+        let x = mixed_values(1000);
+        let p = prep(q, Some(3));
+        let mut codes = vec![0u16; x.len()];
+        codes_f32(&x, 0, &p, &mut codes);
+        let bytes = pack_chunk(&codes, &q);
+        let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
+        let lut = table::<f32>(&q, p.mean, 1.0 / p.inv_std, false);
+        for cut in [0usize, 1, 17, 40] {
+            let extra = &bytes[pb..pb + cut];
+            let mut want = vec![0f32; x.len()];
+            let uw = unpack_portable(&bytes[..pb], extra, &q, &lut, &mut want, 0, 0);
+            for isa in Isa::all_available() {
+                let mut got = vec![0f32; x.len()];
+                let ug = unpack_with(isa, &bytes[..pb], extra, &q, &lut, &mut got);
+                assert_eq!(ug, uw);
                 assert_eq!(
-                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 );
             }
         }
@@ -1036,17 +1269,27 @@ mod tests {
 
     #[test]
     fn half_fused_matches_codes_and_pack() {
-        let x: Vec<bf16> = (0..5003)
-            .map(|i| bf16::from_f32(((i * 7919) % 2001) as f32 * 0.004 - 4.0))
-            .collect();
         let q = Quant::new(6, 8, 1.0, 2.5);
-        let p = prep(q, Some(5));
+        for n in [5003usize, 1024, 1024 + 64 + 9, 63] {
+            let x32 = mixed_values(n);
+            for key in [Some(5), None] {
+                let p = prep(q, key);
+                check_half_fused::<bf16>(&x32, &p);
+                check_half_fused::<f16>(&x32, &p);
+            }
+        }
+    }
+
+    fn check_half_fused<T: Codes + HalfFloat>(x32: &[f32], p: &Prep) {
+        let x: Vec<T> = x32.iter().map(|&v| T::from_f32(v)).collect();
+        let q = p.q;
         let mut codes = vec![0u16; x.len()];
-        let c = <bf16 as Codes>::codes(&x, &p, &mut codes);
+        let c = T::codes(&x, p, &mut codes);
         let bytes = pack_chunk(&codes, &q);
         let mut primary = vec![0u8; q.chunk_bytes(x.len() as u64, 0).0 as usize];
         let mut extra = BitWriter::default();
-        let cf = <bf16 as Codes>::encode_fused(&x, &p, &mut primary, &mut extra);
+        let cf = T::encode_fused(&x, p, &mut primary, &mut extra);
+        assert_eq!(cf.is_some(), Isa::detect() >= Isa::Avx2);
         if let Some(cf) = cf {
             assert_eq!(cf, c);
             primary.extend_from_slice(&extra.finish());
@@ -1054,28 +1297,54 @@ mod tests {
         }
     }
 
+    /// float16 and bfloat16 from f32 (the test's element types).
+    trait HalfFloat {
+        fn from_f32(v: f32) -> Self;
+    }
+    impl HalfFloat for f16 {
+        fn from_f32(v: f32) -> Self {
+            f16::from_f32(v)
+        }
+    }
+    impl HalfFloat for bf16 {
+        fn from_f32(v: f32) -> Self {
+            bf16::from_f32(v)
+        }
+    }
+
     #[test]
     fn half_simd_decode_matches_portable() {
-        let q = Quant::new(6, 8, 1.0, 2.5);
-        let x: Vec<f32> = (0..4099)
-            .map(|i| ((i * 7919) % 2001) as f32 * 0.004 - 4.0)
-            .collect();
-        let p = prep(q, Some(1));
-        let mut codes = vec![0u16; x.len()];
-        codes_f32(&x, 0, &p, &mut codes);
-        let bytes = pack_chunk(&codes, &q);
-        let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
-        let (prim, extra) = bytes.split_at(pb);
-        let lut = table::<f16>(&q, 1e3, 2e4, false); // some entries overflow f16: clamped
-        let (mut a, mut b) = (vec![f16::ZERO; x.len()], vec![f16::ZERO; x.len()]);
-        let ua = unpack(prim, extra, &q, &lut, &mut a);
-        assert_eq!(ua, unpack_portable(prim, extra, &q, &lut, &mut b, 0, 0));
-        assert_eq!(a, b);
-        let lut = table::<bf16>(&q, 0.5, 1.5, false);
-        let (mut a, mut b) = (vec![bf16::ZERO; x.len()], vec![bf16::ZERO; x.len()]);
-        unpack(prim, extra, &q, &lut, &mut a);
-        unpack_portable(prim, extra, &q, &lut, &mut b, 0, 0);
-        assert_eq!(a, b);
+        for (bm, bo) in [(6u8, 8u8), (4, 7), (5, 9)] {
+            let q = Quant::new(bm, bo, 1.0, 2.5);
+            for n in [4099usize, 64, 130] {
+                let x = mixed_values(n);
+                let p = prep(q, Some(1));
+                let mut codes = vec![0u16; x.len()];
+                codes_f32(&x, 0, &p, &mut codes);
+                let bytes = pack_chunk(&codes, &q);
+                let pb = q.chunk_bytes(x.len() as u64, 0).0 as usize;
+                let (prim, extra) = bytes.split_at(pb);
+                // Some f16 entries overflow: clamped.
+                check_half_unpack(prim, extra, &q, &table::<f16>(&q, 1e3, 2e4, false));
+                check_half_unpack(prim, extra, &q, &table::<bf16>(&q, 0.5, 1.5, false));
+            }
+        }
+    }
+
+    fn check_half_unpack<T: Copy + PartialEq + std::fmt::Debug + Default + 'static>(
+        prim: &[u8],
+        extra: &[u8],
+        q: &Quant,
+        lut: &[T],
+    ) {
+        let n = prim.len() * 8 / q.bits_main as usize;
+        let mut want = vec![T::default(); n];
+        let uw = unpack_portable(prim, extra, q, lut, &mut want, 0, 0);
+        for isa in Isa::all_available() {
+            let mut got = vec![T::default(); n];
+            assert_eq!(unpack_with(isa, prim, extra, q, lut, &mut got), uw);
+            assert_eq!(got, want, "{isa:?}");
+        }
     }
 
     #[test]

@@ -319,7 +319,9 @@ fn encode_chunk<T: Codes>(
     primary: &mut [u8],
     codes: &mut Vec<u16>,
 ) -> ChunkOut {
-    let mut extra = BitWriter::with_capacity_bits(x.len() / 2 * p.q.extra_bits() as usize);
+    // Room for every value being an outlier, plus the SIMD kernels' slack (one vector): the
+    // stream never reallocates.
+    let mut extra = BitWriter::with_capacity_bits((x.len() + 1024) * p.q.extra_bits() as usize);
     let counts = match T::encode_fused(x, p, primary, &mut extra) {
         Some(c) => c,
         None => {
