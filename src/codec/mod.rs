@@ -5,9 +5,6 @@
 
 pub mod bdi;
 pub mod float;
-// int.rs still writes `x % n == 0`, which clippy flags since the MSRV allows
-// `is_multiple_of` (1.87); the file is being reworked separately.
-#[allow(clippy::manual_is_multiple_of)]
 pub mod int;
 pub mod lossless;
 pub mod params;
