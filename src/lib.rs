@@ -24,6 +24,7 @@ pub mod le;
 pub mod optim;
 pub mod pool;
 pub mod rng;
+pub mod simd;
 pub mod stats;
 pub mod zmap;
 

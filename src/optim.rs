@@ -248,12 +248,7 @@ fn fix_zero_signs(t: &mut Tally, x: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("popcnt")
-    })
+    crate::simd::avx2()
 }
 
 #[cfg(target_arch = "x86_64")]

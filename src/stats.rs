@@ -40,14 +40,11 @@ impl Moments {
             if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
                 // SAFETY: T is f32, so the slice is a slice of f32.
                 let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
+                if crate::simd::avx512() {
                     // SAFETY: AVX-512 F/DQ/VL are present (checked just above).
                     return unsafe { Moments::of_f32_avx512(x32, shift) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
+                if crate::simd::avx2() {
                     // SAFETY: AVX2 is present (checked just above).
                     return unsafe { Moments::of_f32_avx2(x32, shift) };
                 }

@@ -127,8 +127,7 @@ fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt"))
+    crate::simd::avx512()
 }
 
 /// Splits `x` into disjoint mutable slices of the given lengths.

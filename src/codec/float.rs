@@ -466,17 +466,10 @@ pub(crate) unsafe fn store_codes_avx512<O: Code>(
     }
 }
 
-/// AVX-512 F and BW available (checked once). `SMAQ_RS_AVX512=0` in the environment turns the AVX-512
-/// kernels off (the AVX2 ones run instead: the same bytes), for comparisons.
+/// The AVX-512 level of [`crate::simd`] (`SMAQ_RS_AVX512=0` turns it off).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && std::env::var_os("SMAQ_RS_AVX512").is_none_or(|v| v != "0")
-    })
+    crate::simd::avx512()
 }
 
 /// Codes of `x` into `out` (same length), with runtime AVX-512 / AVX2 dispatch.
@@ -502,20 +495,16 @@ fn codes_dyn<O: Code>(rounding: u8, x: &[f32], out: &mut [O], p: &Plan, key: u32
     }
 }
 
-/// AVX2 and FMA available (checked once).
+/// AVX2, FMA and F16C available ([`crate::simd::avx2`]).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    crate::simd::avx2()
 }
 
-/// F16C available (checked once).
+/// F16C available (part of the AVX2 level).
 #[cfg(target_arch = "x86_64")]
 fn has_f16c() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("f16c"))
+    crate::simd::avx2()
 }
 
 /// IEEE float16 codes, nearest-even with overflow to Inf: `vcvtps2ph`, 16 values per iteration.

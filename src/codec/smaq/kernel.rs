@@ -219,18 +219,10 @@ fn codes_with<T: Copy>(
     }
 }
 
-/// Whether the AVX2 kernels can run (detected once per call; the check is cached by std).
+/// Whether the AVX2 kernels can run ([`crate::simd::avx2`]).
 #[inline]
 fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Every AVX2 CPU has POPCNT; the kernels use both.
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::avx2()
 }
 
 /// f32 codes, in AVX2 when the CPU has it (detected at run time).

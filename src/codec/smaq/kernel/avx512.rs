@@ -19,17 +19,10 @@ use std::arch::x86_64::*;
 // The encoder builds the zero code as "main, sign set, magnitude 0".
 const _: () = assert!(ZERO_CODE == 0b10);
 
-/// Whether the CPU has every extension these kernels use (detected at run time, cached by std).
+/// Whether the CPU has every extension these kernels use ([`crate::simd::avx512_vbmi`]).
 #[inline]
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512dq")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vbmi")
-        && is_x86_feature_detected!("avx512vbmi2")
-        && is_x86_feature_detected!("popcnt")
-        && is_x86_feature_detected!("fma")
+    crate::simd::avx512_vbmi()
 }
 
 /// Broadcast constants of one chunk.
