@@ -92,12 +92,10 @@ fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Decodes a packed slot into `buf` and restores its exact zeros; returns the value range
-/// the step clamps the decoded values into (applied in the fused pass, which reads them anyway).
-///
-/// Clamping after the zeros are restored gives the same values as clamping before: the range
-/// was measured on values that included those zeros, so it contains 0.
-fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<Option<[f32; 2]>> {
+/// Checks a packed slot against the parameter: its element count, and that its zero positions
+/// are inside and in increasing order (as `zmap::zero_positions` and the Python store write
+/// them). Returns the value range the step clamps the decoded values into.
+fn check_slot(slot: SlotIn<'_>, n: usize, what: &str) -> Result<Option<[f32; 2]>> {
     let SlotIn::Packed {
         packed,
         range,
@@ -106,26 +104,62 @@ fn load(slot: SlotIn<'_>, buf: &mut [f32], what: &str) -> Result<Option<[f32; 2]
     else {
         return Ok(None);
     };
-    if packed.numel() != buf.len() as u64 {
+    if packed.numel() != n as u64 {
         return Err(Error::Shape(format!(
-            "packed {what} holds {} values, the parameter has {}",
-            packed.numel(),
-            buf.len()
+            "packed {what} holds {} values, the parameter has {n}",
+            packed.numel()
         )));
     }
-    packed.decode_into(DataMut::F32(buf))?;
-    let n = buf.len();
+    let mut prev = -1i64;
     for &i in zeros {
-        match usize::try_from(i).ok().filter(|&i| i < n) {
-            Some(i) => buf[i] = 0.0,
-            None => {
-                return Err(Error::Shape(format!(
-                    "{what}: zero index {i} is outside the parameter ({n} values)"
-                )))
-            }
+        if i <= prev || i >= n as i64 {
+            return Err(Error::Shape(format!(
+                "{what}: zero index {i} is outside the parameter ({n} values) or out of order"
+            )));
         }
+        prev = i;
     }
     Ok(range.map(|[lo, hi]| [lo as f32, hi as f32]))
+}
+
+/// Sets to 0 the zero positions of a slot that fall in `buf`, which starts at element `start`.
+fn restore_zeros(slot: SlotIn<'_>, start: usize, buf: &mut [f32]) {
+    if let SlotIn::Packed { zeros, .. } = slot {
+        let (lo, hi) = ((start as i64), (start + buf.len()) as i64);
+        let from = zeros.partition_point(|&i| i < lo);
+        for &i in zeros[from..].iter().take_while(|&&i| i < hi) {
+            buf[(i - lo) as usize] = 0.0;
+        }
+    }
+}
+
+/// Decodes a packed slot into `buf` and restores its exact zeros (the slot was checked).
+/// Clamping into the range happens in the fused pass, which reads the values anyway; it gives
+/// the same values after the zeros are restored as before, since the range was measured on
+/// values that included those zeros, so it contains 0.
+fn load(slot: SlotIn<'_>, buf: &mut [f32]) -> Result<()> {
+    if let SlotIn::Packed { packed, .. } = slot {
+        packed.decode_into(DataMut::F32(buf))?;
+        restore_zeros(slot, 0, buf);
+    }
+    Ok(())
+}
+
+/// The piece length both packed slots decode in, when the step can decode them piece by piece
+/// inside the fused pass (so each piece is updated while it is in cache).
+fn shared_pieces(slots: &[SlotIn<'_>]) -> Option<usize> {
+    let mut len = None;
+    for s in slots {
+        let SlotIn::Packed { packed, .. } = s else {
+            return None;
+        };
+        let l = packed.piece_len().filter(|&l| l >= 1024)?;
+        if len.is_some_and(|k| k != l) {
+            return None;
+        }
+        len = Some(l);
+    }
+    len
 }
 
 /// torch.clamp with float32 bounds: NaN stays NaN.
@@ -495,8 +529,13 @@ pub fn adam_step(
     if h.step == 0 {
         return Err(Error::Shape("the step count starts at 1".into()));
     }
-    let range_m = load(slots[0], exp_avg, "exp_avg")?;
-    let range_v = load(slots[1], exp_avg_sq, "exp_avg_sq")?;
+    let range_m = check_slot(slots[0], n, "exp_avg")?;
+    let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
+    let pieces = shared_pieces(&slots);
+    if pieces.is_none() {
+        load(slots[0], exp_avg)?;
+        load(slots[1], exp_avg_sq)?;
+    }
     let (b1, b2) = (h.beta1, h.beta2);
     let step = h.step;
     // Python's `b ** step` is libm pow.
@@ -519,15 +558,29 @@ pub fn adam_step(
         step_size: (-h.lr / bc1) as f32,
         fresh,
     };
+    // With packed slots decodable in pieces, each task decodes its piece of both slots and
+    // updates it while it is in cache; otherwise the slots were decoded whole above.
+    let task = pieces.unwrap_or(TASK);
     let tallies: Vec<[Tally; 2]> = crate::pool::install(|| {
         param
-            .par_chunks_mut(TASK)
-            .zip(grad.par_chunks(TASK))
-            .zip(exp_avg.par_chunks_mut(TASK))
-            .zip(exp_avg_sq.par_chunks_mut(TASK))
-            .map(|(((p, g), m), v)| adam_chunk(&s, p, g, m, v))
-            .collect()
-    });
+            .par_chunks_mut(task)
+            .zip(grad.par_chunks(task))
+            .zip(exp_avg.par_chunks_mut(task))
+            .zip(exp_avg_sq.par_chunks_mut(task))
+            .enumerate()
+            .map(|(i, (((p, g), m), v))| {
+                if pieces.is_some() {
+                    for (slot, buf) in slots.iter().zip([&mut *m, &mut *v]) {
+                        if let SlotIn::Packed { packed, .. } = slot {
+                            packed.decode_piece(i, DataMut::F32(buf))?;
+                        }
+                        restore_zeros(*slot, i * task, buf);
+                    }
+                }
+                Ok(adam_chunk(&s, p, g, m, v))
+            })
+            .collect::<Result<_>>()
+    })?;
     let [tm, tv] = tallies
         .into_iter()
         .fold([Tally::EMPTY; 2], |[a, b], [c, d]| [a.then(c), b.then(d)]);
@@ -614,7 +667,8 @@ pub fn sgd_step(
             h.momentum
         )));
     }
-    let range = load(slot, momentum_buffer, "momentum_buffer")?;
+    let range = check_slot(slot, n, "momentum_buffer")?;
+    load(slot, momentum_buffer)?;
     let s = SgdScalars {
         maximize: h.maximize,
         l2: (h.weight_decay != 0.0).then_some(h.weight_decay as f32),
@@ -760,6 +814,105 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Decoding the packed state piece by piece inside the fused pass gives what decoding it
+    /// whole first gives: the parameter, the new state's bytes, zero lists and ranges.
+    #[test]
+    fn piecewise_decode_matches_whole_decode() {
+        use crate::codec::{Param, Params};
+        let n = 50_000;
+        let params: Params = [
+            ("chunk_size".to_string(), Param::Int(4096)),
+            ("seed".to_string(), Param::Int(7)),
+        ]
+        .into();
+        let pv: Params = [
+            ("chunk_size".to_string(), Param::Int(4096)),
+            ("seed".to_string(), Param::Int(8)),
+            ("all_positive".to_string(), Param::Bool(true)),
+        ]
+        .into();
+        let shape = [n as u64];
+        let mut m0 = values(n, 1, false);
+        let v0: Vec<f32> = values(n, 2, false).iter().map(|x| x * x).collect();
+        for i in (0..n).step_by(97) {
+            m0[i] = 0.0; // exact zeros, restored from the zero list
+        }
+        let pm = Packed::encode(Data::F32(&m0), &shape, "smaq", &params).unwrap();
+        let pk = Packed::encode(Data::F32(&v0), &shape, "smaq", &pv).unwrap();
+        assert_eq!(pm.piece_len(), Some(4096));
+        let zeros: Vec<i64> = (0..n as i64).step_by(97).collect();
+        let rule = |p| Rule {
+            codec: "smaq",
+            params: p,
+            keeps_zeros: false,
+            sparse_fraction: 0.15,
+        };
+        let h = AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decoupled: true,
+            maximize: false,
+            guard: true,
+            decoded: true,
+            step: 3,
+        };
+        let g = values(n, 3, false);
+        let run = |piecewise: bool| {
+            let mut p = values(n, 4, false);
+            let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+            let range = Some([-0.004, 0.004]);
+            let slots = if piecewise {
+                [
+                    SlotIn::Packed {
+                        packed: &pm,
+                        range,
+                        zeros: &zeros,
+                    },
+                    SlotIn::Packed {
+                        packed: &pk,
+                        range: None,
+                        zeros: &[],
+                    },
+                ]
+            } else {
+                // The whole-tensor path: a slot without pieces (the buffers decoded here).
+                pm.decode_into(DataMut::F32(&mut m)).unwrap();
+                pk.decode_into(DataMut::F32(&mut v)).unwrap();
+                zeros.iter().for_each(|&i| m[i as usize] = 0.0);
+                m.iter_mut().for_each(|x| *x = clamp(*x, -0.004, 0.004));
+                [SlotIn::Dense, SlotIn::Dense]
+            };
+            let out = adam_step(
+                &h,
+                &mut p,
+                &g,
+                &shape,
+                &mut m,
+                &mut v,
+                slots,
+                [rule(&params), rule(&pv)],
+            )
+            .unwrap();
+            let desc = out.map(|o| match o {
+                SlotOut::Plain {
+                    packed,
+                    zeros,
+                    range,
+                } => (
+                    packed.bytes().to_vec(),
+                    zeros,
+                    range.map(|r| r.map(f64::to_bits)),
+                ),
+                SlotOut::NeedsMap => panic!("no map expected"),
+            });
+            (p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), desc)
+        };
+        assert_eq!(run(true), run(false));
     }
 
     #[test]

@@ -68,6 +68,17 @@ pub trait Decoder: Send + Sync {
     fn info(&self) -> Params;
     /// Decodes `payload` into `out` (whose length is the tensor's element count).
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()>;
+    /// Length of the pieces the tensor can be decoded in independently (the last may be
+    /// shorter), or None when it decodes only whole. A caller that works piece by piece (the
+    /// fused optimizer step) then uses each piece while it is still in cache.
+    fn piece_len(&self) -> Option<usize> {
+        None
+    }
+    /// Decodes piece `i` (see [`Decoder::piece_len`]) into `out`, which has its length.
+    fn decode_piece(&self, payload: &[u8], i: usize, out: DataMut<'_>) -> Result<()> {
+        let _ = (payload, i, out);
+        Err(Error::Shape("this codec decodes only whole tensors".into()))
+    }
 }
 
 /// Where the packed tensor's metadata is opened: everything a decoder may check against.

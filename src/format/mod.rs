@@ -209,6 +209,17 @@ impl Packed {
         self.decoder.decode(&self.bytes[self.payload.clone()], out)
     }
 
+    /// Length of the pieces this tensor decodes in independently ([`Decoder::piece_len`]).
+    pub fn piece_len(&self) -> Option<usize> {
+        self.decoder.piece_len()
+    }
+
+    /// Decodes piece `i` into `out` ([`Decoder::decode_piece`]).
+    pub fn decode_piece(&self, i: usize, out: DataMut<'_>) -> Result<()> {
+        self.decoder
+            .decode_piece(&self.bytes[self.payload.clone()], i, out)
+    }
+
     /// Decodes into a new buffer.
     pub fn decode(&self) -> Result<Owned> {
         let n = usize::try_from(self.numel())

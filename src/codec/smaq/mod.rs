@@ -588,36 +588,67 @@ impl SmaqHeader {
         let q = self.h.cfg.quant();
         let lut = kernel::table::<T>(&q, self.h.mean, self.h.std, self.h.cfg.all_positive);
         let cs = self.h.cfg.chunk_size as usize;
-        let esize = 4 + T::DTYPE.size();
         crate::pool::install(|| {
             out.par_chunks_mut(cs)
-                .zip(self.spans.par_iter())
                 .enumerate()
-                .try_for_each(|(ci, (dst, s))| {
-                    let (primary, extra) = (&payload[s.primary.clone()], &payload[s.extra.clone()]);
-                    let exc = &payload[s.exceptions.clone()];
-                    let used = kernel::unpack(primary, extra, &q, &lut, dst);
-                    ensure_format!(
-                        used == s.extra_bits,
-                        "smaq: chunk {ci} flags {} outliers, the index says {}",
-                        used / q.extra_bits().max(1) as u64,
-                        s.extra_bits / q.extra_bits().max(1) as u64
-                    );
-                    let mut prev: Option<usize> = None;
-                    for e in exc.chunks_exact(esize) {
-                        let i = u32::from_le_bytes(e[..4].try_into().unwrap()) as usize;
-                        ensure_format!(
-                            i < dst.len() && prev.is_none_or(|p| i > p),
-                            "smaq: chunk {ci} exception index {i} is out of order or out of range"
-                        );
-                        let mut raw = [0u8; 8];
-                        raw[..esize - 4].copy_from_slice(&e[4..]);
-                        dst[i] = T::from_bits_u64(u64::from_le_bytes(raw));
-                        prev = Some(i);
-                    }
-                    Ok(())
-                })
+                .try_for_each(|(ci, dst)| self.decode_chunk(payload, &q, &lut, ci, dst))
         })
+    }
+
+    /// Decodes chunk `ci` into `dst` (its length) with the value table `lut`.
+    fn decode_chunk<T: Element>(
+        &self,
+        payload: &[u8],
+        q: &kernel::Quant,
+        lut: &[T],
+        ci: usize,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let s = &self.spans[ci];
+        let esize = 4 + T::DTYPE.size();
+        let (primary, extra) = (&payload[s.primary.clone()], &payload[s.extra.clone()]);
+        let exc = &payload[s.exceptions.clone()];
+        let used = kernel::unpack(primary, extra, q, lut, dst);
+        ensure_format!(
+            used == s.extra_bits,
+            "smaq: chunk {ci} flags {} outliers, the index says {}",
+            used / q.extra_bits().max(1) as u64,
+            s.extra_bits / q.extra_bits().max(1) as u64
+        );
+        let mut prev: Option<usize> = None;
+        for e in exc.chunks_exact(esize) {
+            let i = u32::from_le_bytes(e[..4].try_into().unwrap()) as usize;
+            ensure_format!(
+                i < dst.len() && prev.is_none_or(|p| i > p),
+                "smaq: chunk {ci} exception index {i} is out of order or out of range"
+            );
+            let mut raw = [0u8; 8];
+            raw[..esize - 4].copy_from_slice(&e[4..]);
+            dst[i] = T::from_bits_u64(u64::from_le_bytes(raw));
+            prev = Some(i);
+        }
+        Ok(())
+    }
+
+    fn decode_piece_typed<T: Element>(
+        &self,
+        payload: &[u8],
+        i: usize,
+        out: &mut [T],
+    ) -> Result<()> {
+        let cs = self.h.cfg.chunk_size as usize;
+        let n = self.numel as usize;
+        let want = n.saturating_sub(i.saturating_mul(cs)).min(cs);
+        if self.h.raw || i >= self.spans.len() || out.len() != want {
+            return Err(Error::Shape(format!(
+                "piece {i} of a {n}-value tensor in pieces of {cs} has {want} values, the \
+                 buffer {}",
+                out.len()
+            )));
+        }
+        let q = self.h.cfg.quant();
+        let lut = kernel::table::<T>(&q, self.h.mean, self.h.std, self.h.cfg.all_positive);
+        self.decode_chunk(payload, &q, &lut, i, out)
     }
 }
 
@@ -653,6 +684,21 @@ impl Decoder for SmaqHeader {
             )));
         }
         crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
+    }
+
+    fn piece_len(&self) -> Option<usize> {
+        (!self.h.raw).then_some(self.h.cfg.chunk_size as usize)
+    }
+
+    fn decode_piece(&self, payload: &[u8], i: usize, out: DataMut<'_>) -> Result<()> {
+        if out.dtype() != self.dtype {
+            return Err(Error::Shape(format!(
+                "output buffer is {}, the tensor is {}",
+                out.dtype().name(),
+                self.dtype.name()
+            )));
+        }
+        crate::dispatch!(DataMut, out, |o| self.decode_piece_typed(payload, i, o))
     }
 }
 
