@@ -33,10 +33,16 @@ impl Moments {
         }
     }
 
-    /// Moments of one block: f32 data goes through an AVX2 kernel where the CPU has one.
+    /// Moments of one block: f32 data goes through an AVX2 kernel where the CPU has one;
+    /// float16/bfloat16 blocks are widened to f32 (exactly) and take the same kernel.
     fn of<T: Element>(x: &[T], shift: f64) -> Moments {
         #[cfg(target_arch = "x86_64")]
         {
+            if crate::simd::avx2() {
+                if let Some(wide) = widen_half(x) {
+                    return Self::of(&wide, shift);
+                }
+            }
             if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
                 // SAFETY: T is f32, so the slice is a slice of f32.
                 let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
@@ -209,6 +215,26 @@ impl Moments {
         }
         m
     }
+}
+
+/// `x` widened to f32 when it is float16 or bfloat16 (every value exactly; SIMD conversion).
+#[cfg(target_arch = "x86_64")]
+fn widen_half<T: Element>(x: &[T]) -> Option<Vec<f32>> {
+    use half::slice::HalfFloatSliceExt;
+    use std::any::TypeId;
+    let mut out = vec![0f32; x.len()];
+    if TypeId::of::<T>() == TypeId::of::<half::f16>() {
+        // SAFETY: T is f16 (same type, same layout).
+        let h = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<half::f16>(), x.len()) };
+        h.convert_to_f32_slice(&mut out);
+    } else if TypeId::of::<T>() == TypeId::of::<half::bf16>() {
+        // SAFETY: T is bf16 (same type, same layout).
+        let h = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<half::bf16>(), x.len()) };
+        h.convert_to_f32_slice(&mut out);
+    } else {
+        return None;
+    }
+    Some(out)
 }
 
 /// How the statistics are gathered.
