@@ -30,6 +30,14 @@ pub unsafe fn init_with_tail(
     v
 }
 
+/// A zeroed vector of `n` elements (calloc: fresh pages are not written), its pages marked for
+/// transparent huge pages when large: a decoded tensor's output.
+pub fn zeroed_vec<T: bytemuck::Zeroable + Copy>(n: usize) -> Vec<T> {
+    let v: Vec<T> = bytemuck::zeroed_vec(n);
+    advise_huge_pages(v.as_ptr().cast(), std::mem::size_of_val(v.as_slice()));
+    v
+}
+
 /// Zeroes `s` and returns it as initialized bytes.
 pub fn zero_init(s: &mut [std::mem::MaybeUninit<u8>]) -> &mut [u8] {
     s.fill(std::mem::MaybeUninit::new(0));

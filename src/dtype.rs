@@ -213,12 +213,15 @@ impl DataMut<'_> {
 }
 
 impl Owned {
+    /// A zeroed buffer, allocated zeroed (calloc: fresh pages are not written; `vec![f16::ZERO;
+    /// n]` would write every element) and with huge pages when large ([`crate::buf`]).
     pub fn zeros(dtype: DType, n: usize) -> Self {
+        use crate::buf::zeroed_vec;
         match dtype {
-            DType::F32 => Owned::F32(vec![0.0; n]),
-            DType::F16 => Owned::F16(vec![f16::ZERO; n]),
-            DType::BF16 => Owned::BF16(vec![bf16::ZERO; n]),
-            DType::F64 => Owned::F64(vec![0.0; n]),
+            DType::F32 => Owned::F32(zeroed_vec(n)),
+            DType::F16 => Owned::F16(zeroed_vec(n)),
+            DType::BF16 => Owned::BF16(zeroed_vec(n)),
+            DType::F64 => Owned::F64(zeroed_vec(n)),
         }
     }
     pub fn as_mut(&mut self) -> DataMut<'_> {
