@@ -1503,25 +1503,7 @@ mod tests {
         for (e5m2, fmt) in [(false, e4m3), (true, Fmt::ieee(5, 2))] {
             let mut x = boundaries(fmt);
             x.extend([0.0, -0.0, f32::MIN_POSITIVE, -1e-45, 1e30, -1e30]);
-            for sat in [true, false] {
-                let mut p = Params::new();
-                p.insert(
-                    "format".into(),
-                    Param::Str(FP8_FORMATS[e5m2 as usize].into()),
-                );
-                p.insert(
-                    "overflow".into(),
-                    Param::Str(OVERFLOWS[sat as usize].into()),
-                );
-                let (y, _) = round_trip(Kind::Fp8 { e5m2 }, &p, &x);
-                for (a, b) in x.iter().zip(&y) {
-                    let want = brute_nearest(fmt, *a, sat);
-                    assert!(
-                        want.to_bits() == b.to_bits() || (want.is_nan() && b.is_nan()),
-                        "e5m2={e5m2} sat={sat}: {a:e} -> {b:e}, want {want:e}"
-                    );
-                }
-            }
+            assert_fp8_nearest(e5m2, fmt, &x);
         }
     }
 
@@ -1536,6 +1518,30 @@ mod tests {
     }
 
     /// Nearest-even against a brute-force search over every code of the format.
+    /// Every value of `x` through fp8 (`e5m2` or e4m3, `fmt`) with both overflow modes gives
+    /// the brute-force nearest code.
+    fn assert_fp8_nearest(e5m2: bool, fmt: Fmt, x: &[f32]) {
+        for sat in [true, false] {
+            let mut p = Params::new();
+            p.insert(
+                "format".into(),
+                Param::Str(FP8_FORMATS[e5m2 as usize].into()),
+            );
+            p.insert(
+                "overflow".into(),
+                Param::Str(OVERFLOWS[sat as usize].into()),
+            );
+            let (y, _) = round_trip(Kind::Fp8 { e5m2 }, &p, x);
+            for (a, b) in x.iter().zip(&y) {
+                let want = brute_nearest(fmt, *a, sat);
+                assert!(
+                    want.to_bits() == b.to_bits() || (want.is_nan() && b.is_nan()),
+                    "e5m2={e5m2} sat={sat}: {a:e} -> {b:e}, want {want:e}"
+                );
+            }
+        }
+    }
+
     fn brute_nearest(f: Fmt, x: f32, saturate: bool) -> f32 {
         if x.is_nan() {
             return f32::NAN;
@@ -1586,25 +1592,7 @@ mod tests {
             ),
             (true, Fmt::ieee(5, 2)),
         ] {
-            for sat in [true, false] {
-                let mut p = Params::new();
-                p.insert(
-                    "format".into(),
-                    Param::Str(FP8_FORMATS[e5m2 as usize].into()),
-                );
-                p.insert(
-                    "overflow".into(),
-                    Param::Str(OVERFLOWS[sat as usize].into()),
-                );
-                let (y, _) = round_trip(Kind::Fp8 { e5m2 }, &p, &x);
-                for (a, b) in x.iter().zip(&y) {
-                    let want = brute_nearest(fmt, *a, sat);
-                    assert!(
-                        want.to_bits() == b.to_bits() || (want.is_nan() && b.is_nan()),
-                        "e5m2={e5m2} sat={sat}: {a} -> {b}, want {want}"
-                    );
-                }
-            }
+            assert_fp8_nearest(e5m2, fmt, &x);
         }
     }
 
