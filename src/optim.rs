@@ -281,11 +281,6 @@ fn fix_zero_signs(t: &mut Tally, x: &[f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    crate::simd::avx2()
-}
-
-#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{adam_one, sgd_one, AdamScalars, SgdScalars, Tally};
     use std::arch::x86_64::*;
@@ -491,7 +486,7 @@ fn adam_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if crate::simd::avx2() {
         // SAFETY: the CPU has the features the function is compiled for; the slices come from
         // zipped chunks of equal-length buffers.
         let [mut a, mut b] = unsafe { avx2::adam(s, p, g, m, v) };
@@ -637,7 +632,7 @@ fn sgd_body(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
 
 fn sgd_chunk(s: &SgdScalars, p: &mut [f32], g: &[f32], b: &mut [f32]) -> Tally {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if crate::simd::avx2() {
         // SAFETY: the CPU has the features the function is compiled for; the slices come from
         // zipped chunks of equal-length buffers.
         let mut t = unsafe { avx2::sgd(s, p, g, b) };
@@ -778,7 +773,7 @@ mod tests {
     #[test]
     fn simd_sgd_matches_scalar() {
         #[cfg(target_arch = "x86_64")]
-        if !has_avx2_fma() {
+        if !crate::simd::avx2() {
             return;
         }
         let canon = |x: &[f32]| {

@@ -94,7 +94,7 @@ pub fn census<T: Element>(x: &[T]) -> Census {
             .map(|b| match as_f32(b) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has AVX-512F and POPCNT (checked by `has_avx512`).
-                Some(f) if has_avx512() => unsafe { avx512::census(f) },
+                Some(f) if crate::simd::avx512() => unsafe { avx512::census(f) },
                 _ => census_block(b),
             })
             .collect()
@@ -125,11 +125,6 @@ fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    crate::simd::avx512()
-}
-
 /// Splits `x` into disjoint mutable slices of the given lengths.
 fn carve<'a, T>(mut x: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
     let mut out = Vec::with_capacity(lens.len());
@@ -153,7 +148,7 @@ pub fn split<T: Element>(x: &[T], c: &Census) -> (Vec<u8>, Vec<T>) {
             .zip(vals)
             .for_each(|((x, m), v)| {
                 #[cfg(target_arch = "x86_64")]
-                if let (Some(xf), true) = (as_f32(x), has_avx512()) {
+                if let (Some(xf), true) = (as_f32(x), crate::simd::avx512()) {
                     let vf = as_f32_mut(v).expect("same type as x");
                     // SAFETY: AVX-512F and POPCNT are present; `m` holds a bit per element of
                     // `x` and `vf` a slot per non-zero element of `x` (census counted them).
@@ -263,7 +258,7 @@ pub fn merge<T: Element>(
             .zip(starts)
             .for_each(|((o, m), s)| {
                 #[cfg(target_arch = "x86_64")]
-                if let (Some(vf), true) = (as_f32(values), has_avx512()) {
+                if let (Some(vf), true) = (as_f32(values), crate::simd::avx512()) {
                     let of = as_f32_mut(o).expect("same type as values");
                     let r = range.map(|[lo, hi]| [lo as f32, hi as f32]);
                     // SAFETY: AVX-512F and POPCNT are present; `m` holds a bit per element of
@@ -633,14 +628,14 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn simd_blocks_match_portable() {
-        if !has_avx512() {
+        if !crate::simd::avx512() {
             return;
         }
         for n in [0usize, 1, 15, 16, 17, 100, 1000, 4099] {
             for zero_pct in [0, 3, 50, 100] {
                 let x = values(n, n as u64 * 7 + zero_pct, zero_pct);
                 let (a, z) = census_block(&x);
-                // SAFETY: has_avx512() checked above.
+                // SAFETY: crate::simd::avx512() checked above.
                 let (sa, sz) = unsafe { avx512::census(&x) };
                 assert_eq!(key(a), key(sa), "all, n={n} zeros={zero_pct}%");
                 assert_eq!(key(z), key(sz), "non-zero, n={n} zeros={zero_pct}%");

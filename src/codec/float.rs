@@ -501,12 +501,6 @@ pub(crate) fn has_avx2() -> bool {
     crate::simd::avx2()
 }
 
-/// F16C available (part of the AVX2 level).
-#[cfg(target_arch = "x86_64")]
-fn has_f16c() -> bool {
-    crate::simd::avx2()
-}
-
 /// IEEE float16 codes, nearest-even with overflow to Inf: `vcvtps2ph`, 16 values per iteration.
 /// NaN keeps its sign and top payload bits (quieted), exactly as `half`'s software conversion.
 #[cfg(target_arch = "x86_64")]
@@ -582,7 +576,7 @@ unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16) {
 /// IEEE float16 codes, nearest-even with overflow to Inf (the IEEE cast), F16C when available.
 fn f16_codes(x: &[f32], out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if has_f16c() {
+    if has_avx2() {
         // SAFETY: the CPU supports AVX2 and F16C (checked at run time).
         return unsafe { f16_codes_f16c(x, out) };
     }
