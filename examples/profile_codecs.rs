@@ -2,7 +2,8 @@
 //! element (user + system from /proc, so it is meaningful on a loaded machine), for `perf record`
 //! too:
 //! `cargo run --release --example profile_codecs -- <codec> [reps] [k=v ...]`, e.g.
-//! `profile_codecs fp16`, `profile_codecs int 20 scheme=absmax block_size=4096`.
+//! `profile_codecs fp16`, `profile_codecs int 20 scheme=absmax block_size=4096`. The element count
+//! is `PROFILE_N` (default 16M).
 use smaq_rs::codec::{Param, Params};
 use smaq_rs::dtype::{Data, DataMut};
 use smaq_rs::format::Packed;
@@ -21,7 +22,10 @@ fn main() {
             .unwrap_or(Param::Str(v.to_string()));
         p.insert(k.to_string(), val);
     }
-    let n = 1usize << 24;
+    let n: usize = std::env::var("PROFILE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 24);
     let mut r = smaq_rs::rng::SplitMix64::new(1);
     let x: Vec<f32> = (0..n)
         .map(|_| {

@@ -240,3 +240,37 @@ def test_works_in_forked_child():
 
 def _compress_size(x):
     return smaq_rs.compress(x, seed=1).nbytes
+
+
+@pytest.mark.parametrize(
+    "codec,params,numel",
+    [
+        ("smaq", {"seed": 3}, 12 << 20),
+        ("smaq", {"seed": 3, "outliers": "exact", "rounding": "nearest"}, 12 << 20),
+        ("fp16", {}, 5 << 20),
+        ("fp32", {}, 3 << 20),
+        ("fp8", {"rounding": "stochastic", "seed": 2}, 9 << 20),
+        ("int", {"bits": 4, "block_size": 64, "seed": 1}, 17 << 20),
+    ],
+)
+def test_recycled_buffers_give_the_same_bytes(codec, params, numel):
+    """A freed large packed buffer is reused by the next encode of a similar size: stale bytes of
+    the previous tensor must never show through."""
+    smaq_rs.empty_cache()
+    x = np.random.default_rng(11).standard_normal(numel, dtype=np.float32)
+    x[::1001] = 0.0
+    x[5] = np.nan
+    fresh = smaq_rs.compress(x, codec, **params).to_bytes()
+    smaq_rs.empty_cache()
+    # Fill a buffer of the same size with other content, free it, then encode x into it.
+    y = np.random.default_rng(12).standard_normal(numel, dtype=np.float32) * 1e3
+    y[5] = np.nan
+    other = smaq_rs.compress(y, codec, **params)
+    del other
+    kept = smaq_rs.cached_bytes()
+    assert kept >= len(fresh)
+    p = smaq_rs.compress(x, codec, **params)
+    assert smaq_rs.cached_bytes() < kept, "the kept buffer was not reused"
+    assert p.to_bytes() == fresh
+    del p
+    assert smaq_rs.empty_cache() > 0 and smaq_rs.cached_bytes() == 0

@@ -10,9 +10,11 @@ True
 
 from ._api import (
     PackedTensor,
+    cached_bytes,
     codecs,
     compress,
     decompress,
+    empty_cache,
     get_num_threads,
     set_num_threads,
 )
@@ -38,9 +40,11 @@ __all__ = [
     "PackedTensor",
     "SmaqError",
     "__version__",
+    "cached_bytes",
     "codecs",
     "compress",
     "decompress",
+    "empty_cache",
     "get_num_threads",
     "set_num_threads",
     "Checkpoint",

@@ -231,3 +231,20 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _core.get_num_threads()
+
+
+def empty_cache() -> int:
+    """Frees the packed buffers kept for reuse; returns the bytes released.
+
+    When a large PackedTensor (8 MiB or more) is freed, smaq_rs keeps its buffer, up to 256 MiB
+    in all (``SMAQ_RS_BUFFER_CACHE_MB`` sets the limit, 0 turns it off), and the next encode of
+    a similar size writes into it: a fresh buffer costs a page fault and a kernel-zeroed page on
+    first write, as much time as the encoding itself. Kept buffers count in the process's
+    resident memory; ``cached_bytes()`` says how much, and this releases it.
+    """
+    return _core.empty_cache()
+
+
+def cached_bytes() -> int:
+    """Bytes of freed packed buffers kept for reuse (see ``empty_cache``)."""
+    return _core.cached_bytes()

@@ -32,6 +32,13 @@ pub struct Packed {
     decoder: Box<dyn Decoder>,
 }
 
+/// A large buffer goes back to the cache of recycled buffers (`crate::buf::recycle`).
+impl Drop for Packed {
+    fn drop(&mut self) {
+        crate::buf::recycle(std::mem::take(&mut self.bytes));
+    }
+}
+
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Packed")
@@ -83,6 +90,7 @@ impl Packed {
         bytes[..head_len].copy_from_slice(&w.0);
         let sum = checksum(&bytes);
         bytes.extend_from_slice(&sum.to_le_bytes());
+        crate::buf::release_spare(&mut bytes);
         // Parse what we wrote: one code path for fresh and loaded tensors, and a self-check.
         Packed::parse(bytes, false)
     }
@@ -168,8 +176,8 @@ impl Packed {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.bytes)
     }
     pub fn nbytes(&self) -> usize {
         self.bytes.len()

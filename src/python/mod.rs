@@ -374,6 +374,18 @@ fn get_num_threads() -> usize {
     crate::pool::num_threads()
 }
 
+/// Frees the recycled packed buffers kept for reuse; returns the bytes released.
+#[pyfunction]
+fn empty_cache() -> usize {
+    crate::buf::empty_cache()
+}
+
+/// Bytes held by recycled packed buffers kept for reuse.
+#[pyfunction]
+fn cached_bytes() -> usize {
+    crate::buf::cached_bytes()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -391,6 +403,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_params, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     // Other areas register here, one line each: `area::register(m)?;`
     checkpoint::register(m)?;
     optim::register(m)?;

@@ -268,24 +268,32 @@ fn encode_typed<T: Codes>(
     // Room for the extra streams (at most bits_outlier - bits_main bits per value, plus a byte of
     // rounding per chunk) and the tail: appending them does not reallocate.
     let extra_room = x.len() * q.extra_bits() as usize / 8 + prim.len();
-    let mut bytes = crate::buf::zeroed_with_tail(start + ptotal, extra_room + tail);
-    let mut slices = Vec::with_capacity(prim.len());
-    let mut rest = &mut bytes[start..];
-    for &len in &prim {
-        let (head, tail) = rest.split_at_mut(len);
-        slices.push(head);
-        rest = tail;
-    }
-    let chunks: Vec<ChunkOut> = crate::pool::install(|| {
-        x.par_chunks(cs)
-            .zip(slices)
-            .enumerate()
-            .map_init(Vec::new, |codes, (ci, (c, primary))| {
-                let key = stochastic.then(|| stream_key(seed, ci as u64));
-                encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, primary, codes)
-            })
-            .collect()
-    });
+    let mut chunks: Vec<ChunkOut> = Vec::new();
+    // SAFETY: the closure initializes every byte: the head through `zero_init`, each chunk's
+    // primary stream through `zero_init` just before it is encoded.
+    let mut bytes = unsafe {
+        crate::buf::init_with_tail(start + ptotal, extra_room + tail, |b| {
+            let (head, mut rest) = b.split_at_mut(start);
+            crate::buf::zero_init(head);
+            let mut slices = Vec::with_capacity(prim.len());
+            for &len in &prim {
+                let (this, more) = rest.split_at_mut(len);
+                slices.push(this);
+                rest = more;
+            }
+            chunks = crate::pool::install(|| {
+                x.par_chunks(cs)
+                    .zip(slices)
+                    .enumerate()
+                    .map_init(Vec::new, |codes, (ci, (c, primary))| {
+                        let key = stochastic.then(|| stream_key(seed, ci as u64));
+                        let primary = crate::buf::zero_init(primary);
+                        encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, primary, codes)
+                    })
+                    .collect()
+            });
+        })
+    };
     head.mean = stats.mean;
     head.std = stats.std;
     head.raw = false;
