@@ -91,24 +91,27 @@ def _cpu_best(fn: Callable[[], Any], repeat: int) -> float:
     return best
 
 
+def rounds(fns: Sequence[Callable[[], Any]], repeat: int, block: int = 3) -> List[float]:
+    """Best wall time of each of ``fns`` over ``repeat`` rounds in which each runs ``block``
+    times in turn, so that all see the same load on a shared machine. Blocks rather than strict
+    alternation: a thread pool that spins after its call (torch's OpenMP, briefly Rayon's) slows
+    whatever runs next, and that should only cost the first call of a block, which the best-of
+    discards."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, f in enumerate(fns):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                out = f()
+                best[i] = min(best[i], time.perf_counter() - t0)
+                del out
+    return best
+
+
 def paired(fa: Callable[[], Any], fb: Callable[[], Any], repeat: int,
            block: int = 3) -> Tuple[float, float]:
-    """Best wall times of ``fa`` and ``fb`` over ``repeat`` rounds of ``block`` calls of each, so
-    both see the same load on a shared machine. Blocks rather than strict alternation: a thread
-    pool that spins after its call (torch's OpenMP, briefly Rayon's) slows whatever runs next, and
-    that should only cost the first call of a block, which the best-of discards."""
-    ta = tb = float("inf")
-    for _ in range(repeat):
-        for _ in range(block):
-            t0 = time.perf_counter()
-            out = fa()
-            ta = min(ta, time.perf_counter() - t0)
-            del out
-        for _ in range(block):
-            t0 = time.perf_counter()
-            out = fb()
-            tb = min(tb, time.perf_counter() - t0)
-            del out
+    """Best wall times of ``fa`` and ``fb`` measured in alternating blocks (see ``rounds``)."""
+    ta, tb = rounds([fa, fb], repeat, block)
     return ta, tb
 
 
