@@ -835,85 +835,154 @@ impl Encoder for FloatConfig {
     }
 
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
-        let seed = match (self.rounding, self.seed) {
-            (STOCHASTIC, None) => fresh_seed(),
-            (_, s) => s.unwrap_or(0),
-        };
-        crate::dispatch!(Data, x, |v| self.encode_typed(v, seed, lead, tail))
+        let seed = self.seed_for_encode();
+        crate::dispatch!(Data, x, |v| {
+            let (meta, write) = self.prepare(v, seed);
+            let start = lead + meta.len();
+            let payload = write.payload_len(v.len());
+            // No up-front zeroing: each chunk is written once by the AVX-512 kernels, or zeroed
+            // just before its codes are written (in cache, in parallel).
+            // SAFETY: the closure initializes every byte: the head through `zero_init`, each
+            // chunk through `write`.
+            let buf = unsafe {
+                crate::buf::init_with_tail(start + payload, tail, |b| {
+                    let (head, body) = b.split_at_mut(start);
+                    crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
+                    crate::pool::install(|| {
+                        body.par_chunks_mut(write.chunk_bytes())
+                            .enumerate()
+                            .for_each(|(ci, o)| write.chunk(v, ci, o))
+                    })
+                })
+            };
+            Ok((buf, meta.len()))
+        })
+    }
+
+    fn encode_sealed(
+        &self,
+        x: Data<'_>,
+        head: &dyn Fn(usize, usize) -> Vec<u8>,
+    ) -> Option<Result<Vec<u8>>> {
+        let seed = self.seed_for_encode();
+        Some(crate::dispatch!(Data, x, |v| {
+            let (meta, write) = self.prepare(v, seed);
+            let payload = write.payload_len(v.len());
+            let mut prefix = head(meta.len(), payload);
+            prefix.extend_from_slice(&meta);
+            let mut sum = 0;
+            // SAFETY: `fill_and_hash` writes the prefix and `write.chunk` every byte of each
+            // chunk, so all bytes are initialized.
+            let mut buf = unsafe {
+                crate::buf::init_with_tail(
+                    prefix.len() + payload,
+                    crate::format::CHECKSUM_LEN,
+                    |b| {
+                        // SAFETY: `write.chunk` initializes every byte of its chunk.
+                        sum = crate::format::fill_and_hash(
+                            b,
+                            &prefix,
+                            write.chunk_bytes(),
+                            |ci, o| write.chunk(v, ci, o),
+                        );
+                    },
+                )
+            };
+            buf.extend_from_slice(&sum.to_le_bytes());
+            Ok(buf)
+        }))
     }
 }
 
 impl FloatConfig {
-    /// `lead` bytes for the caller, the metadata, then the codes (see `Encoder::encode_framed`).
-    fn encode_typed<T: ToF32>(
-        &self,
-        x: &[T],
-        seed: u64,
-        lead: usize,
-        tail: usize,
-    ) -> Result<(Vec<u8>, usize)> {
+    fn seed_for_encode(&self) -> u64 {
+        match (self.rounding, self.seed) {
+            (STOCHASTIC, None) => fresh_seed(),
+            (_, s) => s.unwrap_or(0),
+        }
+    }
+
+    /// The metadata of `x`'s encoding and how to write its payload chunk by chunk.
+    fn prepare<T: ToF32>(&self, x: &[T], seed: u64) -> (Vec<u8>, ChunkWriter) {
         let cfg = FloatConfig {
             seed: (self.rounding == STOCHASTIC).then_some(seed),
             ..self.clone()
         };
         let Some(fmt) = self.kind.fmt() else {
             // fp32 passthrough.
-            let meta = Header::new(cfg, None).write();
-            let start = lead + meta.len();
-            // SAFETY: the closure initializes every byte: the head through `zero_init`, each
-            // chunk through `zero_init` before its values are copied in.
-            let buf = unsafe {
-                crate::buf::init_with_tail(start + x.len() * 4, tail, |b| {
-                    let (head, body) = b.split_at_mut(start);
-                    crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
-                    crate::pool::install(|| {
-                        body.par_chunks_mut(CHUNK * 4)
-                            .zip(x.par_chunks(CHUNK))
-                            .for_each(|(o, c)| {
-                                let o = crate::buf::zero_init(o);
-                                T::with_f32(c, |f| o.copy_from_slice(bytemuck::cast_slice(f)));
-                            })
-                    })
-                })
-            };
-            return Ok((buf, meta.len()));
+            return (Header::new(cfg, None).write(), ChunkWriter::Copy);
         };
         let squeeze = (self.kind == Kind::S2fp8).then(|| {
             let mut fit = None;
             T::with_f32(x, |f| fit = Some(Squeeze::fit(f)));
             fit.unwrap()
         });
-        let plan = Plan::new(fmt, self.saturate);
-        let width = fmt.width() as usize;
         let meta = Header::new(cfg, squeeze).write();
-        // Codes start at an even offset when the lead and metadata allow (16-bit stores in place).
-        let start = lead + meta.len();
-        let rounding = self.rounding;
-        let fast_f16 = self.kind == Kind::Fp16 && rounding == NEAREST && !self.saturate;
-        let len = start + (x.len() * width).div_ceil(8);
-        // No up-front zeroing: each chunk is written once by the AVX-512 kernel, or zeroed just
-        // before its codes are written (in cache, in parallel).
-        // SAFETY: the closure initializes every byte: the head through `zero_init`, each chunk
-        // through `encode_chunk`.
-        let buf = unsafe {
-            crate::buf::init_with_tail(len, tail, |b| {
-                let (head, body) = b.split_at_mut(start);
-                crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
-                crate::pool::install(|| {
-                    body.par_chunks_mut(CHUNK * width / 8)
-                        .zip(x.par_chunks(CHUNK))
-                        .enumerate()
-                        .for_each(|(ci, (o, c))| {
-                            encode_chunk(rounding, o, c, ci, seed, squeeze, &plan, width, fast_f16)
-                        })
-                })
-            })
+        let fast_f16 = self.kind == Kind::Fp16 && self.rounding == NEAREST && !self.saturate;
+        let w = ChunkWriter::Codes {
+            rounding: self.rounding,
+            seed,
+            squeeze,
+            plan: Plan::new(fmt, self.saturate),
+            width: fmt.width() as usize,
+            fast_f16,
         };
-        Ok((buf, meta.len()))
+        (meta, w)
     }
 }
 
-/// One chunk of `encode_typed`: squeeze (S2FP8) if asked, then the codes into `o`, which this
+/// Writes the payload of one encoding chunk by chunk (`CHUNK` values each).
+enum ChunkWriter {
+    /// fp32 passthrough: the values' bytes.
+    Copy,
+    Codes {
+        rounding: u8,
+        seed: u64,
+        squeeze: Option<Squeeze>,
+        plan: Plan,
+        width: usize,
+        fast_f16: bool,
+    },
+}
+
+impl ChunkWriter {
+    fn width(&self) -> usize {
+        match self {
+            ChunkWriter::Copy => 32,
+            ChunkWriter::Codes { width, .. } => *width,
+        }
+    }
+
+    /// Payload bytes of one full chunk (CHUNK * width is a whole number of bytes).
+    fn chunk_bytes(&self) -> usize {
+        CHUNK * self.width() / 8
+    }
+
+    fn payload_len(&self, n: usize) -> usize {
+        (n * self.width()).div_ceil(8)
+    }
+
+    /// Writes (initializes) every byte of chunk `ci` of the payload, `o`.
+    fn chunk<T: ToF32>(&self, x: &[T], ci: usize, o: &mut [std::mem::MaybeUninit<u8>]) {
+        let c = &x[ci * CHUNK..x.len().min((ci + 1) * CHUNK)];
+        match *self {
+            ChunkWriter::Copy => {
+                let o = crate::buf::zero_init(o);
+                T::with_f32(c, |f| o.copy_from_slice(bytemuck::cast_slice(f)));
+            }
+            ChunkWriter::Codes {
+                rounding,
+                seed,
+                squeeze,
+                ref plan,
+                width,
+                fast_f16,
+            } => encode_chunk(rounding, o, c, ci, seed, squeeze, plan, width, fast_f16),
+        }
+    }
+}
+
+/// One chunk of a float encoding (`ChunkWriter::chunk`): squeeze (S2FP8) if asked, then the codes into `o`, which this
 /// initializes (the AVX-512 kernels write every byte directly; other paths zero it first).
 #[allow(clippy::too_many_arguments)]
 fn encode_chunk<T: ToF32>(

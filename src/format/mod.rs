@@ -24,6 +24,97 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     xxh3::hash64_with_seed(bytes, 0)
 }
 
+/// Fills `buf` after its first `head.len()` bytes (which it sets to `head`) piece by piece in
+/// parallel, `work(i, piece)` writing piece i (`piece` bytes, the last one shorter), and returns
+/// the XXH3-64 checksum of the whole buffer, computed while the pieces are written.
+///
+/// Pieces are handed out in order and hashed in order as soon as they are complete (by whichever
+/// worker finishes one when no other is hashing), while they are still in cache: the checksum of
+/// a large buffer, otherwise one serial pass at the end, then mostly overlaps the encoding.
+///
+/// # Safety
+/// `work` must initialize every byte of the piece it is given.
+pub(crate) unsafe fn fill_and_hash<F>(
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    head: &[u8],
+    piece: usize,
+    work: F,
+) -> u64
+where
+    F: Fn(usize, &mut [std::mem::MaybeUninit<u8>]) + Sync,
+{
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    assert!(piece > 0 && head.len() <= buf.len());
+    crate::buf::zero_init(&mut buf[..head.len()]).copy_from_slice(head);
+    let body = buf.len() - head.len();
+    let n = body.div_ceil(piece);
+    // Raw address: the pieces are disjoint, each written by one worker, then only read.
+    let base = buf.as_mut_ptr() as usize;
+    let span = |i: usize| (head.len() + i * piece, piece.min(body - i * piece));
+    let next = AtomicUsize::new(0);
+    let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(head);
+    let hasher = Mutex::new((h, 0usize));
+    let advance = |h: &mut (xxhash_rust::xxh3::Xxh3, usize)| {
+        while h.1 < n && done[h.1].load(Ordering::Acquire) {
+            let (at, len) = span(h.1);
+            // SAFETY: piece h.1 is complete (its flag was set with Release after `work`
+            // initialized all of it) and nothing writes it again.
+            h.0.update(unsafe { std::slice::from_raw_parts((base + at) as *const u8, len) });
+            h.1 += 1;
+        }
+    };
+    let worker = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        let (at, len) = span(i);
+        // SAFETY: piece i lies inside `buf` and no other worker touches it before its flag.
+        let s = unsafe {
+            std::slice::from_raw_parts_mut((base + at) as *mut std::mem::MaybeUninit<u8>, len)
+        };
+        work(i, s);
+        done[i].store(true, Ordering::Release);
+        if let Ok(mut h) = hasher.try_lock() {
+            advance(&mut h);
+        }
+    };
+    crate::pool::install(|| {
+        rayon::scope(|s| {
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(|_| worker());
+            }
+            worker();
+        })
+    });
+    let mut h = hasher.into_inner().unwrap_or_else(|e| e.into_inner());
+    advance(&mut h);
+    assert_eq!(h.1, n, "every piece is written and hashed");
+    h.0.digest()
+}
+
+/// The fixed header and shape of a packed tensor (the bytes the checksum starts with).
+fn header_bytes(
+    dtype: DType,
+    codec_id: u16,
+    shape: &[u64],
+    numel: u64,
+    meta_len: usize,
+    payload_len: usize,
+) -> Vec<u8> {
+    let mut w = LeWriter(Vec::with_capacity(FIXED_HEADER + 8 * shape.len()));
+    w.bytes(&MAGIC).u8(VERSION).u8(dtype as u8).u16(codec_id);
+    w.u8(shape.len() as u8).bytes(&[0; 3]);
+    w.u32(meta_len as u32).u64(payload_len as u64).u64(numel);
+    for &d in shape {
+        w.u64(d);
+    }
+    w.0
+}
+
 /// A tensor in packed form: the exact bytes of the format plus its parsed header.
 pub struct Packed {
     bytes: Vec<u8>,
@@ -77,22 +168,25 @@ impl Packed {
                 x.len()
             )));
         }
-        // The encoder leaves room for the header in front of its metadata and payload, and for
-        // the checksum behind: a large payload is written once and never moved or copied.
-        let head_len = FIXED_HEADER + 8 * shape.len();
-        let (mut bytes, meta_len) =
-            (info.encoder)(params)?.encode_framed(x, head_len, CHECKSUM_LEN)?;
-        let payload_len = bytes.len() - head_len - meta_len;
-        let mut w = LeWriter(Vec::with_capacity(head_len));
-        w.bytes(&MAGIC).u8(VERSION).u8(x.dtype() as u8).u16(info.id);
-        w.u8(shape.len() as u8).bytes(&[0; 3]);
-        w.u32(meta_len as u32).u64(payload_len as u64).u64(numel);
-        for &d in shape {
-            w.u64(d);
-        }
-        bytes[..head_len].copy_from_slice(&w.0);
-        let sum = checksum(&bytes);
-        bytes.extend_from_slice(&sum.to_le_bytes());
+        let enc = (info.encoder)(params)?;
+        let head_for = |meta_len: usize, payload_len: usize| {
+            header_bytes(x.dtype(), info.id, shape, numel, meta_len, payload_len)
+        };
+        let mut bytes = match enc.encode_sealed(x, &head_for) {
+            // Header, metadata, payload and checksum in one go (the layout was known up front).
+            Some(sealed) => sealed?,
+            None => {
+                // The encoder leaves room for the header in front of its metadata and payload,
+                // and for the checksum behind: a large payload is written once, never moved.
+                let head_len = FIXED_HEADER + 8 * shape.len();
+                let (mut bytes, meta_len) = enc.encode_framed(x, head_len, CHECKSUM_LEN)?;
+                let payload_len = bytes.len() - head_len - meta_len;
+                bytes[..head_len].copy_from_slice(&head_for(meta_len, payload_len));
+                let sum = checksum(&bytes);
+                bytes.extend_from_slice(&sum.to_le_bytes());
+                bytes
+            }
+        };
         crate::buf::release_spare(&mut bytes);
         // Parse what we wrote: one code path for fresh and loaded tensors, and a self-check.
         Packed::parse(bytes, false)
@@ -244,6 +338,86 @@ impl Packed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_and_hash_is_the_checksum_of_the_buffer() {
+        for (len, piece) in [
+            (0usize, 7usize),
+            (5, 7),
+            (100_000, 4096),
+            (1 << 20, 1000),
+            (999, 1),
+        ] {
+            let head: Vec<u8> = (0..37u8).collect();
+            let mut buf: Vec<u8> = Vec::with_capacity(head.len() + len);
+            // SAFETY: every piece is fully written below; capacity covers head + len.
+            let sum = unsafe {
+                let spare = &mut buf.spare_capacity_mut()[..head.len() + len];
+                let sum = fill_and_hash(spare, &head, piece, |i, o| {
+                    for (j, b) in o.iter_mut().enumerate() {
+                        b.write(((i * piece + j) * 31 % 251) as u8);
+                    }
+                });
+                buf.set_len(head.len() + len);
+                sum
+            };
+            assert_eq!(&buf[..head.len()], &head[..]);
+            assert!(buf[head.len()..]
+                .iter()
+                .enumerate()
+                .all(|(j, &b)| b == (j * 31 % 251) as u8));
+            assert_eq!(sum, checksum(&buf), "len {len} piece {piece}");
+        }
+    }
+
+    /// Float codecs write the checksum while encoding (`Encoder::encode_sealed`): the bytes are
+    /// those of the plain path (encode, header, one checksum pass), over many chunks.
+    #[test]
+    fn sealed_encoding_equals_the_framed_one() {
+        let x = sample(3 * 65_536 + 123, 5);
+        let shape = [x.len() as u64];
+        for (name, p) in [
+            ("fp32", params(&[])),
+            ("fp16", params(&[])),
+            (
+                "bf16",
+                params(&[
+                    ("rounding", Param::Str("stochastic".into())),
+                    ("seed", Param::Int(9)),
+                ]),
+            ),
+            ("fp8", params(&[("format", Param::Str("e5m2".into()))])),
+            ("s2fp8", params(&[])),
+            ("mantissa", params(&[("mantissa_bits", Param::Int(3))])),
+        ] {
+            let sealed = Packed::encode(Data::F32(&x), &shape, name, &p).unwrap();
+            let info = codec::by_name(name).unwrap();
+            let head_len = FIXED_HEADER + 8;
+            let (mut b, meta_len) = (info.encoder)(&p)
+                .unwrap()
+                .encode_framed(Data::F32(&x), head_len, CHECKSUM_LEN)
+                .unwrap();
+            let payload_len = b.len() - head_len - meta_len;
+            let head = header_bytes(
+                DType::F32,
+                info.id,
+                &shape,
+                x.len() as u64,
+                meta_len,
+                payload_len,
+            );
+            b[..head_len].copy_from_slice(&head);
+            let sum = checksum(&b);
+            b.extend_from_slice(&sum.to_le_bytes());
+            let first = sealed.bytes().iter().zip(&b).position(|(a, c)| a != c);
+            assert!(
+                sealed.bytes() == &b[..],
+                "{name}: {} vs {} bytes, first difference at {first:?}",
+                sealed.bytes().len(),
+                b.len()
+            );
+        }
+    }
 
     #[test]
     fn checksum_is_the_reference_xxh3() {
