@@ -85,9 +85,10 @@ impl Default for SmaqConfig {
             bits_outlier: 8,
             t_main: 1.0,
             t_outlier: 2.5,
-            // Exact statistics by default: measured, they cost less than the timing noise of an
-            // encode (one AVX2 pass) and make the error deterministic, where k = 4096 samples
-            // moved the RMSE by +-8% from seed to seed. `stats="sampled"` (k, seed) is there.
+            // Exact statistics by default: they make the error deterministic, where k = 4096
+            // samples moved the RMSE by +-8% from seed to seed. Their cost is one pass bound by
+            // memory bandwidth (8 of the 37 ms of a 64M-value encode, measured). `stats="sampled"`
+            // (k, seed) is there.
             sampling: Sampling::Exact,
             spread: Spread::Std,
             rounding: Rounding::Stochastic,
