@@ -37,8 +37,9 @@ struct Consts {
     mx_main: __m512,
     mx_out: __m512,
     dither: __m512,
-    /// 1 in every lane.
+    /// 1 and 2 in every lane.
     one: __m512i,
+    two: __m512i,
     /// key + first + lane: the counter of lane 0 of the first vector.
     base: __m512i,
 }
@@ -62,6 +63,7 @@ impl Consts {
             mx_out: _mm512_set1_ps(q.max_out as f32),
             dither: _mm512_set1_ps(p.dither),
             one: _mm512_set1_epi32(1),
+            two: _mm512_set1_epi32(2),
             base: _mm512_add_epi32(
                 _mm512_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32),
                 lanes,
@@ -70,12 +72,18 @@ impl Consts {
     }
 }
 
-/// Codes (32-bit lanes) of sixteen values and their lane masks.
+/// Codes (32-bit lanes) of sixteen values and their outlier lanes.
 struct Step {
     code: __m512i,
     is_out: __mmask16,
-    beyond: __mmask16,
-    nonfin: __mmask16,
+}
+
+/// Per-lane tallies of a run: lanes beyond t_outlier (infinities included, see [`encode`]) and
+/// non-finite lanes. Vector counters cost one masked add per step; the counts are summed once at
+/// the end.
+struct Tally {
+    beyond: __m512i,
+    nonfin: __m512i,
 }
 
 /// Codes of the sixteen values `v`, the first being element `i` of the call; `STOCH`:
@@ -88,7 +96,7 @@ struct Step {
 /// adding it with one FMA rounds exactly as the separate add does.
 #[target_feature(enable = "avx512f,avx512dq,fma")]
 #[inline]
-fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i) -> Step {
+fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i, t: &mut Tally) -> Step {
     let vb = _mm512_castps_si512(v);
     let z = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(v, c.hi), c.lo), c.inv);
     let a = _mm512_abs_ps(z);
@@ -117,24 +125,24 @@ fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i) -> Step {
     } else {
         _mm512_add_ps(dr, c.dither)
     };
-    // Exact zeros get magnitude 0 here (and are never outliers): with the sign bit they make
-    // ZERO_CODE below.
+    // Exact zeros get magnitude 0 here (and are never outliers).
     let mag = _mm512_maskz_cvttps_epi32(nonzero, _mm512_min_ps(sum, mx));
-    let zneg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
-    let neg = (zneg & (_mm512_test_epi32_mask(mag, mag) | is_out)) | !nonzero;
     // Outlier lanes: bit 0 set. (`c.one` is a field rather than a literal: with a literal 1 the
     // compiler turns the masked OR into three instructions.)
     let code = _mm512_slli_epi32::<2>(mag);
     let code = _mm512_mask_or_epi32(code, is_out, code, c.one);
-    let code = _mm512_mask_or_epi32(code, neg, code, _mm512_set1_epi32(2));
-    // Finite, non-zero, beyond t_outlier (NaN fails the compare).
-    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(nonzero & !nonfin, a, c.t_out);
-    Step {
-        code,
-        is_out,
-        beyond,
-        nonfin,
-    }
+    // The sign where z < 0 and the code is not 0 (magnitude > 0 or an outlier): a vector test
+    // under the compare's mask rather than mask-register logic.
+    let zneg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
+    let neg = _mm512_mask_test_epi32_mask(zneg, code, code);
+    let code = _mm512_mask_or_epi32(code, neg, code, c.two);
+    // Exact zeros: ZERO_CODE.
+    let code = _mm512_mask_blend_epi32(nonzero, c.two, code);
+    // Beyond t_outlier (NaN fails the compare; infinities pass and are taken out in `encode`).
+    let beyond = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(nonzero, a, c.t_out);
+    t.beyond = _mm512_mask_add_epi32(t.beyond, beyond, t.beyond, c.one);
+    t.nonfin = _mm512_mask_add_epi32(t.nonfin, nonfin, t.nonfin, c.one);
+    Step { code, is_out }
 }
 
 /// The four 16-lane masks of a 64-value step as one mask, in value order.
@@ -271,17 +279,30 @@ pub unsafe fn encode(
     let mut t = Counts::default();
     let x = &x[..n64];
     let stoch = p.key.is_some();
-    // SAFETY (all four calls): the same extensions are present (this function's contract); with
-    // no extra bits the buffer is never touched.
-    match (ew > 0, stoch) {
-        (true, true) => extra.append_raw(n64 * ew as usize / 8 + 66, |buf, xbit| unsafe {
-            k.run::<true>(x, primary, buf, xbit, &mut t)
-        }),
-        (true, false) => extra.append_raw(n64 * ew as usize / 8 + 66, |buf, xbit| unsafe {
-            k.run::<false>(x, primary, buf, xbit, &mut t)
-        }),
-        (false, true) => _ = unsafe { k.run::<true>(x, primary, &mut [], 0, &mut t) },
-        (false, false) => _ = unsafe { k.run::<false>(x, primary, &mut [], 0, &mut t) },
+    // The default configuration (6/8 bits) gets a loop compiled for its widths; the others share
+    // one that reads them at run time.
+    let fixed = (bm, ew) == (6, 2);
+    let mut run = |buf: &mut [u8], xbit: usize| {
+        // SAFETY (all four calls): the same extensions are present (this function's contract);
+        // with no extra bits the buffer is never touched.
+        unsafe {
+            match (stoch, fixed) {
+                (true, true) => k.run::<true, 6, 2>(x, primary, buf, xbit, &mut t),
+                (true, false) => k.run::<true, 0, 0>(x, primary, buf, xbit, &mut t),
+                (false, true) => k.run::<false, 6, 2>(x, primary, buf, xbit, &mut t),
+                (false, false) => k.run::<false, 0, 0>(x, primary, buf, xbit, &mut t),
+            }
+        }
+    };
+    if ew > 0 {
+        extra.append_raw(n64 * ew as usize / 8 + 66, run);
+    } else {
+        run(&mut [], 0);
+    }
+    // The loop counts infinities as beyond t_outlier (their |z| is +Inf); take them out here,
+    // where there are non-finite values at all (rare).
+    if t.nonfinite > 0 {
+        t.beyond -= x.iter().filter(|v| v.is_infinite()).count() as u32;
     }
     (n64, t)
 }
@@ -309,7 +330,7 @@ impl Blocks {
     #[target_feature(
         enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma"
     )]
-    unsafe fn run<const STOCH: bool>(
+    unsafe fn run<const STOCH: bool, const BM: u32, const EW: u32>(
         &self,
         x: &[f32],
         primary: &mut [u8],
@@ -317,7 +338,18 @@ impl Blocks {
         mut xbit: usize,
         t: &mut Counts,
     ) -> usize {
-        let (bm, ew, c) = (self.bm, self.ew, &self.c);
+        // BM = 0: the widths are read at run time; else they are constants (and equal these).
+        debug_assert!(BM == 0 || (BM, EW) == (self.bm, self.ew));
+        let (bm, ew) = if BM == 0 {
+            (self.bm, self.ew)
+        } else {
+            (BM, EW)
+        };
+        let c = &self.c;
+        let mut tally = Tally {
+            beyond: _mm512_setzero_si512(),
+            nonfin: _mm512_setzero_si512(),
+        };
         let pmask = _mm512_set1_epi16(((1u32 << bm) - 1) as i16);
         let pmask8 = _mm512_set1_epi8(((1u32 << bm) - 1) as i8);
         let emask8 = _mm512_set1_epi8(((1u32 << ew) - 1) as i8);
@@ -343,18 +375,16 @@ impl Blocks {
                 )
             };
             let sixteen = _mm512_set1_epi32(16);
-            let s0 = step::<STOCH>(c, v0, ctr);
+            let s0 = step::<STOCH>(c, v0, ctr, &mut tally);
             ctr = _mm512_add_epi32(ctr, sixteen);
-            let s1 = step::<STOCH>(c, v1, ctr);
+            let s1 = step::<STOCH>(c, v1, ctr, &mut tally);
             ctr = _mm512_add_epi32(ctr, sixteen);
-            let s2 = step::<STOCH>(c, v2, ctr);
+            let s2 = step::<STOCH>(c, v2, ctr, &mut tally);
             ctr = _mm512_add_epi32(ctr, sixteen);
-            let s3 = step::<STOCH>(c, v3, ctr);
+            let s3 = step::<STOCH>(c, v3, ctr, &mut tally);
             ctr = _mm512_add_epi32(ctr, sixteen);
             let outl = mask64([s0.is_out, s1.is_out, s2.is_out, s3.is_out]);
             t.outliers += outl.count_ones();
-            t.beyond += mask64([s0.beyond, s1.beyond, s2.beyond, s3.beyond]).count_ones();
-            t.nonfinite += mask64([s0.nonfin, s1.nonfin, s2.nonfin, s3.nonfin]).count_ones();
             // Codes fit 16 bits (bits_outlier <= 12): narrow to words, then to bytes.
             let w01 = _mm512_packus_epi32(s0.code, s1.code);
             let w23 = _mm512_packus_epi32(s2.code, s3.code);
@@ -414,6 +444,8 @@ impl Blocks {
             }
             i += 64;
         }
+        t.beyond += _mm512_reduce_add_epi32(tally.beyond) as u32;
+        t.nonfinite += _mm512_reduce_add_epi32(tally.nonfin) as u32;
         xbit
     }
 }
