@@ -17,6 +17,16 @@ impl BitWriter {
         }
     }
 
+    /// A writer that appends to `out` after clearing it (its capacity is reused).
+    pub fn from_vec(mut out: Vec<u8>) -> Self {
+        out.clear();
+        Self {
+            out,
+            acc: 0,
+            nbits: 0,
+        }
+    }
+
     /// Appends the low `width` bits of `code` (the bits above must be zero), `width` <= 32.
     #[inline(always)]
     pub fn put(&mut self, code: u32, width: u32) {

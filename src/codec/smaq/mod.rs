@@ -313,6 +313,9 @@ fn encode_typed<T: Codes>(
     for c in &chunks {
         bytes.extend_from_slice(&c.exceptions);
     }
+    for c in chunks {
+        crate::buf::give_scratch(c.extra);
+    }
     let meta = head.write();
     debug_assert_eq!(meta.len(), meta_len);
     bytes[lead..start].copy_from_slice(&meta);
@@ -330,7 +333,8 @@ fn encode_chunk<T: Codes>(
 ) -> ChunkOut {
     // Room for every value being an outlier, plus the SIMD kernels' slack (one vector): the
     // stream never reallocates.
-    let mut extra = BitWriter::with_capacity_bits((x.len() + 1024) * p.q.extra_bits() as usize);
+    let room = ((x.len() + 1024) * p.q.extra_bits() as usize).div_ceil(8) + 8;
+    let mut extra = BitWriter::from_vec(crate::buf::scratch(room));
     let counts = match T::encode_fused(x, p, primary, &mut extra) {
         Some(c) => c,
         None => {
