@@ -234,17 +234,18 @@ def get_num_threads() -> int:
 
 
 def empty_cache() -> int:
-    """Frees the packed buffers kept for reuse; returns the bytes released.
+    """Frees the packed buffers and scratch space kept for reuse; returns the bytes released.
 
     When a large PackedTensor (8 MiB or more) is freed, smaq_rs keeps its buffer, up to 256 MiB
     in all (``SMAQ_RS_BUFFER_CACHE_MB`` sets the limit, 0 turns it off), and the next encode of
     a similar size writes into it: a fresh buffer costs a page fault and a kernel-zeroed page on
-    first write, as much time as the encoding itself. Kept buffers count in the process's
-    resident memory; ``cached_bytes()`` says how much, and this releases it.
+    first write, as much time as the encoding itself. The SmaQ encoder's per-chunk side streams
+    are kept the same way (up to 64 MiB). Kept memory counts in the process's resident memory;
+    ``cached_bytes()`` says how much, and this releases it.
     """
     return _core.empty_cache()
 
 
 def cached_bytes() -> int:
-    """Bytes of freed packed buffers kept for reuse (see ``empty_cache``)."""
+    """Bytes of freed packed buffers and scratch space kept for reuse (see ``empty_cache``)."""
     return _core.cached_bytes()
