@@ -177,7 +177,9 @@ mod tests {
     fn append_raw_continues_the_stream() {
         for pending in 0..40u32 {
             for added in [0usize, 1, 7, 8, 13, 64, 200] {
-                let mut w = BitWriter::default();
+                // A reused vector (as from `buf::scratch`): its stale bytes must not show through
+                // the bits the kernel ORs in.
+                let mut w = BitWriter::from_vec(vec![0xab; 300]);
                 let mut plain = BitWriter::default();
                 for i in 0..pending {
                     w.put(i & 1, 1);
