@@ -82,8 +82,11 @@ const CACHE_MIN: usize = HUGE_PAGE_MIN;
 /// Default limit of the cache, in MiB (`SMAQ_RS_BUFFER_CACHE_MB` overrides; 0 turns it off).
 const CACHE_DEFAULT_MB: usize = 256;
 
-/// Recycled buffers, most recent last, and their total capacity.
-static CACHE: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+/// Kept vectors, most recent last, and their total capacity.
+type Pool = (Vec<Vec<u8>>, usize);
+
+/// Recycled buffers.
+static CACHE: Mutex<Pool> = Mutex::new((Vec::new(), 0));
 
 fn cache_limit() -> usize {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -96,9 +99,20 @@ fn cache_limit() -> usize {
     })
 }
 
-fn cache() -> std::sync::MutexGuard<'static, (Vec<Vec<u8>>, usize)> {
+fn lock(pool: &'static Mutex<Pool>) -> std::sync::MutexGuard<'static, Pool> {
     // A panic while holding the lock leaves the list consistent (plain pushes and removals).
-    CACHE.lock().unwrap_or_else(|e| e.into_inner())
+    pool.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn cache() -> std::sync::MutexGuard<'static, Pool> {
+    lock(&CACHE)
+}
+
+/// Frees everything `pool` keeps; returns the bytes released.
+fn drain(pool: &'static Mutex<Pool>) -> usize {
+    let mut p = lock(pool);
+    p.0.clear();
+    std::mem::take(&mut p.1)
 }
 
 /// Keeps a large buffer that is no longer needed for a later [`init_with_tail`] (dropping the
@@ -137,15 +151,7 @@ fn take(cap: usize) -> Option<Vec<u8>> {
 
 /// Frees every kept buffer, scratch vectors included; returns the bytes released.
 pub fn empty_cache() -> usize {
-    let mut c = cache();
-    let n = c.1;
-    c.0.clear();
-    c.1 = 0;
-    let mut s = scratch_pool();
-    let m = s.1;
-    s.0.clear();
-    s.1 = 0;
-    n + m
+    drain(&CACHE) + drain(&SCRATCH)
 }
 
 /// Bytes held by kept buffers and scratch vectors.
@@ -153,14 +159,14 @@ pub fn cached_bytes() -> usize {
     cache().1 + scratch_pool().1
 }
 
-/// Kept scratch vectors, most recently returned last, and their total capacity.
-static SCRATCH: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+/// Kept scratch vectors.
+static SCRATCH: Mutex<Pool> = Mutex::new((Vec::new(), 0));
 
 /// Most bytes of scratch vectors kept (within the cache limit too).
 const SCRATCH_LIMIT: usize = 64 << 20;
 
-fn scratch_pool() -> std::sync::MutexGuard<'static, (Vec<Vec<u8>>, usize)> {
-    SCRATCH.lock().unwrap_or_else(|e| e.into_inner())
+fn scratch_pool() -> std::sync::MutexGuard<'static, Pool> {
+    lock(&SCRATCH)
 }
 
 /// An empty vector with room for `cap` bytes, for a short-lived side stream (a chunk's extra
