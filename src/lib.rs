@@ -11,7 +11,7 @@
 //! let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
 //! let packed = Packed::encode(Data::F32(&x), &[10, 100], "smaq", &Params::new()).unwrap();
 //! assert!(packed.nbytes() < x.len() * 4 / 3); // about 6.6 bits per value plus a small header
-//! let back = Packed::from_bytes(packed.bytes().to_vec()).unwrap().decode().unwrap();
+//! let back = Packed::from_bytes(packed.to_vec()).unwrap().decode().unwrap();
 //! ```
 
 pub mod bits;

@@ -898,11 +898,7 @@ mod tests {
                     packed,
                     zeros,
                     range,
-                } => (
-                    packed.bytes().to_vec(),
-                    zeros,
-                    range.map(|r| r.map(f64::to_bits)),
-                ),
+                } => (packed.to_vec(), zeros, range.map(|r| r.map(f64::to_bits))),
                 SlotOut::NeedsMap => panic!("no map expected"),
             });
             (p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), desc)

@@ -66,3 +66,110 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     pool().install(f)
 }
+
+/// Whether work cut in `pieces` pieces goes to the pool. A single piece runs on the calling
+/// thread: handing it to a pool worker and waiting for the result costs two thread wake-ups
+/// (90 us per call measured on the 2-core test machine, against 7 us for a whole fp16 encode
+/// of a small tensor).
+pub fn parallel(pieces: usize) -> bool {
+    pieces > 1
+}
+
+/// `f(i, chunk)` for each `size`-long chunk of `x` (the last may be shorter), in order; in
+/// parallel in the pool unless there is one chunk ([`parallel`]).
+pub fn map_chunks<T: Sync, R: Send>(
+    x: &[T],
+    size: usize,
+    f: impl Fn(usize, &[T]) -> R + Send + Sync,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    assert!(size > 0, "chunk size is zero");
+    if parallel(x.len().div_ceil(size)) {
+        install(|| {
+            x.par_chunks(size)
+                .enumerate()
+                .map(|(i, c)| f(i, c))
+                .collect()
+        })
+    } else {
+        x.chunks(size).enumerate().map(|(i, c)| f(i, c)).collect()
+    }
+}
+
+/// Calls `f(i, chunk)` for each `size`-long chunk of `buf` (the last may be shorter); in
+/// parallel in the pool unless there is one chunk ([`parallel`]). Stops at an error (which one,
+/// when several chunks fail in parallel, is not specified).
+pub fn try_for_each_chunk_mut<T: Send, E: Send>(
+    buf: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) -> Result<(), E> + Send + Sync,
+) -> Result<(), E> {
+    use rayon::prelude::*;
+    assert!(size > 0, "chunk size is zero");
+    if parallel(buf.len().div_ceil(size)) {
+        install(|| {
+            buf.par_chunks_mut(size)
+                .enumerate()
+                .try_for_each(|(i, c)| f(i, c))
+        })
+    } else {
+        buf.chunks_mut(size)
+            .enumerate()
+            .try_for_each(|(i, c)| f(i, c))
+    }
+}
+
+/// [`try_for_each_chunk_mut`] for work that cannot fail.
+pub fn for_each_chunk_mut<T: Send>(
+    buf: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) + Send + Sync,
+) {
+    let ok: Result<(), std::convert::Infallible> = try_for_each_chunk_mut(buf, size, |i, c| {
+        f(i, c);
+        Ok(())
+    });
+    let Ok(()) = ok;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_chunk_is_visited_once_with_its_index() {
+        for (len, size) in [
+            (0usize, 4usize),
+            (3, 4),
+            (4, 4),
+            (5, 4),
+            (1000, 7),
+            (1 << 16, 1000),
+        ] {
+            let mut v = vec![usize::MAX; len];
+            for_each_chunk_mut(&mut v, size, |i, c| {
+                assert!(
+                    c.len() == size || (i + 1) * size >= len,
+                    "chunk {i} is short"
+                );
+                for (j, x) in c.iter_mut().enumerate() {
+                    *x = i * size + j;
+                }
+            });
+            assert!(
+                v.iter().enumerate().all(|(k, &x)| x == k),
+                "len {len} size {size}"
+            );
+            let firsts = map_chunks(&v, size, |i, c| (i, c[0]));
+            assert_eq!(
+                firsts,
+                (0..len.div_ceil(size))
+                    .map(|i| (i, i * size))
+                    .collect::<Vec<_>>()
+            );
+            let err =
+                try_for_each_chunk_mut(&mut v, size, |i, _| if i == 1 { Err(i) } else { Ok(()) });
+            assert_eq!(err, if len > size { Err(1) } else { Ok(()) });
+        }
+    }
+}

@@ -68,3 +68,22 @@ pub fn avx512_vbmi() -> bool {
         false
     }
 }
+
+/// Payloads at least this large are written with non-temporal stores: half this machine class's
+/// last-level cache (32 MiB on the Zen 4 parts measured), above which the codes would only evict
+/// the input still to be read.
+pub const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Whether an encoder writing `bytes` of codes in one pass should use non-temporal stores, which
+/// skip reading each output line into the cache before overwriting it (a quarter of an fp16
+/// encode's memory traffic). `SMAQ_RS_STREAM=0` turns them off, `=1` forces them on at any size
+/// (for tests and comparisons); read once.
+pub fn stream_output(bytes: usize) -> bool {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(|| match std::env::var("SMAQ_RS_STREAM").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    });
+    mode.unwrap_or(bytes >= STREAM_MIN_BYTES)
+}

@@ -2,7 +2,6 @@
 
 use crate::dtype::Element;
 use crate::rng::SplitMix64;
-use rayon::prelude::*;
 
 /// Running moments of the finite values, shifted by `shift` for numerical stability.
 #[derive(Debug, Clone, Copy)]
@@ -275,10 +274,7 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
     // Per-block moments in parallel, merged in block order: the result does not depend on the
     // number of threads (a tree reduction would add in a thread-dependent order).
     let exact = || {
-        let blocks: Vec<Moments> = x
-            .par_chunks(1 << 16)
-            .map(|c| Moments::of(c, shift))
-            .collect();
+        let blocks = crate::pool::map_chunks(x, 1 << 16, |_, c| Moments::of(c, shift));
         blocks.into_iter().fold(Moments::EMPTY, Moments::merge)
     };
     let m = match sampling {

@@ -86,3 +86,51 @@ def test_version_and_magic_messages():
         PackedTensor.from_bytes(b"XXXX" + bytes(good[4:]))
     with pytest.raises(FormatError, match="bytes-like"):
         PackedTensor.from_bytes(12)
+
+
+def test_checksum_of_a_fresh_encoding_is_the_one_that_loads():
+    """A fresh encoding computes its checksum when its bytes are first read out: ``to_bytes``
+    gives the same bytes every time, and they load (checksum verified) and decode the same."""
+    x = np.random.default_rng(3).standard_normal(200_000).astype(np.float32)
+    for codec, params in [("fp16", {}), ("smaq", {"seed": 2}), ("int", {"bits": 4})]:
+        p = smaq_rs.compress(x, codec=codec, **params)
+        first = p.to_bytes()
+        assert len(first) == p.nbytes and p.to_bytes() == first
+        back = PackedTensor.from_bytes(first)
+        assert back.to_bytes() == first
+        assert smaq_rs.decompress(back).tobytes() == smaq_rs.decompress(p).tobytes()
+        bad = bytearray(first)
+        bad[-1] ^= 1
+        with pytest.raises(ChecksumError):
+            PackedTensor.from_bytes(bytes(bad))
+
+
+_STREAM_SCRIPT = """
+import hashlib, sys
+import numpy as np, smaq_rs
+x = np.random.default_rng(4).standard_normal(300_001).astype(np.float32)
+x[::997] = np.nan
+x[1::991] = np.inf
+for codec, params in [("fp16", {}), ("bf16", {}), ("fp8", {"format": "e4m3"}),
+                      ("fp8", {"format": "e5m2"}), ("fp8", {"format": "e4m3", "overflow": "saturate"})]:
+    for lo in (0, 1, 3):  # different alignments of the same values
+        b = smaq_rs.compress(np.ascontiguousarray(x[lo:]), codec=codec, **params).to_bytes()
+        print(codec, params, lo, hashlib.sha256(b).hexdigest())
+"""
+
+
+def test_non_temporal_stores_write_the_same_bytes():
+    """Large float encodings use non-temporal stores (``SMAQ_RS_STREAM=1`` forces them at any
+    size, ``=0`` turns them off): the packed bytes are the same either way."""
+    import os
+    import subprocess
+    import sys
+
+    def run(mode):
+        env = dict(os.environ, SMAQ_RS_STREAM=mode)
+        out = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT], env=env, check=True,
+                             capture_output=True, text=True)
+        return out.stdout.splitlines()
+
+    streamed, plain = run("1"), run("0")
+    assert len(streamed) == 15 and streamed == plain

@@ -332,17 +332,17 @@ unsafe fn codes_avx2<O: Code, const R: u8>(x: &[f32], out: &mut [O], p: &Plan, k
 unsafe fn codes_nearest_avx512<O: Code>(x: &[f32], out: &mut [O], p: &Plan) {
     let n = x.len().min(out.len());
     // SAFETY: `out` holds at least n codes.
-    unsafe { codes_nearest_avx512_to(&x[..n], out.as_mut_ptr(), p) }
+    unsafe { codes_nearest_avx512_to(&x[..n], out.as_mut_ptr(), p, false) }
 }
 
 /// [`codes_nearest_avx512`] into `dst`, which may be uninitialized memory.
 ///
 /// # Safety
 /// AVX-512 F and BW are available, and `dst` is valid for writing `x.len()` values of `O`
-/// (alignment is not needed: every store is unaligned).
+/// (alignment is not needed). `stream`: as in [`store_codes_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan) {
+unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan, stream: bool) {
     use std::arch::x86_64::*;
     let (src, n) = (x.as_ptr(), x.len());
     let shift = _mm_cvtsi32_si128(p.shift as i32);
@@ -388,7 +388,7 @@ unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan) {
     // SAFETY: `load` reads x[i..i + 16] for the i that `store_codes_avx512` passes, which keeps
     // i + 16 <= n (full loads) or masks the lanes past n.
     unsafe {
-        store_codes_avx512(dst, n, |i, k| {
+        store_codes_avx512(dst, n, stream, |i, k| {
             code16(_mm512_maskz_loadu_epi32(k, src.add(i).cast()))
         })
     }
@@ -399,21 +399,65 @@ unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan) {
 /// at the end). 64 codes per iteration are narrowed with saturating packs (the codes fit their
 /// width) and one permutation, then stored with one full-width store: narrowing stores
 /// (`vpmovdb` to memory) are slow on some CPUs (AMD Zen 4).
+///
+/// `stream`: the full-width stores bypass the cache (non-temporal, [`crate::simd::stream`]),
+/// after masked stores up to the first 64-byte boundary; a store fence ends the call.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn store_codes_avx512<O: Code>(
     dst: *mut O,
     n: usize,
+    stream: bool,
     mut code: impl FnMut(usize, std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512i,
 ) {
     use std::arch::x86_64::*;
     let osize = std::mem::size_of::<O>();
     debug_assert!(osize == 1 || osize == 2 || osize == 4);
     const ALL: __mmask16 = 0xffff;
+    // Stores codes i..end (at most 16) with a masked narrowing store.
+    macro_rules! masked {
+        ($i:expr, $end:expr) => {{
+            let (i, end): (usize, usize) = ($i, $end);
+            let k: __mmask16 = if end - i >= 16 {
+                ALL
+            } else {
+                ((1u32 << (end - i)) - 1) as u16
+            };
+            let c = code(i, k);
+            // SAFETY: only lanes below `end` <= n are written.
+            unsafe {
+                match osize {
+                    1 => _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, c),
+                    2 => _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, c),
+                    _ => _mm512_mask_storeu_epi32(dst.add(i).cast(), k, c),
+                }
+            }
+        }};
+    }
+    // Codes before the first 64-byte boundary, when streaming (none if `dst` is misaligned for
+    // its element type, which the platform's allocators never give).
+    let head = if stream && (dst as usize) % osize == 0 {
+        ((dst as usize).wrapping_neg() % 64 / osize).min(n)
+    } else {
+        0
+    };
+    let stream = stream && (dst as usize + head * osize) % 64 == 0;
     let mut i = 0;
-    // SAFETY (whole function): the caller guarantees `dst` is valid for `n` writes; full-width
-    // stores write dst[i..i + 64] with i + 64 <= n, the tail stores only lanes below n.
+    while i < head {
+        masked!(i, head.min(i + 16));
+        i += 16.min(head - i);
+    }
+    // SAFETY: the full-width stores write dst[i..i + 64] with i + 64 <= n, 64-byte aligned when
+    // streaming.
+    let store = |at: *mut O, v: __m512i| unsafe {
+        if stream {
+            _mm512_stream_si512(at.cast(), v)
+        } else {
+            _mm512_storeu_si512(at.cast(), v)
+        }
+    };
+    // SAFETY (whole loop): the caller guarantees `dst` is valid for `n` writes.
     unsafe {
         while i + 64 <= n {
             let c0 = code(i, ALL);
@@ -430,39 +474,36 @@ pub(crate) unsafe fn store_codes_avx512<O: Code>(
                     );
                     let idx =
                         _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-                    _mm512_storeu_si512(dst.add(i).cast(), _mm512_permutexvar_epi32(idx, b));
+                    store(dst.add(i), _mm512_permutexvar_epi32(idx, b));
                 }
                 2 => {
                     // Per lane L, qwords c0[4L..], c1[4L..] (and c2, c3 in the second pack).
                     let idx = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
-                    let w01 = _mm512_permutexvar_epi64(idx, _mm512_packus_epi32(c0, c1));
-                    let w23 = _mm512_permutexvar_epi64(idx, _mm512_packus_epi32(c2, c3));
-                    _mm512_storeu_si512(dst.add(i).cast(), w01);
-                    _mm512_storeu_si512(dst.add(i + 32).cast(), w23);
+                    store(
+                        dst.add(i),
+                        _mm512_permutexvar_epi64(idx, _mm512_packus_epi32(c0, c1)),
+                    );
+                    store(
+                        dst.add(i + 32),
+                        _mm512_permutexvar_epi64(idx, _mm512_packus_epi32(c2, c3)),
+                    );
                 }
                 _ => {
-                    _mm512_storeu_si512(dst.add(i).cast(), c0);
-                    _mm512_storeu_si512(dst.add(i + 16).cast(), c1);
-                    _mm512_storeu_si512(dst.add(i + 32).cast(), c2);
-                    _mm512_storeu_si512(dst.add(i + 48).cast(), c3);
+                    store(dst.add(i), c0);
+                    store(dst.add(i + 16), c1);
+                    store(dst.add(i + 32), c2);
+                    store(dst.add(i + 48), c3);
                 }
             }
             i += 64;
         }
-        while i < n {
-            let k: __mmask16 = if n - i >= 16 {
-                ALL
-            } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
-            let c = code(i, k);
-            match osize {
-                1 => _mm512_mask_cvtepi32_storeu_epi8(dst.add(i).cast(), k, c),
-                2 => _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, c),
-                _ => _mm512_mask_storeu_epi32(dst.add(i).cast(), k, c),
-            }
-            i += 16;
-        }
+    }
+    while i < n {
+        masked!(i, n.min(i + 16));
+        i += 16;
+    }
+    if stream {
+        _mm_sfence();
     }
 }
 
@@ -537,39 +578,61 @@ unsafe fn f16_codes_f16c(x: &[f32], out: &mut [u16]) {
 }
 
 /// [`f16_codes_f16c`] with 512-bit conversions (`vcvtps2ph` on 16 values, the same rounding and
-/// NaN handling), writing into `dst`, which may be uninitialized.
+/// NaN handling), writing into `dst`, which may be uninitialized. `stream`: non-temporal stores
+/// from the first 64-byte boundary on, as in [`store_codes_avx512`].
 ///
 /// # Safety
 /// AVX-512 F is available and `dst` is valid for writing `x.len()` `u16` codes (alignment is
-/// not needed: every store is unaligned).
+/// not needed).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16) {
+unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16, stream: bool) {
     use std::arch::x86_64::*;
     const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let (src, n) = (x.as_ptr(), x.len());
+    // Codes i..end (at most 16) with a masked store.
+    // SAFETY: loads and stores touch only lanes below `end` <= n.
+    let masked = |i: usize, end: usize| unsafe {
+        let k = ((1u32 << (end - i)) - 1) as __mmask16;
+        let h = _mm512_cvtps_ph::<RN>(_mm512_maskz_loadu_ps(k, src.add(i)));
+        // Widened to 32-bit lanes for the masked narrowing store (AVX-512 F only).
+        _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(h));
+    };
+    let head = if stream && (dst as usize) % 2 == 0 {
+        ((dst as usize).wrapping_neg() % 64 / 2).min(n)
+    } else {
+        0
+    };
+    let stream = stream && (dst as usize + 2 * head) % 64 == 0;
     let mut i = 0;
-    // SAFETY: full loads read x[i..i + 16] and stores write dst[i..i + 16] with i + 16 <= n; the
-    // tail loads and stores only the n - i lanes below n.
+    while i < head {
+        let end = head.min(i + 16);
+        masked(i, end);
+        i = end;
+    }
+    // SAFETY: full loads read x[i..i + 32] and stores write dst[i..i + 32] with i + 32 <= n,
+    // 64-byte aligned when streaming.
     unsafe {
         while i + 32 <= n {
             let a = _mm512_cvtps_ph::<RN>(_mm512_loadu_ps(src.add(i)));
             let b = _mm512_cvtps_ph::<RN>(_mm512_loadu_ps(src.add(i + 16)));
-            _mm256_storeu_si256(dst.add(i).cast(), a);
-            _mm256_storeu_si256(dst.add(i + 16).cast(), b);
+            if stream {
+                let ab = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+                _mm512_stream_si512(dst.add(i).cast(), ab);
+            } else {
+                _mm256_storeu_si256(dst.add(i).cast(), a);
+                _mm256_storeu_si256(dst.add(i + 16).cast(), b);
+            }
             i += 32;
         }
-        while i < n {
-            let k: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
-            let h = _mm512_cvtps_ph::<RN>(_mm512_maskz_loadu_ps(k, src.add(i)));
-            // Widened to 32-bit lanes for the masked narrowing store (AVX-512 F only).
-            _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(h));
-            i += 16;
-        }
+    }
+    while i < n {
+        let end = n.min(i + 16);
+        masked(i, end);
+        i = end;
+    }
+    if stream {
+        _mm_sfence();
     }
 }
 
@@ -848,49 +911,13 @@ impl Encoder for FloatConfig {
                 crate::buf::init_with_tail(start + payload, tail, |b| {
                     let (head, body) = b.split_at_mut(start);
                     crate::buf::zero_init(head)[lead..].copy_from_slice(&meta);
-                    crate::pool::install(|| {
-                        body.par_chunks_mut(write.chunk_bytes())
-                            .enumerate()
-                            .for_each(|(ci, o)| write.chunk(v, ci, o))
+                    crate::pool::for_each_chunk_mut(body, write.chunk_bytes(), |ci, o| {
+                        write.chunk(v, ci, o)
                     })
                 })
             };
             Ok((buf, meta.len()))
         })
-    }
-
-    fn encode_sealed(
-        &self,
-        x: Data<'_>,
-        head: &dyn Fn(usize, usize) -> Vec<u8>,
-    ) -> Option<Result<Vec<u8>>> {
-        let seed = self.seed_for_encode();
-        Some(crate::dispatch!(Data, x, |v| {
-            let (meta, write) = self.prepare(v, seed);
-            let payload = write.payload_len(v.len());
-            let mut prefix = head(meta.len(), payload);
-            prefix.extend_from_slice(&meta);
-            let mut sum = 0;
-            // SAFETY: `fill_and_hash` writes the prefix and `write.chunk` every byte of each
-            // chunk, so all bytes are initialized.
-            let mut buf = unsafe {
-                crate::buf::init_with_tail(
-                    prefix.len() + payload,
-                    crate::format::CHECKSUM_LEN,
-                    |b| {
-                        // SAFETY: `write.chunk` initializes every byte of its chunk.
-                        sum = crate::format::fill_and_hash(
-                            b,
-                            &prefix,
-                            write.chunk_bytes(),
-                            |ci, o| write.chunk(v, ci, o),
-                        );
-                    },
-                )
-            };
-            buf.extend_from_slice(&sum.to_le_bytes());
-            Ok(buf)
-        }))
     }
 }
 
@@ -926,6 +953,7 @@ impl FloatConfig {
             plan: Plan::new(fmt, self.saturate),
             width: fmt.width() as usize,
             fast_f16,
+            stream: crate::simd::stream_output(x.len() * fmt.width() as usize / 8),
         };
         (meta, w)
     }
@@ -942,6 +970,8 @@ enum ChunkWriter {
         plan: Plan,
         width: usize,
         fast_f16: bool,
+        /// Non-temporal stores (a payload larger than the caches, [`crate::simd::stream_output`]).
+        stream: bool,
     },
 }
 
@@ -977,7 +1007,10 @@ impl ChunkWriter {
                 ref plan,
                 width,
                 fast_f16,
-            } => encode_chunk(rounding, o, c, ci, seed, squeeze, plan, width, fast_f16),
+                stream,
+            } => encode_chunk(
+                rounding, o, c, ci, seed, squeeze, plan, width, fast_f16, stream,
+            ),
         }
     }
 }
@@ -995,6 +1028,7 @@ fn encode_chunk<T: ToF32>(
     plan: &Plan,
     width: usize,
     fast_f16: bool,
+    stream: bool,
 ) {
     let key = stream_key(seed, ci as u64);
     #[cfg(target_arch = "x86_64")]
@@ -1002,7 +1036,7 @@ fn encode_chunk<T: ToF32>(
         T::with_f32(c, |f| {
             // SAFETY: AVX-512 F is present (checked at run time); `o` holds exactly f.len()
             // 16-bit codes, all of which the kernel writes.
-            unsafe { f16_codes_avx512_to(f, o.as_mut_ptr().cast()) }
+            unsafe { f16_codes_avx512_to(f, o.as_mut_ptr().cast(), stream) }
         });
         return;
     }
@@ -1020,9 +1054,9 @@ fn encode_chunk<T: ToF32>(
             // f.len() codes of width / 8 bytes, all of which the kernel writes.
             unsafe {
                 if width == 8 {
-                    codes_nearest_avx512_to::<u8>(f, dst.cast(), plan)
+                    codes_nearest_avx512_to::<u8>(f, dst.cast(), plan, stream)
                 } else {
-                    codes_nearest_avx512_to::<u16>(f, dst.cast(), plan)
+                    codes_nearest_avx512_to::<u16>(f, dst.cast(), plan, stream)
                 }
             }
         });
@@ -1212,22 +1246,20 @@ impl FloatHeader {
         };
         let squeeze = self.h.squeeze;
         let kind = self.h.cfg.kind;
-        crate::pool::install(|| {
-            out.par_chunks_mut(CHUNK)
-                .zip(payload.par_chunks(CHUNK * width / 8))
-                .for_each(|(dst, src)| {
-                    let mut tmp = vec![0f32; dst.len()];
-                    decode_chunk(kind, fmt, &lut, src, &mut tmp);
-                    if let Some(s) = squeeze {
-                        let (inv, beta) = (1.0 / s.alpha, s.beta);
-                        for v in tmp.iter_mut() {
-                            if v.is_finite() {
-                                *v = ((v.abs().log2() - beta) * inv).exp2().copysign(*v);
-                            }
-                        }
+        let src_len = CHUNK * width / 8;
+        crate::pool::for_each_chunk_mut(out, CHUNK, |ci, dst| {
+            let src = &payload[ci * src_len..payload.len().min((ci + 1) * src_len)];
+            let mut tmp = vec![0f32; dst.len()];
+            decode_chunk(kind, fmt, &lut, src, &mut tmp);
+            if let Some(s) = squeeze {
+                let (inv, beta) = (1.0 / s.alpha, s.beta);
+                for v in tmp.iter_mut() {
+                    if v.is_finite() {
+                        *v = ((v.abs().log2() - beta) * inv).exp2().copysign(*v);
                     }
-                    T::from_f32_slice(&tmp, dst);
-                })
+                }
+            }
+            T::from_f32_slice(&tmp, dst);
         });
         Ok(())
     }
@@ -1410,7 +1442,7 @@ mod tests {
             let mut a = vec![0u16; len];
             let mut b = vec![0u16; len];
             // SAFETY: AVX-512 F checked above; `a` holds len codes.
-            unsafe { f16_codes_avx512_to(&x[..len], a.as_mut_ptr()) };
+            unsafe { f16_codes_avx512_to(&x[..len], a.as_mut_ptr(), false) };
             f16_codes_portable(&x[..len], &mut b);
             assert_eq!(a, b, "length {len}");
         }
@@ -1548,6 +1580,66 @@ mod tests {
                         unsafe { codes_nearest_avx512(&x[..len], &mut a, &p) };
                         assert!(a.iter().zip(w).all(|(&a, &w)| a as u32 == w), "{f:?}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Non-temporal stores (`stream`) write the same codes as plain ones at every alignment of
+    /// the output, and nothing outside it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn streamed_codes_equal_plain_ones_at_every_offset() {
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            eprintln!("no AVX-512 here: nothing streams");
+            return;
+        }
+        let x = all_bits(5_000);
+        let p8 = Plan::new(Fmt::ieee(5, 2), false);
+        let p16 = Plan::new(Fmt::ieee(8, 7), false);
+        let mut want8 = vec![0u8; x.len()];
+        let mut want16 = vec![0u16; x.len()];
+        let mut want_f16 = vec![0u16; x.len()];
+        codes_body::<u8, NEAREST>(&x, &mut want8, &p8, 0);
+        codes_body::<u16, NEAREST>(&x, &mut want16, &p16, 0);
+        f16_codes_portable(&x, &mut want_f16);
+        let mut buf = vec![0xa5u8; 2 * x.len() + 256];
+        let base = buf.as_ptr().align_offset(64);
+        for off in 0..66 {
+            for len in [0, 1, 15, 31, 33, 64, 100, 1000, 4999] {
+                for kind in 0..3 {
+                    buf.fill(0xa5);
+                    let at = base + off;
+                    let size = if kind == 0 { 1 } else { 2 };
+                    let dst = buf[at..].as_mut_ptr();
+                    // SAFETY: AVX-512 F and BW checked above; `buf` has room for len codes of
+                    // `size` bytes after `at` (64 + 66 + 2 * 4999 < its length).
+                    unsafe {
+                        match kind {
+                            0 => codes_nearest_avx512_to::<u8>(&x[..len], dst, &p8, true),
+                            1 => codes_nearest_avx512_to::<u16>(&x[..len], dst.cast(), &p16, true),
+                            _ => f16_codes_avx512_to(&x[..len], dst.cast(), true),
+                        }
+                    }
+                    let got = &buf[at..at + size * len];
+                    let want: Vec<u8> = match kind {
+                        0 => want8[..len].to_vec(),
+                        1 => want16[..len].iter().flat_map(|c| c.to_le_bytes()).collect(),
+                        _ => want_f16[..len]
+                            .iter()
+                            .flat_map(|c| c.to_le_bytes())
+                            .collect(),
+                    };
+                    assert!(got == &want[..], "kind {kind} offset {off} length {len}");
+                    assert!(
+                        buf[..at]
+                            .iter()
+                            .chain(&buf[at + size * len..])
+                            .all(|&b| b == 0xa5),
+                        "kind {kind} offset {off} length {len}: wrote outside the output"
+                    );
                 }
             }
         }

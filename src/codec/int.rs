@@ -603,7 +603,7 @@ unsafe fn quant_nearest_avx512<O: crate::codec::float::Code>(
     // SAFETY: `store_codes_avx512` asks for the codes of x[i..i + 16] with i + 16 <= n, or
     // masks the lanes past n; it writes out[..n].
     unsafe {
-        crate::codec::float::store_codes_avx512(out.as_mut_ptr(), n, |i, k| {
+        crate::codec::float::store_codes_avx512(out.as_mut_ptr(), n, false, |i, k| {
             let v = _mm512_maskz_loadu_ps(k, src.add(i));
             // max_ps(q, 0) returns its second operand when q is NaN, like f32::max.
             let q = _mm512_max_ps(_mm512_fmadd_ps(v, va, vb), zero);
@@ -917,19 +917,14 @@ impl IntConfig {
             // Group parameters: computed inside each chunk when groups align with chunks, else in a
             // first pass over the whole tensor.
             let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
-                let parts: Vec<Vec<(usize, Stats)>> = crate::pool::install(|| {
-                    x.par_chunks(ch)
-                        .enumerate()
-                        .map(|(ci, c)| {
-                            T::with_f32(c, |f| {
-                                let mut v = Vec::new();
-                                lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
-                                    v.push((g, stats(&f[s..e], moments)))
-                                });
-                                v
-                            })
-                        })
-                        .collect()
+                let parts: Vec<Vec<(usize, Stats)>> = crate::pool::map_chunks(x, ch, |ci, c| {
+                    T::with_f32(c, |f| {
+                        let mut v = Vec::new();
+                        lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
+                            v.push((g, stats(&f[s..e], moments)))
+                        });
+                        v
+                    })
                 });
                 let mut st = vec![Stats::EMPTY; n_groups];
                 for (g, s) in parts.into_iter().flatten() {
@@ -967,90 +962,103 @@ impl IntConfig {
             };
             // Every chunk of codes is zipped with a part: all of them get initialized.
             assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
-            outs = crate::pool::install(|| {
+            type Out<'a> = &'a mut [std::mem::MaybeUninit<u8>];
+            let work = |(ci, ((o, c), pdst)): (usize, ((Out<'_>, &[T]), Option<Out<'_>>))| {
+                let o = crate::buf::zero_init(o);
+                let mut pdst = pdst.map(crate::buf::zero_init);
+                let key = stream_key(seed, ci as u64);
+                let i0 = (ci * ch) as u64;
+                // Fused chunks know whether they hold NaN/Inf; others scan for them.
+                let mut any_bad = global.is_some();
+                T::with_f32(c, |f| {
+                    #[cfg(target_arch = "x86_64")]
+                    if fast8 {
+                        if let Some(d) = pdst.as_deref_mut() {
+                            // SAFETY: `fast8` implies AVX-512 F and BW (checked at run time).
+                            any_bad = unsafe {
+                                chunk8_avx512(self, f, lay.run as usize, o, d, put_params)
+                            };
+                            return;
+                        }
+                    }
+                    let mut tmp16 = if width == 8 {
+                        Vec::new()
+                    } else {
+                        vec![0u16; f.len()]
+                    };
+                    let mut gi = 0;
+                    lay.for_runs(i0, f.len(), |g, s, e| {
+                        let (lo, step) = match &global {
+                            Some(p) => p[g],
+                            None => {
+                                let st = stats(&f[s..e], moments);
+                                any_bad |= st.nonfinite > 0;
+                                let p = group_params(self, st);
+                                if let Some(d) = pdst.as_deref_mut() {
+                                    put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
+                                }
+                                gi += 1;
+                                p
+                            }
+                        };
+                        let a = if step > 0.0 { 1.0 / step } else { 0.0 };
+                        let b = zp - lo * a;
+                        if width == 8 {
+                            quant(
+                                &f[s..e],
+                                &mut o[s..e],
+                                a,
+                                b,
+                                cmax,
+                                stochastic,
+                                key,
+                                s as u32,
+                            );
+                        } else {
+                            quant(
+                                &f[s..e],
+                                &mut tmp16[s..e],
+                                a,
+                                b,
+                                cmax,
+                                stochastic,
+                                key,
+                                s as u32,
+                            );
+                        }
+                    });
+                    if width != 8 {
+                        pack_into(&tmp16, width, o);
+                    }
+                });
+                let mut exceptions = Vec::new();
+                let n_exc = if any_bad {
+                    collect_exceptions(c, i0, &mut exceptions)
+                } else {
+                    0
+                };
+                (exceptions, n_exc)
+            };
+            let code_chunk = ch * width as usize / 8;
+            outs = if crate::pool::parallel(pp_parts.len()) {
+                crate::pool::install(|| {
+                    codes
+                        .par_chunks_mut(code_chunk)
+                        .zip(x.par_chunks(ch))
+                        .zip(pp_parts)
+                        .enumerate()
+                        .map(work)
+                        .collect()
+                })
+            } else {
                 codes
-                    .par_chunks_mut(ch * width as usize / 8)
-                    .zip(x.par_chunks(ch))
+                    .chunks_mut(code_chunk)
+                    .zip(x.chunks(ch))
                     .zip(pp_parts)
                     .enumerate()
-                    .map(|(ci, ((o, c), pdst))| {
-                        let o = crate::buf::zero_init(o);
-                        let mut pdst = pdst.map(crate::buf::zero_init);
-                        let key = stream_key(seed, ci as u64);
-                        let i0 = (ci * ch) as u64;
-                        // Fused chunks know whether they hold NaN/Inf; others scan for them.
-                        let mut any_bad = global.is_some();
-                        T::with_f32(c, |f| {
-                            #[cfg(target_arch = "x86_64")]
-                            if fast8 {
-                                if let Some(d) = pdst.as_deref_mut() {
-                                    // SAFETY: `fast8` implies AVX-512 F and BW (checked at run time).
-                                    any_bad = unsafe {
-                                        chunk8_avx512(self, f, lay.run as usize, o, d, put_params)
-                                    };
-                                    return;
-                                }
-                            }
-                            let mut tmp16 = if width == 8 {
-                                Vec::new()
-                            } else {
-                                vec![0u16; f.len()]
-                            };
-                            let mut gi = 0;
-                            lay.for_runs(i0, f.len(), |g, s, e| {
-                                let (lo, step) = match &global {
-                                    Some(p) => p[g],
-                                    None => {
-                                        let st = stats(&f[s..e], moments);
-                                        any_bad |= st.nonfinite > 0;
-                                        let p = group_params(self, st);
-                                        if let Some(d) = pdst.as_deref_mut() {
-                                            put_params(&mut d[gi * pbytes..(gi + 1) * pbytes], p);
-                                        }
-                                        gi += 1;
-                                        p
-                                    }
-                                };
-                                let a = if step > 0.0 { 1.0 / step } else { 0.0 };
-                                let b = zp - lo * a;
-                                if width == 8 {
-                                    quant(
-                                        &f[s..e],
-                                        &mut o[s..e],
-                                        a,
-                                        b,
-                                        cmax,
-                                        stochastic,
-                                        key,
-                                        s as u32,
-                                    );
-                                } else {
-                                    quant(
-                                        &f[s..e],
-                                        &mut tmp16[s..e],
-                                        a,
-                                        b,
-                                        cmax,
-                                        stochastic,
-                                        key,
-                                        s as u32,
-                                    );
-                                }
-                            });
-                            if width != 8 {
-                                pack_into(&tmp16, width, o);
-                            }
-                        });
-                        let mut exceptions = Vec::new();
-                        let n_exc = if any_bad {
-                            collect_exceptions(c, i0, &mut exceptions)
-                        } else {
-                            0
-                        };
-                        (exceptions, n_exc)
-                    })
+                    .map(work)
                     .collect()
-            });
+            };
         };
         // SAFETY: `init` initializes every byte through `zero_init`: the head, the group
         // parameters (all at once, or per chunk when fused) and each chunk of codes.
@@ -1231,29 +1239,25 @@ impl IntHeader {
         let zp = c.zp();
         let dithered = c.rounding == 2;
         let seed = c.seed.unwrap_or(0);
-        crate::pool::install(|| {
-            out.par_chunks_mut(ch)
-                .zip(codes.par_chunks(ch * width as usize / 8))
-                .enumerate()
-                .for_each(|(ci, (dst, src))| {
-                    let key = stream_key(seed, ci as u64);
-                    let mut q = vec![0u32; dst.len()];
-                    unpack(src, width, &mut q);
-                    let mut f = vec![0f32; dst.len()];
-                    self.lay.for_runs((ci * ch) as u64, dst.len(), |g, s, e| {
-                        let (lo, step) = params[g];
-                        for i in s..e {
-                            let mut v = q[i] as f32 - zp;
-                            if dithered {
-                                let u = (hash32(key ^ hash32(i as u32)) >> 8) as f32
-                                    * (1.0 / 16_777_216.0);
-                                v -= u - 0.5;
-                            }
-                            f[i] = v * step + lo;
-                        }
-                    });
-                    T::from_f32_slice(&f, dst);
-                })
+        let cb = ch * width as usize / 8;
+        crate::pool::for_each_chunk_mut(out, ch, |ci, dst| {
+            let src = &codes[ci * cb..codes.len().min((ci + 1) * cb)];
+            let key = stream_key(seed, ci as u64);
+            let mut q = vec![0u32; dst.len()];
+            unpack(src, width, &mut q);
+            let mut f = vec![0f32; dst.len()];
+            self.lay.for_runs((ci * ch) as u64, dst.len(), |g, s, e| {
+                let (lo, step) = params[g];
+                for i in s..e {
+                    let mut v = q[i] as f32 - zp;
+                    if dithered {
+                        let u = (hash32(key ^ hash32(i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
+                        v -= u - 0.5;
+                    }
+                    f[i] = v * step + lo;
+                }
+            });
+            T::from_f32_slice(&f, dst);
         });
         apply_exceptions(exc, out, "int")
     }

@@ -550,10 +550,7 @@ mod tests {
         special[..6].copy_from_slice(&[0.0, -0.0, f32::NAN, f32::INFINITY, f32::MIN, 1e-45]);
         let p = Params::from([("chunk_size".to_string(), Param::Int(4096))]);
         let f32_ = Packed::encode(Data::F32(&special), &[300_001], "lossless", &p).unwrap();
-        let back = Packed::from_bytes(f32_.bytes().to_vec())
-            .unwrap()
-            .decode()
-            .unwrap();
+        let back = Packed::from_bytes(f32_.to_vec()).unwrap().decode().unwrap();
         let Owned::F32(b) = back else { panic!() };
         assert!(b
             .iter()
@@ -592,7 +589,7 @@ mod tests {
             numel: 10_000,
             payload_len: pk.payload_len() as u64,
         };
-        let meta = &pk.bytes()[meta_start..meta_start + pk.meta_len()];
+        let meta = &pk.body()[meta_start..meta_start + pk.meta_len()];
         for i in 0..meta.len() {
             for flip in [1u8, 0x80, 0xff] {
                 let mut m = meta.to_vec();
@@ -602,7 +599,7 @@ mod tests {
             }
         }
         let dec = LosslessDecoder::open(meta, frame).unwrap();
-        let payload = &pk.bytes()[meta_start + pk.meta_len()..pk.nbytes() - 8];
+        let payload = &pk.body()[meta_start + pk.meta_len()..];
         let mut out = vec![0f32; 10_000];
         for i in (0..payload.len()).step_by(97) {
             let mut p = payload.to_vec();
@@ -614,12 +611,7 @@ mod tests {
     #[test]
     fn special_bit_patterns_and_every_plane_mode_round_trip() {
         let p = Params::from([("chunk_size".to_string(), Param::Int(1024))]);
-        let decode = |pk: &Packed| {
-            Packed::from_bytes(pk.bytes().to_vec())
-                .unwrap()
-                .decode()
-                .unwrap()
-        };
+        let decode = |pk: &Packed| Packed::from_bytes(pk.to_vec()).unwrap().decode().unwrap();
         // NaN payloads (quiet and signalling, both signs), -0.0, subnormals, infinities.
         let mut bits: Vec<u32> = vec![
             0x7fc0_0000,
@@ -677,7 +669,7 @@ mod tests {
             let pk = Packed::encode(Data::F32(&x), &[8192], "lossless", &p).unwrap();
             let Owned::F32(b) = decode(&pk) else { panic!() };
             assert!(b.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
-            let info = Packed::from_bytes(pk.bytes().to_vec()).unwrap().info();
+            let info = Packed::from_bytes(pk.to_vec()).unwrap().info();
             assert!(
                 matches!(info.get(mode), Some(Param::Int(k)) if *k > 0),
                 "{mode}: {info:?}"

@@ -58,20 +58,6 @@ pub trait Encoder: Send + Sync {
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
         Ok(self.encode(x)?.into_framed(lead, tail))
     }
-
-    /// The whole packed tensor, checksum included, for encoders whose metadata and payload
-    /// lengths are known before they see the values: `head(meta_len, payload_len)` gives the
-    /// format's header, and the checksum is computed while the payload is written
-    /// (`format::fill_and_hash`) instead of in one more pass. None (the default): the caller
-    /// uses [`Encoder::encode_framed`] and checksums afterwards.
-    fn encode_sealed(
-        &self,
-        x: Data<'_>,
-        head: &dyn Fn(usize, usize) -> Vec<u8>,
-    ) -> Option<Result<Vec<u8>>> {
-        let _ = (x, head);
-        None
-    }
 }
 
 /// A decoder opened on validated metadata, for one tensor.

@@ -1,5 +1,10 @@
 //! The packed tensor format, version 1 (docs/FORMAT.md): a fixed little-endian header, codec
 //! metadata, the codec's payload, and an XXH3-64 checksum of everything before it.
+//!
+//! A freshly encoded [`Packed`] computes its checksum only when its bytes first leave it
+//! ([`Packed::to_vec`], [`Packed::into_bytes`], [`Packed::checksum`]): a tensor that is
+//! compressed and decoded in memory (saved activations, optimizer state) never pays for a hash
+//! that only stored bytes need. The bytes read out are the same either way.
 
 pub mod container;
 
@@ -24,78 +29,6 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     xxh3::hash64_with_seed(bytes, 0)
 }
 
-/// Fills `buf` after its first `head.len()` bytes (which it sets to `head`) piece by piece in
-/// parallel, `work(i, piece)` writing piece i (`piece` bytes, the last one shorter), and returns
-/// the XXH3-64 checksum of the whole buffer, computed while the pieces are written.
-///
-/// Pieces are handed out in order and hashed in order as soon as they are complete (by whichever
-/// worker finishes one when no other is hashing), while they are still in cache: the checksum of
-/// a large buffer, otherwise one serial pass at the end, then mostly overlaps the encoding.
-///
-/// # Safety
-/// `work` must initialize every byte of the piece it is given.
-pub(crate) unsafe fn fill_and_hash<F>(
-    buf: &mut [std::mem::MaybeUninit<u8>],
-    head: &[u8],
-    piece: usize,
-    work: F,
-) -> u64
-where
-    F: Fn(usize, &mut [std::mem::MaybeUninit<u8>]) + Sync,
-{
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Mutex;
-    assert!(piece > 0 && head.len() <= buf.len());
-    crate::buf::zero_init(&mut buf[..head.len()]).copy_from_slice(head);
-    let body = buf.len() - head.len();
-    let n = body.div_ceil(piece);
-    // Raw address: the pieces are disjoint, each written by one worker, then only read.
-    let base = buf.as_mut_ptr() as usize;
-    let span = |i: usize| (head.len() + i * piece, piece.min(body - i * piece));
-    let next = AtomicUsize::new(0);
-    let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(head);
-    let hasher = Mutex::new((h, 0usize));
-    let advance = |h: &mut (xxhash_rust::xxh3::Xxh3, usize)| {
-        while h.1 < n && done[h.1].load(Ordering::Acquire) {
-            let (at, len) = span(h.1);
-            // SAFETY: piece h.1 is complete (its flag was set with Release after `work`
-            // initialized all of it) and nothing writes it again.
-            h.0.update(unsafe { std::slice::from_raw_parts((base + at) as *const u8, len) });
-            h.1 += 1;
-        }
-    };
-    let worker = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
-        }
-        let (at, len) = span(i);
-        // SAFETY: piece i lies inside `buf` and no other worker touches it before its flag.
-        let s = unsafe {
-            std::slice::from_raw_parts_mut((base + at) as *mut std::mem::MaybeUninit<u8>, len)
-        };
-        work(i, s);
-        done[i].store(true, Ordering::Release);
-        if let Ok(mut h) = hasher.try_lock() {
-            advance(&mut h);
-        }
-    };
-    crate::pool::install(|| {
-        rayon::scope(|s| {
-            for _ in 1..rayon::current_num_threads() {
-                s.spawn(|_| worker());
-            }
-            worker();
-        })
-    });
-    let mut h = hasher.into_inner().unwrap_or_else(|e| e.into_inner());
-    advance(&mut h);
-    assert_eq!(h.1, n, "every piece is written and hashed");
-    h.0.digest()
-}
-
 /// The fixed header and shape of a packed tensor (the bytes the checksum starts with).
 fn header_bytes(
     dtype: DType,
@@ -117,7 +50,11 @@ fn header_bytes(
 
 /// A tensor in packed form: the exact bytes of the format plus its parsed header.
 pub struct Packed {
+    /// Everything before the checksum: header, metadata, payload (capacity for the checksum
+    /// too, so that `into_bytes` does not move them).
     bytes: Vec<u8>,
+    /// The checksum of `bytes`: verified on load, computed on first use after an encode.
+    sum: std::sync::OnceLock<u64>,
     dtype: DType,
     shape: Vec<u64>,
     codec: &'static codec::CodecInfo,
@@ -139,7 +76,7 @@ impl std::fmt::Debug for Packed {
             .field("codec", &self.codec.name)
             .field("dtype", &self.dtype)
             .field("shape", &self.shape)
-            .field("nbytes", &self.bytes.len())
+            .field("nbytes", &self.nbytes())
             .finish()
     }
 }
@@ -172,21 +109,12 @@ impl Packed {
         let head_for = |meta_len: usize, payload_len: usize| {
             header_bytes(x.dtype(), info.id, shape, numel, meta_len, payload_len)
         };
-        let mut bytes = match enc.encode_sealed(x, &head_for) {
-            // Header, metadata, payload and checksum in one go (the layout was known up front).
-            Some(sealed) => sealed?,
-            None => {
-                // The encoder leaves room for the header in front of its metadata and payload,
-                // and for the checksum behind: a large payload is written once, never moved.
-                let head_len = FIXED_HEADER + 8 * shape.len();
-                let (mut bytes, meta_len) = enc.encode_framed(x, head_len, CHECKSUM_LEN)?;
-                let payload_len = bytes.len() - head_len - meta_len;
-                bytes[..head_len].copy_from_slice(&head_for(meta_len, payload_len));
-                let sum = checksum(&bytes);
-                bytes.extend_from_slice(&sum.to_le_bytes());
-                bytes
-            }
-        };
+        // The encoder leaves room for the header in front of its metadata and payload, and
+        // capacity for the checksum behind: a large payload is written once, never moved.
+        let head_len = FIXED_HEADER + 8 * shape.len();
+        let (mut bytes, meta_len) = enc.encode_framed(x, head_len, CHECKSUM_LEN)?;
+        let payload_len = bytes.len() - head_len - meta_len;
+        bytes[..head_len].copy_from_slice(&head_for(meta_len, payload_len));
         crate::buf::release_spare(&mut bytes);
         // Parse what we wrote: one code path for fresh and loaded tensors, and a self-check.
         Packed::parse(bytes, false)
@@ -197,7 +125,10 @@ impl Packed {
         Packed::parse(bytes, true)
     }
 
-    fn parse(bytes: Vec<u8>, verify: bool) -> Result<Packed> {
+    /// `sealed`: `bytes` end with the checksum, which is verified (loaded bytes). Otherwise they
+    /// stop before it (a fresh encoding) and it is computed when first asked for.
+    fn parse(mut bytes: Vec<u8>, sealed: bool) -> Result<Packed> {
+        let total = bytes.len() + if sealed { 0 } else { CHECKSUM_LEN };
         let mut r = LeReader::new(&bytes, "packed tensor header");
         let magic = r.take(4, "magic")?;
         ensure_format!(
@@ -235,19 +166,21 @@ impl Packed {
             .and_then(|v| v.checked_add(payload_len))
             .and_then(|v| v.checked_add(CHECKSUM_LEN as u64));
         ensure_format!(
-            expected == Some(bytes.len() as u64),
+            expected == Some(total as u64),
             "header says {} bytes in all ({head} header + {meta_len} meta + {payload_len} payload + 8 \
-             checksum), buffer has {}",
+             checksum), buffer has {total}",
             expected.map_or("more than 2^64".to_string(), |v| v.to_string()),
-            bytes.len()
         );
-        let body = bytes.len() - CHECKSUM_LEN;
-        if verify {
+        let body = total - CHECKSUM_LEN;
+        let sum = std::sync::OnceLock::new();
+        if sealed {
             let stored = u64::from_le_bytes(bytes[body..].try_into().unwrap());
             let computed = checksum(&bytes[..body]);
             if stored != computed {
                 return Err(Error::Checksum { stored, computed });
             }
+            bytes.truncate(body);
+            let _ = sum.set(stored);
         }
         let codec = codec::by_id(codec_id)?;
         let meta = head..head + meta_len as usize;
@@ -260,6 +193,7 @@ impl Packed {
         let decoder = (codec.decoder)(&bytes[meta.clone()], frame)?;
         Ok(Packed {
             bytes,
+            sum,
             dtype,
             shape,
             codec,
@@ -269,15 +203,32 @@ impl Packed {
         })
     }
 
-    /// The packed bytes: what `nbytes` counts and what `from_bytes` reads.
-    pub fn bytes(&self) -> &[u8] {
+    /// The packed bytes before the checksum: header, metadata and payload.
+    pub fn body(&self) -> &[u8] {
         &self.bytes
     }
-    pub fn into_bytes(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.bytes)
+    /// The checksum that ends the packed bytes (XXH3-64 of [`Packed::body`]), computed on first
+    /// use for a fresh encoding.
+    pub fn checksum(&self) -> u64 {
+        *self.sum.get_or_init(|| checksum(&self.bytes))
     }
+    /// The packed bytes, checksum included: what `nbytes` counts and what `from_bytes` reads.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.nbytes());
+        v.extend_from_slice(&self.bytes);
+        v.extend_from_slice(&self.checksum().to_le_bytes());
+        v
+    }
+    /// [`Packed::to_vec`] without a copy.
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        let sum = self.checksum();
+        let mut v = std::mem::take(&mut self.bytes);
+        v.extend_from_slice(&sum.to_le_bytes());
+        v
+    }
+    /// Length of the packed bytes, checksum included.
     pub fn nbytes(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() + CHECKSUM_LEN
     }
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -339,58 +290,19 @@ impl Packed {
 mod tests {
     use super::*;
 
+    /// A fresh encoding computes its checksum when its bytes are first read out: they are
+    /// those of the plain path (encode, header, one checksum pass), by every way out.
     #[test]
-    fn fill_and_hash_is_the_checksum_of_the_buffer() {
-        for (len, piece) in [
-            (0usize, 7usize),
-            (5, 7),
-            (100_000, 4096),
-            (1 << 20, 1000),
-            (999, 1),
-        ] {
-            let head: Vec<u8> = (0..37u8).collect();
-            let mut buf: Vec<u8> = Vec::with_capacity(head.len() + len);
-            // SAFETY: every piece is fully written below; capacity covers head + len.
-            let sum = unsafe {
-                let spare = &mut buf.spare_capacity_mut()[..head.len() + len];
-                let sum = fill_and_hash(spare, &head, piece, |i, o| {
-                    for (j, b) in o.iter_mut().enumerate() {
-                        b.write(((i * piece + j) * 31 % 251) as u8);
-                    }
-                });
-                buf.set_len(head.len() + len);
-                sum
-            };
-            assert_eq!(&buf[..head.len()], &head[..]);
-            assert!(buf[head.len()..]
-                .iter()
-                .enumerate()
-                .all(|(j, &b)| b == (j * 31 % 251) as u8));
-            assert_eq!(sum, checksum(&buf), "len {len} piece {piece}");
-        }
-    }
-
-    /// Float codecs write the checksum while encoding (`Encoder::encode_sealed`): the bytes are
-    /// those of the plain path (encode, header, one checksum pass), over many chunks.
-    #[test]
-    fn sealed_encoding_equals_the_framed_one() {
+    fn fresh_encodings_are_sealed_on_the_way_out() {
         let x = sample(3 * 65_536 + 123, 5);
         let shape = [x.len() as u64];
         for (name, p) in [
             ("fp32", params(&[])),
             ("fp16", params(&[])),
-            (
-                "bf16",
-                params(&[
-                    ("rounding", Param::Str("stochastic".into())),
-                    ("seed", Param::Int(9)),
-                ]),
-            ),
             ("fp8", params(&[("format", Param::Str("e5m2".into()))])),
-            ("s2fp8", params(&[])),
             ("mantissa", params(&[("mantissa_bits", Param::Int(3))])),
+            ("smaq", params(&[("seed", Param::Int(3))])),
         ] {
-            let sealed = Packed::encode(Data::F32(&x), &shape, name, &p).unwrap();
             let info = codec::by_name(name).unwrap();
             let head_len = FIXED_HEADER + 8;
             let (mut b, meta_len) = (info.encoder)(&p)
@@ -409,13 +321,18 @@ mod tests {
             b[..head_len].copy_from_slice(&head);
             let sum = checksum(&b);
             b.extend_from_slice(&sum.to_le_bytes());
-            let first = sealed.bytes().iter().zip(&b).position(|(a, c)| a != c);
-            assert!(
-                sealed.bytes() == &b[..],
-                "{name}: {} vs {} bytes, first difference at {first:?}",
-                sealed.bytes().len(),
-                b.len()
-            );
+
+            let fresh = Packed::encode(Data::F32(&x), &shape, name, &p).unwrap();
+            assert_eq!(fresh.nbytes(), b.len(), "{name}");
+            assert!(fresh.body() == &b[..b.len() - CHECKSUM_LEN], "{name}: body");
+            assert!(fresh.to_vec() == b, "{name}: to_vec");
+            assert_eq!(fresh.checksum(), sum, "{name}");
+            let fresh = Packed::encode(Data::F32(&x), &shape, name, &p).unwrap();
+            let out = fresh.into_bytes();
+            assert!(out == b, "{name}: into_bytes");
+            let loaded = Packed::from_bytes(out).unwrap();
+            assert_eq!((loaded.nbytes(), loaded.checksum()), (b.len(), sum));
+            assert!(loaded.to_vec() == b, "{name}: loaded to_vec");
         }
     }
 
@@ -476,7 +393,7 @@ mod tests {
                 ("seed", Param::Int(seed as i64)),
             ]);
             let packed = Packed::encode(Data::F32(&x), &[n as u64], "smaq", &p).unwrap();
-            let again = Packed::from_bytes(packed.bytes().to_vec()).unwrap();
+            let again = Packed::from_bytes(packed.to_vec()).unwrap();
             let y = match again.decode().unwrap() { Owned::F32(v) => v, _ => unreachable!() };
             prop_assert_eq!(y.len(), n);
             let info = again.info();

@@ -153,9 +153,17 @@ impl PyPacked {
         Ok(Self { inner })
     }
 
-    /// The packed bytes, exactly `nbytes` of them.
-    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.inner.bytes())
+    /// The packed bytes, exactly `nbytes` of them (a fresh encoding's checksum is computed
+    /// here, the first time, without the GIL).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let sum = detached(py, || Ok(self.inner.checksum()))?;
+        let body = self.inner.body();
+        PyBytes::new_with(py, self.inner.nbytes(), |out| {
+            let (head, tail) = out.split_at_mut(body.len());
+            head.copy_from_slice(body);
+            tail.copy_from_slice(&sum.to_le_bytes());
+            Ok(())
+        })
     }
 
     #[getter]

@@ -242,7 +242,7 @@ fn encode_typed<T: Codes>(
         Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
         s => s,
     };
-    let stats = crate::pool::install(|| mean_std(x, sampling, cfg.spread));
+    let stats = mean_std(x, sampling, cfg.spread);
     let q = cfg.quant();
     let prep = Prep {
         q,
@@ -282,17 +282,28 @@ fn encode_typed<T: Codes>(
                 slices.push(this);
                 rest = more;
             }
-            chunks = crate::pool::install(|| {
-                x.par_chunks(cs)
+            let work = |codes: &mut Vec<u16>,
+                        (ci, (c, primary)): (usize, (&[T], &mut [std::mem::MaybeUninit<u8>]))| {
+                let key = stochastic.then(|| stream_key(seed, ci as u64));
+                let primary = crate::buf::zero_init(primary);
+                encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, primary, codes)
+            };
+            chunks = if crate::pool::parallel(slices.len()) {
+                crate::pool::install(|| {
+                    x.par_chunks(cs)
+                        .zip(slices)
+                        .enumerate()
+                        .map_init(Vec::new, work)
+                        .collect()
+                })
+            } else {
+                let mut codes = Vec::new();
+                x.chunks(cs)
                     .zip(slices)
                     .enumerate()
-                    .map_init(Vec::new, |codes, (ci, (c, primary))| {
-                        let key = stochastic.then(|| stream_key(seed, ci as u64));
-                        let primary = crate::buf::zero_init(primary);
-                        encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, primary, codes)
-                    })
+                    .map(|a| work(&mut codes, a))
                     .collect()
-            });
+            };
         })
     };
     head.mean = stats.mean;
@@ -601,10 +612,8 @@ impl SmaqHeader {
         let q = self.h.cfg.quant();
         let lut = kernel::table::<T>(&q, self.h.mean, self.h.std, self.h.cfg.all_positive);
         let cs = self.h.cfg.chunk_size as usize;
-        crate::pool::install(|| {
-            out.par_chunks_mut(cs)
-                .enumerate()
-                .try_for_each(|(ci, dst)| self.decode_chunk(payload, &q, &lut, ci, dst))
+        crate::pool::try_for_each_chunk_mut(out, cs, |ci, dst| {
+            self.decode_chunk(payload, &q, &lut, ci, dst)
         })
     }
 
