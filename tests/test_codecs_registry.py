@@ -65,3 +65,4 @@ def test_bench_runs_on_a_small_tensor(capsys):
     assert main(["-n", "4096", "--repeat", "1", "--codecs", "fp16,int,nnw_bdi"]) == 0
     out = capsys.readouterr().out
     assert "| fp16 |" in out and "torch .to(float16)" in out and "nnw_bdi" in out
+    assert "torch copy_ into float16" in out

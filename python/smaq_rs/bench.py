@@ -7,6 +7,8 @@ and encode CPU time per value (process user + system time, all threads: steadier
 on a loaded machine). The issue's speed ratios are timed again with ours and the peer alternating.
 Peers run in the same process on the same tensor: torch's ``x.to(dtype)`` casts and, when
 installed with a working CPU path, bitsandbytes' ``quantize_blockwise`` (8-bit, block 4096).
+Each torch cast appears twice: ``x.to(dtype)`` and ``out.copy_(x)`` into a preallocated tensor
+(the cast without allocating its result).
 
 Tensor sources (``--source``): ``normal`` (default, standard normal), a file (``.npy``, ``.pt``
 holding a tensor, or ``.safetensors``: the largest tensor), or a built-in sample from a small
@@ -125,6 +127,10 @@ PAIRS: List[Tuple[str, str]] = [
     ("bf16", "torch .to(bfloat16)"),
     ("fp8 e4m3", "torch .to(float8_e4m3fn)"),
     ("fp8 e5m2", "torch .to(float8_e5m2)"),
+    ("fp16", "torch copy_ into float16"),
+    ("bf16", "torch copy_ into bfloat16"),
+    ("fp8 e4m3", "torch copy_ into float8_e4m3fn"),
+    ("fp8 e5m2", "torch copy_ into float8_e5m2"),
 ]
 
 
@@ -199,16 +205,23 @@ def _torch_peers(x: np.ndarray, repeat: int) -> List[Dict[str, Any]]:
         return []
     t = torch.from_numpy(x)
     rows = []
-    for label, dt, bits in [
-        ("torch .to(float16)", torch.float16, 16),
-        ("torch .to(bfloat16)", torch.bfloat16, 16),
-        ("torch .to(float8_e4m3fn)", getattr(torch, "float8_e4m3fn", None), 8),
-        ("torch .to(float8_e5m2)", getattr(torch, "float8_e5m2", None), 8),
-    ]:
+    casts = [
+        ("float16", torch.float16, 16),
+        ("bfloat16", torch.bfloat16, 16),
+        ("float8_e4m3fn", getattr(torch, "float8_e4m3fn", None), 8),
+        ("float8_e5m2", getattr(torch, "float8_e5m2", None), 8),
+    ]
+    # Each cast twice: ``x.to(dtype)``, which allocates its result (fresh pages, unless the
+    # allocator hands back the previous result's), and ``out.copy_(x)`` into a tensor allocated
+    # once, the cast at its fastest (no allocation, output pages already mapped).
+    for (name, dt, bits), into in [(c, into) for into in (False, True) for c in casts]:
         if dt is None:
             continue
-        def enc(dt=dt):
-            return t.to(dt)
+        label = f"torch copy_ into {name}" if into else f"torch .to({name})"
+        out = torch.empty(t.shape, dtype=dt) if into else None
+
+        def enc(dt=dt, out=out):
+            return t.to(dt) if out is None else out.copy_(t)
 
         te, y = _best(enc, repeat)
         cpu = _cpu_best(enc, repeat)

@@ -437,12 +437,12 @@ pub(crate) unsafe fn store_codes_avx512<O: Code>(
     }
     // Codes before the first 64-byte boundary, when streaming (none if `dst` is misaligned for
     // its element type, which the platform's allocators never give).
-    let head = if stream && (dst as usize) % osize == 0 {
+    let head = if stream && (dst as usize).is_multiple_of(osize) {
         ((dst as usize).wrapping_neg() % 64 / osize).min(n)
     } else {
         0
     };
-    let stream = stream && (dst as usize + head * osize) % 64 == 0;
+    let stream = stream && (dst as usize + head * osize).is_multiple_of(64);
     let mut i = 0;
     while i < head {
         masked!(i, head.min(i + 16));
@@ -598,12 +598,12 @@ unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16, stream: bool) {
         // Widened to 32-bit lanes for the masked narrowing store (AVX-512 F only).
         _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(h));
     };
-    let head = if stream && (dst as usize) % 2 == 0 {
+    let head = if stream && (dst as usize).is_multiple_of(2) {
         ((dst as usize).wrapping_neg() % 64 / 2).min(n)
     } else {
         0
     };
-    let stream = stream && (dst as usize + 2 * head) % 64 == 0;
+    let stream = stream && (dst as usize + 2 * head).is_multiple_of(64);
     let mut i = 0;
     while i < head {
         let end = head.min(i + 16);

@@ -962,8 +962,10 @@ impl IntConfig {
             };
             // Every chunk of codes is zipped with a part: all of them get initialized.
             assert_eq!(pp_parts.len(), x.len().div_ceil(ch));
+            // (chunk index, ((its codes, its values), its group parameters when fused))
             type Out<'a> = &'a mut [std::mem::MaybeUninit<u8>];
-            let work = |(ci, ((o, c), pdst)): (usize, ((Out<'_>, &[T]), Option<Out<'_>>))| {
+            type Item<'a, E> = (usize, ((Out<'a>, &'a [E]), Option<Out<'a>>));
+            let work = |(ci, ((o, c), pdst)): Item<'_, T>| {
                 let o = crate::buf::zero_init(o);
                 let mut pdst = pdst.map(crate::buf::zero_init);
                 let key = stream_key(seed, ci as u64);
