@@ -394,6 +394,19 @@ unsafe fn codes_nearest_avx512_to<O: Code>(x: &[f32], dst: *mut O, p: &Plan, str
     }
 }
 
+/// For `n` codes of `size` bytes written at address `dst`: how many go before the first 64-byte
+/// boundary (written with ordinary stores), and whether the rest can be streamed (non-temporal
+/// stores need that alignment; a `dst` misaligned for its element type, which the platform's
+/// allocators never give, is not streamed).
+#[cfg(target_arch = "x86_64")]
+fn stream_head(dst: usize, size: usize, n: usize, stream: bool) -> (usize, bool) {
+    if !stream || !dst.is_multiple_of(size) {
+        return (0, false);
+    }
+    let head = (dst.wrapping_neg() % 64 / size).min(n);
+    (head, (dst + head * size).is_multiple_of(64))
+}
+
 /// Writes `n` codes to `dst` (8-, 16- or 32-bit elements `O`): `code(i, mask)` gives the codes
 /// of elements i..i + 16 as 32-bit lanes, reading only the lanes set in `mask` (all 16 except
 /// at the end). 64 codes per iteration are narrowed with saturating packs (the codes fit their
@@ -435,14 +448,7 @@ pub(crate) unsafe fn store_codes_avx512<O: Code>(
             }
         }};
     }
-    // Codes before the first 64-byte boundary, when streaming (none if `dst` is misaligned for
-    // its element type, which the platform's allocators never give).
-    let head = if stream && (dst as usize).is_multiple_of(osize) {
-        ((dst as usize).wrapping_neg() % 64 / osize).min(n)
-    } else {
-        0
-    };
-    let stream = stream && (dst as usize + head * osize).is_multiple_of(64);
+    let (head, stream) = stream_head(dst as usize, osize, n, stream);
     let mut i = 0;
     while i < head {
         masked!(i, head.min(i + 16));
@@ -598,12 +604,7 @@ unsafe fn f16_codes_avx512_to(x: &[f32], dst: *mut u16, stream: bool) {
         // Widened to 32-bit lanes for the masked narrowing store (AVX-512 F only).
         _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(h));
     };
-    let head = if stream && (dst as usize).is_multiple_of(2) {
-        ((dst as usize).wrapping_neg() % 64 / 2).min(n)
-    } else {
-        0
-    };
-    let stream = stream && (dst as usize + 2 * head).is_multiple_of(64);
+    let (head, stream) = stream_head(dst as usize, 2, n, stream);
     let mut i = 0;
     while i < head {
         let end = head.min(i + 16);
