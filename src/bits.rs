@@ -115,6 +115,41 @@ pub fn get(buf: &[u8], pos: usize, width: u32) -> u32 {
     (peek64(buf, pos) & ((1u64 << width) - 1)) as u32
 }
 
+/// Appends `v` (< 2^32) as an exponential-Golomb code of order `k` (<= 31), LSB first: with
+/// `w = v + 2^k` of bit length `n`, `n - k - 1` zero bits, a one, then the low `n - 1` bits of `w`.
+/// Small values cost `k + 1` bits; each doubling beyond `2^k` costs two more.
+pub fn put_exp_golomb(w: &mut BitWriter, v: u32, k: u32) {
+    debug_assert!(k <= 31);
+    let x = v as u64 + (1u64 << k);
+    let n = 64 - x.leading_zeros();
+    w.put_wide(1u64 << (n - k - 1), n - k);
+    w.put_wide(x & ((1u64 << (n - 1)) - 1), n - 1);
+}
+
+/// Bits [`put_exp_golomb`] takes for `v` at order `k`.
+pub fn exp_golomb_len(v: u32, k: u32) -> u32 {
+    let x = v as u64 + (1u64 << k);
+    2 * (64 - x.leading_zeros()) - k - 1
+}
+
+/// Reads one [`put_exp_golomb`] code of order `k` at bit `*pos` of `buf`, advancing `*pos`. None
+/// when the code runs past the end of `buf` or does not fit 32 bits (corrupt input).
+pub fn get_exp_golomb(buf: &[u8], pos: &mut usize, k: u32) -> Option<u32> {
+    let zeros = peek64(buf, *pos).trailing_zeros();
+    // A valid code of a value below 2^32 has at most 32 - k leading zeros.
+    if zeros + k > 32 {
+        return None;
+    }
+    let n = zeros + k + 1;
+    let low = peek64(buf, *pos + zeros as usize + 1) & ((1u64 << (n - 1)) - 1);
+    let end = *pos + (2 * n - k - 1) as usize;
+    if end > buf.len() * 8 {
+        return None;
+    }
+    *pos = end;
+    u32::try_from((1u64 << (n - 1) | low) - (1u64 << k)).ok()
+}
+
 /// Packs `codes`, each `width` bits wide, into ceil(len*width/8) bytes.
 pub fn pack(codes: &[u32], width: u32) -> Vec<u8> {
     let mut w = BitWriter::with_capacity_bits(codes.len() * width as usize);
@@ -128,6 +163,60 @@ pub fn pack(codes: &[u32], width: u32) -> Vec<u8> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn exp_golomb_round_trips_and_has_its_length() {
+        let values = [
+            0u32,
+            1,
+            2,
+            3,
+            7,
+            8,
+            100,
+            65_535,
+            1 << 20,
+            u32::MAX - (1 << 31),
+            u32::MAX >> 1,
+        ];
+        for k in [0u32, 1, 3, 7, 15, 31] {
+            let mut w = BitWriter::default();
+            let mut bits = 0;
+            for &v in &values {
+                if v as u64 + (1u64 << k) >= 1u64 << 32 {
+                    continue;
+                }
+                put_exp_golomb(&mut w, v, k);
+                bits += exp_golomb_len(v, k) as usize;
+            }
+            assert_eq!(w.bit_len(), bits);
+            let buf = w.finish();
+            let mut pos = 0;
+            for &v in &values {
+                if v as u64 + (1u64 << k) >= 1u64 << 32 {
+                    continue;
+                }
+                assert_eq!(get_exp_golomb(&buf, &mut pos, k), Some(v), "k={k}");
+            }
+            assert_eq!(pos, bits);
+        }
+        // Order 0: 0 -> "1", 1 -> "010" (LSB first: 0, 1, 0), 2 -> "011".
+        assert_eq!(exp_golomb_len(0, 0), 1);
+        assert_eq!(exp_golomb_len(1, 0), 3);
+        assert_eq!(exp_golomb_len(6, 0), 5);
+    }
+
+    #[test]
+    fn exp_golomb_rejects_truncated_and_overlong_codes() {
+        let mut w = BitWriter::default();
+        put_exp_golomb(&mut w, 1000, 2);
+        let buf = w.finish();
+        let mut pos = 0;
+        assert_eq!(get_exp_golomb(&buf[..1], &mut pos, 2), None);
+        assert_eq!(pos, 0);
+        // All zeros: no terminating one within 32 - k bits.
+        assert_eq!(get_exp_golomb(&[0u8; 8], &mut pos, 0), None);
+    }
 
     proptest! {
         #[test]

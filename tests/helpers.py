@@ -10,8 +10,9 @@ def mantissa_bits(dtype) -> int:
 def smaq_bound(x64, y64, stats, params, out_dtype):
     """Per-element error bound of SmaQ with nearest rounding, from the recorded statistics.
 
-    Main values: std / (2 r_main); outliers: std / (2 r_out); values beyond t_outlier were clamped,
-    so their bound grows with the distance. Plus half a unit in the last place of the output dtype.
+    Main values: std / (2 r_main); outliers: std / (2 r_out), also beyond t_outlier (escaped, or
+    exact); with ``outliers="clamp"`` values beyond t_outlier were clamped, so their bound grows
+    with the distance. Plus half a unit in the last place of the output dtype.
     """
     bm, bo = params["bits_main"], params["bits_outlier"]
     t_main, t_out = params["t_main"], params["t_outlier"]
@@ -26,6 +27,10 @@ def smaq_bound(x64, y64, stats, params, out_dtype):
     half_main = std / (2 * r_main) * slack_main
     half_out = std / (2 * r_out) * slack_out
     bound = np.where(a <= t_main, half_main, half_out)
-    bound = np.where(a > t_out, (a - t_out) * std + half_out, bound)
+    if params.get("outliers") == "clamp":
+        bound = np.where(a > t_out, (a - t_out) * std + half_out, bound)
+    else:
+        # escaped values: the f64 residual path, a relative slack for very large z
+        bound = np.where(a > t_out, half_out * (1 + 1e-6 * a), bound)
     ulp = np.maximum(np.abs(y64), np.abs(x64)) * 2.0 ** -(mantissa_bits(out_dtype) + 1)
     return bound * (1 + 1e-4) + ulp * 1.01 + 1e-30

@@ -22,6 +22,22 @@ def test_fixtures_exist():
     assert len(FIXTURES) >= 6
 
 
+def test_fixtures_of_both_versions_are_read():
+    """Version 1 (clamped or exact tails) and version 2 (escape stream) files both decode; the
+    version byte follows the layout: clamping still writes version 1."""
+    versions = {p.stem: p.read_bytes()[4] for p in FIXTURES}
+    assert {1, 2} <= set(versions.values())
+    for stem, v in versions.items():
+        assert v == (2 if stem.startswith("smaq_v2_") else 1), stem
+        p = PackedTensor.from_bytes((FIXTURES[0].parent / f"{stem}.smaq").read_bytes())
+        assert (p.stats.get("n_escapes", 0) > 0) == (v == 2), stem
+    x = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
+    assert smaq_rs.compress(x, outliers="clamp").to_bytes()[4] == 1
+    assert smaq_rs.compress(x).to_bytes()[4] == 2
+    assert smaq_rs.compress(x, codec="fp16").to_bytes()[4] == 1
+    assert smaq_rs.FORMAT_VERSION == 2
+
+
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
 def test_fixture_decodes_bit_for_bit(path):
     p = PackedTensor.from_bytes(path.read_bytes())

@@ -773,6 +773,7 @@ mod tests {
             .encode(Data::F32(x))
             .unwrap();
         let frame = Frame {
+            version: crate::format::VERSION,
             dtype: DType::F32,
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,

@@ -1333,6 +1333,7 @@ mod tests {
         let cfg = FloatConfig::from_params(kind, p).unwrap();
         let enc = cfg.encode(Data::F32(x)).unwrap();
         let frame = Frame {
+            version: crate::format::VERSION,
             dtype: DType::F32,
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,

@@ -1518,6 +1518,7 @@ mod tests {
     fn rt(info: &CodecInfo, p: &Params, x: &[f32]) -> (Vec<f32>, Box<dyn Decoder>, usize) {
         let enc = (info.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
         let frame = Frame {
+            version: crate::format::VERSION,
             dtype: DType::F32,
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,

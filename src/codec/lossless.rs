@@ -585,6 +585,7 @@ mod tests {
         let pk = Packed::encode(Data::F32(&w), &[10_000], "lossless", &Params::new()).unwrap();
         let meta_start = crate::format::FIXED_HEADER + 8;
         let frame = Frame {
+            version: crate::format::VERSION,
             dtype: crate::dtype::DType::F32,
             numel: 10_000,
             payload_len: pk.payload_len() as u64,

@@ -58,6 +58,12 @@ pub trait Encoder: Send + Sync {
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
         Ok(self.encode(x)?.into_framed(lead, tail))
     }
+
+    /// The packed format version the encoding needs: the lowest that describes its layout, so
+    /// that builds reading only older versions still read what did not change.
+    fn format_version(&self) -> u8 {
+        1
+    }
 }
 
 /// A decoder opened on validated metadata, for one tensor.
@@ -84,6 +90,8 @@ pub trait Decoder: Send + Sync {
 /// Where the packed tensor's metadata is opened: everything a decoder may check against.
 #[derive(Debug, Clone, Copy)]
 pub struct Frame {
+    /// The packed format version of the tensor.
+    pub version: u8,
     pub dtype: DType,
     pub numel: u64,
     pub payload_len: u64,

@@ -14,7 +14,9 @@ use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 
 pub const MAGIC: [u8; 4] = *b"SMAQ";
-pub const VERSION: u8 = 1;
+/// The newest packed format version this build reads and writes; it reads every version from 1.
+/// Each tensor is written with the lowest version that describes it ([`codec::Encoder::format_version`]).
+pub const VERSION: u8 = 2;
 /// Most dimensions a shape may have.
 pub const MAX_NDIM: usize = 32;
 /// Bytes before the shape: magic, version, dtype, codec id, ndim, 3 reserved, meta and payload
@@ -31,6 +33,7 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 
 /// The fixed header and shape of a packed tensor (the bytes the checksum starts with).
 fn header_bytes(
+    version: u8,
     dtype: DType,
     codec_id: u16,
     shape: &[u64],
@@ -39,7 +42,7 @@ fn header_bytes(
     payload_len: usize,
 ) -> Vec<u8> {
     let mut w = LeWriter(Vec::with_capacity(FIXED_HEADER + 8 * shape.len()));
-    w.bytes(&MAGIC).u8(VERSION).u8(dtype as u8).u16(codec_id);
+    w.bytes(&MAGIC).u8(version).u8(dtype as u8).u16(codec_id);
     w.u8(shape.len() as u8).bytes(&[0; 3]);
     w.u32(meta_len as u32).u64(payload_len as u64).u64(numel);
     for &d in shape {
@@ -107,7 +110,15 @@ impl Packed {
         }
         let enc = (info.encoder)(params)?;
         let head_for = |meta_len: usize, payload_len: usize| {
-            header_bytes(x.dtype(), info.id, shape, numel, meta_len, payload_len)
+            header_bytes(
+                enc.format_version(),
+                x.dtype(),
+                info.id,
+                shape,
+                numel,
+                meta_len,
+                payload_len,
+            )
         };
         // The encoder leaves room for the header in front of its metadata and payload, and
         // capacity for the checksum behind: a large payload is written once, never moved.
@@ -137,8 +148,8 @@ impl Packed {
         );
         let version = r.u8("format version")?;
         ensure_format!(
-            version == VERSION,
-            "packed tensor format version {version} is not supported (this build reads {VERSION})"
+            (1..=VERSION).contains(&version),
+            "packed tensor format version {version} is not supported (this build reads 1 to {VERSION})"
         );
         let dtype = DType::from_code(r.u8("dtype")?)?;
         let codec_id = r.u16("codec id")?;
@@ -186,6 +197,7 @@ impl Packed {
         let meta = head..head + meta_len as usize;
         let payload = meta.end..body;
         let frame = Frame {
+            version,
             dtype,
             numel,
             payload_len,
@@ -305,12 +317,13 @@ mod tests {
         ] {
             let info = codec::by_name(name).unwrap();
             let head_len = FIXED_HEADER + 8;
-            let (mut b, meta_len) = (info.encoder)(&p)
-                .unwrap()
+            let enc = (info.encoder)(&p).unwrap();
+            let (mut b, meta_len) = enc
                 .encode_framed(Data::F32(&x), head_len, CHECKSUM_LEN)
                 .unwrap();
             let payload_len = b.len() - head_len - meta_len;
             let head = header_bytes(
+                enc.format_version(),
                 DType::F32,
                 info.id,
                 &shape,

@@ -699,6 +699,16 @@ pub trait Codes: Element {
     fn codes(x: &[Self], p: &Prep, out: &mut [u16]) -> Counts {
         codes_with(x, 0, p, z_f64::<Self>(p.mean, p.inv_std), out)
     }
+
+    /// See [`outside`].
+    fn outside(x: &[Self], lo: f64, hi: f64, out: &mut Vec<u32>) {
+        for (i, &v) in x.iter().enumerate() {
+            let f = v.to_f64();
+            if !(f >= lo && f <= hi) {
+                out.push(i as u32);
+            }
+        }
+    }
 }
 
 impl Codes for f64 {}
@@ -718,6 +728,10 @@ impl Codes for f32 {
         } else {
             codes_with(x, 0, p, z_f64::<f32>(p.mean, p.inv_std), out)
         }
+    }
+    fn outside(x: &[f32], lo: f64, hi: f64, out: &mut Vec<u32>) {
+        let (l, h) = bounds_f32(lo, hi);
+        outside_f32(x, l, h, 0, out)
     }
 }
 
@@ -771,11 +785,77 @@ macro_rules! half_codes {
                 }
                 c
             }
+
+            fn outside(x: &[$t], lo: f64, hi: f64, out: &mut Vec<u32>) {
+                // Widening is exact, so the f32 bounds are as good as the element type's.
+                const B: usize = 1024;
+                let (l, h) = bounds_f32(lo, hi);
+                let mut buf = [0f32; B];
+                for (bi, xs) in x.chunks(B).enumerate() {
+                    let w = &mut buf[..xs.len()];
+                    xs.convert_to_f32_slice(w);
+                    outside_f32(w, l, h, (bi * B) as u32, out);
+                }
+            }
         }
     };
 }
 half_codes!(f16);
 half_codes!(bf16);
+
+/// Appends to `out` the index of every element of `x` outside `[lo, hi]` or NaN: the candidates
+/// for the exception list and the escape stream, which are then checked exactly. Bounds are
+/// widened to the element type conservatively, so no value outside the f64 interval is missed.
+pub fn outside<T: Codes>(x: &[T], lo: f64, hi: f64, out: &mut Vec<u32>) {
+    T::outside(x, lo, hi, out)
+}
+
+/// `[lo, hi]` rounded inward to f32 (the smallest f32 >= lo, the largest <= hi): for an f32 `v`,
+/// `l <= v <= h` holds exactly when `lo <= v <= hi` does.
+fn bounds_f32(lo: f64, hi: f64) -> (f32, f32) {
+    let down = |v: f64| {
+        let f = v as f32;
+        if (f as f64) > v {
+            f.next_down()
+        } else {
+            f
+        }
+    };
+    let up = |v: f64| {
+        let f = v as f32;
+        if (f as f64) < v {
+            f.next_up()
+        } else {
+            f
+        }
+    };
+    // v < lo (f64) implies v < up(lo) in f32; v > hi implies v > down(hi).
+    (up(lo), down(hi))
+}
+
+/// [`outside`] for f32, `base` added to every index.
+fn outside_f32(x: &[f32], lo: f32, hi: f32, base: u32, out: &mut Vec<u32>) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512() {
+        // SAFETY: the CPU has AVX-512 F (checked just above).
+        done = unsafe { avx512::outside(x, lo, hi, base, out) };
+    }
+    // Blocks of 16: one branch-free test per block, a scan only where something lies outside.
+    let rest = &x[done..];
+    let inside = |v: f32| v >= lo && v <= hi;
+    for (b, blk) in rest.chunks(16).enumerate() {
+        if blk.iter().fold(true, |acc, &v| acc & inside(v)) {
+            continue;
+        }
+        let at = base + (done + b * 16) as u32;
+        for (j, &v) in blk.iter().enumerate() {
+            if !inside(v) {
+                out.push(at + j as u32);
+            }
+        }
+    }
+}
 
 /// Packs codes: the primary stream into `primary` (exactly ceil(len * bits_main / 8) bytes), the
 /// outliers' extra bits appended to `extra`.
@@ -1036,6 +1116,50 @@ mod tests {
             dither: 0.5,
             f32_ok: true,
         }
+    }
+
+    #[test]
+    fn outside_finds_exactly_the_values_beyond_the_bounds() {
+        let mut x: Vec<f32> = (0..10_007)
+            .map(|i| ((i * 7919) % 2001) as f32 * 0.01 - 10.0)
+            .collect();
+        x[3] = f32::NAN;
+        x[4000] = f32::INFINITY;
+        x[9000] = f32::NEG_INFINITY;
+        // Bounds that are not f32 values: the f32 just inside must not be reported.
+        let (lo, hi) = (-7.123_456_789_012_f64, 6.543_210_987_654_f64);
+        x[17] = (lo as f32).next_up();
+        x[18] = (hi as f32).next_down();
+        let want: Vec<u32> = x
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| !(v as f64 >= lo && v as f64 <= hi))
+            .map(|(i, _)| i as u32)
+            .collect();
+        let mut got = Vec::new();
+        outside(&x, lo, hi, &mut got);
+        // For f32 values, v >= up(lo) is exactly v >= lo: the f32 test is exact.
+        let (l, h) = bounds_f32(lo, hi);
+        assert!(x[17] >= l && x[18] <= h);
+        assert_eq!(got, want);
+        let mut portable = Vec::new();
+        <f64 as Codes>::outside(
+            &x.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            lo,
+            hi,
+            &mut portable,
+        );
+        assert_eq!(portable, want);
+        let halves: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut got16 = Vec::new();
+        outside(&halves, lo, hi, &mut got16);
+        let want16: Vec<u32> = halves
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !(v.to_f64() >= lo && v.to_f64() <= hi))
+            .map(|(i, _)| i as u32)
+            .collect();
+        assert_eq!(got16, want16);
     }
 
     #[test]

@@ -12,8 +12,19 @@
 //! encode and decode run one chunk per Rayon task. Decoding is one table lookup per element: the
 //! low max(bits_main, bits_outlier) bits of the stream index a table of (decoded value, width).
 //!
-//! Non-finite values and, with `outliers="exact"`, values beyond `t_outlier` are kept bit-exact in
-//! a per-chunk exception list (u32 index in the chunk + the raw element), patched after decoding.
+//! Values beyond `t_outlier` (|z| > t_outlier) do not fit an outlier code. By default
+//! (`outliers="escape"`) they keep the code the research algorithm gives them, on the same grid as
+//! every outlier: the outlier code saturates at its largest magnitude, and a per-chunk escape
+//! stream holds, for each value whose magnitude goes further, its position (gap from the previous
+//! escape) and how far beyond the saturated magnitude it lies, both as exponential-Golomb codes
+//! whose orders are chosen per chunk. So no value is clamped, the error is the research
+//! algorithm's, and the tail costs a few bits per escaped value (measured in docs/CODECS.md).
+//! `outliers="clamp"` clamps them at t_outlier (counted in `n_clamped`); `outliers="exact"` keeps
+//! them bit-exact in the exception list.
+//!
+//! Non-finite values (and, with `outliers="exact"`, values beyond `t_outlier`) are kept bit-exact
+//! in a per-chunk exception list (u32 index in the chunk + the raw element), patched after
+//! decoding.
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::dtype::{DType, Data, DataMut, Element};
@@ -23,7 +34,7 @@ use crate::rng::{fresh_seed, stream_key};
 use crate::stats::{mean_std, Sampling, Spread};
 mod kernel;
 
-use crate::bits::BitWriter;
+use crate::bits::{get_exp_golomb, put_exp_golomb, BitWriter};
 use kernel::{Codes, Counts, Prep, Quant};
 use rayon::prelude::*;
 
@@ -42,7 +53,19 @@ pub static INFO: CodecInfo = CodecInfo {
 const ROUNDINGS: [&str; 3] = ["stochastic", "nearest", "truncate"];
 const STATS: [&str; 2] = ["exact", "sampled"];
 const STDS: [&str; 2] = ["std", "range"];
-const OUTLIERS: [&str; 2] = ["clamp", "exact"];
+const OUTLIERS: [&str; 3] = ["escape", "clamp", "exact"];
+
+/// What happens to values beyond `t_outlier`, which an outlier code cannot span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Outliers {
+    /// Coded on the outlier grid past its end, in the chunk's escape stream (the default).
+    Escape = 0,
+    /// Clamped to t_outlier: smallest, and loses the tail (counted in `n_clamped`).
+    Clamp = 1,
+    /// Kept bit-exact in the exception list (index + raw element each).
+    Exact = 2,
+}
 
 /// How a scaled magnitude becomes an integer code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +93,8 @@ pub struct SmaqConfig {
     /// used is recorded in the packed tensor.
     pub seed: Option<u64>,
     pub all_positive: bool,
-    /// Keep values beyond t_outlier exactly (exception list) instead of clamping them.
-    pub exact_outliers: bool,
+    /// What happens to values beyond t_outlier.
+    pub outliers: Outliers,
     /// Tensors with fewer elements are stored uncompressed.
     pub min_size: u32,
     /// Elements per independently coded chunk.
@@ -94,7 +117,7 @@ impl Default for SmaqConfig {
             rounding: Rounding::Stochastic,
             seed: None,
             all_positive: false,
-            exact_outliers: false,
+            outliers: Outliers::Escape,
             min_size: 8,
             chunk_size: 1 << 16,
         }
@@ -116,7 +139,8 @@ impl SmaqConfig {
         let rounding = [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate]
             [r.choice("rounding", 0, &ROUNDINGS)?];
         let all_positive = r.bool("all_positive", d.all_positive)?;
-        let exact_outliers = r.choice("outliers", 0, &OUTLIERS)? == 1;
+        let outliers = [Outliers::Escape, Outliers::Clamp, Outliers::Exact]
+            [r.choice("outliers", 0, &OUTLIERS)?];
         let min_size = r.int("min_size", d.min_size as i64, 0, u32::MAX as i64)? as u32;
         let chunk_size = r.int("chunk_size", d.chunk_size as i64, 64, 1 << 30)? as u32;
         r.finish()?;
@@ -145,7 +169,7 @@ impl SmaqConfig {
             rounding,
             seed,
             all_positive,
-            exact_outliers,
+            outliers,
             min_size,
             chunk_size,
         })
@@ -171,7 +195,7 @@ impl SmaqConfig {
             ("std", s(STDS[(self.spread == Spread::Range) as usize])),
             ("rounding", s(ROUNDINGS[self.rounding as usize])),
             ("all_positive", Param::Bool(self.all_positive)),
-            ("outliers", s(OUTLIERS[self.exact_outliers as usize])),
+            ("outliers", s(OUTLIERS[self.outliers as usize])),
             ("min_size", Param::Int(self.min_size as i64)),
             ("chunk_size", Param::Int(self.chunk_size as i64)),
         ])
@@ -191,13 +215,36 @@ impl SmaqConfig {
 struct ChunkOut {
     extra: Vec<u8>,
     exceptions: Vec<u8>,
+    escapes: Vec<u8>,
     counts: Counts,
-    n_exceptions: u32,
+    index: ChunkIndex,
+}
+
+/// One chunk's entry in the chunk index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ChunkIndex {
+    /// Values coded as outliers (escaped ones included).
+    outliers: u32,
+    /// Entries of the exception list.
+    exceptions: u32,
+    /// Entries of the escape stream (format version 2).
+    escapes: u32,
+    /// Bytes of the escape stream.
+    escape_bytes: u32,
 }
 
 impl Encoder for SmaqConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
         Ok(Encoded::from_framed(self.encode_framed(x, 0, 0)?))
+    }
+
+    fn format_version(&self) -> u8 {
+        // The escape stream and its index fields are new in version 2.
+        if self.outliers == Outliers::Escape {
+            2
+        } else {
+            1
+        }
     }
 
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
@@ -263,7 +310,7 @@ fn encode_typed<T: Codes>(
         .chunks(cs)
         .map(|c| q.chunk_bytes(c.len() as u64, 0).0 as usize)
         .collect();
-    let meta_len = Header::len_for(prim.len());
+    let meta_len = Header::len_for(prim.len(), cfg.outliers == Outliers::Escape);
     let start = lead + meta_len;
     let ptotal: usize = prim.iter().sum();
     // Room for the extra streams (at most bits_outlier - bits_main bits per value, plus a byte of
@@ -286,7 +333,7 @@ fn encode_typed<T: Codes>(
                         (ci, (c, primary)): (usize, (&[T], &mut [std::mem::MaybeUninit<u8>]))| {
                 let key = stochastic.then(|| stream_key(seed, ci as u64));
                 let primary = crate::buf::zero_init(primary);
-                encode_chunk(c, &Prep { key, ..prep }, cfg.exact_outliers, primary, codes)
+                encode_chunk(c, &Prep { key, ..prep }, cfg, primary, codes)
             };
             chunks = if crate::pool::parallel(slices.len()) {
                 crate::pool::install(|| {
@@ -309,20 +356,20 @@ fn encode_typed<T: Codes>(
     head.mean = stats.mean;
     head.std = stats.std;
     head.raw = false;
-    head.clamped = chunks.iter().map(|c| c.counts.beyond as u64).sum();
-    if cfg.exact_outliers {
-        head.clamped = 0;
-    }
+    head.clamped = match cfg.outliers {
+        Outliers::Clamp => chunks.iter().map(|c| c.counts.beyond as u64).sum(),
+        Outliers::Escape | Outliers::Exact => 0,
+    };
     head.nonfinite = chunks.iter().map(|c| c.counts.nonfinite as u64).sum();
-    head.chunks = chunks
-        .iter()
-        .map(|c| (c.counts.outliers, c.n_exceptions))
-        .collect();
+    head.chunks = chunks.iter().map(|c| c.index).collect();
     for c in &chunks {
         bytes.extend_from_slice(&c.extra);
     }
     for c in &chunks {
         bytes.extend_from_slice(&c.exceptions);
+    }
+    for c in &chunks {
+        bytes.extend_from_slice(&c.escapes);
     }
     for c in chunks {
         crate::buf::give_scratch(c.extra);
@@ -338,7 +385,7 @@ fn encode_typed<T: Codes>(
 fn encode_chunk<T: Codes>(
     x: &[T],
     p: &Prep,
-    exact_outliers: bool,
+    cfg: &SmaqConfig,
     primary: &mut [u8],
     codes: &mut Vec<u16>,
 ) -> ChunkOut {
@@ -355,26 +402,124 @@ fn encode_chunk<T: Codes>(
             c
         }
     };
-    // Exceptions: non-finite values always; values beyond t_outlier when asked to keep them.
     let mut list = LeWriter(Vec::new());
-    let mut n_exceptions = 0u32;
-    if counts.nonfinite > 0 || (exact_outliers && counts.beyond > 0) {
-        let zf = kernel::z_f64::<T>(p.mean, p.inv_std);
-        for (i, &v) in x.iter().enumerate() {
-            let (z, finite, zero) = zf(v);
-            if !finite || (exact_outliers && !zero && z.abs() > p.q.t_outlier) {
-                list.u32(i as u32);
+    let mut index = ChunkIndex {
+        outliers: counts.outliers,
+        ..ChunkIndex::default()
+    };
+    let mut escapes = Vec::new();
+    let tails = counts.beyond > 0 && cfg.outliers != Outliers::Clamp;
+    // Exceptions: non-finite values always, values beyond t_outlier with `outliers="exact"` (and
+    // escapes too far out for the escape stream). Escapes: values beyond t_outlier whose code
+    // goes past the saturated outlier magnitude. Candidates come from a vector scan against
+    // slightly widened bounds (non-finite values always among them), then are tested exactly.
+    if counts.nonfinite > 0 || tails {
+        let t_out = p.q.t_outlier as f64;
+        let (lo, hi) = if tails {
+            let w = t_out * (1.0 - 1e-9) / p.inv_std;
+            (p.mean - w, p.mean + w)
+        } else {
+            (f64::NEG_INFINITY, f64::INFINITY)
+        };
+        let mut candidates = Vec::new();
+        kernel::outside(x, lo, hi, &mut candidates);
+        let mut tail = Vec::new();
+        for i in candidates {
+            let v = x[i as usize];
+            let f = v.to_f64();
+            let exact = |list: &mut LeWriter| {
+                list.u32(i);
                 list.bytes(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
-                n_exceptions += 1;
+            };
+            if !f.is_finite() {
+                exact(&mut list);
+                index.exceptions += 1;
+                continue;
             }
+            let a = ((f - p.mean) * p.inv_std).abs();
+            if !tails || f == 0.0 || a <= t_out {
+                continue;
+            }
+            match escape_residual(a, i, p) {
+                Some(0) if cfg.outliers == Outliers::Escape => {}
+                Some(r) if cfg.outliers == Outliers::Escape => tail.push((i, r - 1)),
+                _ => {
+                    exact(&mut list);
+                    index.exceptions += 1;
+                }
+            }
+        }
+        if !tail.is_empty() {
+            escapes = write_escapes(&tail);
+            index.escapes = tail.len() as u32;
+            index.escape_bytes = escapes.len() as u32;
         }
     }
     ChunkOut {
         extra: extra.finish(),
         exceptions: list.0,
+        escapes,
         counts,
-        n_exceptions,
+        index,
     }
+}
+
+/// Largest residual the escape stream holds; a value further out goes to the exception list.
+const MAX_RESIDUAL: f64 = (1u64 << 31) as f64;
+
+/// How many grid steps beyond the saturated outlier magnitude the research algorithm's code of
+/// |z| = `a` (> t_outlier) lies: `round(( a - t_main) * r_out) - max_out`, rounded as configured
+/// (stochastic rounding draws from the chunk's stream at element `i`). None when it is too far
+/// out for the escape stream.
+fn escape_residual(a: f64, i: u32, p: &Prep) -> Option<u32> {
+    let q = &p.q;
+    let u = match p.key {
+        Some(key) => crate::rng::uniform(key, i) as f64,
+        None => p.dither as f64,
+    };
+    let code = ((a - q.t_main as f64) * q.r_out as f64 + u).floor();
+    let r = (code - q.max_out as f64).max(0.0);
+    (r < MAX_RESIDUAL).then_some(r as u32)
+}
+
+/// The order of exponential-Golomb code that codes `values` in the fewest bits. The best order
+/// lies near log2 of the mean value; the orders within two of it are costed exactly.
+fn best_order(values: &[u32]) -> u32 {
+    let mean = values.iter().map(|&v| v as u64).sum::<u64>() / values.len().max(1) as u64;
+    let centre = 63 - (mean + 1).leading_zeros();
+    (centre.saturating_sub(2)..=(centre + 2).min(31))
+        .min_by_key(|&k| {
+            values
+                .iter()
+                .map(|&v| crate::bits::exp_golomb_len(v, k) as u64)
+                .sum::<u64>()
+        })
+        .unwrap_or(0)
+}
+
+/// One chunk's escape stream: two bytes (the exponential-Golomb orders of the gaps and of the
+/// residuals), then per escape the gap from the previous escape's index (the first counts from
+/// -1) and the residual beyond the saturated code minus one.
+fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
+    let mut prev = -1i64;
+    let gaps: Vec<u32> = tail
+        .iter()
+        .map(|&(i, _)| {
+            let g = (i as i64 - prev - 1) as u32;
+            prev = i as i64;
+            g
+        })
+        .collect();
+    let residuals: Vec<u32> = tail.iter().map(|&(_, r)| r).collect();
+    let (k_gap, k_res) = (best_order(&gaps), best_order(&residuals));
+    let mut w = BitWriter::with_capacity_bits(16 + tail.len() * 24);
+    w.put(k_gap, 8);
+    w.put(k_res, 8);
+    for (&g, &r) in gaps.iter().zip(&residuals) {
+        put_exp_golomb(&mut w, g, k_gap);
+        put_exp_golomb(&mut w, r, k_res);
+    }
+    w.finish()
 }
 
 /// Everything in a SmaQ tensor's metadata. Layout in docs/FORMAT.md.
@@ -387,8 +532,8 @@ struct Header {
     nonfinite: u64,
     /// Stored uncompressed (fewer than min_size elements).
     raw: bool,
-    /// Per chunk: (outliers, exceptions).
-    chunks: Vec<(u32, u32)>,
+    /// The chunk index.
+    chunks: Vec<ChunkIndex>,
 }
 
 /// Where one chunk's streams lie in the payload (byte ranges).
@@ -397,6 +542,7 @@ struct Span {
     primary: std::ops::Range<usize>,
     extra: std::ops::Range<usize>,
     exceptions: std::ops::Range<usize>,
+    escapes: std::ops::Range<usize>,
     /// Bits the extra stream must hold: outliers * (bits_outlier - bits_main).
     extra_bits: u64,
 }
@@ -415,12 +561,23 @@ const FLAG_EXACT_OUTLIERS: u8 = 2;
 const FLAG_SAMPLED: u8 = 4;
 const FLAG_RANGE_STD: u8 = 8;
 const FLAG_RAW: u8 = 16;
-const FLAGS_KNOWN: u8 = 31;
+/// Values beyond t_outlier escape (format version 2): the chunk index has four fields per chunk.
+const FLAG_ESCAPE: u8 = 32;
+const FLAGS_KNOWN: u8 = 63;
 
 impl Header {
     /// Bytes of the metadata of a tensor coded in `n_chunks` chunks.
-    fn len_for(n_chunks: usize) -> usize {
-        68 + 8 * n_chunks
+    fn len_for(n_chunks: usize, escape: bool) -> usize {
+        68 + Self::entry_len(escape) * n_chunks
+    }
+
+    /// Bytes of one chunk index entry.
+    fn entry_len(escape: bool) -> usize {
+        if escape {
+            16
+        } else {
+            8
+        }
     }
 
     fn write(&self) -> Vec<u8> {
@@ -430,11 +587,13 @@ impl Header {
             Sampling::Sampled { k, .. } => (k, FLAG_SAMPLED),
         };
         let flags = (c.all_positive as u8 * FLAG_ALL_POSITIVE)
-            | (c.exact_outliers as u8 * FLAG_EXACT_OUTLIERS)
+            | ((c.outliers == Outliers::Exact) as u8 * FLAG_EXACT_OUTLIERS)
+            | ((c.outliers == Outliers::Escape) as u8 * FLAG_ESCAPE)
             | sampled
             | ((c.spread == Spread::Range) as u8 * FLAG_RANGE_STD)
             | (self.raw as u8 * FLAG_RAW);
-        let mut w = LeWriter(Vec::with_capacity(72 + 8 * self.chunks.len()));
+        let escape = c.outliers == Outliers::Escape;
+        let mut w = LeWriter(Vec::with_capacity(Self::len_for(self.chunks.len(), escape)));
         w.u8(c.bits_main)
             .u8(c.bits_outlier)
             .u8(c.rounding as u8)
@@ -449,8 +608,11 @@ impl Header {
             .u64(self.clamped)
             .u64(self.nonfinite);
         w.u32(c.min_size).u32(self.chunks.len() as u32);
-        for &(o, e) in &self.chunks {
-            w.u32(o).u32(e);
+        for c in &self.chunks {
+            w.u32(c.outliers).u32(c.exceptions);
+            if escape {
+                w.u32(c.escapes).u32(c.escape_bytes);
+            }
         }
         w.0
     }
@@ -496,6 +658,16 @@ impl SmaqHeader {
             mean.is_finite() && std.is_finite() && std > 0.0,
             "smaq: statistics mean={mean}, std={std} are invalid"
         );
+        let escape = flags & FLAG_ESCAPE != 0;
+        ensure_format!(
+            !escape || frame.version >= 2,
+            "smaq: escaped outliers need format version 2, the tensor says {}",
+            frame.version
+        );
+        ensure_format!(
+            !(escape && flags & FLAG_EXACT_OUTLIERS != 0),
+            "smaq: flags {flags:#04x} ask for both escaped and exact outliers"
+        );
         let raw = flags & FLAG_RAW != 0;
         let expected_chunks = if raw {
             0
@@ -507,15 +679,25 @@ impl SmaqHeader {
             "smaq: header has {n_chunks} chunks, {} elements in chunks of {chunk_size} need {expected_chunks}",
             frame.numel
         );
+        let entry = Header::entry_len(escape);
         ensure_format!(
-            r.remaining() == n_chunks * 8,
+            r.remaining() == n_chunks * entry,
             "smaq: chunk index holds {} bytes, expected {} for {n_chunks} chunks",
             r.remaining(),
-            n_chunks * 8
+            n_chunks * entry
         );
         let mut chunks = Vec::with_capacity(n_chunks);
         for _ in 0..n_chunks {
-            chunks.push((r.u32("chunk outliers")?, r.u32("chunk exceptions")?));
+            let mut c = ChunkIndex {
+                outliers: r.u32("chunk outliers")?,
+                exceptions: r.u32("chunk exceptions")?,
+                ..ChunkIndex::default()
+            };
+            if escape {
+                c.escapes = r.u32("chunk escapes")?;
+                c.escape_bytes = r.u32("chunk escape bytes")?;
+            }
+            chunks.push(c);
         }
         r.finish()?;
 
@@ -538,54 +720,77 @@ impl SmaqHeader {
                 [rounding as usize],
             seed: Some(seed),
             all_positive: flags & FLAG_ALL_POSITIVE != 0,
-            exact_outliers: flags & FLAG_EXACT_OUTLIERS != 0,
+            outliers: if escape {
+                Outliers::Escape
+            } else if flags & FLAG_EXACT_OUTLIERS != 0 {
+                Outliers::Exact
+            } else {
+                Outliers::Clamp
+            },
             min_size,
             chunk_size,
         };
         let q = cfg.quant();
         // Chunk byte ranges: all primary streams, then all extra streams, then all exception
-        // lists. Sizes come from the index and are checked against the payload length.
+        // lists, then all escape streams. Sizes come from the index and are checked against the
+        // payload length.
         let esize = 4 + frame.dtype.size() as u64;
-        let mut sizes = Vec::with_capacity(n_chunks);
-        for (ci, &(o, e)) in chunks.iter().enumerate() {
+        // Per chunk: bytes of (primary, extra, exceptions, escapes), extra bits.
+        let mut sizes: Vec<([u64; 4], u64)> = Vec::with_capacity(n_chunks);
+        for (ci, c) in chunks.iter().enumerate() {
             let len = (frame.numel - ci as u64 * chunk_size as u64).min(chunk_size as u64);
+            let (o, e, x) = (c.outliers as u64, c.exceptions as u64, c.escapes as u64);
             ensure_format!(
-                o as u64 <= len && e as u64 <= len,
-                "smaq: chunk {ci} claims {o} outliers and {e} exceptions among {len} values"
+                o <= len && e <= len && x <= o,
+                "smaq: chunk {ci} claims {o} outliers, {e} exceptions and {x} escapes among {len} \
+                 values"
             );
-            let (primary, extra) = q.chunk_bytes(len, o as u64);
-            sizes.push((
-                primary,
-                extra,
-                e as u64 * esize,
-                o as u64 * q.extra_bits() as u64,
-            ));
+            // An escape stream holds its two order bytes and at least two bits per escape.
+            let xb = c.escape_bytes as u64;
+            ensure_format!(
+                (x == 0 && xb == 0) || (x > 0 && xb >= 2 + x.div_ceil(4) && xb <= 2 + 16 * x),
+                "smaq: chunk {ci} has {x} escapes in {xb} bytes"
+            );
+            let (primary, extra) = q.chunk_bytes(len, o);
+            sizes.push(([primary, extra, e * esize, xb], o * q.extra_bits() as u64));
         }
-        let total = |f: fn(&(u64, u64, u64, u64)) -> u64| sizes.iter().map(f).sum::<u64>();
-        let (ptotal, etotal, xtotal) = (total(|s| s.0), total(|s| s.1), total(|s| s.2));
+        let mut totals = [0u64; 4];
+        for (s, _) in &sizes {
+            for (t, v) in totals.iter_mut().zip(s) {
+                *t += v;
+            }
+        }
         let expected = if raw {
             frame.numel * frame.dtype.size() as u64
         } else {
-            ptotal + etotal + xtotal
+            totals.iter().sum()
         };
         ensure_format!(
             frame.payload_len == expected,
             "smaq: payload is {} bytes, the header implies {expected}",
             frame.payload_len
         );
-        let (mut p, mut e, mut x) = (0usize, ptotal as usize, (ptotal + etotal) as usize);
+        // Where each kind of stream starts.
+        let mut at = [0usize; 4];
+        for k in 1..4 {
+            at[k] = at[k - 1] + totals[k - 1] as usize;
+        }
         let spans = sizes
             .iter()
-            .map(|&(ps, es, xs, bits)| {
-                let (ps, es, xs) = (ps as usize, es as usize, xs as usize);
-                let span = Span {
-                    primary: p..p + ps,
-                    extra: e..e + es,
-                    exceptions: x..x + xs,
+            .map(|&(s, bits)| {
+                let mut r = [0..0, 0..0, 0..0, 0..0];
+                for k in 0..4 {
+                    r[k] = at[k]..at[k] + s[k] as usize;
+                    at[k] = r[k].end;
+                }
+                let [primary, extra, exceptions, escapes] = r;
+                Span {
+                    primary,
+                    extra,
+                    exceptions,
+                    escapes,
                     extra_bits: bits,
-                };
-                (p, e, x) = (p + ps, e + es, x + xs);
-                span
+                }
             })
             .collect();
         let h = Header {
@@ -637,6 +842,10 @@ impl SmaqHeader {
             used / q.extra_bits().max(1) as u64,
             s.extra_bits / q.extra_bits().max(1) as u64
         );
+        let n_escapes = self.h.chunks[ci].escapes;
+        if n_escapes > 0 {
+            self.patch_escapes(&payload[s.escapes.clone()], primary, q, ci, n_escapes, dst)?;
+        }
         let mut prev: Option<usize> = None;
         for e in exc.chunks_exact(esize) {
             let i = u32::from_le_bytes(e[..4].try_into().unwrap()) as usize;
@@ -649,6 +858,59 @@ impl SmaqHeader {
             dst[i] = T::from_bits_u64(u64::from_le_bytes(raw));
             prev = Some(i);
         }
+        Ok(())
+    }
+
+    /// Writes the escaped values of chunk `ci` (see [`write_escapes`]) over their saturated
+    /// outlier codes in `dst`; their signs are the codes' sign bits in `primary`.
+    fn patch_escapes<T: Element>(
+        &self,
+        stream: &[u8],
+        primary: &[u8],
+        q: &kernel::Quant,
+        ci: usize,
+        n: u32,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let bad = || Error::Format(format!("smaq: chunk {ci}: escape stream is corrupt"));
+        let (k_gap, k_res) = (stream[0] as u32, stream[1] as u32);
+        ensure_format!(
+            k_gap <= 31 && k_res <= 31,
+            "smaq: chunk {ci}: escape code orders {k_gap}, {k_res} exceed 31"
+        );
+        let bits = &stream[2..];
+        let (mean, std) = (self.h.mean, self.h.std);
+        let floor = if self.h.cfg.all_positive {
+            0.0
+        } else {
+            -T::MAX_F64
+        };
+        let (t_main, r_out) = (q.t_main as f64, q.r_out as f64);
+        let base = q.max_out as f64 + 1.0;
+        let bm = q.bits_main as usize;
+        let mut pos = 0usize;
+        let mut next = 0usize;
+        for _ in 0..n {
+            let gap = get_exp_golomb(bits, &mut pos, k_gap).ok_or_else(bad)? as usize;
+            let r = get_exp_golomb(bits, &mut pos, k_res).ok_or_else(bad)?;
+            let i = next + gap;
+            ensure_format!(
+                i < dst.len(),
+                "smaq: chunk {ci}: escape at index {i} is out of range ({} values)",
+                dst.len()
+            );
+            let negative = crate::bits::get(primary, i * bm + 1, 1) == 1;
+            let z = t_main + (base + r as f64) / r_out;
+            let v = mean + if negative { -z } else { z } * std;
+            dst[i] = T::from_f64(v.clamp(floor, T::MAX_F64));
+            next = i + 1;
+        }
+        ensure_format!(
+            pos.div_ceil(8) == bits.len(),
+            "smaq: chunk {ci}: escape stream has {} bytes, its codes take {}",
+            bits.len(),
+            pos.div_ceil(8)
+        );
         Ok(())
     }
 
@@ -681,8 +943,12 @@ impl Decoder for SmaqHeader {
 
     fn info(&self) -> Params {
         let h = &self.h;
-        let outliers: u64 = h.chunks.iter().map(|c| c.0 as u64).sum();
-        let exceptions: u64 = h.chunks.iter().map(|c| c.1 as u64).sum();
+        let sum = |f: fn(&ChunkIndex) -> u32| h.chunks.iter().map(|c| f(c) as u64).sum::<u64>();
+        let (outliers, exceptions, escapes) = (
+            sum(|c| c.outliers),
+            sum(|c| c.exceptions),
+            sum(|c| c.escapes),
+        );
         crate::codec::params::from_pairs([
             ("mean", Param::Float(h.mean)),
             ("std", Param::Float(h.std)),
@@ -690,6 +956,8 @@ impl Decoder for SmaqHeader {
             ("n_clamped", Param::Int(h.clamped as i64)),
             ("n_nonfinite", Param::Int(h.nonfinite as i64)),
             ("n_exceptions", Param::Int(exceptions as i64)),
+            ("n_escapes", Param::Int(escapes as i64)),
+            ("escape_bytes", Param::Int(sum(|c| c.escape_bytes) as i64)),
             ("n_chunks", Param::Int(h.chunks.len() as i64)),
             ("stored_raw", Param::Bool(h.raw)),
         ])
@@ -733,6 +1001,7 @@ mod tests {
     fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqHeader, usize) {
         let enc = cfg.encode(Data::F32(x)).unwrap();
         let frame = Frame {
+            version: crate::format::VERSION,
             dtype: DType::F32,
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,
@@ -759,10 +1028,9 @@ mod tests {
             let z = ((a - mean) / std).abs();
             let bound = if z <= q.t_main {
                 std / (2.0 * q.r_main)
-            } else if z <= q.t_outlier {
-                std / (2.0 * q.r_out)
             } else {
-                (z - q.t_outlier) * std + std / (2.0 * q.r_out)
+                // Escaped values beyond t_outlier stay on the outlier grid: no clamping.
+                std / (2.0 * q.r_out) * (1.0 + 1e-3 * z)
             };
             assert!(
                 (a - b).abs() <= bound * 1.001 + 1e-6,
@@ -781,17 +1049,18 @@ mod tests {
         };
         let (_, h, payload) = round_trip(&cfg, &x);
         // 6 bits per value in the primary stream, 2 more per outlier; each rounded to bytes.
-        let expected: u64 =
-            h.h.chunks
-                .iter()
-                .enumerate()
-                .map(|(ci, &(o, _))| {
-                    let len = (x.len() - ci * 1000).min(1000) as u64;
-                    (len * 6).div_ceil(8) + (o as u64 * 2).div_ceil(8)
-                })
-                .sum();
+        let expected: u64 = h
+            .h
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| {
+                let len = (x.len() - ci * 1000).min(1000) as u64;
+                (len * 6).div_ceil(8) + (c.outliers as u64 * 2).div_ceil(8) + c.escape_bytes as u64
+            })
+            .sum();
         assert_eq!(payload as u64, expected);
-        let outliers: u64 = h.h.chunks.iter().map(|c| c.0 as u64).sum();
+        let outliers: u64 = h.h.chunks.iter().map(|c| c.outliers as u64).sum();
         let frac = outliers as f64 / x.len() as f64;
         assert!((frac - 0.3173).abs() < 0.01, "outlier fraction {frac}");
     }
@@ -821,7 +1090,7 @@ mod tests {
         x[9999] = f32::NEG_INFINITY;
         x[100] = 50.0;
         let cfg = SmaqConfig {
-            exact_outliers: true,
+            outliers: Outliers::Exact,
             chunk_size: 512,
             ..Default::default()
         };
@@ -838,7 +1107,10 @@ mod tests {
     fn clamping_is_counted() {
         let mut x = normal(10_000, 5);
         x[10] = 100.0;
-        let cfg = SmaqConfig::default();
+        let cfg = SmaqConfig {
+            outliers: Outliers::Clamp,
+            ..Default::default()
+        };
         let (y, h, _) = round_trip(&cfg, &x);
         assert!(h.h.clamped >= 1);
         let top = (h.h.mean + cfg.t_outlier as f64 * h.h.std) as f32;
@@ -888,5 +1160,119 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The research algorithm (never clamps), in f64, nearest rounding: the value each element
+    /// must decode to.
+    fn research_nearest(x: &[f32], q: &kernel::Quant, mean: f64, std: f64) -> Vec<f64> {
+        x.iter()
+            .map(|&v| {
+                let z = (v as f64 - mean) / std;
+                let a = z.abs();
+                let (t, r) = if a <= q.t_main as f64 {
+                    (0.0, q.r_main as f64)
+                } else {
+                    (q.t_main as f64, q.r_out as f64)
+                };
+                let m = ((a - t) * r + 0.5).floor() / r + t;
+                mean + z.signum() * m * std
+            })
+            .collect()
+    }
+
+    #[test]
+    fn escaped_tails_decode_on_the_research_grid() {
+        // Heavy tails: a Student-t-like mix with values up to ~10^4 std.
+        let mut x = normal(200_000, 11);
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % 37 == 0 {
+                *v *= 25.0;
+            }
+            if i % 1001 == 0 {
+                *v *= 100.0;
+            }
+        }
+        x[5] = 2.0e3;
+        x[6] = -2.0e3;
+        let cfg = SmaqConfig {
+            rounding: Rounding::Nearest,
+            chunk_size: 4096,
+            ..Default::default()
+        };
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert_eq!(h.h.clamped, 0);
+        let escapes: u64 = h.h.chunks.iter().map(|c| c.escapes as u64).sum();
+        assert!(escapes > 1000, "{escapes} escapes");
+        let q = cfg.quant();
+        let want = research_nearest(&x, &q, h.h.mean, h.h.std);
+        for (i, (&a, &b)) in want.iter().zip(&y).enumerate() {
+            let tol = 1e-6 * a.abs().max(h.h.std);
+            assert!(
+                (a - b as f64).abs() <= tol,
+                "element {i}: research {a}, decoded {b} (input {})",
+                x[i]
+            );
+        }
+    }
+
+    #[test]
+    fn escape_layout_needs_version_2_and_clamp_keeps_version_1() {
+        let x = normal(5000, 12);
+        let esc = SmaqConfig::default();
+        assert_eq!(esc.format_version(), 2);
+        let clamp = SmaqConfig {
+            outliers: Outliers::Clamp,
+            ..Default::default()
+        };
+        assert_eq!(clamp.format_version(), 1);
+        let enc = esc.encode(Data::F32(&x)).unwrap();
+        let frame = Frame {
+            version: 1,
+            dtype: DType::F32,
+            numel: x.len() as u64,
+            payload_len: enc.payload.len() as u64,
+        };
+        let err = SmaqHeader::parse(&enc.meta, frame).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_escape_streams_are_format_errors() {
+        let mut x = normal(20_000, 13);
+        x[100] = 1e4;
+        x[200] = -1e4;
+        let enc = SmaqConfig {
+            chunk_size: 20_000,
+            ..Default::default()
+        }
+        .encode(Data::F32(&x))
+        .unwrap();
+        let frame = Frame {
+            version: 2,
+            dtype: DType::F32,
+            numel: x.len() as u64,
+            payload_len: enc.payload.len() as u64,
+        };
+        let h = SmaqHeader::parse(&enc.meta, frame).unwrap();
+        let span = h.spans[0].escapes.clone();
+        assert!(span.len() > 2);
+        let mut out = vec![0f32; x.len()];
+        // Every byte of the stream flipped in turn: an error or a decode, never a panic; the
+        // order bytes and the last byte are always caught.
+        for at in span.clone() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut p = enc.payload.clone();
+                p[at] ^= flip;
+                let r = h.decode(&p, DataMut::F32(&mut out));
+                if at == span.start && flip == 0xff {
+                    assert!(r.is_err());
+                }
+            }
+        }
+        // Truncated streams do not parse.
+        let mut meta = enc.meta.clone();
+        let n = meta.len();
+        meta[n - 4..].copy_from_slice(&1u32.to_le_bytes());
+        assert!(SmaqHeader::parse(&meta, frame).is_err());
     }
 }

@@ -615,3 +615,24 @@ impl Unpacker {
         xpos
     }
 }
+
+/// Appends `base + i` for every `x[i]` outside `[lo, hi]` or NaN, sixteen values per step (one
+/// masked compare pair); returns how many values it covered (a multiple of 16).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn outside(x: &[f32], lo: f32, hi: f32, base: u32, out: &mut Vec<u32>) -> usize {
+    let n16 = x.len() / 16 * 16;
+    let (l, h) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let mut i = 0;
+    while i < n16 {
+        let v = _mm512_loadu_ps(x.as_ptr().add(i));
+        let inside =
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, l) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, h);
+        let mut m = !inside;
+        while m != 0 {
+            out.push(base + i as u32 + m.trailing_zeros());
+            m &= m - 1;
+        }
+        i += 16;
+    }
+    n16
+}
