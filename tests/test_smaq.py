@@ -94,8 +94,9 @@ def test_nbytes_is_the_exact_bit_accounting(n, chunk):
     assert s["n_chunks"] == chunks
     n_out = s["n_outliers"]
     payload_bits = (n - n_out) * 6 + n_out * 8
-    # the chunk index: outliers, exceptions, escapes, escape bytes (u32 each) per chunk
-    header = FIXED_HEADER + 8 * x.ndim + META_FIXED + 16 * chunks + CHECKSUM
+    # escape_bits and 3 reserved bytes, then the chunk index: outliers, exceptions, escapes,
+    # escape bytes (u32 each) per chunk
+    header = FIXED_HEADER + 8 * x.ndim + META_FIXED + 4 + 16 * chunks + CHECKSUM
     esc = s["escape_bytes"]
     assert (esc == 0) == (s["n_escapes"] == 0)
     if chunks == 1:
@@ -108,7 +109,7 @@ def test_nbytes_is_the_exact_bit_accounting(n, chunk):
     c = smaq_rs.compress(x, chunk_size=chunk, outliers="clamp")
     assert c.stats["escape_bytes"] == 0
     assert c.stats["n_outliers"] == n_out
-    assert c.nbytes == p.nbytes - esc - 8 * chunks
+    assert c.nbytes == p.nbytes - esc - 8 * chunks - 4
     # and the outlier count is the real one
     z = np.abs((x.astype(np.float64) - s["mean"]) / s["std"])
     assert abs(int((z > 1.0).sum()) - n_out) <= max(2, n // 10_000)
