@@ -10,13 +10,25 @@ State bytes are summed from the real buffers each optimizer holds after the step
 storage bytes; for smaq_rs the packed bytes). Times are medians of ``--steps`` steps after two
 warm-up steps. Gradients are fixed random tensors (no forward/backward), so only the optimizer
 step is timed. Nothing asserts: the figures are printed.
+
+    python benches/bench_optim.py --rss
+
+measures instead how much the process grows (resident memory, as the kernel counts it) while
+each optimizer builds its state and steps, per parameter, on a model whose largest layer holds
+half its parameters (Linear(2048, 4096), Linear(4096, 1024), Linear(1024, 4096): 16.8M). Each
+optimizer runs in a fresh subprocess; the baseline is taken after the model and its gradients
+exist. "after" is the resident size after the steps, "peak" the high-water mark during them
+(which includes one parameter's old and new packed state side by side, and allocator slack).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -106,12 +118,86 @@ def candidates():
     return out
 
 
+def rss_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2048, 4096), nn.Linear(4096, 1024), nn.Linear(1024, 4096))
+
+
+def rss_child(index: int, steps: int) -> None:
+    """Runs in a fresh process: prints the RSS growth of one optimizer (see the module doc)."""
+    name, make = candidates()[index]
+    if isinstance(make, str):
+        print(f"{name}\t-\t-\t-\t{make}")  # name, -, -, -, note
+        return
+    # One step on a tiny model first: torch's optimizer machinery loads modules (torch._dynamo)
+    # on first use, a fixed ~130 MiB that is not per parameter.
+    tiny = nn.Linear(64, 64)
+    set_grads(tiny, 0)
+    try:
+        make(tiny.parameters()).step()
+    except Exception:
+        pass
+    m = rss_model()
+    n = sum(p.numel() for p in m.parameters())
+    set_grads(m, 0)
+    gc.collect()
+    smaq_rs.empty_cache()  # also hands the allocator's free memory back: a clean baseline
+    base = st._meter.current_rss()
+    st.reset_peak_rss()
+    try:
+        opt = make(m.parameters())
+        for _ in range(steps):  # the same gradients: no allocation but the optimizer's
+            opt.step()
+    except Exception as e:
+        print(f"{name}\t-\t-\t-\tfailed: {type(e).__name__}: {e}"[:120])
+        return
+    gc.collect()
+    after, peak = st._meter.current_rss(), st.peak_rss()
+    cached = smaq_rs.cached_bytes()
+    smaq_rs.empty_cache()
+    trimmed = st._meter.current_rss()
+    if isinstance(opt, st.optim._PackedStateOptimizer):
+        held = opt.state_nbytes()[1]
+    else:
+        held = tensor_state_bytes(opt)
+    print(f"{name}\t{held / n:.3f}\t{(after - base) / n:.3f}\t{cached / n:.3f}\t"
+          f"{(trimmed - base) / n:.3f}\t{(peak - base) / n:.3f}")
+
+
+def rss_main(steps: int) -> None:
+    n = sum(p.numel() for p in rss_model().parameters())
+    print(f"model: Linear(2048, 4096), Linear(4096, 1024), Linear(1024, 4096): {n / 1e6:.2f}M "
+          f"parameters, the largest layer {8392704 / n:.0%} of them; {steps} steps")
+    print("bytes per parameter: the state's packed buffers; the process's growth after the steps,")
+    print("of which smaq_rs's buffer cache (freed buffers kept for the next step's encode); the")
+    print("growth after smaq_rs.empty_cache(); the peak growth during the steps")
+    print(f"{'optimizer':<28}{'state':>8}{'RSS after':>11}{'cache':>8}{'emptied':>9}{'peak':>8}")
+    for i in range(len(candidates())):
+        out = subprocess.run([sys.executable, __file__, "--rss-child", str(i), "--steps",
+                              str(steps)], capture_output=True, text=True)
+        line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else \
+            f"child {i}\t-\t-\t-\t-\t-\tfailed: {out.stderr.strip().splitlines()[-1:]}"
+        f = (line.split("\t") + [""] * 7)[:7]
+        if f[2] == "-":
+            print(f"{f[0]:<28}{'-':>8}{'-':>11}{'-':>8}{'-':>9}{'-':>8}  {f[4]}")
+            continue
+        print(f"{f[0]:<28}{f[1]:>8}{f[2]:>11}{f[3]:>8}{f[4]:>9}{f[5]:>8}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rss", action="store_true", help="measure process growth per parameter")
+    ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child is not None:
+        rss_child(args.rss_child, args.steps)
+        return
+    if args.rss:
+        rss_main(args.steps)
+        return
     model = make_model(args.width, args.layers)
     n = sum(p.numel() for p in model.parameters())
     print(f"load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__} ({torch.get_num_threads()} threads), smaq_rs "

@@ -81,6 +81,9 @@ pub enum SlotOut {
     },
     /// Store with a zero map: the new values are in the slot's buffer.
     NeedsMap,
+    /// Store with a zero map: these are the new values (from [`adam_step_pieces`], which had
+    /// no buffer of the caller's to leave them in).
+    Dense(Vec<f32>),
 }
 
 fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
@@ -199,6 +202,37 @@ fn store(buf: &[f32], shape: &[u64], t: Tally, rule: &Rule<'_>) -> Result<SlotOu
         zeros,
         range,
     })
+}
+
+/// The float32 scalars of one Adam step (see [`AdamScalars`]).
+fn adam_scalars(
+    h: &AdamStep,
+    fresh: bool,
+    range_m: Option<[f32; 2]>,
+    range_v: Option<[f32; 2]>,
+) -> AdamScalars {
+    let (b1, b2) = (h.beta1, h.beta2);
+    let step = h.step;
+    // Python's `b ** step` is libm pow.
+    let bc1 = 1.0 - b1.powf(step as f64);
+    let bc2 = 1.0 - b2.powf(step as f64);
+    AdamScalars {
+        maximize: h.maximize,
+        decay: (h.weight_decay != 0.0 && h.decoupled)
+            .then_some((1.0 - h.lr * h.weight_decay) as f32),
+        l2: (h.weight_decay != 0.0 && !h.decoupled).then_some(h.weight_decay as f32),
+        guard: (!fresh && h.decoded && h.guard && b1 * b1 < b2)
+            .then_some(((1.0 - b2) * (1.0 - b1 * b1 / b2) / ((1.0 - b1) * (1.0 - b1))) as f32),
+        range_m,
+        range_v,
+        w: (1.0 - b1) as f32,
+        b2: b2 as f32,
+        c2: (1.0 - b2) as f32,
+        sqrt_bc2: bc2.sqrt() as f32,
+        eps: h.eps as f32,
+        step_size: (-h.lr / bc1) as f32,
+        fresh,
+    }
 }
 
 /// Float32 scalars of an Adam step, rounded as torch rounds Python floats.
@@ -531,28 +565,7 @@ pub fn adam_step(
         load(slots[0], exp_avg)?;
         load(slots[1], exp_avg_sq)?;
     }
-    let (b1, b2) = (h.beta1, h.beta2);
-    let step = h.step;
-    // Python's `b ** step` is libm pow.
-    let bc1 = 1.0 - b1.powf(step as f64);
-    let bc2 = 1.0 - b2.powf(step as f64);
-    let s = AdamScalars {
-        maximize: h.maximize,
-        decay: (h.weight_decay != 0.0 && h.decoupled)
-            .then_some((1.0 - h.lr * h.weight_decay) as f32),
-        l2: (h.weight_decay != 0.0 && !h.decoupled).then_some(h.weight_decay as f32),
-        guard: (!fresh && h.decoded && h.guard && b1 * b1 < b2)
-            .then_some(((1.0 - b2) * (1.0 - b1 * b1 / b2) / ((1.0 - b1) * (1.0 - b1))) as f32),
-        range_m,
-        range_v,
-        w: (1.0 - b1) as f32,
-        b2: b2 as f32,
-        c2: (1.0 - b2) as f32,
-        sqrt_bc2: bc2.sqrt() as f32,
-        eps: h.eps as f32,
-        step_size: (-h.lr / bc1) as f32,
-        fresh,
-    };
+    let s = adam_scalars(h, fresh, range_m, range_v);
     // With packed slots decodable in pieces, each task decodes its piece of both slots and
     // updates it while it is in cache; otherwise the slots were decoded whole above.
     let task = pieces.unwrap_or(TASK);
@@ -582,6 +595,256 @@ pub fn adam_step(
     Ok([
         store(exp_avg, shape, tm, &rules[0])?,
         store(exp_avg_sq, shape, tv, &rules[1])?,
+    ])
+}
+
+/// [`adam_step`] without whole-parameter buffers: where the state is packed SmaQ decodable in
+/// pieces (or fresh) and the new state is SmaQ with exact statistics in pieces of the same
+/// length, the step runs twice over the pieces, each worker holding one piece of each slot:
+///
+/// 1. decode the piece, compute its new exp_avg / exp_avg_sq (on a copy of the parameter's
+///    piece), tally zeros, range and the statistics the new state's code needs; nothing is kept;
+/// 2. decode the piece again, update the parameter in place, and encode the new state's piece
+///    with those statistics ([`crate::codec::smaq::PieceEncoder`]).
+///
+/// Both passes compute the same values bit for bit, so the result is [`adam_step`]'s (with
+/// pieces of 65,536 values, the SmaQ default, even the packed bytes are). The process then grows
+/// by about the packed state, not by two dense copies of the largest parameter; the price is a
+/// second decode of each piece. Elsewhere (dense or zero-mapped state, other codecs, sampled
+/// statistics, a new state that needs a zero map) it runs [`adam_step`] on buffers it allocates
+/// for the call, and a slot needing a zero map comes back as [`SlotOut::Dense`].
+pub fn adam_step_pieces(
+    h: &AdamStep,
+    param: &mut [f32],
+    grad: &[f32],
+    shape: &[u64],
+    slots: [SlotIn<'_>; 2],
+    rules: [Rule<'_>; 2],
+) -> Result<[SlotOut; 2]> {
+    let n = param.len();
+    check_len("grad", grad.len(), n)?;
+    match pieces_plan(&slots, &rules, n) {
+        Some(plan) => adam_two_pass(h, param, grad, shape, slots, rules, plan),
+        None => adam_whole(h, param, grad, shape, slots, rules),
+    }
+}
+
+/// [`adam_step`] on buffers allocated for the call; a slot that needs a zero map is returned
+/// with its values.
+fn adam_whole(
+    h: &AdamStep,
+    param: &mut [f32],
+    grad: &[f32],
+    shape: &[u64],
+    slots: [SlotIn<'_>; 2],
+    rules: [Rule<'_>; 2],
+) -> Result<[SlotOut; 2]> {
+    let n = param.len();
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let [a, b] = adam_step(h, param, grad, shape, &mut m, &mut v, slots, rules)?;
+    let dense = |o: SlotOut, buf: Vec<f32>| match o {
+        SlotOut::NeedsMap => SlotOut::Dense(buf),
+        o => o,
+    };
+    Ok([dense(a, m), dense(b, v)])
+}
+
+/// What the two-pass step needs: the piece length and the new state's SmaQ configurations.
+struct PiecePlan {
+    len: usize,
+    cfgs: [crate::codec::smaq::SmaqConfig; 2],
+}
+
+fn pieces_plan(slots: &[SlotIn<'_>; 2], rules: &[Rule<'_>; 2], n: usize) -> Option<PiecePlan> {
+    use crate::codec::smaq::SmaqConfig;
+    let fresh = slots.iter().all(|s| matches!(s, SlotIn::Fresh));
+    let decoded = if fresh {
+        None
+    } else {
+        Some(shared_pieces(slots)?)
+    };
+    let cfg = |r: &Rule<'_>| {
+        (r.codec == "smaq")
+            .then(|| SmaqConfig::from_params(r.params).ok())
+            .flatten()
+            .filter(|c| c.sampling == crate::stats::Sampling::Exact && n >= c.min_size as usize)
+    };
+    let cfgs = [cfg(&rules[0])?, cfg(&rules[1])?];
+    let len = cfgs[0].chunk_size as usize;
+    (cfgs[1].chunk_size as usize == len && decoded.is_none_or(|d| d == len) && n > 0)
+        .then_some(PiecePlan { len, cfgs })
+}
+
+/// Decodes piece `i` of both slots into `m`, `v` (their lengths) and restores their zeros.
+fn load_piece(
+    slots: &[SlotIn<'_>; 2],
+    i: usize,
+    start: usize,
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    for (slot, buf) in slots.iter().zip([m, v]) {
+        if let SlotIn::Packed { packed, .. } = slot {
+            packed.decode_piece(i, DataMut::F32(buf))?;
+        }
+        restore_zeros(*slot, start, buf);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn adam_two_pass(
+    h: &AdamStep,
+    param: &mut [f32],
+    grad: &[f32],
+    shape: &[u64],
+    slots: [SlotIn<'_>; 2],
+    rules: [Rule<'_>; 2],
+    plan: PiecePlan,
+) -> Result<[SlotOut; 2]> {
+    use crate::codec::smaq;
+    use crate::stats::{PieceMoments, PieceStats};
+    let n = param.len();
+    let range_m = check_slot(slots[0], n, "exp_avg")?;
+    let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
+    if h.step == 0 {
+        return Err(Error::Shape("the step count starts at 1".into()));
+    }
+    let s = adam_scalars(h, matches!(slots[0], SlotIn::Fresh), range_m, range_v);
+    let len = plan.len;
+    let pieces = n.div_ceil(len);
+    let bufs = || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new());
+    // Pass 1, piece 0 alone: it fixes the shift of the statistics (the first finite value).
+    let first = |i: usize, b: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| -> Result<[Tally; 2]> {
+        let (lo, hi) = (i * len, ((i + 1) * len).min(n));
+        let (pc, m, v) = b;
+        pc.clear();
+        pc.extend_from_slice(&param[lo..hi]);
+        m.resize(hi - lo, 0.0);
+        v.resize(hi - lo, 0.0);
+        load_piece(&slots, i, lo, m, v)?;
+        Ok(adam_chunk(&s, pc, &grad[lo..hi], m, v))
+    };
+    let mut b0 = bufs();
+    let t0 = first(0, &mut b0)?;
+    let (mut stats_m, mut stats_v) = (PieceStats::new(), PieceStats::new());
+    stats_m.add(&b0.1);
+    stats_v.add(&b0.2);
+    let (Some(sh_m), Some(sh_v)) = (stats_m.shift(), stats_v.shift()) else {
+        // No finite value in the first piece: rare enough to take the whole-buffer path.
+        return adam_whole(h, param, grad, shape, slots, rules);
+    };
+    drop(b0);
+    type One = ([Tally; 2], PieceMoments, PieceMoments);
+    let rest: Vec<One> = crate::pool::install(|| {
+        (1..pieces)
+            .into_par_iter()
+            .map_init(bufs, |b, i| {
+                let t = first(i, b)?;
+                Ok((
+                    t,
+                    PieceStats::moments(&b.1, sh_m),
+                    PieceStats::moments(&b.2, sh_v),
+                ))
+            })
+            .collect::<Result<_>>()
+    })?;
+    let (mut tm, mut tv) = (t0[0], t0[1]);
+    for (t, a, b) in rest {
+        tm = tm.then(t[0]);
+        tv = tv.then(t[1]);
+        stats_m.merge(a);
+        stats_v.merge(b);
+    }
+    let layouts = [
+        zmap::layout(n as u64, tm.zeros, &rules[0]),
+        zmap::layout(n as u64, tv.zeros, &rules[1]),
+    ];
+    if layouts.contains(&Layout::Map) {
+        return adam_whole(h, param, grad, shape, slots, rules);
+    }
+    let [cm, cv] = &plan.cfgs;
+    let (Some(em), Some(ev)) = (
+        cm.piece_encoder(n, stats_m.finish(cm.spread)),
+        cv.piece_encoder(n, stats_v.finish(cv.spread)),
+    ) else {
+        return adam_whole(h, param, grad, shape, slots, rules);
+    };
+    // Pass 2: the same values again, the parameter updated, each new piece encoded in place.
+    let lead = Packed::head_len(shape);
+    let tail = crate::format::CHECKSUM_LEN;
+    let (mut out_m, mut out_v) = (em.output(lead, tail), ev.output(lead, tail));
+    type Two = (smaq::EncodedPiece, smaq::EncodedPiece, Vec<i64>, Vec<i64>);
+    let zeros_of = |x: &[f32], start: usize, layout: Layout| -> Vec<i64> {
+        if layout != Layout::List {
+            return Vec::new();
+        }
+        let z = x.iter().filter(|v| **v == 0.0).count() as u64;
+        let mut at = zmap::zero_positions(x, z);
+        for i in &mut at {
+            *i += start as i64;
+        }
+        at
+    };
+    let (prim_m, prim_v) = (out_m.primaries(), out_v.primaries());
+    let done: Vec<Two> = crate::pool::install(|| {
+        param
+            .par_chunks_mut(len)
+            .zip(grad.par_chunks(len))
+            .zip(prim_m)
+            .zip(prim_v)
+            .enumerate()
+            .map_init(
+                || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<u16>::new()),
+                |(m, v, codes), (i, (((p, g), bm), bv))| {
+                    let lo = i * len;
+                    m.resize(p.len(), 0.0);
+                    v.resize(p.len(), 0.0);
+                    load_piece(&slots, i, lo, m, v)?;
+                    adam_chunk(&s, p, g, m, v);
+                    Ok((
+                        em.encode_piece(i, m, bm, codes)?,
+                        ev.encode_piece(i, v, bv, codes)?,
+                        zeros_of(m, lo, layouts[0]),
+                        zeros_of(v, lo, layouts[1]),
+                    ))
+                },
+            )
+            .collect::<Result<_>>()
+    })?;
+    let (mut pm, mut pv, mut zm, mut zv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (a, b, za, zb) in done {
+        pm.push(a);
+        pv.push(b);
+        zm.extend(za);
+        zv.extend(zb);
+    }
+    let pack = |enc: smaq::PieceEncoder,
+                out: smaq::PieceOutput,
+                pieces: Vec<smaq::EncodedPiece>|
+     -> Result<Packed> {
+        let version = enc.format_version();
+        let (bytes, meta_len) = enc.finish(out, pieces, lead)?;
+        Packed::from_encoding(
+            bytes,
+            meta_len,
+            version,
+            crate::dtype::DType::F32,
+            &smaq::INFO,
+            shape,
+        )
+    };
+    Ok([
+        SlotOut::Plain {
+            packed: pack(em, out_m, pm)?,
+            zeros: zm,
+            range: tm.range(n as u64),
+        },
+        SlotOut::Plain {
+            packed: pack(ev, out_v, pv)?,
+            zeros: zv,
+            range: tv.range(n as u64),
+        },
     ])
 }
 
@@ -899,11 +1162,152 @@ mod tests {
                     zeros,
                     range,
                 } => (packed.to_vec(), zeros, range.map(|r| r.map(f64::to_bits))),
-                SlotOut::NeedsMap => panic!("no map expected"),
+                SlotOut::NeedsMap | SlotOut::Dense(_) => panic!("no map expected"),
             });
             (p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), desc)
         };
         assert_eq!(run(true), run(false));
+    }
+
+    /// A step's outcome: the parameter's bits, and each slot's bytes (or values) and zeros.
+    type Outcome = (Vec<u32>, Vec<(Vec<u8>, Vec<i64>)>);
+
+    /// One Adam step both ways from the same state.
+    fn both_ways(
+        n: usize,
+        chunk: i64,
+        fresh: bool,
+        grad_zero_every: usize,
+    ) -> [Outcome; 2] {
+        use crate::codec::{Param, Params};
+        let params = |seed: i64, pos: bool| -> Params {
+            [
+                ("chunk_size".to_string(), Param::Int(chunk)),
+                ("seed".to_string(), Param::Int(seed)),
+                ("all_positive".to_string(), Param::Bool(pos)),
+            ]
+            .into()
+        };
+        let (pa, pb) = (params(7, false), params(8, true));
+        let shape = [n as u64];
+        let mut m0 = values(n, 1, false);
+        let v0: Vec<f32> = values(n, 2, false).iter().map(|x| x * x).collect();
+        for i in (0..n).step_by(97) {
+            m0[i] = 0.0;
+        }
+        let old = |x: &[f32], p: &Params| Packed::encode(Data::F32(x), &shape, "smaq", p).unwrap();
+        let (om, ov) = (old(&m0, &pa), old(&v0, &pb));
+        let zeros: Vec<i64> = (0..n as i64).step_by(97).collect();
+        let rule = |p| Rule {
+            codec: "smaq",
+            params: p,
+            keeps_zeros: false,
+            sparse_fraction: 0.15,
+        };
+        let h = AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decoupled: true,
+            maximize: false,
+            guard: true,
+            decoded: !fresh,
+            step: if fresh { 1 } else { 3 },
+        };
+        let mut g = values(n, 3, false);
+        if grad_zero_every > 0 {
+            for (i, x) in g.iter_mut().enumerate() {
+                if i % grad_zero_every != 0 {
+                    *x = 0.0;
+                }
+            }
+        }
+        let slots = || {
+            if fresh {
+                [SlotIn::Fresh, SlotIn::Fresh]
+            } else {
+                [
+                    SlotIn::Packed {
+                        packed: &om,
+                        range: Some([-0.004, 0.004]),
+                        zeros: &zeros,
+                    },
+                    SlotIn::Packed {
+                        packed: &ov,
+                        range: None,
+                        zeros: &[],
+                    },
+                ]
+            }
+        };
+        let desc = |o: SlotOut, buf: &[f32]| match o {
+            SlotOut::Plain { packed, zeros, .. } => (packed.to_vec(), zeros),
+            SlotOut::NeedsMap => (bytemuck::cast_slice(buf).to_vec(), vec![-1]),
+            SlotOut::Dense(v) => (bytemuck::cast_slice(&v).to_vec(), vec![-1]),
+        };
+        let mut p1 = values(n, 4, false);
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let [a, b] = adam_step(
+            &h,
+            &mut p1,
+            &g,
+            &shape,
+            &mut m,
+            &mut v,
+            slots(),
+            [rule(&pa), rule(&pb)],
+        )
+        .unwrap();
+        let whole = (
+            p1.iter().map(|x| x.to_bits()).collect(),
+            vec![desc(a, &m), desc(b, &v)],
+        );
+        let mut p2 = values(n, 4, false);
+        let [a, b] =
+            adam_step_pieces(&h, &mut p2, &g, &shape, slots(), [rule(&pa), rule(&pb)]).unwrap();
+        let pieces = (
+            p2.iter().map(|x| x.to_bits()).collect(),
+            vec![desc(a, &[]), desc(b, &[])],
+        );
+        [whole, pieces]
+    }
+
+    #[test]
+    fn two_pass_step_gives_the_whole_buffer_step_bit_for_bit() {
+        // Pieces of 65,536 (the default): the same statistics, so the same packed bytes, for a
+        // packed state with exact zeros, a fresh one, and a last piece that is short.
+        for fresh in [false, true] {
+            let [whole, pieces] = both_ways(150_000, 1 << 16, fresh, 0);
+            assert_eq!(whole, pieces, "fresh={fresh}");
+        }
+        // A new state that needs a zero map: returned dense, the same values.
+        let [whole, pieces] = both_ways(70_000, 1 << 16, true, 10);
+        assert_eq!(whole, pieces);
+        assert_eq!(pieces.1[0].1, vec![-1]);
+    }
+
+    #[test]
+    fn two_pass_step_with_small_pieces_moves_the_parameter_identically() {
+        // Pieces of 4,096: the statistics are summed in other blocks (last-bit differences in
+        // the grid), the parameter update is still bit for bit.
+        let [whole, pieces] = both_ways(50_000, 4096, false, 0);
+        assert_eq!(whole.0, pieces.0);
+        for (a, b) in whole.1.iter().zip(&pieces.1) {
+            assert_eq!(a.1, b.1, "zero lists");
+            let (pa, pb) = (
+                Packed::from_bytes(a.0.clone()).unwrap(),
+                Packed::from_bytes(b.0.clone()).unwrap(),
+            );
+            let (mut x, mut y) = (vec![0f32; 50_000], vec![0f32; 50_000]);
+            pa.decode_into(DataMut::F32(&mut x)).unwrap();
+            pb.decode_into(DataMut::F32(&mut y)).unwrap();
+            let scale = x.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for (u, w) in x.iter().zip(&y) {
+                assert!((u - w).abs() <= scale * 1e-3, "{u} vs {w}");
+            }
+        }
     }
 
     #[test]

@@ -296,6 +296,68 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
     finish(m, shift, spread)
 }
 
+/// Exact statistics of a tensor that is produced piece by piece and never held whole (the fused
+/// optimizer step): feed the pieces in order with [`PieceStats::add`]. With pieces of
+/// [`PieceStats::BLOCK`] values the result is bit for bit [`mean_std`] with
+/// [`Sampling::Exact`] over the whole tensor; other piece lengths round the sums differently.
+#[derive(Debug, Clone)]
+pub struct PieceStats {
+    shift: Option<f64>,
+    m: Moments,
+}
+
+impl Default for PieceStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PieceStats {
+    /// The block length [`mean_std`] sums in.
+    pub const BLOCK: usize = 1 << 16;
+
+    pub fn new() -> Self {
+        PieceStats {
+            shift: None,
+            m: Moments::EMPTY,
+        }
+    }
+
+    /// The shift the sums are taken around: the tensor's first finite value, which the first
+    /// piece holding one fixes. Pieces may be summed with [`PieceStats::moments`] in parallel
+    /// once it is known.
+    pub fn shift(&self) -> Option<f64> {
+        self.shift
+    }
+
+    /// Adds the next piece (in tensor order).
+    pub fn add<T: Element>(&mut self, x: &[T]) {
+        if self.shift.is_none() {
+            self.shift = x.iter().map(|v| v.to_f64()).find(|v| v.is_finite());
+        }
+        let m = Moments::of(x, self.shift.unwrap_or(0.0));
+        self.merge(PieceMoments(m));
+    }
+
+    /// The moments of one piece around `shift`, to be merged in tensor order.
+    pub fn moments<T: Element>(x: &[T], shift: f64) -> PieceMoments {
+        PieceMoments(Moments::of(x, shift))
+    }
+
+    /// Merges the moments of the next piece (in tensor order), computed around [`Self::shift`].
+    pub fn merge(&mut self, m: PieceMoments) {
+        self.m = self.m.merge(m.0);
+    }
+
+    pub fn finish(&self, spread: Spread) -> Stats {
+        finish(self.m, self.shift.unwrap_or(0.0), spread)
+    }
+}
+
+/// The moments of one piece (see [`PieceStats::moments`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PieceMoments(Moments);
+
 fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
     if m.count == 0 {
         return Stats {
@@ -477,5 +539,23 @@ mod tests {
         let x = [f64::MAX, -f64::MAX, f64::MAX];
         let s = mean_std(&x, Sampling::Exact, Spread::Std);
         assert!(s.mean.is_finite() && s.std.is_finite() && s.std > 0.0);
+    }
+
+    #[test]
+    fn piece_stats_equal_mean_std_in_blocks() {
+        let mut x: Vec<f32> = crate::rng::normal_f32(300_000, 21)
+            .iter()
+            .map(|v| v * 3.0 + 1.0)
+            .collect();
+        x[0] = f32::NAN;
+        x[1] = f32::INFINITY;
+        for spread in [Spread::Std, Spread::Range] {
+            let whole = mean_std(&x, Sampling::Exact, spread);
+            let mut ps = PieceStats::new();
+            for c in x.chunks(PieceStats::BLOCK) {
+                ps.add(c);
+            }
+            assert_eq!(ps.finish(spread), whole);
+        }
     }
 }

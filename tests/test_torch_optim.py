@@ -296,3 +296,22 @@ def test_fused_step_rejects_bad_input():
     with pytest.raises(smaq_rs.LayoutError, match="holds 50"):
         core.adam_step(f(100), f(100), f(100), f(100),
                        ((packed, None, None), (packed, None, None)), **kw)
+
+
+def test_fused_adam_keeps_no_whole_parameter_scratch():
+    """The fused Adam step works piece by piece on packed (and fresh) SmaQ state: no dense
+    buffer the size of a parameter is kept between steps (the per-operation path keeps two)."""
+    p = nn.Parameter(torch.randn(300, 1000))
+    opt = st.AdamW([p], lr=1e-3)
+    ref = nn.Parameter(p.detach().clone())
+    slow = st.AdamW([ref], lr=1e-3)
+    slow.fused = False
+    g0 = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        g = torch.randn(p.shape, generator=g0) * 1e-3
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        slow.step()
+    assert opt._scratch == {}
+    assert sum(b.numel() for b in slow._scratch.values()) >= 2 * p.numel()
+    torch.testing.assert_close(p, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-9)

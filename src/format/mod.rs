@@ -109,23 +109,40 @@ impl Packed {
             )));
         }
         let enc = (info.encoder)(params)?;
-        let head_for = |meta_len: usize, payload_len: usize| {
-            header_bytes(
-                enc.format_version(),
-                x.dtype(),
-                info.id,
-                shape,
-                numel,
-                meta_len,
-                payload_len,
-            )
-        };
         // The encoder leaves room for the header in front of its metadata and payload, and
         // capacity for the checksum behind: a large payload is written once, never moved.
-        let head_len = FIXED_HEADER + 8 * shape.len();
-        let (mut bytes, meta_len) = enc.encode_framed(x, head_len, CHECKSUM_LEN)?;
+        let (bytes, meta_len) = enc.encode_framed(x, Self::head_len(shape), CHECKSUM_LEN)?;
+        Packed::from_encoding(
+            bytes,
+            meta_len,
+            enc.format_version(),
+            x.dtype(),
+            info,
+            shape,
+        )
+    }
+
+    /// Bytes an encoder leaves in front of its metadata for the header of a tensor of `shape`.
+    pub fn head_len(shape: &[u64]) -> usize {
+        FIXED_HEADER + 8 * shape.len()
+    }
+
+    /// A fresh encoding laid out by an encoder ([`Packed::head_len`] bytes left for the header,
+    /// then `meta_len` bytes of metadata, then the payload) made into a packed tensor of format
+    /// `version`: the header is written and everything parsed back as a self-check.
+    pub fn from_encoding(
+        mut bytes: Vec<u8>,
+        meta_len: usize,
+        version: u8,
+        dtype: DType,
+        info: &'static codec::CodecInfo,
+        shape: &[u64],
+    ) -> Result<Packed> {
+        let head_len = Self::head_len(shape);
+        let numel = numel_of(shape).map_err(|e| Error::Shape(e.to_string()))?;
         let payload_len = bytes.len() - head_len - meta_len;
-        bytes[..head_len].copy_from_slice(&head_for(meta_len, payload_len));
+        let head = header_bytes(version, dtype, info.id, shape, numel, meta_len, payload_len);
+        bytes[..head_len].copy_from_slice(&head);
         crate::buf::release_spare(&mut bytes);
         // Parse what we wrote: one code path for fresh and loaded tensors, and a self-check.
         Packed::parse(bytes, false)

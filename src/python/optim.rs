@@ -5,14 +5,16 @@
 //! A slot's state is passed as `None` (first step), `(None, None, None)` (its buffer already
 //! holds the values) or `(packed, (lo, hi) | None, int64 zero positions | None)`. A slot comes
 //! back as `None` (store it with a zero map from its buffer) or `(packed, zero positions | None,
-//! (lo, hi) | None)`.
+//! (lo, hi) | None)`. The Adam step also takes no buffers at all (`None, None`): it then runs
+//! piece by piece without whole-parameter buffers where it can (`optim::adam_step_pieces`), and a
+//! slot that needs a zero map comes back as a float32 array of its new values.
 
 use super::{detached, not_contiguous, params_from_dict, DtypeError, LayoutError, PyPacked};
 use crate::codec::Params;
 use crate::optim::{self, AdamStep, SgdStep, SlotIn, SlotOut};
 use crate::zmap::Rule;
 use numpy::{
-    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
+    IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
@@ -23,11 +25,10 @@ type StateIn<'py> = Option<(
     Option<(f64, f64)>,
     Option<PyReadonlyArray1<'py, i64>>,
 )>;
-type StateOut<'py> = Option<(
-    PyPacked,
-    Option<Bound<'py, PyArray1<i64>>>,
-    Option<(f64, f64)>,
-)>;
+/// A slot after the step: None (store with a zero map: the new values are in the buffer passed
+/// in), `(packed, zero positions or None, (min, max) or None)`, or a float32 array (store with a
+/// zero map: these are the new values; only when no buffers were passed in).
+type StateOut<'py> = Bound<'py, PyAny>;
 
 fn f32_array<'py>(a: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     a.cast::<PyArrayDyn<f32>>()
@@ -102,19 +103,22 @@ impl<'py> Held<'py> {
     }
 }
 
-fn out<'py>(py: Python<'py>, s: SlotOut) -> StateOut<'py> {
-    match s {
-        SlotOut::NeedsMap => None,
+fn out<'py>(py: Python<'py>, s: SlotOut) -> PyResult<StateOut<'py>> {
+    Ok(match s {
+        SlotOut::NeedsMap => py.None().into_bound(py),
+        SlotOut::Dense(v) => v.into_pyarray(py).into_any(),
         SlotOut::Plain {
             packed,
             zeros,
             range,
-        } => Some((
+        } => (
             PyPacked { inner: packed },
             (!zeros.is_empty()).then(|| zeros.into_pyarray(py)),
             range.map(|[a, b]| (a, b)),
-        )),
-    }
+        )
+            .into_pyobject(py)?
+            .into_any(),
+    })
 }
 
 /// One fused Adam/AdamW step of one float32 parameter (module doc for the state tuples).
@@ -127,8 +131,8 @@ fn adam_step<'py>(
     py: Python<'py>,
     param: &Bound<'py, PyAny>,
     grad: &Bound<'py, PyAny>,
-    exp_avg: &Bound<'py, PyAny>,
-    exp_avg_sq: &Bound<'py, PyAny>,
+    exp_avg: Option<&Bound<'py, PyAny>>,
+    exp_avg_sq: Option<&Bound<'py, PyAny>>,
     states: (StateIn<'py>, StateIn<'py>),
     lr: f64,
     beta1: f64,
@@ -164,35 +168,39 @@ fn adam_step<'py>(
     let mut p = writable(param, "param")?;
     let shape: Vec<u64> = p.shape().iter().map(|&d| d as u64).collect();
     let g = readable(grad, "grad")?;
-    let mut m = writable(exp_avg, "exp_avg buffer")?;
-    let mut v = writable(exp_avg_sq, "exp_avg_sq buffer")?;
     let p = p.as_slice_mut().map_err(|_| not_contiguous("param"))?;
     let g = g.as_slice().map_err(|_| not_contiguous("grad"))?;
-    let m = m
-        .as_slice_mut()
-        .map_err(|_| not_contiguous("exp_avg buffer"))?;
-    let v = v
-        .as_slice_mut()
-        .map_err(|_| not_contiguous("exp_avg_sq buffer"))?;
     let rule = |params, keeps_zeros| Rule {
         codec,
         params,
         keeps_zeros,
         sparse_fraction,
     };
-    let [om, ov] = detached(py, || {
-        optim::adam_step(
-            &h,
-            p,
-            g,
-            &shape,
-            m,
-            v,
-            [sm, sv],
-            [rule(&pm, keeps_zeros.0), rule(&pv, keeps_zeros.1)],
-        )
-    })?;
-    Ok((out(py, om), out(py, ov)))
+    let rules = [rule(&pm, keeps_zeros.0), rule(&pv, keeps_zeros.1)];
+    let [om, ov] = match (exp_avg, exp_avg_sq) {
+        (None, None) => detached(py, || {
+            optim::adam_step_pieces(&h, p, g, &shape, [sm, sv], rules)
+        })?,
+        (Some(m), Some(v)) => {
+            let mut m = writable(m, "exp_avg buffer")?;
+            let mut v = writable(v, "exp_avg_sq buffer")?;
+            let m = m
+                .as_slice_mut()
+                .map_err(|_| not_contiguous("exp_avg buffer"))?;
+            let v = v
+                .as_slice_mut()
+                .map_err(|_| not_contiguous("exp_avg_sq buffer"))?;
+            detached(py, || {
+                optim::adam_step(&h, p, g, &shape, m, v, [sm, sv], rules)
+            })?
+        }
+        _ => {
+            return Err(LayoutError::new_err(
+                "pass both exp_avg and exp_avg_sq buffers, or neither",
+            ))
+        }
+    };
+    Ok((out(py, om)?, out(py, ov)?))
 }
 
 /// One fused SGD-with-momentum step of one float32 parameter (module doc for the state tuple).
@@ -245,7 +253,7 @@ fn sgd_step<'py>(
         sparse_fraction,
     };
     let o = detached(py, || optim::sgd_step(&h, p, g, &shape, b, slot, rule))?;
-    Ok(out(py, o))
+    out(py, o)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,7 +1,10 @@
 """Drop-in SGD / Adam / AdamW whose state lives as packed bytes between steps.
 
-During ``step()`` each parameter's state is decoded into a reusable scratch buffer, updated with
-the usual formulas, and packed again, so only one parameter's state is dense at a time.
+During ``step()`` each parameter's state is decoded, updated with the usual formulas, and packed
+again. Adam / AdamW on float32 CPU parameters with SmaQ state (the default) run a fused Rust step
+piece by piece (64K values per worker), so no slot is ever dense as a whole: the process grows by
+about the packed state. Elsewhere (SGD, other codecs, zero-mapped state) the state is decoded into
+a reusable scratch buffer, so only one parameter's state is dense at a time.
 ``exp_avg_sq`` is packed with ``all_positive=True``. Tensors with fewer than ``min_numel``
 elements, and parameter groups with ``compress_state=False``, keep dense state.
 
@@ -178,6 +181,10 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
             state[slot] = _store.encode(self._scratch_for(slot, p), self.codec,
                                         self._params_for(slot, seed))
             return
+        if isinstance(res, np.ndarray):  # needs a zero map: these are the new values
+            state[slot] = _store.encode(torch.from_numpy(res).view(p.shape), self.codec,
+                                        self._params_for(slot, seed))
+            return
         core, zidx, rng = res
         if zidx is not None:
             zidx = zidx.astype(np.int32 if p.numel() < 2**31 else np.int64)
@@ -341,7 +348,13 @@ class Adam(_PackedStateOptimizer):
         return bufs
 
     def _fused(self, p, g, ins, group, step, decoded, seeds):
-        (pa, ga), (m, v) = self._fused_common(p, g)
+        if any(i is not None and i[0] is None for i in ins):
+            # a slot was put in its scratch buffer (zero-mapped or dense state): whole buffers
+            (pa, ga), (m, v) = self._fused_common(p, g)
+        else:
+            # fresh or packed state: the step works piece by piece, no whole-parameter scratch
+            pa, ga = p.detach().numpy(), g.detach().numpy()
+            m = v = None
         b1, b2 = group["betas"]
         pm = self._params_for("exp_avg", seeds[0])
         pv = self._params_for("exp_avg_sq", seeds[1])

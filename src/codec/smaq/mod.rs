@@ -31,7 +31,7 @@ use crate::dtype::{DType, Data, DataMut, Element};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 use crate::rng::{fresh_seed, stream_key};
-use crate::stats::{mean_std, Sampling, Spread};
+use crate::stats::{mean_std, Sampling, Spread, Stats};
 mod kernel;
 
 use crate::bits::{get_exp_golomb, put_exp_golomb, BitWriter};
@@ -304,18 +304,7 @@ fn encode_typed<T: Codes>(
     };
     let stats = mean_std(x, sampling, cfg.spread);
     let q = cfg.quant();
-    let prep = Prep {
-        q,
-        mean: stats.mean,
-        inv_std: 1.0 / stats.std,
-        key: None,
-        dither: if cfg.rounding == Rounding::Nearest {
-            0.5
-        } else {
-            0.0
-        },
-        f32_ok: Prep::f32_safe(stats.mean, stats.std),
-    };
+    let prep = cfg.prep(stats);
     let stochastic = cfg.rounding == Rounding::Stochastic;
     let cs = cfg.chunk_size as usize;
     // The primary streams have known sizes: every chunk writes its own straight into the payload.
@@ -368,6 +357,15 @@ fn encode_typed<T: Codes>(
     };
     head.mean = stats.mean;
     head.std = stats.std;
+    finish_encoding(head, chunks, &mut bytes, lead);
+    Ok((bytes, meta_len))
+}
+
+/// Completes an encoding whose primary streams are in `bytes` after `lead` bytes and room for
+/// the metadata: appends every chunk's extra stream, exception list and escape stream, and
+/// writes the metadata (from `head`, the chunk tallies filled in here) into its room.
+fn finish_encoding(mut head: Header, chunks: Vec<ChunkOut>, bytes: &mut Vec<u8>, lead: usize) {
+    let cfg = &head.cfg;
     head.raw = false;
     head.clamped = match cfg.outliers {
         Outliers::Clamp => chunks.iter().map(|c| c.counts.beyond as u64).sum(),
@@ -388,9 +386,195 @@ fn encode_typed<T: Codes>(
         crate::buf::give_scratch(c.extra);
     }
     let meta = head.write();
-    debug_assert_eq!(meta.len(), meta_len);
-    bytes[lead..start].copy_from_slice(&meta);
-    Ok((bytes, meta_len))
+    bytes[lead..lead + meta.len()].copy_from_slice(&meta);
+}
+
+/// Encodes a float32 tensor that is produced one chunk at a time and never held whole (the
+/// fused optimizer step): the statistics come first (`stats::PieceStats`), then each chunk is
+/// encoded on its own, in any order and on any thread, and [`PieceEncoder::finish`] assembles
+/// them. The bytes are those [`Encoder::encode`] writes for the whole tensor when its
+/// statistics are the same.
+#[derive(Debug)]
+pub struct PieceEncoder {
+    head: Header,
+    prep: Prep,
+    numel: usize,
+}
+
+/// One chunk encoded by a [`PieceEncoder`] (its primary stream is in the [`PieceOutput`]).
+pub struct EncodedPiece(ChunkOut);
+
+/// The buffer a [`PieceEncoder`] writes: room for the header and metadata, then every chunk's
+/// primary stream, each chunk writing its own in place.
+pub struct PieceOutput {
+    bytes: Vec<u8>,
+    head: usize,
+    primary: Vec<usize>,
+}
+
+impl PieceOutput {
+    /// Each chunk's primary stream, in chunk order, to hand to [`PieceEncoder::encode_piece`].
+    pub fn primaries(&mut self) -> Vec<&mut [u8]> {
+        let mut rest = &mut self.bytes[self.head..];
+        let mut out = Vec::with_capacity(self.primary.len());
+        for &len in &self.primary {
+            let (this, more) = rest.split_at_mut(len);
+            out.push(this);
+            rest = more;
+        }
+        out
+    }
+}
+
+impl SmaqConfig {
+    /// A [`PieceEncoder`] for `numel` values with these statistics; None where the whole
+    /// tensor is needed (fewer than `min_size` values: stored raw; sampled statistics).
+    pub fn piece_encoder(&self, numel: usize, stats: Stats) -> Option<PieceEncoder> {
+        if (numel as u64) < self.min_size as u64 || self.sampling != Sampling::Exact {
+            return None;
+        }
+        let seed = self.seed.unwrap_or_else(fresh_seed);
+        let head = Header {
+            cfg: SmaqConfig {
+                seed: Some(seed),
+                ..self.clone()
+            },
+            mean: stats.mean,
+            std: stats.std,
+            clamped: 0,
+            nonfinite: 0,
+            raw: false,
+            chunks: Vec::new(),
+        };
+        Some(PieceEncoder {
+            prep: self.prep(stats),
+            head,
+            numel,
+        })
+    }
+
+    /// How values are turned into codes under these statistics.
+    fn prep(&self, stats: Stats) -> Prep {
+        Prep {
+            q: self.quant(),
+            mean: stats.mean,
+            inv_std: 1.0 / stats.std,
+            key: None,
+            dither: if self.rounding == Rounding::Nearest {
+                0.5
+            } else {
+                0.0
+            },
+            f32_ok: Prep::f32_safe(stats.mean, stats.std),
+        }
+    }
+}
+
+impl PieceEncoder {
+    /// Values per chunk (the last may be shorter).
+    pub fn piece_len(&self) -> usize {
+        self.head.cfg.chunk_size as usize
+    }
+
+    /// Number of chunks.
+    pub fn pieces(&self) -> usize {
+        self.numel.div_ceil(self.piece_len())
+    }
+
+    /// The packed format version of the result.
+    pub fn format_version(&self) -> u8 {
+        self.head.cfg.format_version()
+    }
+
+    /// The buffer to encode into: `lead` bytes left to the caller, room for the metadata, every
+    /// chunk's primary stream (zeroed), capacity for `tail` bytes beyond the rest. It comes from
+    /// the cache of recycled buffers where it can (`crate::buf`), as a whole-tensor encode's
+    /// does.
+    pub fn output(&self, lead: usize, tail: usize) -> PieceOutput {
+        let q = &self.prep.q;
+        let cs = self.piece_len() as u64;
+        let primary: Vec<usize> = (0..self.pieces() as u64)
+            .map(|ci| q.chunk_bytes((self.numel as u64 - ci * cs).min(cs), 0).0 as usize)
+            .collect();
+        let head = lead + Header::len_for(primary.len(), self.escapes());
+        let len = head + primary.iter().sum::<usize>();
+        // Room for the other streams as encode_typed reserves it: appending does not reallocate.
+        let room = self.numel * q.extra_bits() as usize / 8 + 2 * primary.len() + tail;
+        // SAFETY: the closure initializes all `len` bytes.
+        let bytes = unsafe {
+            crate::buf::init_with_tail(len, room, |b| {
+                crate::buf::zero_init(b);
+            })
+        };
+        PieceOutput {
+            bytes,
+            head,
+            primary,
+        }
+    }
+
+    fn escapes(&self) -> bool {
+        self.head.cfg.outliers == Outliers::Escape
+    }
+
+    /// Encodes chunk `ci`, whose values are `x` (exactly its length), its primary stream into
+    /// `primary` (chunk `ci` of [`PieceOutput::primaries`]). `codes` is scratch space a worker
+    /// reuses across chunks.
+    pub fn encode_piece(
+        &self,
+        ci: usize,
+        x: &[f32],
+        primary: &mut [u8],
+        codes: &mut Vec<u16>,
+    ) -> Result<EncodedPiece> {
+        let cs = self.piece_len();
+        let want = self.numel.saturating_sub(ci.saturating_mul(cs)).min(cs);
+        let q = &self.prep.q;
+        if ci >= self.pieces()
+            || x.len() != want
+            || primary.len() as u64 != q.chunk_bytes(want as u64, 0).0
+        {
+            return Err(Error::Shape(format!(
+                "piece {ci} of a {}-value tensor in pieces of {cs} has {want} values, got {} \
+                 (and {} bytes for its primary stream)",
+                self.numel,
+                x.len(),
+                primary.len()
+            )));
+        }
+        let cfg = &self.head.cfg;
+        let key = (cfg.rounding == Rounding::Stochastic)
+            .then(|| stream_key(cfg.seed.unwrap_or(0), ci as u64));
+        Ok(EncodedPiece(encode_chunk(
+            x,
+            &Prep { key, ..self.prep },
+            cfg,
+            primary,
+            codes,
+        )))
+    }
+
+    /// Completes the encoding in `out` from every chunk's [`EncodedPiece`] in chunk order;
+    /// returns the buffer (laid out as [`Encoder::encode_framed`]'s) and the metadata length.
+    pub fn finish(
+        self,
+        out: PieceOutput,
+        pieces: Vec<EncodedPiece>,
+        lead: usize,
+    ) -> Result<(Vec<u8>, usize)> {
+        let meta_len = Header::len_for(pieces.len(), self.escapes());
+        if pieces.len() != self.pieces() || out.head != lead + meta_len {
+            return Err(Error::Shape(format!(
+                "{} pieces given, the tensor has {}; or the output was made for another lead",
+                pieces.len(),
+                self.pieces()
+            )));
+        }
+        let mut bytes = out.bytes;
+        let chunks = pieces.into_iter().map(|p| p.0).collect();
+        finish_encoding(self.head, chunks, &mut bytes, lead);
+        Ok((bytes, meta_len))
+    }
 }
 
 /// Encodes one chunk: primary stream into `primary`, the rest returned. `codes` is scratch space
@@ -1340,5 +1524,52 @@ mod tests {
         let n = meta.len();
         meta[n - 4..].copy_from_slice(&1u32.to_le_bytes());
         assert!(SmaqHeader::parse(&meta, frame).is_err());
+    }
+
+    #[test]
+    fn piece_encoder_writes_the_whole_tensor_encoding() {
+        let mut x = normal(150_000, 14);
+        x[3] = f32::NAN;
+        x[4] = 40.0;
+        for cfg in [
+            SmaqConfig {
+                seed: Some(5),
+                ..Default::default()
+            },
+            SmaqConfig {
+                seed: Some(6),
+                rounding: Rounding::Nearest,
+                outliers: Outliers::Exact,
+                chunk_size: 4096,
+                ..Default::default()
+            },
+        ] {
+            let whole = cfg.encode(Data::F32(&x)).unwrap();
+            let stats = mean_std(&x, Sampling::Exact, cfg.spread);
+            let enc = cfg.piece_encoder(x.len(), stats).unwrap();
+            let cs = enc.piece_len();
+            let mut codes = Vec::new();
+            let mut out = enc.output(3, 8);
+            let mut prim = out.primaries();
+            // Out of order on purpose: pieces are independent.
+            let mut pieces: Vec<(usize, EncodedPiece)> = x
+                .chunks(cs)
+                .enumerate()
+                .rev()
+                .map(|(ci, c)| (ci, enc.encode_piece(ci, c, prim[ci], &mut codes).unwrap()))
+                .collect();
+            pieces.sort_by_key(|p| p.0);
+            assert!(enc.encode_piece(0, &x[..10], prim[0], &mut codes).is_err());
+            drop(prim);
+            let (bytes, meta_len) = enc
+                .finish(out, pieces.into_iter().map(|p| p.1).collect(), 3)
+                .unwrap();
+            assert_eq!(&bytes[3..3 + meta_len], &whole.meta[..]);
+            assert_eq!(&bytes[3 + meta_len..], &whole.payload[..]);
+        }
+        let small = SmaqConfig::default();
+        assert!(small
+            .piece_encoder(4, mean_std(&x[..4], Sampling::Exact, Spread::Std))
+            .is_none());
     }
 }
