@@ -15,6 +15,12 @@ holding a tensor, or ``.safetensors``: the largest tensor), or a built-in sample
 MLP trained on scikit-learn's digits: ``weights`` (its parameters), ``relu`` (hidden ReLU
 activations), ``adam`` (Adam's exp_avg_sq). Throughput on machines shared with other work is
 noisy: compare ratios within one run.
+
+``--source classes`` captures real training tensors by class (``smaq_rs.capture``: GPT-2 and
+ResNet-18 weights, gradients, activations, attention probabilities, logits, LayerNorm inputs,
+Adam and SGD state) and prints, per class, every codec's bits/value and error beside the SmaQ
+research algorithm's (``smaq_rs.reference``: its error, and the bits it counted), without
+timings. ``--save DIR`` writes the captured tensors as ``.npy`` files.
 """
 
 from __future__ import annotations
@@ -315,11 +321,82 @@ def ratios(rows: List[Dict[str, Any]], repeat: int = 7) -> List[str]:
     return out
 
 
+def class_rows(x: np.ndarray, positive: bool,
+               codecs: Sequence[Tuple[str, str, Dict[str, Any]]] = DEFAULT_CODECS,
+               seed: int = 0) -> List[Dict[str, Any]]:
+    """Bits/value and error of every codec on one tensor class, SmaQ with the class's
+    ``all_positive``, plus the SmaQ research algorithm (its counted bits) and, for the SmaQ
+    rows, their error and bits relative to it."""
+    import torch
+
+    from .reference import smaq_research
+
+    res = smaq_research(torch.from_numpy(x), all_positive=positive,
+                        generator=torch.Generator().manual_seed(seed))
+    r_rel, r_max = _metrics(x, res.values.numpy())
+    r_bits = res.bits / x.size
+    smaq = [("smaq clamp (explicit)", "smaq", {"seed": 1, "outliers": "clamp"}),
+            ("smaq escape_bits=0 (research grid)", "smaq", {"seed": 1, "escape_bits": 0})]
+    rows = [dict(codec="SmaQ research algorithm (bits counted)", bits=r_bits, rel=r_rel,
+                 max=r_max, vs_err=1.0, vs_bits=1.0)]
+    for label, codec, params in list(codecs) + smaq:
+        if codec == "nnw_bdi":
+            continue  # tens of MB/s: the timing table covers it
+        params = dict(params)
+        if codec == "smaq" and positive:
+            params["all_positive"] = True
+        p = _api.compress(x, codec, **params)
+        y = _api.decompress(p)
+        rel, mx = _metrics(x, y)
+        row = dict(codec=label, bits=p.bits_per_value, rel=rel, max=mx)
+        if codec == "smaq":
+            row.update(vs_err=rel / r_rel if r_rel else float("nan"), vs_bits=row["bits"] / r_bits)
+        rows.append(row)
+    return rows
+
+
+def format_class_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["| codec | bits/value | rel. RMSE | max abs err | error / research | bits / research |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ve = f"{r['vs_err']:.3f}" if "vs_err" in r else ""
+        vb = f"{r['vs_bits']:.3f}" if "vs_bits" in r else ""
+        lines.append(f"| {r['codec']} | {r['bits']:.3f} | {r['rel']:.2e} | {r['max']:.3g} | "
+                     f"{ve} | {vb} |")
+    return "\n".join(lines)
+
+
+def classes_main(codecs, save: Optional[str], steps: int) -> int:
+    from .capture import capture
+
+    print(f"capturing real training tensors ({steps} steps of GPT-2 and ResNet-18)...",
+          flush=True)
+    classes = capture(steps=steps)
+    summary = []
+    for name, (x, positive) in classes.items():
+        if save:
+            os.makedirs(save, exist_ok=True)
+            fname = "".join(c if c.isalnum() else "_" for c in name).strip("_") + ".npy"
+            np.save(os.path.join(save, fname), x)
+        rows = class_rows(x, positive, codecs)
+        print(f"\n### {name}: {x.size} values{', all_positive' if positive else ''}\n")
+        print(format_class_table(rows))
+        d = next(r for r in rows if r["codec"] == "smaq")
+        summary.append((name, d["vs_err"], d["vs_bits"], d["bits"], rows[0]["bits"]))
+    print("\n### default SmaQ against the research algorithm, per class\n")
+    print("| class | error / research | bits/value (ours) | bits counted (research) | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ve, vb, ours, theirs in summary:
+        print(f"| {name} | {ve:.3f} | {ours:.3f} | {theirs:.3f} | {vb:.3f} |")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m smaq_rs bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="normal",
-                    help="normal (default), weights, relu, adam, or a .npy/.pt/.safetensors file")
+                    help="normal (default), weights, relu, adam, classes (real training "
+                         "tensors by class), or a .npy/.pt/.safetensors file")
     ap.add_argument("-n", type=int, default=1 << 24, help="values for --source normal")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
     ap.add_argument("--threads", type=int, default=0,
@@ -327,6 +404,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--codecs", default="",
                     help="comma-separated codec names to keep (default: all of the table)")
     ap.add_argument("--no-peers", action="store_true", help="skip torch and bitsandbytes")
+    ap.add_argument("--save", default=None, help="with --source classes: write them as .npy here")
+    ap.add_argument("--steps", type=int, default=20,
+                    help="with --source classes: training steps before capturing")
     a = ap.parse_args(argv)
     if a.threads:
         _api.set_num_threads(a.threads)
@@ -337,11 +417,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(threads)
     except ImportError:
         pass
-    x, what = load_source(a.source, a.n)
     sel = DEFAULT_CODECS
     if a.codecs:
         keep = set(a.codecs.split(","))
         sel = [c for c in DEFAULT_CODECS if c[1] in keep or c[0] in keep]
+    if a.source == "classes":
+        return classes_main(sel, a.save, a.steps)
+    x, what = load_source(a.source, a.n)
     print(f"source: {what}; {threads} threads; best of {a.repeat}")
     rows, notes = run(x, sel, a.repeat, peers=not a.no_peers)
     print(format_table(rows))
