@@ -37,8 +37,9 @@ def one_tensor() -> None:
     s = p.stats
     print(f"dense {x.nbytes:,} B -> packed {p.nbytes:,} B ({p.bits_per_value:.3f} bits/value, "
           f"{p.ratio:.2f}x smaller)")
-    print(f"relative RMSE {rel_rmse(y, x):.4f}; outliers {s['n_outliers'] / x.size:.1%}, "
-          f"clamped beyond 2.5 sigma {s['n_clamped']:,}")
+    print(f"relative RMSE {rel_rmse(y, x):.4f}; outliers {s['n_outliers'] / x.size:.1%}; "
+          f"beyond 2.5 sigma, kept on the grid in the escape stream: {s['n_escapes']:,} "
+          f"({s['escape_bytes']:,} B), clamped: {s['n_clamped']:,}")
     print(f"encode {x.nbytes / t_enc / 1e9:.2f} GB/s, decode {x.nbytes / t_dec / 1e9:.2f} GB/s "
           f"(one run; `make bench` measures properly)")
 

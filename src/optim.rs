@@ -727,9 +727,11 @@ fn adam_two_pass(
     };
     let mut b0 = bufs();
     let t0 = first(0, &mut b0)?;
+    let [cm, cv] = &plan.cfgs;
     let (mut stats_m, mut stats_v) = (PieceStats::new(), PieceStats::new());
-    stats_m.add(&b0.1);
-    stats_v.add(&b0.2);
+    let mut sbuf = Vec::new();
+    stats_m.add(cm.stat_values(&b0.1, &mut sbuf));
+    stats_v.add(cv.stat_values(&b0.2, &mut sbuf));
     let (Some(sh_m), Some(sh_v)) = (stats_m.shift(), stats_v.shift()) else {
         // No finite value in the first piece: rare enough to take the whole-buffer path.
         return adam_whole(h, param, grad, shape, slots, rules);
@@ -739,14 +741,15 @@ fn adam_two_pass(
     let rest: Vec<One> = crate::pool::install(|| {
         (1..pieces)
             .into_par_iter()
-            .map_init(bufs, |b, i| {
-                let t = first(i, b)?;
-                Ok((
-                    t,
-                    PieceStats::moments(&b.1, sh_m),
-                    PieceStats::moments(&b.2, sh_v),
-                ))
-            })
+            .map_init(
+                || (bufs(), Vec::new()),
+                |(b, sb), i| {
+                    let t = first(i, b)?;
+                    let a = PieceStats::moments(cm.stat_values(&b.1, sb), sh_m);
+                    let c = PieceStats::moments(cv.stat_values(&b.2, sb), sh_v);
+                    Ok((t, a, c))
+                },
+            )
             .collect::<Result<_>>()
     })?;
     let (mut tm, mut tv) = (t0[0], t0[1]);
@@ -763,7 +766,6 @@ fn adam_two_pass(
     if layouts.contains(&Layout::Map) {
         return adam_whole(h, param, grad, shape, slots, rules);
     }
-    let [cm, cv] = &plan.cfgs;
     let (Some(em), Some(ev)) = (
         cm.piece_encoder(n, stats_m.finish(cm.spread)),
         cv.piece_encoder(n, stats_v.finish(cv.spread)),
@@ -795,16 +797,22 @@ fn adam_two_pass(
             .zip(prim_v)
             .enumerate()
             .map_init(
-                || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<u16>::new()),
-                |(m, v, codes), (i, (((p, g), bm), bv))| {
+                || {
+                    (
+                        Vec::<f32>::new(),
+                        Vec::<f32>::new(),
+                        smaq::PieceScratch::default(),
+                    )
+                },
+                |(m, v, scratch), (i, (((p, g), bm), bv))| {
                     let lo = i * len;
                     m.resize(p.len(), 0.0);
                     v.resize(p.len(), 0.0);
                     load_piece(&slots, i, lo, m, v)?;
                     adam_chunk(&s, p, g, m, v);
                     Ok((
-                        em.encode_piece(i, m, bm, codes)?,
-                        ev.encode_piece(i, v, bv, codes)?,
+                        em.encode_piece(i, m, bm, scratch)?,
+                        ev.encode_piece(i, v, bv, scratch)?,
                         zeros_of(m, lo, layouts[0]),
                         zeros_of(v, lo, layouts[1]),
                     ))
@@ -1173,18 +1181,13 @@ mod tests {
     type Outcome = (Vec<u32>, Vec<(Vec<u8>, Vec<i64>)>);
 
     /// One Adam step both ways from the same state.
-    fn both_ways(
-        n: usize,
-        chunk: i64,
-        fresh: bool,
-        grad_zero_every: usize,
-    ) -> [Outcome; 2] {
+    fn both_ways(n: usize, chunk: i64, fresh: bool, grad_zero_every: usize) -> [Outcome; 2] {
         use crate::codec::{Param, Params};
         let params = |seed: i64, pos: bool| -> Params {
             [
                 ("chunk_size".to_string(), Param::Int(chunk)),
                 ("seed".to_string(), Param::Int(seed)),
-                ("all_positive".to_string(), Param::Bool(pos)),
+                ("log".to_string(), Param::Bool(pos)),
             ]
             .into()
         };

@@ -74,8 +74,7 @@ def test_packed_state_tracks_torch(i):
     a0 = [p.detach().clone() for p in mlp().parameters()]
     for pa, pb, p0 in zip(a.parameters(), b.parameters(), a0):
         # The packed run moves the weights like the fp32 one: after 20 steps the difference is
-        # within 35% of the distance moved (measured 17-27% with SmaQ 6/8 defaults: clamping
-        # at t_outlier and re-quantizing every step; outliers="exact" brings SGD to ~4%).
+        # within 35% of the distance moved (re-quantizing every step).
         assert (pb - pa).norm() <= 0.35 * (pa - p0).norm() + 1e-6
     assert abs(lb[-1] - la[-1]) < 0.05 * la[0]
 
@@ -89,7 +88,8 @@ def test_only_packed_state_between_steps_and_bytes_are_real():
         for name in ("exp_avg", "exp_avg_sq"):
             assert isinstance(s[name], Stored) == big
             if big:
-                assert s[name].packed.params["all_positive"] == (name == "exp_avg_sq")
+                # exp_avg_sq in the log domain: relative precision for 1/sqrt(v)
+                assert s[name].packed.params["log"] == (name == "exp_avg_sq")
     dense, held = opt.state_nbytes()
     assert dense == sum(2 * p.numel() * 4 + 4 for p in model.parameters())
     packed_bytes = sum(v.nbytes for s in opt.state.values() for v in s.values()

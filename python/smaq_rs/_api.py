@@ -114,7 +114,9 @@ class PackedTensor:
 
     @property
     def stats(self) -> Dict[str, Any]:
-        """What the encoder recorded: mean, std, n_outliers, n_clamped, n_nonfinite, ..."""
+        """What the encoder recorded. SmaQ: mean, std, n_outliers, n_clamped (values clamped at
+        t_outlier: only with ``outliers="clamp"``), n_escapes and escape_bytes (values beyond
+        t_outlier in the escape stream), n_exceptions (kept exactly), n_nonfinite, ..."""
         return self._packed.info
 
     @property

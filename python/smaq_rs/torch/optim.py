@@ -5,7 +5,8 @@ again. Adam / AdamW on float32 CPU parameters with SmaQ state (the default) run 
 piece by piece (64K values per worker), so no slot is ever dense as a whole: the process grows by
 about the packed state. Elsewhere (SGD, other codecs, zero-mapped state) the state is decoded into
 a reusable scratch buffer, so only one parameter's state is dense at a time.
-``exp_avg_sq`` is packed with ``all_positive=True``. Tensors with fewer than ``min_numel``
+With SmaQ, ``exp_avg_sq`` is packed in the log domain (``log=True``: relative precision at every
+magnitude, which Adam's ``1/sqrt(v)`` needs). Tensors with fewer than ``min_numel``
 elements, and parameter groups with ``compress_state=False``, keep dense state.
 
 Exactness and resuming: zeros in the state decode to exactly 0 (a zero map is stored when the
@@ -68,8 +69,12 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
     # -- codec parameters per slot ------------------------------------------------------------
     def _params_for(self, slot: str, seed: int) -> Dict[str, Any]:
         p = dict(self.codec_params)
-        if slot == "exp_avg_sq" and self.codec == "smaq":
-            p["all_positive"] = True
+        if slot == "exp_avg_sq" and self.codec == "smaq" and "log" not in self.codec_params:
+            # Coded as ln(v): relative precision at every magnitude. On the linear grid the
+            # small entries are rounded by up to half a step of a std set by the large ones, and
+            # 1/sqrt(v) turns that noise into a bias toward larger updates (GPT-2: 2.9% below
+            # the plain AdamW loss after 25 steps; in the log domain 0.2%, same bytes).
+            p["log"] = True
         p["seed"] = seed
         return p
 

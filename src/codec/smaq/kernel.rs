@@ -1094,6 +1094,17 @@ pub fn table<T: Element>(q: &Quant, mean: f64, std: f64, all_positive: bool) -> 
         .collect()
 }
 
+/// [`table`] for the log domain: each code's value is `exp(mean + z * std)`, the exact-zero
+/// code 0.
+pub fn table_log<T: Element>(q: &Quant, mean: f64, std: f64) -> Vec<T> {
+    (0..1u32 << q.bits_outlier)
+        .map(|key| match q.z_of(key) {
+            None => T::from_f64(0.0),
+            Some(z) => T::from_f64((mean + z * std).exp().min(T::MAX_F64)),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

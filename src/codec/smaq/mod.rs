@@ -31,7 +31,7 @@ use crate::dtype::{DType, Data, DataMut, Element};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 use crate::rng::{fresh_seed, stream_key};
-use crate::stats::{mean_std, Sampling, Spread, Stats};
+use crate::stats::{mean_std, PieceStats, Sampling, Spread, Stats};
 mod kernel;
 
 use crate::bits::{get_exp_golomb, put_exp_golomb, BitWriter};
@@ -99,6 +99,10 @@ pub struct SmaqConfig {
     /// used is recorded in the packed tensor.
     pub seed: Option<u64>,
     pub all_positive: bool,
+    /// Code ln(x) instead of x (format version 2): relative precision at every magnitude, for
+    /// non-negative tensors spanning orders of magnitude (Adam's exp_avg_sq). Zeros stay exact;
+    /// negative and non-finite values are kept exactly in the exception list.
+    pub log: bool,
     /// What happens to values beyond t_outlier.
     pub outliers: Outliers,
     /// Escaped values are coded on a grid 2^escape_bits times finer than the outliers' (they are
@@ -126,6 +130,7 @@ impl Default for SmaqConfig {
             rounding: Rounding::Stochastic,
             seed: None,
             all_positive: false,
+            log: false,
             outliers: Outliers::Escape,
             escape_bits: ESCAPE_BITS,
             min_size: 8,
@@ -149,6 +154,7 @@ impl SmaqConfig {
         let rounding = [Rounding::Stochastic, Rounding::Nearest, Rounding::Truncate]
             [r.choice("rounding", 0, &ROUNDINGS)?];
         let all_positive = r.bool("all_positive", d.all_positive)?;
+        let log = r.bool("log", d.log)?;
         let outliers = [Outliers::Escape, Outliers::Clamp, Outliers::Exact]
             [r.choice("outliers", 0, &OUTLIERS)?];
         let escape_bits = r.int("escape_bits", d.escape_bits as i64, 0, 16)? as u8;
@@ -180,6 +186,7 @@ impl SmaqConfig {
             rounding,
             seed,
             all_positive,
+            log,
             outliers,
             escape_bits,
             min_size,
@@ -207,6 +214,7 @@ impl SmaqConfig {
             ("std", s(STDS[(self.spread == Spread::Range) as usize])),
             ("rounding", s(ROUNDINGS[self.rounding as usize])),
             ("all_positive", Param::Bool(self.all_positive)),
+            ("log", Param::Bool(self.log)),
             ("outliers", s(OUTLIERS[self.outliers as usize])),
             ("escape_bits", Param::Int(self.escape_bits as i64)),
             ("min_size", Param::Int(self.min_size as i64)),
@@ -252,8 +260,8 @@ impl Encoder for SmaqConfig {
     }
 
     fn format_version(&self) -> u8 {
-        // The escape stream and its index fields are new in version 2.
-        if self.outliers == Outliers::Escape {
+        // The escape stream and its index fields, and the log domain, are new in version 2.
+        if self.outliers == Outliers::Escape || self.log {
             2
         } else {
             1
@@ -302,7 +310,11 @@ fn encode_typed<T: Codes>(
         Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
         s => s,
     };
-    let stats = mean_std(x, sampling, cfg.spread);
+    let stats = if cfg.log {
+        log_stats(x, cfg.spread)
+    } else {
+        mean_std(x, sampling, cfg.spread)
+    };
     let q = cfg.quant();
     let prep = cfg.prep(stats);
     let stochastic = cfg.rounding == Rounding::Stochastic;
@@ -331,26 +343,33 @@ fn encode_typed<T: Codes>(
                 slices.push(this);
                 rest = more;
             }
-            let work = |codes: &mut Vec<u16>,
+            type Scratch = (Vec<u16>, Vec<f32>);
+            let work = |(codes, logs): &mut Scratch,
                         (ci, (c, primary)): (usize, (&[T], &mut [std::mem::MaybeUninit<u8>]))| {
                 let key = stochastic.then(|| stream_key(seed, ci as u64));
                 let primary = crate::buf::zero_init(primary);
-                encode_chunk(c, &Prep { key, ..prep }, cfg, primary, codes)
+                let p = Prep { key, ..prep };
+                if cfg.log {
+                    log_values(c, logs);
+                    encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes)
+                } else {
+                    encode_chunk(c, &p, cfg, primary, codes)
+                }
             };
             chunks = if crate::pool::parallel(slices.len()) {
                 crate::pool::install(|| {
                     x.par_chunks(cs)
                         .zip(slices)
                         .enumerate()
-                        .map_init(Vec::new, work)
+                        .map_init(Scratch::default, work)
                         .collect()
                 })
             } else {
-                let mut codes = Vec::new();
+                let mut scratch = Scratch::default();
                 x.chunks(cs)
                     .zip(slices)
                     .enumerate()
-                    .map(|a| work(&mut codes, a))
+                    .map(|a| work(&mut scratch, a))
                     .collect()
             };
         })
@@ -359,6 +378,72 @@ fn encode_typed<T: Codes>(
     head.std = stats.std;
     finish_encoding(head, chunks, &mut bytes, lead);
     Ok((bytes, meta_len))
+}
+
+/// The log domain's coded value of one element: ln(x) for a positive finite x (the smallest
+/// normal f32 for x = 1, whose logarithm would read as the exact-zero code), 0 for a zero (the
+/// exact-zero code), NaN for anything else (kept exactly in the exception list).
+#[inline]
+fn log_of(f: f64) -> f32 {
+    if f > 0.0 && f.is_finite() {
+        let l = f.ln() as f32;
+        if l == 0.0 {
+            f32::MIN_POSITIVE
+        } else {
+            l
+        }
+    } else if f == 0.0 {
+        0.0
+    } else {
+        f32::NAN
+    }
+}
+
+/// The log domain's coded values of `x` into `out`.
+fn log_values<T: Element>(x: &[T], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.iter().map(|v| log_of(v.to_f64())));
+}
+
+/// The values the log domain's statistics are taken over: the logarithms of the positive finite
+/// elements (zeros, which are coded exactly, are left out as NaN).
+fn log_stat_values<T: Element>(x: &[T], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.iter().map(|v| {
+        let f = v.to_f64();
+        if f == 0.0 {
+            f32::NAN
+        } else {
+            log_of(f)
+        }
+    }));
+}
+
+/// Exact statistics of the log domain, summed in blocks of [`PieceStats::BLOCK`] in parallel
+/// (the same sums as adding the blocks one by one).
+fn log_stats<T: Element>(x: &[T], spread: Spread) -> Stats {
+    let mut ps = PieceStats::new();
+    let block = PieceStats::BLOCK;
+    let mut buf = Vec::new();
+    // The shift: the first block holding a finite value fixes it.
+    let mut start = 0;
+    while start < x.len() && ps.shift().is_none() {
+        let end = (start + block).min(x.len());
+        log_stat_values(&x[start..end], &mut buf);
+        ps.add(&buf);
+        start = end;
+    }
+    if let Some(shift) = ps.shift() {
+        let rest = crate::pool::map_chunks(&x[start..], block, |_, c| {
+            let mut b = Vec::new();
+            log_stat_values(c, &mut b);
+            PieceStats::moments(&b, shift)
+        });
+        for m in rest {
+            ps.merge(m);
+        }
+    }
+    ps.finish(spread)
 }
 
 /// Completes an encoding whose primary streams are in `bytes` after `lead` bytes and room for
@@ -399,6 +484,13 @@ pub struct PieceEncoder {
     head: Header,
     prep: Prep,
     numel: usize,
+}
+
+/// Scratch space a worker reuses across [`PieceEncoder::encode_piece`] calls.
+#[derive(Debug, Default)]
+pub struct PieceScratch {
+    codes: Vec<u16>,
+    logs: Vec<f32>,
 }
 
 /// One chunk encoded by a [`PieceEncoder`] (its primary stream is in the [`PieceOutput`]).
@@ -451,6 +543,18 @@ impl SmaqConfig {
             head,
             numel,
         })
+    }
+
+    /// The values this configuration's statistics are taken over, for one piece of a tensor
+    /// (`stats::PieceStats`): `x` itself, or in the log domain the logarithms of its positive
+    /// elements (in `buf`).
+    pub fn stat_values<'a>(&self, x: &'a [f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        if self.log {
+            log_stat_values(x, buf);
+            buf
+        } else {
+            x
+        }
     }
 
     /// How values are turned into codes under these statistics.
@@ -525,7 +629,7 @@ impl PieceEncoder {
         ci: usize,
         x: &[f32],
         primary: &mut [u8],
-        codes: &mut Vec<u16>,
+        scratch: &mut PieceScratch,
     ) -> Result<EncodedPiece> {
         let cs = self.piece_len();
         let want = self.numel.saturating_sub(ci.saturating_mul(cs)).min(cs);
@@ -545,13 +649,14 @@ impl PieceEncoder {
         let cfg = &self.head.cfg;
         let key = (cfg.rounding == Rounding::Stochastic)
             .then(|| stream_key(cfg.seed.unwrap_or(0), ci as u64));
-        Ok(EncodedPiece(encode_chunk(
-            x,
-            &Prep { key, ..self.prep },
-            cfg,
-            primary,
-            codes,
-        )))
+        let p = Prep { key, ..self.prep };
+        let PieceScratch { codes, logs } = scratch;
+        Ok(EncodedPiece(if cfg.log {
+            log_values(x, logs);
+            encode_chunk_raw(&logs[..], x, &p, cfg, primary, codes)
+        } else {
+            encode_chunk(x, &p, cfg, primary, codes)
+        }))
     }
 
     /// Completes the encoding in `out` from every chunk's [`EncodedPiece`] in chunk order;
@@ -581,6 +686,19 @@ impl PieceEncoder {
 /// reused across the chunks of one worker.
 fn encode_chunk<T: Codes>(
     x: &[T],
+    p: &Prep,
+    cfg: &SmaqConfig,
+    primary: &mut [u8],
+    codes: &mut Vec<u16>,
+) -> ChunkOut {
+    encode_chunk_raw(x, x, p, cfg, primary, codes)
+}
+
+/// [`encode_chunk`] of coded values `x` whose exceptions are stored as the elements of `raw`
+/// (the tensor itself; in the log domain `x` holds the logarithms).
+fn encode_chunk_raw<T: Codes, R: Element>(
+    x: &[T],
+    raw: &[R],
     p: &Prep,
     cfg: &SmaqConfig,
     primary: &mut [u8],
@@ -623,11 +741,10 @@ fn encode_chunk<T: Codes>(
         let grid = EscapeGrid::new(&p.q, cfg.escape_bits);
         let mut tail = Vec::new();
         for i in candidates {
-            let v = x[i as usize];
-            let f = v.to_f64();
+            let f = x[i as usize].to_f64();
             let exact = |list: &mut LeWriter| {
                 list.u32(i);
-                list.bytes(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
+                list.bytes(&raw[i as usize].to_bits_u64().to_le_bytes()[..R::DTYPE.size()]);
             };
             if !f.is_finite() {
                 exact(&mut list);
@@ -783,7 +900,9 @@ const FLAG_RANGE_STD: u8 = 8;
 const FLAG_RAW: u8 = 16;
 /// Values beyond t_outlier escape (format version 2): the chunk index has four fields per chunk.
 const FLAG_ESCAPE: u8 = 32;
-const FLAGS_KNOWN: u8 = 63;
+/// Values are coded as ln(x) (format version 2).
+const FLAG_LOG: u8 = 64;
+const FLAGS_KNOWN: u8 = 127;
 
 impl Header {
     /// Bytes of the metadata of a tensor coded in `n_chunks` chunks.
@@ -809,6 +928,7 @@ impl Header {
         let flags = (c.all_positive as u8 * FLAG_ALL_POSITIVE)
             | ((c.outliers == Outliers::Exact) as u8 * FLAG_EXACT_OUTLIERS)
             | ((c.outliers == Outliers::Escape) as u8 * FLAG_ESCAPE)
+            | (c.log as u8 * FLAG_LOG)
             | sampled
             | ((c.spread == Spread::Range) as u8 * FLAG_RANGE_STD)
             | (self.raw as u8 * FLAG_RAW);
@@ -883,6 +1003,11 @@ impl SmaqHeader {
         );
         let escape = flags & FLAG_ESCAPE != 0;
         ensure_format!(
+            flags & FLAG_LOG == 0 || frame.version >= 2,
+            "smaq: the log domain needs format version 2, the tensor says {}",
+            frame.version
+        );
+        ensure_format!(
             !escape || frame.version >= 2,
             "smaq: escaped outliers need format version 2, the tensor says {}",
             frame.version
@@ -952,6 +1077,7 @@ impl SmaqHeader {
                 [rounding as usize],
             seed: Some(seed),
             all_positive: flags & FLAG_ALL_POSITIVE != 0,
+            log: flags & FLAG_LOG != 0,
             outliers: if escape {
                 Outliers::Escape
             } else if flags & FLAG_EXACT_OUTLIERS != 0 {
@@ -1048,11 +1174,21 @@ impl SmaqHeader {
             return crate::dtype::fill_from_le_bytes(&mut T::wrap_mut(out), payload);
         }
         let q = self.h.cfg.quant();
-        let lut = kernel::table::<T>(&q, self.h.mean, self.h.std, self.h.cfg.all_positive);
+        let lut = self.table::<T>(&q);
         let cs = self.h.cfg.chunk_size as usize;
         crate::pool::try_for_each_chunk_mut(out, cs, |ci, dst| {
             self.decode_chunk(payload, &q, &lut, ci, dst)
         })
+    }
+
+    /// The decoded value of every code (the log domain's values already exponentiated).
+    fn table<T: Element>(&self, q: &kernel::Quant) -> Vec<T> {
+        let h = &self.h;
+        if h.cfg.log {
+            kernel::table_log::<T>(q, h.mean, h.std)
+        } else {
+            kernel::table::<T>(q, h.mean, h.std, h.cfg.all_positive)
+        }
     }
 
     /// Decodes chunk `ci` into `dst` (its length) with the value table `lut`.
@@ -1133,7 +1269,10 @@ impl SmaqHeader {
             );
             let negative = crate::bits::get(primary, i * bm + 1, 1) == 1;
             let z = grid.z(r);
-            let v = mean + if negative { -z } else { z } * std;
+            let mut v = mean + if negative { -z } else { z } * std;
+            if self.h.cfg.log {
+                v = v.exp();
+            }
             dst[i] = T::from_f64(v.clamp(floor, T::MAX_F64));
             next = i + 1;
         }
@@ -1163,7 +1302,7 @@ impl SmaqHeader {
             )));
         }
         let q = self.h.cfg.quant();
-        let lut = kernel::table::<T>(&q, self.h.mean, self.h.std, self.h.cfg.all_positive);
+        let lut = self.table::<T>(&q);
         self.decode_chunk(payload, &q, &lut, i, out)
     }
 }
@@ -1531,24 +1670,44 @@ mod tests {
         let mut x = normal(150_000, 14);
         x[3] = f32::NAN;
         x[4] = 40.0;
-        for cfg in [
-            SmaqConfig {
-                seed: Some(5),
-                ..Default::default()
-            },
-            SmaqConfig {
-                seed: Some(6),
-                rounding: Rounding::Nearest,
-                outliers: Outliers::Exact,
-                chunk_size: 4096,
-                ..Default::default()
-            },
+        let positive: Vec<f32> = x.iter().map(|v| (v * 2.0).exp() * 1e-6).collect();
+        for (cfg, x) in [
+            (
+                SmaqConfig {
+                    seed: Some(4),
+                    log: true,
+                    ..Default::default()
+                },
+                &positive,
+            ),
+            (
+                SmaqConfig {
+                    seed: Some(5),
+                    ..Default::default()
+                },
+                &x,
+            ),
+            (
+                SmaqConfig {
+                    seed: Some(6),
+                    rounding: Rounding::Nearest,
+                    outliers: Outliers::Exact,
+                    chunk_size: 4096,
+                    ..Default::default()
+                },
+                &x,
+            ),
         ] {
-            let whole = cfg.encode(Data::F32(&x)).unwrap();
-            let stats = mean_std(&x, Sampling::Exact, cfg.spread);
+            let whole = cfg.encode(Data::F32(x)).unwrap();
+            let mut ps = PieceStats::new();
+            let mut buf = Vec::new();
+            for c in x.chunks(PieceStats::BLOCK) {
+                ps.add(cfg.stat_values(c, &mut buf));
+            }
+            let stats = ps.finish(cfg.spread);
             let enc = cfg.piece_encoder(x.len(), stats).unwrap();
             let cs = enc.piece_len();
-            let mut codes = Vec::new();
+            let mut codes = PieceScratch::default();
             let mut out = enc.output(3, 8);
             let mut prim = out.primaries();
             // Out of order on purpose: pieces are independent.
@@ -1571,5 +1730,67 @@ mod tests {
         assert!(small
             .piece_encoder(4, mean_std(&x[..4], Sampling::Exact, Spread::Std))
             .is_none());
+    }
+
+    #[test]
+    fn log_domain_keeps_relative_precision_zeros_and_the_rest_exactly() {
+        // Adam's exp_avg_sq spans orders of magnitude: 1e-14 .. 1e-2 here.
+        let mut x: Vec<f32> = normal(100_000, 15)
+            .iter()
+            .map(|v| (v * 3.0).exp() * 1e-8)
+            .collect();
+        x[0] = 0.0;
+        x[1] = 1.0;
+        x[2] = -3.0;
+        x[3] = f32::NAN;
+        x[4] = f32::INFINITY;
+        x[5] = 1e30;
+        let cfg = SmaqConfig {
+            log: true,
+            rounding: Rounding::Nearest,
+            chunk_size: 8192,
+            ..Default::default()
+        };
+        assert_eq!(cfg.format_version(), 2);
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert_eq!(y[0], 0.0);
+        assert_eq!(y[2], -3.0);
+        assert!(y[3].is_nan());
+        assert_eq!(y[4], f32::INFINITY);
+        let q = cfg.quant();
+        // In the log domain: half a main step, half an outlier step, half a fine escape step.
+        let std = h.h.std;
+        for (i, (&a, &b)) in x.iter().zip(&y).enumerate().skip(5) {
+            let z = ((a as f64).ln() - h.h.mean).abs() / std;
+            let half = if z <= q.t_main as f64 {
+                0.5 / q.r_main as f64
+            } else {
+                0.5 / q.r_out as f64
+            } * std;
+            let err = ((b as f64).ln() - (a as f64).ln()).abs();
+            assert!(err <= half * 1.001 + 1e-6, "element {i}: {a} -> {b}");
+        }
+        // A relative error for all magnitudes, where the linear grid loses the small values.
+        let lin = SmaqConfig {
+            rounding: Rounding::Nearest,
+            all_positive: true,
+            chunk_size: 8192,
+            ..Default::default()
+        };
+        let (yl, _, _) = round_trip(&lin, &x);
+        let small = |y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .skip(6)
+                .filter(|(a, _)| **a < 1e-9)
+                .map(|(a, b)| ((b - a) / a).abs() as f64)
+                .sum::<f64>()
+        };
+        assert!(
+            small(&y) * 100.0 < small(&yl),
+            "{} vs {}",
+            small(&y),
+            small(&yl)
+        );
     }
 }
