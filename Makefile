@@ -21,6 +21,11 @@ test: $(BUILT)
 bench: $(BUILT)
 	$(PY) benches/bench_smaq.py
 	$(PY) -m smaq_rs bench
+	$(PY) -m smaq_rs bench --source classes
+	$(PY) benches/bench_optim.py
+	$(PY) benches/bench_optim.py --rss
+	mkdir -p bench-out
+	$(PY) benches/fidelity.py --png bench-out/fidelity.png
 
 bench-rust:
 	cargo bench --bench kernels

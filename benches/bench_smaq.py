@@ -21,19 +21,8 @@ import numpy as np
 import torch
 
 import smaq_rs
-from smaq_rs.bench import rounds
+from smaq_rs.bench import cpu_name, rounds
 from smaq_rs.reference import smaq_research
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def best_time(fn, repeat: int) -> float:

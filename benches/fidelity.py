@@ -30,12 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
-import math
 import os
-import platform
 import sys
-import sysconfig
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -45,25 +41,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import smaq_rs.torch as st
+from smaq_rs.bench import cpu_name
+from smaq_rs.capture import digits_32, resnet18_small, stdlib_text
 
 CONFIGS = ("plain", "activations", "optimizer", "both", "paper5")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def stdlib_bytes() -> np.ndarray:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    data = b"".join(open(f, "rb").read() for f in files)
-    return np.frombuffer(data, dtype=np.uint8)
 
 
 def make_optimizer(config: str, params) -> torch.optim.Optimizer:
@@ -99,7 +80,7 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int) -
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    text = stdlib_bytes()
+    text = stdlib_text()
     split = int(len(text) * 0.95)
     train, val = text[:split], text[split:]
     torch.manual_seed(0)
@@ -128,46 +109,40 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int) -
     for step in range(1, steps + 1):
         starts = rng.integers(0, len(train) - seq - 1, size=batch)
         ids = torch.from_numpy(np.stack([train[s:s + seq] for s in starts]).astype(np.int64))
-        t0 = time.perf_counter()
-        ctx = activations_ctx(config, model)
-        with ctx if ctx is not None else contextlib.nullcontext():
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        run.step_time += time.perf_counter() - t0
-        run.steps += 1
-        if ctx is not None:
-            run.peak_dense = max(run.peak_dense, ctx.peak_dense_bytes)
-            run.peak_held = max(run.peak_held, ctx.peak_held_bytes)
+        timed_step(run, config, model, opt, lambda: model(ids, labels=ids).loss)
         if step % eval_every == 0:
             run.points.append((step, evaluate()))
     run.state_bytes = st.state_nbytes(opt)[1]
     return run
 
 
-def digits_32() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    x = (x - 0.5) / 0.5
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
+def digits_split() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Digits at 32x32 (smaq_rs.capture.digits_32): 75% train, a fixed 25% test."""
+    x, y = digits_32(0)
     n_test = len(y) // 4
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
-def train_resnet18(config: str, epochs: int, batch: int) -> Run:
-    import torchvision
+def timed_step(run: Run, config: str, model: nn.Module, opt, loss_fn: Callable[[], torch.Tensor]):
+    """One training step of ``config``, timed, its saved-activation peaks recorded."""
+    t0 = time.perf_counter()
+    ctx = activations_ctx(config, model)
+    with ctx if ctx is not None else contextlib.nullcontext():
+        loss = loss_fn()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.step_time += time.perf_counter() - t0
+    run.steps += 1
+    if ctx is not None:
+        run.peak_dense = max(run.peak_dense, ctx.peak_dense_bytes)
+        run.peak_held = max(run.peak_held, ctx.peak_held_bytes)
 
-    xtr, ytr, xte, yte = digits_32()
+
+def train_resnet18(config: str, epochs: int, batch: int) -> Run:
+    xtr, ytr, xte, yte = digits_split()
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
+    model = resnet18_small()
     opt = make_optimizer(config, model.parameters())
     if config == "paper5":
         st.wrap_model(model, layer_types=("conv", "linear"), forward=False)
@@ -186,18 +161,8 @@ def train_resnet18(config: str, epochs: int, batch: int) -> Run:
         perm = torch.randperm(len(ytr), generator=g)
         for i in range(0, len(ytr) - batch + 1, batch):
             idx = perm[i:i + batch]
-            t0 = time.perf_counter()
-            ctx = activations_ctx(config, model)
-            with ctx if ctx is not None else contextlib.nullcontext():
-                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            run.step_time += time.perf_counter() - t0
-            run.steps += 1
-            if ctx is not None:
-                run.peak_dense = max(run.peak_dense, ctx.peak_dense_bytes)
-                run.peak_held = max(run.peak_held, ctx.peak_held_bytes)
+            timed_step(run, config, model, opt,
+                       lambda: F.cross_entropy(model(xtr[idx]), ytr[idx]))
         run.points.append((epoch, accuracy()))
     run.state_bytes = st.state_nbytes(opt)[1]
     return run

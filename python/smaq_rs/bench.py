@@ -64,6 +64,21 @@ DEFAULT_CODECS: List[Tuple[str, str, Dict[str, Any]]] = [
 BDI_MAX = 1 << 20
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), printed with every benchmark: compare ratios of one
+    run, never times across machines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def _metrics(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
     x64 = x.astype(np.float64, copy=False).ravel()
     y64 = np.asarray(y, dtype=np.float64).ravel()

@@ -43,7 +43,8 @@ CLASSES: Dict[str, bool] = {
 }
 
 
-def _stdlib_text() -> np.ndarray:
+def stdlib_text() -> np.ndarray:
+    """The bytes of Python's standard library sources (``*.py``), concatenated in name order."""
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     return np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
 
@@ -60,7 +61,7 @@ def _gpt2(steps: int, seed: int) -> Dict[str, "np.ndarray"]:
                      tie_word_embeddings=True, attn_implementation="eager")
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    text = _stdlib_text()
+    text = stdlib_text()
     rng = np.random.default_rng(seed)
     fc = model.transformer.h[0].mlp.c_fc
     seen: Dict[str, "torch.Tensor"] = {}
