@@ -24,6 +24,11 @@ Printed per configuration: the loss (or accuracy) at each checkpoint and its lar
 gap to plain, the peak saved-activation bytes dense vs held, the optimizer state in bytes per
 parameter (real packed buffers), and the step time as a ratio to plain measured in this run.
 ``--png`` writes the curves. The CPU model is printed: compare ratios within one run.
+
+    python benches/fidelity.py --timing 8
+
+times GPT-2 steps instead: plain and with compressed activations, alternating, on the same batch
+(so both see the same load), and prints the median of each and their ratio.
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ class Run:
         self.n_params = 0
 
 
-def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int) -> Run:
+def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int,
+               seed: int = 0) -> Run:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -83,7 +89,7 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int) -
     text = stdlib_text()
     split = int(len(text) * 0.95)
     train, val = text[:split], text[split:]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=seq,
                      tie_word_embeddings=True)
     model = GPT2LMHeadModel(cfg)
@@ -91,8 +97,8 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int) -
     opt = make_optimizer(config, model.parameters())
     if config == "paper5":
         st.wrap_model(model, layer_types=("linear",), forward=False)
-    rng = np.random.default_rng(1)
-    vrng = np.random.default_rng(2)
+    rng = np.random.default_rng(1 + seed)
+    vrng = np.random.default_rng(2)  # the same validation set for every seed
     vstarts = vrng.integers(0, len(val) - seq - 1, size=16)
     vbatch = torch.from_numpy(np.stack([val[s:s + seq] for s in vstarts]).astype(np.int64))
     run = Run(config)
@@ -168,6 +174,37 @@ def train_resnet18(config: str, epochs: int, batch: int) -> Run:
     return run
 
 
+def step_timing(rounds: int, batch: int, seq: int) -> None:
+    """Median GPT-2 step time, plain and with compressed activations, alternating."""
+    import statistics
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256,
+                                       n_positions=seq, tie_word_embeddings=True))
+    text = stdlib_text()
+    ids = torch.from_numpy(np.stack([text[i * seq:(i + 1) * seq] for i in range(batch)])
+                           .astype(np.int64))
+    times: Dict[str, List[float]] = {"plain": [], "activations": []}
+    for r in range(rounds + 1):
+        for config in times:
+            t0 = time.perf_counter()
+            ctx = activations_ctx(config, model)
+            with ctx if ctx is not None else contextlib.nullcontext():
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if r:  # the first round warms up
+                times[config].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"GPT-2 (4x256) step (forward + backward), batch {batch}x{seq}, {rounds} alternating "
+          f"rounds: plain {med['plain'] * 1e3:.0f} ms, compressed activations "
+          f"{med['activations'] * 1e3:.0f} ms: {med['activations'] / med['plain']:.2f}x")
+
+
 def report(title: str, runs: Dict[str, Run], metric: str, relative: bool) -> None:
     plain = runs.get("plain")
     print(f"\n{title}")
@@ -225,6 +262,11 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="ResNet-18 epochs")
     ap.add_argument("--png", default="fidelity.png")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="GPT-2 initialisation and batch order (another seed of plain training "
+                         "measures the run-to-run spread the gaps compare with)")
+    ap.add_argument("--timing", type=int, default=0,
+                    help="only time GPT-2 steps, plain against compressed activations, N rounds")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -234,11 +276,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown configs {sorted(bad)}")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    if args.timing:
+        step_timing(args.timing, args.batch, args.seq)
+        return 0
     results: Dict[str, Dict[str, Run]] = {}
     if args.model in ("gpt2", "all"):
         runs = {}
         for c in configs:
-            runs[c] = train_gpt2(c, args.steps, args.eval_every, args.batch, args.seq)
+            runs[c] = train_gpt2(c, args.steps, args.eval_every, args.batch, args.seq,
+                                 args.seed)
             print(f"  gpt2 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)",
                   flush=True)
         results["gpt2"] = runs
