@@ -122,8 +122,14 @@ pub fn put_exp_golomb(w: &mut BitWriter, v: u32, k: u32) {
     debug_assert!(k <= 31);
     let x = v as u64 + (1u64 << k);
     let n = 64 - x.leading_zeros();
-    w.put_wide(1u64 << (n - k - 1), n - k);
-    w.put_wide(x & ((1u64 << (n - 1)) - 1), n - 1);
+    let (prefix, low) = (1u64 << (n - k - 1), x & ((1u64 << (n - 1)) - 1));
+    if 2 * n - k - 1 <= 64 {
+        // One write: the prefix and its terminating one, then the low bits above them.
+        w.put_wide(prefix | low << (n - k), 2 * n - k - 1);
+    } else {
+        w.put_wide(prefix, n - k);
+        w.put_wide(low, n - 1);
+    }
 }
 
 /// Bits [`put_exp_golomb`] takes for `v` at order `k`.

@@ -786,10 +786,12 @@ fn encode_chunk_raw<T: Codes, R: Element>(
         } else {
             (f64::NEG_INFINITY, f64::INFINITY)
         };
-        let mut candidates = Vec::new();
+        // The kernel counted them: room for all (the scan's bounds are wider by 1e-9 relative).
+        let expected = (counts.beyond + counts.nonfinite) as usize;
+        let mut candidates = Vec::with_capacity(expected + expected / 64 + 8);
         kernel::outside(x, lo, hi, &mut candidates);
         let grid = EscapeGrid::new(&p.q, cfg.escape_bits);
-        let mut tail = Vec::new();
+        let mut tail = Vec::with_capacity(candidates.len());
         for i in candidates {
             let f = x[i as usize].to_f64();
             let exact = |list: &mut LeWriter| {
