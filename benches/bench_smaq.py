@@ -87,7 +87,7 @@ def main() -> None:
           f"ours / research: error {rel_rmse(y) / rel_rmse(ref):.3f}x, "
           f"bits {packed.bits_per_value / r_bits:.3f}x")
     # (operation, time, our time for the same work, our decode time when a cast is compared with
-    # both directions: the issue asks for encode and decode each at least as fast as the cast).
+    # both directions: the goal is encode and decode each at least as fast as the cast).
     rows = [
         ("smaq_rs encode", t_enc, None, None),
         ("smaq_rs decode", t_dec, None, None),

@@ -1,4 +1,4 @@
-"""The issue's end-to-end claim on the digits CNN (examples/train_digits.py), seed 0.
+"""The end-to-end claim on the digits CNN (examples/train_digits.py), seed 0.
 
 One plain run (torch.optim.Adam, activations only counted) and one with compressed activations
 (SmaQ 6/8, nearest) and smaq_rs.torch.Adam (SmaQ 6/8 state), same initial weights and batches.

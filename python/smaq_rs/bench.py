@@ -4,7 +4,7 @@ Per row: bits per value measured from ``PackedTensor.nbytes`` (header, statistic
 included), relative RMSE (||y - x|| / ||x|| over finite values), max abs error, and encode /
 decode throughput in GB/s of dense input (float32 bytes / best wall time of ``--repeat`` runs),
 and encode CPU time per value (process user + system time, all threads: steadier than wall time
-on a loaded machine). The issue's speed ratios are timed again with ours and the peer alternating.
+on a loaded machine). The speed ratios against the peers are timed again with ours and the peer alternating.
 Peers run in the same process on the same tensor: torch's ``x.to(dtype)`` casts and, when
 installed with a working CPU path, bitsandbytes' ``quantize_blockwise`` (8-bit, block 4096).
 Each torch cast appears twice: ``x.to(dtype)`` and ``out.copy_(x)`` into a preallocated tensor
@@ -138,7 +138,7 @@ def paired(fa: Callable[[], Any], fb: Callable[[], Any], repeat: int,
     return ta, tb
 
 
-#: The issue's speed comparisons: (our row, peer row).
+#: The speed comparisons against the peers: (our row, peer row).
 PAIRS: List[Tuple[str, str]] = [
     ("int8 absmax block 4096", "bitsandbytes quantize_blockwise 4096"),
     ("int8 absmax block 4096", "torch .to(float8_e4m3fn)"),
@@ -323,7 +323,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def ratios(rows: List[Dict[str, Any]], repeat: int = 7) -> List[str]:
-    """The issue's speed comparisons: encode speed ours / peer's, each pair timed in alternating
+    """The speed comparisons against the peers: encode speed ours / peer's, each pair timed in alternating
     blocks (``paired``) so both see the same load; then the ratio of CPU time per value
     (peer / ours) from the table."""
     by = {r["codec"]: r for r in rows}

@@ -500,7 +500,7 @@ class Checkpoint(Mapping):
         return self._rebuild(self._doc["root"], tensors)
 
 
-def open(path: PathLike, map_location: Any = None) -> Checkpoint:  # noqa: A001 - the issue's API
+def open(path: PathLike, map_location: Any = None) -> Checkpoint:  # noqa: A001 - mirrors the builtin, as torch.load does
     """Opens a checkpoint for lazy access by name (see :class:`Checkpoint`)."""
     return Checkpoint(path, map_location)
 

@@ -1,4 +1,4 @@
-//! NNW-BDI: base-delta-immediate compression of quantized network weights (SPEC.md, "NNW-BDI").
+//! NNW-BDI: base-delta-immediate compression of quantized network weights (docs/CODECS.md, "NNW-BDI").
 //!
 //! 1. Quantize: x -> r = round(x / scale) with scale = (max - min) / (2^bits - 1) * 2^scale_init
 //!    (the affine grid of `bits` bits, whose zero point is the integer 0, downscaled by

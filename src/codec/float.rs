@@ -1,4 +1,4 @@
-//! Floating-point encoders (SPEC.md, "The baseline encoders" and "mantissa truncation"):
+//! Floating-point encoders (docs/CODECS.md, "Floating point"):
 //! `fp32` passthrough, `fp16` (e5m10), `bf16` (e8m7), `fp8` (e4m3fn or e5m2), `s2fp8` (Cambier et
 //! al.) and `mantissa` (keep the float32 exponent and m mantissa bits: 1 + 8 + m bits per value).
 //!

@@ -1,4 +1,4 @@
-//! Integer encoders (SPEC.md, "The quantizers of QML and QSparseProp"): `int` (int-N, N in
+//! Integer encoders (docs/CODECS.md, "Integers"): `int` (int-N, N in
 //! 2..=16, affine min-max or symmetric absmax, per tensor / row / tile / block, nearest,
 //! stochastic or dithered rounding, optional SAWB clipping) and `luq` (logarithmic unbiased
 //! quantization for gradients).

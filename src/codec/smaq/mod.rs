@@ -1,4 +1,4 @@
-//! SmaQ: z-score mixed-width quantization (SPEC.md, "SmaQ").
+//! SmaQ: z-score mixed-width quantization (docs/CODECS.md, "SmaQ"; layout in docs/FORMAT.md).
 //!
 //! Each element becomes one self-delimiting code, written LSB first:
 //!
