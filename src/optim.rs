@@ -714,8 +714,9 @@ fn adam_two_pass(
     let len = plan.len;
     let pieces = n.div_ceil(len);
     let bufs = || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new());
-    // Pass 1, piece 0 alone: it fixes the shift of the statistics (the first finite value).
-    let first = |i: usize, b: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| -> Result<[Tally; 2]> {
+    // Pass 1 (new state computed on a copy of the parameter, then dropped), piece 0 alone
+    // first: it fixes the shift of the statistics (the first finite value).
+    let pass_one = |i: usize, b: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| -> Result<[Tally; 2]> {
         let (lo, hi) = (i * len, ((i + 1) * len).min(n));
         let (pc, m, v) = b;
         pc.clear();
@@ -726,7 +727,7 @@ fn adam_two_pass(
         Ok(adam_chunk(&s, pc, &grad[lo..hi], m, v))
     };
     let mut b0 = bufs();
-    let t0 = first(0, &mut b0)?;
+    let t0 = pass_one(0, &mut b0)?;
     let [cm, cv] = &plan.cfgs;
     let (mut stats_m, mut stats_v) = (PieceStats::new(), PieceStats::new());
     let mut sbuf = Vec::new();
@@ -744,7 +745,7 @@ fn adam_two_pass(
             .map_init(
                 || (bufs(), Vec::new()),
                 |(b, sb), i| {
-                    let t = first(i, b)?;
+                    let t = pass_one(i, b)?;
                     let a = PieceStats::moments(cm.stat_values(&b.1, sb), sh_m);
                     let c = PieceStats::moments(cv.stat_values(&b.2, sb), sh_v);
                     Ok((t, a, c))

@@ -400,41 +400,44 @@ fn ln_f32(x: f32) -> f32 {
     e * std::f32::consts::LN_2 + 2.0 * s * poly
 }
 
-/// The log domain's coded value of one element: ln(x) for a positive finite x (the smallest
-/// normal f32 for x = 1, whose logarithm would read as the exact-zero code), 0 for a zero (the
-/// exact-zero code), NaN for anything else (kept exactly in the exception list). `zero` is what
-/// a zero becomes (0.0 to code it, NaN to leave it out of the statistics).
+/// The log domain's coded value of an element `x` whose logarithm is `l` (when x is positive
+/// and finite): `l` (the smallest normal f32 for x = 1, whose logarithm would read as the
+/// exact-zero code), `zero` for a zero (0.0 to code it exactly, NaN to leave it out of the
+/// statistics), NaN for anything else (kept exactly in the exception list).
 #[inline(always)]
-fn log_of_f32(x: f32, zero: f32) -> f32 {
-    let l = ln_f32(x);
-    let l = if l == 0.0 { f32::MIN_POSITIVE } else { l };
-    if x > 0.0 && x < f32::INFINITY {
-        l
-    } else if x == 0.0 {
+fn log_code(positive: bool, is_zero: bool, l: f32, zero: f32) -> f32 {
+    if positive {
+        if l == 0.0 {
+            f32::MIN_POSITIVE
+        } else {
+            l
+        }
+    } else if is_zero {
         zero
     } else {
         f32::NAN
     }
 }
 
-/// [`log_of_f32`] for an element of any type: f64 values take the f64 logarithm (they may lie
+/// [`log_code`] of an f32 (the vectorized logarithm).
+#[inline(always)]
+fn log_of_f32(x: f32, zero: f32) -> f32 {
+    log_code(x > 0.0 && x < f32::INFINITY, x == 0.0, ln_f32(x), zero)
+}
+
+/// [`log_code`] of an element of any type: f64 values take the f64 logarithm (they may lie
 /// outside float32's range).
 #[inline]
 fn log_of<T: Element>(v: T, zero: f32) -> f32 {
     if T::DTYPE == crate::dtype::DType::F64 {
         let f = v.to_f64();
-        if f > 0.0 && f.is_finite() {
-            let l = f.ln() as f32;
-            if l == 0.0 {
-                f32::MIN_POSITIVE
-            } else {
-                l
-            }
-        } else if f == 0.0 {
-            zero
-        } else {
-            f32::NAN
-        }
+        let positive = f > 0.0 && f.is_finite();
+        log_code(
+            positive,
+            f == 0.0,
+            if positive { f.ln() as f32 } else { 0.0 },
+            zero,
+        )
     } else {
         log_of_f32(v.to_f64() as f32, zero)
     }
