@@ -248,3 +248,22 @@ def test_stats_options():
     for r in ["truncate", "nearest", "stochastic"]:
         y = smaq_rs.decompress(smaq_rs.compress(x, rounding=r))
         assert np.abs(y - x).mean() < 0.1
+
+
+@pytest.mark.parametrize("params", [{"escape_bits": 17}, {"escape_bits": -1}, {"outliers": "drop"},
+                                    {"log": "yes"}, {"escape_bits": 2.5}])
+def test_bad_tail_and_log_parameters_are_codec_errors(params):
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    with pytest.raises(smaq_rs.CodecError):
+        smaq_rs.compress(x, **params)
+
+
+def test_log_domain_round_trip_keeps_zeros_negatives_and_specials():
+    v = (np.exp(np.random.default_rng(1).standard_normal(5000) * 3) * 1e-8).astype(np.float32)
+    v[:5] = [0.0, 1.0, -2.0, np.nan, np.inf]
+    p = smaq_rs.compress(v, log=True, rounding="nearest")
+    y = smaq_rs.decompress(p)
+    assert y[0] == 0.0 and y[2] == -2.0 and np.isnan(y[3]) and y[4] == np.inf
+    rel = np.abs(y[5:] / v[5:] - 1)
+    assert rel.max() < 0.25 and np.median(rel) < 0.05
+    assert p.to_bytes()[4] == 2
