@@ -177,7 +177,7 @@ def test_codec_errors_name_what_is_allowed():
 
 
 def test_codecs_lists_smaq_with_defaults():
-    (smaq,) = [c for c in smaq_rs.codecs() if c["name"] == "smaq"]
+    (smaq,) = [c for c in smaq_rs.list_codecs() if c["name"] == "smaq"]
     d = smaq["defaults"]
     assert (d["bits_main"], d["bits_outlier"], d["t_main"], d["t_outlier"]) == (6, 8, 1.0, 2.5)
     assert d["rounding"] == "stochastic" and d["min_size"] == 8

@@ -1,4 +1,4 @@
-"""One registry and one API: codecs() lists every codec with defaults; config dataclasses;
+"""One registry and one API: list_codecs() lists every codec with defaults; config dataclasses;
 unknown codecs and invalid parameters raise CodecError naming what is allowed; the bench runs."""
 
 import json
@@ -8,18 +8,31 @@ import numpy as np
 import pytest
 
 import smaq_rs
-import smaq_rs.codecs as C
+import smaq_rs.configs as C
 
 FAMILY = ["fp32", "fp16", "bf16", "fp8", "s2fp8", "mantissa", "int", "luq", "nnw_bdi"]
 
 
 def test_registry_lists_every_codec_with_defaults():
-    reg = {c["name"]: c for c in smaq_rs.codecs()}  # still callable after importing the module
+    reg = {c["name"]: c for c in smaq_rs.list_codecs()}
     for name in FAMILY:
         assert name in reg and isinstance(reg[name]["defaults"], dict) and reg[name]["doc"]
     ids = [c["id"] for c in reg.values()]
     assert len(ids) == len(set(ids)) and 16 not in [reg[n]["id"] for n in FAMILY]
     assert reg["int"]["defaults"]["bits"] == 8
+
+
+def test_codecs_is_a_deprecated_alias_of_list_codecs():
+    """smaq_rs.codecs stays the function (no submodule of that name can shadow it), warns, and
+    returns what list_codecs() returns."""
+    import importlib.util
+
+    assert importlib.util.find_spec("smaq_rs.codecs") is None
+    assert callable(smaq_rs.codecs) and not isinstance(smaq_rs.codecs, type(smaq_rs))
+    with pytest.warns(DeprecationWarning, match="list_codecs"):
+        old = smaq_rs.codecs()
+    assert old == smaq_rs.list_codecs()
+    assert [c["name"] for c in old] == [c["name"] for c in smaq_rs._core.codecs()]
 
 
 @pytest.mark.parametrize("name", FAMILY)

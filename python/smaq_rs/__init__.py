@@ -6,6 +6,10 @@
 >>> p.nbytes < x.nbytes / 4.5          # the true byte length of the packed buffer
 True
 >>> y = smaq_rs.decompress(p)          # a numpy array again, same dtype and shape
+
+``list_codecs()`` lists the codec registry; ``smaq_rs.configs`` holds one plain-data config class
+per codec. ``codecs()`` is the deprecated name of ``list_codecs()``: it is a plain function of
+this package (no module is named ``smaq_rs.codecs``, so importing a submodule never replaces it).
 """
 
 from ._api import (
@@ -16,6 +20,7 @@ from ._api import (
     decompress,
     empty_cache,
     get_num_threads,
+    list_codecs,
     set_num_threads,
 )
 from .checkpoint import Checkpoint, Policy, load, open, save
@@ -46,6 +51,7 @@ __all__ = [
     "decompress",
     "empty_cache",
     "get_num_threads",
+    "list_codecs",
     "set_num_threads",
     "Checkpoint",
     "Policy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -156,7 +157,7 @@ def compress(x: ArrayLike, codec: str = "smaq", **params: Any) -> PackedTensor:
 
     The input is read in place (no copy) and must be C-contiguous; a CUDA tensor is first copied
     to the host and ``decompress`` returns it to the same device. Parameters are the codec's
-    (``smaq_rs.codecs()`` lists them with their defaults); unknown names raise CodecError.
+    (``smaq_rs.list_codecs()`` lists them with their defaults); unknown names raise CodecError.
     """
     if _is_torch(x):
         device = x.device if x.device.type != "cpu" else None
@@ -219,9 +220,20 @@ def _decompress_into(packed: PackedTensor, out: ArrayLike) -> ArrayLike:
         return out
 
 
-def codecs() -> List[Dict[str, Any]]:
-    """Every codec: name, id, doc and default parameters."""
+def list_codecs() -> List[Dict[str, Any]]:
+    """Every registered codec: name, id, doc and default parameters."""
     return _core.codecs()
+
+
+def codecs() -> List[Dict[str, Any]]:
+    """Deprecated name of :func:`list_codecs` (same list); kept for one version."""
+    warnings.warn(
+        "smaq_rs.codecs() is deprecated; use smaq_rs.list_codecs() (codec config classes are in "
+        "smaq_rs.configs)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return list_codecs()
 
 
 def set_num_threads(n: int) -> None:

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", metavar="OUT")
     c.add_argument("--codec", default=None,
                    help="codec for large float tensors: smaq (default), lossless, raw, or any "
-                   "codec smaq_rs.codecs() lists")
+                   "codec smaq_rs.list_codecs() lists")
     c.add_argument("--lossless", action="store_true",
                    help="store every tensor bit-exactly (same as --codec lossless)")
     c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",

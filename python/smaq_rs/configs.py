@@ -1,9 +1,10 @@
 """Codec configurations as plain data: one dataclass per registered codec.
 
 Every codec of the Rust registry gets a dataclass here whose fields are the codec's parameters
-with their defaults (``smaq_rs.codecs()`` lists the same). A config is plain, serializable data:
+with their defaults (``smaq_rs.list_codecs()`` lists the same). A config is plain, serializable
+data:
 
->>> from smaq_rs.codecs import IntConfig, from_config
+>>> from smaq_rs.configs import IntConfig, from_config
 >>> cfg = IntConfig(bits=4, block_size=64)
 >>> d = cfg.get_config()            # {"id": "int", "bits": 4, ...}: JSON-ready
 >>> from_config(d) == cfg
@@ -12,17 +13,12 @@ True
 
 Invalid values raise ``CodecError`` naming what is allowed (checked by the Rust core when the
 config is built). ``get_config(packed)`` recovers the config a PackedTensor was encoded with.
-
-This module is also callable: ``smaq_rs.codecs()`` (the registry listing) keeps working after
-``import smaq_rs.codecs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
-from typing import Any, ClassVar, Dict, List, Type, Union
+from typing import Any, ClassVar, Dict, Type, Union
 
 from . import _core
 from ._core import CodecError
@@ -117,12 +113,3 @@ def get_config(x: Union[str, Any]) -> CodecConfig:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in x.params.items() if k in names})
 
-
-class _CallableModule(types.ModuleType):
-    """``smaq_rs.codecs()`` lists the registry even once this module shadows the function."""
-
-    def __call__(self) -> List[Dict[str, Any]]:
-        return _core.codecs()
-
-
-sys.modules[__name__].__class__ = _CallableModule
