@@ -331,7 +331,7 @@ def test_killing_the_writer_keeps_the_previous_checkpoint(tmp_path):
 
 def test_abort_on_exception_removes_temporary(tmp_path, monkeypatch):
     path = tmp_path / "ck.smaq"
-    monkeypatch.setattr(checkpoint, "_BATCH_BYTES", 1)  # a progress call after every tensor
+    monkeypatch.setattr(checkpoint.writer, "_BATCH_BYTES", 1)  # a progress call after every tensor
 
     def boom(done, total):
         raise KeyboardInterrupt

@@ -1,0 +1,127 @@
+"""Which codec stores each tensor of a checkpoint: :class:`Policy` and the resolution of
+``save``'s ``codec`` / ``policy`` / codec-parameter arguments into one choice function."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from .._core import SmaqError
+
+#: dtypes the float codecs accept.
+FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+#: The codecs that store any dtype bit for bit ("exact" is resolved by the policy into one of
+#: them, or into "lossless" for floats).
+EXACT_CODECS = ("raw", "zstd", "lossless", "exact")
+
+#: (name, dtype, shape) -> (codec, params).
+Choose = Callable[[str, str, Tuple[int, ...]], Tuple[str, Dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Chooses how each tensor is stored.
+
+    Large floating tensors (``numel >= min_numel``) get ``codec`` with ``params``; everything else
+    is stored exactly: floats with the ``lossless`` codec (raw when under ``exact_min_bytes``),
+    integers and bools as zstd of the raw bytes (raw when under ``exact_min_bytes``). Names that
+    match one of ``exact`` (fnmatch patterns, lower-cased) are stored exactly whatever their size:
+    by default norm layers' weights and buffers. ``rules`` are (pattern, codec, params) tried first,
+    in order; codec may be "exact". Names matching ``positive`` get ``all_positive=True`` under
+    SmaQ (Adam's exp_avg_sq).
+    """
+
+    codec: str = "smaq"
+    params: Dict[str, Any] = field(default_factory=lambda: {"bits_main": 6, "bits_outlier": 8})
+    min_numel: int = 4096
+    exact: Tuple[str, ...] = (
+        "*norm*", "*bn*", "*.ln_*", "*ln_f*", "*running_mean", "*running_var",
+        "*num_batches_tracked",
+    )
+    positive: Tuple[str, ...] = ("*exp_avg_sq", "*exp_avg_sq.*", "*max_exp_avg_sq*")
+    rules: Tuple[Tuple[str, str, Dict[str, Any]], ...] = ()
+    exact_min_bytes: int = 4096
+
+    @classmethod
+    def lossless(cls) -> "Policy":
+        """Every float tensor lossless (bit-exact), integers zstd."""
+        return cls(codec="lossless", params={}, min_numel=0, exact=())
+
+    @classmethod
+    def raw(cls) -> "Policy":
+        """No compression at all (still checksummed, still no pickle)."""
+        return cls(codec="raw", params={}, min_numel=0, exact=(), exact_min_bytes=1 << 62)
+
+    def _exact(self, dtype: str, nbytes: int) -> Tuple[str, Dict[str, Any]]:
+        if nbytes < self.exact_min_bytes:
+            return "raw", {}
+        if dtype in FLOATS:
+            return "lossless", {}
+        return "zstd", {}
+
+    def choose(self, name: str, dtype: str, shape: Tuple[int, ...]) -> Tuple[str, Dict[str, Any]]:
+        numel = math.prod(shape)
+        nbytes = numel * itemsize(dtype)
+        low = name.lower()
+        for pattern, codec, params in self.rules:
+            if fnmatch.fnmatchcase(low, pattern.lower()):
+                if codec == "exact":
+                    return self._exact(dtype, nbytes)
+                if codec in ("raw", "zstd") or dtype in FLOATS:
+                    return codec, dict(params)
+        if (
+            self.codec == "raw"
+            or dtype not in FLOATS
+            or numel < self.min_numel
+            or any(fnmatch.fnmatchcase(low, p) for p in self.exact)
+        ):
+            if self.codec == "raw":
+                return "raw", {}
+            return self._exact(dtype, nbytes)
+        params = dict(self.params)
+        if self.codec == "smaq" and any(fnmatch.fnmatchcase(low, p) for p in self.positive):
+            params.setdefault("all_positive", True)
+        return self.codec, params
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a stored dtype name."""
+    if dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return 1 if dtype.startswith("float8") else 2
+    return np.dtype(dtype).itemsize
+
+
+def resolve_policy(codec: Optional[str], policy: Any, params: Dict[str, Any]) -> Choose:
+    """The choice function of ``save(codec=..., policy=..., **params)``."""
+    if policy is None:
+        if codec in (None, "smaq"):
+            base = Policy()
+            policy = replace(base, params={**base.params, **params}) if params else base
+        elif codec == "lossless":
+            policy = Policy.lossless()
+        elif codec == "raw":
+            policy = Policy.raw()
+        else:
+            policy = Policy(codec=codec, params=dict(params))
+    elif codec is not None or params:
+        raise SmaqError("pass either policy= or codec=/codec parameters, not both")
+    if isinstance(policy, Policy):
+        return policy.choose
+    if callable(policy):
+        fallback = Policy()
+
+        def choose(name: str, dtype: str, shape: Tuple[int, ...]):
+            spec = policy(name, dtype, shape)
+            if spec is None:
+                return fallback.choose(name, dtype, shape)
+            if isinstance(spec, str):
+                return spec, {}
+            return spec[0], dict(spec[1])
+
+        return choose
+    raise SmaqError(f"policy must be a smaq_rs.Policy or a callable, got {type(policy).__name__}")

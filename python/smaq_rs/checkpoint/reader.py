@@ -1,0 +1,136 @@
+"""Reading checkpoints: :class:`Checkpoint` (lazy, by name), ``open`` and ``load``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from .. import _core
+from .._core import DtypeError, FormatError
+from . import document
+from .document import NUMPY_OK, TORCH_BY_NAME
+
+try:  # torch is optional: checkpoints load as NumPy arrays without it.
+    import torch as _torch
+except ImportError:  # pragma: no cover - exercised only where torch is absent
+    _torch = None
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _to_location(t, map_location):
+    if map_location is None:
+        return t
+    if callable(map_location):
+        return map_location(t, "cpu")
+    if isinstance(map_location, dict):
+        target = map_location.get("cpu", None)
+        return t if target is None else t.to(target)
+    return t.to(map_location)
+
+
+class Checkpoint(Mapping):
+    """A checkpoint opened for lazy access: the header is read at open; each ``ck[name]`` reads
+    and verifies only that entry (pread). Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: PathLike, map_location: Any = None):
+        self.path = os.fspath(path)
+        self._r = _core.CheckpointReader(self.path)
+        self._map = map_location
+        self._entries = {e["name"]: e for e in self._r.entries()}
+        self._doc = document.parse(self._r.json, self.path, self._entries)
+
+    # Mapping
+    def __getitem__(self, name: str):
+        if name not in self._entries:
+            raise KeyError(name)
+        return self._make(name, self._r.read(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._r = None  # the file is closed when the reader is dropped
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path!r}, entries={len(self._entries)})"
+
+    @property
+    def metadata(self) -> Any:
+        m = self._doc.get("metadata")
+        return None if m is None else self._rebuild(m, {})
+
+    @property
+    def nbytes(self) -> int:
+        return self._r.file_nbytes
+
+    def entries(self) -> List[Dict[str, Any]]:
+        """Per entry: name, dtype, shape, codec, nbytes (stored), dense_nbytes, ratio, offset."""
+        out = []
+        for e in self._entries.values():
+            e = dict(e, shape=tuple(e["shape"]))
+            e["ratio"] = e["dense_nbytes"] / e["nbytes"] if e["nbytes"] else float("nan")
+            out.append(e)
+        return out
+
+    def codec_info(self, name: str) -> Tuple[Optional[Dict], Optional[Dict]]:
+        """(params, encoder statistics) of a packed entry; (None, None) for raw/zstd ones."""
+        return self._r.codec_info(name)
+
+    def _make(self, name: str, buf: np.ndarray):
+        e = self._entries[name]
+        dtype, shape = e["dtype"], tuple(e["shape"])
+        raw = buf.view(np.uint8)[: e["dense_nbytes"]]
+        if self._doc["kinds"].get(name) == "torch" and _torch is not None:
+            t = _torch.from_numpy(raw).view(TORCH_BY_NAME[dtype]).reshape(shape)
+            return _to_location(t, self._map)
+        if dtype not in NUMPY_OK:
+            raise DtypeError(f"entry {name!r} is {dtype}; load it with torch installed")
+        return raw.view(np.dtype(dtype)).reshape(shape)
+
+    def _rebuild(self, x: Any, tensors: Dict[str, Any]) -> Any:
+        """The object of document value ``x``; entries not in ``tensors`` are read (and kept
+        there, so a shared tensor comes back shared)."""
+
+        def tensor(name):
+            if name not in tensors:
+                if name not in self._entries:
+                    raise FormatError(f"{self.path}: the document names a missing entry {name!r}")
+                tensors[name] = self[name]
+            return tensors[name]
+
+        return document.rebuild(x, tensor, self.path)
+
+    def load(self) -> Any:
+        """The whole saved object, every entry decoded (in parallel)."""
+        names = list(self._entries)
+        bufs = self._r.read_many(names)
+        tensors = {n: self._make(n, b) for n, b in zip(names, bufs)}
+        return self._rebuild(self._doc["root"], tensors)
+
+
+def open(path: PathLike, map_location: Any = None) -> Checkpoint:  # noqa: A001 - mirrors the builtin, as torch.load does
+    """Opens a checkpoint for lazy access by name (see :class:`Checkpoint`)."""
+    return Checkpoint(path, map_location)
+
+
+def load(path: PathLike, map_location: Any = None) -> Any:
+    """Loads what :func:`save` saved: the same nesting, tensors of the same dtypes and shapes
+    (bit-exact unless a lossy codec stored them), shared tensors shared again. ``map_location``:
+    None (CPU), a device or device string, or a callable as in ``torch.load``."""
+    with Checkpoint(path, map_location) as ck:
+        return ck.load()
