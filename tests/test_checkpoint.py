@@ -118,6 +118,28 @@ def test_callable_policy_and_codec_params(tmp_path):
         smaq_rs.save(sd, p, codec="nope")
 
 
+def test_exact_is_resolved_with_the_policys_own_exact_min_bytes(tmp_path):
+    """A policy that answers "exact" (its codec, or an overridden choose) stores each tensor
+    exactly with its own exact_min_bytes, not the default Policy's; a plain callable's "exact"
+    uses the default threshold (4096 bytes)."""
+    sd = {"w": torch.linspace(-1, 1, 64), "ids": torch.arange(64)}  # 256 and 512 bytes
+
+    class AllExact(smaq_rs.Policy):
+        def choose(self, name, dtype, shape):
+            return "exact", {}
+
+    p = tmp_path / "m.smaq"
+    for pol in (smaq_rs.Policy(codec="exact", params={}, min_numel=0, exact_min_bytes=64),
+                AllExact(exact_min_bytes=64)):
+        summary = smaq_rs.save(sd, p, policy=pol)
+        assert {k: v[2] for k, v in summary["entries"].items()} == {"w": "lossless",
+                                                                    "ids": "zstd"}
+        back = smaq_rs.load(p)
+        assert bits_equal(back["w"], sd["w"]) and bits_equal(back["ids"], sd["ids"])
+    summary = smaq_rs.save(sd, p, policy=lambda name, dtype, shape: "exact")
+    assert {k: v[2] for k, v in summary["entries"].items()} == {"w": "raw", "ids": "raw"}
+
+
 def test_shared_noncontiguous_nested_optimizer(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
                                 torch.nn.LayerNorm(64))

@@ -15,11 +15,10 @@ from .._core import SmaqError
 #: dtypes the float codecs accept.
 FLOATS = ("float32", "float16", "bfloat16", "float64")
 
-#: The codecs that store any dtype bit for bit ("exact" is resolved by the policy into one of
-#: them, or into "lossless" for floats).
-EXACT_CODECS = ("raw", "zstd", "lossless", "exact")
+#: The codecs that store a tensor of any dtype bit for bit ("exact" is resolved into one of them).
+EXACT_CODECS = ("raw", "zstd", "lossless")
 
-#: (name, dtype, shape) -> (codec, params).
+#: (name, dtype, shape) -> (codec, params), with "exact" already resolved.
 Choose = Callable[[str, str, Tuple[int, ...]], Tuple[str, Dict[str, Any]]]
 
 
@@ -96,8 +95,24 @@ def itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
+def _with_exact(choose: Callable, exact_policy: Policy) -> Choose:
+    """``choose`` with "exact" answers resolved by ``exact_policy`` (its ``exact_min_bytes``)."""
+
+    def resolved(name: str, dtype: str, shape: Tuple[int, ...]):
+        codec, params = choose(name, dtype, shape)
+        if codec == "exact":
+            return exact_policy._exact(dtype, math.prod(shape) * itemsize(dtype))
+        return codec, params
+
+    return resolved
+
+
 def resolve_policy(codec: Optional[str], policy: Any, params: Dict[str, Any]) -> Choose:
-    """The choice function of ``save(codec=..., policy=..., **params)``."""
+    """The choice function of ``save(codec=..., policy=..., **params)``.
+
+    A :class:`Policy` resolves "exact" with its own ``exact_min_bytes``; a callable policy's
+    "exact" and its None answers (the default choice) use the default :class:`Policy`.
+    """
     if policy is None:
         if codec in (None, "smaq"):
             base = Policy()
@@ -111,7 +126,7 @@ def resolve_policy(codec: Optional[str], policy: Any, params: Dict[str, Any]) ->
     elif codec is not None or params:
         raise SmaqError("pass either policy= or codec=/codec parameters, not both")
     if isinstance(policy, Policy):
-        return policy.choose
+        return _with_exact(policy.choose, policy)
     if callable(policy):
         fallback = Policy()
 
@@ -123,5 +138,5 @@ def resolve_policy(codec: Optional[str], policy: Any, params: Dict[str, Any]) ->
                 return spec, {}
             return spec[0], dict(spec[1])
 
-        return choose
+        return _with_exact(choose, fallback)
     raise SmaqError(f"policy must be a smaq_rs.Policy or a callable, got {type(policy).__name__}")

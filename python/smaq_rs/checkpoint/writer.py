@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import _core
 from . import document
-from .policy import EXACT_CODECS, FLOATS, Policy, resolve_policy
+from .policy import EXACT_CODECS, FLOATS, resolve_policy
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,8 +43,6 @@ def save(
     for t in tensors:
         c, p = choose(t.name, t.dtype, t.shape)
         if c in EXACT_CODECS or t.dtype in FLOATS:
-            if c == "exact":
-                c, p = Policy()._exact(t.dtype, t.raw.nbytes)
             specs.append((t.name, t.dtype, list(t.shape), c, p or None))
         else:  # a float codec chosen for an integer or bool tensor: stored exactly
             specs.append((t.name, t.dtype, list(t.shape), "zstd", None))
