@@ -101,6 +101,18 @@ def test_default_policy_choices():
     assert rules.choose("x.weight", "float32", (1 << 16,)) == ("smaq", {"bits_main": 4})
 
 
+def test_policy_for_codec():
+    """Policy.for_codec (what smaq-rs compress uses): the named codec's policy, its parameters
+    merged over the policy's own."""
+    P = smaq_rs.Policy
+    assert P.for_codec() == P() == P.for_codec("smaq")
+    assert P.for_codec("lossless") == P.lossless() and P.for_codec("raw") == P.raw()
+    assert P.for_codec("smaq", bits_main=4).params == {"bits_main": 4, "bits_outlier": 8}
+    assert P.for_codec("lossless", level=3) == P(codec="lossless", params={"level": 3},
+                                                 min_numel=0, exact=())
+    assert P.for_codec("int", bits=4) == P(codec="int", params={"bits": 4})
+
+
 def test_callable_policy_and_codec_params(tmp_path):
     sd = {"a": torch.randn(10000), "b": torch.randn(10000)}
     p = tmp_path / "m.smaq"

@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -110,22 +110,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
     obj = _read_any(a.input)
     t1 = time.perf_counter()
     codec = "lossless" if a.lossless else a.codec
-    params = _parse_params(a.param)
-    policy = None
-    if codec in (None, "smaq") or params or a.min_numel is not None:
-        base = ckpt.Policy() if codec in (None, "smaq") else ckpt.Policy(codec=codec, params={})
-        base_params = dict(base.params)
-        base_params.update(params)
-        kw: Dict[str, Any] = {"params": base_params}
-        if a.min_numel is not None:
-            kw["min_numel"] = a.min_numel
-        if codec == "lossless":
-            kw.update(min_numel=0, exact=())
-        policy = ckpt.Policy(**{**base.__dict__, **kw})
-        codec = None
+    policy = ckpt.Policy.for_codec(codec, **_parse_params(a.param))
+    if a.min_numel is not None and codec != "lossless":  # lossless codes every float tensor
+        policy = dataclasses.replace(policy, min_numel=a.min_numel)
     bar = _Bar("compress", not a.quiet)
     try:
-        summary = ckpt.save(obj, a.output, codec=codec, policy=policy, progress=bar)
+        summary = ckpt.save(obj, a.output, policy=policy, progress=bar)
     finally:
         bar.close()
     t2 = time.perf_counter()

@@ -56,6 +56,21 @@ class Policy:
         """No compression at all (still checksummed, still no pickle)."""
         return cls(codec="raw", params={}, min_numel=0, exact=(), exact_min_bytes=1 << 62)
 
+    @classmethod
+    def for_codec(cls, codec: Optional[str] = None, **params: Any) -> "Policy":
+        """The policy that codes large float tensors with ``codec`` and ``params`` (merged over
+        the policy's own): ``Policy()`` for "smaq" (or None), ``Policy.lossless()``,
+        ``Policy.raw()``, or ``Policy(codec=codec)`` for any other registered codec."""
+        if codec in (None, "smaq"):
+            base = cls()
+        elif codec == "lossless":
+            base = cls.lossless()
+        elif codec == "raw":
+            base = cls.raw()
+        else:
+            base = cls(codec=codec, params={})
+        return replace(base, params={**base.params, **params}) if params else base
+
     def _exact(self, dtype: str, nbytes: int) -> Tuple[str, Dict[str, Any]]:
         if nbytes < self.exact_min_bytes:
             return "raw", {}
