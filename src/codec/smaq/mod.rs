@@ -445,23 +445,56 @@ fn log_of<T: Element>(v: T, zero: f32) -> f32 {
 
 /// The log domain's coded values of `x` into `out`.
 fn log_values<T: Element>(x: &[T], out: &mut Vec<f32>) {
-    out.clear();
-    if let Some(x32) = as_f32(x) {
-        out.extend(x32.iter().map(|&v| log_of_f32(v, 0.0)));
-    } else {
-        out.extend(x.iter().map(|&v| log_of(v, 0.0)));
-    }
+    log_codes(x, out, 0.0);
 }
 
 /// The values the log domain's statistics are taken over: the logarithms of the positive finite
 /// elements (zeros, which are coded exactly, are left out as NaN).
 fn log_stat_values<T: Element>(x: &[T], out: &mut Vec<f32>) {
+    log_codes(x, out, f32::NAN);
+}
+
+/// [`log_of`] of every element of `x` into `out`, zeros becoming `zero`. The f32 loop is
+/// compiled again for AVX-512 and AVX2 and chosen at run time: the same IEEE operations in the
+/// same order (Rust never contracts a multiply and an add), so the same bits at every level.
+fn log_codes<T: Element>(x: &[T], out: &mut Vec<f32>, zero: f32) {
     out.clear();
-    if let Some(x32) = as_f32(x) {
-        out.extend(x32.iter().map(|&v| log_of_f32(v, f32::NAN)));
-    } else {
-        out.extend(x.iter().map(|&v| log_of(v, f32::NAN)));
+    let Some(x32) = as_f32(x) else {
+        out.extend(x.iter().map(|&v| log_of(v, zero)));
+        return;
+    };
+    out.resize(x32.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::avx512() {
+            // SAFETY: the CPU has AVX-512 F/BW/DQ/VL (checked just above).
+            return unsafe { log_f32_avx512(x32, out, zero) };
+        }
+        if crate::simd::avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { log_f32_avx2(x32, out, zero) };
+        }
     }
+    log_f32_loop(x32, out, zero);
+}
+
+#[inline(always)]
+fn log_f32_loop(x: &[f32], out: &mut [f32], zero: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = log_of_f32(v, zero);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn log_f32_avx512(x: &[f32], out: &mut [f32], zero: f32) {
+    log_f32_loop(x, out, zero)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn log_f32_avx2(x: &[f32], out: &mut [f32], zero: f32) {
+    log_f32_loop(x, out, zero)
 }
 
 /// `x` as f32 values when T is f32 (the vectorized path).
@@ -469,6 +502,14 @@ fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
         // SAFETY: T is f32.
         unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) }
+    })
+}
+
+/// [`as_f32`] for a mutable slice.
+fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32.
+        unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) }
     })
 }
 
@@ -946,6 +987,9 @@ struct SmaqHeader {
     dtype: DType,
     numel: u64,
     spans: Vec<Span>,
+    /// The float32 decode table, built on the first piece decoded into float32 (the optimizer
+    /// decodes its state piece by piece; a log-domain table costs an exp per code).
+    lut_f32: std::sync::OnceLock<Vec<f32>>,
 }
 
 const FLAG_ALL_POSITIVE: u8 = 1;
@@ -1221,6 +1265,7 @@ impl SmaqHeader {
             dtype: frame.dtype,
             numel: frame.numel,
             spans,
+            lut_f32: std::sync::OnceLock::new(),
         })
     }
 
@@ -1357,6 +1402,10 @@ impl SmaqHeader {
             )));
         }
         let q = self.h.cfg.quant();
+        if let Some(out32) = as_f32_mut(out) {
+            let lut = self.lut_f32.get_or_init(|| self.table::<f32>(&q));
+            return self.decode_chunk(payload, &q, lut, i, out32);
+        }
         let lut = self.table::<T>(&q);
         self.decode_chunk(payload, &q, &lut, i, out)
     }
@@ -1875,5 +1924,37 @@ mod tests {
         assert!(log_of_f32(-1.0, 0.0).is_nan());
         assert!(log_of_f32(f32::INFINITY, 0.0).is_nan());
         assert!(log_of_f32(f32::NAN, 0.0).is_nan());
+    }
+
+    #[test]
+    fn vector_logarithms_give_the_portable_bits() {
+        let mut rng = crate::rng::SplitMix64::new(11);
+        let mut x: Vec<f32> = (0..10_000)
+            .map(|_| f32::from_bits(rng.next_u64() as u32))
+            .collect();
+        x.extend([0.0, -0.0, 1.0, f32::MIN_POSITIVE, f32::from_bits(1), f32::MAX]);
+        x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -1.0]);
+        for zero in [0.0, f32::NAN] {
+            let mut want = vec![0f32; x.len()];
+            log_f32_loop(&x, &mut want, zero);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            #[cfg(target_arch = "x86_64")]
+            {
+                let mut got = vec![0f32; x.len()];
+                if crate::simd::avx512() {
+                    // SAFETY: AVX-512 is present.
+                    unsafe { log_f32_avx512(&x, &mut got, zero) };
+                    assert_eq!(bits(&got), bits(&want));
+                }
+                if crate::simd::avx2() {
+                    // SAFETY: AVX2 is present.
+                    unsafe { log_f32_avx2(&x, &mut got, zero) };
+                    assert_eq!(bits(&got), bits(&want));
+                }
+            }
+            let mut got = Vec::new();
+            log_codes(&x, &mut got, zero);
+            assert_eq!(bits(&got), bits(&want));
+        }
     }
 }
