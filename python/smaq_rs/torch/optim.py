@@ -131,20 +131,18 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                     outs = self._fused(p, g, ins, group, step, decoded, seeds)
                     for s, res, seed in zip(self._slots, outs, seeds):
                         self._fused_out(state, s, res, p, seed)
-                    if group["quantize_weights"]:
-                        p.copy_(_store.roundtrip(p, self.codec, self._params_for(
-                            "weight", _derive_seed(group["seed"], gi, pi, step, "weight"))))
-                    continue
-                bufs = {s: (None if fresh else self._load(state, s, p)) for s in self._slots}
-                bufs = self._update(p, g, bufs, group, step, decoded)
-                for s, v in bufs.items():
-                    if v is None:
-                        continue
-                    if packed:
-                        self._save(state, s, v, True,
-                                   _derive_seed(group["seed"], gi, pi, step, s))
-                    else:  # never keep a view of a scratch buffer as dense state
-                        state[s] = v.clone() if isinstance(state.get(s), Stored) else v
+                else:
+                    bufs = {s: (None if fresh else self._load(state, s, p))
+                            for s in self._slots}
+                    bufs = self._update(p, g, bufs, group, step, decoded)
+                    for s, v in bufs.items():
+                        if v is None:
+                            continue
+                        if packed:
+                            self._save(state, s, v, True,
+                                       _derive_seed(group["seed"], gi, pi, step, s))
+                        else:  # never keep a view of a scratch buffer as dense state
+                            state[s] = v.clone() if isinstance(state.get(s), Stored) else v
                 if group["quantize_weights"]:
                     p.copy_(_store.roundtrip(p, self.codec, self._params_for(
                         "weight", _derive_seed(group["seed"], gi, pi, step, "weight"))))
