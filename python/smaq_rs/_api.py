@@ -34,7 +34,8 @@ def _torch_dtype(name: str):
 
 
 def _torch_as_numpy(t, what: str) -> Tuple[np.ndarray, str]:
-    """A zero-copy NumPy view of a CPU tensor, and the smaq_rs dtype name."""
+    """A zero-copy NumPy view of a CPU tensor, and the smaq_rs dtype name (framework adapters
+    reach it, and PackedTensor's core record, through _bridge only)."""
     if t.device.type != "cpu":
         raise LayoutError(f"{what} is on {t.device}; move it to the CPU first (t.cpu())")
     if not t.is_contiguous():

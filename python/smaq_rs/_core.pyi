@@ -79,7 +79,7 @@ class CheckpointReader:
     def read(self, name: str) -> np.ndarray: ...
     def read_many(self, names: List[str]) -> List[np.ndarray]: ...
 
-# ---- fused optimizer steps (src/python/optim.rs) ---------------------------------------------
+# ---- fused optimizer steps (src/python/optim.rs; adapters call them through _bridge.py) ------
 # A slot's state: None (first step), (None, None, None) (its buffer holds the values) or
 # (packed, (lo, hi) | None, int64 zero positions | None). Returned per slot: None (store it with a
 # zero map from its buffer) or (packed, int64 zero positions | None, (lo, hi) | None).
@@ -100,7 +100,7 @@ def sgd_step(
     sparse_fraction: float,
 ) -> _SlotOut: ...
 
-# ---- zero-map storage (src/python/zmap.rs, used by smaq_rs/torch/_store.py) -----------------
+# ---- zero-map storage (src/python/zmap.rs; adapters call it through _bridge.py) -------------
 def store_encode(
     array: np.ndarray, codec: str, params: Optional[Dict[str, Any]], keeps_zeros: bool,
     sparse_fraction: float, dtype: Optional[str] = None,

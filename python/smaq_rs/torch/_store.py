@@ -15,10 +15,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import _api
-from .._api import PackedTensor
-from .. import _core
-from .._core import DtypeError
+from .. import _bridge
+from .._bridge import DtypeError, PackedTensor
 
 #: Float dtypes the codecs accept.
 CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -32,24 +30,34 @@ def _freeze(params: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-@functools.lru_cache(maxsize=None)
-def _keeps_zeros(codec: str, frozen: Tuple[Tuple[str, Any], ...]) -> bool:
-    params = dict(frozen)
-    params.pop("seed", None)
+def _probe_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
+    """Round trips of a sample holding zeros next to values of several magnitudes, under a few
+    seeds (stochastic codecs): whether every zero came back as exactly 0."""
     base = np.array([0.0, 1.5, -2.0, 0.0, 0.3, -0.7, 0.0, 4.0, 0.01, 0.0, -0.01, 3.0],
                     dtype=np.float32)
     for shift in (0.0, 0.37, -1.3):
         x = np.tile(base + np.float32(shift) * (base != 0), 16)
         for seed in range(4):
-            y = _api.decompress(_api.compress(x, codec, seed=seed, **params))
+            y = _bridge.decompress(_bridge.compress(x, codec, seed=seed, **params))
             if not np.all(y[x == 0] == 0):
                 return False
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _keeps_zeros(codec: str, frozen: Tuple[Tuple[str, Any], ...]) -> bool:
+    params = dict(frozen)
+    params.pop("seed", None)
+    stated = _bridge.registry_keeps_zeros(codec, params)
+    if stated is not None:
+        return stated
+    return _probe_keeps_zeros(codec, params)  # until the core registry states it
+
+
 def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
-    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (probed once per
-    codec and parameters, the seed aside, and cached)."""
+    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (asked once per
+    codec and parameters, the seed aside, and cached): the core registry's answer
+    (``_bridge.registry_keeps_zeros``) where it gives one, else a round trip of a sample."""
     return _keeps_zeros(codec, _freeze({k: v for k, v in params.items() if k != "seed"}))
 
 
@@ -148,15 +156,15 @@ def encode(t: torch.Tensor, codec: str, params: Dict[str, Any], zeros: str = "au
         src = src.cpu()
     if not src.is_contiguous():
         src = src.contiguous()
-    arr, name = _api._torch_as_numpy(src, "tensor")
+    arr, name = _bridge.torch_as_numpy(src, "tensor")
     if zeros == "auto":
         keeps, fraction = codec_keeps_zeros(codec, params), SPARSE_FRACTION
     else:
         keeps, fraction = True, float("inf")
-    core, mask, zidx, rng = _core.store_encode(arr, codec, params, keeps, fraction, name)
+    core, mask, zidx, rng = _bridge.store_encode(arr, codec, params, keeps, fraction, name)
     if zidx is not None:
         zidx = zidx.astype(np.int32 if src.numel() < 2**31 else np.int64)
-    return Stored(None if core is None else PackedTensor(core, "torch"), mask, src.shape,
+    return Stored(None if core is None else _bridge.pack(core), mask, src.shape,
                   src.dtype, zidx, None if rng is None else np.array(rng, dtype=np.float64))
 
 
@@ -167,11 +175,10 @@ def decode(s: Stored, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     elif out.dtype != s.dtype or tuple(out.shape) != s.shape:
         raise DtypeError(f"out is {out.dtype} {tuple(out.shape)}, the stored tensor is "
                          f"{s.dtype} {s.shape}")
-    view, name = _api._torch_as_numpy(out, "out")
+    view, name = _bridge.torch_as_numpy(out, "out")
     zidx = None if s.zidx is None else np.ascontiguousarray(s.zidx, dtype=np.int64)
     rng = None if s.range is None else (float(s.range[0]), float(s.range[1]))
-    _core.store_decode(None if s.packed is None else s.packed._packed, s.mask, zidx, rng,
-                       view, name)
+    _bridge.store_decode(_bridge.core_of(s.packed), s.mask, zidx, rng, view, name)
     return out
 
 

@@ -35,8 +35,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import _core
-from .._api import PackedTensor
+from .. import _bridge
 from . import _store
 from ._store import Stored
 
@@ -171,7 +170,7 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         if isinstance(v, Stored) and v.mask is None and v.packed is not None:
             z = None if v.zidx is None else np.ascontiguousarray(v.zidx, dtype=np.int64)
             r = None if v.range is None else (float(v.range[0]), float(v.range[1]))
-            return (v.packed._packed, r, z)
+            return (_bridge.core_of(v.packed), r, z)
         buf = self._scratch_for(slot, p)
         if isinstance(v, Stored):
             _store.decode(v, out=buf)
@@ -191,7 +190,7 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         core, zidx, rng = res
         if zidx is not None:
             zidx = zidx.astype(np.int32 if p.numel() < 2**31 else np.int64)
-        state[slot] = Stored(PackedTensor(core, "torch"), None, p.shape, p.dtype, zidx,
+        state[slot] = Stored(_bridge.pack(core), None, p.shape, p.dtype, zidx,
                              None if rng is None else np.array(rng, dtype=np.float64))
 
     def _fused_common(self, p, g):
@@ -292,7 +291,7 @@ class SGD(_PackedStateOptimizer):
     def _fused(self, p, g, ins, group, step, decoded, seeds):
         (pa, ga), (buf,) = self._fused_common(p, g)
         params = self._params_for("momentum_buffer", seeds[0])
-        return (_core.sgd_step(
+        return (_bridge.sgd_step(
             pa, ga, buf, ins[0], lr=group["lr"], momentum=group["momentum"],
             dampening=group["dampening"], weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], maximize=group["maximize"], codec=self.codec,
@@ -361,7 +360,7 @@ class Adam(_PackedStateOptimizer):
         b1, b2 = group["betas"]
         pm = self._params_for("exp_avg", seeds[0])
         pv = self._params_for("exp_avg_sq", seeds[1])
-        return _core.adam_step(
+        return _bridge.adam_step(
             pa, ga, m, v, ins, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=self._decoupled,
             maximize=group["maximize"], guard=group["guard"], decoded=decoded, step=step,

@@ -1,0 +1,73 @@
+"""The single internal entry point of framework adapters (``smaq_rs.torch``, and any later one).
+
+An adapter needs more of the Rust core than the public API gives: zero-copy NumPy views of its
+framework's tensors, the core record inside a :class:`PackedTensor`, the zero-map store and the
+fused optimizer steps. It takes all of that from this module and nothing else of the package's
+internals: adapters import neither ``_core`` nor ``_api`` and read no private attribute of another
+module (tests/torch/test_layering.py checks the torch layer's sources). Whatever the core offers
+is named here once, so a change of the extension's Python API is absorbed in this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._api import PackedTensor, _torch_as_numpy, compress, decompress
+from ._core import CodecError, DtypeError, LayoutError, SmaqError
+
+__all__ = [
+    "CodecError", "DtypeError", "LayoutError", "PackedTensor", "SmaqError", "adam_step",
+    "compress", "core_of", "decompress", "pack", "registry", "registry_keeps_zeros",
+    "sgd_step", "store_decode", "store_encode", "torch_as_numpy",
+]
+
+
+# -- tensors and packed records ------------------------------------------------------------------
+def torch_as_numpy(t: Any, what: str) -> Tuple[np.ndarray, str]:
+    """A zero-copy NumPy view of a contiguous CPU torch tensor, and its smaq_rs dtype name
+    (bfloat16 is viewed as uint16). ``what`` names the tensor in the LayoutError / DtypeError."""
+    return _torch_as_numpy(t, what)
+
+
+def pack(core: "_core.Packed", kind: str = "torch") -> PackedTensor:
+    """The PackedTensor of a core record (as ``store_encode`` and the fused steps return)."""
+    return PackedTensor(core, kind)
+
+
+def core_of(packed: Optional[PackedTensor]) -> Optional["_core.Packed"]:
+    """The core record inside a PackedTensor (None for None), as the core functions take it."""
+    return None if packed is None else packed._packed
+
+
+# -- zero-map store (src/zmap.rs) and fused optimizer steps (src/optim.rs) -----------------------
+#: See _core.pyi for the signatures.
+store_encode = _core.store_encode
+store_decode = _core.store_decode
+adam_step = _core.adam_step
+sgd_step = _core.sgd_step
+
+
+# -- the codec registry ---------------------------------------------------------------------------
+def registry() -> List[Dict[str, Any]]:
+    """Every registered codec: name, id, doc, defaults (as ``smaq_rs.list_codecs()``)."""
+    return _core.codecs()
+
+
+def registry_keeps_zeros(codec: str, params: Dict[str, Any]) -> Optional[bool]:
+    """Whether ``codec`` with ``params`` decodes every exact 0 to exactly 0, as the core's
+    registry states it; None while the extension does not state it.
+
+    This is the one place that reads it. The core is to expose, per registered codec, a function
+    of the (resolved) parameters, because the answer depends on them (``int`` keeps zeros with
+    ``scheme="absmax"`` and nearest or stochastic rounding, not with ``affine`` or ``dithered``):
+    ``_core.keeps_zeros(codec: str, params: dict | None) -> bool``, raising CodecError for an
+    unknown codec or invalid parameters, like ``_core.resolve_params``. Until it exists,
+    ``smaq_rs.torch._store.codec_keeps_zeros`` finds the answer by round-tripping a sample.
+    """
+    stated = getattr(_core, "keeps_zeros", None)
+    if stated is None:
+        return None
+    return bool(stated(codec, params))

@@ -1,0 +1,75 @@
+"""The torch layer reaches the Rust core through one internal module, smaq_rs._bridge: it imports
+nothing else of the package's internals and reads no private attribute of another module."""
+
+import ast
+import pathlib
+
+import pytest
+
+pytest.importorskip("torch")
+
+import smaq_rs  # noqa: E402
+from smaq_rs import _bridge  # noqa: E402
+from smaq_rs.torch import _store  # noqa: E402
+
+TORCH_LAYER = sorted((pathlib.Path(smaq_rs.__file__).parent / "torch").glob("*.py"))
+#: Private names of other modules the torch layer used to reach into.
+FORBIDDEN_ATTRS = {"_packed", "_torch_as_numpy", "_core", "_api"}
+
+
+def _package_imports(tree: ast.AST):
+    """(module, names) of every import of the smaq_rs package from a torch-layer module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 2 or (node.level == 0 and (node.module or "").startswith("smaq_rs")):
+                mod = (node.module or "") if node.level == 2 else node.module[len("smaq_rs."):]
+                yield mod, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("smaq_rs"):
+                    yield a.name[len("smaq_rs."):], []
+
+
+@pytest.mark.parametrize("path", TORCH_LAYER, ids=lambda p: p.name)
+def test_torch_layer_imports_only_the_bridge(path):
+    tree = ast.parse(path.read_text(), str(path))
+    for mod, names in _package_imports(tree):
+        assert mod == "_bridge" or (mod == "" and names == ["_bridge"]), (path.name, mod, names)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in FORBIDDEN_ATTRS, (path.name, node.lineno, node.attr)
+        if isinstance(node, ast.Name):
+            assert node.id not in FORBIDDEN_ATTRS, (path.name, node.lineno, node.id)
+
+
+def test_the_torch_layer_is_checked():
+    names = {p.name for p in TORCH_LAYER}
+    assert {"_store.py", "optim.py", "_hooks.py", "_autograd.py"} <= names
+
+
+def test_bridge_round_trips_a_core_record():
+    torch = pytest.importorskip("torch")
+    t = torch.linspace(-1, 1, 300)
+    arr, name = _bridge.torch_as_numpy(t, "t")
+    assert name == "float32" and arr.ctypes.data == t.data_ptr()  # a view, not a copy
+    p = smaq_rs.compress(t, "fp16")
+    q = _bridge.pack(_bridge.core_of(p))
+    assert isinstance(q, smaq_rs.PackedTensor) and q.to_bytes() == p.to_bytes()
+    assert _bridge.core_of(None) is None
+    assert _bridge.registry() == smaq_rs.list_codecs()
+
+
+KEEPS_ZEROS = [
+    ("fp16", {}, True), ("bf16", {"rounding": "stochastic"}, True), ("fp8", {}, True),
+    ("int", {}, False), ("int", {"scheme": "absmax"}, True),
+    ("int", {"scheme": "absmax", "rounding": "dithered"}, False), ("smaq", {}, True),
+    ("smaq", {"log": True}, True), ("nnw_bdi", {}, True), ("luq", {}, True),
+]
+
+
+@pytest.mark.parametrize("codec,params,keeps", KEEPS_ZEROS)
+def test_keeps_zeros_known_answers(codec, params, keeps):
+    assert _store.codec_keeps_zeros(codec, params) is keeps
+    # The registry's answer, once the core states it, agrees with a round trip of a sample.
+    stated = _bridge.registry_keeps_zeros(codec, params)
+    assert stated is None or stated is _store._probe_keeps_zeros(codec, params) is keeps
