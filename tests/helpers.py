@@ -1,12 +1,79 @@
-"""Shared helpers for the tests (not a test module)."""
+"""Shared helpers of the tests (not a test module): ``from helpers import ...`` in any test
+directory (tests/ is on sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import smaq_rs
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FIXTURES = TESTS / "fixtures"
+EXAMPLES = ROOT / "examples"
 
 
+def import_fixture_generator(name: str):
+    """A generator script of tests/fixtures (make_fixtures_codecs, make_fixtures_smaq,
+    make_fixtures_checkpoint) as a module."""
+    if str(FIXTURES) not in sys.path:
+        sys.path.insert(0, str(FIXTURES))
+    return __import__(name)
+
+
+# -- float formats ---------------------------------------------------------------------------------
 def mantissa_bits(dtype) -> int:
-    return {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}[str(dtype).replace("torch.", "")]
+    name = str(dtype).replace("torch.", "")
+    return {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}[name]
 
 
+# -- codec round trips and corruption --------------------------------------------------------------
+def finite_arrays(max_size: int = 2000, lo: float = -1e4, hi: float = 1e4):
+    return hnp.arrays(
+        np.float32,
+        st.integers(0, max_size),
+        elements=st.floats(lo, hi, width=32, allow_nan=False, allow_infinity=False),
+    )
+
+
+def roundtrip(x: np.ndarray, codec: str, **params):
+    p = smaq_rs.compress(x, codec, **params)
+    back = smaq_rs.PackedTensor.from_bytes(p.to_bytes())
+    y = smaq_rs.decompress(back)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert p.nbytes == len(p.to_bytes())
+    return y, p
+
+
+def corruptions(data: bytes):
+    """Truncations and single-byte flips at several places of a packed buffer."""
+    n = len(data)
+    for cut in sorted({0, 3, 31, n // 2, n - 9, n - 1}):
+        if 0 <= cut < n:
+            yield data[:cut]
+    for pos in sorted({4, 5, 6, 32, 40, n // 3, n // 2, n - 12, n - 1}):
+        if 0 <= pos < n:
+            b = bytearray(data)
+            b[pos] ^= 0x5A
+            yield bytes(b)
+
+
+def assert_rejects_corruption(p) -> None:
+    data = p.to_bytes()
+    for bad in corruptions(data):
+        try:
+            smaq_rs.decompress(bad)
+        except smaq_rs.SmaqError:
+            continue
+        raise AssertionError("corrupted bytes decoded without error")
+
+
+# -- SmaQ ------------------------------------------------------------------------------------------
 def smaq_bound(x64, y64, stats, params, out_dtype):
     """Per-element error bound of SmaQ with nearest rounding, from the recorded statistics.
 

@@ -1,15 +1,14 @@
 """The packed format on disk: committed fixtures decode bit for bit; damaged bytes raise typed errors."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 import smaq_rs
 from smaq_rs import ChecksumError, FormatError, PackedTensor, SmaqError
+from helpers import FIXTURES as FIXTURE_DIR
 
-FIXTURES = sorted(Path(__file__).parent.joinpath("fixtures").glob("smaq_*.smaq"))
+FIXTURES = sorted(FIXTURE_DIR.glob("smaq_*.smaq"))
 
 
 def bits(y):

@@ -4,8 +4,8 @@ An adapter needs more of the Rust core than the public API gives: zero-copy NumP
 framework's tensors, the core record inside a :class:`PackedTensor`, the zero-map store and the
 fused optimizer steps. It takes all of that from this module and nothing else of the package's
 internals: adapters import neither ``_core`` nor ``_api`` and read no private attribute of another
-module (tests/torch/test_layering.py checks the torch layer's sources). Whatever the core offers
-is named here once, so a change of the extension's Python API is absorbed in this file.
+module (tests/torch/test_torch_layering.py checks the torch layer's sources). Whatever the core
+offers is named here once, so a change of the extension's Python API is absorbed in this file.
 """
 
 from __future__ import annotations

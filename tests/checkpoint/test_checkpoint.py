@@ -14,9 +14,10 @@ torch = pytest.importorskip("torch")
 import smaq_rs  # noqa: E402
 from smaq_rs import checkpoint  # noqa: E402
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-sys.path.insert(0, FIX)
-from ckpt_make import state  # noqa: E402
+from helpers import FIXTURES, import_fixture_generator  # noqa: E402
+
+FIX = str(FIXTURES)
+state = import_fixture_generator("make_fixtures_checkpoint").state
 
 
 def bits_equal(a, b) -> bool:

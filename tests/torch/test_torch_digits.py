@@ -5,16 +5,16 @@ One plain run (torch.optim.Adam, activations only counted) and one with compress
 """
 
 import importlib.util
-import pathlib
 
 import pytest
 import torch
 
 import smaq_rs
+from helpers import EXAMPLES
 
 pytest.importorskip("sklearn")
 
-_path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+_path = EXAMPLES / "train_digits.py"
 _spec = importlib.util.spec_from_file_location("train_digits", _path)
 td = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(td)

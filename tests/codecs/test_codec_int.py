@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smaq_rs
-from _codec_helpers import assert_rejects_corruption, finite_arrays, roundtrip
+from helpers import assert_rejects_corruption, finite_arrays, roundtrip
 
 RNG = np.random.default_rng(1)
 X = RNG.standard_normal(50_001).astype(np.float32)

@@ -1,6 +1,5 @@
 """NNW-BDI: error bounds, sizes, specials, corruption, and the digits MLP result."""
 
-import os
 import sys
 
 import numpy as np
@@ -9,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smaq_rs
-from _codec_helpers import assert_rejects_corruption, finite_arrays, roundtrip
+from helpers import EXAMPLES, assert_rejects_corruption, finite_arrays, roundtrip
 
 RNG = np.random.default_rng(2)
 W = (RNG.standard_normal(20_000) * 0.05).astype(np.float32)
@@ -71,7 +70,7 @@ def test_corruption_is_a_typed_error():
 
 
 def test_digits_mlp_accuracy_and_size():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    sys.path.insert(0, str(EXAMPLES))
     from digits_bdi import run
 
     r = run()

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 
 import smaq_rs
-from _codec_helpers import assert_rejects_corruption, finite_arrays, roundtrip
+from helpers import assert_rejects_corruption, finite_arrays, roundtrip
 
 torch = pytest.importorskip("torch")
 

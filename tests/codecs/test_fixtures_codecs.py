@@ -9,11 +9,12 @@ import pytest
 
 import smaq_rs
 
-HERE = os.path.join(os.path.dirname(__file__), "fixtures")
-import sys  # noqa: E402
+from helpers import FIXTURES as FIXTURE_DIR
+from helpers import import_fixture_generator
 
-sys.path.insert(0, HERE)
-from make_fixtures_codecs import FIXTURES, source  # noqa: E402
+HERE = str(FIXTURE_DIR)
+_gen = import_fixture_generator("make_fixtures_codecs")
+FIXTURES, source = _gen.FIXTURES, _gen.source
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
