@@ -1,4 +1,4 @@
-//! Glue for the checkpoint container (src/format/container.rs): a writer fed in batches of raw
+//! Glue for the checkpoint container (src/format/container/): a writer fed in batches of raw
 //! byte arrays, and a reader that decodes entries by name. Python (smaq_rs/checkpoint.py) owns the
 //! policy, the JSON skeleton and the torch/NumPy views.
 
