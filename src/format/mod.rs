@@ -309,7 +309,7 @@ impl Packed {
     pub fn decode(&self) -> Result<Owned> {
         let n = usize::try_from(self.numel())
             .map_err(|_| Error::Shape("tensor too large for this platform".into()))?;
-        let mut out = Owned::zeros(self.dtype, n);
+        let mut out = Owned::zeros(self.dtype, n)?;
         self.decode_into(out.as_mut())?;
         Ok(out)
     }

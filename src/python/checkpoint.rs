@@ -6,9 +6,10 @@ use super::{
     params_from_dict, params_to_dict, ChecksumError, CodecError, DtypeError, FormatError,
     LayoutError,
 };
+use crate::dtype::DType;
 use crate::error::Error;
 use crate::format::container::{
-    CDType, Encoding, EntrySpec, FileError, FileResult, FileSource, Reader, Writer,
+    Encoding, EntrySpec, FileError, FileResult, FileSource, Reader, Writer,
 };
 use crate::format::Packed;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
@@ -63,7 +64,8 @@ impl PyWriter {
     fn new(py: Python<'_>, path: PathBuf, specs: Vec<Spec<'_>>, json: String) -> PyResult<Self> {
         let mut out = Vec::with_capacity(specs.len());
         for (name, dtype, shape, codec, params) in specs {
-            let dtype = CDType::from_name(&dtype).map_err(|e| file_err(Some(&name), e.into()))?;
+            let dtype =
+                DType::stored_from_name(&dtype).map_err(|e| file_err(Some(&name), e.into()))?;
             let mut params = params_from_dict(params.as_ref())?;
             let encoding = match codec.as_str() {
                 "raw" => Encoding::Raw,
@@ -88,7 +90,7 @@ impl PyWriter {
                     let info = crate::codec::by_name(other)
                         .map_err(|e| file_err(Some(&name), e.into()))?;
                     (info.encoder)(&params).map_err(|e| file_err(Some(&name), e.into()))?;
-                    if dtype.float().is_none() {
+                    if !dtype.is_packable() {
                         return Err(DtypeError::new_err(format!(
                             "entry {name:?}: codec {other:?} needs a float tensor, not {}",
                             dtype.name()

@@ -7,7 +7,7 @@ mod optim;
 mod zmap;
 
 use crate::codec::{self, Param, Params};
-use crate::dtype::{DType, Data, DataMut, Owned};
+use crate::dtype::{not_packable, DType, Data, DataMut, Owned};
 use crate::error::Error;
 use crate::format::Packed;
 use half::{bf16, f16};
@@ -278,6 +278,7 @@ pub(crate) fn with_input<R>(
         DType::F64 => run!(f64, |s| Data::F64(s)),
         DType::F16 => run!(f16, |s| Data::F16(s)),
         DType::BF16 => run!(u16, |s| Data::BF16(bytemuck::cast_slice::<u16, bf16>(s))),
+        other => Err(to_py(not_packable(other))),
     }
 }
 
@@ -318,6 +319,7 @@ pub(crate) fn with_output<R>(
         DType::BF16 => into!(u16, |s| DataMut::BF16(
             bytemuck::cast_slice_mut::<u16, bf16>(s)
         )),
+        other => Err(to_py(not_packable(other))),
     }
 }
 

@@ -40,111 +40,6 @@ pub const ENC_RAW: u8 = 0;
 pub const ENC_ZSTD: u8 = 1;
 pub const ENC_PACKED: u8 = 2;
 
-/// Element types a container entry may have (a superset of the codecs' [`DType`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum CDType {
-    F32 = 1,
-    F16 = 2,
-    BF16 = 3,
-    F64 = 4,
-    Bool = 10,
-    U8 = 11,
-    I8 = 12,
-    I16 = 13,
-    I32 = 14,
-    I64 = 15,
-    U16 = 16,
-    U32 = 17,
-    U64 = 18,
-    C64 = 20,
-    C128 = 21,
-    F8E4M3 = 22,
-    F8E5M2 = 23,
-}
-
-impl CDType {
-    pub const ALL: [CDType; 17] = [
-        CDType::F32,
-        CDType::F16,
-        CDType::BF16,
-        CDType::F64,
-        CDType::Bool,
-        CDType::U8,
-        CDType::I8,
-        CDType::I16,
-        CDType::I32,
-        CDType::I64,
-        CDType::U16,
-        CDType::U32,
-        CDType::U64,
-        CDType::C64,
-        CDType::C128,
-        CDType::F8E4M3,
-        CDType::F8E5M2,
-    ];
-    pub fn name(self) -> &'static str {
-        use CDType::*;
-        match self {
-            F32 => "float32",
-            F16 => "float16",
-            BF16 => "bfloat16",
-            F64 => "float64",
-            Bool => "bool",
-            U8 => "uint8",
-            I8 => "int8",
-            I16 => "int16",
-            I32 => "int32",
-            I64 => "int64",
-            U16 => "uint16",
-            U32 => "uint32",
-            U64 => "uint64",
-            C64 => "complex64",
-            C128 => "complex128",
-            F8E4M3 => "float8_e4m3fn",
-            F8E5M2 => "float8_e5m2",
-        }
-    }
-    pub fn size(self) -> usize {
-        use CDType::*;
-        match self {
-            Bool | U8 | I8 | F8E4M3 | F8E5M2 => 1,
-            F16 | BF16 | I16 | U16 => 2,
-            F32 | I32 | U32 => 4,
-            F64 | I64 | U64 | C64 => 8,
-            C128 => 16,
-        }
-    }
-    /// The codec element type, for the float types codecs accept.
-    pub fn float(self) -> Option<DType> {
-        match self {
-            CDType::F32 => Some(DType::F32),
-            CDType::F16 => Some(DType::F16),
-            CDType::BF16 => Some(DType::BF16),
-            CDType::F64 => Some(DType::F64),
-            _ => None,
-        }
-    }
-    pub fn from_code(c: u8) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|d| *d as u8 == c)
-            .ok_or_else(|| Error::Format(format!("unknown container dtype code {c}")))
-    }
-    pub fn from_name(n: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.name() == n)
-            .ok_or_else(|| {
-                let all: Vec<_> = Self::ALL.iter().map(|d| d.name()).collect();
-                Error::Dtype(format!(
-                    "dtype {n:?} cannot be stored; supported: {}",
-                    all.join(", ")
-                ))
-            })
-    }
-}
-
 /// How the writer is asked to store an entry.
 #[derive(Debug, Clone)]
 pub enum Encoding {
@@ -160,7 +55,7 @@ pub enum Encoding {
 #[derive(Debug, Clone)]
 pub struct EntrySpec {
     pub name: String,
-    pub dtype: CDType,
+    pub dtype: DType,
     pub shape: Vec<u64>,
     pub encoding: Encoding,
 }
@@ -169,7 +64,7 @@ pub struct EntrySpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub name: String,
-    pub dtype: CDType,
+    pub dtype: DType,
     pub shape: Vec<u64>,
     pub encoding: u8,
     pub codec_id: u16,
@@ -212,7 +107,7 @@ fn align8(v: u64) -> Option<u64> {
     v.checked_add(7).map(|v| v & !7)
 }
 
-fn dense_of(dtype: CDType, shape: &[u64]) -> Option<u64> {
+fn dense_of(dtype: DType, shape: &[u64]) -> Option<u64> {
     shape
         .iter()
         .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
@@ -298,7 +193,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header> {
             names.insert(name.clone()),
             "entry name {name:?} appears twice"
         );
-        let dtype = CDType::from_code(r.u8("dtype")?)?;
+        let dtype = DType::stored_from_code(r.u8("dtype")?)?;
         let ndim = r.u8("ndim")? as usize;
         ensure_format!(
             ndim <= crate::format::MAX_NDIM,
@@ -325,7 +220,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header> {
             ENC_PACKED => {
                 codec::by_id(codec_id)?;
                 ensure_format!(
-                    dtype.float().is_some(),
+                    dtype.is_packable(),
                     "entry {name:?}: packed entries must be float tensors, not {}",
                     dtype.name()
                 );
@@ -470,11 +365,11 @@ pub(super) mod tests {
         );
         (
             vec![
-                spec("w.lossless", CDType::F32, vec![50, 100], lossless),
-                spec("w.smaq", CDType::F32, vec![5000], smaq),
-                spec("ints", CDType::I64, vec![800], Encoding::Zstd(3)),
-                spec("flags", CDType::Bool, vec![37], Encoding::Raw),
-                spec("empty", CDType::F16, vec![0, 4], Encoding::Raw),
+                spec("w.lossless", DType::F32, vec![50, 100], lossless),
+                spec("w.smaq", DType::F32, vec![5000], smaq),
+                spec("ints", DType::I64, vec![800], Encoding::Zstd(3)),
+                spec("flags", DType::Bool, vec![37], Encoding::Raw),
+                spec("empty", DType::F16, vec![0, 4], Encoding::Raw),
             ],
             vec![wb.clone(), wb, ints, flags, vec![]],
         )

@@ -6,7 +6,7 @@ use super::{
     PREAMBLE,
 };
 use crate::codec;
-use crate::dtype::{DType, DataMut};
+use crate::dtype::DataMut;
 use crate::error::{ensure_format, Error, Result};
 use crate::format::Packed;
 use rayon::prelude::*;
@@ -69,7 +69,7 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
             let p = Packed::from_bytes(stored)?;
             ensure_format!(
                 codec::by_name(p.codec_name())?.id == entry.codec_id
-                    && Some(p.dtype()) == entry.dtype.float()
+                    && p.dtype() == entry.dtype
                     && p.shape() == entry.shape.as_slice(),
                 "entry {:?}: packed tensor is {} {} {:?}, the header says {} {} {:?}",
                 entry.name,
@@ -84,12 +84,7 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
                 (out.as_ptr() as usize).is_multiple_of(8),
                 "decode buffer is not 8-byte aligned"
             );
-            let dst = match p.dtype() {
-                DType::F32 => DataMut::F32(bytemuck::cast_slice_mut(out)),
-                DType::F16 => DataMut::F16(bytemuck::cast_slice_mut(out)),
-                DType::BF16 => DataMut::BF16(bytemuck::cast_slice_mut(out)),
-                DType::F64 => DataMut::F64(bytemuck::cast_slice_mut(out)),
-            };
+            let dst = DataMut::from_bytes(p.dtype(), out)?;
             p.decode_into(dst)?;
         }
     }

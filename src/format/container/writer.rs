@@ -7,7 +7,7 @@ use super::{
     ENC_RAW, ENC_ZSTD, MAX_DENSE, MAX_HEADER, PREAMBLE,
 };
 use crate::codec;
-use crate::dtype::{DType, Data};
+use crate::dtype::Data;
 use crate::error::{Error, Result};
 use crate::format::Packed;
 use rayon::prelude::*;
@@ -40,15 +40,15 @@ pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> 
             }
         }
         Encoding::Packed(name, params) => {
-            let dt = spec.dtype.float().ok_or_else(|| {
-                Error::Dtype(format!(
+            if !spec.dtype.is_packable() {
+                return Err(Error::Dtype(format!(
                     "entry {:?}: codec {name:?} needs a float tensor, not {}",
                     spec.name,
                     spec.dtype.name()
-                ))
-            })?;
+                )));
+            }
             let mut copy: Vec<u64> = Vec::new();
-            let words: &[u8] = if (raw.as_ptr() as usize).is_multiple_of(dt.size()) {
+            let words: &[u8] = if (raw.as_ptr() as usize).is_multiple_of(spec.dtype.size()) {
                 raw
             } else {
                 // A view at an odd offset (rare): copy into an 8-byte-aligned buffer.
@@ -57,31 +57,10 @@ pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> 
                 b[..raw.len()].copy_from_slice(raw);
                 &bytemuck::cast_slice::<u64, u8>(&copy)[..raw.len()]
             };
-            let data = match dt {
-                _ if raw.is_empty() => Data::empty(dt),
-                DType::F32 => Data::F32(bytemuck::cast_slice(words)),
-                DType::F16 => Data::F16(bytemuck::cast_slice(words)),
-                DType::BF16 => Data::BF16(bytemuck::cast_slice(words)),
-                DType::F64 => Data::F64(bytemuck::cast_slice(words)),
-            };
+            let data = Data::from_bytes(spec.dtype, words)?;
             let p = Packed::encode(data, &spec.shape, name, params)?;
             let id = codec::by_name(p.codec_name())?.id;
             Ok((ENC_PACKED, id, p.into_bytes()))
-        }
-    }
-}
-
-trait EmptyData {
-    fn empty(dt: DType) -> Self;
-}
-
-impl EmptyData for Data<'static> {
-    fn empty(dt: DType) -> Self {
-        match dt {
-            DType::F32 => Data::F32(&[]),
-            DType::F16 => Data::F16(&[]),
-            DType::BF16 => Data::BF16(&[]),
-            DType::F64 => Data::F64(&[]),
         }
     }
 }
