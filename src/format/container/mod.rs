@@ -303,34 +303,6 @@ fn header_len(bytes: &[u8], file_len: u64) -> Result<u64> {
     Ok(len)
 }
 
-/// Errors of file operations: a core error or an I/O failure (Python: OSError).
-#[derive(Debug)]
-pub enum FileError {
-    Core(Error),
-    Io(std::io::Error, String),
-}
-
-impl From<Error> for FileError {
-    fn from(e: Error) -> Self {
-        FileError::Core(e)
-    }
-}
-
-fn io(ctx: impl Into<String>) -> impl FnOnce(std::io::Error) -> FileError {
-    let ctx = ctx.into();
-    move |e| FileError::Io(e, ctx)
-}
-
-macro_rules! ensure_file {
-    ($cond:expr, $($arg:tt)+) => {
-        if !$cond {
-            return Err(FileError::Core(Error::Format(format!($($arg)+))));
-        }
-    };
-}
-
-pub type FileResult<T> = std::result::Result<T, FileError>;
-
 mod reader;
 mod writer;
 

@@ -1,10 +1,7 @@
 //! Reading a checkpoint container: the header is read and checked at open, entries are read
 //! (pread, or from a buffer) and verified when asked for, several at once in parallel.
 
-use super::{
-    align8, header_len, io, parse_header, Entry, FileError, FileResult, Header, ENC_RAW, ENC_ZSTD,
-    PREAMBLE,
-};
+use super::{align8, header_len, parse_header, Entry, Header, ENC_RAW, ENC_ZSTD, PREAMBLE};
 use crate::codec;
 use crate::dtype::DataMut;
 use crate::error::{ensure_format, Error, Result};
@@ -97,21 +94,21 @@ pub trait Source: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn read_at(&self, offset: u64, len: usize) -> FileResult<Vec<u8>>;
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
 }
 
 impl Source for [u8] {
     fn len(&self) -> u64 {
         <[u8]>::len(self) as u64
     }
-    fn read_at(&self, offset: u64, len: usize) -> FileResult<Vec<u8>> {
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let start = usize::try_from(offset).ok();
         start
             .and_then(|s| s.checked_add(len).map(|e| (s, e)))
             .filter(|&(_, e)| e <= <[u8]>::len(self))
             .map(|(s, e)| self[s..e].to_vec())
             .ok_or_else(|| {
-                Error::Format(format!("read of {len} bytes at {offset} is out of bounds")).into()
+                Error::Format(format!("read of {len} bytes at {offset} is out of bounds"))
             })
     }
 }
@@ -126,19 +123,19 @@ impl Source for FileSource {
     fn len(&self) -> u64 {
         self.len
     }
-    fn read_at(&self, offset: u64, len: usize) -> FileResult<Vec<u8>> {
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf: Vec<u8> = Vec::new();
         buf.try_reserve_exact(len)
             .map_err(|_| Error::Shape(format!("cannot allocate {len} bytes")))?;
         buf.resize(len, 0);
         self.file.read_exact_at(&mut buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                FileError::Core(Error::Format(format!(
+                Error::Format(format!(
                     "file ended before {len} bytes at offset {offset} could be read (was it \
                      truncated while open?)"
-                )))
+                ))
             } else {
-                FileError::Io(e, "cannot read the checkpoint".into())
+                Error::io("cannot read the checkpoint")(e)
             }
         })?;
         Ok(buf)
@@ -154,24 +151,25 @@ pub struct Reader<S: Source + ?Sized> {
 }
 
 impl Reader<FileSource> {
-    pub fn open(path: &Path) -> FileResult<Self> {
-        let file = File::open(path).map_err(io(format!("cannot open {}", path.display())))?;
+    pub fn open(path: &Path) -> Result<Self> {
+        let file =
+            File::open(path).map_err(Error::io(format!("cannot open {}", path.display())))?;
         let len = file
             .metadata()
-            .map_err(io(format!("cannot stat {}", path.display())))?
+            .map_err(Error::io(format!("cannot stat {}", path.display())))?
             .len();
         Reader::new(Box::new(FileSource { file, len }))
     }
 }
 
 impl Reader<[u8]> {
-    pub fn from_bytes(bytes: Box<[u8]>) -> FileResult<Self> {
+    pub fn from_bytes(bytes: Box<[u8]>) -> Result<Self> {
         Reader::new(bytes)
     }
 }
 
 impl<S: Source + ?Sized> Reader<S> {
-    pub fn new(src: Box<S>) -> FileResult<Self> {
+    pub fn new(src: Box<S>) -> Result<Self> {
         let file_len = src.len();
         let pre = src
             .read_at(0, PREAMBLE.min(file_len as usize))
@@ -184,7 +182,7 @@ impl<S: Source + ?Sized> Reader<S> {
         let start = align8(PREAMBLE as u64 + hlen).unwrap();
         let head = src.read_at(0, start as usize)?;
         let header = parse_header(&head, file_len)?;
-        ensure_file!(
+        ensure_format!(
             head[PREAMBLE + hlen as usize..].iter().all(|&b| b == 0),
             "padding after the checkpoint header is not zero"
         );
@@ -202,7 +200,7 @@ impl<S: Source + ?Sized> Reader<S> {
     }
 
     /// The stored (encoded) bytes of entry `i`, checksum verified.
-    pub fn stored(&self, i: usize) -> FileResult<Vec<u8>> {
+    pub fn stored(&self, i: usize) -> Result<Vec<u8>> {
         let e = &self.header.entries[i];
         let len = usize::try_from(e.length)
             .map_err(|_| Error::Format(format!("entry {:?} is too large", e.name)))?;
@@ -210,7 +208,7 @@ impl<S: Source + ?Sized> Reader<S> {
         let mut b = self
             .src
             .read_at(self.header.data_start + e.offset, padded)?;
-        ensure_file!(
+        ensure_format!(
             b[len..].iter().all(|&x| x == 0),
             "entry {:?}: padding after its payload is not zero",
             e.name
@@ -221,14 +219,13 @@ impl<S: Source + ?Sized> Reader<S> {
             return Err(Error::Checksum {
                 stored: e.checksum,
                 computed,
-            }
-            .into());
+            });
         }
         Ok(b)
     }
 
     /// Decodes entry `i` into a new 8-byte-aligned buffer (its first `dense_len()` bytes).
-    pub fn read(&self, i: usize) -> FileResult<Vec<u64>> {
+    pub fn read(&self, i: usize) -> Result<Vec<u64>> {
         let e = &self.header.entries[i];
         let stored = self.stored(i)?;
         let mut buf = aligned_buffer(e.dense_len())?;
@@ -238,7 +235,7 @@ impl<S: Source + ?Sized> Reader<S> {
     }
 
     /// Decodes several entries in parallel; each result stands alone.
-    pub fn read_many(&self, idx: &[usize]) -> Vec<FileResult<Vec<u64>>> {
+    pub fn read_many(&self, idx: &[usize]) -> Vec<Result<Vec<u64>>> {
         crate::pool::install(|| idx.par_iter().map(|&i| self.read(i)).collect())
     }
 }

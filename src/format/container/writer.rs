@@ -3,8 +3,8 @@
 //! killed writers left behind are swept when their process no longer exists.
 
 use super::{
-    align8, dense_of, io, write_header, Encoding, Entry, EntrySpec, FileResult, ENC_PACKED,
-    ENC_RAW, ENC_ZSTD, MAX_DENSE, MAX_HEADER, PREAMBLE,
+    align8, dense_of, write_header, Encoding, Entry, EntrySpec, ENC_PACKED, ENC_RAW, ENC_ZSTD,
+    MAX_DENSE, MAX_HEADER, PREAMBLE,
 };
 use crate::codec;
 use crate::dtype::Data;
@@ -126,13 +126,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn create(path: &Path, specs: Vec<EntrySpec>, json: String) -> FileResult<Writer> {
+    pub fn create(path: &Path, specs: Vec<EntrySpec>, json: String) -> Result<Writer> {
         if json.len() > u32::MAX as usize {
             return Err(Error::Shape(format!(
                 "checkpoint JSON is {} bytes, at most 4 GiB",
                 json.len()
-            ))
-            .into());
+            )));
         }
         let mut names = std::collections::HashSet::new();
         let mut entries = Vec::with_capacity(specs.len());
@@ -141,8 +140,7 @@ impl Writer {
                 return Err(Error::Shape(format!(
                     "entry name {:?} is empty, longer than 65535 bytes, or repeated",
                     s.name
-                ))
-                .into());
+                )));
             }
             if s.shape.len() > crate::format::MAX_NDIM
                 || dense_of(s.dtype, &s.shape).is_none_or(|d| d > MAX_DENSE)
@@ -150,8 +148,7 @@ impl Writer {
                 return Err(Error::Shape(format!(
                     "entry {:?}: shape {:?} is too large",
                     s.name, s.shape
-                ))
-                .into());
+                )));
             }
             entries.push(Entry {
                 name: s.name.clone(),
@@ -168,8 +165,7 @@ impl Writer {
         if (header_len - PREAMBLE) as u64 > MAX_HEADER {
             return Err(Error::Shape(format!(
                 "checkpoint header would be {header_len} bytes, the cap is {MAX_HEADER}"
-            ))
-            .into());
+            )));
         }
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -191,7 +187,7 @@ impl Writer {
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(io(format!("cannot create {}", tmp.display())))?;
+            .map_err(Error::io(format!("cannot create {}", tmp.display())))?;
         let mut w = Writer {
             file: None,
             tmp,
@@ -206,7 +202,7 @@ impl Writer {
         // From here on, dropping `w` removes the temporary file.
         let start = align8(header_len as u64).unwrap();
         file.write_all(&vec![0u8; start as usize])
-            .map_err(io("cannot write the checkpoint"))?;
+            .map_err(Error::io("cannot write the checkpoint"))?;
         w.file = Some(file);
         Ok(w)
     }
@@ -218,7 +214,7 @@ impl Writer {
 
     /// Encodes the next `raws.len()` entries (in parallel) and appends them. Returns the stored
     /// byte length of each.
-    pub fn write_batch(&mut self, raws: &[&[u8]]) -> FileResult<Vec<u64>> {
+    pub fn write_batch(&mut self, raws: &[&[u8]]) -> Result<Vec<u64>> {
         let end = self.next + raws.len();
         if end > self.specs.len() {
             return Err(Error::Shape(format!(
@@ -226,8 +222,7 @@ impl Writer {
                 raws.len(),
                 self.specs.len(),
                 self.next
-            ))
-            .into());
+            )));
         }
         let specs = &self.specs[self.next..end];
         let coded: Vec<(u8, u16, Vec<u8>)> = crate::pool::install(|| {
@@ -249,7 +244,7 @@ impl Writer {
             let pad = align8(e.length).unwrap() - e.length;
             file.write_all(&bytes)
                 .and_then(|_| file.write_all(&[0u8; 8][..pad as usize]))
-                .map_err(io("cannot write the checkpoint"))?;
+                .map_err(Error::io("cannot write the checkpoint"))?;
             self.pos += e.length + pad;
             sizes.push(e.length);
         }
@@ -258,25 +253,24 @@ impl Writer {
     }
 
     /// Writes the header, fsyncs, and renames the temporary file over the target.
-    pub fn finish(mut self) -> FileResult<()> {
+    pub fn finish(mut self) -> Result<()> {
         if self.next != self.specs.len() {
             return Err(Error::Shape(format!(
                 "checkpoint declared {} entries, {} were written",
                 self.specs.len(),
                 self.next
-            ))
-            .into());
+            )));
         }
         let header = write_header(&self.json, &self.entries);
         debug_assert_eq!(header.len(), self.header_len);
         let mut file = self.file.take().expect("writer already finished");
-        let fail = io("cannot write the checkpoint");
+        let fail = Error::io("cannot write the checkpoint");
         file.seek(SeekFrom::Start(0))
             .and_then(|_| file.write_all(&header))
             .and_then(|_| file.sync_all())
             .map_err(fail)?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(io(format!(
+        std::fs::rename(&self.tmp, &self.path).map_err(Error::io(format!(
             "cannot rename {} to {}",
             self.tmp.display(),
             self.path.display()
