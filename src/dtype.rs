@@ -363,7 +363,7 @@ fn cast_mut<T: bytemuck::Pod>(bytes: &mut [u8]) -> Result<&mut [T]> {
 }
 
 fn cast_error<T>(len: usize, e: bytemuck::PodCastError) -> Error {
-    Error::Shape(format!(
+    Error::Layout(format!(
         "{len} bytes cannot be viewed as elements of {} bytes: {e:?}",
         std::mem::size_of::<T>()
     ))

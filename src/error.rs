@@ -17,9 +17,10 @@ pub enum Error {
     /// Unsupported element type, or an output buffer of the wrong type.
     #[error("{0}")]
     Dtype(String),
-    /// Shape or size mismatch (e.g. an `out=` buffer of the wrong length).
+    /// Shape, size or memory layout mismatch (e.g. an `out=` buffer of the wrong length); Python's
+    /// `LayoutError`.
     #[error("{0}")]
-    Shape(String),
+    Layout(String),
     /// A file that could not be opened, read, written or renamed: what was being done, and the
     /// system's error (of which the kind is kept, so Python raises the matching `OSError`).
     #[error("{context}: {message}")]

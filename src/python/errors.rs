@@ -55,7 +55,7 @@ fn exception(e: &Error, msg: String) -> PyErr {
         Error::Checksum { .. } => ChecksumError::new_err(msg),
         Error::Codec(_) => CodecError::new_err(msg),
         Error::Dtype(_) => DtypeError::new_err(msg),
-        Error::Shape(_) => LayoutError::new_err(msg),
+        Error::Layout(_) => LayoutError::new_err(msg),
         Error::Io { kind, .. } => PyErr::from(std::io::Error::new(*kind, msg)),
         Error::Entry { source, .. } => exception(source, msg),
     }

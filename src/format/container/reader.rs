@@ -14,10 +14,10 @@ use std::path::Path;
 /// A zeroed, 8-byte-aligned buffer of `len` bytes (allocation failure is an error, not an abort).
 pub fn aligned_buffer(len: u64) -> Result<Vec<u64>> {
     let words = usize::try_from(len.div_ceil(8))
-        .map_err(|_| Error::Shape(format!("{len} bytes do not fit in memory")))?;
+        .map_err(|_| Error::Layout(format!("{len} bytes do not fit in memory")))?;
     let mut v: Vec<u64> = Vec::new();
     v.try_reserve_exact(words)
-        .map_err(|_| Error::Shape(format!("cannot allocate {len} bytes")))?;
+        .map_err(|_| Error::Layout(format!("cannot allocate {len} bytes")))?;
     v.resize(words, 0);
     Ok(v)
 }
@@ -40,7 +40,7 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
         });
     }
     if out.len() as u64 != entry.dense_len() {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "entry {:?}: output holds {} bytes, expected {}",
             entry.name,
             out.len(),
@@ -126,7 +126,7 @@ impl Source for FileSource {
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf: Vec<u8> = Vec::new();
         buf.try_reserve_exact(len)
-            .map_err(|_| Error::Shape(format!("cannot allocate {len} bytes")))?;
+            .map_err(|_| Error::Layout(format!("cannot allocate {len} bytes")))?;
         buf.resize(len, 0);
         self.file.read_exact_at(&mut buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {

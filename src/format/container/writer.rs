@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 /// Encodes one entry's raw little-endian bytes. Returns (encoding, codec id, stored bytes).
 pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> {
     let dense = dense_of(spec.dtype, &spec.shape)
-        .ok_or_else(|| Error::Shape(format!("entry {:?}: shape overflows", spec.name)))?;
+        .ok_or_else(|| Error::Layout(format!("entry {:?}: shape overflows", spec.name)))?;
     if raw.len() as u64 != dense {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "entry {:?}: {} bytes given, shape {:?} of {} needs {dense}",
             spec.name,
             raw.len(),
@@ -128,7 +128,7 @@ pub struct Writer {
 impl Writer {
     pub fn create(path: &Path, specs: Vec<EntrySpec>, json: String) -> Result<Writer> {
         if json.len() > u32::MAX as usize {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "checkpoint JSON is {} bytes, at most 4 GiB",
                 json.len()
             )));
@@ -137,7 +137,7 @@ impl Writer {
         let mut entries = Vec::with_capacity(specs.len());
         for s in &specs {
             if s.name.is_empty() || s.name.len() > u16::MAX as usize || !names.insert(&s.name) {
-                return Err(Error::Shape(format!(
+                return Err(Error::Layout(format!(
                     "entry name {:?} is empty, longer than 65535 bytes, or repeated",
                     s.name
                 )));
@@ -145,7 +145,7 @@ impl Writer {
             if s.shape.len() > crate::format::MAX_NDIM
                 || dense_of(s.dtype, &s.shape).is_none_or(|d| d > MAX_DENSE)
             {
-                return Err(Error::Shape(format!(
+                return Err(Error::Layout(format!(
                     "entry {:?}: shape {:?} is too large",
                     s.name, s.shape
                 )));
@@ -163,7 +163,7 @@ impl Writer {
         }
         let header_len = write_header(&json, &entries).len();
         if (header_len - PREAMBLE) as u64 > MAX_HEADER {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "checkpoint header would be {header_len} bytes, the cap is {MAX_HEADER}"
             )));
         }
@@ -173,7 +173,7 @@ impl Writer {
         };
         let fname = path
             .file_name()
-            .ok_or_else(|| Error::Shape(format!("{} is not a file path", path.display())))?;
+            .ok_or_else(|| Error::Layout(format!("{} is not a file path", path.display())))?;
         sweep_stale(&dir, fname);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -217,7 +217,7 @@ impl Writer {
     pub fn write_batch(&mut self, raws: &[&[u8]]) -> Result<Vec<u64>> {
         let end = self.next + raws.len();
         if end > self.specs.len() {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "{} entries given, the checkpoint was declared with {} and has {} written",
                 raws.len(),
                 self.specs.len(),
@@ -255,7 +255,7 @@ impl Writer {
     /// Writes the header, fsyncs, and renames the temporary file over the target.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.specs.len() {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "checkpoint declared {} entries, {} were written",
                 self.specs.len(),
                 self.next
