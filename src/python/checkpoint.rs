@@ -2,9 +2,9 @@
 //! byte arrays, and a reader that decodes entries by name. Python (python/smaq_rs/checkpoint/) owns the
 //! policy, the JSON skeleton and the torch/NumPy views.
 
-use super::{detached, params_from_dict, params_to_dict, CodecError, DtypeError, LayoutError};
+use super::{detached, params_from_dict, params_to_dict, LayoutError};
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::container::{Encoding, EntrySpec, FileSource, Reader, Writer};
 use crate::format::Packed;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 /// (name, dtype, shape, codec, params) of one entry, as Python passes it.
 type Spec<'py> = (String, String, Vec<u64>, String, Option<Bound<'py, PyDict>>);
-/// (params, encoder statistics) of a packed entry.
-type CodecInfo<'py> = (Option<Bound<'py, PyDict>>, Option<Bound<'py, PyDict>>);
+/// (params, encoder statistics) of a packed entry, as dicts; (None, None) for raw and zstd entries.
+type ParamsAndInfo<'py> = (Option<Bound<'py, PyDict>>, Option<Bound<'py, PyDict>>);
 
 /// Runs `f` without the GIL; an error is said of the entry `name` ([`Error::in_entry`]).
 fn detached_entry<T: Send>(
@@ -41,34 +41,17 @@ impl PyWriter {
         let mut out = Vec::with_capacity(specs.len());
         for (name, dtype, shape, codec, params) in specs {
             let dtype = DType::stored_from_name(&dtype).map_err(|e| e.in_entry(&name))?;
-            let mut params = params_from_dict(params.as_ref())?;
+            let params = params_from_dict(params.as_ref())?;
             let encoding = match codec.as_str() {
                 "raw" => Encoding::Raw,
-                "zstd" => {
-                    let level = match params.remove("level") {
-                        None => 3,
-                        Some(crate::codec::Param::Int(l)) if (-7..=19).contains(&l) => l as i32,
-                        Some(p) => {
-                            return Err(CodecError::new_err(format!(
-                                "zstd level must be an integer in -7..=19, got {p}"
-                            )))
-                        }
-                    };
-                    if let Some(k) = params.keys().next() {
-                        return Err(CodecError::new_err(format!(
-                            "codec \"zstd\" has no parameter {k:?}; its parameters are: level"
-                        )));
-                    }
-                    Encoding::Zstd(level)
-                }
+                "zstd" => Encoding::zstd(params)?,
                 other => {
                     let info = crate::codec::by_name(other).map_err(|e| e.in_entry(&name))?;
                     (info.encoder)(&params).map_err(|e| e.in_entry(&name))?;
                     if !dtype.is_packable() {
-                        return Err(DtypeError::new_err(format!(
-                            "entry {name:?}: codec {other:?} needs a float tensor, not {}",
-                            dtype.name()
-                        )));
+                        let e =
+                            format!("codec {other:?} needs a float tensor, not {}", dtype.name());
+                        return Err(Error::Dtype(e).in_entry(&name).into());
                     }
                     Encoding::Packed(other.to_string(), params)
                 }
@@ -186,7 +169,7 @@ impl PyReader {
 
     /// Parameters and encoder statistics of a packed entry (reads and verifies its bytes);
     /// (None, None) for raw and zstd entries.
-    fn codec_info<'py>(&self, py: Python<'py>, name: &str) -> PyResult<CodecInfo<'py>> {
+    fn codec_info<'py>(&self, py: Python<'py>, name: &str) -> PyResult<ParamsAndInfo<'py>> {
         let i = self.index(name)?;
         if self.inner.header.entries[i].encoding != crate::format::container::ENC_PACKED {
             return Ok((None, None));

@@ -23,7 +23,7 @@
 //! and parsing. [`writer`] writes a container (temporary file, stale temporaries swept, atomic
 //! rename); [`reader`] reads one from a file or a buffer.
 
-use crate::codec::{self, Params};
+use crate::codec::{self, Param, Params};
 use crate::dtype::DType;
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
@@ -49,6 +49,33 @@ pub enum Encoding {
     Zstd(i32),
     /// A packed tensor of this codec (float dtypes only).
     Packed(String, Params),
+}
+
+/// The zstd level of an [`Encoding::Zstd`] entry when none is given.
+pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
+/// The zstd levels an entry may ask for.
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i64> = -7..=19;
+
+impl Encoding {
+    /// zstd with `params`, whose only parameter is `level` (an integer in [`ZSTD_LEVELS`],
+    /// [`ZSTD_DEFAULT_LEVEL`] when absent).
+    pub fn zstd(mut params: Params) -> Result<Encoding> {
+        let level = match params.remove("level") {
+            None => ZSTD_DEFAULT_LEVEL,
+            Some(Param::Int(l)) if ZSTD_LEVELS.contains(&l) => l as i32,
+            Some(p) => {
+                return Err(Error::Codec(format!(
+                    "zstd level must be an integer in -7..=19, got {p}"
+                )))
+            }
+        };
+        if let Some(k) = params.keys().next() {
+            return Err(Error::Codec(format!(
+                "codec \"zstd\" has no parameter {k:?}; its parameters are: level"
+            )));
+        }
+        Ok(Encoding::Zstd(level))
+    }
 }
 
 /// What the writer is told about an entry before its data arrives.
@@ -355,6 +382,33 @@ pub(super) mod tests {
         w.write_batch(&refs[2..]).unwrap();
         w.finish().unwrap();
         raws
+    }
+
+    #[test]
+    fn zstd_level_policy() {
+        let level = |p: Param| Encoding::zstd(Params::from([("level".to_string(), p)]));
+        assert!(matches!(
+            Encoding::zstd(Params::new()),
+            Ok(Encoding::Zstd(3))
+        ));
+        assert!(matches!(level(Param::Int(-7)), Ok(Encoding::Zstd(-7))));
+        assert!(matches!(level(Param::Int(19)), Ok(Encoding::Zstd(19))));
+        for bad in [
+            Param::Int(20),
+            Param::Int(-8),
+            Param::Int(i64::MAX),
+            Param::Float(3.0),
+        ] {
+            let msg = format!("zstd level must be an integer in -7..=19, got {bad}");
+            assert_eq!(level(bad).unwrap_err(), Error::Codec(msg));
+        }
+        let extra = Params::from([("lvl".to_string(), Param::Int(3))]);
+        assert_eq!(
+            Encoding::zstd(extra).unwrap_err(),
+            Error::Codec(
+                "codec \"zstd\" has no parameter \"lvl\"; its parameters are: level".into()
+            )
+        );
     }
 
     pub(super) fn tmpdir(tag: &str) -> PathBuf {
