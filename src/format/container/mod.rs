@@ -20,13 +20,19 @@
 //! Codecs know nothing of this file; this file knows nothing of Python.
 //!
 //! This module holds the layout: constants, the entry and header types, and the header's writing
-//! and parsing. [`writer`] writes a container (temporary file, stale temporaries swept, atomic
-//! rename); [`reader`] reads one from a file or a buffer.
+//! and parsing. `writer.rs` writes a container (temporary file, stale temporaries swept, atomic
+//! rename); `reader.rs` reads one from a file or a buffer.
 
 use crate::codec::{self, Param, Params};
 use crate::dtype::DType;
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
+
+mod reader;
+mod writer;
+
+pub use reader::{aligned_buffer, decode_entry, FileSource, Reader, Source};
+pub use writer::{encode_entry, Writer};
 
 pub const MAGIC: [u8; 8] = *b"SMAQCKPT";
 pub const VERSION: u32 = 1;
@@ -329,12 +335,6 @@ fn header_len(bytes: &[u8], file_len: u64) -> Result<u64> {
     );
     Ok(len)
 }
-
-mod reader;
-mod writer;
-
-pub use reader::{aligned_buffer, decode_entry, FileSource, Reader, Source};
-pub use writer::{encode_entry, Writer};
 
 #[cfg(test)]
 #[cfg(test)]
