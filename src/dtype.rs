@@ -3,7 +3,10 @@
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 
-/// Element type of a tensor. The discriminant is the on-disk code (docs/FORMAT.md).
+/// Element type of a tensor. The discriminant is the on-disk code (docs/FORMAT.md), shared by the
+/// packed tensor and the checkpoint container. Codecs accept the four [`DType::PACKABLE`] float
+/// types; a checkpoint entry may have any of [`DType::STORABLE`] (the others are stored raw or as
+/// zstd of their bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum DType {
@@ -11,43 +14,125 @@ pub enum DType {
     F16 = 2,
     BF16 = 3,
     F64 = 4,
+    Bool = 10,
+    U8 = 11,
+    I8 = 12,
+    I16 = 13,
+    I32 = 14,
+    I64 = 15,
+    U16 = 16,
+    U32 = 17,
+    U64 = 18,
+    C64 = 20,
+    C128 = 21,
+    F8E4M3 = 22,
+    F8E5M2 = 23,
 }
 
 impl DType {
-    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
+    /// The element types codecs accept (and a packed tensor may hold).
+    pub const PACKABLE: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
+
+    /// Every element type a checkpoint entry may have.
+    pub const STORABLE: [DType; 17] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F64,
+        DType::Bool,
+        DType::U8,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+        DType::C64,
+        DType::C128,
+        DType::F8E4M3,
+        DType::F8E5M2,
+    ];
 
     pub fn size(self) -> usize {
+        use DType::*;
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::F64 => 8,
+            Bool | U8 | I8 | F8E4M3 | F8E5M2 => 1,
+            F16 | BF16 | I16 | U16 => 2,
+            F32 | I32 | U32 => 4,
+            F64 | I64 | U64 | C64 => 8,
+            C128 => 16,
         }
     }
 
+    /// The NumPy / torch name.
     pub fn name(self) -> &'static str {
+        use DType::*;
         match self {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            DType::F64 => "float64",
+            F32 => "float32",
+            F16 => "float16",
+            BF16 => "bfloat16",
+            F64 => "float64",
+            Bool => "bool",
+            U8 => "uint8",
+            I8 => "int8",
+            I16 => "int16",
+            I32 => "int32",
+            I64 => "int64",
+            U16 => "uint16",
+            U32 => "uint32",
+            U64 => "uint64",
+            C64 => "complex64",
+            C128 => "complex128",
+            F8E4M3 => "float8_e4m3fn",
+            F8E5M2 => "float8_e5m2",
         }
     }
 
+    /// Whether codecs accept this type (one of [`DType::PACKABLE`]).
+    pub fn is_packable(self) -> bool {
+        Self::PACKABLE.contains(&self)
+    }
+
+    /// A packable type from its code (a packed tensor's header).
     pub fn from_code(code: u8) -> Result<Self> {
-        Self::ALL
+        Self::PACKABLE
             .into_iter()
             .find(|d| *d as u8 == code)
             .ok_or_else(|| Error::Format(format!("unknown dtype code {code} (expected 1..=4)")))
     }
 
+    /// A packable type from its name.
     pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL
+        Self::PACKABLE
             .into_iter()
             .find(|d| d.name() == name)
             .ok_or_else(|| {
                 Error::Dtype(format!(
                 "unsupported dtype {name:?}: expected one of float32, float16, bfloat16, float64"
             ))
+            })
+    }
+
+    /// A storable type from its code (a checkpoint entry's header).
+    pub fn stored_from_code(code: u8) -> Result<Self> {
+        Self::STORABLE
+            .into_iter()
+            .find(|d| *d as u8 == code)
+            .ok_or_else(|| Error::Format(format!("unknown container dtype code {code}")))
+    }
+
+    /// A storable type from its name.
+    pub fn stored_from_name(name: &str) -> Result<Self> {
+        Self::STORABLE
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| {
+                let all: Vec<_> = Self::STORABLE.iter().map(|d| d.name()).collect();
+                Error::Dtype(format!(
+                    "dtype {name:?} cannot be stored; supported: {}",
+                    all.join(", ")
+                ))
             })
     }
 }
@@ -170,6 +255,18 @@ impl<'a> Data<'a> {
     pub fn from_typed<T: Element>(x: &'a [T]) -> Self {
         T::wrap(x)
     }
+    /// The elements of a packable `dtype` held in native-endian `bytes`, aligned to the element
+    /// size (an empty slice may sit anywhere).
+    pub fn from_bytes(dtype: DType, bytes: &'a [u8]) -> Result<Self> {
+        let empty = bytes.is_empty();
+        Ok(match dtype {
+            DType::F32 => Data::F32(if empty { &[] } else { cast(bytes)? }),
+            DType::F16 => Data::F16(if empty { &[] } else { cast(bytes)? }),
+            DType::BF16 => Data::BF16(if empty { &[] } else { cast(bytes)? }),
+            DType::F64 => Data::F64(if empty { &[] } else { cast(bytes)? }),
+            other => return Err(not_packable(other)),
+        })
+    }
     pub fn dtype(&self) -> DType {
         match self {
             Data::F32(_) => DType::F32,
@@ -195,7 +292,19 @@ impl<'a> Data<'a> {
     }
 }
 
-impl DataMut<'_> {
+impl<'a> DataMut<'a> {
+    /// The elements of a packable `dtype` held in native-endian `bytes`, aligned to the element
+    /// size (an empty slice may sit anywhere).
+    pub fn from_bytes(dtype: DType, bytes: &'a mut [u8]) -> Result<Self> {
+        let empty = bytes.is_empty();
+        Ok(match dtype {
+            DType::F32 => DataMut::F32(if empty { &mut [] } else { cast_mut(bytes)? }),
+            DType::F16 => DataMut::F16(if empty { &mut [] } else { cast_mut(bytes)? }),
+            DType::BF16 => DataMut::BF16(if empty { &mut [] } else { cast_mut(bytes)? }),
+            DType::F64 => DataMut::F64(if empty { &mut [] } else { cast_mut(bytes)? }),
+            other => return Err(not_packable(other)),
+        })
+    }
     pub fn dtype(&self) -> DType {
         match self {
             DataMut::F32(_) => DType::F32,
@@ -215,14 +324,16 @@ impl DataMut<'_> {
 impl Owned {
     /// A zeroed buffer, allocated zeroed (calloc: fresh pages are not written; `vec![f16::ZERO;
     /// n]` would write every element) and with huge pages when large ([`crate::buf`]).
-    pub fn zeros(dtype: DType, n: usize) -> Self {
+    /// `dtype` must be packable.
+    pub fn zeros(dtype: DType, n: usize) -> Result<Self> {
         use crate::buf::zeroed_vec;
-        match dtype {
+        Ok(match dtype {
             DType::F32 => Owned::F32(zeroed_vec(n)),
             DType::F16 => Owned::F16(zeroed_vec(n)),
             DType::BF16 => Owned::BF16(zeroed_vec(n)),
             DType::F64 => Owned::F64(zeroed_vec(n)),
-        }
+            other => return Err(not_packable(other)),
+        })
     }
     pub fn as_mut(&mut self) -> DataMut<'_> {
         match self {
@@ -240,6 +351,30 @@ impl Owned {
             Owned::F64(v) => Data::F64(v),
         }
     }
+}
+
+fn cast<T: bytemuck::Pod>(bytes: &[u8]) -> Result<&[T]> {
+    bytemuck::try_cast_slice(bytes).map_err(|e| cast_error::<T>(bytes.len(), e))
+}
+
+fn cast_mut<T: bytemuck::Pod>(bytes: &mut [u8]) -> Result<&mut [T]> {
+    let len = bytes.len();
+    bytemuck::try_cast_slice_mut(bytes).map_err(|e| cast_error::<T>(len, e))
+}
+
+fn cast_error<T>(len: usize, e: bytemuck::PodCastError) -> Error {
+    Error::Layout(format!(
+        "{len} bytes cannot be viewed as elements of {} bytes: {e:?}",
+        std::mem::size_of::<T>()
+    ))
+}
+
+/// The error for a type codecs do not accept where one was needed.
+pub(crate) fn not_packable(dtype: DType) -> Error {
+    Error::Dtype(format!(
+        "{} is not a codec element type (expected one of float32, float16, bfloat16, float64)",
+        dtype.name()
+    ))
 }
 
 /// Fills `dst` from little-endian raw bytes (the inverse of [`Data::to_le_bytes`]).
@@ -264,4 +399,62 @@ pub fn fill_from_le_bytes(dst: &mut DataMut<'_>, bytes: &[u8]) -> Result<()> {
         }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The on-disk codes, names and sizes (docs/FORMAT.md): changing any breaks stored files.
+    #[test]
+    fn codes_names_and_sizes_are_fixed() {
+        let table: [(DType, u8, &str, usize); 17] = [
+            (DType::F32, 1, "float32", 4),
+            (DType::F16, 2, "float16", 2),
+            (DType::BF16, 3, "bfloat16", 2),
+            (DType::F64, 4, "float64", 8),
+            (DType::Bool, 10, "bool", 1),
+            (DType::U8, 11, "uint8", 1),
+            (DType::I8, 12, "int8", 1),
+            (DType::I16, 13, "int16", 2),
+            (DType::I32, 14, "int32", 4),
+            (DType::I64, 15, "int64", 8),
+            (DType::U16, 16, "uint16", 2),
+            (DType::U32, 17, "uint32", 4),
+            (DType::U64, 18, "uint64", 8),
+            (DType::C64, 20, "complex64", 8),
+            (DType::C128, 21, "complex128", 16),
+            (DType::F8E4M3, 22, "float8_e4m3fn", 1),
+            (DType::F8E5M2, 23, "float8_e5m2", 1),
+        ];
+        assert_eq!(DType::STORABLE.len(), table.len());
+        for (d, code, name, size) in table {
+            assert_eq!((d as u8, d.name(), d.size()), (code, name, size));
+            assert_eq!(DType::stored_from_code(code), Ok(d));
+            assert_eq!(DType::stored_from_name(name), Ok(d));
+            let packable = code <= 4;
+            assert_eq!(d.is_packable(), packable, "{name}");
+            assert_eq!(DType::from_code(code).is_ok(), packable, "{name}");
+            assert_eq!(DType::from_name(name).is_ok(), packable, "{name}");
+        }
+        assert!(DType::stored_from_code(5).is_err());
+        assert!(DType::stored_from_name("float128").is_err());
+    }
+
+    #[test]
+    fn views_of_bytes() {
+        let v = [1.5f32, -2.0];
+        let bytes: &[u8] = bytemuck::cast_slice(&v);
+        assert!(matches!(Data::from_bytes(DType::F32, bytes), Ok(Data::F32(x)) if x == v));
+        assert!(matches!(Data::from_bytes(DType::F64, &[]), Ok(Data::F64(x)) if x.is_empty()));
+        assert!(matches!(
+            Data::from_bytes(DType::I32, bytes),
+            Err(Error::Dtype(_))
+        ));
+        assert!(matches!(Owned::zeros(DType::U8, 3), Err(Error::Dtype(_))));
+        let mut w = [0u64; 2];
+        let out: &mut [u8] = bytemuck::cast_slice_mut(&mut w);
+        assert_eq!(DataMut::from_bytes(DType::F16, out).unwrap().len(), 8);
+        assert!(Data::from_bytes(DType::F32, &bytes[..7]).is_err());
+    }
 }

@@ -88,7 +88,7 @@ pub enum SlotOut {
 
 fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
     if len != n {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "{what} has {len} elements, the parameter has {n}"
         )));
     }
@@ -108,7 +108,7 @@ fn check_slot(slot: SlotIn<'_>, n: usize, what: &str) -> Result<Option<[f32; 2]>
         return Ok(None);
     };
     if packed.numel() != n as u64 {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "packed {what} holds {} values, the parameter has {n}",
             packed.numel()
         )));
@@ -116,7 +116,7 @@ fn check_slot(slot: SlotIn<'_>, n: usize, what: &str) -> Result<Option<[f32; 2]>
     let mut prev = -1i64;
     for &i in zeros {
         if i <= prev || i >= n as i64 {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "{what}: zero index {i} is outside the parameter ({n} values) or out of order"
             )));
         }
@@ -551,12 +551,12 @@ pub fn adam_step(
     check_len("exp_avg_sq buffer", exp_avg_sq.len(), n)?;
     let fresh = matches!(slots[0], SlotIn::Fresh);
     if fresh != matches!(slots[1], SlotIn::Fresh) {
-        return Err(Error::Shape(
+        return Err(Error::Layout(
             "exp_avg and exp_avg_sq must both be present or both absent".into(),
         ));
     }
     if h.step == 0 {
-        return Err(Error::Shape("the step count starts at 1".into()));
+        return Err(Error::Layout("the step count starts at 1".into()));
     }
     let range_m = check_slot(slots[0], n, "exp_avg")?;
     let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
@@ -708,7 +708,7 @@ fn adam_two_pass(
     let range_m = check_slot(slots[0], n, "exp_avg")?;
     let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
     if h.step == 0 {
-        return Err(Error::Shape("the step count starts at 1".into()));
+        return Err(Error::Layout("the step count starts at 1".into()));
     }
     let s = adam_scalars(h, matches!(slots[0], SlotIn::Fresh), range_m, range_v);
     let len = plan.len;
@@ -929,7 +929,7 @@ pub fn sgd_step(
     check_len("grad", grad.len(), n)?;
     check_len("momentum buffer", momentum_buffer.len(), n)?;
     if h.momentum <= 0.0 {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "the fused SGD step needs a positive momentum, not {}",
             h.momentum
         )));

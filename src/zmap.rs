@@ -218,7 +218,7 @@ pub fn merge<T: Element>(
 ) -> Result<()> {
     let n = out.len();
     if mask.len() != n.div_ceil(8) {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "zero map holds {} bytes, {n} elements need {}",
             mask.len(),
             n.div_ceil(8)
@@ -241,7 +241,7 @@ pub fn merge<T: Element>(
     });
     let total: usize = per_block.iter().sum();
     if total != values.len() {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "zero map has {total} non-zero elements, {} values are packed",
             values.len()
         )));
@@ -533,9 +533,9 @@ pub fn restore<T: Element>(
             let values: Vec<T> = match packed {
                 Some(p) => {
                     let k = usize::try_from(p.numel())
-                        .map_err(|_| Error::Shape("packed values do not fit in memory".into()))?;
+                        .map_err(|_| Error::Layout("packed values do not fit in memory".into()))?;
                     if k > n {
-                        return Err(Error::Shape(format!(
+                        return Err(Error::Layout(format!(
                             "{k} packed values for a tensor of {n} elements"
                         )));
                     }
@@ -548,9 +548,9 @@ pub fn restore<T: Element>(
             merge(mask, &values, range, out)
         }
         ZerosRef::Kept | ZerosRef::List(_) => {
-            let p = packed.ok_or_else(|| Error::Shape("no packed values to decode".into()))?;
+            let p = packed.ok_or_else(|| Error::Layout("no packed values to decode".into()))?;
             if p.numel() != n as u64 {
-                return Err(Error::Shape(format!(
+                return Err(Error::Layout(format!(
                     "packed record holds {} values, the tensor has {n}",
                     p.numel()
                 )));
@@ -564,7 +564,7 @@ pub fn restore<T: Element>(
                     match usize::try_from(i).ok().filter(|&i| i < n) {
                         Some(i) => out[i] = T::from_f64(0.0),
                         None => {
-                            return Err(Error::Shape(format!(
+                            return Err(Error::Layout(format!(
                                 "zero index {i} is outside the tensor ({n} values)"
                             )))
                         }

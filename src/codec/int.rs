@@ -869,7 +869,7 @@ impl IntConfig {
         if matches!(self.granularity, Granularity::Row | Granularity::Tile)
             && !n.is_multiple_of(self.row_size)
         {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "int: {n} elements are not a whole number of rows of row_size={}",
                 self.row_size
             )));

@@ -502,7 +502,7 @@ impl Decoder for LosslessDecoder {
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
         if out.len() != self.numel {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "output holds {} elements, the tensor has {}",
                 out.len(),
                 self.numel

@@ -83,7 +83,9 @@ pub trait Decoder: Send + Sync {
     /// Decodes piece `i` (see [`Decoder::piece_len`]) into `out`, which has its length.
     fn decode_piece(&self, payload: &[u8], i: usize, out: DataMut<'_>) -> Result<()> {
         let _ = (payload, i, out);
-        Err(Error::Shape("this codec decodes only whole tensors".into()))
+        Err(Error::Layout(
+            "this codec decodes only whole tensors".into(),
+        ))
     }
 }
 
@@ -131,7 +133,7 @@ pub static REGISTRY: &[&CodecInfo] = &[
 /// The guard every decoder runs first: the output buffer holds exactly the tensor's elements.
 pub fn check_out_len(out_len: usize, numel: u64) -> Result<()> {
     if out_len as u64 != numel {
-        return Err(Error::Shape(format!(
+        return Err(Error::Layout(format!(
             "output buffer has {out_len} elements, the tensor has {numel}"
         )));
     }

@@ -96,14 +96,14 @@ impl Packed {
     pub fn encode(x: Data<'_>, shape: &[u64], name: &str, params: &Params) -> Result<Packed> {
         let info = codec::by_name(name)?;
         if shape.len() > MAX_NDIM {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "tensor has {} dimensions, at most {MAX_NDIM} are supported",
                 shape.len()
             )));
         }
-        let numel = numel_of(shape).map_err(|e| Error::Shape(e.to_string()))?;
+        let numel = numel_of(shape).map_err(|e| Error::Layout(e.to_string()))?;
         if numel != x.len() as u64 {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "shape {shape:?} has {numel} elements, the buffer has {}",
                 x.len()
             )));
@@ -139,7 +139,7 @@ impl Packed {
         shape: &[u64],
     ) -> Result<Packed> {
         let head_len = Self::head_len(shape);
-        let numel = numel_of(shape).map_err(|e| Error::Shape(e.to_string()))?;
+        let numel = numel_of(shape).map_err(|e| Error::Layout(e.to_string()))?;
         let payload_len = bytes.len() - head_len - meta_len;
         let head = header_bytes(version, dtype, info.id, shape, numel, meta_len, payload_len);
         bytes[..head_len].copy_from_slice(&head);
@@ -308,8 +308,8 @@ impl Packed {
     /// Decodes into a new buffer.
     pub fn decode(&self) -> Result<Owned> {
         let n = usize::try_from(self.numel())
-            .map_err(|_| Error::Shape("tensor too large for this platform".into()))?;
-        let mut out = Owned::zeros(self.dtype, n);
+            .map_err(|_| Error::Layout("tensor too large for this platform".into()))?;
+        let mut out = Owned::zeros(self.dtype, n)?;
         self.decode_into(out.as_mut())?;
         Ok(out)
     }

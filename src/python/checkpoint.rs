@@ -1,15 +1,11 @@
-//! Glue for the checkpoint container (src/format/container.rs): a writer fed in batches of raw
-//! byte arrays, and a reader that decodes entries by name. Python (smaq_rs/checkpoint.py) owns the
+//! Glue for the checkpoint container (src/format/container/): a writer fed in batches of raw
+//! byte arrays, and a reader that decodes entries by name. Python (python/smaq_rs/checkpoint/) owns the
 //! policy, the JSON skeleton and the torch/NumPy views.
 
-use super::{
-    params_from_dict, params_to_dict, ChecksumError, CodecError, DtypeError, FormatError,
-    LayoutError,
-};
-use crate::error::Error;
-use crate::format::container::{
-    CDType, Encoding, EntrySpec, FileError, FileResult, FileSource, Reader, Writer,
-};
+use super::{detached, params_from_dict, params_to_dict, LayoutError};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::container::{Encoding, EntrySpec, FileSource, Reader, Writer};
 use crate::format::Packed;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
@@ -18,35 +14,16 @@ use std::path::PathBuf;
 
 /// (name, dtype, shape, codec, params) of one entry, as Python passes it.
 type Spec<'py> = (String, String, Vec<u64>, String, Option<Bound<'py, PyDict>>);
-/// (params, encoder statistics) of a packed entry.
-type CodecInfo<'py> = (Option<Bound<'py, PyDict>>, Option<Bound<'py, PyDict>>);
+/// (params, encoder statistics) of a packed entry, as dicts; (None, None) for raw and zstd entries.
+type ParamsAndInfo<'py> = (Option<Bound<'py, PyDict>>, Option<Bound<'py, PyDict>>);
 
-/// Maps a container error to its exception, naming the entry when there is one.
-fn file_err(entry: Option<&str>, e: FileError) -> PyErr {
-    match e {
-        FileError::Io(e, ctx) => PyErr::from(std::io::Error::new(e.kind(), format!("{ctx}: {e}"))),
-        FileError::Core(e) => {
-            let msg = match entry {
-                Some(n) => format!("entry {n:?}: {e}"),
-                None => e.to_string(),
-            };
-            match e {
-                Error::Format(_) => FormatError::new_err(msg),
-                Error::Checksum { .. } => ChecksumError::new_err(msg),
-                Error::Codec(_) => CodecError::new_err(msg),
-                Error::Dtype(_) => DtypeError::new_err(msg),
-                Error::Shape(_) => LayoutError::new_err(msg),
-            }
-        }
-    }
-}
-
-fn run<T: Send>(
+/// Runs `f` without the GIL; an error is said of the entry `name` ([`Error::in_entry`]).
+fn detached_entry<T: Send>(
     py: Python<'_>,
-    entry: Option<&str>,
-    f: impl FnOnce() -> FileResult<T> + Send,
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(f).map_err(|e| file_err(entry, e))
+    py.detach(f).map_err(|e| e.in_entry(name).into())
 }
 
 /// Writes a checkpoint to a temporary file beside `path`; `finish()` renames it into place.
@@ -63,36 +40,18 @@ impl PyWriter {
     fn new(py: Python<'_>, path: PathBuf, specs: Vec<Spec<'_>>, json: String) -> PyResult<Self> {
         let mut out = Vec::with_capacity(specs.len());
         for (name, dtype, shape, codec, params) in specs {
-            let dtype = CDType::from_name(&dtype).map_err(|e| file_err(Some(&name), e.into()))?;
-            let mut params = params_from_dict(params.as_ref())?;
+            let dtype = DType::stored_from_name(&dtype).map_err(|e| e.in_entry(&name))?;
+            let params = params_from_dict(params.as_ref())?;
             let encoding = match codec.as_str() {
                 "raw" => Encoding::Raw,
-                "zstd" => {
-                    let level = match params.remove("level") {
-                        None => 3,
-                        Some(crate::codec::Param::Int(l)) if (-7..=19).contains(&l) => l as i32,
-                        Some(p) => {
-                            return Err(CodecError::new_err(format!(
-                                "zstd level must be an integer in -7..=19, got {p}"
-                            )))
-                        }
-                    };
-                    if let Some(k) = params.keys().next() {
-                        return Err(CodecError::new_err(format!(
-                            "codec \"zstd\" has no parameter {k:?}; its parameters are: level"
-                        )));
-                    }
-                    Encoding::Zstd(level)
-                }
+                "zstd" => Encoding::zstd(params)?,
                 other => {
-                    let info = crate::codec::by_name(other)
-                        .map_err(|e| file_err(Some(&name), e.into()))?;
-                    (info.encoder)(&params).map_err(|e| file_err(Some(&name), e.into()))?;
-                    if dtype.float().is_none() {
-                        return Err(DtypeError::new_err(format!(
-                            "entry {name:?}: codec {other:?} needs a float tensor, not {}",
-                            dtype.name()
-                        )));
+                    let info = crate::codec::by_name(other).map_err(|e| e.in_entry(&name))?;
+                    (info.encoder)(&params).map_err(|e| e.in_entry(&name))?;
+                    if !dtype.is_packable() {
+                        let e =
+                            format!("codec {other:?} needs a float tensor, not {}", dtype.name());
+                        return Err(Error::Dtype(e).in_entry(&name).into());
                     }
                     Encoding::Packed(other.to_string(), params)
                 }
@@ -104,7 +63,7 @@ impl PyWriter {
                 encoding,
             });
         }
-        let inner = run(py, None, move || Writer::create(&path, out, json))?;
+        let inner = detached(py, move || Writer::create(&path, out, json))?;
         Ok(Self { inner: Some(inner) })
     }
 
@@ -126,7 +85,7 @@ impl PyWriter {
                     .map_err(|_| LayoutError::new_err("entry bytes must be C-contiguous"))
             })
             .collect::<PyResult<Vec<&[u8]>>>()?;
-        run(py, None, || w.write_batch(&slices))
+        detached(py, || w.write_batch(&slices))
     }
 
     /// Writes the header, fsyncs and renames into place.
@@ -135,7 +94,7 @@ impl PyWriter {
             .inner
             .take()
             .ok_or_else(|| LayoutError::new_err("the checkpoint writer is closed"))?;
-        run(py, None, || w.finish())
+        detached(py, || w.finish())
     }
 
     /// Discards the temporary file (the target is untouched).
@@ -162,7 +121,7 @@ impl PyReader {
 impl PyReader {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = run(py, None, move || Reader::open(&path))?;
+        let inner = detached(py, move || Reader::open(&path))?;
         Ok(Self { inner })
     }
 
@@ -210,14 +169,12 @@ impl PyReader {
 
     /// Parameters and encoder statistics of a packed entry (reads and verifies its bytes);
     /// (None, None) for raw and zstd entries.
-    fn codec_info<'py>(&self, py: Python<'py>, name: &str) -> PyResult<CodecInfo<'py>> {
+    fn codec_info<'py>(&self, py: Python<'py>, name: &str) -> PyResult<ParamsAndInfo<'py>> {
         let i = self.index(name)?;
         if self.inner.header.entries[i].encoding != crate::format::container::ENC_PACKED {
             return Ok((None, None));
         }
-        let p = run(py, Some(name), || {
-            Ok(Packed::from_bytes(self.inner.stored(i)?)?)
-        })?;
+        let p = detached_entry(py, name, || Packed::from_bytes(self.inner.stored(i)?))?;
         Ok((
             Some(params_to_dict(py, &p.params())?),
             Some(params_to_dict(py, &p.info())?),
@@ -227,7 +184,7 @@ impl PyReader {
     /// The stored bytes of an entry, checksum verified.
     fn stored<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyBytes>> {
         let i = self.index(name)?;
-        let b = run(py, Some(name), || self.inner.stored(i))?;
+        let b = detached_entry(py, name, || self.inner.stored(i))?;
         Ok(PyBytes::new(py, &b))
     }
 
@@ -235,7 +192,7 @@ impl PyReader {
     /// first (view it as uint8, cut to dense_nbytes, view as the dtype).
     fn read<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let i = self.index(name)?;
-        let v = run(py, Some(name), || self.inner.read(i))?;
+        let v = detached_entry(py, name, || self.inner.read(i))?;
         Ok(v.into_pyarray(py))
     }
 
@@ -254,7 +211,7 @@ impl PyReader {
             .zip(&names)
             .map(|(r, n)| {
                 r.map(|v| v.into_pyarray(py))
-                    .map_err(|e| file_err(Some(n), e))
+                    .map_err(|e| e.in_entry(n).into())
             })
             .collect()
     }

@@ -1,14 +1,17 @@
-//! The PyO3 glue: the only module that knows about Python (one file per area, registered below). Buffers are borrowed from NumPy arrays
-//! while the GIL is held, the work runs with the GIL released ([`detached`]), and every core error
-//! becomes one exception class ([`to_py`]).
+//! The PyO3 glue: the only module that knows about Python (one file per area, registered below).
+//! Buffers are borrowed from NumPy arrays while the GIL is held, the work runs with the GIL
+//! released ([`detached`]), and every core error becomes one exception class (`From<Error> for
+//! PyErr`, in `errors.rs`).
 
 mod checkpoint;
+mod errors;
 mod optim;
 mod zmap;
 
+pub(crate) use errors::{CodecError, DtypeError, FormatError, LayoutError};
+
 use crate::codec::{self, Param, Params};
-use crate::dtype::{DType, Data, DataMut, Owned};
-use crate::error::Error;
+use crate::dtype::{not_packable, DType, Data, DataMut, Owned};
 use crate::format::Packed;
 use half::{bf16, f16};
 use numpy::{
@@ -16,60 +19,15 @@ use numpy::{
     PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::buffer::PyBuffer;
-use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
-
-create_exception!(
-    smaq_rs,
-    SmaqError,
-    PyValueError,
-    "Base class of every smaq_rs error."
-);
-create_exception!(
-    smaq_rs,
-    FormatError,
-    SmaqError,
-    "Bytes that are not a valid packed tensor."
-);
-create_exception!(
-    smaq_rs,
-    ChecksumError,
-    FormatError,
-    "Packed bytes whose checksum does not match."
-);
-create_exception!(
-    smaq_rs,
-    CodecError,
-    SmaqError,
-    "Unknown codec or invalid codec parameters."
-);
-create_exception!(smaq_rs, DtypeError, SmaqError, "Unsupported element type.");
-create_exception!(
-    smaq_rs,
-    LayoutError,
-    SmaqError,
-    "Non-contiguous input or a mismatched output buffer."
-);
-
-pub(crate) fn to_py(e: Error) -> PyErr {
-    let msg = e.to_string();
-    match e {
-        Error::Format(_) => FormatError::new_err(msg),
-        Error::Checksum { .. } => ChecksumError::new_err(msg),
-        Error::Codec(_) => CodecError::new_err(msg),
-        Error::Dtype(_) => DtypeError::new_err(msg),
-        Error::Shape(_) => LayoutError::new_err(msg),
-    }
-}
 
 /// Runs `f` without the GIL and maps its error.
 pub(crate) fn detached<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(f).map_err(to_py)
+    py.detach(f).map_err(PyErr::from)
 }
 
 fn not_contiguous(what: &str) -> PyErr {
@@ -247,7 +205,7 @@ pub(crate) fn with_input<R>(
 ) -> PyResult<R> {
     let np_dtype = array.dtype().str()?.to_string();
     let want = match dtype {
-        Some(d) => DType::from_name(d).map_err(to_py)?,
+        Some(d) => DType::from_name(d)?,
         None => match np_dtype.as_str() {
             "float32" => DType::F32,
             "float64" => DType::F64,
@@ -278,6 +236,7 @@ pub(crate) fn with_input<R>(
         DType::F64 => run!(f64, |s| Data::F64(s)),
         DType::F16 => run!(f16, |s| Data::F16(s)),
         DType::BF16 => run!(u16, |s| Data::BF16(bytemuck::cast_slice::<u16, bf16>(s))),
+        other => Err(not_packable(other).into()),
     }
 }
 
@@ -318,6 +277,7 @@ pub(crate) fn with_output<R>(
         DType::BF16 => into!(u16, |s| DataMut::BF16(
             bytemuck::cast_slice_mut::<u16, bf16>(s)
         )),
+        other => Err(not_packable(other).into()),
     }
 }
 
@@ -364,9 +324,9 @@ fn resolve_params<'py>(
     codec: &str,
     params: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let info = codec::by_name(codec).map_err(to_py)?;
+    let info = codec::by_name(codec)?;
     let given = params_from_dict(params)?;
-    (info.encoder)(&given).map_err(to_py)?;
+    (info.encoder)(&given)?;
     let mut full = (info.defaults)();
     full.extend(given);
     params_to_dict(py, &full)
@@ -396,15 +356,9 @@ fn cached_bytes() -> usize {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
-    m.add("SmaqError", py.get_type::<SmaqError>())?;
-    m.add("FormatError", py.get_type::<FormatError>())?;
-    m.add("ChecksumError", py.get_type::<ChecksumError>())?;
-    m.add("CodecError", py.get_type::<CodecError>())?;
-    m.add("DtypeError", py.get_type::<DtypeError>())?;
-    m.add("LayoutError", py.get_type::<LayoutError>())?;
+    errors::register(m)?;
     m.add_class::<PyPacked>()?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(codecs, m)?)?;

@@ -2,7 +2,7 @@
 //! tensors: one call packs a tensor with its zero map or zero list and value range, one call
 //! puts it back into a caller's buffer. The GIL is released for the work.
 
-use super::{detached, not_contiguous, params_from_dict, to_py, with_input, with_output, PyPacked};
+use super::{detached, not_contiguous, params_from_dict, with_input, with_output, PyPacked};
 use crate::dtype::DType;
 use crate::zmap::{self, Rule, Zeros, ZerosRef};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods};
@@ -65,7 +65,7 @@ fn store_decode(
     out: &Bound<'_, PyAny>,
     dtype: &str,
 ) -> PyResult<()> {
-    let want = DType::from_name(dtype).map_err(to_py)?;
+    let want = DType::from_name(dtype)?;
     let z = match (&mask, &zeros) {
         (Some(m), _) => ZerosRef::Map(m.as_slice().map_err(|_| not_contiguous("zero map"))?),
         (None, Some(l)) => {

@@ -732,7 +732,7 @@ impl PieceEncoder {
             || x.len() != want
             || primary.len() as u64 != q.chunk_bytes(want as u64, 0).0
         {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "piece {ci} of a {}-value tensor in pieces of {cs} has {want} values, got {} \
                  (and {} bytes for its primary stream)",
                 self.numel,
@@ -763,7 +763,7 @@ impl PieceEncoder {
     ) -> Result<(Vec<u8>, usize)> {
         let meta_len = Header::len_for(pieces.len(), self.escapes());
         if pieces.len() != self.pieces() || out.head != lead + meta_len {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "{} pieces given, the tensor has {}; or the output was made for another lead",
                 pieces.len(),
                 self.pieces()
@@ -1395,7 +1395,7 @@ impl SmaqHeader {
         let n = self.numel as usize;
         let want = n.saturating_sub(i.saturating_mul(cs)).min(cs);
         if self.h.raw || i >= self.spans.len() || out.len() != want {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "piece {i} of a {n}-value tensor in pieces of {cs} has {want} values, the \
                  buffer {}",
                 out.len()
@@ -1440,7 +1440,7 @@ impl Decoder for SmaqHeader {
 
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
         if out.dtype() != self.dtype || out.len() as u64 != self.numel {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "output buffer is {} x {}, the tensor is {} x {}",
                 out.len(),
                 out.dtype().name(),
@@ -1457,7 +1457,7 @@ impl Decoder for SmaqHeader {
 
     fn decode_piece(&self, payload: &[u8], i: usize, out: DataMut<'_>) -> Result<()> {
         if out.dtype() != self.dtype {
-            return Err(Error::Shape(format!(
+            return Err(Error::Layout(format!(
                 "output buffer is {}, the tensor is {}",
                 out.dtype().name(),
                 self.dtype.name()
@@ -1932,7 +1932,14 @@ mod tests {
         let mut x: Vec<f32> = (0..10_000)
             .map(|_| f32::from_bits(rng.next_u64() as u32))
             .collect();
-        x.extend([0.0, -0.0, 1.0, f32::MIN_POSITIVE, f32::from_bits(1), f32::MAX]);
+        x.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::MAX,
+        ]);
         x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -1.0]);
         for zero in [0.0, f32::NAN] {
             let mut want = vec![0f32; x.len()];

@@ -1,0 +1,322 @@
+//! Writing a checkpoint container: entries encoded in parallel batches into a temporary file
+//! beside the target, the header written last, fsync, and an atomic rename. Temporary files that
+//! killed writers left behind are swept when their process no longer exists.
+
+use super::{
+    align8, dense_of, write_header, Encoding, Entry, EntrySpec, ENC_PACKED, ENC_RAW, ENC_ZSTD,
+    MAX_DENSE, MAX_HEADER, PREAMBLE,
+};
+use crate::codec;
+use crate::dtype::Data;
+use crate::error::{Error, Result};
+use crate::format::Packed;
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Encodes one entry's raw little-endian bytes. Returns (encoding, codec id, stored bytes).
+pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> {
+    let dense = dense_of(spec.dtype, &spec.shape)
+        .ok_or_else(|| Error::Layout(format!("entry {:?}: shape overflows", spec.name)))?;
+    if raw.len() as u64 != dense {
+        return Err(Error::Layout(format!(
+            "entry {:?}: {} bytes given, shape {:?} of {} needs {dense}",
+            spec.name,
+            raw.len(),
+            spec.shape,
+            spec.dtype.name()
+        )));
+    }
+    match &spec.encoding {
+        Encoding::Raw => Ok((ENC_RAW, 0, raw.to_vec())),
+        Encoding::Zstd(level) => {
+            let z = zstd::bulk::compress(raw, *level)
+                .map_err(|e| Error::Codec(format!("zstd failed: {e}")))?;
+            if z.len() < raw.len() {
+                Ok((ENC_ZSTD, 0, z))
+            } else {
+                Ok((ENC_RAW, 0, raw.to_vec()))
+            }
+        }
+        Encoding::Packed(name, params) => {
+            if !spec.dtype.is_packable() {
+                return Err(Error::Dtype(format!(
+                    "entry {:?}: codec {name:?} needs a float tensor, not {}",
+                    spec.name,
+                    spec.dtype.name()
+                )));
+            }
+            let mut copy: Vec<u64> = Vec::new();
+            let words: &[u8] = if (raw.as_ptr() as usize).is_multiple_of(spec.dtype.size()) {
+                raw
+            } else {
+                // A view at an odd offset (rare): copy into an 8-byte-aligned buffer.
+                copy.resize(raw.len().div_ceil(8), 0);
+                let b: &mut [u8] = bytemuck::cast_slice_mut(&mut copy);
+                b[..raw.len()].copy_from_slice(raw);
+                &bytemuck::cast_slice::<u64, u8>(&copy)[..raw.len()]
+            };
+            let data = Data::from_bytes(spec.dtype, words)?;
+            let p = Packed::encode(data, &spec.shape, name, params)?;
+            let id = codec::by_name(p.codec_name())?.id;
+            Ok((ENC_PACKED, id, p.into_bytes()))
+        }
+    }
+}
+
+/// Removes the temporary files that killed writers of `dir/fname` left behind: those named
+/// `.FNAME.smaq-tmp.PID.*` whose process no longer exists on this machine. A live writer's file
+/// (this process's included) is never touched; failures to remove are ignored.
+fn sweep_stale(dir: &Path, fname: &std::ffi::OsStr) {
+    let prefix = format!(".{}.smaq-tmp.", fname.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (on other systems than Linux: assumed so).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return true;
+        }
+        // EPERM: it exists but belongs to someone else.
+        std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Writes a container: a temporary file beside the target, entries appended in batches (each
+/// batch encoded in parallel), then the header, fsync, and an atomic rename over `path`. Dropping
+/// an unfinished writer removes the temporary file; a killed process leaves only it behind.
+pub struct Writer {
+    file: Option<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    json: String,
+    specs: Vec<EntrySpec>,
+    entries: Vec<Entry>,
+    header_len: usize,
+    pos: u64,
+    next: usize,
+}
+
+impl Writer {
+    pub fn create(path: &Path, specs: Vec<EntrySpec>, json: String) -> Result<Writer> {
+        if json.len() > u32::MAX as usize {
+            return Err(Error::Layout(format!(
+                "checkpoint JSON is {} bytes, at most 4 GiB",
+                json.len()
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut entries = Vec::with_capacity(specs.len());
+        for s in &specs {
+            if s.name.is_empty() || s.name.len() > u16::MAX as usize || !names.insert(&s.name) {
+                return Err(Error::Layout(format!(
+                    "entry name {:?} is empty, longer than 65535 bytes, or repeated",
+                    s.name
+                )));
+            }
+            if s.shape.len() > crate::format::MAX_NDIM
+                || dense_of(s.dtype, &s.shape).is_none_or(|d| d > MAX_DENSE)
+            {
+                return Err(Error::Layout(format!(
+                    "entry {:?}: shape {:?} is too large",
+                    s.name, s.shape
+                )));
+            }
+            entries.push(Entry {
+                name: s.name.clone(),
+                dtype: s.dtype,
+                shape: s.shape.clone(),
+                encoding: 0,
+                codec_id: 0,
+                offset: 0,
+                length: 0,
+                checksum: 0,
+            });
+        }
+        let header_len = write_header(&json, &entries).len();
+        if (header_len - PREAMBLE) as u64 > MAX_HEADER {
+            return Err(Error::Layout(format!(
+                "checkpoint header would be {header_len} bytes, the cap is {MAX_HEADER}"
+            )));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let fname = path
+            .file_name()
+            .ok_or_else(|| Error::Layout(format!("{} is not a file path", path.display())))?;
+        sweep_stale(&dir, fname);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = dir.join(format!(
+            ".{}.smaq-tmp.{}.{nanos}",
+            fname.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(Error::io(format!("cannot create {}", tmp.display())))?;
+        let mut w = Writer {
+            file: None,
+            tmp,
+            path: path.to_path_buf(),
+            json,
+            specs,
+            entries,
+            header_len,
+            pos: 0,
+            next: 0,
+        };
+        // From here on, dropping `w` removes the temporary file.
+        let start = align8(header_len as u64).unwrap();
+        file.write_all(&vec![0u8; start as usize])
+            .map_err(Error::io("cannot write the checkpoint"))?;
+        w.file = Some(file);
+        Ok(w)
+    }
+
+    /// Entries written so far.
+    pub fn written(&self) -> usize {
+        self.next
+    }
+
+    /// Encodes the next `raws.len()` entries (in parallel) and appends them. Returns the stored
+    /// byte length of each.
+    pub fn write_batch(&mut self, raws: &[&[u8]]) -> Result<Vec<u64>> {
+        let end = self.next + raws.len();
+        if end > self.specs.len() {
+            return Err(Error::Layout(format!(
+                "{} entries given, the checkpoint was declared with {} and has {} written",
+                raws.len(),
+                self.specs.len(),
+                self.next
+            )));
+        }
+        let specs = &self.specs[self.next..end];
+        let coded: Vec<(u8, u16, Vec<u8>)> = crate::pool::install(|| {
+            specs
+                .par_iter()
+                .zip(raws.par_iter())
+                .map(|(s, r)| encode_entry(s, r))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let file = self.file.as_mut().expect("writer already finished");
+        let mut sizes = Vec::with_capacity(coded.len());
+        for (i, (enc, id, bytes)) in coded.into_iter().enumerate() {
+            let e = &mut self.entries[self.next + i];
+            e.encoding = enc;
+            e.codec_id = id;
+            e.offset = self.pos;
+            e.length = bytes.len() as u64;
+            e.checksum = crate::format::checksum(&bytes);
+            let pad = align8(e.length).unwrap() - e.length;
+            file.write_all(&bytes)
+                .and_then(|_| file.write_all(&[0u8; 8][..pad as usize]))
+                .map_err(Error::io("cannot write the checkpoint"))?;
+            self.pos += e.length + pad;
+            sizes.push(e.length);
+        }
+        self.next = end;
+        Ok(sizes)
+    }
+
+    /// Writes the header, fsyncs, and renames the temporary file over the target.
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.specs.len() {
+            return Err(Error::Layout(format!(
+                "checkpoint declared {} entries, {} were written",
+                self.specs.len(),
+                self.next
+            )));
+        }
+        let header = write_header(&self.json, &self.entries);
+        debug_assert_eq!(header.len(), self.header_len);
+        let mut file = self.file.take().expect("writer already finished");
+        let fail = Error::io("cannot write the checkpoint");
+        file.seek(SeekFrom::Start(0))
+            .and_then(|_| file.write_all(&header))
+            .and_then(|_| file.sync_all())
+            .map_err(fail)?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(Error::io(format!(
+            "cannot rename {} to {}",
+            self.tmp.display(),
+            self.path.display()
+        )))?;
+        // Make the rename itself durable.
+        if let Some(dir) = self.path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            self.file.take();
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{sample, tmpdir, write};
+    use super::*;
+
+    #[test]
+    fn dropped_writer_leaves_target_untouched() {
+        let dir = tmpdir("drop");
+        let path = dir.join("a.smaq");
+        write(&path);
+        let before = std::fs::read(&path).unwrap();
+        let (specs, raws) = sample();
+        let mut w = Writer::create(&path, specs, "{}".into()).unwrap();
+        w.write_batch(&[&raws[0]]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
