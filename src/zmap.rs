@@ -660,6 +660,63 @@ mod tests {
         }
     }
 
+    /// Old-against-new comparison of the census, kept while both exist.
+    #[test]
+    fn census_matches_shared_summary() {
+        use crate::stats::{summarize, summarize_portable, Filter, Gather, Summary, Sums};
+        let g = Gather {
+            filter: Filter::NonZero,
+            sums: Sums::None,
+        };
+        let check = |(a, z): (Tally, Tally), s: Summary, what: &str| {
+            let (lo, hi) = s.range_with_zeros();
+            assert_eq!(
+                key(a),
+                (s.zeros, lo.to_bits(), hi.to_bits(), s.nan > 0),
+                "{what}: all"
+            );
+            assert_eq!(
+                key(z),
+                (0, s.min.to_bits(), s.max.to_bits(), s.nan > 0),
+                "{what}: non-zero"
+            );
+        };
+        let mut x = crate::stats::old_vs_new::specials(20_000, 9);
+        x.extend(values(5000, 4, 50));
+        x.extend(values(5000, 5, 97));
+        for start in [0usize, 5, 97 * 3, 20_000] {
+            for len in (0..70).chain([256, 4099, 9000]) {
+                let d = &x[start..(start + len).min(x.len())];
+                let old = census_block(d);
+                check(old, summarize_portable(d, g), "portable");
+                check(old, summarize(d, g), "dispatch");
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::avx2() {
+                    // SAFETY: AVX2 checked.
+                    check(
+                        old,
+                        unsafe { crate::stats::simd::summarize_avx2(d, g) },
+                        "avx2",
+                    );
+                }
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::avx512() {
+                    // SAFETY: AVX-512 checked.
+                    let n = unsafe { crate::stats::simd::summarize_avx512(d, g) };
+                    check(old, n, "avx512");
+                    // SAFETY: as above.
+                    check(unsafe { avx512::census(d) }, n, "old avx512");
+                }
+                let h: Vec<f16> = d.iter().map(|&v| f16::from_f32(v)).collect();
+                let b: Vec<bf16> = d.iter().map(|&v| bf16::from_f32(v)).collect();
+                let w: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+                check(census_block(&h), summarize(&h, g), "f16");
+                check(census_block(&b), summarize(&b, g), "bf16");
+                check(census_block(&w), summarize(&w, g), "f64");
+            }
+        }
+    }
+
     fn round_trip<T: Element>(x: &[T], rule: &Rule<'_>) -> (Held, Vec<T>) {
         let held = store(x, &[x.len() as u64], rule).unwrap();
         let mut out = vec![T::from_f64(9.0); x.len()];

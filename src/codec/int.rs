@@ -1763,6 +1763,104 @@ mod tests {
         }
     }
 
+    /// Old-against-new comparison of the statistics, kept while both exist.
+    #[test]
+    fn stats_match_shared_summary() {
+        use crate::stats::{summarize, summarize_portable, Filter, Gather, Summary, Sums};
+        let mut x = crate::stats::old_vs_new::specials(30_011, 5);
+        x.extend(tricky_blocks(64 * 50, 6));
+        x.extend(normal(3000, 2));
+        let g = |moments: bool| Gather {
+            filter: Filter::Finite,
+            sums: if moments { Sums::Serial } else { Sums::None },
+        };
+        let same = |a: Stats, b: Summary, moments: bool, what: &str| {
+            assert_eq!(a.lo.to_bits(), (b.min as f32).to_bits(), "{what}: lo");
+            assert_eq!(a.hi.to_bits(), (b.max as f32).to_bits(), "{what}: hi");
+            assert_eq!(a.nonfinite, b.nonfinite, "{what}");
+            if moments {
+                assert_eq!(a.count, b.count, "{what}");
+                assert_eq!(a.sum_sq.to_bits(), b.sumsq.to_bits(), "{what}");
+                assert_eq!(a.sum_abs.to_bits(), b.sum_abs.to_bits(), "{what}");
+            }
+        };
+        let mut olds = Vec::new();
+        let mut news = Vec::new();
+        for start in [0usize, 3, 17, 1000] {
+            for len in (0..70).chain([256, 4096, 4099, 9000]) {
+                let d = &x[start..(start + len).min(x.len())];
+                for moments in [false, true] {
+                    let a = stats_portable(d, moments);
+                    same(a, summarize_portable(d, g(moments)), moments, "portable");
+                    let b = summarize(d, g(moments));
+                    same(stats(d, moments), b, moments, "dispatch");
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx2() {
+                        // SAFETY: AVX2 checked.
+                        let (o, n) = unsafe {
+                            (
+                                stats_avx2(d, moments),
+                                crate::stats::simd::summarize_avx2(d, g(moments)),
+                            )
+                        };
+                        same(o, n, moments, "avx2");
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx512() {
+                        // SAFETY: AVX-512 checked.
+                        let (o, n) = unsafe {
+                            (
+                                stats_avx512(d, moments),
+                                crate::stats::simd::summarize_avx512(d, g(moments)),
+                            )
+                        };
+                        same(o, n, moments, "avx512");
+                        if len.is_multiple_of(16) {
+                            // SAFETY: as above.
+                            let (lo, hi, bad) = unsafe { lohi16_avx512(d) };
+                            assert_eq!(lo.to_bits(), (n.min as f32).to_bits());
+                            assert_eq!(hi.to_bits(), (n.max as f32).to_bits());
+                            assert_eq!(bad, n.nonfinite > 0);
+                        }
+                    }
+                    if moments {
+                        olds.push(a);
+                        news.push(b);
+                    }
+                }
+            }
+        }
+        // Merging, in every order of neighbours (ties of signed zeros included).
+        for (w, v) in olds.windows(2).zip(news.windows(2)) {
+            same(w[0].merge(w[1]), v[0].then(v[1]), true, "merge");
+            same(w[1].merge(w[0]), v[1].then(v[0]), true, "merge");
+            same(
+                Stats::EMPTY.merge(w[0]),
+                Summary::EMPTY.then(v[0]),
+                true,
+                "merge",
+            );
+        }
+        let z = |v: f32| Stats {
+            lo: v,
+            hi: v,
+            ..Stats::EMPTY
+        };
+        let zs = |v: f64| Summary {
+            min: v,
+            max: v,
+            ..Summary::EMPTY
+        };
+        for (a, b) in [(0.0f32, -0.0f32), (-0.0, 0.0), (0.0, 0.0), (-0.0, -0.0)] {
+            same(
+                z(a).merge(z(b)),
+                zs(a as f64).then(zs(b as f64)),
+                false,
+                "zeros",
+            );
+        }
+    }
+
     #[test]
     fn every_width_and_granularity() {
         let x = normal(12 * 50, 2);
