@@ -546,217 +546,16 @@ pub(crate) mod simd {
     }
 }
 
-/// Running moments of the finite values, shifted by `shift` for numerical stability.
-#[derive(Debug, Clone, Copy)]
-struct Moments {
-    count: u64,
-    sum: f64,
-    sumsq: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Moments {
-    const EMPTY: Moments = Moments {
-        count: 0,
-        sum: 0.0,
-        sumsq: 0.0,
-        min: f64::INFINITY,
-        max: f64::NEG_INFINITY,
-    };
-
-    fn merge(self, o: Moments) -> Moments {
-        Moments {
-            count: self.count + o.count,
-            sum: self.sum + o.sum,
-            sumsq: self.sumsq + o.sumsq,
-            min: self.min.min(o.min),
-            max: self.max.max(o.max),
-        }
-    }
-
-    /// Moments of one block: f32 data goes through an AVX2 kernel where the CPU has one;
-    /// float16/bfloat16 blocks are widened to f32 (exactly) and take the same kernel.
-    fn of<T: Element>(x: &[T], shift: f64) -> Moments {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::simd::avx2() {
-                if let Some(wide) = widen_half(x) {
-                    return Self::of(&wide, shift);
-                }
-            }
-            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-                // SAFETY: T is f32, so the slice is a slice of f32.
-                let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
-                if crate::simd::avx512() {
-                    // SAFETY: AVX-512 F/DQ/VL are present (checked just above).
-                    return unsafe { Moments::of_f32_avx512(x32, shift) };
-                }
-                if crate::simd::avx2() {
-                    // SAFETY: AVX2 is present (checked just above).
-                    return unsafe { Moments::of_f32_avx2(x32, shift) };
-                }
-            }
-        }
-        Moments::of_portable(x, shift)
-    }
-
-    /// f32 moments in AVX2, summed in f64 lanes (exact enough for any finite f32 range:
-    /// squares of subnormals and of values near f32::MAX are representable in f64).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn of_f32_avx2(x: &[f32], shift: f64) -> Moments {
-        use std::arch::x86_64::*;
-        let sh = _mm256_set1_pd(shift);
-        let exp = _mm256_set1_epi32(0x7f80_0000);
-        let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let (mut q0, mut q1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut lo = _mm256_set1_ps(f32::INFINITY);
-        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut count = _mm256_setzero_si256();
-        let body = x.len() / 8 * 8;
-        let mut i = 0;
-        while i < body {
-            let v = _mm256_loadu_ps(x.as_ptr().add(i));
-            let bad = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exp), exp);
-            let badf = _mm256_castsi256_ps(bad);
-            // Non-finite lanes contribute `shift`, i.e. zero after the subtraction.
-            let vz = _mm256_blendv_ps(v, _mm256_set1_ps(shift as f32), badf);
-            let d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vz)), sh);
-            let d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(vz)), sh);
-            let keep0 = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(bad)));
-            let keep1 =
-                _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(bad)));
-            let d0 = _mm256_andnot_pd(keep0, d0);
-            let d1 = _mm256_andnot_pd(keep1, d1);
-            s0 = _mm256_add_pd(s0, d0);
-            s1 = _mm256_add_pd(s1, d1);
-            q0 = _mm256_add_pd(q0, _mm256_mul_pd(d0, d0));
-            q1 = _mm256_add_pd(q1, _mm256_mul_pd(d1, d1));
-            lo = _mm256_min_ps(lo, _mm256_blendv_ps(v, _mm256_set1_ps(f32::INFINITY), badf));
-            hi = _mm256_max_ps(
-                hi,
-                _mm256_blendv_ps(v, _mm256_set1_ps(f32::NEG_INFINITY), badf),
-            );
-            count = _mm256_sub_epi32(count, _mm256_xor_si256(bad, _mm256_set1_epi32(-1)));
-            i += 8;
-        }
-        let mut m = Moments::EMPTY;
-        let (mut a, mut b) = ([0f64; 4], [0f64; 4]);
-        _mm256_storeu_pd(a.as_mut_ptr(), _mm256_add_pd(s0, s1));
-        _mm256_storeu_pd(b.as_mut_ptr(), _mm256_add_pd(q0, q1));
-        m.sum = a.iter().sum();
-        m.sumsq = b.iter().sum();
-        let (mut la, mut ha, mut ca) = ([0f32; 8], [0f32; 8], [0u32; 8]);
-        _mm256_storeu_ps(la.as_mut_ptr(), lo);
-        _mm256_storeu_ps(ha.as_mut_ptr(), hi);
-        _mm256_storeu_si256(ca.as_mut_ptr() as *mut __m256i, count);
-        m.count = ca.iter().map(|&c| c as u64).sum();
-        m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
-        m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-        m.merge(Moments::of_portable(&x[body..], shift))
-    }
-
-    /// [`Moments::of_f32_avx2`] in AVX-512: the same eight f64 lanes (lane j sums the elements
-    /// j mod 8, in order), the same operations and the same final reduction, so the result is
-    /// bit-identical; non-finite lanes are masked instead of blended.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-    unsafe fn of_f32_avx512(x: &[f32], shift: f64) -> Moments {
-        use std::arch::x86_64::*;
-        let sh = _mm512_set1_pd(shift);
-        let exp = _mm256_set1_epi32(0x7f80_0000);
-        let mut s = _mm512_setzero_pd();
-        let mut q = _mm512_setzero_pd();
-        let mut lo = _mm256_set1_ps(f32::INFINITY);
-        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut count = 0u64;
-        let body = x.len() / 8 * 8;
-        let p = x.as_ptr();
-        let mut i = 0;
-        while i < body {
-            // SAFETY: i + 8 <= body <= x.len().
-            let v = unsafe { _mm256_loadu_ps(p.add(i)) };
-            let vb = _mm256_castps_si256(v);
-            let ok = _mm256_cmpneq_epi32_mask(_mm256_and_si256(vb, exp), exp);
-            // Finite lanes: widen, subtract the shift; the others are +0.0, as in AVX2.
-            let d = _mm512_maskz_sub_pd(ok, _mm512_cvtps_pd(v), sh);
-            s = _mm512_add_pd(s, d);
-            q = _mm512_add_pd(q, _mm512_mul_pd(d, d));
-            lo = _mm256_mask_min_ps(lo, ok, lo, v);
-            hi = _mm256_mask_max_ps(hi, ok, hi, v);
-            count += ok.count_ones() as u64;
-            i += 8;
-        }
-        let mut m = Moments::EMPTY;
-        let (mut sl, mut ql) = ([0f64; 8], [0f64; 8]);
-        // SAFETY: both arrays hold eight f64.
-        unsafe {
-            _mm512_storeu_pd(sl.as_mut_ptr(), s);
-            _mm512_storeu_pd(ql.as_mut_ptr(), q);
-        }
-        // The AVX2 kernel's order: its two 4-lane halves added lane-wise, then summed.
-        let a: [f64; 4] = std::array::from_fn(|j| sl[j] + sl[j + 4]);
-        let b: [f64; 4] = std::array::from_fn(|j| ql[j] + ql[j + 4]);
-        m.sum = a.iter().sum();
-        m.sumsq = b.iter().sum();
-        let (mut la, mut ha) = ([0f32; 8], [0f32; 8]);
-        // SAFETY: both arrays hold eight f32.
-        unsafe {
-            _mm256_storeu_ps(la.as_mut_ptr(), lo);
-            _mm256_storeu_ps(ha.as_mut_ptr(), hi);
-        }
-        m.count = count;
-        m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
-        m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-        m.merge(Moments::of_portable(&x[body..], shift))
-    }
-
-    /// Moments of one block, with 8 independent lanes.
-    fn of_portable<T: Element>(x: &[T], shift: f64) -> Moments {
-        const L: usize = 8;
-        let (mut s, mut q, mut c) = ([0f64; L], [0f64; L], [0u64; L]);
-        let (mut lo, mut hi) = ([f64::INFINITY; L], [f64::NEG_INFINITY; L]);
-        let mut blocks = x.chunks_exact(L);
-        for b in &mut blocks {
-            for j in 0..L {
-                let v = b[j].to_f64();
-                let ok = v.is_finite();
-                let d = if ok { v - shift } else { 0.0 };
-                s[j] += d;
-                q[j] += d * d;
-                c[j] += ok as u64;
-                lo[j] = if ok { lo[j].min(v) } else { lo[j] };
-                hi[j] = if ok { hi[j].max(v) } else { hi[j] };
-            }
-        }
-        let mut m = Moments::EMPTY;
-        for j in 0..L {
-            m = m.merge(Moments {
-                count: c[j],
-                sum: s[j],
-                sumsq: q[j],
-                min: lo[j],
-                max: hi[j],
-            });
-        }
-        for v in blocks
-            .remainder()
-            .iter()
-            .map(|v| v.to_f64())
-            .filter(|v| v.is_finite())
-        {
-            let d = v - shift;
-            m = m.merge(Moments {
-                count: 1,
-                sum: d,
-                sumsq: d * d,
-                min: v,
-                max: v,
-            });
-        }
-        m
-    }
+/// The moments [`mean_std`] needs: count, range and lane sums of the finite values around
+/// `shift`.
+fn moments<T: Element>(x: &[T], shift: f64) -> Summary {
+    summarize(
+        x,
+        Gather {
+            filter: Filter::Finite,
+            sums: Sums::Lanes { shift },
+        },
+    )
 }
 
 /// `x` widened to f32 when it is float16 or bfloat16 (every value exactly; SIMD conversion).
@@ -817,8 +616,8 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
     // Per-block moments in parallel, merged in block order: the result does not depend on the
     // number of threads (a tree reduction would add in a thread-dependent order).
     let exact = || {
-        let blocks = crate::pool::map_chunks(x, 1 << 16, |_, c| Moments::of(c, shift));
-        blocks.into_iter().fold(Moments::EMPTY, Moments::merge)
+        let blocks = crate::pool::map_chunks(x, 1 << 16, |_, c| moments(c, shift));
+        blocks.into_iter().fold(Summary::EMPTY, Summary::then)
     };
     let m = match sampling {
         Sampling::Sampled { k, seed } if (k as usize) < x.len() => {
@@ -826,7 +625,7 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
             let picks: Vec<T> = (0..k)
                 .map(|_| x[rng.below(x.len() as u64) as usize])
                 .collect();
-            let m = Moments::of(&picks, shift);
+            let m = moments(&picks, shift);
             // Mostly non-finite draws say little about the rest: read everything instead.
             if m.count < (k as u64).min(64) {
                 exact()
@@ -846,7 +645,7 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
 #[derive(Debug, Clone)]
 pub struct PieceStats {
     shift: Option<f64>,
-    m: Moments,
+    m: Summary,
 }
 
 impl Default for PieceStats {
@@ -862,7 +661,7 @@ impl PieceStats {
     pub fn new() -> Self {
         PieceStats {
             shift: None,
-            m: Moments::EMPTY,
+            m: Summary::EMPTY,
         }
     }
 
@@ -878,18 +677,18 @@ impl PieceStats {
         if self.shift.is_none() {
             self.shift = x.iter().map(|v| v.to_f64()).find(|v| v.is_finite());
         }
-        let m = Moments::of(x, self.shift.unwrap_or(0.0));
+        let m = moments(x, self.shift.unwrap_or(0.0));
         self.merge(PieceMoments(m));
     }
 
     /// The moments of one piece around `shift`, to be merged in tensor order.
     pub fn moments<T: Element>(x: &[T], shift: f64) -> PieceMoments {
-        PieceMoments(Moments::of(x, shift))
+        PieceMoments(moments(x, shift))
     }
 
     /// Merges the moments of the next piece (in tensor order), computed around [`Self::shift`].
     pub fn merge(&mut self, m: PieceMoments) {
-        self.m = self.m.merge(m.0);
+        self.m = self.m.then(m.0);
     }
 
     pub fn finish(&self, spread: Spread) -> Stats {
@@ -899,9 +698,9 @@ impl PieceStats {
 
 /// The moments of one piece (see [`PieceStats::moments`]).
 #[derive(Debug, Clone, Copy)]
-pub struct PieceMoments(Moments);
+pub struct PieceMoments(Summary);
 
-fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
+fn finish(m: Summary, shift: f64, spread: Spread) -> Stats {
     if m.count == 0 {
         return Stats {
             mean: 0.0,
@@ -933,7 +732,7 @@ fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -950,65 +749,231 @@ mod tests {
         assert_eq!(s.count, x.len() as u64);
     }
 
-    #[test]
-    fn simd_matches_portable() {
-        let mut x: Vec<f32> = (0..100_003)
-            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 + 0.3)
-            .collect();
-        x[7] = f32::NAN;
-        x[50_000] = f32::NEG_INFINITY;
-        for shift in [0.0, 0.3, 1.0 / 3.0] {
-            let a = Moments::of(&x, shift);
-            let b = Moments::of_portable(&x, shift);
-            assert_eq!(a.count, b.count);
-            assert_eq!((a.min, a.max), (b.min, b.max));
-            assert!((a.sum - b.sum).abs() <= 1e-9 * b.sumsq.sqrt());
-            assert!((a.sumsq - b.sumsq).abs() <= 1e-12 * b.sumsq);
-        }
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_is_bit_identical_to_avx2() {
-        use std::arch::is_x86_feature_detected as has;
-        if !(has!("avx2") && has!("avx512f") && has!("avx512dq") && has!("avx512vl")) {
-            return;
-        }
-        let mut x: Vec<f32> = (0..100_013)
-            .map(|i| ((i * 7919) % 1000) as f32 * 0.0137 - 2.9)
-            .collect();
-        for (j, v) in [
+    /// Random values with every kind of special: NaN, +-Inf, +-0, subnormals, huge values, in
+    /// runs of plain values, of zeros of both signs and of specials.
+    pub(crate) fn specials(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        let pool = [
             f32::NAN,
             f32::INFINITY,
             f32::NEG_INFINITY,
-            -0.0,
             0.0,
-            1e-40,
-            3e38,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            x[5 + 9 * j] = v;
-            x[70_000 + j] = v;
-        }
-        for shift in [0.0, 0.3, -2.9, 1e30] {
-            for len in [x.len(), 7, 8, 9, 64 * 1024] {
-                let x = &x[..len];
-                // SAFETY: the extensions were checked above.
-                let (a, b) = unsafe {
-                    (
-                        Moments::of_f32_avx512(x, shift),
-                        Moments::of_f32_avx2(x, shift),
-                    )
-                };
-                assert_eq!(a.count, b.count);
-                assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "shift {shift} len {len}");
-                assert_eq!(a.sumsq.to_bits(), b.sumsq.to_bits());
-                assert_eq!(a.min.to_bits(), b.min.to_bits());
-                assert_eq!(a.max.to_bits(), b.max.to_bits());
+            -0.0,
+            1e-42,
+            -1e-42,
+            1e-39,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        (0..n)
+            .map(|i| {
+                let u = r.next_u64();
+                match ((i / 97) % 3, u % 8) {
+                    (0, _) => ((u >> 20) as f32 / (1u64 << 44) as f32 - 0.5) * 7.0,
+                    (1, k) if k < 5 => [0.0f32, -0.0][(u >> 9) as usize % 2],
+                    _ => pool[(u >> 9) as usize % pool.len()],
+                }
+            })
+            .collect()
+    }
+
+    /// A plain restatement of the rules of [`Summary`], [`Gather`] and `complete`, one lane at
+    /// a time; `paired`: the SIMD kernels' reduction of the sum lanes.
+    fn reference(x: &[f32], g: Gather, paired: bool) -> Summary {
+        let taken = |v: f32| match g.filter {
+            Filter::Finite => v.is_finite(),
+            Filter::NonZero => !v.is_nan() && v != 0.0,
+        };
+        let n = x.len() as u64;
+        let mut m = Summary::EMPTY;
+        for lane in 0..16 {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            for v in x.iter().skip(lane).step_by(16).filter(|v| taken(**v)) {
+                let v = *v as f64;
+                if v < lo {
+                    lo = v;
+                }
+                if v > hi {
+                    hi = v;
+                }
+            }
+            if lo < m.min {
+                m.min = lo;
+            }
+            if hi > m.max {
+                m.max = hi;
             }
         }
+        match g.filter {
+            Filter::Finite => {
+                m.nonfinite = x.iter().filter(|v| !v.is_finite()).count() as u64;
+                m.count = n - m.nonfinite;
+            }
+            Filter::NonZero => {
+                m.nan = x.iter().filter(|v| v.is_nan()).count() as u64;
+                m.zeros = x.iter().filter(|v| **v == 0.0).count() as u64;
+                m.first_zero = x.iter().find(|v| **v == 0.0).map_or(0.0, |&v| v as f64);
+                m.count = n - m.nan - m.zeros;
+            }
+        }
+        match g.sums {
+            Sums::None => {}
+            Sums::Lanes { shift } => {
+                let body = x.len() / 8 * 8;
+                let d = |v: f32| if taken(v) { v as f64 - shift } else { 0.0 };
+                let lane = |j: usize| {
+                    let (mut s, mut q) = (0.0, 0.0);
+                    for &v in x[..body].iter().skip(j).step_by(8) {
+                        s += d(v);
+                        q += d(v) * d(v);
+                    }
+                    (s, q)
+                };
+                let rest: Vec<f64> = x[body..]
+                    .iter()
+                    .filter(|v| taken(**v))
+                    .map(|&v| d(v))
+                    .collect();
+                if paired {
+                    let pair = |j: usize| (lane(j).0 + lane(j + 4).0, lane(j).1 + lane(j + 4).1);
+                    let (mut s, mut q) = pair(0);
+                    for j in 1..4 {
+                        s += pair(j).0;
+                        q += pair(j).1;
+                    }
+                    let (mut rs, mut rq) = (0.0, 0.0);
+                    for &e in &rest {
+                        rs += e;
+                        rq += e * e;
+                    }
+                    (m.sum, m.sumsq) = (s + rs, q + rq);
+                } else {
+                    for j in 0..8 {
+                        m.sum += lane(j).0;
+                        m.sumsq += lane(j).1;
+                    }
+                    for &e in &rest {
+                        m.sum += e;
+                        m.sumsq += e * e;
+                    }
+                }
+            }
+            Sums::Serial => {
+                for v in x.iter().filter(|v| taken(**v)).map(|&v| v as f64) {
+                    m.sumsq += v * v;
+                    m.sum_abs += v.abs();
+                }
+            }
+        }
+        m
+    }
+
+    fn bits(m: &Summary) -> [u64; 10] {
+        [
+            m.count,
+            m.nonfinite,
+            m.nan,
+            m.zeros,
+            m.first_zero.to_bits(),
+            m.min.to_bits(),
+            m.max.to_bits(),
+            m.sum.to_bits(),
+            m.sumsq.to_bits(),
+            m.sum_abs.to_bits(),
+        ]
+    }
+
+    fn gathers() -> Vec<Gather> {
+        let mut v = Vec::new();
+        for filter in [Filter::Finite, Filter::NonZero] {
+            for sums in [
+                Sums::None,
+                Sums::Serial,
+                Sums::Lanes { shift: 0.0 },
+                Sums::Lanes { shift: -2.9 },
+                Sums::Lanes { shift: 1e30 },
+            ] {
+                v.push(Gather { filter, sums });
+            }
+        }
+        v
+    }
+
+    /// Every kernel against the plain reference, bit for bit, on every tail length, with every
+    /// kind of special value; other element types through the portable kernel.
+    #[test]
+    fn kernels_match_the_reference() {
+        let mut x = specials(20_011, 7);
+        x.extend(
+            crate::rng::normal_f32(3000, 3)
+                .iter()
+                .map(|v| v * 3.0 + 1e6),
+        );
+        for g in gathers() {
+            for start in [0usize, 5, 97] {
+                for len in (0..70).chain([1000, 4099, 20_011]) {
+                    let d = &x[start..(start + len).min(x.len())];
+                    let (plain, paired) = (reference(d, g, false), reference(d, g, true));
+                    let what = format!("{g:?} start {start} len {len}");
+                    assert_eq!(bits(&summarize_portable(d, g)), bits(&plain), "{what}");
+                    let w: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+                    assert_eq!(bits(&summarize(&w, g)), bits(&plain), "f64 {what}");
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx2() {
+                        // SAFETY: AVX2 and FMA are present (checked).
+                        let a = unsafe { simd::summarize_avx2(d, g) };
+                        assert_eq!(bits(&a), bits(&paired), "avx2 {what}");
+                        let h: Vec<half::f16> = d.iter().map(|&v| half::f16::from_f32(v)).collect();
+                        let hw: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+                        let r = reference(&hw, g, true);
+                        assert_eq!(bits(&summarize(&h, g)), bits(&r), "f16 {what}");
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx512() {
+                        // SAFETY: AVX-512 F, BW, DQ and VL are present (checked).
+                        let a = unsafe { simd::summarize_avx512(d, g) };
+                        assert_eq!(bits(&a), bits(&paired), "avx512 {what}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Summary::then`] keeps the earlier of equal extremes, and pieces merged in order give
+    /// the counts, range and serial sums of the whole.
+    #[test]
+    fn then_merges_in_order() {
+        let z = |v: f64| Summary {
+            min: v,
+            max: v,
+            ..Summary::EMPTY
+        };
+        for (a, b) in [(0.0, -0.0), (-0.0, 0.0)] {
+            let (a, b) = std::hint::black_box((a, b));
+            let m = z(a).then(z(b));
+            assert_eq!(
+                (m.min.to_bits(), m.max.to_bits()),
+                (a.to_bits(), a.to_bits())
+            );
+        }
+        let x = specials(4096, 11);
+        let g = Gather {
+            filter: Filter::NonZero,
+            sums: Sums::None,
+        };
+        let whole = summarize(&x, g);
+        let parts = x
+            .chunks(512)
+            .map(|c| summarize(c, g))
+            .fold(Summary::EMPTY, Summary::then);
+        assert_eq!(
+            (parts.count, parts.nan, parts.zeros),
+            (whole.count, whole.nan, whole.zeros)
+        );
+        assert_eq!(parts.first_zero.to_bits(), whole.first_zero.to_bits());
+        assert_eq!(parts.min, whole.min);
+        assert_eq!(parts.max, whole.max);
     }
 
     #[test]
@@ -1099,137 +1064,6 @@ mod tests {
                 ps.add(c);
             }
             assert_eq!(ps.finish(spread), whole);
-        }
-    }
-}
-
-/// Old-against-new comparison of the moments, kept while both exist.
-#[cfg(test)]
-pub(crate) mod old_vs_new {
-    use super::*;
-
-    /// Random values with every kind of special: NaN, +-Inf, +-0, subnormals, huge values.
-    pub(crate) fn specials(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = SplitMix64::new(seed);
-        let pool = [
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.0,
-            -0.0,
-            1e-42,
-            -1e-42,
-            1e-39,
-            f32::MAX,
-            -f32::MAX,
-            f32::MIN_POSITIVE,
-        ];
-        (0..n)
-            .map(|i| {
-                let u = r.next_u64();
-                let mode = (i / 97) % 3;
-                match (mode, u % 8) {
-                    (0, _) => ((u >> 20) as f32 / (1u64 << 44) as f32 - 0.5) * 7.0,
-                    (1, k) if k < 5 => [0.0f32, -0.0][(u >> 9) as usize % 2],
-                    _ => pool[(u >> 9) as usize % pool.len()],
-                }
-            })
-            .collect()
-    }
-
-    fn moments_gather(shift: f64) -> Gather {
-        Gather {
-            filter: Filter::Finite,
-            sums: Sums::Lanes { shift },
-        }
-    }
-
-    fn same(a: Moments, b: Summary, what: &str) {
-        assert_eq!(a.count, b.count, "{what}");
-        assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "{what}: sum");
-        assert_eq!(a.sumsq.to_bits(), b.sumsq.to_bits(), "{what}: sumsq");
-        // The signs of zero extremes may differ (see `mean_std_bits_unchanged`); values not.
-        assert_eq!(a.min, b.min, "{what}: min");
-        assert_eq!(a.max, b.max, "{what}: max");
-        let c = Moments {
-            count: b.count,
-            sum: b.sum,
-            sumsq: b.sumsq,
-            min: b.min,
-            max: b.max,
-        };
-        for spread in [Spread::Std, Spread::Range] {
-            for shift in [0.0, 1.5] {
-                let (u, v) = (finish(a, shift, spread), finish(c, shift, spread));
-                assert_eq!(u.mean.to_bits(), v.mean.to_bits(), "{what}: mean");
-                assert_eq!(u.std.to_bits(), v.std.to_bits(), "{what}: std");
-                assert_eq!(u.count, v.count);
-            }
-        }
-    }
-
-    /// The extremes' zero signs never reach [`Stats`]: runs of zeros of both signs only.
-    #[test]
-    fn mean_std_bits_unchanged() {
-        for n in 1..40 {
-            for pat in 0..4u32 {
-                let x: Vec<f32> = (0..n)
-                    .map(|i| if (i as u32 + pat) % 3 == 0 { -0.0 } else { 0.0 })
-                    .collect();
-                let g = moments_gather(0.0);
-                same(Moments::of(&x, 0.0), summarize(&x, g), "zeros");
-                same(
-                    Moments::of_portable(&x, 0.0),
-                    summarize_portable(&x, g),
-                    "zeros",
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn moments_kernels_match() {
-        let mut x = specials(20_011, 7);
-        x.extend(
-            crate::rng::normal_f32(5000, 3)
-                .iter()
-                .map(|v| v * 3.0 + 1e6),
-        );
-        for len in (0..70).chain([1000, 4099, 20_011, x.len()]) {
-            let d = &x[..len];
-            for shift in [0.0, 0.3, -2.9, 1e30, 1e6] {
-                let g = moments_gather(shift);
-                same(
-                    Moments::of_portable(d, shift),
-                    summarize_portable(d, g),
-                    "portable",
-                );
-                let h: Vec<half::f16> = d.iter().map(|&v| half::f16::from_f32(v)).collect();
-                let b: Vec<half::bf16> = d.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                let w: Vec<f64> = d.iter().map(|&v| v as f64 * 1.5).collect();
-                same(Moments::of(&h, shift), summarize(&h, g), "f16");
-                same(Moments::of(&b, shift), summarize(&b, g), "bf16");
-                same(Moments::of(&w, shift), summarize(&w, g), "f64");
-                same(Moments::of(d, shift), summarize(d, g), "f32");
-                #[cfg(target_arch = "x86_64")]
-                if crate::simd::avx2() {
-                    // SAFETY: AVX2 checked.
-                    let (a, n) =
-                        unsafe { (Moments::of_f32_avx2(d, shift), simd::summarize_avx2(d, g)) };
-                    same(a, n, "avx2");
-                }
-                #[cfg(target_arch = "x86_64")]
-                if crate::simd::avx512() {
-                    // SAFETY: AVX-512 checked.
-                    let (a, n) = unsafe {
-                        (
-                            Moments::of_f32_avx512(d, shift),
-                            simd::summarize_avx512(d, g),
-                        )
-                    };
-                    same(a, n, "avx512");
-                }
-            }
         }
     }
 }

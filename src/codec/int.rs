@@ -30,6 +30,7 @@ use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 use crate::rng::fresh_seed;
 use crate::rng::{hash32, stream_key};
+use crate::stats::{summarize, Filter, Gather, Summary, Sums};
 use rayon::prelude::*;
 
 pub const ID_INT: u16 = 8;
@@ -289,255 +290,13 @@ impl Layout {
     }
 }
 
-/// Statistics of one group over its finite values.
-#[derive(Debug, Clone, Copy)]
-struct Stats {
-    lo: f32,
-    hi: f32,
-    sum_sq: f64,
-    sum_abs: f64,
-    count: u64,
-    nonfinite: u64,
-}
-
-impl Stats {
-    const EMPTY: Stats = Stats {
-        lo: f32::INFINITY,
-        hi: f32::NEG_INFINITY,
-        sum_sq: 0.0,
-        sum_abs: 0.0,
-        count: 0,
-        nonfinite: 0,
-    };
-    fn merge(self, o: Stats) -> Stats {
-        Stats {
-            lo: self.lo.min(o.lo),
-            hi: self.hi.max(o.hi),
-            sum_sq: self.sum_sq + o.sum_sq,
-            sum_abs: self.sum_abs + o.sum_abs,
-            count: self.count + o.count,
-            nonfinite: self.nonfinite + o.nonfinite,
-        }
-    }
-}
-
-/// Lanes of the min/max accumulators. The SIMD path uses the same lanes (two AVX2 registers)
-/// and the same final reduction, so both give identical results, signed zeros included.
-const LANES: usize = 16;
-
-/// Per-lane min/max of the finite values and count of non-finite ones.
-struct Lanes {
-    lo: [f32; LANES],
-    hi: [f32; LANES],
-    bad: [u32; LANES],
-}
-
-impl Lanes {
-    const START: Lanes = Lanes {
-        lo: [f32::INFINITY; LANES],
-        hi: [f32::NEG_INFINITY; LANES],
-        bad: [0; LANES],
-    };
-
-    /// Adds `v` to lane `j`: `vminps`/`vmaxps` semantics (the new value wins only if strictly
-    /// smaller / larger).
-    #[inline(always)]
-    fn add(&mut self, j: usize, v: f32) {
-        let ok = v.to_bits() & 0x7fff_ffff < 0x7f80_0000;
-        let vl = if ok { v } else { f32::INFINITY };
-        let vh = if ok { v } else { f32::NEG_INFINITY };
-        self.lo[j] = if vl < self.lo[j] { vl } else { self.lo[j] };
-        self.hi[j] = if vh > self.hi[j] { vh } else { self.hi[j] };
-        self.bad[j] += !ok as u32;
-    }
-
-    /// The remainder (`tail`, fewer than LANES values), the reduction, and the moments.
-    fn finish(mut self, x: &[f32], tail: &[f32], moments: bool) -> Stats {
-        for (j, &v) in tail.iter().enumerate() {
-            self.add(j, v);
-        }
-        let mut s = Stats::EMPTY;
-        s.nonfinite = self.bad.iter().map(|&b| b as u64).sum();
-        for j in 0..LANES {
-            s.lo = if self.lo[j] < s.lo { self.lo[j] } else { s.lo };
-            s.hi = if self.hi[j] > s.hi { self.hi[j] } else { s.hi };
-        }
-        if moments {
-            for &v in x {
-                if v.abs() < f32::INFINITY {
-                    s.sum_sq += (v as f64) * (v as f64);
-                    s.sum_abs += v.abs() as f64;
-                    s.count += 1;
-                }
-            }
-        }
-        s
-    }
-}
-
-/// Min and max of the finite values, the count of the others, and the moments SAWB needs.
-fn stats_portable(x: &[f32], moments: bool) -> Stats {
-    let mut l = Lanes::START;
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for (j, &v) in c.iter().enumerate() {
-            l.add(j, v);
-        }
-    }
-    l.finish(x, it.remainder(), moments)
-}
-
-/// [`stats_portable`] with AVX2 intrinsics (16 lanes in two registers).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn stats_avx2(x: &[f32], moments: bool) -> Stats {
-    use std::arch::x86_64::*;
-    let mut l = Lanes::START;
-    let mut it = x.chunks_exact(LANES);
-    // SAFETY: loads read whole chunks of LANES floats; stores write the LANES-long lane arrays.
-    unsafe {
-        let absm = _mm256_set1_epi32(0x7fff_ffff);
-        let maxf = _mm256_set1_epi32(0x7f7f_ffff);
-        let pinf = _mm256_set1_ps(f32::INFINITY);
-        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let (mut lo0, mut lo1) = (pinf, pinf);
-        let (mut hi0, mut hi1) = (ninf, ninf);
-        let (mut b0, mut b1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for c in &mut it {
-            let v0 = _mm256_loadu_ps(c.as_ptr());
-            let v1 = _mm256_loadu_ps(c.as_ptr().add(8));
-            let n0 = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_castps_si256(v0), absm), maxf);
-            let n1 = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_castps_si256(v1), absm), maxf);
-            let (n0f, n1f) = (_mm256_castsi256_ps(n0), _mm256_castsi256_ps(n1));
-            // min_ps(a, b) = a < b ? a : b, as in Lanes::add.
-            lo0 = _mm256_min_ps(_mm256_blendv_ps(v0, pinf, n0f), lo0);
-            lo1 = _mm256_min_ps(_mm256_blendv_ps(v1, pinf, n1f), lo1);
-            hi0 = _mm256_max_ps(_mm256_blendv_ps(v0, ninf, n0f), hi0);
-            hi1 = _mm256_max_ps(_mm256_blendv_ps(v1, ninf, n1f), hi1);
-            b0 = _mm256_sub_epi32(b0, n0);
-            b1 = _mm256_sub_epi32(b1, n1);
-        }
-        _mm256_storeu_ps(l.lo.as_mut_ptr(), lo0);
-        _mm256_storeu_ps(l.lo.as_mut_ptr().add(8), lo1);
-        _mm256_storeu_ps(l.hi.as_mut_ptr(), hi0);
-        _mm256_storeu_ps(l.hi.as_mut_ptr().add(8), hi1);
-        _mm256_storeu_si256(l.bad.as_mut_ptr().cast(), b0);
-        _mm256_storeu_si256(l.bad.as_mut_ptr().add(8).cast(), b1);
-    }
-    l.finish(x, it.remainder(), moments)
-}
-
-/// [`stats_portable`] with AVX-512 intrinsics: the 16 lanes are one register.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn stats_avx512(x: &[f32], moments: bool) -> Stats {
-    use std::arch::x86_64::*;
-    let mut l = Lanes::START;
-    let mut it = x.chunks_exact(LANES);
-    let mut bad = _mm512_setzero_si512();
-    let (mut lo, mut hi) = (
-        _mm512_set1_ps(f32::INFINITY),
-        _mm512_set1_ps(f32::NEG_INFINITY),
-    );
-    // SAFETY: loads read whole chunks of LANES floats; stores write the LANES-long lane arrays.
-    unsafe {
-        for c in &mut it {
-            let v = _mm512_loadu_ps(c.as_ptr());
-            let n = nonfinite16(v);
-            lo = _mm512_min_ps(_mm512_mask_mov_ps(v, n, lo_fill()), lo);
-            hi = _mm512_max_ps(_mm512_mask_mov_ps(v, n, hi_fill()), hi);
-            bad = _mm512_mask_sub_epi32(bad, n, bad, _mm512_set1_epi32(-1));
-        }
-        _mm512_storeu_ps(l.lo.as_mut_ptr(), lo);
-        _mm512_storeu_ps(l.hi.as_mut_ptr(), hi);
-        _mm512_storeu_si512(l.bad.as_mut_ptr().cast(), bad);
-    }
-    l.finish(x, it.remainder(), moments)
-}
-
-/// Lanes holding NaN or +-Inf.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn nonfinite16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__mmask16 {
-    use std::arch::x86_64::*;
-    let a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff));
-    _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7f7f_ffff))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn lo_fill() -> std::arch::x86_64::__m512 {
-    std::arch::x86_64::_mm512_set1_ps(f32::INFINITY)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn hi_fill() -> std::arch::x86_64::__m512 {
-    std::arch::x86_64::_mm512_set1_ps(f32::NEG_INFINITY)
-}
-
-/// `Lanes::finish`'s reduction of the 16 lo lanes in one register: the smallest value, the
-/// lowest lane among equal ones (which only matters for signed zeros). Pairs of adjacent lane
-/// ranges are merged with `min(upper, lower)`, which keeps the lower range's value on ties, so
-/// the lowest lane wins exactly as in the sequential scan.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn first_min16(v: std::arch::x86_64::__m512) -> f32 {
-    use std::arch::x86_64::*;
-    let v = _mm512_min_ps(_mm512_permute_ps::<0xb1>(v), v);
-    let v = _mm512_min_ps(_mm512_permute_ps::<0x4e>(v), v);
-    let v = _mm512_min_ps(_mm512_shuffle_f32x4::<0xb1>(v, v), v);
-    let v = _mm512_min_ps(_mm512_shuffle_f32x4::<0x4e>(v, v), v);
-    _mm512_cvtss_f32(v)
-}
-
-/// [`first_min16`] for the hi lanes: the largest value, the lowest lane among equal ones.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn first_max16(v: std::arch::x86_64::__m512) -> f32 {
-    use std::arch::x86_64::*;
-    let v = _mm512_max_ps(_mm512_permute_ps::<0xb1>(v), v);
-    let v = _mm512_max_ps(_mm512_permute_ps::<0x4e>(v), v);
-    let v = _mm512_max_ps(_mm512_shuffle_f32x4::<0xb1>(v, v), v);
-    let v = _mm512_max_ps(_mm512_shuffle_f32x4::<0x4e>(v, v), v);
-    _mm512_cvtss_f32(v)
-}
-
-/// Min and max of the finite values of `x` (a multiple of 16 values) and whether any value is
-/// NaN or +-Inf: [`stats_portable`]'s lo, hi and nonfinite > 0, with the lanes in one register
-/// and the reduction in registers.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn lohi16_avx512(x: &[f32]) -> (f32, f32, bool) {
-    use std::arch::x86_64::*;
-    debug_assert!(x.len().is_multiple_of(16));
-    let (mut lo, mut hi) = (lo_fill(), hi_fill());
-    let mut bad: __mmask16 = 0;
-    for v16 in x.chunks_exact(16) {
-        // SAFETY: `v16` holds 16 floats.
-        let v = unsafe { _mm512_loadu_ps(v16.as_ptr()) };
-        let n = nonfinite16(v);
-        lo = _mm512_min_ps(_mm512_mask_mov_ps(v, n, lo_fill()), lo);
-        hi = _mm512_max_ps(_mm512_mask_mov_ps(v, n, hi_fill()), hi);
-        bad |= n;
-    }
-    (first_min16(lo), first_max16(hi), bad != 0)
-}
-
 /// 8-bit nearest codes of one whole chunk of a fused layout whose groups are runs of `run`
-/// values, `run` a multiple of 16, without SAWB: per group, the statistics in registers (the
-/// same 16 lanes and reduction as [`stats_portable`]), [`group_params`], the parameters written
-/// to `params` (`pbytes` per group) and the codes (as [`quant_body`]). The last group may be
-/// shorter (the tensor's end): it goes through [`stats`] and [`quant`]. Returns whether any
-/// value was NaN or +-Inf.
+/// values, `run` a multiple of 16, without SAWB: per group, the statistics (the AVX-512 kernel
+/// of [`crate::stats::summarize`]), [`group_params`], the parameters written to `params`
+/// (`pbytes` per group) and the codes (as [`quant_body`]). The last group may be shorter (the
+/// tensor's end). Returns whether any value was NaN or +-Inf.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 fn chunk8_avx512(
     c: &IntConfig,
     f: &[f32],
@@ -555,20 +314,10 @@ fn chunk8_avx512(
         .zip(out.chunks_mut(run))
         .zip(params.chunks_exact_mut(pbytes))
     {
-        let (lo, step) = if xb.len() == run {
-            let (lo, hi, bad) = lohi16_avx512(xb);
-            any_bad |= bad as u32;
-            let s = Stats {
-                lo,
-                hi,
-                ..Stats::EMPTY
-            };
-            group_params(c, s)
-        } else {
-            let s = stats(xb, false);
-            any_bad |= (s.nonfinite > 0) as u32;
-            group_params(c, s)
-        };
+        // SAFETY: AVX-512 F, BW, DQ and VL are enabled in this function.
+        let s = unsafe { crate::stats::simd::summarize_avx512(xb, gather(false)) };
+        any_bad |= (s.nonfinite > 0) as u32;
+        let (lo, step) = group_params(c, s);
         put(pd, (lo, step));
         let a = if step > 0.0 { 1.0 / step } else { 0.0 };
         let b = zp - lo * a;
@@ -612,29 +361,31 @@ unsafe fn quant_nearest_avx512<O: crate::codec::float::Code>(
     }
 }
 
-fn stats(x: &[f32], moments: bool) -> Stats {
-    #[cfg(target_arch = "x86_64")]
-    if crate::codec::float::has_avx512() {
-        // SAFETY: AVX-512 F and BW are present (checked at run time).
-        return unsafe { stats_avx512(x, moments) };
+/// What a group's statistics gather: the range of the finite values and the count of the others,
+/// and for SAWB the moments (sums of squares and of magnitudes, in element order).
+fn gather(moments: bool) -> Gather {
+    Gather {
+        filter: Filter::Finite,
+        sums: if moments { Sums::Serial } else { Sums::None },
     }
-    #[cfg(target_arch = "x86_64")]
-    if crate::codec::float::has_avx2() {
-        // SAFETY: AVX2 and FMA are present (checked at run time).
-        return unsafe { stats_avx2(x, moments) };
-    }
-    stats_portable(x, moments)
+}
+
+/// The statistics of one group (or run of a group).
+fn stats(x: &[f32], moments: bool) -> Summary {
+    summarize(x, gather(moments))
 }
 
 /// Per-group (lo, step) from statistics.
-fn group_params(c: &IntConfig, s: Stats) -> (f32, f32) {
-    if s.lo > s.hi {
+fn group_params(c: &IntConfig, s: Summary) -> (f32, f32) {
+    if s.min > s.max {
         return (0.0, 0.0); // no finite value
     }
+    // The extremes are float32 values (exactly).
+    let (lo, hi) = (s.min as f32, s.max as f32);
     let clip = if c.sawb && s.count > 0 {
         let (c1, c2) = sawb_coeffs(c.bits).unwrap();
         let n = s.count as f64;
-        let a = c1 * (s.sum_sq / n).sqrt() - c2 * (s.sum_abs / n);
+        let a = c1 * (s.sumsq / n).sqrt() - c2 * (s.sum_abs / n);
         (a > 0.0 && a.is_finite()).then_some(a as f32)
     } else {
         None
@@ -649,13 +400,13 @@ fn group_params(c: &IntConfig, s: Stats) -> (f32, f32) {
         }
     };
     if c.absmax {
-        let mut m = s.lo.abs().max(s.hi.abs());
+        let mut m = lo.abs().max(hi.abs());
         if let Some(a) = clip {
             m = m.min(a);
         }
         (0.0, step_of(2.0 * m))
     } else {
-        let (mut lo, mut hi) = (s.lo, s.hi);
+        let (mut lo, mut hi) = (lo, hi);
         if let Some(a) = clip {
             lo = lo.max(-a);
             hi = hi.min(a).max(lo);
@@ -917,7 +668,7 @@ impl IntConfig {
             // Group parameters: computed inside each chunk when groups align with chunks, else in a
             // first pass over the whole tensor.
             let global: Option<Vec<(f32, f32)>> = (!lay.fused()).then(|| {
-                let parts: Vec<Vec<(usize, Stats)>> = crate::pool::map_chunks(x, ch, |ci, c| {
+                let parts: Vec<Vec<(usize, Summary)>> = crate::pool::map_chunks(x, ch, |ci, c| {
                     T::with_f32(c, |f| {
                         let mut v = Vec::new();
                         lay.for_runs((ci * ch) as u64, f.len(), |g, s, e| {
@@ -926,9 +677,9 @@ impl IntConfig {
                         v
                     })
                 });
-                let mut st = vec![Stats::EMPTY; n_groups];
+                let mut st = vec![Summary::EMPTY; n_groups];
                 for (g, s) in parts.into_iter().flatten() {
-                    st[g] = st[g].merge(s);
+                    st[g] = st[g].then(s);
                 }
                 st.into_iter().map(|s| group_params(self, s)).collect()
             });
@@ -1335,10 +1086,10 @@ impl LuqConfig {
         let alpha = crate::pool::install(|| {
             x.par_chunks(CHUNK)
                 .map(|c| T::with_f32(c, |f| stats(f, false)))
-                .reduce(|| Stats::EMPTY, Stats::merge)
+                .reduce(|| Summary::EMPTY, Summary::then)
         });
-        let alpha = if alpha.lo <= alpha.hi {
-            alpha.lo.abs().max(alpha.hi.abs())
+        let alpha = if alpha.min <= alpha.max {
+            (alpha.min as f32).abs().max((alpha.max as f32).abs())
         } else {
             0.0
         };
@@ -1560,7 +1311,7 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn simd_stats_and_codes_match_portable() {
+    fn simd_codes_match_portable() {
         if !crate::codec::float::has_avx2() {
             eprintln!("no AVX2 here: only the portable path exists");
             return;
@@ -1581,27 +1332,6 @@ mod tests {
         {
             x[37 * i + 3] = v;
         }
-        // Signed zeros as the minimum: the lane order decides which one is kept.
-        let mut zeros: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
-        for i in (0..100).step_by(3) {
-            zeros[i] = if i % 2 == 0 { -0.0 } else { 0.0 };
-        }
-        for data in [&x[..], &zeros[..], &x[..5], &[][..]] {
-            for len in [data.len(), data.len().saturating_sub(7), data.len() / 2] {
-                let d = &data[..len];
-                for moments in [false, true] {
-                    // SAFETY: AVX2 and FMA checked above.
-                    let a = unsafe { stats_avx2(d, moments) };
-                    let b = stats_portable(d, moments);
-                    assert_eq!(
-                        (a.lo.to_bits(), a.hi.to_bits(), a.nonfinite, a.count),
-                        (b.lo.to_bits(), b.hi.to_bits(), b.nonfinite, b.count),
-                        "len {len}"
-                    );
-                    assert_eq!(a.sum_sq.to_bits(), b.sum_sq.to_bits());
-                }
-            }
-        }
         for (a, b, cmax) in [
             (12.7f32, 127.0f32, 254.0f32),
             (3.1, 7.5, 15.0),
@@ -1610,7 +1340,7 @@ mod tests {
             for stochastic in [false, true] {
                 let mut p = vec![0u8; x.len()];
                 let mut q = vec![0u8; x.len()];
-                // SAFETY: as above.
+                // SAFETY: AVX2 and FMA checked above.
                 unsafe { quant_avx2(&x, &mut p, a, b, cmax, stochastic, 5, 0) };
                 quant_body(&x, &mut q, a, b, cmax, stochastic, 5, 0);
                 assert_eq!(p, q);
@@ -1654,45 +1384,14 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_stats_and_codes_match_portable() {
-        if !(std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw"))
-        {
+    fn avx512_codes_match_portable() {
+        if !crate::simd::avx512() {
             eprintln!("no AVX-512 here: the AVX2 and portable paths run");
             return;
         }
         let mut x = normal(10_000, 9);
         x.extend(tricky_blocks(64 * 400, 4));
         x.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.25));
-        for data in [&x[..], &x[..5], &x[..17], &[][..]] {
-            for len in [data.len(), data.len().saturating_sub(7), data.len() / 2] {
-                let d = &data[..len];
-                for moments in [false, true] {
-                    // SAFETY: AVX-512 F and BW checked above.
-                    let a = unsafe { stats_avx512(d, moments) };
-                    let b = stats_portable(d, moments);
-                    assert_eq!(
-                        (a.lo.to_bits(), a.hi.to_bits(), a.nonfinite, a.count),
-                        (b.lo.to_bits(), b.hi.to_bits(), b.nonfinite, b.count),
-                        "len {len}"
-                    );
-                    assert_eq!(a.sum_sq.to_bits(), b.sum_sq.to_bits());
-                }
-            }
-        }
-        // The register reduction, block by block (16..4096 values).
-        for run in [16usize, 32, 64, 256, 4096] {
-            for b in x.chunks_exact(run) {
-                // SAFETY: as above.
-                let (lo, hi, bad) = unsafe { lohi16_avx512(b) };
-                let s = stats_portable(b, false);
-                assert_eq!(
-                    (lo.to_bits(), hi.to_bits(), bad),
-                    (s.lo.to_bits(), s.hi.to_bits(), s.nonfinite > 0),
-                    "run {run}: {b:?}"
-                );
-            }
-        }
         // Codes: every tail length, 8- and 16-bit outputs.
         for (a, b, cmax) in [
             (12.7f32, 127.0f32, 254.0f32),
@@ -1705,7 +1404,7 @@ mod tests {
                 if cmax <= 255.0 {
                     let mut p = vec![0u8; len];
                     let mut q = vec![0u8; len];
-                    // SAFETY: as above.
+                    // SAFETY: AVX-512 F, BW, DQ and VL checked above.
                     unsafe { quant_nearest_avx512(&x[..len], &mut p, a, b, cmax) };
                     quant_body(&x[..len], &mut q, a, b, cmax, false, 0, 0);
                     assert_eq!(p, q, "len {len}");
@@ -1748,7 +1447,7 @@ mod tests {
                         .zip(o2.chunks_mut(run))
                         .zip(p2.chunks_exact_mut(pbytes))
                     {
-                        let s = stats_portable(xb, false);
+                        let s = crate::stats::summarize_portable(xb, gather(false));
                         bad2 |= s.nonfinite > 0;
                         let (lo, step) = group_params(&c, s);
                         put(pd, (lo, step));
@@ -1760,107 +1459,6 @@ mod tests {
                     assert_eq!(o1, o2, "absmax={absmax} run={run} len={len}");
                 }
             }
-        }
-    }
-
-    /// Old-against-new comparison of the statistics, kept while both exist.
-    #[test]
-    fn stats_match_shared_summary() {
-        use crate::stats::{summarize, summarize_portable, Filter, Gather, Summary, Sums};
-        let mut x = crate::stats::old_vs_new::specials(30_011, 5);
-        x.extend(tricky_blocks(64 * 50, 6));
-        x.extend(normal(3000, 2));
-        let g = |moments: bool| Gather {
-            filter: Filter::Finite,
-            sums: if moments { Sums::Serial } else { Sums::None },
-        };
-        let same = |a: Stats, b: Summary, moments: bool, what: &str| {
-            assert_eq!(a.lo.to_bits(), (b.min as f32).to_bits(), "{what}: lo");
-            assert_eq!(a.hi.to_bits(), (b.max as f32).to_bits(), "{what}: hi");
-            assert_eq!(a.nonfinite, b.nonfinite, "{what}");
-            if moments {
-                assert_eq!(a.count, b.count, "{what}");
-                assert_eq!(a.sum_sq.to_bits(), b.sumsq.to_bits(), "{what}");
-                assert_eq!(a.sum_abs.to_bits(), b.sum_abs.to_bits(), "{what}");
-            }
-        };
-        let mut olds = Vec::new();
-        let mut news = Vec::new();
-        for start in [0usize, 3, 17, 1000] {
-            for len in (0..70).chain([256, 4096, 4099, 9000]) {
-                let d = &x[start..(start + len).min(x.len())];
-                for moments in [false, true] {
-                    let a = stats_portable(d, moments);
-                    same(a, summarize_portable(d, g(moments)), moments, "portable");
-                    let b = summarize(d, g(moments));
-                    same(stats(d, moments), b, moments, "dispatch");
-                    #[cfg(target_arch = "x86_64")]
-                    if crate::simd::avx2() {
-                        // SAFETY: AVX2 checked.
-                        let (o, n) = unsafe {
-                            (
-                                stats_avx2(d, moments),
-                                crate::stats::simd::summarize_avx2(d, g(moments)),
-                            )
-                        };
-                        same(o, n, moments, "avx2");
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    if crate::simd::avx512() {
-                        // SAFETY: AVX-512 checked.
-                        let (o, n) = unsafe {
-                            (
-                                stats_avx512(d, moments),
-                                crate::stats::simd::summarize_avx512(d, g(moments)),
-                            )
-                        };
-                        same(o, n, moments, "avx512");
-                        if len.is_multiple_of(16) {
-                            // SAFETY: as above.
-                            let (lo, hi, bad) = unsafe { lohi16_avx512(d) };
-                            assert_eq!(lo.to_bits(), (n.min as f32).to_bits());
-                            assert_eq!(hi.to_bits(), (n.max as f32).to_bits());
-                            assert_eq!(bad, n.nonfinite > 0);
-                        }
-                    }
-                    if moments {
-                        olds.push(a);
-                        news.push(b);
-                    }
-                }
-            }
-        }
-        // Merging, in every order of neighbours (ties of signed zeros included).
-        for (w, v) in olds.windows(2).zip(news.windows(2)) {
-            same(w[0].merge(w[1]), v[0].then(v[1]), true, "merge");
-            same(w[1].merge(w[0]), v[1].then(v[0]), true, "merge");
-            same(
-                Stats::EMPTY.merge(w[0]),
-                Summary::EMPTY.then(v[0]),
-                true,
-                "merge",
-            );
-        }
-        let z = |v: f32| Stats {
-            lo: v,
-            hi: v,
-            ..Stats::EMPTY
-        };
-        let zs = |v: f64| Summary {
-            min: v,
-            max: v,
-            ..Summary::EMPTY
-        };
-        // Run-time values (`black_box`): constant folding of `f32::min` may order signed zeros
-        // (-0.0 below +0.0), the instructions it compiles to keep the first operand, as `then`.
-        for (a, b) in [(0.0f32, -0.0f32), (-0.0, 0.0), (0.0, 0.0), (-0.0, -0.0)] {
-            let (a, b) = std::hint::black_box((a, b));
-            same(
-                z(a).merge(z(b)),
-                zs(a as f64).then(zs(b as f64)),
-                false,
-                "zeros",
-            );
         }
     }
 
