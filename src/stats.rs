@@ -1,4 +1,8 @@
-//! Mean and standard deviation of a tensor, ignoring NaN and +-Inf.
+//! Reductions over tensors. One accumulator, [`Summary`] (gathered by [`summarize`], with
+//! portable, AVX2 and AVX-512 kernels that give the same bits): counts, range and sums of a run
+//! of values, with options for which values it takes in ([`Filter`]) and which sums it keeps
+//! ([`Sums`]). Its users: the mean and spread below ([`mean_std`], [`PieceStats`]), the `int`
+//! and `luq` codecs' group statistics, and the zero map's census (`crate::zmap`).
 
 use crate::dtype::Element;
 use crate::rng::SplitMix64;
