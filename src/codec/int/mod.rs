@@ -21,20 +21,33 @@
 //!
 //! The encoder sees a flat buffer: `row` and `tile` need `row_size` (the product of the trailing
 //! dimensions) given as a parameter.
+//!
+//! Files: this one holds the `int` configuration, the group layout, the registry entries and the
+//! encoder and decoder; `quant.rs` its quantization kernels; `luq.rs` the `luq` codec. The group
+//! statistics come from the shared accumulator (`crate::stats::summarize`), the bit packing
+//! from `crate::bits`, the exception list from `crate::codec::exceptions`.
+
+mod luq;
+mod quant;
+
+pub use luq::{LuqConfig, LuqDecoder, ID_LUQ, INFO_LUQ};
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
-use crate::bits::{peek64, BitWriter};
+use crate::bits::{pack_into, unpack};
+use crate::codec::exceptions::{apply_exceptions, collect_exceptions, exception_bytes};
 use crate::codec::float::ToF32;
-use crate::dtype::{Data, DataMut, Element};
+use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
 use crate::rng::fresh_seed;
 use crate::rng::{hash32, stream_key};
 use crate::stats::{summarize, Filter, Gather, Summary, Sums};
+#[cfg(target_arch = "x86_64")]
+use quant::chunk8_avx512;
+use quant::{quant, NEAREST};
 use rayon::prelude::*;
 
 pub const ID_INT: u16 = 8;
-pub const ID_LUQ: u16 = 9;
 
 /// Target values per parallel chunk.
 const CHUNK: usize = 1 << 16;
@@ -51,17 +64,7 @@ pub static INFO_INT: CodecInfo = CodecInfo {
           nearest/stochastic/dithered rounding, optional SAWB clipping; codes bit-packed.",
     defaults: || IntConfig::default().to_params(),
     encoder: |p| Ok(Box::new(IntConfig::from_params(p)?)),
-    decoder: |meta, frame| Ok(Box::new(IntHeader::parse(meta, frame)?)),
-};
-
-pub static INFO_LUQ: CodecInfo = CodecInfo {
-    id: ID_LUQ,
-    name: "luq",
-    doc: "LUQ logarithmic unbiased quantization (gradients): sign + (bits-1)-bit power-of-two \
-          level below max|x|, stochastic rounding and pruning; unbiased.",
-    defaults: || LuqConfig::default().to_params(),
-    encoder: |p| Ok(Box::new(LuqConfig::from_params(p)?)),
-    decoder: |meta, frame| Ok(Box::new(LuqHeader::parse(meta, frame)?)),
+    decoder: |meta, frame| Ok(Box::new(IntDecoder::parse(meta, frame)?)),
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,77 +293,6 @@ impl Layout {
     }
 }
 
-/// 8-bit nearest codes of one whole chunk of a fused layout whose groups are runs of `run`
-/// values, `run` a multiple of 16, without SAWB: per group, the statistics (the AVX-512 kernel
-/// of [`crate::stats::summarize`]), [`group_params`], the parameters written to `params`
-/// (`pbytes` per group) and the codes (as [`quant_body`]). The last group may be shorter (the
-/// tensor's end). Returns whether any value was NaN or +-Inf.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-fn chunk8_avx512(
-    c: &IntConfig,
-    f: &[f32],
-    run: usize,
-    out: &mut [u8],
-    params: &mut [u8],
-    put: impl Fn(&mut [u8], (f32, f32)),
-) -> bool {
-    debug_assert!(run.is_multiple_of(16) && run > 0);
-    let pbytes = if c.absmax { 4 } else { 8 };
-    let (cmax, zp) = (c.cmax() as f32, c.zp());
-    let mut any_bad = 0u32;
-    for ((xb, ob), pd) in f
-        .chunks(run)
-        .zip(out.chunks_mut(run))
-        .zip(params.chunks_exact_mut(pbytes))
-    {
-        // SAFETY: AVX-512 F, BW, DQ and VL are enabled in this function.
-        let s = unsafe { crate::stats::simd::summarize_avx512(xb, gather(false)) };
-        any_bad |= (s.nonfinite > 0) as u32;
-        let (lo, step) = group_params(c, s);
-        put(pd, (lo, step));
-        let a = if step > 0.0 { 1.0 / step } else { 0.0 };
-        let b = zp - lo * a;
-        // SAFETY: AVX-512 F and BW are enabled in this function.
-        unsafe { quant_nearest_avx512(xb, ob, a, b, cmax) };
-    }
-    any_bad != 0
-}
-
-/// [`quant_body`] with nearest rounding, 16 values per iteration, for 8- or 16-bit codes (cmax
-/// must fit the code type: at most 255 for `u8`): the same operations (fused multiply-add, max
-/// with 0 which maps NaN to 0, min with cmax, + 1/2, truncation).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quant_nearest_avx512<O: crate::codec::float::Code>(
-    x: &[f32],
-    out: &mut [O],
-    a: f32,
-    b: f32,
-    cmax: f32,
-) {
-    use std::arch::x86_64::*;
-    let n = x.len().min(out.len());
-    let (va, vb) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
-    let (vmax, half, zero) = (
-        _mm512_set1_ps(cmax),
-        _mm512_set1_ps(0.5),
-        _mm512_setzero_ps(),
-    );
-    let src = x.as_ptr();
-    // SAFETY: `store_codes_avx512` asks for the codes of x[i..i + 16] with i + 16 <= n, or
-    // masks the lanes past n; it writes out[..n].
-    unsafe {
-        crate::codec::float::store_codes_avx512(out.as_mut_ptr(), n, false, |i, k| {
-            let v = _mm512_maskz_loadu_ps(k, src.add(i));
-            // max_ps(q, 0) returns its second operand when q is NaN, like f32::max.
-            let q = _mm512_max_ps(_mm512_fmadd_ps(v, va, vb), zero);
-            _mm512_cvttps_epi32(_mm512_add_ps(_mm512_min_ps(q, vmax), half))
-        })
-    }
-}
-
 /// What a group's statistics gather: the range of the finite values and the count of the others,
 /// and for SAWB the moments (sums of squares and of magnitudes, in element order).
 fn gather(moments: bool) -> Gather {
@@ -415,183 +347,6 @@ fn group_params(c: &IntConfig, s: Summary) -> (f32, f32) {
     }
 }
 
-const NEAREST: u8 = 0;
-
-/// floor(q) for q in [0, 2^16] (callers clamp to [0, cmax] first, which also maps NaN to 0, then
-/// add at most 1). Unlike `q as i32` (saturating, which LLVM does not vectorize) this is one
-/// `vcvttps2dq` per 8 lanes.
-#[inline(always)]
-fn code_of(q: f32) -> u32 {
-    // SAFETY: q is finite and in [0, 65536], which fits an i32.
-    unsafe { q.to_int_unchecked::<i32>() as u32 }
-}
-
-/// Codes of one run: v = (x - lo) / step + zp, clamped to [0, cmax], plus 1/2 or u, floored.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn quant_body<O: crate::codec::float::Code>(
-    x: &[f32],
-    out: &mut [O],
-    a: f32,
-    b: f32,
-    cmax: f32,
-    stochastic: bool,
-    key: u32,
-    i0: u32,
-) {
-    if stochastic {
-        for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-            let u = (hash32(key ^ hash32(i0 + i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
-            let q = (v.mul_add(a, b)).max(0.0).min(cmax) + u;
-            *o = O::from_u32(code_of(q));
-        }
-    } else {
-        for (o, &v) in out.iter_mut().zip(x) {
-            let q = (v.mul_add(a, b)).max(0.0).min(cmax) + 0.5;
-            *o = O::from_u32(code_of(q));
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn quant_avx2<O: crate::codec::float::Code>(
-    x: &[f32],
-    out: &mut [O],
-    a: f32,
-    b: f32,
-    cmax: f32,
-    stochastic: bool,
-    key: u32,
-    i0: u32,
-) {
-    quant_body(x, out, a, b, cmax, stochastic, key, i0)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn quant<O: crate::codec::float::Code>(
-    x: &[f32],
-    out: &mut [O],
-    a: f32,
-    b: f32,
-    cmax: f32,
-    stochastic: bool,
-    key: u32,
-    i0: u32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if !stochastic && crate::codec::float::has_avx512() {
-        // SAFETY: AVX-512 F and BW are present (checked at run time).
-        return unsafe { quant_nearest_avx512(x, out, a, b, cmax) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::codec::float::has_avx2() {
-        // SAFETY: AVX2 and FMA are present (checked at run time).
-        return unsafe { quant_avx2(x, out, a, b, cmax, stochastic, key, i0) };
-    }
-    // Without FMA, mul_add is a slow libm call: use separate multiply and add.
-    let _ = (a, b);
-    quant_body(x, out, a, b, cmax, stochastic, key, i0)
-}
-
-/// Packs `codes` of `width` bits into `out` (exactly ceil(len * width / 8) bytes).
-pub(crate) fn pack_into(codes: &[u16], width: u32, out: &mut [u8]) {
-    match width {
-        16 => {
-            for (d, c) in out.chunks_exact_mut(2).zip(codes) {
-                d.copy_from_slice(&c.to_le_bytes());
-            }
-        }
-        4 => {
-            for (d, c) in out.iter_mut().zip(codes.chunks(2)) {
-                *d = (c[0] as u8) | ((*c.get(1).unwrap_or(&0) as u8) << 4);
-            }
-        }
-        2 => {
-            for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
-                let mut b = 0u8;
-                for (k, &v) in c.iter().enumerate() {
-                    b |= (v as u8) << (2 * k);
-                }
-                *d = b;
-            }
-        }
-        _ => {
-            let mut w = BitWriter::with_capacity_bits(codes.len() * width as usize);
-            for &c in codes {
-                w.put(c as u32, width);
-            }
-            out.copy_from_slice(&w.finish());
-        }
-    }
-}
-
-/// Unpacks `out.len()` codes of `width` bits.
-pub(crate) fn unpack(src: &[u8], width: u32, out: &mut [u32]) {
-    match width {
-        8 => {
-            for (o, &b) in out.iter_mut().zip(src) {
-                *o = b as u32;
-            }
-        }
-        16 => {
-            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = u16::from_le_bytes([b[0], b[1]]) as u32;
-            }
-        }
-        4 => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = ((src[i / 2] >> (4 * (i % 2))) & 15) as u32;
-            }
-        }
-        _ => {
-            let mask = (1u64 << width) - 1;
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = (peek64(src, i * width as usize) & mask) as u32;
-            }
-        }
-    }
-}
-
-/// NaN/Inf kept exactly: u64 index + the raw element, appended to `out`. Returns the count.
-pub(crate) fn collect_exceptions<T: Element>(x: &[T], base: u64, out: &mut Vec<u8>) -> u64 {
-    let mut n = 0;
-    for (i, v) in x.iter().enumerate() {
-        if !v.is_finite() {
-            out.extend_from_slice(&(base + i as u64).to_le_bytes());
-            out.extend_from_slice(&v.to_bits_u64().to_le_bytes()[..T::DTYPE.size()]);
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Bytes of `count` exceptions of `dsize`-byte elements, or a format error on overflow.
-pub(crate) fn exception_bytes(count: u64, dsize: usize, what: &str) -> Result<u64> {
-    count
-        .checked_mul(8 + dsize as u64)
-        .ok_or_else(|| Error::Format(format!("{what}: exception count {count} overflows")))
-}
-
-/// Writes the exceptions in `list` into `out`, checking indices are in range and increasing.
-pub(crate) fn apply_exceptions<T: Element>(list: &[u8], out: &mut [T], what: &str) -> Result<()> {
-    let esize = 8 + T::DTYPE.size();
-    let mut prev: Option<u64> = None;
-    for e in list.chunks_exact(esize) {
-        let i = u64::from_le_bytes(e[..8].try_into().unwrap());
-        ensure_format!(
-            i < out.len() as u64 && prev.is_none_or(|p| i > p),
-            "{what}: exception index {i} is out of order or out of range"
-        );
-        let mut raw = [0u8; 8];
-        raw[..esize - 8].copy_from_slice(&e[8..]);
-        out[i as usize] = T::from_bits_u64(u64::from_le_bytes(raw));
-        prev = Some(i);
-    }
-    Ok(())
-}
-
 impl Encoder for IntConfig {
     fn encode(&self, x: Data<'_>) -> Result<Encoded> {
         Ok(Encoded::from_framed(self.encode_framed(x, 0, 0)?))
@@ -631,7 +386,7 @@ impl IntConfig {
         let code_bytes = (x.len() * width as usize).div_ceil(8);
         let pbytes = if self.absmax { 4 } else { 8 };
         let n_groups = lay.n_groups() as usize;
-        let mut head = IntHead {
+        let mut head = IntMeta {
             cfg: IntConfig {
                 seed: (self.rounding != NEAREST).then_some(seed),
                 ..self.clone()
@@ -832,14 +587,14 @@ impl IntConfig {
 
 /// `int` metadata.
 #[derive(Debug, Clone)]
-struct IntHead {
+struct IntMeta {
     cfg: IntConfig,
     chunk: u64,
     n_groups: u64,
     n_exc: u64,
 }
 
-impl IntHead {
+impl IntMeta {
     fn write(&self) -> Vec<u8> {
         let c = &self.cfg;
         let mut w = LeWriter::default();
@@ -863,14 +618,14 @@ impl IntHead {
 }
 
 /// An `int` decoder opened on validated metadata.
-pub struct IntHeader {
-    h: IntHead,
+pub struct IntDecoder {
+    h: IntMeta,
     lay: Layout,
     numel: u64,
     code_bytes: usize,
 }
 
-impl IntHeader {
+impl IntDecoder {
     fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
         let mut r = LeReader::new(meta, "int header");
         let bits = r.u8("bits")?;
@@ -957,8 +712,8 @@ impl IntHeader {
             "int: payload is {} bytes, the header implies {expected:?}",
             frame.payload_len
         );
-        Ok(IntHeader {
-            h: IntHead {
+        Ok(IntDecoder {
+            h: IntMeta {
                 cfg,
                 chunk,
                 n_groups,
@@ -1016,7 +771,7 @@ impl IntHeader {
     }
 }
 
-impl Decoder for IntHeader {
+impl Decoder for IntDecoder {
     fn params(&self) -> Params {
         self.h.cfg.to_params()
     }
@@ -1024,229 +779,6 @@ impl Decoder for IntHeader {
         super::params::from_pairs([
             ("n_groups", Param::Int(self.h.n_groups as i64)),
             ("n_exceptions", Param::Int(self.h.n_exc as i64)),
-        ])
-    }
-    fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
-        super::check_out_len(out.len(), self.numel)?;
-        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// LUQ
-
-/// The configuration of the `luq` codec.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LuqConfig {
-    pub bits: u8,
-    pub seed: Option<u64>,
-}
-
-impl Default for LuqConfig {
-    fn default() -> Self {
-        LuqConfig {
-            bits: 4,
-            seed: None,
-        }
-    }
-}
-
-impl LuqConfig {
-    pub fn from_params(p: &Params) -> Result<Self> {
-        let mut r = ParamReader::new("luq", p);
-        let bits = r.int("bits", 4, 2, 8)? as u8;
-        let seed = r.opt_u64("seed")?;
-        r.finish()?;
-        Ok(LuqConfig { bits, seed })
-    }
-    pub fn to_params(&self) -> Params {
-        super::params::from_pairs([
-            ("bits", Param::Int(self.bits as i64)),
-            (
-                "seed",
-                self.seed.map_or(Param::None, |v| Param::Int(v as i64)),
-            ),
-        ])
-    }
-    /// Number of non-zero levels.
-    fn levels(bits: u8) -> u32 {
-        (1 << (bits - 1)) - 1
-    }
-}
-
-impl Encoder for LuqConfig {
-    fn encode(&self, x: Data<'_>) -> Result<Encoded> {
-        let seed = self.seed.unwrap_or_else(fresh_seed);
-        crate::dispatch!(Data, x, |v| self.encode_typed(v, seed))
-    }
-}
-
-impl LuqConfig {
-    fn encode_typed<T: ToF32>(&self, x: &[T], seed: u64) -> Result<Encoded> {
-        let alpha = crate::pool::install(|| {
-            x.par_chunks(CHUNK)
-                .map(|c| T::with_f32(c, |f| stats(f, false)))
-                .reduce(|| Summary::EMPTY, Summary::then)
-        });
-        let alpha = if alpha.min <= alpha.max {
-            (alpha.min as f32).abs().max((alpha.max as f32).abs())
-        } else {
-            0.0
-        };
-        let levels = Self::levels(self.bits);
-        // Smallest level: alpha * 2^(1 - levels).
-        let eps = alpha * 2f32.powi(1 - levels as i32);
-        let inv_eps = if eps > 0.0 && eps.is_finite() {
-            1.0 / eps
-        } else {
-            0.0
-        };
-        let width = self.bits as usize;
-        let mut codes = vec![0u8; (x.len() * width).div_ceil(8)];
-        let outs: Vec<(Vec<u8>, u64)> = crate::pool::install(|| {
-            codes
-                .par_chunks_mut(CHUNK * width / 8)
-                .zip(x.par_chunks(CHUNK))
-                .enumerate()
-                .map(|(ci, (o, c))| {
-                    let key = stream_key(seed, ci as u64);
-                    T::with_f32(c, |f| {
-                        let mut q = vec![0u16; f.len()];
-                        for (i, (d, &v)) in q.iter_mut().zip(f).enumerate() {
-                            let u =
-                                (hash32(key ^ hash32(i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
-                            let r = v.abs() * inv_eps; // in units of the smallest level
-                            let j = if !r.is_finite() {
-                                0
-                            } else if r < 1.0 {
-                                (u < r) as u32 // prune to 0 or keep the smallest level
-                            } else {
-                                let e = (r.to_bits() >> 23) as i32 - 127; // floor(log2 r)
-                                let frac =
-                                    f32::from_bits((r.to_bits() & 0x007f_ffff) | 0x3f80_0000) - 1.0;
-                                (e as u32 + 1 + (u < frac) as u32).min(levels)
-                            };
-                            let sign = (v.is_sign_negative() && j > 0) as u32;
-                            *d = ((sign << (width - 1)) | j) as u16;
-                        }
-                        pack_into(&q, width as u32, o);
-                    });
-                    let mut exc = Vec::new();
-                    let n = collect_exceptions(c, (ci * CHUNK) as u64, &mut exc);
-                    (exc, n)
-                })
-                .collect()
-        });
-        let n_exc: u64 = outs.iter().map(|o| o.1).sum();
-        let mut meta = LeWriter::default();
-        meta.u8(self.bits)
-            .bytes(&[0; 3])
-            .f32(alpha)
-            .u64(seed)
-            .u64(n_exc);
-        let mut payload = codes;
-        for (e, _) in &outs {
-            payload.extend_from_slice(e);
-        }
-        Ok(Encoded {
-            meta: meta.0,
-            payload,
-        })
-    }
-}
-
-/// A `luq` decoder.
-pub struct LuqHeader {
-    bits: u8,
-    alpha: f32,
-    seed: u64,
-    n_exc: u64,
-    numel: u64,
-    code_bytes: usize,
-}
-
-impl LuqHeader {
-    fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
-        let mut r = LeReader::new(meta, "luq header");
-        let bits = r.u8("bits")?;
-        let reserved = r.take(3, "reserved")?;
-        let alpha = r.f32("alpha")?;
-        let seed = r.u64("seed")?;
-        let n_exc = r.u64("exception count")?;
-        r.finish()?;
-        ensure_format!((2..=8).contains(&bits), "luq: bits {bits} not in 2..=8");
-        ensure_format!(reserved == [0, 0, 0], "luq: reserved bytes are not zero");
-        ensure_format!(
-            alpha.is_finite() && alpha >= 0.0,
-            "luq: alpha {alpha} is invalid"
-        );
-        ensure_format!(
-            n_exc <= frame.numel,
-            "luq: {n_exc} exceptions among {} values",
-            frame.numel
-        );
-        let code_bytes = frame.numel.saturating_mul(bits as u64).div_ceil(8);
-        let expected = code_bytes.checked_add(exception_bytes(n_exc, frame.dtype.size(), "luq")?);
-        ensure_format!(
-            expected == Some(frame.payload_len),
-            "luq: payload is {} bytes, the header implies {expected:?}",
-            frame.payload_len
-        );
-        Ok(LuqHeader {
-            bits,
-            alpha,
-            seed,
-            n_exc,
-            numel: frame.numel,
-            code_bytes: code_bytes as usize,
-        })
-    }
-
-    fn decode_typed<T: ToF32>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
-        let (codes, exc) = payload.split_at(self.code_bytes);
-        let width = self.bits as u32;
-        let levels = LuqConfig::levels(self.bits);
-        let table: Vec<f32> = (0..1u32 << width)
-            .map(|c| {
-                let j = c & ((1 << (width - 1)) - 1);
-                let v = if j == 0 || j > levels {
-                    0.0
-                } else {
-                    self.alpha * 2f32.powi(j as i32 - levels as i32)
-                };
-                if c >> (width - 1) == 1 {
-                    -v
-                } else {
-                    v
-                }
-            })
-            .collect();
-        crate::pool::install(|| {
-            out.par_chunks_mut(CHUNK)
-                .zip(codes.par_chunks(CHUNK * width as usize / 8))
-                .for_each(|(dst, src)| {
-                    let mut q = vec![0u32; dst.len()];
-                    unpack(src, width, &mut q);
-                    let f: Vec<f32> = q.iter().map(|&c| table[c as usize]).collect();
-                    T::from_f32_slice(&f, dst);
-                })
-        });
-        apply_exceptions(exc, out, "luq")
-    }
-}
-
-impl Decoder for LuqHeader {
-    fn params(&self) -> Params {
-        LuqConfig {
-            bits: self.bits,
-            seed: Some(self.seed),
-        }
-        .to_params()
-    }
-    fn info(&self) -> Params {
-        super::params::from_pairs([
-            ("alpha", Param::Float(self.alpha as f64)),
-            ("n_exceptions", Param::Int(self.n_exc as i64)),
         ])
     }
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
@@ -1304,159 +836,6 @@ mod tests {
                         (u - v).abs() <= step * 0.5001 + 1e-7,
                         "group {g}: {u} -> {v}"
                     );
-                }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn simd_codes_match_portable() {
-        if !crate::codec::float::has_avx2() {
-            eprintln!("no AVX2 here: only the portable path exists");
-            return;
-        }
-        let mut x = normal(10_000, 9);
-        for (i, v) in [
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.0,
-            -0.0,
-            f32::MAX,
-            -f32::MAX,
-            1e-42,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            x[37 * i + 3] = v;
-        }
-        for (a, b, cmax) in [
-            (12.7f32, 127.0f32, 254.0f32),
-            (3.1, 7.5, 15.0),
-            (0.0, 0.0, 255.0),
-        ] {
-            for stochastic in [false, true] {
-                let mut p = vec![0u8; x.len()];
-                let mut q = vec![0u8; x.len()];
-                // SAFETY: AVX2 and FMA checked above.
-                unsafe { quant_avx2(&x, &mut p, a, b, cmax, stochastic, 5, 0) };
-                quant_body(&x, &mut q, a, b, cmax, stochastic, 5, 0);
-                assert_eq!(p, q);
-            }
-        }
-    }
-
-    /// Blocks where ties among signed zeros decide the stored minimum and maximum, plus
-    /// non-finite values, huge values and subnormals.
-    fn tricky_blocks(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = crate::rng::SplitMix64::new(seed);
-        let pool = [
-            0.0,
-            -0.0,
-            1.0,
-            -1.0,
-            2.5,
-            -3.0,
-            1e-42,
-            -1e-42,
-            f32::MAX,
-            -f32::MAX,
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-        ];
-        (0..n)
-            .map(|i| {
-                let u = r.next_u64();
-                // Mostly zeros of either sign, so whole blocks are zero or non-negative.
-                let mode = (i / 64) % 4;
-                match (mode, u % 16) {
-                    (0, _) => [0.0f32, -0.0][(u >> 8) as usize % 2],
-                    (1, k) if k < 12 => [0.0f32, -0.0][(u >> 8) as usize % 2],
-                    (2, k) if k < 8 => [0.0f32, -0.0, 1.0, -2.0][(u >> 8) as usize % 4],
-                    _ => pool[(u >> 8) as usize % pool.len()],
-                }
-            })
-            .collect()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_codes_match_portable() {
-        if !crate::simd::avx512() {
-            eprintln!("no AVX-512 here: the AVX2 and portable paths run");
-            return;
-        }
-        let mut x = normal(10_000, 9);
-        x.extend(tricky_blocks(64 * 400, 4));
-        x.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.25));
-        // Codes: every tail length, 8- and 16-bit outputs.
-        for (a, b, cmax) in [
-            (12.7f32, 127.0f32, 254.0f32),
-            (3.1, 7.5, 15.0),
-            (0.0, 0.0, 255.0),
-            (1e30, -3.0, 65535.0),
-        ] {
-            for len in (0..40).chain([x.len() - 3, x.len()]) {
-                // 8-bit codes where they fit (cmax <= 255, as for every 8-bit encode).
-                if cmax <= 255.0 {
-                    let mut p = vec![0u8; len];
-                    let mut q = vec![0u8; len];
-                    // SAFETY: AVX-512 F, BW, DQ and VL checked above.
-                    unsafe { quant_nearest_avx512(&x[..len], &mut p, a, b, cmax) };
-                    quant_body(&x[..len], &mut q, a, b, cmax, false, 0, 0);
-                    assert_eq!(p, q, "len {len}");
-                }
-                let mut p = vec![0u16; len];
-                let mut q = vec![0u16; len];
-                // SAFETY: as above.
-                unsafe { quant_nearest_avx512(&x[..len], &mut p, a, b, cmax) };
-                quant_body(&x[..len], &mut q, a, b, cmax, false, 0, 0);
-                assert_eq!(p, q, "len {len}");
-            }
-        }
-        // The fused chunk kernel against statistics, parameters and codes of the portable path.
-        for absmax in [false, true] {
-            for run in [16usize, 64, 4096] {
-                let c = IntConfig {
-                    absmax,
-                    block_size: run as u32,
-                    ..IntConfig::default()
-                };
-                let pbytes = if absmax { 4 } else { 8 };
-                let put = |d: &mut [u8], (lo, step): (f32, f32)| {
-                    if absmax {
-                        d.copy_from_slice(&step.to_le_bytes());
-                    } else {
-                        d[..4].copy_from_slice(&lo.to_le_bytes());
-                        d[4..].copy_from_slice(&step.to_le_bytes());
-                    }
-                };
-                for len in [x.len(), x.len() - 5, run * 3, run + 1, 3] {
-                    let f = &x[x.len() - len..];
-                    let groups = len.div_ceil(run);
-                    let (mut o1, mut p1) = (vec![0u8; len], vec![0u8; groups * pbytes]);
-                    let (mut o2, mut p2) = (vec![0u8; len], vec![0u8; groups * pbytes]);
-                    // SAFETY: as above.
-                    let bad1 = unsafe { chunk8_avx512(&c, f, run, &mut o1, &mut p1, put) };
-                    let mut bad2 = false;
-                    for ((xb, ob), pd) in f
-                        .chunks(run)
-                        .zip(o2.chunks_mut(run))
-                        .zip(p2.chunks_exact_mut(pbytes))
-                    {
-                        let s = crate::stats::summarize_portable(xb, gather(false));
-                        bad2 |= s.nonfinite > 0;
-                        let (lo, step) = group_params(&c, s);
-                        put(pd, (lo, step));
-                        let a = if step > 0.0 { 1.0 / step } else { 0.0 };
-                        quant_body(xb, ob, a, c.zp() - lo * a, c.cmax() as f32, false, 0, 0);
-                    }
-                    assert_eq!(bad1, bad2, "absmax={absmax} run={run} len={len}");
-                    assert_eq!(p1, p2, "absmax={absmax} run={run} len={len}");
-                    assert_eq!(o1, o2, "absmax={absmax} run={run} len={len}");
                 }
             }
         }
@@ -1568,20 +947,5 @@ mod tests {
         ]);
         let (y, _, _) = rt(&INFO_INT, &p, &x);
         assert!(y[0] < 10.0, "clipped to alpha: {}", y[0]);
-    }
-
-    #[test]
-    fn luq_is_unbiased_and_on_levels() {
-        let mut x: Vec<f32> = vec![0.013; 1 << 16];
-        x[0] = 1.0;
-        let p = params(&[("bits", Param::Int(4)), ("seed", Param::Int(2))]);
-        let (y, _, len) = rt(&INFO_LUQ, &p, &x);
-        assert_eq!(len, x.len() / 2);
-        let levels: Vec<f32> = (0..8)
-            .map(|j| if j == 0 { 0.0 } else { 2f32.powi(j - 7) })
-            .collect();
-        assert!(y.iter().all(|v| levels.contains(v)));
-        let mean = y[1..].iter().map(|&v| v as f64).sum::<f64>() / (y.len() - 1) as f64;
-        assert!((mean - 0.013).abs() < 3e-4, "mean {mean}");
     }
 }
