@@ -214,6 +214,7 @@ impl Lanes {
 /// always gave: the portable kernel adds the lanes one by one to 0.0, then the last values one
 /// by one; the SIMD kernels add lane j and lane j + 4 (their two registers) and sum the four,
 /// then add the sum of the last values (taken from 0.0).
+#[inline(always)]
 fn complete<T: Element>(
     mut m: Summary,
     x: &[T],
@@ -474,11 +475,41 @@ pub(crate) mod simd {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     pub unsafe fn summarize_avx512(x: &[f32], g: Gather) -> Summary {
+        // One compiled body per filter, with or without the sum lanes (small enough to inline
+        // into a caller's loop over short groups).
+        match (g.filter, g.sums) {
+            (Filter::Finite, Sums::Lanes { .. }) => avx512_body::<false, true>(x, g),
+            (Filter::Finite, _) => avx512_body::<false, false>(x, g),
+            (Filter::NonZero, Sums::Lanes { .. }) => avx512_body::<true, true>(x, g),
+            (Filter::NonZero, _) => avx512_body::<true, false>(x, g),
+        }
+    }
+
+    /// [`summarize_avx512`] under [`Filter::Finite`] without sums (the range and the count of
+    /// non-finite values), for callers that summarize many short groups.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, DQ and VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub unsafe fn finite_range_avx512(x: &[f32]) -> Summary {
+        let g = Gather {
+            filter: Filter::Finite,
+            sums: Sums::None,
+        };
+        avx512_body::<false, false>(x, g)
+    }
+
+    /// [`summarize_avx512`] for one filter (`NONZERO`: [`Filter::NonZero`]) and with
+    /// (`LANES`) or without the sum lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn avx512_body<const NONZERO: bool, const LANES: bool>(x: &[f32], g: Gather) -> Summary {
         let n = x.len();
         let body8 = n / SUM_LANES * SUM_LANES;
-        let (lanes_sums, shift) = match g.sums {
-            Sums::Lanes { shift } => (true, shift),
-            _ => (false, 0.0),
+        let shift = match g.sums {
+            Sums::Lanes { shift } => shift,
+            _ => 0.0,
         };
         let pinf = _mm512_set1_ps(f32::INFINITY);
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -487,37 +518,26 @@ pub(crate) mod simd {
         let (mut s, mut q) = (_mm512_setzero_pd(), _mm512_setzero_pd());
         let (mut nonfinite, mut nan, mut zeros) = (0u64, 0u64, 0u64);
         let mut first_zero = None;
-        let p = x.as_ptr();
-        let mut i = 0;
-        while i < n {
-            let k: __mmask16 = if n - i >= 16 {
-                u16::MAX
+        // One block of sixteen lanes at `i`, `k` the lanes inside `x`.
+        let mut step = |i: usize, k: __mmask16, v: __m512| {
+            let take = if !NONZERO {
+                let bad = nonfinite16(v) & k;
+                nonfinite += bad.count_ones() as u64;
+                k & !bad
             } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
-            // SAFETY: the lanes of `k` are elements i.. below n.
-            let v = unsafe { _mm512_maskz_loadu_ps(k, p.add(i)) };
-            let take = match g.filter {
-                Filter::Finite => {
-                    let bad = nonfinite16(v) & k;
-                    nonfinite += bad.count_ones() as u64;
-                    k & !bad
+                let nm = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) & k;
+                let zm = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, _mm512_setzero_ps()) & k;
+                nan += nm.count_ones() as u64;
+                zeros += zm.count_ones() as u64;
+                if zm != 0 && first_zero.is_none() {
+                    first_zero = Some(x[i + zm.trailing_zeros() as usize] as f64);
                 }
-                Filter::NonZero => {
-                    let nm = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) & k;
-                    let zm = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, _mm512_setzero_ps()) & k;
-                    nan += nm.count_ones() as u64;
-                    zeros += zm.count_ones() as u64;
-                    if zm != 0 && first_zero.is_none() {
-                        first_zero = Some(x[i + zm.trailing_zeros() as usize] as f64);
-                    }
-                    k & !(nm | zm)
-                }
+                k & !(nm | zm)
             };
             // min_ps(a, b) = a < b ? a : b, as in Lanes::add.
             lo = _mm512_min_ps(_mm512_mask_mov_ps(pinf, take, v), lo);
             hi = _mm512_max_ps(_mm512_mask_mov_ps(ninf, take, v), hi);
-            if lanes_sums {
+            if LANES {
                 let halves = [_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)];
                 for (h, v8) in halves.into_iter().enumerate() {
                     if i + 8 * h + 8 <= body8 {
@@ -529,7 +549,19 @@ pub(crate) mod simd {
                     }
                 }
             }
+        };
+        let p = x.as_ptr();
+        let full = n / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= n.
+            step(i, u16::MAX, unsafe { _mm512_loadu_ps(p.add(i)) });
             i += 16;
+        }
+        if i < n {
+            let k = ((1u32 << (n - i)) - 1) as __mmask16;
+            // SAFETY: the lanes of `k` are the elements i..n.
+            step(i, k, unsafe { _mm512_maskz_loadu_ps(k, p.add(i)) });
         }
         let (mut sl, mut ql) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
         // SAFETY: both arrays hold eight f64.

@@ -111,7 +111,7 @@ pub(super) fn chunk8_avx512(
         .zip(params.chunks_exact_mut(pbytes))
     {
         // SAFETY: AVX-512 F, BW, DQ and VL are enabled in this function.
-        let s = unsafe { crate::stats::simd::summarize_avx512(xb, super::gather(false)) };
+        let s = unsafe { crate::stats::simd::finite_range_avx512(xb) };
         any_bad |= (s.nonfinite > 0) as u32;
         let (lo, step) = super::group_params(c, s);
         put(pd, (lo, step));
