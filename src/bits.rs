@@ -165,6 +165,65 @@ pub fn pack(codes: &[u32], width: u32) -> Vec<u8> {
     w.finish()
 }
 
+/// Packs `codes` of `width` bits into `out` (exactly ceil(len * width / 8) bytes).
+pub fn pack_into(codes: &[u16], width: u32, out: &mut [u8]) {
+    match width {
+        16 => {
+            for (d, c) in out.chunks_exact_mut(2).zip(codes) {
+                d.copy_from_slice(&c.to_le_bytes());
+            }
+        }
+        4 => {
+            for (d, c) in out.iter_mut().zip(codes.chunks(2)) {
+                *d = (c[0] as u8) | ((*c.get(1).unwrap_or(&0) as u8) << 4);
+            }
+        }
+        2 => {
+            for (d, c) in out.iter_mut().zip(codes.chunks(4)) {
+                let mut b = 0u8;
+                for (k, &v) in c.iter().enumerate() {
+                    b |= (v as u8) << (2 * k);
+                }
+                *d = b;
+            }
+        }
+        _ => {
+            let mut w = BitWriter::with_capacity_bits(codes.len() * width as usize);
+            for &c in codes {
+                w.put(c as u32, width);
+            }
+            out.copy_from_slice(&w.finish());
+        }
+    }
+}
+
+/// Unpacks `out.len()` codes of `width` bits.
+pub fn unpack(src: &[u8], width: u32, out: &mut [u32]) {
+    match width {
+        8 => {
+            for (o, &b) in out.iter_mut().zip(src) {
+                *o = b as u32;
+            }
+        }
+        16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = u16::from_le_bytes([b[0], b[1]]) as u32;
+            }
+        }
+        4 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = ((src[i / 2] >> (4 * (i % 2))) & 15) as u32;
+            }
+        }
+        _ => {
+            let mask = (1u64 << width) - 1;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = (peek64(src, i * width as usize) & mask) as u32;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +301,21 @@ mod tests {
                 prop_assert_eq!(get(&buf, pos, w), c);
                 pos += w as usize;
             }
+        }
+
+        #[test]
+        fn pack_into_and_unpack_round_trip(
+            codes in prop::collection::vec(any::<u16>(), 0..300),
+            width in 2u32..=16,
+        ) {
+            let codes: Vec<u16> = codes.iter().map(|&c| (c as u32 & ((1 << width) - 1)) as u16).collect();
+            let mut buf = vec![0u8; (codes.len() * width as usize).div_ceil(8)];
+            pack_into(&codes, width, &mut buf);
+            let wide: Vec<u32> = codes.iter().map(|&c| c as u32).collect();
+            prop_assert_eq!(&buf, &pack(&wide, width));
+            let mut back = vec![0u32; codes.len()];
+            unpack(&buf, width, &mut back);
+            prop_assert_eq!(back, wide);
         }
 
         #[test]

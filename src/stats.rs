@@ -1,219 +1,597 @@
-//! Mean and standard deviation of a tensor, ignoring NaN and +-Inf.
+//! Reductions over tensors. One accumulator, [`Summary`] (gathered by [`summarize`], with
+//! portable, AVX2 and AVX-512 kernels that give the same bits): counts, range and sums of a run
+//! of values, with options for which values it takes in ([`Filter`]) and which sums it keeps
+//! ([`Sums`]). Its users: the mean and spread below ([`mean_std`], [`PieceStats`]), the `int`
+//! and `luq` codecs' group statistics, and the zero map's census (`crate::zmap`).
 
 use crate::dtype::Element;
 use crate::rng::SplitMix64;
 
-/// Running moments of the finite values, shifted by `shift` for numerical stability.
-#[derive(Debug, Clone, Copy)]
-struct Moments {
-    count: u64,
-    sum: f64,
-    sumsq: f64,
-    min: f64,
-    max: f64,
+/// Which values a [`Summary`] takes into its range and sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// The finite values; NaN and +-Inf are counted in `nonfinite`.
+    Finite,
+    /// Every value but NaN and zeros (+-Inf included): NaN is counted in `nan`, zeros in `zeros`
+    /// and the first zero is kept (`first_zero`), so that [`Summary::range_with_zeros`] can
+    /// give the extremes of every non-NaN value with the first of equal extremes winning.
+    NonZero,
 }
 
-impl Moments {
-    const EMPTY: Moments = Moments {
+/// The sums a [`Summary`] gathers over the values it takes in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sums {
+    /// None: only the counts and the range.
+    None,
+    /// `sum` and `sumsq` of `v - shift`, in eight f64 lanes: lane j adds the elements j mod 8 of
+    /// the whole blocks of eight values in order (a value left out adds +0.0); the last
+    /// `len % 8` values are added one by one after the lanes are reduced (the reduction order:
+    /// [`summarize`]).
+    Lanes { shift: f64 },
+    /// `sumsq` and `sum_abs` of the values, each one running f64 sum in element order.
+    Serial,
+}
+
+/// What [`summarize`] gathers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gather {
+    pub filter: Filter,
+    pub sums: Sums,
+}
+
+/// Counts, range and sums of a run of values (see [`Gather`] for which).
+///
+/// The range is kept in sixteen lanes (lane i mod 16 takes element i; within a lane the first
+/// of equal values stays) reduced lowest lane first: among equal extremes (which differ only for
+/// -0.0 and +0.0) the one in the lowest lane wins. Every kernel (portable, AVX2, AVX-512) gives
+/// the same bits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// Values taken in.
+    pub count: u64,
+    /// NaN and +-Inf ([`Filter::Finite`] only).
+    pub nonfinite: u64,
+    /// NaN ([`Filter::NonZero`] only).
+    pub nan: u64,
+    /// Zeros ([`Filter::NonZero`] only).
+    pub zeros: u64,
+    /// The first zero (its sign), when `zeros > 0` ([`Filter::NonZero`] only).
+    pub first_zero: f64,
+    /// Smallest and largest value taken in (+Inf and -Inf when none).
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub sumsq: f64,
+    pub sum_abs: f64,
+}
+
+impl Summary {
+    pub const EMPTY: Summary = Summary {
         count: 0,
-        sum: 0.0,
-        sumsq: 0.0,
+        nonfinite: 0,
+        nan: 0,
+        zeros: 0,
+        first_zero: 0.0,
         min: f64::INFINITY,
         max: f64::NEG_INFINITY,
+        sum: 0.0,
+        sumsq: 0.0,
+        sum_abs: 0.0,
     };
 
-    fn merge(self, o: Moments) -> Moments {
-        Moments {
+    /// Combines with the summary of the values after these: on equal extremes these win, as
+    /// `f64::min(self, o)` does.
+    pub fn then(self, o: Summary) -> Summary {
+        Summary {
             count: self.count + o.count,
+            nonfinite: self.nonfinite + o.nonfinite,
+            nan: self.nan + o.nan,
+            zeros: self.zeros + o.zeros,
+            first_zero: if self.zeros > 0 {
+                self.first_zero
+            } else {
+                o.first_zero
+            },
+            min: if o.min < self.min { o.min } else { self.min },
+            max: if o.max > self.max { o.max } else { self.max },
             sum: self.sum + o.sum,
             sumsq: self.sumsq + o.sumsq,
-            min: self.min.min(o.min),
-            max: self.max.max(o.max),
+            sum_abs: self.sum_abs + o.sum_abs,
         }
     }
 
-    /// Moments of one block: f32 data goes through an AVX2 kernel where the CPU has one;
-    /// float16/bfloat16 blocks are widened to f32 (exactly) and take the same kernel.
-    fn of<T: Element>(x: &[T], shift: f64) -> Moments {
-        #[cfg(target_arch = "x86_64")]
-        {
+    /// Under [`Filter::NonZero`]: the smallest and largest non-NaN value, zeros included, the
+    /// first zero standing for them all (so the first of equal extremes wins, as a sequential
+    /// scan with strict comparisons: non-zero equal values have equal bits).
+    pub fn range_with_zeros(&self) -> (f64, f64) {
+        let (mut lo, mut hi) = (self.min, self.max);
+        if self.zeros > 0 {
+            if lo >= 0.0 {
+                lo = self.first_zero;
+            }
+            if hi <= 0.0 {
+                hi = self.first_zero;
+            }
+        }
+        (lo, hi)
+    }
+}
+
+/// Lanes of the range.
+const RANGE_LANES: usize = 16;
+/// Lanes of [`Sums::Lanes`].
+const SUM_LANES: usize = 8;
+
+/// The scalar state of [`summarize`]: the portable kernel, and the tail of the AVX2 one.
+struct Lanes {
+    lo: [f64; RANGE_LANES],
+    hi: [f64; RANGE_LANES],
+    s: [f64; SUM_LANES],
+    q: [f64; SUM_LANES],
+    nonfinite: u64,
+    nan: u64,
+    zeros: u64,
+    first_zero: Option<f64>,
+}
+
+impl Lanes {
+    const START: Lanes = Lanes {
+        lo: [f64::INFINITY; RANGE_LANES],
+        hi: [f64::NEG_INFINITY; RANGE_LANES],
+        s: [0.0; SUM_LANES],
+        q: [0.0; SUM_LANES],
+        nonfinite: 0,
+        nan: 0,
+        zeros: 0,
+        first_zero: None,
+    };
+
+    /// Whether `v` is taken in, counting it where it is not.
+    #[inline(always)]
+    fn take(&mut self, v: f64, filter: Filter) -> bool {
+        match filter {
+            Filter::Finite => {
+                let ok = v.is_finite();
+                self.nonfinite += !ok as u64;
+                ok
+            }
+            Filter::NonZero => {
+                let (nan, zero) = (v.is_nan(), v == 0.0);
+                self.nan += nan as u64;
+                self.zeros += zero as u64;
+                if zero && self.first_zero.is_none() {
+                    self.first_zero = Some(v);
+                }
+                !nan && !zero
+            }
+        }
+    }
+
+    /// Adds element `i` (value `v`); the sum lanes take it when `i < body8`.
+    #[inline(always)]
+    fn add(&mut self, i: usize, v: f64, g: &Gather, body8: usize) {
+        let ok = self.take(v, g.filter);
+        let j = i % RANGE_LANES;
+        // `vminps`/`vmaxps` semantics: the new value wins only if strictly smaller / larger.
+        let vl = if ok { v } else { f64::INFINITY };
+        let vh = if ok { v } else { f64::NEG_INFINITY };
+        self.lo[j] = if vl < self.lo[j] { vl } else { self.lo[j] };
+        self.hi[j] = if vh > self.hi[j] { vh } else { self.hi[j] };
+        if let Sums::Lanes { shift } = g.sums {
+            if i < body8 {
+                let d = if ok { v - shift } else { 0.0 };
+                self.s[i % SUM_LANES] += d;
+                self.q[i % SUM_LANES] += d * d;
+            }
+        }
+    }
+
+    /// The reduction of the range lanes, lowest lane first, and the summary of `x` (whose
+    /// elements all went through [`Lanes::add`]).
+    fn finish<T: Element>(self, x: &[T], g: &Gather, paired: bool) -> Summary {
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for j in 0..RANGE_LANES {
+            lo = if self.lo[j] < lo { self.lo[j] } else { lo };
+            hi = if self.hi[j] > hi { self.hi[j] } else { hi };
+        }
+        let counts = Summary {
+            nonfinite: self.nonfinite,
+            nan: self.nan,
+            zeros: self.zeros,
+            first_zero: self.first_zero.unwrap_or(0.0),
+            min: lo,
+            max: hi,
+            ..Summary::EMPTY
+        };
+        complete(counts, x, g, self.s, self.q, paired)
+    }
+}
+
+/// The count and the sums of `x` added to a summary holding its counters and range; `s` and
+/// `q` are the sum lanes over the whole blocks of eight.
+///
+/// Two reductions of the lanes exist, one per kernel family, so that each gives the bits it
+/// always gave: the portable kernel adds the lanes one by one to 0.0, then the last values one
+/// by one; the SIMD kernels add lane j and lane j + 4 (their two registers) and sum the four,
+/// then add the sum of the last values (taken from 0.0).
+#[inline(always)]
+fn complete<T: Element>(
+    mut m: Summary,
+    x: &[T],
+    g: &Gather,
+    s: [f64; SUM_LANES],
+    q: [f64; SUM_LANES],
+    paired: bool,
+) -> Summary {
+    let n = x.len() as u64;
+    m.count = match g.filter {
+        Filter::Finite => n - m.nonfinite,
+        Filter::NonZero => n - m.nan - m.zeros,
+    };
+    let taken = |v: f64| match g.filter {
+        Filter::Finite => v.is_finite(),
+        Filter::NonZero => !v.is_nan() && v != 0.0,
+    };
+    match g.sums {
+        Sums::None => {}
+        Sums::Lanes { shift } => {
+            let rest = x[x.len() / SUM_LANES * SUM_LANES..]
+                .iter()
+                .map(|v| v.to_f64())
+                .filter(|&v| taken(v));
+            let (mut sum, mut sumsq) = (0.0, 0.0);
+            if paired {
+                let a: [f64; 4] = std::array::from_fn(|j| s[j] + s[j + 4]);
+                let b: [f64; 4] = std::array::from_fn(|j| q[j] + q[j + 4]);
+                let (mut rs, mut rq) = (0.0, 0.0);
+                for v in rest {
+                    let d = v - shift;
+                    rs += d;
+                    rq += d * d;
+                }
+                sum = a.iter().sum::<f64>() + rs;
+                sumsq = b.iter().sum::<f64>() + rq;
+            } else {
+                for j in 0..SUM_LANES {
+                    sum += s[j];
+                    sumsq += q[j];
+                }
+                for v in rest {
+                    let d = v - shift;
+                    sum += d;
+                    sumsq += d * d;
+                }
+            }
+            m.sum = sum;
+            m.sumsq = sumsq;
+        }
+        Sums::Serial => {
+            for v in x.iter().map(|v| v.to_f64()).filter(|&v| taken(v)) {
+                m.sumsq += v * v;
+                m.sum_abs += v.abs();
+            }
+        }
+    }
+    m
+}
+
+/// The portable kernel of [`summarize`], for every element type.
+pub(crate) fn summarize_portable<T: Element>(x: &[T], g: Gather) -> Summary {
+    let mut l = Lanes::START;
+    let body8 = x.len() / SUM_LANES * SUM_LANES;
+    for (i, v) in x.iter().enumerate() {
+        l.add(i, v.to_f64(), &g, body8);
+    }
+    l.finish(x, &g, false)
+}
+
+/// Counts, range and sums of `x` (see [`Gather`] and [`Summary`]). float32 takes an AVX-512 or
+/// AVX2 kernel where the CPU has one, float16 and bfloat16 too (widened to f32 exactly, where
+/// the CPU has AVX2); the others take the portable kernel. The counts and the range are the
+/// same bits on every kernel; so are the sums under [`Sums::Serial`]; under [`Sums::Lanes`] the
+/// lanes are the same and only their reduction differs between the portable and the SIMD
+/// kernels (see `complete`).
+pub fn summarize<T: Element>(x: &[T], g: Gather) -> Summary {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::avx2() {
+            if let Some(wide) = widen_half(x) {
+                return summarize(&wide, g);
+            }
+        }
+        if let Some(f) = as_f32(x) {
+            if crate::simd::avx512() {
+                // SAFETY: AVX-512 F, BW, DQ and VL are present (checked just above).
+                return unsafe { simd::summarize_avx512(f, g) };
+            }
             if crate::simd::avx2() {
-                if let Some(wide) = widen_half(x) {
-                    return Self::of(&wide, shift);
-                }
-            }
-            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-                // SAFETY: T is f32, so the slice is a slice of f32.
-                let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
-                if crate::simd::avx512() {
-                    // SAFETY: AVX-512 F/DQ/VL are present (checked just above).
-                    return unsafe { Moments::of_f32_avx512(x32, shift) };
-                }
-                if crate::simd::avx2() {
-                    // SAFETY: AVX2 is present (checked just above).
-                    return unsafe { Moments::of_f32_avx2(x32, shift) };
-                }
+                // SAFETY: AVX2 and FMA are present (checked just above).
+                return unsafe { simd::summarize_avx2(f, g) };
             }
         }
-        Moments::of_portable(x, shift)
     }
+    summarize_portable(x, g)
+}
 
-    /// f32 moments in AVX2, summed in f64 lanes (exact enough for any finite f32 range:
-    /// squares of subnormals and of values near f32::MAX are representable in f64).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn of_f32_avx2(x: &[f32], shift: f64) -> Moments {
-        use std::arch::x86_64::*;
+/// `x` as float32 when that is its element type.
+#[cfg(target_arch = "x86_64")]
+fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32 (same type, same layout).
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// The SIMD kernels of [`summarize`] for float32.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd {
+    use super::{complete, Filter, Gather, Lanes, Summary, Sums, RANGE_LANES, SUM_LANES};
+    use std::arch::x86_64::*;
+
+    /// [`super::summarize_portable`] in AVX2: the sixteen range lanes in two registers, the
+    /// eight sum lanes in four (two for `sum`, two for `sumsq`); the tail goes through
+    /// [`Lanes::add`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn summarize_avx2(x: &[f32], g: Gather) -> Summary {
+        let n = x.len();
+        let body = n / RANGE_LANES * RANGE_LANES;
+        let body8 = n / SUM_LANES * SUM_LANES;
+        let (lanes_sums, shift) = match g.sums {
+            Sums::Lanes { shift } => (true, shift),
+            _ => (false, 0.0),
+        };
+        let mut l = Lanes::START;
+        let absm = _mm256_set1_epi32(0x7fff_ffff);
+        let maxf = _mm256_set1_epi32(0x7f7f_ffff);
+        let pinf = _mm256_set1_ps(f32::INFINITY);
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let zero = _mm256_setzero_ps();
         let sh = _mm256_set1_pd(shift);
-        let exp = _mm256_set1_epi32(0x7f80_0000);
-        let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let (mut q0, mut q1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut lo = _mm256_set1_ps(f32::INFINITY);
-        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut count = _mm256_setzero_si256();
-        let body = x.len() / 8 * 8;
-        let mut i = 0;
-        while i < body {
-            let v = _mm256_loadu_ps(x.as_ptr().add(i));
-            let bad = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exp), exp);
-            let badf = _mm256_castsi256_ps(bad);
-            // Non-finite lanes contribute `shift`, i.e. zero after the subtraction.
-            let vz = _mm256_blendv_ps(v, _mm256_set1_ps(shift as f32), badf);
-            let d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vz)), sh);
-            let d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(vz)), sh);
-            let keep0 = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(bad)));
-            let keep1 =
-                _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(bad)));
-            let d0 = _mm256_andnot_pd(keep0, d0);
-            let d1 = _mm256_andnot_pd(keep1, d1);
-            s0 = _mm256_add_pd(s0, d0);
-            s1 = _mm256_add_pd(s1, d1);
-            q0 = _mm256_add_pd(q0, _mm256_mul_pd(d0, d0));
-            q1 = _mm256_add_pd(q1, _mm256_mul_pd(d1, d1));
-            lo = _mm256_min_ps(lo, _mm256_blendv_ps(v, _mm256_set1_ps(f32::INFINITY), badf));
-            hi = _mm256_max_ps(
-                hi,
-                _mm256_blendv_ps(v, _mm256_set1_ps(f32::NEG_INFINITY), badf),
-            );
-            count = _mm256_sub_epi32(count, _mm256_xor_si256(bad, _mm256_set1_epi32(-1)));
-            i += 8;
-        }
-        let mut m = Moments::EMPTY;
-        let (mut a, mut b) = ([0f64; 4], [0f64; 4]);
-        _mm256_storeu_pd(a.as_mut_ptr(), _mm256_add_pd(s0, s1));
-        _mm256_storeu_pd(b.as_mut_ptr(), _mm256_add_pd(q0, q1));
-        m.sum = a.iter().sum();
-        m.sumsq = b.iter().sum();
-        let (mut la, mut ha, mut ca) = ([0f32; 8], [0f32; 8], [0u32; 8]);
-        _mm256_storeu_ps(la.as_mut_ptr(), lo);
-        _mm256_storeu_ps(ha.as_mut_ptr(), hi);
-        _mm256_storeu_si256(ca.as_mut_ptr() as *mut __m256i, count);
-        m.count = ca.iter().map(|&c| c as u64).sum();
-        m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
-        m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-        m.merge(Moments::of_portable(&x[body..], shift))
-    }
-
-    /// [`Moments::of_f32_avx2`] in AVX-512: the same eight f64 lanes (lane j sums the elements
-    /// j mod 8, in order), the same operations and the same final reduction, so the result is
-    /// bit-identical; non-finite lanes are masked instead of blended.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-    unsafe fn of_f32_avx512(x: &[f32], shift: f64) -> Moments {
-        use std::arch::x86_64::*;
-        let sh = _mm512_set1_pd(shift);
-        let exp = _mm256_set1_epi32(0x7f80_0000);
-        let mut s = _mm512_setzero_pd();
-        let mut q = _mm512_setzero_pd();
-        let mut lo = _mm256_set1_ps(f32::INFINITY);
-        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut count = 0u64;
-        let body = x.len() / 8 * 8;
+        let (mut lo0, mut lo1) = (pinf, pinf);
+        let (mut hi0, mut hi1) = (ninf, ninf);
+        let (mut s0, mut s1, mut q0, mut q1) = (
+            _mm256_setzero_pd(),
+            _mm256_setzero_pd(),
+            _mm256_setzero_pd(),
+            _mm256_setzero_pd(),
+        );
+        // Lanes left out (all ones) of the eight at `v`, counting them.
+        let out = |v: __m256, base: usize, l: &mut Lanes| -> __m256 {
+            match g.filter {
+                Filter::Finite => {
+                    let a = _mm256_and_si256(_mm256_castps_si256(v), absm);
+                    let bad = _mm256_castsi256_ps(_mm256_cmpgt_epi32(a, maxf));
+                    l.nonfinite += _mm256_movemask_ps(bad).count_ones() as u64;
+                    bad
+                }
+                Filter::NonZero => {
+                    let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+                    let z = _mm256_cmp_ps::<_CMP_EQ_OQ>(v, zero);
+                    let zm = _mm256_movemask_ps(z) as u32;
+                    l.nan += _mm256_movemask_ps(nan).count_ones() as u64;
+                    l.zeros += zm.count_ones() as u64;
+                    if zm != 0 && l.first_zero.is_none() {
+                        // SAFETY: the lane is one of the eight values at `base`.
+                        let z0 = unsafe { *x.get_unchecked(base + zm.trailing_zeros() as usize) };
+                        l.first_zero = Some(z0 as f64);
+                    }
+                    _mm256_or_ps(nan, z)
+                }
+            }
+        };
         let p = x.as_ptr();
         let mut i = 0;
         while i < body {
-            // SAFETY: i + 8 <= body <= x.len().
-            let v = unsafe { _mm256_loadu_ps(p.add(i)) };
-            let vb = _mm256_castps_si256(v);
-            let ok = _mm256_cmpneq_epi32_mask(_mm256_and_si256(vb, exp), exp);
-            // Finite lanes: widen, subtract the shift; the others are +0.0, as in AVX2.
-            let d = _mm512_maskz_sub_pd(ok, _mm512_cvtps_pd(v), sh);
-            s = _mm512_add_pd(s, d);
-            q = _mm512_add_pd(q, _mm512_mul_pd(d, d));
-            lo = _mm256_mask_min_ps(lo, ok, lo, v);
-            hi = _mm256_mask_max_ps(hi, ok, hi, v);
-            count += ok.count_ones() as u64;
-            i += 8;
+            // SAFETY: i + 16 <= body <= x.len().
+            let (v0, v1) = unsafe { (_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(p.add(i + 8))) };
+            let n0 = out(v0, i, &mut l);
+            let n1 = out(v1, i + 8, &mut l);
+            // min_ps(a, b) = a < b ? a : b, as in Lanes::add.
+            lo0 = _mm256_min_ps(_mm256_blendv_ps(v0, pinf, n0), lo0);
+            lo1 = _mm256_min_ps(_mm256_blendv_ps(v1, pinf, n1), lo1);
+            hi0 = _mm256_max_ps(_mm256_blendv_ps(v0, ninf, n0), hi0);
+            hi1 = _mm256_max_ps(_mm256_blendv_ps(v1, ninf, n1), hi1);
+            if lanes_sums {
+                for (v, nb) in [(v0, n0), (v1, n1)] {
+                    let nb = _mm256_castps_si256(nb);
+                    let keep0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(nb));
+                    let keep1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(nb));
+                    let d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), sh);
+                    let d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), sh);
+                    // Lanes left out add +0.0.
+                    let d0 = _mm256_andnot_pd(_mm256_castsi256_pd(keep0), d0);
+                    let d1 = _mm256_andnot_pd(_mm256_castsi256_pd(keep1), d1);
+                    s0 = _mm256_add_pd(s0, d0);
+                    s1 = _mm256_add_pd(s1, d1);
+                    q0 = _mm256_add_pd(q0, _mm256_mul_pd(d0, d0));
+                    q1 = _mm256_add_pd(q1, _mm256_mul_pd(d1, d1));
+                }
+            }
+            i += RANGE_LANES;
         }
-        let mut m = Moments::EMPTY;
-        let (mut sl, mut ql) = ([0f64; 8], [0f64; 8]);
+        let (mut lo, mut hi) = ([0f32; RANGE_LANES], [0f32; RANGE_LANES]);
+        let (mut s, mut q) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+        // SAFETY: each array holds the lanes stored into it.
+        unsafe {
+            _mm256_storeu_ps(lo.as_mut_ptr(), lo0);
+            _mm256_storeu_ps(lo.as_mut_ptr().add(8), lo1);
+            _mm256_storeu_ps(hi.as_mut_ptr(), hi0);
+            _mm256_storeu_ps(hi.as_mut_ptr().add(8), hi1);
+            _mm256_storeu_pd(s.as_mut_ptr(), s0);
+            _mm256_storeu_pd(s.as_mut_ptr().add(4), s1);
+            _mm256_storeu_pd(q.as_mut_ptr(), q0);
+            _mm256_storeu_pd(q.as_mut_ptr().add(4), q1);
+        }
+        l.lo = lo.map(|v| v as f64);
+        l.hi = hi.map(|v| v as f64);
+        l.s = s;
+        l.q = q;
+        for (i, &v) in x.iter().enumerate().skip(body) {
+            l.add(i, v as f64, &g, body8);
+        }
+        l.finish(x, &g, true)
+    }
+
+    /// Lanes holding NaN or +-Inf.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn nonfinite16(v: __m512) -> __mmask16 {
+        let a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff));
+        _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7f7f_ffff))
+    }
+
+    /// The lanes' reduction of the lo lanes in one register: the smallest value, the lowest
+    /// lane among equal ones. Pairs of adjacent lane ranges are merged with `min(upper, lower)`,
+    /// which keeps the lower range's value on ties, so the lowest lane wins exactly as in the
+    /// sequential scan of [`Lanes::finish`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn first_min16(v: __m512) -> f32 {
+        let v = _mm512_min_ps(_mm512_permute_ps::<0xb1>(v), v);
+        let v = _mm512_min_ps(_mm512_permute_ps::<0x4e>(v), v);
+        let v = _mm512_min_ps(_mm512_shuffle_f32x4::<0xb1>(v, v), v);
+        let v = _mm512_min_ps(_mm512_shuffle_f32x4::<0x4e>(v, v), v);
+        _mm512_cvtss_f32(v)
+    }
+
+    /// [`first_min16`] for the hi lanes: the largest value, the lowest lane among equal ones.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn first_max16(v: __m512) -> f32 {
+        let v = _mm512_max_ps(_mm512_permute_ps::<0xb1>(v), v);
+        let v = _mm512_max_ps(_mm512_permute_ps::<0x4e>(v), v);
+        let v = _mm512_max_ps(_mm512_shuffle_f32x4::<0xb1>(v, v), v);
+        let v = _mm512_max_ps(_mm512_shuffle_f32x4::<0x4e>(v, v), v);
+        _mm512_cvtss_f32(v)
+    }
+
+    /// [`super::summarize_portable`] in AVX-512: the sixteen range lanes are one register (the
+    /// tail a masked load), reduced in registers; the eight sum lanes are one register per sum.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, DQ and VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub unsafe fn summarize_avx512(x: &[f32], g: Gather) -> Summary {
+        // One compiled body per filter, with or without the sum lanes (small enough to inline
+        // into a caller's loop over short groups).
+        match (g.filter, g.sums) {
+            (Filter::Finite, Sums::Lanes { .. }) => avx512_body::<false, true>(x, g),
+            (Filter::Finite, _) => avx512_body::<false, false>(x, g),
+            (Filter::NonZero, Sums::Lanes { .. }) => avx512_body::<true, true>(x, g),
+            (Filter::NonZero, _) => avx512_body::<true, false>(x, g),
+        }
+    }
+
+    /// [`summarize_avx512`] under [`Filter::Finite`] without sums (the range and the count of
+    /// non-finite values), for callers that summarize many short groups.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, DQ and VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub unsafe fn finite_range_avx512(x: &[f32]) -> Summary {
+        let g = Gather {
+            filter: Filter::Finite,
+            sums: Sums::None,
+        };
+        avx512_body::<false, false>(x, g)
+    }
+
+    /// [`summarize_avx512`] for one filter (`NONZERO`: [`Filter::NonZero`]) and with
+    /// (`LANES`) or without the sum lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn avx512_body<const NONZERO: bool, const LANES: bool>(x: &[f32], g: Gather) -> Summary {
+        let n = x.len();
+        let body8 = n / SUM_LANES * SUM_LANES;
+        let shift = match g.sums {
+            Sums::Lanes { shift } => shift,
+            _ => 0.0,
+        };
+        let pinf = _mm512_set1_ps(f32::INFINITY);
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let sh = _mm512_set1_pd(shift);
+        let (mut lo, mut hi) = (pinf, ninf);
+        let (mut s, mut q) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        let (mut nonfinite, mut nan, mut zeros) = (0u64, 0u64, 0u64);
+        let mut first_zero = None;
+        // One block of sixteen lanes at `i`, `k` the lanes inside `x`.
+        let mut step = |i: usize, k: __mmask16, v: __m512| {
+            let take = if !NONZERO {
+                let bad = nonfinite16(v) & k;
+                nonfinite += bad.count_ones() as u64;
+                k & !bad
+            } else {
+                let nm = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) & k;
+                let zm = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, _mm512_setzero_ps()) & k;
+                nan += nm.count_ones() as u64;
+                zeros += zm.count_ones() as u64;
+                if zm != 0 && first_zero.is_none() {
+                    first_zero = Some(x[i + zm.trailing_zeros() as usize] as f64);
+                }
+                k & !(nm | zm)
+            };
+            // min_ps(a, b) = a < b ? a : b, as in Lanes::add.
+            lo = _mm512_min_ps(_mm512_mask_mov_ps(pinf, take, v), lo);
+            hi = _mm512_max_ps(_mm512_mask_mov_ps(ninf, take, v), hi);
+            if LANES {
+                let halves = [_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)];
+                for (h, v8) in halves.into_iter().enumerate() {
+                    if i + 8 * h + 8 <= body8 {
+                        // Lanes left out add +0.0.
+                        let ok = (take >> (8 * h)) as u8;
+                        let d = _mm512_maskz_sub_pd(ok, _mm512_cvtps_pd(v8), sh);
+                        s = _mm512_add_pd(s, d);
+                        q = _mm512_add_pd(q, _mm512_mul_pd(d, d));
+                    }
+                }
+            }
+        };
+        let p = x.as_ptr();
+        let full = n / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= n.
+            step(i, u16::MAX, unsafe { _mm512_loadu_ps(p.add(i)) });
+            i += 16;
+        }
+        if i < n {
+            let k = ((1u32 << (n - i)) - 1) as __mmask16;
+            // SAFETY: the lanes of `k` are the elements i..n.
+            step(i, k, unsafe { _mm512_maskz_loadu_ps(k, p.add(i)) });
+        }
+        let (mut sl, mut ql) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
         // SAFETY: both arrays hold eight f64.
         unsafe {
             _mm512_storeu_pd(sl.as_mut_ptr(), s);
             _mm512_storeu_pd(ql.as_mut_ptr(), q);
         }
-        // The AVX2 kernel's order: its two 4-lane halves added lane-wise, then summed.
-        let a: [f64; 4] = std::array::from_fn(|j| sl[j] + sl[j + 4]);
-        let b: [f64; 4] = std::array::from_fn(|j| ql[j] + ql[j + 4]);
-        m.sum = a.iter().sum();
-        m.sumsq = b.iter().sum();
-        let (mut la, mut ha) = ([0f32; 8], [0f32; 8]);
-        // SAFETY: both arrays hold eight f32.
-        unsafe {
-            _mm256_storeu_ps(la.as_mut_ptr(), lo);
-            _mm256_storeu_ps(ha.as_mut_ptr(), hi);
-        }
-        m.count = count;
-        m.min = la.iter().fold(f64::INFINITY, |a, &b| a.min(b as f64));
-        m.max = ha.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-        m.merge(Moments::of_portable(&x[body..], shift))
+        let counts = Summary {
+            nonfinite,
+            nan,
+            zeros,
+            first_zero: first_zero.unwrap_or(0.0),
+            min: first_min16(lo) as f64,
+            max: first_max16(hi) as f64,
+            ..Summary::EMPTY
+        };
+        complete(counts, x, &g, sl, ql, true)
     }
+}
 
-    /// Moments of one block, with 8 independent lanes.
-    fn of_portable<T: Element>(x: &[T], shift: f64) -> Moments {
-        const L: usize = 8;
-        let (mut s, mut q, mut c) = ([0f64; L], [0f64; L], [0u64; L]);
-        let (mut lo, mut hi) = ([f64::INFINITY; L], [f64::NEG_INFINITY; L]);
-        let mut blocks = x.chunks_exact(L);
-        for b in &mut blocks {
-            for j in 0..L {
-                let v = b[j].to_f64();
-                let ok = v.is_finite();
-                let d = if ok { v - shift } else { 0.0 };
-                s[j] += d;
-                q[j] += d * d;
-                c[j] += ok as u64;
-                lo[j] = if ok { lo[j].min(v) } else { lo[j] };
-                hi[j] = if ok { hi[j].max(v) } else { hi[j] };
-            }
-        }
-        let mut m = Moments::EMPTY;
-        for j in 0..L {
-            m = m.merge(Moments {
-                count: c[j],
-                sum: s[j],
-                sumsq: q[j],
-                min: lo[j],
-                max: hi[j],
-            });
-        }
-        for v in blocks
-            .remainder()
-            .iter()
-            .map(|v| v.to_f64())
-            .filter(|v| v.is_finite())
-        {
-            let d = v - shift;
-            m = m.merge(Moments {
-                count: 1,
-                sum: d,
-                sumsq: d * d,
-                min: v,
-                max: v,
-            });
-        }
-        m
-    }
+/// The moments [`mean_std`] needs: count, range and lane sums of the finite values around
+/// `shift`.
+fn moments<T: Element>(x: &[T], shift: f64) -> Summary {
+    summarize(
+        x,
+        Gather {
+            filter: Filter::Finite,
+            sums: Sums::Lanes { shift },
+        },
+    )
 }
 
 /// `x` widened to f32 when it is float16 or bfloat16 (every value exactly; SIMD conversion).
@@ -274,8 +652,8 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
     // Per-block moments in parallel, merged in block order: the result does not depend on the
     // number of threads (a tree reduction would add in a thread-dependent order).
     let exact = || {
-        let blocks = crate::pool::map_chunks(x, 1 << 16, |_, c| Moments::of(c, shift));
-        blocks.into_iter().fold(Moments::EMPTY, Moments::merge)
+        let blocks = crate::pool::map_chunks(x, 1 << 16, |_, c| moments(c, shift));
+        blocks.into_iter().fold(Summary::EMPTY, Summary::then)
     };
     let m = match sampling {
         Sampling::Sampled { k, seed } if (k as usize) < x.len() => {
@@ -283,7 +661,7 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
             let picks: Vec<T> = (0..k)
                 .map(|_| x[rng.below(x.len() as u64) as usize])
                 .collect();
-            let m = Moments::of(&picks, shift);
+            let m = moments(&picks, shift);
             // Mostly non-finite draws say little about the rest: read everything instead.
             if m.count < (k as u64).min(64) {
                 exact()
@@ -303,7 +681,7 @@ pub fn mean_std<T: Element>(x: &[T], sampling: Sampling, spread: Spread) -> Stat
 #[derive(Debug, Clone)]
 pub struct PieceStats {
     shift: Option<f64>,
-    m: Moments,
+    m: Summary,
 }
 
 impl Default for PieceStats {
@@ -319,7 +697,7 @@ impl PieceStats {
     pub fn new() -> Self {
         PieceStats {
             shift: None,
-            m: Moments::EMPTY,
+            m: Summary::EMPTY,
         }
     }
 
@@ -335,18 +713,18 @@ impl PieceStats {
         if self.shift.is_none() {
             self.shift = x.iter().map(|v| v.to_f64()).find(|v| v.is_finite());
         }
-        let m = Moments::of(x, self.shift.unwrap_or(0.0));
+        let m = moments(x, self.shift.unwrap_or(0.0));
         self.merge(PieceMoments(m));
     }
 
     /// The moments of one piece around `shift`, to be merged in tensor order.
     pub fn moments<T: Element>(x: &[T], shift: f64) -> PieceMoments {
-        PieceMoments(Moments::of(x, shift))
+        PieceMoments(moments(x, shift))
     }
 
     /// Merges the moments of the next piece (in tensor order), computed around [`Self::shift`].
     pub fn merge(&mut self, m: PieceMoments) {
-        self.m = self.m.merge(m.0);
+        self.m = self.m.then(m.0);
     }
 
     pub fn finish(&self, spread: Spread) -> Stats {
@@ -356,9 +734,9 @@ impl PieceStats {
 
 /// The moments of one piece (see [`PieceStats::moments`]).
 #[derive(Debug, Clone, Copy)]
-pub struct PieceMoments(Moments);
+pub struct PieceMoments(Summary);
 
-fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
+fn finish(m: Summary, shift: f64, spread: Spread) -> Stats {
     if m.count == 0 {
         return Stats {
             mean: 0.0,
@@ -390,7 +768,7 @@ fn finish(m: Moments, shift: f64, spread: Spread) -> Stats {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -407,65 +785,231 @@ mod tests {
         assert_eq!(s.count, x.len() as u64);
     }
 
-    #[test]
-    fn simd_matches_portable() {
-        let mut x: Vec<f32> = (0..100_003)
-            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 + 0.3)
-            .collect();
-        x[7] = f32::NAN;
-        x[50_000] = f32::NEG_INFINITY;
-        for shift in [0.0, 0.3, 1.0 / 3.0] {
-            let a = Moments::of(&x, shift);
-            let b = Moments::of_portable(&x, shift);
-            assert_eq!(a.count, b.count);
-            assert_eq!((a.min, a.max), (b.min, b.max));
-            assert!((a.sum - b.sum).abs() <= 1e-9 * b.sumsq.sqrt());
-            assert!((a.sumsq - b.sumsq).abs() <= 1e-12 * b.sumsq);
-        }
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_is_bit_identical_to_avx2() {
-        use std::arch::is_x86_feature_detected as has;
-        if !(has!("avx2") && has!("avx512f") && has!("avx512dq") && has!("avx512vl")) {
-            return;
-        }
-        let mut x: Vec<f32> = (0..100_013)
-            .map(|i| ((i * 7919) % 1000) as f32 * 0.0137 - 2.9)
-            .collect();
-        for (j, v) in [
+    /// Random values with every kind of special: NaN, +-Inf, +-0, subnormals, huge values, in
+    /// runs of plain values, of zeros of both signs and of specials.
+    pub(crate) fn specials(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        let pool = [
             f32::NAN,
             f32::INFINITY,
             f32::NEG_INFINITY,
-            -0.0,
             0.0,
-            1e-40,
-            3e38,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            x[5 + 9 * j] = v;
-            x[70_000 + j] = v;
-        }
-        for shift in [0.0, 0.3, -2.9, 1e30] {
-            for len in [x.len(), 7, 8, 9, 64 * 1024] {
-                let x = &x[..len];
-                // SAFETY: the extensions were checked above.
-                let (a, b) = unsafe {
-                    (
-                        Moments::of_f32_avx512(x, shift),
-                        Moments::of_f32_avx2(x, shift),
-                    )
-                };
-                assert_eq!(a.count, b.count);
-                assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "shift {shift} len {len}");
-                assert_eq!(a.sumsq.to_bits(), b.sumsq.to_bits());
-                assert_eq!(a.min.to_bits(), b.min.to_bits());
-                assert_eq!(a.max.to_bits(), b.max.to_bits());
+            -0.0,
+            1e-42,
+            -1e-42,
+            1e-39,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        (0..n)
+            .map(|i| {
+                let u = r.next_u64();
+                match ((i / 97) % 3, u % 8) {
+                    (0, _) => ((u >> 20) as f32 / (1u64 << 44) as f32 - 0.5) * 7.0,
+                    (1, k) if k < 5 => [0.0f32, -0.0][(u >> 9) as usize % 2],
+                    _ => pool[(u >> 9) as usize % pool.len()],
+                }
+            })
+            .collect()
+    }
+
+    /// A plain restatement of the rules of [`Summary`], [`Gather`] and `complete`, one lane at
+    /// a time; `paired`: the SIMD kernels' reduction of the sum lanes.
+    fn reference(x: &[f32], g: Gather, paired: bool) -> Summary {
+        let taken = |v: f32| match g.filter {
+            Filter::Finite => v.is_finite(),
+            Filter::NonZero => !v.is_nan() && v != 0.0,
+        };
+        let n = x.len() as u64;
+        let mut m = Summary::EMPTY;
+        for lane in 0..16 {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            for v in x.iter().skip(lane).step_by(16).filter(|v| taken(**v)) {
+                let v = *v as f64;
+                if v < lo {
+                    lo = v;
+                }
+                if v > hi {
+                    hi = v;
+                }
+            }
+            if lo < m.min {
+                m.min = lo;
+            }
+            if hi > m.max {
+                m.max = hi;
             }
         }
+        match g.filter {
+            Filter::Finite => {
+                m.nonfinite = x.iter().filter(|v| !v.is_finite()).count() as u64;
+                m.count = n - m.nonfinite;
+            }
+            Filter::NonZero => {
+                m.nan = x.iter().filter(|v| v.is_nan()).count() as u64;
+                m.zeros = x.iter().filter(|v| **v == 0.0).count() as u64;
+                m.first_zero = x.iter().find(|v| **v == 0.0).map_or(0.0, |&v| v as f64);
+                m.count = n - m.nan - m.zeros;
+            }
+        }
+        match g.sums {
+            Sums::None => {}
+            Sums::Lanes { shift } => {
+                let body = x.len() / 8 * 8;
+                let d = |v: f32| if taken(v) { v as f64 - shift } else { 0.0 };
+                let lane = |j: usize| {
+                    let (mut s, mut q) = (0.0, 0.0);
+                    for &v in x[..body].iter().skip(j).step_by(8) {
+                        s += d(v);
+                        q += d(v) * d(v);
+                    }
+                    (s, q)
+                };
+                let rest: Vec<f64> = x[body..]
+                    .iter()
+                    .filter(|v| taken(**v))
+                    .map(|&v| d(v))
+                    .collect();
+                if paired {
+                    let pair = |j: usize| (lane(j).0 + lane(j + 4).0, lane(j).1 + lane(j + 4).1);
+                    let (mut s, mut q) = pair(0);
+                    for j in 1..4 {
+                        s += pair(j).0;
+                        q += pair(j).1;
+                    }
+                    let (mut rs, mut rq) = (0.0, 0.0);
+                    for &e in &rest {
+                        rs += e;
+                        rq += e * e;
+                    }
+                    (m.sum, m.sumsq) = (s + rs, q + rq);
+                } else {
+                    for j in 0..8 {
+                        m.sum += lane(j).0;
+                        m.sumsq += lane(j).1;
+                    }
+                    for &e in &rest {
+                        m.sum += e;
+                        m.sumsq += e * e;
+                    }
+                }
+            }
+            Sums::Serial => {
+                for v in x.iter().filter(|v| taken(**v)).map(|&v| v as f64) {
+                    m.sumsq += v * v;
+                    m.sum_abs += v.abs();
+                }
+            }
+        }
+        m
+    }
+
+    fn bits(m: &Summary) -> [u64; 10] {
+        [
+            m.count,
+            m.nonfinite,
+            m.nan,
+            m.zeros,
+            m.first_zero.to_bits(),
+            m.min.to_bits(),
+            m.max.to_bits(),
+            m.sum.to_bits(),
+            m.sumsq.to_bits(),
+            m.sum_abs.to_bits(),
+        ]
+    }
+
+    fn gathers() -> Vec<Gather> {
+        let mut v = Vec::new();
+        for filter in [Filter::Finite, Filter::NonZero] {
+            for sums in [
+                Sums::None,
+                Sums::Serial,
+                Sums::Lanes { shift: 0.0 },
+                Sums::Lanes { shift: -2.9 },
+                Sums::Lanes { shift: 1e30 },
+            ] {
+                v.push(Gather { filter, sums });
+            }
+        }
+        v
+    }
+
+    /// Every kernel against the plain reference, bit for bit, on every tail length, with every
+    /// kind of special value; other element types through the portable kernel.
+    #[test]
+    fn kernels_match_the_reference() {
+        let mut x = specials(20_011, 7);
+        x.extend(
+            crate::rng::normal_f32(3000, 3)
+                .iter()
+                .map(|v| v * 3.0 + 1e6),
+        );
+        for g in gathers() {
+            for start in [0usize, 5, 97] {
+                for len in (0..70).chain([1000, 4099, 20_011]) {
+                    let d = &x[start..(start + len).min(x.len())];
+                    let (plain, paired) = (reference(d, g, false), reference(d, g, true));
+                    let what = format!("{g:?} start {start} len {len}");
+                    assert_eq!(bits(&summarize_portable(d, g)), bits(&plain), "{what}");
+                    let w: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+                    assert_eq!(bits(&summarize(&w, g)), bits(&plain), "f64 {what}");
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx2() {
+                        // SAFETY: AVX2 and FMA are present (checked).
+                        let a = unsafe { simd::summarize_avx2(d, g) };
+                        assert_eq!(bits(&a), bits(&paired), "avx2 {what}");
+                        let h: Vec<half::f16> = d.iter().map(|&v| half::f16::from_f32(v)).collect();
+                        let hw: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+                        let r = reference(&hw, g, true);
+                        assert_eq!(bits(&summarize(&h, g)), bits(&r), "f16 {what}");
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx512() {
+                        // SAFETY: AVX-512 F, BW, DQ and VL are present (checked).
+                        let a = unsafe { simd::summarize_avx512(d, g) };
+                        assert_eq!(bits(&a), bits(&paired), "avx512 {what}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Summary::then`] keeps the earlier of equal extremes, and pieces merged in order give
+    /// the counts, range and serial sums of the whole.
+    #[test]
+    fn then_merges_in_order() {
+        let z = |v: f64| Summary {
+            min: v,
+            max: v,
+            ..Summary::EMPTY
+        };
+        for (a, b) in [(0.0, -0.0), (-0.0, 0.0)] {
+            let (a, b) = std::hint::black_box((a, b));
+            let m = z(a).then(z(b));
+            assert_eq!(
+                (m.min.to_bits(), m.max.to_bits()),
+                (a.to_bits(), a.to_bits())
+            );
+        }
+        let x = specials(4096, 11);
+        let g = Gather {
+            filter: Filter::NonZero,
+            sums: Sums::None,
+        };
+        let whole = summarize(&x, g);
+        let parts = x
+            .chunks(512)
+            .map(|c| summarize(c, g))
+            .fold(Summary::EMPTY, Summary::then);
+        assert_eq!(
+            (parts.count, parts.nan, parts.zeros),
+            (whole.count, whole.nan, whole.zeros)
+        );
+        assert_eq!(parts.first_zero.to_bits(), whole.first_zero.to_bits());
+        assert_eq!(parts.min, whole.min);
+        assert_eq!(parts.max, whole.max);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::codec::Params;
 use crate::dtype::{Data, DataMut, Element};
 use crate::error::{Error, Result};
 use crate::format::Packed;
+use crate::stats::{summarize, Filter, Gather, Sums};
 use rayon::prelude::*;
 
 /// Elements per parallel task; a multiple of 8 so each task owns whole bytes of the map.
@@ -76,29 +77,37 @@ pub struct Census {
     pub per_block: Vec<usize>,
 }
 
+/// The tallies of one block, all values and the non-zero ones: the shared accumulator
+/// ([`summarize`]) takes the non-zero, non-NaN values and counts the others; the first zero stands
+/// for the zeros among the extremes, which gives the leftmost-wins rule of [`Tally::add`] (equal
+/// non-zero values have equal bits).
 fn census_block<T: Element>(x: &[T]) -> (Tally, Tally) {
-    let (mut all, mut nz) = (Tally::EMPTY, Tally::EMPTY);
-    for &v in x {
-        let v = v.to_f64();
-        all.add(v);
-        if v != 0.0 {
-            nz.add(v);
-        }
-    }
+    let s = summarize(
+        x,
+        Gather {
+            filter: Filter::NonZero,
+            sums: Sums::None,
+        },
+    );
+    let nz = Tally {
+        zeros: 0,
+        min: s.min,
+        max: s.max,
+        nan: s.nan > 0,
+    };
+    let (min, max) = s.range_with_zeros();
+    let all = Tally {
+        zeros: s.zeros,
+        min,
+        max,
+        ..nz
+    };
     (all, nz)
 }
 
 pub fn census<T: Element>(x: &[T]) -> Census {
-    let parts: Vec<(Tally, Tally)> = crate::pool::install(|| {
-        x.par_chunks(BLOCK)
-            .map(|b| match as_f32(b) {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU has AVX-512F and POPCNT (checked by `has_avx512`).
-                Some(f) if crate::simd::avx512() => unsafe { avx512::census(f) },
-                _ => census_block(b),
-            })
-            .collect()
-    });
+    let parts: Vec<(Tally, Tally)> =
+        crate::pool::install(|| x.par_chunks(BLOCK).map(census_block).collect());
     let mut c = Census {
         all: Tally::EMPTY,
         nonzero: Tally::EMPTY,
@@ -283,57 +292,7 @@ pub fn clamp_all<T: Element>(out: &mut [T], range: [f64; 2]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Tally;
     use std::arch::x86_64::*;
-
-    /// [`super::census_block`] for float32, sixteen lanes at a time.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F and POPCNT.
-    #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn census(x: &[f32]) -> (Tally, Tally) {
-        let zero = _mm512_setzero_ps();
-        let (mut lo, mut hi) = (
-            _mm512_set1_ps(f32::INFINITY),
-            _mm512_set1_ps(f32::NEG_INFINITY),
-        );
-        let (mut zeros, mut nan) = (0u64, 0u16);
-        let mut chunks = x.chunks_exact(16);
-        for c in &mut chunks {
-            // SAFETY: 16 floats.
-            let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
-            let z = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, zero);
-            zeros += z.count_ones() as u64;
-            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            // Lanes holding a non-zero value: min/max keep the accumulator for NaN (second
-            // operand), so NaN never enters.
-            lo = _mm512_mask_min_ps(lo, !z, v, lo);
-            hi = _mm512_mask_max_ps(hi, !z, v, hi);
-        }
-        let mut nz = Tally {
-            zeros: 0,
-            min: _mm512_reduce_min_ps(lo) as f64,
-            max: _mm512_reduce_max_ps(hi) as f64,
-            nan: nan != 0,
-        };
-        let (tail_all, tail_nz) = super::census_block(chunks.remainder());
-        nz = nz.then(tail_nz);
-        let zeros = zeros + tail_all.zeros;
-        // All values: the non-zero extremes (never NaN), or a zero where it is more extreme; a zero
-        // extreme is the first zero (the leftmost-wins rule), whose sign is read back.
-        let mut all = nz;
-        all.zeros = zeros;
-        if zeros > 0 {
-            let first = x.iter().copied().find(|&v| v == 0.0).unwrap_or(0.0) as f64;
-            if nz.min >= 0.0 {
-                all.min = first;
-            }
-            if nz.max <= 0.0 {
-                all.max = first;
-            }
-        }
-        (all, nz)
-    }
 
     /// The map bytes of `x` into `m` and its non-zero values into `v` (exactly as many slots).
     ///
@@ -624,7 +583,7 @@ mod tests {
         (t.zeros, t.min.to_bits(), t.max.to_bits(), t.nan)
     }
 
-    /// The AVX-512 census, split and merge give the portable results exactly.
+    /// The AVX-512 split and merge give the portable results exactly.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn simd_blocks_match_portable() {
@@ -634,16 +593,12 @@ mod tests {
         for n in [0usize, 1, 15, 16, 17, 100, 1000, 4099] {
             for zero_pct in [0, 3, 50, 100] {
                 let x = values(n, n as u64 * 7 + zero_pct, zero_pct);
-                let (a, z) = census_block(&x);
-                // SAFETY: crate::simd::avx512() checked above.
-                let (sa, sz) = unsafe { avx512::census(&x) };
-                assert_eq!(key(a), key(sa), "all, n={n} zeros={zero_pct}%");
-                assert_eq!(key(z), key(sz), "non-zero, n={n} zeros={zero_pct}%");
+                let (a, _) = census_block(&x);
                 let nnz = n - a.zeros as usize;
                 let (mut m1, mut v1) = (vec![0u8; n.div_ceil(8)], vec![0f32; nnz]);
                 let (mut m2, mut v2) = (m1.clone(), v1.clone());
                 split_block(&x, &mut m1, &mut v1);
-                // SAFETY: sizes as the function requires; AVX-512 checked.
+                // SAFETY: crate::simd::avx512() checked above; sizes as the function requires.
                 unsafe { avx512::split(&x, &mut m2, &mut v2) };
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(m1, m2);
@@ -656,6 +611,42 @@ mod tests {
                     unsafe { avx512::merge(&m1, &v1, range, &mut o2) };
                     assert_eq!(bits(&o1), bits(&o2), "merge, n={n} range={range:?}");
                 }
+            }
+        }
+    }
+
+    /// The census of a block is a sequential scan with [`Tally::add`], bit for bit (signed
+    /// zeros as extremes, NaN, infinities), for every element type.
+    #[test]
+    fn census_is_a_sequential_scan() {
+        fn scan<T: Element>(x: &[T]) -> (Tally, Tally) {
+            let (mut all, mut nz) = (Tally::EMPTY, Tally::EMPTY);
+            for v in x.iter().map(|v| v.to_f64()) {
+                all.add(v);
+                if v != 0.0 {
+                    nz.add(v);
+                }
+            }
+            (all, nz)
+        }
+        fn check<T: Element>(x: &[T], what: &str) {
+            let ((a, z), (sa, sz)) = (census_block(x), scan(x));
+            assert_eq!(key(a), key(sa), "all, {what}");
+            assert_eq!(key(z), key(sz), "non-zero, {what}");
+        }
+        let mut x = crate::stats::tests::specials(20_000, 9);
+        x.extend(values(5000, 4, 50));
+        x.extend(values(5000, 5, 97));
+        for start in [0usize, 5, 97 * 3, 20_000] {
+            for len in (0..70).chain([256, 4099, 9000]) {
+                let d = &x[start..(start + len).min(x.len())];
+                check(d, &format!("f32 {start} {len}"));
+                let h: Vec<f16> = d.iter().map(|&v| f16::from_f32(v)).collect();
+                let b: Vec<bf16> = d.iter().map(|&v| bf16::from_f32(v)).collect();
+                let w: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+                check(&h, "f16");
+                check(&b, "bf16");
+                check(&w, "f64");
             }
         }
     }

@@ -4,6 +4,7 @@
 //! Adding a codec: one file here, one line in [`REGISTRY`], one fixture, one test file.
 
 pub mod bdi;
+pub mod exceptions;
 pub mod float;
 pub mod int;
 pub mod lossless;
