@@ -6,6 +6,7 @@
 pub mod bdi;
 pub mod float;
 pub mod int;
+mod kernel_io;
 pub mod lossless;
 pub mod params;
 pub mod smaq;
