@@ -1932,7 +1932,14 @@ mod tests {
         let mut x: Vec<f32> = (0..10_000)
             .map(|_| f32::from_bits(rng.next_u64() as u32))
             .collect();
-        x.extend([0.0, -0.0, 1.0, f32::MIN_POSITIVE, f32::from_bits(1), f32::MAX]);
+        x.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::MAX,
+        ]);
         x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -1.0]);
         for zero in [0.0, f32::NAN] {
             let mut want = vec![0f32; x.len()];
