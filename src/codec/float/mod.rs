@@ -111,8 +111,11 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FloatConfig {
     pub kind: Kind,
+    /// `nearest` (0), `stochastic` (1) or `truncate` (2), numbered as the metadata stores them.
     pub rounding: u8,
+    /// `overflow="saturate"`: finite overflows become +-max instead of Inf (NaN in e4m3fn).
     pub saturate: bool,
+    /// The stochastic rounding's seed (`None`: a fresh one per encoding).
     pub seed: Option<u64>,
 }
 
