@@ -24,7 +24,7 @@
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::bits::{peek64, BitWriter};
 use crate::codec::exceptions::{apply_exceptions, collect_exceptions, exception_bytes};
-use crate::codec::float::ToF32;
+use crate::codec::kernel_io::ToF32;
 use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};

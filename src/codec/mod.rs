@@ -7,6 +7,7 @@ pub mod bdi;
 pub mod exceptions;
 pub mod float;
 pub mod int;
+mod kernel_io;
 pub mod lossless;
 pub mod params;
 pub mod smaq;

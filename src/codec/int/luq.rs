@@ -9,7 +9,7 @@
 use super::{stats, CHUNK};
 use crate::bits::{pack_into, unpack};
 use crate::codec::exceptions::{apply_exceptions, collect_exceptions, exception_bytes};
-use crate::codec::float::ToF32;
+use crate::codec::kernel_io::ToF32;
 use crate::codec::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Result};

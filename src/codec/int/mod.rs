@@ -35,7 +35,7 @@ pub use luq::{LuqConfig, LuqDecoder, ID_LUQ, INFO_LUQ};
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::bits::{pack_into, unpack};
 use crate::codec::exceptions::{apply_exceptions, collect_exceptions, exception_bytes};
-use crate::codec::float::ToF32;
+use crate::codec::kernel_io::ToF32;
 use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
@@ -458,7 +458,7 @@ impl IntConfig {
                 && !moments
                 && lay.fused()
                 && lay.run.is_multiple_of(16)
-                && crate::codec::float::has_avx512();
+                && crate::simd::avx512();
             let pp_chunk = (per * pbytes).max(1);
             let pp_parts: Vec<Option<&mut [std::mem::MaybeUninit<u8>]>> = if lay.fused() {
                 let pp = pp_raw.take().unwrap_or_default();

@@ -20,7 +20,7 @@ fn code_of(q: f32) -> u32 {
 /// Codes of one run: v = (x - lo) / step + zp, clamped to [0, cmax], plus 1/2 or u, floored.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn quant_body<O: crate::codec::float::Code>(
+fn quant_body<O: crate::codec::kernel_io::Code>(
     x: &[f32],
     out: &mut [O],
     a: f32,
@@ -47,7 +47,7 @@ fn quant_body<O: crate::codec::float::Code>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn quant_avx2<O: crate::codec::float::Code>(
+unsafe fn quant_avx2<O: crate::codec::kernel_io::Code>(
     x: &[f32],
     out: &mut [O],
     a: f32,
@@ -61,7 +61,7 @@ unsafe fn quant_avx2<O: crate::codec::float::Code>(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn quant<O: crate::codec::float::Code>(
+pub(super) fn quant<O: crate::codec::kernel_io::Code>(
     x: &[f32],
     out: &mut [O],
     a: f32,
@@ -72,12 +72,12 @@ pub(super) fn quant<O: crate::codec::float::Code>(
     i0: u32,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if !stochastic && crate::codec::float::has_avx512() {
+    if !stochastic && crate::simd::avx512() {
         // SAFETY: AVX-512 F and BW are present (checked at run time).
         return unsafe { quant_nearest_avx512(x, out, a, b, cmax) };
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::codec::float::has_avx2() {
+    if crate::simd::avx2() {
         // SAFETY: AVX2 and FMA are present (checked at run time).
         return unsafe { quant_avx2(x, out, a, b, cmax, stochastic, key, i0) };
     }
@@ -129,7 +129,7 @@ pub(super) fn chunk8_avx512(
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quant_nearest_avx512<O: crate::codec::float::Code>(
+unsafe fn quant_nearest_avx512<O: crate::codec::kernel_io::Code>(
     x: &[f32],
     out: &mut [O],
     a: f32,
@@ -148,7 +148,7 @@ unsafe fn quant_nearest_avx512<O: crate::codec::float::Code>(
     // SAFETY: `store_codes_avx512` asks for the codes of x[i..i + 16] with i + 16 <= n, or
     // masks the lanes past n; it writes out[..n].
     unsafe {
-        crate::codec::float::store_codes_avx512(out.as_mut_ptr(), n, false, |i, k| {
+        crate::codec::kernel_io::store_codes_avx512(out.as_mut_ptr(), n, false, |i, k| {
             let v = _mm512_maskz_loadu_ps(k, src.add(i));
             // max_ps(q, 0) returns its second operand when q is NaN, like f32::max.
             let q = _mm512_max_ps(_mm512_fmadd_ps(v, va, vb), zero);
@@ -166,7 +166,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn simd_codes_match_portable() {
-        if !crate::codec::float::has_avx2() {
+        if !crate::simd::avx2() {
             eprintln!("no AVX2 here: only the portable path exists");
             return;
         }

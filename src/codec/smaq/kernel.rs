@@ -219,18 +219,12 @@ fn codes_with<T: Copy>(
     }
 }
 
-/// Whether the AVX2 kernels can run ([`crate::simd::avx2`]).
-#[inline]
-fn has_avx2() -> bool {
-    crate::simd::avx2()
-}
-
 /// f32 codes, in AVX2 when the CPU has it (detected at run time).
 fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
     let mut done = 0;
     let mut c = Counts::default();
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if crate::simd::avx2() {
         // SAFETY: the CPU supports AVX2 (checked just above).
         (done, c) = unsafe { avx2::codes(x, first, p, out) };
     }
@@ -251,20 +245,20 @@ fn codes_f32(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> Counts {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub enum Isa {
     Portable,
-    /// AVX2 + POPCNT (+ F16C for the 16-bit decode).
+    /// AVX2 + POPCNT (+ F16C for the 16-bit decode): [`crate::simd::avx2`].
     Avx2,
-    /// AVX-512 F/BW/DQ/VL/VBMI/VBMI2 (and AVX2).
+    /// AVX-512 F/BW/DQ/VL/VBMI/VBMI2 (and AVX2): [`crate::simd::avx512_vbmi`].
     Avx512,
 }
 
 impl Isa {
-    /// The best level this CPU has (detected at run time; std caches the checks).
+    /// The best level this CPU has (detected at run time, once, by [`crate::simd`]).
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() && avx512::available() {
+        if crate::simd::avx512_vbmi() {
             return Isa::Avx512;
         }
-        if has_avx2() {
+        if crate::simd::avx2() {
             Isa::Avx2
         } else {
             Isa::Portable
@@ -1007,7 +1001,7 @@ fn unpack_16_simd<T: Copy + 'static>(
     let (bm, ew) = (q.bits_main, q.extra_bits());
     let bfloat = TypeId::of::<T>() == TypeId::of::<bf16>();
     if !(bfloat || TypeId::of::<T>() == TypeId::of::<f16>())
-        || !(bm <= 8 && ew <= 4 && std::arch::is_x86_feature_detected!("f16c"))
+        || !(bm <= 8 && ew <= 4 && crate::simd::avx2())
     {
         return None;
     }
@@ -1023,7 +1017,8 @@ fn unpack_16_simd<T: Copy + 'static>(
     } else {
         bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
     };
-    // SAFETY: AVX2 (the caller's isa) and F16C (checked above) are present.
+    // SAFETY: AVX2 (the caller's isa) and F16C (checked above: part of the AVX2 level) are
+    // present.
     let (done, xpos) = unsafe { avx2::unpack_16(primary, extra, bm, ew, &lut32, out16, bfloat) };
     Some(unpack_portable(primary, extra, q, lut, out, done, xpos))
 }

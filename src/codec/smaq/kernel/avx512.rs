@@ -19,12 +19,6 @@ use std::arch::x86_64::*;
 // The encoder builds the zero code as "main, sign set, magnitude 0".
 const _: () = assert!(ZERO_CODE == 0b10);
 
-/// Whether the CPU has every extension these kernels use ([`crate::simd::avx512_vbmi`]).
-#[inline]
-pub fn available() -> bool {
-    crate::simd::avx512_vbmi()
-}
-
 /// Broadcast constants of one chunk.
 struct Consts {
     hi: __m512,
@@ -227,7 +221,7 @@ fn pack_mul(w: u32) -> (__m512i, __m512i) {
 /// values done and their counts.
 ///
 /// # Safety
-/// The CPU must have the extensions of [`available`].
+/// The CPU must have the extensions of [`crate::simd::avx512_vbmi`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
 pub unsafe fn encode(
     x: &[f32],
@@ -456,7 +450,7 @@ impl Blocks {
 /// decoded, extra stream bits consumed).
 ///
 /// # Safety
-/// The CPU must have the extensions of [`available`].
+/// The CPU must have the extensions of [`crate::simd::avx512_vbmi`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
 pub unsafe fn unpack(
     primary: &[u8],
