@@ -56,18 +56,10 @@ def registry() -> List[Dict[str, Any]]:
     return _core.codecs()
 
 
-def registry_keeps_zeros(codec: str, params: Dict[str, Any]) -> Optional[bool]:
+def registry_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
     """Whether ``codec`` with ``params`` decodes every exact 0 to exactly 0, as the core's
-    registry states it; None while the extension does not state it.
-
-    This is the one place that reads it. The core is to expose, per registered codec, a function
-    of the (resolved) parameters, because the answer depends on them (``int`` keeps zeros with
-    ``scheme="absmax"`` and nearest or stochastic rounding, not with ``affine`` or ``dithered``):
-    ``_core.keeps_zeros(codec: str, params: dict | None) -> bool``, raising CodecError for an
-    unknown codec or invalid parameters, like ``_core.resolve_params``. Until it exists,
-    ``smaq_rs.torch._store.codec_keeps_zeros`` finds the answer by round-tripping a sample.
-    """
-    stated = getattr(_core, "keeps_zeros", None)
-    if stated is None:
-        return None
-    return bool(stated(codec, params))
+    registry states it (a function of the parameters: ``int`` keeps zeros with
+    ``scheme="absmax"`` and nearest or stochastic rounding, not with ``affine`` or
+    ``dithered``; a seed never decides it). CodecError for an unknown codec or invalid
+    parameters."""
+    return bool(_core.keeps_zeros(codec, params))

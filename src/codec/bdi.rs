@@ -44,7 +44,10 @@ pub static INFO: CodecInfo = CodecInfo {
           the smallest valid configuration per block, raw fallback.",
     defaults: || BdiConfig::default().to_params(),
     encoder: |p| Ok(Box::new(BdiConfig::from_params(p)?)),
-    decoder: |meta, frame| Ok(Box::new(BdiHeader::parse(meta, frame)?)),
+    decoder: |meta, frame| Ok(Box::new(BdiDecoder::parse(meta, frame)?)),
+    // 0.0 is on the grid; a zero coded against a base comes back exactly only when deltas are
+    // not downscaled.
+    keeps_zeros: |p| Ok(BdiConfig::from_params(p)?.scale_delta == 0),
 };
 
 /// One block configuration.
@@ -524,7 +527,7 @@ impl BdiConfig {
 }
 
 /// An NNW-BDI decoder opened on validated metadata.
-pub struct BdiHeader {
+pub struct BdiDecoder {
     bits: u8,
     scale_init: u8,
     scale_delta: u8,
@@ -539,7 +542,7 @@ pub struct BdiHeader {
     numel: u64,
 }
 
-impl BdiHeader {
+impl BdiDecoder {
     fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
         let mut r = LeReader::new(meta, "nnw_bdi header");
         let bits = r.u8("bits")?;
@@ -617,7 +620,7 @@ impl BdiHeader {
             "nnw_bdi: payload is {} bytes, the header implies {expected:?}",
             frame.payload_len
         );
-        Ok(BdiHeader {
+        Ok(BdiDecoder {
             bits,
             scale_init,
             scale_delta,
@@ -722,7 +725,7 @@ impl BdiHeader {
     }
 }
 
-impl Decoder for BdiHeader {
+impl Decoder for BdiDecoder {
     fn params(&self) -> Params {
         let list: Vec<String> = self
             .cfgs
@@ -767,7 +770,7 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
 
-    fn rt(p: &Params, x: &[f32]) -> (Vec<f32>, BdiHeader, usize) {
+    fn rt(p: &Params, x: &[f32]) -> (Vec<f32>, BdiDecoder, usize) {
         let enc = BdiConfig::from_params(p)
             .unwrap()
             .encode(Data::F32(x))
@@ -778,7 +781,7 @@ mod tests {
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,
         };
-        let d = BdiHeader::parse(&enc.meta, frame).unwrap();
+        let d = BdiDecoder::parse(&enc.meta, frame).unwrap();
         let mut out = vec![0f32; x.len()];
         d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
         (out, d, enc.payload.len() + enc.meta.len())

@@ -10,6 +10,7 @@ pub mod int;
 mod kernel_io;
 pub mod lossless;
 pub mod params;
+pub mod sign;
 pub mod smaq;
 
 use crate::dtype::{DType, Data, DataMut};
@@ -115,6 +116,9 @@ pub struct CodecInfo {
     pub defaults: fn() -> Params,
     pub encoder: EncoderFn,
     pub decoder: DecoderFn,
+    /// Whether a round trip under these (valid) parameters gives back every exact zero as a
+    /// zero. Callers that need exact zeros keep a zero map beside a codec that does not.
+    pub keeps_zeros: fn(&Params) -> Result<bool>,
 }
 
 /// Every codec smaq_rs knows.
@@ -130,6 +134,7 @@ pub static REGISTRY: &[&CodecInfo] = &[
     &int::INFO_LUQ,
     &bdi::INFO,
     &lossless::INFO,
+    &sign::INFO,
 ];
 
 /// The guard every decoder runs first: the output buffer holds exactly the tensor's elements.
@@ -156,10 +161,99 @@ pub fn by_name(name: &str) -> Result<&'static CodecInfo> {
         })
 }
 
+/// Whether `info`'s codec with `params` gives back every exact zero. The parameters are checked
+/// as the encoder checks them (a `CodecError` when invalid); a `seed` never decides it and is
+/// ignored, also by codecs that take none.
+pub fn keeps_zeros(info: &CodecInfo, params: &Params) -> Result<bool> {
+    let mut p = params.clone();
+    p.remove("seed");
+    (info.encoder)(&p)?;
+    (info.keeps_zeros)(&p)
+}
+
 pub fn by_id(id: u16) -> Result<&'static CodecInfo> {
     REGISTRY
         .iter()
         .copied()
         .find(|c| c.id == id)
         .ok_or_else(|| Error::Format(format!("unknown codec id {id} in packed tensor")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `x` after encoding it with `info` under `p`.
+    fn round_trip(info: &CodecInfo, p: &Params, x: &[f32]) -> Vec<f32> {
+        let enc = (info.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
+        let frame = Frame {
+            version: crate::format::VERSION,
+            dtype: DType::F32,
+            numel: x.len() as u64,
+            payload_len: enc.payload.len() as u64,
+        };
+        let mut out = vec![f32::NAN; x.len()];
+        (info.decoder)(&enc.meta, frame)
+            .unwrap()
+            .decode(&enc.payload, DataMut::F32(&mut out))
+            .unwrap();
+        out
+    }
+
+    /// The registry's `keeps_zeros` is checked against round trips: every codec that says it
+    /// keeps zeros gives back each of the many zeros of a tensor as zero, under its defaults
+    /// and under the parameters that decide it.
+    #[test]
+    fn keeps_zeros_agrees_with_round_trips() {
+        let mut x = crate::rng::normal_f32(70_000, 5);
+        for (i, v) in x.iter_mut().enumerate() {
+            match i % 5 {
+                0 => *v = 0.0,
+                1 if i % 3 == 0 => *v = -0.0,
+                _ => {}
+            }
+        }
+        let s = |v: &str| Param::Str(v.into());
+        let mut cases: Vec<(&str, Params)> =
+            REGISTRY.iter().map(|c| (c.name, Params::new())).collect();
+        for scheme in ["affine", "absmax"] {
+            for rounding in ["nearest", "stochastic", "dithered"] {
+                cases.push((
+                    "int",
+                    params::from_pairs([("scheme", s(scheme)), ("rounding", s(rounding))]),
+                ));
+            }
+        }
+        cases.push((
+            "nnw_bdi",
+            params::from_pairs([("scale_delta", Param::Int(2))]),
+        ));
+        cases.push(("smaq", params::from_pairs([("log", Param::Bool(true))])));
+        let mut said = [0, 0];
+        for (name, p) in cases {
+            let info = by_name(name).unwrap();
+            let keeps = keeps_zeros(info, &p).unwrap();
+            said[keeps as usize] += 1;
+            let y = round_trip(info, &p, &x);
+            let lost = x
+                .iter()
+                .zip(&y)
+                .filter(|(a, b)| **a == 0.0 && **b != 0.0)
+                .count();
+            if keeps {
+                assert_eq!(lost, 0, "{name} {p:?} says it keeps zeros but lost {lost}");
+            }
+        }
+        assert!(said[0] > 0 && said[1] > 0);
+        // A seed never decides it, also for codecs that take none.
+        let seeded = params::from_pairs([("seed", Param::Int(1))]);
+        assert!(keeps_zeros(by_name("fp32").unwrap(), &seeded).unwrap());
+        assert!(matches!(
+            keeps_zeros(
+                by_name("int").unwrap(),
+                &params::from_pairs([("bits", Param::Int(99))])
+            ),
+            Err(Error::Codec(_))
+        ));
+    }
 }

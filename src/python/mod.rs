@@ -332,6 +332,15 @@ fn resolve_params<'py>(
     params_to_dict(py, &full)
 }
 
+/// Whether `codec` with `params` gives back every exact zero (the registry's answer; a seed
+/// is ignored). Invalid parameters raise CodecError, as in `resolve_params`.
+#[pyfunction]
+#[pyo3(signature = (codec, params=None))]
+fn keeps_zeros(codec: &str, params: Option<&Bound<'_, PyDict>>) -> PyResult<bool> {
+    let info = codec::by_name(codec)?;
+    Ok(codec::keeps_zeros(info, &params_from_dict(params)?)?)
+}
+
 #[pyfunction]
 fn set_num_threads(n: usize) {
     crate::pool::set_num_threads(n)
@@ -363,6 +372,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(codecs, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_params, m)?)?;
+    m.add_function(wrap_pyfunction!(keeps_zeros, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;

@@ -118,6 +118,15 @@ def _smaq(x64, y64, p):
     return half if p.params["rounding"] == "nearest" else 2 * half
 
 
+def _sign(x64, y64, p):
+    """Each value comes back as its sign times its block's mean |x|: the error is the distance
+    of |x| from that mean (a wrong sign would add 2 min(|x|, mean))."""
+    flat = np.abs(x64.reshape(-1))
+    bs = p.params["block_size"]
+    mean = np.repeat([flat[s:s + bs].mean() for s in range(0, flat.size, bs)], bs)[:flat.size]
+    return (np.abs(flat - mean) + mean * 1e-6).reshape(x64.shape)
+
+
 def _exact(x64, y64, p):
     return None
 
@@ -135,6 +144,7 @@ BOUNDS: Dict[str, Tuple[Dict, Bound]] = {
     "luq": ({"seed": 3}, _luq),
     "nnw_bdi": ({"seed": 9}, _nnw_bdi),
     "lossless": ({}, _exact),
+    "sign": ({"block_size": 64}, _sign),
 }
 
 

@@ -30,34 +30,14 @@ def _freeze(params: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-def _probe_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
-    """Round trips of a sample holding zeros next to values of several magnitudes, under a few
-    seeds (stochastic codecs): whether every zero came back as exactly 0."""
-    base = np.array([0.0, 1.5, -2.0, 0.0, 0.3, -0.7, 0.0, 4.0, 0.01, 0.0, -0.01, 3.0],
-                    dtype=np.float32)
-    for shift in (0.0, 0.37, -1.3):
-        x = np.tile(base + np.float32(shift) * (base != 0), 16)
-        for seed in range(4):
-            y = _bridge.decompress(_bridge.compress(x, codec, seed=seed, **params))
-            if not np.all(y[x == 0] == 0):
-                return False
-    return True
-
-
 @functools.lru_cache(maxsize=None)
 def _keeps_zeros(codec: str, frozen: Tuple[Tuple[str, Any], ...]) -> bool:
-    params = dict(frozen)
-    params.pop("seed", None)
-    stated = _bridge.registry_keeps_zeros(codec, params)
-    if stated is not None:
-        return stated
-    return _probe_keeps_zeros(codec, params)  # until the core registry states it
+    return _bridge.registry_keeps_zeros(codec, dict(frozen))
 
 
 def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
-    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0 (asked once per
-    codec and parameters, the seed aside, and cached): the core registry's answer
-    (``_bridge.registry_keeps_zeros``) where it gives one, else a round trip of a sample."""
+    """Whether ``codec`` with ``params`` decodes an exact 0 to exactly 0: the core registry's
+    answer, asked once per codec and parameters (the seed aside) and cached."""
     return _keeps_zeros(codec, _freeze({k: v for k, v in params.items() if k != "seed"}))
 
 

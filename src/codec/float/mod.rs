@@ -194,6 +194,8 @@ macro_rules! float_info {
             defaults: || FloatConfig::defaults($kind).to_params(),
             encoder: |p| Ok(Box::new(FloatConfig::from_params($kind, p)?)),
             decoder: |meta, frame| Ok(Box::new(FloatDecoder::parse($kind, meta, frame)?)),
+            // Every float format has signed zeros (s2fp8 maps 0 to its zero code).
+            keeps_zeros: |_| Ok(true),
         };
     };
 }

@@ -28,6 +28,7 @@ pub static INFO_LUQ: CodecInfo = CodecInfo {
     defaults: || LuqConfig::default().to_params(),
     encoder: |p| Ok(Box::new(LuqConfig::from_params(p)?)),
     decoder: |meta, frame| Ok(Box::new(LuqDecoder::parse(meta, frame)?)),
+    keeps_zeros: |_| Ok(true),
 };
 
 /// The configuration of the `luq` codec.

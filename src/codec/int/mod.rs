@@ -55,6 +55,8 @@ const CHUNK: usize = 1 << 16;
 const SCHEMES: [&str; 2] = ["affine", "absmax"];
 const GRANULARITIES: [&str; 4] = ["tensor", "row", "tile", "block"];
 const ROUNDINGS: [&str; 3] = ["nearest", "stochastic", "dithered"];
+/// `IntConfig::rounding` of the dithered rounding (its index in [`ROUNDINGS`]).
+const DITHERED: u8 = 2;
 const CLIPS: [&str; 2] = ["none", "sawb"];
 
 pub static INFO_INT: CodecInfo = CodecInfo {
@@ -65,6 +67,12 @@ pub static INFO_INT: CodecInfo = CodecInfo {
     defaults: || IntConfig::default().to_params(),
     encoder: |p| Ok(Box::new(IntConfig::from_params(p)?)),
     decoder: |meta, frame| Ok(Box::new(IntDecoder::parse(meta, frame)?)),
+    // The absmax grid holds 0 at code 0, which nearest and stochastic rounding keep; the affine
+    // grid's zero point and the dither move it.
+    keeps_zeros: |p| {
+        let c = IntConfig::from_params(p)?;
+        Ok(c.absmax && c.rounding != DITHERED)
+    },
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,7 +47,8 @@ pub static INFO: CodecInfo = CodecInfo {
           outliers in bits_outlier bits; NaN/Inf kept exactly.",
     defaults: || SmaqConfig::default().to_params(),
     encoder: |p| Ok(Box::new(SmaqConfig::from_params(p)?)),
-    decoder: |meta, frame| Ok(Box::new(SmaqHeader::parse(meta, frame)?)),
+    decoder: |meta, frame| Ok(Box::new(SmaqDecoder::parse(meta, frame)?)),
+    keeps_zeros: |_| Ok(true),
 };
 
 const ROUNDINGS: [&str; 3] = ["stochastic", "nearest", "truncate"];
@@ -982,7 +983,7 @@ struct Span {
 
 /// A parsed, validated SmaQ header plus the chunk byte ranges it implies.
 #[derive(Debug)]
-struct SmaqHeader {
+struct SmaqDecoder {
     h: Header,
     dtype: DType,
     numel: u64,
@@ -1060,7 +1061,7 @@ impl Header {
     }
 }
 
-impl SmaqHeader {
+impl SmaqDecoder {
     fn parse(meta: &[u8], frame: Frame) -> Result<Self> {
         let mut r = LeReader::new(meta, "smaq header");
         let bits_main = r.u8("bits_main")?;
@@ -1260,7 +1261,7 @@ impl SmaqHeader {
             raw,
             chunks,
         };
-        Ok(SmaqHeader {
+        Ok(SmaqDecoder {
             h,
             dtype: frame.dtype,
             numel: frame.numel,
@@ -1411,7 +1412,7 @@ impl SmaqHeader {
     }
 }
 
-impl Decoder for SmaqHeader {
+impl Decoder for SmaqDecoder {
     fn params(&self) -> Params {
         self.h.cfg.to_params()
     }
@@ -1473,7 +1474,7 @@ mod tests {
 
     use crate::rng::normal_f32 as normal;
 
-    fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqHeader, usize) {
+    fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqDecoder, usize) {
         let enc = cfg.encode(Data::F32(x)).unwrap();
         let frame = Frame {
             version: crate::format::VERSION,
@@ -1481,7 +1482,7 @@ mod tests {
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,
         };
-        let h = SmaqHeader::parse(&enc.meta, frame).unwrap();
+        let h = SmaqDecoder::parse(&enc.meta, frame).unwrap();
         let mut out = vec![0f32; x.len()];
         h.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
         (out, h, enc.payload.len())
@@ -1725,7 +1726,7 @@ mod tests {
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,
         };
-        let err = SmaqHeader::parse(&enc.meta, frame).unwrap_err();
+        let err = SmaqDecoder::parse(&enc.meta, frame).unwrap_err();
         assert!(err.to_string().contains("version 2"), "{err}");
     }
 
@@ -1746,7 +1747,7 @@ mod tests {
             numel: x.len() as u64,
             payload_len: enc.payload.len() as u64,
         };
-        let h = SmaqHeader::parse(&enc.meta, frame).unwrap();
+        let h = SmaqDecoder::parse(&enc.meta, frame).unwrap();
         let span = h.spans[0].escapes.clone();
         assert!(span.len() > 2);
         let mut out = vec![0f32; x.len()];
@@ -1766,7 +1767,7 @@ mod tests {
         let mut meta = enc.meta.clone();
         let n = meta.len();
         meta[n - 4..].copy_from_slice(&1u32.to_le_bytes());
-        assert!(SmaqHeader::parse(&meta, frame).is_err());
+        assert!(SmaqDecoder::parse(&meta, frame).is_err());
     }
 
     #[test]

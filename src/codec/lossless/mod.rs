@@ -43,6 +43,7 @@ pub static INFO: CodecInfo = CodecInfo {
     defaults,
     encoder: |p| Ok(Box::new(LosslessConfig::from_params(p)?)),
     decoder: |meta, frame| Ok(Box::new(LosslessDecoder::open(meta, frame)?)),
+    keeps_zeros: |_| Ok(true),
 };
 
 fn defaults() -> Params {
