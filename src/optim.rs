@@ -988,10 +988,7 @@ mod tests {
     #[test]
     fn simd_adam_matches_scalar() {
         #[cfg(target_arch = "x86_64")]
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("popcnt"))
-        {
+        if !crate::simd::avx2() {
             return;
         }
         let mut case = 0u64;

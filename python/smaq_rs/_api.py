@@ -119,7 +119,7 @@ class PackedTensor:
         """What the encoder recorded. SmaQ: mean, std, n_outliers, n_clamped (values clamped at
         t_outlier: only with ``outliers="clamp"``), n_escapes and escape_bytes (values beyond
         t_outlier in the escape stream), n_exceptions (kept exactly), n_nonfinite, ..."""
-        return self._packed.info
+        return self._packed.stats
 
     @property
     def kind(self) -> str:

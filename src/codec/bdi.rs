@@ -747,7 +747,7 @@ impl Decoder for BdiDecoder {
         }
         .to_params()
     }
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         super::params::from_pairs([
             ("scale", Param::Float(self.scale as f64)),
             ("n_raw_blocks", Param::Int(self.n_raw as i64)),

@@ -74,7 +74,7 @@ pub trait Decoder: Send + Sync {
     /// The parameters the tensor was encoded with.
     fn params(&self) -> Params;
     /// Statistics recorded at encode time (mean, std, counts of outliers, clamped values...).
-    fn info(&self) -> Params;
+    fn stats(&self) -> Params;
     /// Decodes `payload` into `out` (whose length is the tensor's element count).
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()>;
     /// Length of the pieces the tensor can be decoded in independently (the last may be

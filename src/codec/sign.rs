@@ -188,7 +188,7 @@ impl Decoder for SignDecoder {
         .to_params()
     }
 
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         super::params::from_pairs([
             (
                 "n_blocks",

@@ -274,8 +274,8 @@ impl Packed {
     pub fn params(&self) -> Params {
         self.decoder.params()
     }
-    pub fn info(&self) -> Params {
-        self.decoder.info()
+    pub fn stats(&self) -> Params {
+        self.decoder.stats()
     }
     /// Bytes of codec metadata (statistics, chunk index).
     pub fn meta_len(&self) -> usize {
@@ -426,7 +426,7 @@ mod tests {
             let again = Packed::from_bytes(packed.to_vec()).unwrap();
             let y = match again.decode().unwrap() { Owned::F32(v) => v, _ => unreachable!() };
             prop_assert_eq!(y.len(), n);
-            let info = again.info();
+            let info = again.stats();
             let (Some(Param::Float(mean)), Some(Param::Float(std))) = (info.get("mean"), info.get("std"))
             else { panic!("no statistics") };
             let bo = (bm + extra).min(16);

@@ -177,7 +177,7 @@ impl PyReader {
         let p = detached_entry(py, name, || Packed::from_bytes(self.inner.stored(i)?))?;
         Ok((
             Some(params_to_dict(py, &p.params())?),
-            Some(params_to_dict(py, &p.info())?),
+            Some(params_to_dict(py, &p.stats())?),
         ))
     }
 

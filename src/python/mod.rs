@@ -157,8 +157,8 @@ impl PyPacked {
         params_to_dict(py, &self.inner.params())
     }
     #[getter]
-    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        params_to_dict(py, &self.inner.info())
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        params_to_dict(py, &self.inner.stats())
     }
 
     /// Decodes into a new NumPy array (bfloat16 comes back as its uint16 bit pattern).

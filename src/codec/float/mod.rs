@@ -274,7 +274,7 @@ impl Decoder for FloatDecoder {
         self.header.cfg.to_params()
     }
 
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         let mut p = Params::new();
         let width = self.header.cfg.kind.format().map_or(32, |f| f.width());
         p.insert("bits_per_code".into(), Param::Int(width as i64));

@@ -239,7 +239,7 @@ impl Decoder for LuqDecoder {
         }
         .to_params()
     }
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         crate::codec::params::from_pairs([
             ("alpha", Param::Float(self.alpha as f64)),
             ("n_exceptions", Param::Int(self.n_exc as i64)),

@@ -783,7 +783,7 @@ impl Decoder for IntDecoder {
     fn params(&self) -> Params {
         self.h.cfg.to_params()
     }
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         super::params::from_pairs([
             ("n_groups", Param::Int(self.h.n_groups as i64)),
             ("n_exceptions", Param::Int(self.h.n_exc as i64)),
@@ -875,7 +875,7 @@ mod tests {
                     ];
                     kv.extend(extra.clone());
                     let (y, d, _) = rt(&INFO_INT, &params(&kv), &x);
-                    let ng = match d.info()["n_groups"] {
+                    let ng = match d.stats()["n_groups"] {
                         Param::Int(v) => v,
                         _ => unreachable!(),
                     };
@@ -925,7 +925,7 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &v)| i == 3 || i == 500 || v == 2.5));
-        assert_eq!(d.info()["n_exceptions"], Param::Int(2));
+        assert_eq!(d.stats()["n_exceptions"], Param::Int(2));
         let (y, _, _) = rt(&INFO_INT, &Params::new(), &[]);
         assert!(y.is_empty());
     }

@@ -487,7 +487,7 @@ impl Decoder for LosslessDecoder {
     fn params(&self) -> Params {
         self.cfg.to_params()
     }
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         let count = |m| self.planes.iter().filter(|p| p.mode == m).count() as i64;
         [
             ("planes".to_string(), Param::Int(self.planes.len() as i64)),
@@ -671,7 +671,7 @@ mod tests {
             let pk = Packed::encode(Data::F32(&x), &[8192], "lossless", &p).unwrap();
             let Owned::F32(b) = decode(&pk) else { panic!() };
             assert!(b.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
-            let info = Packed::from_bytes(pk.to_vec()).unwrap().info();
+            let info = Packed::from_bytes(pk.to_vec()).unwrap().stats();
             assert!(
                 matches!(info.get(mode), Some(Param::Int(k)) if *k > 0),
                 "{mode}: {info:?}"

@@ -1417,7 +1417,7 @@ impl Decoder for SmaqDecoder {
         self.h.cfg.to_params()
     }
 
-    fn info(&self) -> Params {
+    fn stats(&self) -> Params {
         let h = &self.h;
         let sum = |f: fn(&ChunkIndex) -> u32| h.chunks.iter().map(|c| f(c) as u64).sum::<u64>();
         let (outliers, exceptions, escapes) = (
