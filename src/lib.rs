@@ -2,9 +2,12 @@
 //!
 //! Layers, top to bottom (nothing lower uses anything higher):
 //! - [`python`] (feature `python`): the PyO3 glue, the only place that knows about Python;
-//! - [`format`]: the packed tensor byte format (docs/FORMAT.md);
+//! - [`optim`], [`zmap`]: fused optimizer steps and zero maps over packed tensors;
+//! - [`format`]: the packed tensor byte format and the checkpoint container (docs/FORMAT.md);
 //! - [`codec`]: the encoders (SmaQ, ...) and their registry;
-//! - [`bits`], [`buf`], [`stats`], [`rng`], [`le`], [`dtype`], [`pool`], [`error`]: primitives.
+//! - [`bits`], [`buf`], [`stats`], [`rng`], [`le`], [`dtype`], [`pool`], [`simd`], [`error`]: primitives.
+//!
+//! docs/DESIGN.md has the layers, where each concern lives and how to add a codec.
 //!
 //! ```
 //! use smaq_rs::{codec::Params, dtype::Data, format::Packed};

@@ -8,7 +8,7 @@
 //! The arithmetic repeats, operation for operation, what `python/smaq_rs/torch/optim.py` does
 //! with torch's CPU kernels: float32 throughout, scalars rounded to float32, and a fused
 //! multiply-add wherever torch's vectorized kernel uses one (`add(alpha=)`, `lerp`). So, on the
-//! same state, the fused step gives the Python step's values (tests/test_torch_optim.py checks
+//! same state, the fused step gives the Python step's values (tests/torch/test_torch_optim.py checks
 //! how closely).
 //!
 //! How a slot is stored afterwards follows `zmap::layout`, as `_store.encode` does: plain, plain

@@ -1,7 +1,8 @@
 //! The codecs and their registry. A codec turns a typed buffer into (metadata, payload) bytes and
 //! back; the packed format (src/format) frames them. Codecs know nothing of files or Python.
 //!
-//! Adding a codec: one file here, one line in [`REGISTRY`], one fixture, one test file.
+//! Adding a codec: one file here, one line in [`REGISTRY`], one fixture, its error bound; docs/DESIGN.md
+//! walks through it with `sign.rs`.
 
 pub mod bdi;
 pub mod exceptions;
