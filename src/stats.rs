@@ -518,6 +518,42 @@ pub(crate) mod simd {
         let (mut s, mut q) = (_mm512_setzero_pd(), _mm512_setzero_pd());
         let (mut nonfinite, mut nan, mut zeros) = (0u64, 0u64, 0u64);
         let mut first_zero = None;
+        let p = x.as_ptr();
+        let full = n / 16 * 16;
+        if !NONZERO && !LANES {
+            // The range and the non-finite count alone (the int codec's many short groups): the
+            // same lanes and operations as the general loop below, with every accumulator in a
+            // register (the closure's captured state would go through memory on each step).
+            let one = _mm512_set1_epi32(1);
+            let mut bad = _mm512_setzero_si512();
+            let mut i = 0;
+            while i < full {
+                // SAFETY: i + 16 <= full <= n.
+                let v = unsafe { _mm512_loadu_ps(p.add(i)) };
+                let nf = nonfinite16(v);
+                lo = _mm512_min_ps(_mm512_mask_mov_ps(v, nf, pinf), lo);
+                hi = _mm512_max_ps(_mm512_mask_mov_ps(v, nf, ninf), hi);
+                bad = _mm512_mask_add_epi32(bad, nf, bad, one);
+                i += 16;
+            }
+            if i < n {
+                let k = ((1u32 << (n - i)) - 1) as __mmask16;
+                // SAFETY: the lanes of `k` are the elements i..n.
+                let v = unsafe { _mm512_maskz_loadu_ps(k, p.add(i)) };
+                let nf = nonfinite16(v) & k;
+                let take = k & !nf;
+                lo = _mm512_min_ps(_mm512_mask_mov_ps(pinf, take, v), lo);
+                hi = _mm512_max_ps(_mm512_mask_mov_ps(ninf, take, v), hi);
+                bad = _mm512_mask_add_epi32(bad, nf, bad, one);
+            }
+            let counts = Summary {
+                nonfinite: _mm512_reduce_add_epi32(bad) as u64,
+                min: first_min16(lo) as f64,
+                max: first_max16(hi) as f64,
+                ..Summary::EMPTY
+            };
+            return complete(counts, x, &g, [0.0; SUM_LANES], [0.0; SUM_LANES], true);
+        }
         // One block of sixteen lanes at `i`, `k` the lanes inside `x`.
         let mut step = |i: usize, k: __mmask16, v: __m512| {
             let take = if !NONZERO {
@@ -550,8 +586,6 @@ pub(crate) mod simd {
                 }
             }
         };
-        let p = x.as_ptr();
-        let full = n / 16 * 16;
         let mut i = 0;
         while i < full {
             // SAFETY: i + 16 <= full <= n.

@@ -768,19 +768,13 @@ impl Decoder for BdiDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
 
     fn rt(p: &Params, x: &[f32]) -> (Vec<f32>, BdiDecoder, usize) {
         let enc = BdiConfig::from_params(p)
             .unwrap()
             .encode(Data::F32(x))
             .unwrap();
-        let frame = Frame {
-            version: crate::format::VERSION,
-            dtype: DType::F32,
-            numel: x.len() as u64,
-            payload_len: enc.payload.len() as u64,
-        };
+        let frame = crate::codec::testing::frame_f32(&enc, x.len());
         let d = BdiDecoder::parse(&enc.meta, frame).unwrap();
         let mut out = vec![0f32; x.len()];
         d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();

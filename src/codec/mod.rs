@@ -180,26 +180,40 @@ pub fn by_id(id: u16) -> Result<&'static CodecInfo> {
         .ok_or_else(|| Error::Format(format!("unknown codec id {id} in packed tensor")))
 }
 
+/// Round trips for the codecs' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    /// Decodes `x` after encoding it with `info` under `p`.
-    fn round_trip(info: &CodecInfo, p: &Params, x: &[f32]) -> Vec<f32> {
-        let enc = (info.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
-        let frame = Frame {
+    /// The frame a decoder opens the encoding `enc` of `numel` float32 values with.
+    pub fn frame_f32(enc: &Encoded, numel: usize) -> Frame {
+        Frame {
             version: crate::format::VERSION,
             dtype: DType::F32,
-            numel: x.len() as u64,
+            numel: numel as u64,
             payload_len: enc.payload.len() as u64,
-        };
-        let mut out = vec![f32::NAN; x.len()];
-        (info.decoder)(&enc.meta, frame)
-            .unwrap()
-            .decode(&enc.payload, DataMut::F32(&mut out))
-            .unwrap();
-        out
+        }
     }
+
+    /// `x` encoded by `info`'s codec under `p` and decoded as float32: the values, the decoder
+    /// and the payload's length in bytes.
+    pub fn round_trip_f32(
+        info: &CodecInfo,
+        p: &Params,
+        x: &[f32],
+    ) -> (Vec<f32>, Box<dyn Decoder>, usize) {
+        let enc = (info.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
+        let d = (info.decoder)(&enc.meta, frame_f32(&enc, x.len())).unwrap();
+        let mut out = vec![f32::NAN; x.len()];
+        d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
+        (out, d, enc.payload.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::round_trip_f32;
+    use super::*;
 
     /// The registry's `keeps_zeros` is checked against round trips: every codec that says it
     /// keeps zeros gives back each of the many zeros of a tensor as zero, under its defaults
@@ -235,7 +249,7 @@ mod tests {
             let info = by_name(name).unwrap();
             let keeps = keeps_zeros(info, &p).unwrap();
             said[keeps as usize] += 1;
-            let y = round_trip(info, &p, &x);
+            let y = round_trip_f32(info, &p, &x).0;
             let lost = x
                 .iter()
                 .zip(&y)

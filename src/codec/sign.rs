@@ -207,20 +207,10 @@ impl Decoder for SignDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
 
     fn round_trip(x: &[f32], block_size: u32) -> Vec<f32> {
-        let enc = SignConfig { block_size }.encode(Data::F32(x)).unwrap();
-        let frame = Frame {
-            version: 1,
-            dtype: DType::F32,
-            numel: x.len() as u64,
-            payload_len: enc.payload.len() as u64,
-        };
-        let d = SignDecoder::parse(&enc.meta, frame).unwrap();
-        let mut out = vec![0f32; x.len()];
-        d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
-        out
+        let p = SignConfig { block_size }.to_params();
+        crate::codec::testing::round_trip_f32(&INFO, &p, x).0
     }
 
     #[test]
@@ -258,12 +248,8 @@ mod tests {
         let enc = SignConfig::default()
             .encode(Data::F32(&[1.0; 300]))
             .unwrap();
-        let frame = Frame {
-            version: 1,
-            dtype: DType::F32,
-            numel: 300,
-            payload_len: enc.payload.len() as u64 - 1,
-        };
+        let mut frame = crate::codec::testing::frame_f32(&enc, 300);
+        frame.payload_len -= 1;
         assert!(matches!(
             SignDecoder::parse(&enc.meta, frame),
             Err(crate::error::Error::Format(_))

@@ -5,20 +5,15 @@
 use super::decode::FloatDecoder;
 use super::minifloat::MiniFloat;
 use super::{FloatConfig, Kind};
-use crate::codec::{Decoder, Encoder, Frame, Params};
-use crate::dtype::{DType, Data, DataMut};
+use crate::codec::{Decoder, Encoder, Params};
+use crate::dtype::{Data, DataMut};
 
 /// `x` encoded by codec `kind` with parameters `p` and decoded as float32; and the payload's
 /// length in bytes.
 pub fn round_trip(kind: Kind, p: &Params, x: &[f32]) -> (Vec<f32>, usize) {
     let cfg = FloatConfig::from_params(kind, p).unwrap();
     let enc = cfg.encode(Data::F32(x)).unwrap();
-    let frame = Frame {
-        version: crate::format::VERSION,
-        dtype: DType::F32,
-        numel: x.len() as u64,
-        payload_len: enc.payload.len() as u64,
-    };
+    let frame = crate::codec::testing::frame_f32(&enc, x.len());
     let h = FloatDecoder::parse(kind, &enc.meta, frame).unwrap();
     let mut out = vec![0f32; x.len()];
     h.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();

@@ -254,20 +254,10 @@ impl Decoder for LuqDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
 
     fn rt(p: &Params, x: &[f32]) -> (Vec<f32>, usize) {
-        let enc = (INFO_LUQ.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
-        let frame = Frame {
-            version: crate::format::VERSION,
-            dtype: DType::F32,
-            numel: x.len() as u64,
-            payload_len: enc.payload.len() as u64,
-        };
-        let d = (INFO_LUQ.decoder)(&enc.meta, frame).unwrap();
-        let mut out = vec![0f32; x.len()];
-        d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
-        (out, enc.payload.len())
+        let (out, _, bytes) = crate::codec::testing::round_trip_f32(&INFO_LUQ, p, x);
+        (out, bytes)
     }
 
     #[test]

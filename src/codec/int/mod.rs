@@ -798,7 +798,6 @@ impl Decoder for IntDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
 
     use crate::rng::normal_f32 as normal;
 
@@ -806,19 +805,7 @@ mod tests {
         kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
     }
 
-    fn rt(info: &CodecInfo, p: &Params, x: &[f32]) -> (Vec<f32>, Box<dyn Decoder>, usize) {
-        let enc = (info.encoder)(p).unwrap().encode(Data::F32(x)).unwrap();
-        let frame = Frame {
-            version: crate::format::VERSION,
-            dtype: DType::F32,
-            numel: x.len() as u64,
-            payload_len: enc.payload.len() as u64,
-        };
-        let d = (info.decoder)(&enc.meta, frame).unwrap();
-        let mut out = vec![0f32; x.len()];
-        d.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
-        (out, d, enc.payload.len())
-    }
+    use crate::codec::testing::round_trip_f32 as rt;
 
     #[test]
     fn int8_block_nearest_within_half_step() {
