@@ -1,0 +1,424 @@
+//! The whole-tensor encoder: the statistics (linear or log domain), then every chunk coded on
+//! its own Rayon task, its primary stream written straight into its place in the one output
+//! buffer and its extra stream, exception list and escape stream returned, then
+//! [`finish_encoding`] appends those and writes the metadata. The piece encoder (`piece`) codes
+//! its chunks with the same [`encode_chunk`] and completes them with the same
+//! [`finish_encoding`].
+
+use super::escape::{escape_residual, write_escapes, EscapeGrid};
+use super::kernel::{self, Codes, Counts, Prep};
+use super::log::{log_stats, log_values};
+use super::meta::{ChunkIndex, Header};
+use super::{Outliers, Rounding, SmaqConfig};
+use crate::bits::BitWriter;
+use crate::codec::{Encoded, Encoder};
+use crate::dtype::{Data, Element};
+use crate::error::Result;
+use crate::le::LeWriter;
+use crate::rng::{fresh_seed, stream_key};
+use crate::stats::{mean_std, Sampling};
+use rayon::prelude::*;
+
+/// Per-chunk result of encoding (its primary stream is written in place).
+pub(super) struct ChunkOut {
+    extra: Vec<u8>,
+    exceptions: Vec<u8>,
+    escapes: Vec<u8>,
+    counts: Counts,
+    index: ChunkIndex,
+}
+
+impl Encoder for SmaqConfig {
+    fn encode(&self, x: Data<'_>) -> Result<Encoded> {
+        Ok(Encoded::from_framed(self.encode_framed(x, 0, 0)?))
+    }
+
+    fn format_version(&self) -> u8 {
+        // The escape stream and its index fields, and the log domain, are new in version 2.
+        if self.outliers == Outliers::Escape || self.log {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
+        let seed = self.seed.unwrap_or_else(fresh_seed);
+        crate::dispatch!(Data, x, |v| encode_typed(self, seed, v, lead, tail))
+    }
+}
+
+/// Encodes into one buffer: `lead` bytes for the caller, the metadata, the payload, room for
+/// `tail` more. The metadata's size is known up front (it depends on the chunk count only), so
+/// the primary streams are written where they stay; returns the buffer and the metadata length.
+fn encode_typed<T: Codes>(
+    cfg: &SmaqConfig,
+    seed: u64,
+    x: &[T],
+    lead: usize,
+    tail: usize,
+) -> Result<(Vec<u8>, usize)> {
+    let n = x.len() as u64;
+    let mut head = Header {
+        cfg: SmaqConfig {
+            seed: Some(seed),
+            ..cfg.clone()
+        },
+        mean: 0.0,
+        std: 1.0,
+        clamped: 0,
+        nonfinite: 0,
+        raw: true,
+        chunks: Vec::new(),
+    };
+    if n < cfg.min_size as u64 {
+        head.nonfinite = x.iter().filter(|v| !v.is_finite()).count() as u64;
+        let payload = Data::from_typed(x).to_le_bytes();
+        return Ok(Encoded {
+            meta: head.write(),
+            payload,
+        }
+        .into_framed(lead, tail));
+    }
+    let sampling = match cfg.sampling {
+        Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
+        s => s,
+    };
+    let stats = if cfg.log {
+        log_stats(x, cfg.spread)
+    } else {
+        mean_std(x, sampling, cfg.spread)
+    };
+    let q = cfg.quant();
+    let prep = cfg.prep(stats);
+    let stochastic = cfg.rounding == Rounding::Stochastic;
+    let cs = cfg.chunk_size as usize;
+    // The primary streams have known sizes: every chunk writes its own straight into the payload.
+    let prim: Vec<usize> = x
+        .chunks(cs)
+        .map(|c| q.chunk_bytes(c.len() as u64, 0).0 as usize)
+        .collect();
+    let meta_len = Header::len_for(prim.len(), cfg.outliers == Outliers::Escape);
+    let start = lead + meta_len;
+    let ptotal: usize = prim.iter().sum();
+    // Room for the extra streams (at most bits_outlier - bits_main bits per value, plus a byte of
+    // rounding per chunk) and the tail: appending them does not reallocate.
+    let extra_room = x.len() * q.extra_bits() as usize / 8 + prim.len();
+    let mut chunks: Vec<ChunkOut> = Vec::new();
+    // SAFETY: the closure initializes every byte: the head through `zero_init`, each chunk's
+    // primary stream through `zero_init` just before it is encoded.
+    let mut bytes = unsafe {
+        crate::buf::init_with_tail(start + ptotal, extra_room + tail, |b| {
+            let (head, mut rest) = b.split_at_mut(start);
+            crate::buf::zero_init(head);
+            let mut slices = Vec::with_capacity(prim.len());
+            for &len in &prim {
+                let (this, more) = rest.split_at_mut(len);
+                slices.push(this);
+                rest = more;
+            }
+            type Scratch = (Vec<u16>, Vec<f32>);
+            let work = |(codes, logs): &mut Scratch,
+                        (ci, (c, primary)): (usize, (&[T], &mut [std::mem::MaybeUninit<u8>]))| {
+                let key = stochastic.then(|| stream_key(seed, ci as u64));
+                let primary = crate::buf::zero_init(primary);
+                let p = Prep { key, ..prep };
+                if cfg.log {
+                    log_values(c, logs);
+                    encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes)
+                } else {
+                    encode_chunk(c, &p, cfg, primary, codes)
+                }
+            };
+            chunks = if crate::pool::parallel(slices.len()) {
+                crate::pool::install(|| {
+                    x.par_chunks(cs)
+                        .zip(slices)
+                        .enumerate()
+                        .map_init(Scratch::default, work)
+                        .collect()
+                })
+            } else {
+                let mut scratch = Scratch::default();
+                x.chunks(cs)
+                    .zip(slices)
+                    .enumerate()
+                    .map(|a| work(&mut scratch, a))
+                    .collect()
+            };
+        })
+    };
+    head.mean = stats.mean;
+    head.std = stats.std;
+    finish_encoding(head, chunks, &mut bytes, lead);
+    Ok((bytes, meta_len))
+}
+
+/// Completes an encoding whose primary streams are in `bytes` after `lead` bytes and room for
+/// the metadata: appends every chunk's extra stream, exception list and escape stream, and
+/// writes the metadata (from `head`, the chunk tallies filled in here) into its room.
+pub(super) fn finish_encoding(
+    mut head: Header,
+    chunks: Vec<ChunkOut>,
+    bytes: &mut Vec<u8>,
+    lead: usize,
+) {
+    let cfg = &head.cfg;
+    head.raw = false;
+    head.clamped = match cfg.outliers {
+        Outliers::Clamp => chunks.iter().map(|c| c.counts.beyond as u64).sum(),
+        Outliers::Escape | Outliers::Exact => 0,
+    };
+    head.nonfinite = chunks.iter().map(|c| c.counts.nonfinite as u64).sum();
+    head.chunks = chunks.iter().map(|c| c.index).collect();
+    for c in &chunks {
+        bytes.extend_from_slice(&c.extra);
+    }
+    for c in &chunks {
+        bytes.extend_from_slice(&c.exceptions);
+    }
+    for c in &chunks {
+        bytes.extend_from_slice(&c.escapes);
+    }
+    for c in chunks {
+        crate::buf::give_scratch(c.extra);
+    }
+    let meta = head.write();
+    bytes[lead..lead + meta.len()].copy_from_slice(&meta);
+}
+
+/// Encodes one chunk: primary stream into `primary`, the rest returned. `codes` is scratch space
+/// reused across the chunks of one worker.
+pub(super) fn encode_chunk<T: Codes>(
+    x: &[T],
+    p: &Prep,
+    cfg: &SmaqConfig,
+    primary: &mut [u8],
+    codes: &mut Vec<u16>,
+) -> ChunkOut {
+    encode_chunk_raw(x, x, p, cfg, primary, codes)
+}
+
+/// [`encode_chunk`] of coded values `x` whose exceptions are stored as the elements of `raw`
+/// (the tensor itself; in the log domain `x` holds the logarithms).
+pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
+    x: &[T],
+    raw: &[R],
+    p: &Prep,
+    cfg: &SmaqConfig,
+    primary: &mut [u8],
+    codes: &mut Vec<u16>,
+) -> ChunkOut {
+    // Room for every value being an outlier, plus the SIMD kernels' slack (one vector): the
+    // stream never reallocates.
+    let room = ((x.len() + 1024) * p.q.extra_bits() as usize).div_ceil(8) + 8;
+    let mut extra = BitWriter::from_vec(crate::buf::scratch(room));
+    let counts = match T::encode_fused(x, p, primary, &mut extra) {
+        Some(c) => c,
+        None => {
+            codes.resize(x.len(), 0);
+            let c = T::codes(x, p, codes);
+            kernel::pack(codes, &p.q, primary, &mut extra);
+            c
+        }
+    };
+    let mut list = LeWriter(Vec::new());
+    let mut index = ChunkIndex {
+        outliers: counts.outliers,
+        ..ChunkIndex::default()
+    };
+    let mut escapes = Vec::new();
+    let tails = counts.beyond > 0 && cfg.outliers != Outliers::Clamp;
+    // Exceptions: non-finite values always, values beyond t_outlier with `outliers="exact"` (and
+    // escapes too far out for the escape stream). Escapes: values beyond t_outlier whose code
+    // goes past the saturated outlier magnitude. Candidates come from a vector scan against
+    // slightly widened bounds (non-finite values always among them), then are tested exactly.
+    if counts.nonfinite > 0 || tails {
+        let t_out = p.q.t_outlier as f64;
+        let (lo, hi) = if tails {
+            let w = t_out * (1.0 - 1e-9) / p.inv_std;
+            (p.mean - w, p.mean + w)
+        } else {
+            (f64::NEG_INFINITY, f64::INFINITY)
+        };
+        // The kernel counted them: room for all (the scan's bounds are wider by 1e-9 relative).
+        let expected = (counts.beyond + counts.nonfinite) as usize;
+        let mut candidates = Vec::with_capacity(expected + expected / 64 + 8);
+        kernel::outside(x, lo, hi, &mut candidates);
+        let grid = EscapeGrid::new(&p.q, cfg.escape_bits);
+        let mut tail = Vec::with_capacity(candidates.len());
+        for i in candidates {
+            let f = x[i as usize].to_f64();
+            let exact = |list: &mut LeWriter| {
+                list.u32(i);
+                list.bytes(&raw[i as usize].to_bits_u64().to_le_bytes()[..R::DTYPE.size()]);
+            };
+            if !f.is_finite() {
+                exact(&mut list);
+                index.exceptions += 1;
+                continue;
+            }
+            let a = ((f - p.mean) * p.inv_std).abs();
+            if !tails || f == 0.0 || a <= t_out {
+                continue;
+            }
+            match escape_residual(a, i, p, &grid) {
+                Some(0) if cfg.outliers == Outliers::Escape => {}
+                Some(r) if cfg.outliers == Outliers::Escape => tail.push((i, r - 1)),
+                _ => {
+                    exact(&mut list);
+                    index.exceptions += 1;
+                }
+            }
+        }
+        if !tail.is_empty() {
+            escapes = write_escapes(&tail);
+            index.escapes = tail.len() as u32;
+            index.escape_bytes = escapes.len() as u32;
+        }
+    }
+    ChunkOut {
+        extra: extra.finish(),
+        exceptions: list.0,
+        escapes,
+        counts,
+        index,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::codec::smaq::round_trip;
+    use crate::rng::normal_f32 as normal;
+
+    #[test]
+    fn nearest_error_within_half_step() {
+        let x = normal(200_000, 1);
+        let cfg = SmaqConfig {
+            rounding: Rounding::Nearest,
+            chunk_size: 4096,
+            ..Default::default()
+        };
+        let (y, h, _) = round_trip(&cfg, &x);
+        let q = cfg.quant();
+        let std = h.h.std as f32;
+        let mean = h.h.mean as f32;
+        for (a, b) in x.iter().zip(&y) {
+            let z = ((a - mean) / std).abs();
+            let bound = if z <= q.t_main {
+                std / (2.0 * q.r_main)
+            } else {
+                // Escaped values beyond t_outlier stay on the outlier grid: no clamping.
+                std / (2.0 * q.r_out) * (1.0 + 1e-3 * z)
+            };
+            assert!(
+                (a - b).abs() <= bound * 1.001 + 1e-6,
+                "{a} -> {b}, bound {bound}"
+            );
+        }
+    }
+
+    #[test]
+    fn payload_is_exactly_the_bit_count() {
+        let x = normal(100_000, 2);
+        let cfg = SmaqConfig {
+            chunk_size: 1000,
+            sampling: Sampling::Exact,
+            ..Default::default()
+        };
+        let (_, h, payload) = round_trip(&cfg, &x);
+        // 6 bits per value in the primary stream, 2 more per outlier; each rounded to bytes.
+        let expected: u64 = h
+            .h
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| {
+                let len = (x.len() - ci * 1000).min(1000) as u64;
+                (len * 6).div_ceil(8) + (c.outliers as u64 * 2).div_ceil(8) + c.escape_bytes as u64
+            })
+            .sum();
+        assert_eq!(payload as u64, expected);
+        let outliers: u64 = h.h.chunks.iter().map(|c| c.outliers as u64).sum();
+        let frac = outliers as f64 / x.len() as f64;
+        assert!((frac - 0.3173).abs() < 0.01, "outlier fraction {frac}");
+    }
+
+    #[test]
+    fn result_does_not_depend_on_thread_count() {
+        let x = normal(300_000, 3);
+        let cfg = SmaqConfig {
+            seed: Some(9),
+            chunk_size: 1024,
+            ..Default::default()
+        };
+        let a = cfg.encode(Data::F32(&x)).unwrap();
+        let b = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| cfg.encode(Data::F32(&x)).unwrap());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn special_values_survive() {
+        let mut x = normal(10_000, 4);
+        x[5] = f32::NAN;
+        x[77] = f32::INFINITY;
+        x[9999] = f32::NEG_INFINITY;
+        x[100] = 50.0;
+        let cfg = SmaqConfig {
+            outliers: Outliers::Exact,
+            chunk_size: 512,
+            ..Default::default()
+        };
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert!(y[5].is_nan());
+        assert_eq!(y[77], f32::INFINITY);
+        assert_eq!(y[9999], f32::NEG_INFINITY);
+        assert_eq!(y[100], 50.0);
+        assert_eq!(h.h.nonfinite, 3);
+        assert!(h.h.std < 2.0, "NaN/Inf must not poison the statistics");
+    }
+
+    #[test]
+    fn clamping_is_counted() {
+        let mut x = normal(10_000, 5);
+        x[10] = 100.0;
+        let cfg = SmaqConfig {
+            outliers: Outliers::Clamp,
+            ..Default::default()
+        };
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert!(h.h.clamped >= 1);
+        let top = (h.h.mean + cfg.t_outlier as f64 * h.h.std) as f32;
+        assert!((y[10] - top).abs() < 1e-3 * top.abs());
+    }
+
+    #[test]
+    fn every_bit_width_round_trips() {
+        let x = normal(5000, 7);
+        for bm in 3..=16u8 {
+            for bo in [bm, bm.max(8), 16] {
+                let cfg = SmaqConfig {
+                    bits_main: bm,
+                    bits_outlier: bo,
+                    rounding: Rounding::Nearest,
+                    ..Default::default()
+                };
+                let (y, h, _) = round_trip(&cfg, &x);
+                let q = cfg.quant();
+                let tol = h.h.std as f32 * (0.5 / q.r_main.min(q.r_out)) * 1.01 + 1e-6;
+                for (a, b) in x.iter().zip(&y) {
+                    let z = ((a - h.h.mean as f32) / h.h.std as f32).abs();
+                    if z <= q.t_outlier {
+                        assert!((a - b).abs() <= tol, "bm={bm} bo={bo}: {a} -> {b}");
+                    }
+                }
+            }
+        }
+    }
+}

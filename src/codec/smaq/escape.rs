@@ -1,0 +1,270 @@
+//! The escape stream (`outliers="escape"`, format version 2), both directions: a value beyond
+//! `t_outlier` keeps the code its outlier grid gives it, so one whose magnitude goes past the
+//! saturated outlier code is written to its chunk's escape stream ([`write_escapes`]: its gap
+//! from the previous escape and its residual on the finer [`EscapeGrid`], both as
+//! exponential-Golomb codes), and the decoder writes it back over the saturated code
+//! (`SmaqDecoder::patch_escapes`).
+
+use super::decode::SmaqDecoder;
+use super::kernel::{self, Prep};
+use crate::bits::{get_exp_golomb, put_exp_golomb, BitWriter};
+use crate::dtype::Element;
+use crate::error::{ensure_format, Error, Result};
+
+/// Largest residual the escape stream holds; a value further out goes to the exception list.
+const MAX_RESIDUAL: f64 = (1u64 << 31) as f64;
+
+/// How many steps of the escape grid beyond the saturated outlier magnitude the code of
+/// |z| = `a` (> t_outlier) lies: `round((a - t_main) * scale) - base` ([`EscapeGrid`]), rounded
+/// as configured (stochastic rounding draws from the chunk's stream at element `i`). None when
+/// it is too far out for the escape stream.
+pub(super) fn escape_residual(a: f64, i: u32, p: &Prep, g: &EscapeGrid) -> Option<u32> {
+    let u = match p.key {
+        Some(key) => crate::rng::uniform(key, i) as f64,
+        None => p.dither as f64,
+    };
+    let code = ((a - g.t_main) * g.scale + u).floor();
+    let r = (code - g.base).max(0.0);
+    (r < MAX_RESIDUAL).then_some(r as u32)
+}
+
+/// The grid of escaped values: the outlier grid past its end, `2^escape_bits` times finer. An
+/// escape with residual `r` stands for `|z| = t_main + (base + 1 + r) / scale`.
+pub(super) struct EscapeGrid {
+    t_main: f64,
+    scale: f64,
+    base: f64,
+}
+
+impl EscapeGrid {
+    pub(super) fn new(q: &kernel::Quant, escape_bits: u8) -> Self {
+        let fine = (1u32 << escape_bits) as f64;
+        EscapeGrid {
+            t_main: q.t_main as f64,
+            scale: q.r_out as f64 * fine,
+            base: q.max_out as f64 * fine,
+        }
+    }
+
+    fn z(&self, r: u32) -> f64 {
+        self.t_main + (self.base + 1.0 + r as f64) / self.scale
+    }
+}
+
+/// The order of exponential-Golomb code that codes `values` in the fewest bits. The best order
+/// lies near log2 of the mean value; the orders within two of it are costed exactly.
+fn best_order(values: &[u32]) -> u32 {
+    let mean = values.iter().map(|&v| v as u64).sum::<u64>() / values.len().max(1) as u64;
+    let centre = 63 - (mean + 1).leading_zeros();
+    (centre.saturating_sub(2)..=(centre + 2).min(31))
+        .min_by_key(|&k| {
+            values
+                .iter()
+                .map(|&v| crate::bits::exp_golomb_len(v, k) as u64)
+                .sum::<u64>()
+        })
+        .unwrap_or(0)
+}
+
+/// One chunk's escape stream: two bytes (the exponential-Golomb orders of the gaps and of the
+/// residuals), then per escape the gap from the previous escape's index (the first counts from
+/// -1) and the residual beyond the saturated code minus one.
+pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
+    let mut prev = -1i64;
+    let gaps: Vec<u32> = tail
+        .iter()
+        .map(|&(i, _)| {
+            let g = (i as i64 - prev - 1) as u32;
+            prev = i as i64;
+            g
+        })
+        .collect();
+    let residuals: Vec<u32> = tail.iter().map(|&(_, r)| r).collect();
+    let (k_gap, k_res) = (best_order(&gaps), best_order(&residuals));
+    let mut w = BitWriter::with_capacity_bits(16 + tail.len() * 24);
+    w.put(k_gap, 8);
+    w.put(k_res, 8);
+    for (&g, &r) in gaps.iter().zip(&residuals) {
+        put_exp_golomb(&mut w, g, k_gap);
+        put_exp_golomb(&mut w, r, k_res);
+    }
+    w.finish()
+}
+
+impl SmaqDecoder {
+    /// Writes the escaped values of chunk `ci` (see [`write_escapes`]) over their saturated
+    /// outlier codes in `dst`; their signs are the codes' sign bits in `primary`.
+    pub(super) fn patch_escapes<T: Element>(
+        &self,
+        stream: &[u8],
+        primary: &[u8],
+        q: &kernel::Quant,
+        ci: usize,
+        n: u32,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let bad = || Error::Format(format!("smaq: chunk {ci}: escape stream is corrupt"));
+        let (k_gap, k_res) = (stream[0] as u32, stream[1] as u32);
+        ensure_format!(
+            k_gap <= 31 && k_res <= 31,
+            "smaq: chunk {ci}: escape code orders {k_gap}, {k_res} exceed 31"
+        );
+        let bits = &stream[2..];
+        let (mean, std) = (self.h.mean, self.h.std);
+        let floor = if self.h.cfg.all_positive {
+            0.0
+        } else {
+            -T::MAX_F64
+        };
+        let grid = EscapeGrid::new(q, self.h.cfg.escape_bits);
+        let bm = q.bits_main as usize;
+        let mut pos = 0usize;
+        let mut next = 0usize;
+        for _ in 0..n {
+            let gap = get_exp_golomb(bits, &mut pos, k_gap).ok_or_else(bad)? as usize;
+            let r = get_exp_golomb(bits, &mut pos, k_res).ok_or_else(bad)?;
+            let i = next + gap;
+            ensure_format!(
+                i < dst.len(),
+                "smaq: chunk {ci}: escape at index {i} is out of range ({} values)",
+                dst.len()
+            );
+            let negative = crate::bits::get(primary, i * bm + 1, 1) == 1;
+            let z = grid.z(r);
+            let mut v = mean + if negative { -z } else { z } * std;
+            if self.h.cfg.log {
+                v = v.exp();
+            }
+            dst[i] = T::from_f64(v.clamp(floor, T::MAX_F64));
+            next = i + 1;
+        }
+        ensure_format!(
+            pos.div_ceil(8) == bits.len(),
+            "smaq: chunk {ci}: escape stream has {} bytes, its codes take {}",
+            bits.len(),
+            pos.div_ceil(8)
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::codec::smaq::{round_trip, Rounding, SmaqConfig};
+    use crate::codec::{Decoder, Encoder, Frame};
+    use crate::dtype::{DType, Data, DataMut};
+    use crate::rng::normal_f32 as normal;
+
+    /// The research algorithm (never clamps), in f64, nearest rounding: the value each element
+    /// must decode to.
+    fn research_nearest(x: &[f32], q: &kernel::Quant, mean: f64, std: f64) -> Vec<f64> {
+        x.iter()
+            .map(|&v| {
+                let z = (v as f64 - mean) / std;
+                let a = z.abs();
+                let (t, r) = if a <= q.t_main as f64 {
+                    (0.0, q.r_main as f64)
+                } else {
+                    (q.t_main as f64, q.r_out as f64)
+                };
+                let m = ((a - t) * r + 0.5).floor() / r + t;
+                mean + z.signum() * m * std
+            })
+            .collect()
+    }
+
+    #[test]
+    fn escaped_tails_decode_on_the_research_grid() {
+        // Heavy tails: a Student-t-like mix with values up to ~10^4 std.
+        let mut x = normal(200_000, 11);
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % 37 == 0 {
+                *v *= 25.0;
+            }
+            if i % 1001 == 0 {
+                *v *= 100.0;
+            }
+        }
+        x[5] = 2.0e3;
+        x[6] = -2.0e3;
+        // escape_bits 0: exactly the research grid.
+        let cfg = SmaqConfig {
+            rounding: Rounding::Nearest,
+            chunk_size: 4096,
+            escape_bits: 0,
+            ..Default::default()
+        };
+        let (y, h, _) = round_trip(&cfg, &x);
+        assert_eq!(h.h.clamped, 0);
+        let escapes: u64 = h.h.chunks.iter().map(|c| c.escapes as u64).sum();
+        assert!(escapes > 1000, "{escapes} escapes");
+        let q = cfg.quant();
+        let want = research_nearest(&x, &q, h.h.mean, h.h.std);
+        for (i, (&a, &b)) in want.iter().zip(&y).enumerate() {
+            let tol = 1e-6 * a.abs().max(h.h.std);
+            assert!(
+                (a - b as f64).abs() <= tol,
+                "element {i}: research {a}, decoded {b} (input {})",
+                x[i]
+            );
+        }
+        // The default finer escape grid: values beyond t_outlier within half a fine step.
+        let fine = SmaqConfig {
+            escape_bits: 3,
+            ..cfg
+        };
+        let (y, h, _) = round_trip(&fine, &x);
+        let half = h.h.std / (2.0 * q.r_out as f64 * 8.0);
+        let mut seen = 0;
+        for (&a, &b) in x.iter().zip(&y) {
+            if ((a as f64 - h.h.mean) / h.h.std).abs() > q.t_outlier as f64 {
+                let err = (a as f64 - b as f64).abs();
+                assert!(err <= half * 1.001 + 1e-6 * (a as f64).abs(), "{a} -> {b}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 1000);
+    }
+
+    #[test]
+    fn corrupt_escape_streams_are_format_errors() {
+        let mut x = normal(20_000, 13);
+        x[100] = 1e4;
+        x[200] = -1e4;
+        let enc = SmaqConfig {
+            chunk_size: 20_000,
+            ..Default::default()
+        }
+        .encode(Data::F32(&x))
+        .unwrap();
+        let frame = Frame {
+            version: 2,
+            dtype: DType::F32,
+            numel: x.len() as u64,
+            payload_len: enc.payload.len() as u64,
+        };
+        let h = SmaqDecoder::parse(&enc.meta, frame).unwrap();
+        let span = h.spans[0].escapes.clone();
+        assert!(span.len() > 2);
+        let mut out = vec![0f32; x.len()];
+        // Every byte of the stream flipped in turn: an error or a decode, never a panic; the
+        // order bytes and the last byte are always caught.
+        for at in span.clone() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut p = enc.payload.clone();
+                p[at] ^= flip;
+                let r = h.decode(&p, DataMut::F32(&mut out));
+                if at == span.start && flip == 0xff {
+                    assert!(r.is_err());
+                }
+            }
+        }
+        // Truncated streams do not parse.
+        let mut meta = enc.meta.clone();
+        let n = meta.len();
+        meta[n - 4..].copy_from_slice(&1u32.to_le_bytes());
+        assert!(SmaqDecoder::parse(&meta, frame).is_err());
+    }
+}
