@@ -485,19 +485,66 @@ pub(crate) mod simd {
         }
     }
 
-    /// [`summarize_avx512`] under [`Filter::Finite`] without sums (the range and the count of
-    /// non-finite values), for callers that summarize many short groups.
+    /// The smallest and largest finite values of `x` (+Inf and -Inf when there is none) and
+    /// whether any value was NaN or +-Inf: the lanes and operations of [`avx512_body`]'s
+    /// general loop with every accumulator in a register. No target feature of its own and
+    /// always inlined, so that it compiles into its callers: the int codec calls it once per
+    /// group of a few dozen values.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW, DQ and VL.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub unsafe fn finite_range_avx512(x: &[f32]) -> Summary {
-        let g = Gather {
-            filter: Filter::Finite,
-            sums: Sums::None,
+    /// Only from functions that enable AVX-512 F, BW, DQ and VL.
+    #[inline(always)]
+    pub(crate) unsafe fn finite_lohi(x: &[f32]) -> (f32, f32, bool) {
+        let n = x.len();
+        let p = x.as_ptr();
+        let full = n / 16 * 16;
+        let pinf = _mm512_set1_ps(f32::INFINITY);
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let (mut lo, mut hi) = (pinf, ninf);
+        let mut bad: __mmask16 = 0;
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= n.
+            let v = unsafe { _mm512_loadu_ps(p.add(i)) };
+            let nf = nonfinite16(v);
+            lo = _mm512_min_ps(_mm512_mask_mov_ps(v, nf, pinf), lo);
+            hi = _mm512_max_ps(_mm512_mask_mov_ps(v, nf, ninf), hi);
+            bad |= nf;
+            i += 16;
+        }
+        if i < n {
+            let k = ((1u32 << (n - i)) - 1) as __mmask16;
+            // SAFETY: the lanes of `k` are the elements i..n.
+            let v = unsafe { _mm512_maskz_loadu_ps(k, p.add(i)) };
+            let nf = nonfinite16(v) & k;
+            let take = k & !nf;
+            lo = _mm512_min_ps(_mm512_mask_mov_ps(pinf, take, v), lo);
+            hi = _mm512_max_ps(_mm512_mask_mov_ps(ninf, take, v), hi);
+            bad |= nf;
+        }
+        (first_min16(lo), first_max16(hi), bad != 0)
+    }
+
+    /// [`finite_lohi`] as a [`Summary`] of the finite values (range, counts).
+    ///
+    /// # Safety
+    /// Only from functions that enable AVX-512 F, BW, DQ and VL.
+    #[inline(always)]
+    unsafe fn finite_range(x: &[f32]) -> Summary {
+        // SAFETY: the caller enables the features.
+        let (lo, hi, bad) = unsafe { finite_lohi(x) };
+        let nonfinite = if bad {
+            x.iter().filter(|v| !v.is_finite()).count() as u64
+        } else {
+            0
         };
-        avx512_body::<false, false>(x, g)
+        Summary {
+            count: x.len() as u64 - nonfinite,
+            nonfinite,
+            min: lo as f64,
+            max: hi as f64,
+            ..Summary::EMPTY
+        }
     }
 
     /// [`summarize_avx512`] for one filter (`NONZERO`: [`Filter::NonZero`]) and with
@@ -521,37 +568,12 @@ pub(crate) mod simd {
         let p = x.as_ptr();
         let full = n / 16 * 16;
         if !NONZERO && !LANES {
-            // The range and the non-finite count alone (the int codec's many short groups): the
-            // same lanes and operations as the general loop below, with every accumulator in a
-            // register (the closure's captured state would go through memory on each step).
-            let one = _mm512_set1_epi32(1);
-            let mut bad = _mm512_setzero_si512();
-            let mut i = 0;
-            while i < full {
-                // SAFETY: i + 16 <= full <= n.
-                let v = unsafe { _mm512_loadu_ps(p.add(i)) };
-                let nf = nonfinite16(v);
-                lo = _mm512_min_ps(_mm512_mask_mov_ps(v, nf, pinf), lo);
-                hi = _mm512_max_ps(_mm512_mask_mov_ps(v, nf, ninf), hi);
-                bad = _mm512_mask_add_epi32(bad, nf, bad, one);
-                i += 16;
+            // SAFETY: this function enables AVX-512 F, BW, DQ and VL.
+            let counts = unsafe { finite_range(x) };
+            // Without sums nothing is left to `complete`.
+            if matches!(g.sums, Sums::None) {
+                return counts;
             }
-            if i < n {
-                let k = ((1u32 << (n - i)) - 1) as __mmask16;
-                // SAFETY: the lanes of `k` are the elements i..n.
-                let v = unsafe { _mm512_maskz_loadu_ps(k, p.add(i)) };
-                let nf = nonfinite16(v) & k;
-                let take = k & !nf;
-                lo = _mm512_min_ps(_mm512_mask_mov_ps(pinf, take, v), lo);
-                hi = _mm512_max_ps(_mm512_mask_mov_ps(ninf, take, v), hi);
-                bad = _mm512_mask_add_epi32(bad, nf, bad, one);
-            }
-            let counts = Summary {
-                nonfinite: _mm512_reduce_add_epi32(bad) as u64,
-                min: first_min16(lo) as f64,
-                max: first_max16(hi) as f64,
-                ..Summary::EMPTY
-            };
             return complete(counts, x, &g, [0.0; SUM_LANES], [0.0; SUM_LANES], true);
         }
         // One block of sixteen lanes at `i`, `k` the lanes inside `x`.

@@ -111,8 +111,13 @@ pub(super) fn chunk8_avx512(
         .zip(params.chunks_exact_mut(pbytes))
     {
         // SAFETY: AVX-512 F, BW, DQ and VL are enabled in this function.
-        let s = unsafe { crate::stats::simd::finite_range_avx512(xb) };
-        any_bad |= (s.nonfinite > 0) as u32;
+        let (min, max, bad) = unsafe { crate::stats::simd::finite_lohi(xb) };
+        any_bad |= bad as u32;
+        let s = crate::stats::Summary {
+            min: min as f64,
+            max: max as f64,
+            ..crate::stats::Summary::EMPTY
+        };
         let (lo, step) = super::group_params(c, s);
         put(pd, (lo, step));
         let a = if step > 0.0 { 1.0 / step } else { 0.0 };
