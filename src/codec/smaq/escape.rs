@@ -154,7 +154,7 @@ mod tests {
 
     use crate::codec::smaq::{round_trip, Rounding, SmaqConfig};
     use crate::codec::{Decoder, Encoder, Frame};
-    use crate::dtype::{DType, Data, DataMut};
+    use crate::dtype::{Data, DataMut};
     use crate::rng::normal_f32 as normal;
 
     /// The research algorithm (never clamps), in f64, nearest rounding: the value each element
@@ -241,9 +241,7 @@ mod tests {
         .unwrap();
         let frame = Frame {
             version: 2,
-            dtype: DType::F32,
-            numel: x.len() as u64,
-            payload_len: enc.payload.len() as u64,
+            ..crate::codec::testing::frame_f32(&enc, x.len())
         };
         let h = SmaqDecoder::parse(&enc.meta, frame).unwrap();
         let span = h.spans[0].escapes.clone();

@@ -332,7 +332,7 @@ mod tests {
     use super::*;
 
     use crate::codec::Encoder;
-    use crate::dtype::{DType, Data};
+    use crate::dtype::Data;
     use crate::rng::normal_f32 as normal;
 
     #[test]
@@ -348,9 +348,7 @@ mod tests {
         let enc = esc.encode(Data::F32(&x)).unwrap();
         let frame = Frame {
             version: 1,
-            dtype: DType::F32,
-            numel: x.len() as u64,
-            payload_len: enc.payload.len() as u64,
+            ..crate::codec::testing::frame_f32(&enc, x.len())
         };
         let err = SmaqDecoder::parse(&enc.meta, frame).unwrap_err();
         assert!(err.to_string().contains("version 2"), "{err}");

@@ -263,16 +263,11 @@ impl SmaqConfig {
 /// decoder (its header and chunk spans) and the payload's length.
 #[cfg(test)]
 fn round_trip(cfg: &SmaqConfig, x: &[f32]) -> (Vec<f32>, SmaqDecoder, usize) {
-    use crate::codec::{Decoder, Encoder, Frame};
-    use crate::dtype::{DType, Data, DataMut};
+    use crate::codec::{Decoder, Encoder};
+    use crate::dtype::{Data, DataMut};
 
     let enc = cfg.encode(Data::F32(x)).unwrap();
-    let frame = Frame {
-        version: crate::format::VERSION,
-        dtype: DType::F32,
-        numel: x.len() as u64,
-        payload_len: enc.payload.len() as u64,
-    };
+    let frame = crate::codec::testing::frame_f32(&enc, x.len());
     let h = SmaqDecoder::parse(&enc.meta, frame).unwrap();
     let mut out = vec![0f32; x.len()];
     h.decode(&enc.payload, DataMut::F32(&mut out)).unwrap();
