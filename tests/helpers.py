@@ -79,7 +79,8 @@ def smaq_bound(x64, y64, stats, params, out_dtype):
 
     Main values: std / (2 r_main); outliers: std / (2 r_out), also beyond t_outlier (escaped, or
     exact); with ``outliers="clamp"`` values beyond t_outlier were clamped, so their bound grows
-    with the distance. Plus half a unit in the last place of the output dtype.
+    with the distance. Plus half a unit in the last place of the output dtype (its subnormal
+    step below the normal range).
     """
     bm, bo = params["bits_main"], params["bits_outlier"]
     t_main, t_out = params["t_main"], params["t_outlier"]
@@ -99,5 +100,8 @@ def smaq_bound(x64, y64, stats, params, out_dtype):
     else:
         # escaped values: the f64 residual path, a relative slack for very large z
         bound = np.where(a > t_out, half_out * (1 + 1e-6 * a), bound)
-    ulp = np.maximum(np.abs(y64), np.abs(x64)) * 2.0 ** -(mantissa_bits(out_dtype) + 1)
+    # Half the output's spacing: relative for normal values, the subnormal step below them.
+    mbits = mantissa_bits(out_dtype)
+    emin = {23: -126, 10: -14, 7: -126, 52: -1022}[mbits]
+    ulp = np.maximum(np.maximum(np.abs(y64), np.abs(x64)), 2.0**emin) * 2.0 ** -(mbits + 1)
     return bound * (1 + 1e-4) + ulp * 1.01 + 1e-30

@@ -213,15 +213,28 @@ pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
     // stream never reallocates.
     let room = ((x.len() + 1024) * p.q.extra_bits() as usize).div_ceil(8) + 8;
     let mut extra = BitWriter::from_vec(crate::buf::scratch(room));
-    let counts = match T::encode_fused(x, p, primary, &mut extra) {
-        Some(c) => c,
-        None => {
-            codes.resize(x.len(), 0);
-            let c = T::codes(x, p, codes);
-            kernel::pack(codes, &p.q, primary, &mut extra);
-            c
-        }
+    // Candidates for the exception list and the escape stream: every value outside these bounds
+    // (slightly inside +-t_outlier, so that the exact test below decides; the largest finite
+    // values when nothing is escaped, so that +-Inf are still among them) or NaN. The fused
+    // kernel collects them while it codes; otherwise a vector scan finds them, where needed.
+    let t_out = p.q.t_outlier as f64;
+    let bounds = if cfg.outliers == Outliers::Clamp {
+        (f64::MIN, f64::MAX)
+    } else {
+        let w = t_out * (1.0 - 1e-9) / p.inv_std;
+        (p.mean - w, p.mean + w)
     };
+    let mut candidates = Vec::new();
+    let (counts, scanned) =
+        match T::encode_fused(x, p, primary, &mut extra, bounds, &mut candidates) {
+            Some(c) => (c, true),
+            None => {
+                codes.resize(x.len(), 0);
+                let c = T::codes(x, p, codes);
+                kernel::pack(codes, &p.q, primary, &mut extra);
+                (c, false)
+            }
+        };
     let mut list = LeWriter(Vec::new());
     let mut index = ChunkIndex {
         outliers: counts.outliers,
@@ -231,20 +244,14 @@ pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
     let tails = counts.beyond > 0 && cfg.outliers != Outliers::Clamp;
     // Exceptions: non-finite values always, values beyond t_outlier with `outliers="exact"` (and
     // escapes too far out for the escape stream). Escapes: values beyond t_outlier whose code
-    // goes past the saturated outlier magnitude. Candidates come from a vector scan against
-    // slightly widened bounds (non-finite values always among them), then are tested exactly.
+    // goes past the saturated outlier magnitude. Each candidate is tested exactly.
     if counts.nonfinite > 0 || tails {
-        let t_out = p.q.t_outlier as f64;
-        let (lo, hi) = if tails {
-            let w = t_out * (1.0 - 1e-9) / p.inv_std;
-            (p.mean - w, p.mean + w)
-        } else {
-            (f64::NEG_INFINITY, f64::INFINITY)
-        };
-        // The kernel counted them: room for all (the scan's bounds are wider by 1e-9 relative).
-        let expected = (counts.beyond + counts.nonfinite) as usize;
-        let mut candidates = Vec::with_capacity(expected + expected / 64 + 8);
-        kernel::outside(x, lo, hi, &mut candidates);
+        if !scanned {
+            // The kernel counted them: room for all (the bounds are wider by 1e-9 relative).
+            let expected = (counts.beyond + counts.nonfinite) as usize;
+            candidates.reserve(expected + expected / 64 + 8);
+            kernel::outside(x, bounds.0, bounds.1, &mut candidates);
+        }
         let grid = EscapeGrid::new(&p.q, cfg.escape_bits);
         let mut tail = Vec::with_capacity(candidates.len());
         for i in candidates {
@@ -382,6 +389,44 @@ mod tests {
         assert_eq!(y[100], 50.0);
         assert_eq!(h.h.nonfinite, 3);
         assert!(h.h.std < 2.0, "NaN/Inf must not poison the statistics");
+    }
+
+    /// NaN and +-Inf come back exactly under every outlier mode, clamping included, and with
+    /// every element type the fused kernels take.
+    #[test]
+    fn non_finite_values_are_exact_in_every_outlier_mode() {
+        use crate::codec::Frame;
+        use crate::dtype::DataMut;
+        let mut x = normal(70_000, 9);
+        x[5] = f32::NAN;
+        x[777] = f32::INFINITY;
+        x[69_999] = f32::NEG_INFINITY;
+        for outliers in [Outliers::Clamp, Outliers::Escape, Outliers::Exact] {
+            let cfg = SmaqConfig {
+                outliers,
+                ..Default::default()
+            };
+            let (y, h, _) = round_trip(&cfg, &x);
+            assert!(y[5].is_nan(), "{outliers:?}");
+            assert_eq!(
+                (y[777], y[69_999]),
+                (f32::INFINITY, f32::NEG_INFINITY),
+                "{outliers:?}"
+            );
+            assert_eq!(h.h.nonfinite, 3);
+            let xh: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let enc = cfg.encode(Data::BF16(&xh)).unwrap();
+            let frame = Frame {
+                dtype: crate::dtype::DType::BF16,
+                ..crate::codec::testing::frame_f32(&enc, x.len())
+            };
+            let d = (crate::codec::smaq::INFO.decoder)(&enc.meta, frame).unwrap();
+            let mut yh = vec![half::bf16::ZERO; x.len()];
+            d.decode(&enc.payload, DataMut::BF16(&mut yh)).unwrap();
+            assert!(yh[5].is_nan(), "{outliers:?}");
+            assert_eq!(yh[777], half::bf16::INFINITY, "{outliers:?}");
+            assert_eq!(yh[69_999], half::bf16::NEG_INFINITY, "{outliers:?}");
+        }
     }
 
     #[test]

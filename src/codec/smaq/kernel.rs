@@ -280,17 +280,36 @@ fn fused_applies(isa: Isa, p: &Prep) -> bool {
     isa >= Isa::Avx2 && p.f32_ok && p.q.bits_main <= 8 && p.q.extra_bits() <= 4
 }
 
+/// Where a fused encode collects the candidates for the exception list and the escape stream:
+/// the index (from the chunk's start) of every value outside `[lo, hi]` or NaN, as [`outside`]
+/// finds them, found in the same pass as the codes.
+pub struct Candidates<'a> {
+    pub lo: f32,
+    pub hi: f32,
+    pub out: &'a mut Vec<u32>,
+}
+
+impl<'a> Candidates<'a> {
+    /// Candidates outside the f64 interval `[lo, hi]` (rounded inward to f32, see [`outside`]).
+    pub fn new(lo: f64, hi: f64, out: &'a mut Vec<u32>) -> Self {
+        let (lo, hi) = bounds_f32(lo, hi);
+        Candidates { lo, hi, out }
+    }
+}
+
 /// Codes of one f32 chunk packed in a single pass (the SIMD fast path): the primary stream into
-/// `primary` (exactly its size), the extra bits into `extra`. None when that path does not apply
-/// (no AVX2, statistics unsafe in f32, or wide codes); nothing is written then.
+/// `primary` (exactly its size), the extra bits into `extra`, the candidates into `cands`
+/// (`first` added to their indices). None when that path does not apply (no AVX2, statistics
+/// unsafe in f32, or wide codes); nothing is written then.
 pub fn encode_f32_fused(
     x: &[f32],
     first: u32,
     p: &Prep,
     primary: &mut [u8],
     extra: &mut BitWriter,
+    cands: &mut Candidates<'_>,
 ) -> Option<Counts> {
-    encode_f32_fused_with(Isa::detect(), x, first, p, primary, extra)
+    encode_f32_fused_with(Isa::detect(), x, first, p, primary, extra, cands)
 }
 
 /// [`encode_f32_fused`] at a given level (at most [`Isa::detect`]).
@@ -301,6 +320,7 @@ fn encode_f32_fused_with(
     p: &Prep,
     primary: &mut [u8],
     extra: &mut BitWriter,
+    cands: &mut Candidates<'_>,
 ) -> Option<Counts> {
     if !fused_applies(isa, p) {
         return None;
@@ -311,8 +331,16 @@ fn encode_f32_fused_with(
         let (mut done, mut c) = (0, Counts::default());
         if isa >= Isa::Avx512 {
             // SAFETY: the CPU has every extension the AVX-512 kernel uses (Isa::detect).
-            (done, c) = unsafe { avx512::encode(x, first, p, primary, extra) };
+            (done, c) = unsafe { avx512::encode(x, first, p, primary, extra, cands) };
         }
+        // The candidates of the rest, which the AVX-512 loop did not see.
+        outside_f32(
+            &x[done..],
+            cands.lo,
+            cands.hi,
+            first.wrapping_add(done as u32),
+            cands.out,
+        );
         // The rest (< 64 values after AVX-512): AVX2 for whole groups of eight.
         // SAFETY: AVX2 is present (fused_applies).
         let (d2, c2) = unsafe {
@@ -679,12 +707,15 @@ mod avx2 {
 
 /// Element types SmaQ encodes, each with its fastest code path.
 pub trait Codes: Element {
-    /// Codes packed in one pass, where a fused kernel exists (see [`encode_f32_fused`]).
+    /// Codes packed in one pass, where a fused kernel exists (see [`encode_f32_fused`]), with
+    /// the candidates outside `bounds` (see [`outside`]) collected into `cands` on the way.
     fn encode_fused(
         _x: &[Self],
         _p: &Prep,
         _primary: &mut [u8],
         _extra: &mut BitWriter,
+        _bounds: (f64, f64),
+        _cands: &mut Vec<u32>,
     ) -> Option<Counts> {
         None
     }
@@ -713,8 +744,11 @@ impl Codes for f32 {
         p: &Prep,
         primary: &mut [u8],
         extra: &mut BitWriter,
+        bounds: (f64, f64),
+        cands: &mut Vec<u32>,
     ) -> Option<Counts> {
-        encode_f32_fused(x, 0, p, primary, extra)
+        let mut c = Candidates::new(bounds.0, bounds.1, cands);
+        encode_f32_fused(x, 0, p, primary, extra, &mut c)
     }
     fn codes(x: &[f32], p: &Prep, out: &mut [u16]) -> Counts {
         if p.f32_ok {
@@ -737,6 +771,8 @@ macro_rules! half_codes {
                 p: &Prep,
                 primary: &mut [u8],
                 extra: &mut BitWriter,
+                bounds: (f64, f64),
+                cands: &mut Vec<u32>,
             ) -> Option<Counts> {
                 if !fused_applies(Isa::detect(), p) {
                     return None;
@@ -747,6 +783,8 @@ macro_rules! half_codes {
                 let bm = p.q.bits_main as usize;
                 let mut buf = [0f32; B];
                 let mut c = Counts::default();
+                // Widening is exact, so the f32 bounds are as good as the element type's.
+                let mut found = Candidates::new(bounds.0, bounds.1, cands);
                 for (bi, xs) in x.chunks(B).enumerate() {
                     let w = &mut buf[..xs.len()];
                     xs.convert_to_f32_slice(w);
@@ -759,6 +797,7 @@ macro_rules! half_codes {
                         p,
                         &mut primary[start..end],
                         extra,
+                        &mut found,
                     )?);
                 }
                 Some(c)
@@ -1327,7 +1366,19 @@ mod tests {
             let mut extra = BitWriter::default();
             // Pending bits in the extra stream before the chunk: appended after them.
             extra.put(0b101, 3);
-            if let Some(cf) = encode_f32_fused_with(isa, x, first, p, &mut primary, &mut extra) {
+            // Candidates against bounds that leave some values out, found on the way: exactly
+            // what the separate scan finds.
+            let (lo, hi) = (p.mean - 1.7 / p.inv_std, p.mean + 2.1 / p.inv_std);
+            let (mut found, mut scanned) = (Vec::new(), Vec::new());
+            let mut cands = Candidates::new(lo, hi, &mut found);
+            if let Some(cf) =
+                encode_f32_fused_with(isa, x, first, p, &mut primary, &mut extra, &mut cands)
+            {
+                outside(x, lo, hi, &mut scanned);
+                for i in &mut scanned {
+                    *i += first;
+                }
+                assert_eq!(found, scanned, "{isa:?} {tag}");
                 assert_eq!(cf, c, "{isa:?} {tag}");
                 let mut want = BitWriter::default();
                 want.put(0b101, 3);
@@ -1410,9 +1461,13 @@ mod tests {
         let bytes = pack_chunk(&codes, &q);
         let mut primary = vec![0u8; q.chunk_bytes(x.len() as u64, 0).0 as usize];
         let mut extra = BitWriter::default();
-        let cf = T::encode_fused(&x, p, &mut primary, &mut extra);
+        let bounds = (p.mean - 1.9 / p.inv_std, p.mean + 2.2 / p.inv_std);
+        let (mut found, mut scanned) = (Vec::new(), Vec::new());
+        let cf = T::encode_fused(&x, p, &mut primary, &mut extra, bounds, &mut found);
         assert_eq!(cf.is_some(), Isa::detect() >= Isa::Avx2);
         if let Some(cf) = cf {
+            outside(&x, bounds.0, bounds.1, &mut scanned);
+            assert_eq!(found, scanned);
             assert_eq!(cf, c);
             primary.extend_from_slice(&extra.finish());
             assert_eq!(primary, bytes);

@@ -12,7 +12,7 @@
 //! the outliers' extra bits are read the same way and expanded to their lanes (`vpexpandb`); the
 //! values come from the f32 table with in-register permutations (`vpermi2ps`), no gathers.
 
-use super::{Counts, Prep, ZERO_CODE};
+use super::{Candidates, Counts, Prep, ZERO_CODE};
 use crate::bits::BitWriter;
 use std::arch::x86_64::*;
 
@@ -139,6 +139,13 @@ fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i, t: &mut Tally) -
     Step { code, is_out }
 }
 
+/// Lanes of `v` outside `[cl, ch]` or NaN (as [`outside`]).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn outside16(v: __m512, cl: __m512, ch: __m512) -> __mmask16 {
+    !(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, cl) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, ch))
+}
+
 /// The four 16-lane masks of a 64-value step as one mask, in value order.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -229,6 +236,7 @@ pub unsafe fn encode(
     p: &Prep,
     primary: &mut [u8],
     extra: &mut BitWriter,
+    cands: &mut Candidates<'_>,
 ) -> (usize, Counts) {
     let (bm, ew) = (p.q.bits_main, p.q.extra_bits());
     let n64 = x.len() / 64 * 64;
@@ -281,10 +289,10 @@ pub unsafe fn encode(
         // with no extra bits the buffer is never touched.
         unsafe {
             match (stoch, fixed) {
-                (true, true) => k.run::<true, 6, 2>(x, primary, buf, xbit, &mut t),
-                (true, false) => k.run::<true, 0, 0>(x, primary, buf, xbit, &mut t),
-                (false, true) => k.run::<false, 6, 2>(x, primary, buf, xbit, &mut t),
-                (false, false) => k.run::<false, 0, 0>(x, primary, buf, xbit, &mut t),
+                (true, true) => k.run::<true, 6, 2>(x, first, primary, buf, xbit, &mut t, cands),
+                (true, false) => k.run::<true, 0, 0>(x, first, primary, buf, xbit, &mut t, cands),
+                (false, true) => k.run::<false, 6, 2>(x, first, primary, buf, xbit, &mut t, cands),
+                (false, false) => k.run::<false, 0, 0>(x, first, primary, buf, xbit, &mut t, cands),
             }
         }
     };
@@ -324,13 +332,16 @@ impl Blocks {
     #[target_feature(
         enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma"
     )]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run<const STOCH: bool, const BM: u32, const EW: u32>(
         &self,
         x: &[f32],
+        first: u32,
         primary: &mut [u8],
         buf: &mut [u8],
         mut xbit: usize,
         t: &mut Counts,
+        cands: &mut Candidates<'_>,
     ) -> usize {
         // BM = 0: the widths are read at run time; else they are constants (and equal these).
         debug_assert!(BM == 0 || (BM, EW) == (self.bm, self.ew));
@@ -357,6 +368,8 @@ impl Blocks {
         let mut carry = _mm512_maskz_set1_epi8(1, buf.first().map_or(0, |&b| b as i8));
         // Stochastic rounding counters (key + element index) of the next sixteen lanes.
         let mut ctr = c.base;
+        // The candidates' bounds ([`Candidates`]).
+        let (cl, ch) = (_mm512_set1_ps(cands.lo), _mm512_set1_ps(cands.hi));
         let mut i = 0;
         while i < x.len() {
             // SAFETY: i + 64 <= x.len(): the four loads are in bounds.
@@ -379,6 +392,12 @@ impl Blocks {
             ctr = _mm512_add_epi32(ctr, sixteen);
             let outl = mask64([s0.is_out, s1.is_out, s2.is_out, s3.is_out]);
             t.outliers += outl.count_ones();
+            let far = [v0, v1, v2, v3].map(|v| outside16(v, cl, ch));
+            let mut far = mask64(far);
+            while far != 0 {
+                cands.out.push(first + i as u32 + far.trailing_zeros());
+                far &= far - 1;
+            }
             // Codes fit 16 bits (bits_outlier <= 12): narrow to words, then to bytes.
             let w01 = _mm512_packus_epi32(s0.code, s1.code);
             let w23 = _mm512_packus_epi32(s2.code, s3.code);
