@@ -56,6 +56,7 @@ DEFAULT_CODECS: List[Tuple[str, str, Dict[str, Any]]] = [
                                         "granularity": "tensor"}),
     ("luq 4", "luq", {"bits": 4, "seed": 1}),
     ("smaq", "smaq", {"seed": 1}),
+    ("sign block 256", "sign", {}),
     ("nnw_bdi 8 bit", "nnw_bdi", {"seed": 1}),
 ]
 

@@ -32,6 +32,49 @@ pub static INFO: CodecInfo = CodecInfo {
     keeps_zeros: |_| Ok(false),
 };
 
+/// Blocks per parallel task: about 64K values (whole blocks, so every task's signs start on a
+/// byte).
+fn task_blocks(block_size: usize) -> usize {
+    ((1 << 16) / block_size).max(1)
+}
+
+/// The mean |x| of the finite values of a block (0 when it has none), in eight running sums
+/// added in a fixed order.
+fn mean_abs<T: Element>(x: &[T]) -> f32 {
+    let (mut sum, mut count) = ([0f64; 8], [0u32; 8]);
+    let eights = x.chunks_exact(8);
+    let rest = eights.remainder();
+    for eight in eights {
+        for (j, v) in eight.iter().enumerate() {
+            let a = v.to_f64().abs();
+            let ok = a.is_finite();
+            sum[j] += if ok { a } else { 0.0 };
+            count[j] += ok as u32;
+        }
+    }
+    for (j, v) in rest.iter().enumerate() {
+        let a = v.to_f64().abs();
+        let ok = a.is_finite();
+        sum[j] += if ok { a } else { 0.0 };
+        count[j] += ok as u32;
+    }
+    let n: u32 = count.iter().sum();
+    if n == 0 {
+        0.0
+    } else {
+        (sum.iter().sum::<f64>() / n as f64) as f32
+    }
+}
+
+/// The sign bits of up to eight values, value i in bit i.
+fn sign_byte<T: Element>(eight: &[T]) -> u8 {
+    let top = 8 * T::DTYPE.size() as u32 - 1;
+    eight
+        .iter()
+        .enumerate()
+        .fold(0u8, |b, (i, v)| b | (((v.to_bits_u64() >> top) as u8 & 1) << i))
+}
+
 /// Values per scale: the smallest and largest accepted.
 const BLOCK_RANGE: (i64, i64) = (8, 1 << 20);
 
@@ -77,21 +120,18 @@ impl SignConfig {
         let n_blocks = x.len().div_ceil(bs);
         let mut payload = vec![0u8; n_blocks * 4 + x.len().div_ceil(8)];
         let (scales, signs) = payload.split_at_mut(n_blocks * 4);
+        let per = task_blocks(bs);
         crate::pool::install(|| {
-            x.par_chunks(bs)
-                .zip(scales.par_chunks_mut(4))
-                .zip(signs.par_chunks_mut(bs / 8))
-                .for_each(|((block, scale), signs)| {
-                    let (sum, count) = block
-                        .iter()
-                        .filter(|v| v.is_finite())
-                        .fold((0f64, 0u64), |(s, c), v| (s + v.to_f64().abs(), c + 1));
-                    let m = if count == 0 { 0.0 } else { sum / count as f64 };
-                    scale.copy_from_slice(&(m as f32).to_le_bytes());
-                    for (byte, eight) in signs.iter_mut().zip(block.chunks(8)) {
-                        *byte = eight.iter().enumerate().fold(0u8, |b, (i, v)| {
-                            b | (u8::from(v.to_f64().is_sign_negative()) << i)
-                        });
+            x.par_chunks(per * bs)
+                .zip(scales.par_chunks_mut(per * 4))
+                .zip(signs.par_chunks_mut(per * bs / 8))
+                .for_each(|((xs, scales), signs)| {
+                    let blocks = xs.chunks(bs).zip(scales.chunks_mut(4));
+                    for ((block, scale), signs) in blocks.zip(signs.chunks_mut(bs / 8)) {
+                        scale.copy_from_slice(&mean_abs(block).to_le_bytes());
+                        for (byte, eight) in signs.iter_mut().zip(block.chunks(8)) {
+                            *byte = sign_byte(eight);
+                        }
                     }
                 })
         });
@@ -155,23 +195,25 @@ impl SignDecoder {
         let n_blocks = out.len().div_ceil(bs);
         let (scales, rest) = payload.split_at(n_blocks * 4);
         let (signs, exceptions) = rest.split_at(out.len().div_ceil(8));
+        let per = task_blocks(bs);
         crate::pool::install(|| {
-            out.par_chunks_mut(bs)
-                .zip(scales.par_chunks(4))
-                .zip(signs.par_chunks(bs / 8))
-                .try_for_each(|((block, scale), signs)| {
-                    let m = f32::from_le_bytes(scale.try_into().unwrap());
-                    ensure_format!(
-                        m.is_finite() && m >= 0.0,
-                        "sign: a block scale is {m}, not a finite value >= 0"
-                    );
-                    let (pos, neg) = (T::from_f64(m as f64), T::from_f64(-(m as f64)));
-                    for (i, v) in block.iter_mut().enumerate() {
-                        *v = if signs[i / 8] >> (i % 8) & 1 == 1 {
-                            neg
-                        } else {
-                            pos
-                        };
+            out.par_chunks_mut(per * bs)
+                .zip(scales.par_chunks(per * 4))
+                .zip(signs.par_chunks(per * bs / 8))
+                .try_for_each(|((out, scales), signs)| {
+                    let blocks = out.chunks_mut(bs).zip(scales.chunks(4));
+                    for ((block, scale), signs) in blocks.zip(signs.chunks(bs / 8)) {
+                        let m = f32::from_le_bytes(scale.try_into().unwrap());
+                        ensure_format!(
+                            m.is_finite() && m >= 0.0,
+                            "sign: a block scale is {m}, not a finite value >= 0"
+                        );
+                        let pm = [T::from_f64(m as f64), T::from_f64(-(m as f64))];
+                        for (&byte, eight) in signs.iter().zip(block.chunks_mut(8)) {
+                            for (j, v) in eight.iter_mut().enumerate() {
+                                *v = pm[(byte >> j & 1) as usize];
+                            }
+                        }
                     }
                     Ok(())
                 })
