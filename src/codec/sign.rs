@@ -69,10 +69,9 @@ fn mean_abs<T: Element>(x: &[T]) -> f32 {
 /// The sign bits of up to eight values, value i in bit i.
 fn sign_byte<T: Element>(eight: &[T]) -> u8 {
     let top = 8 * T::DTYPE.size() as u32 - 1;
-    eight
-        .iter()
-        .enumerate()
-        .fold(0u8, |b, (i, v)| b | (((v.to_bits_u64() >> top) as u8 & 1) << i))
+    eight.iter().enumerate().fold(0u8, |b, (i, v)| {
+        b | (((v.to_bits_u64() >> top) as u8 & 1) << i)
+    })
 }
 
 /// Values per scale: the smallest and largest accepted.
