@@ -88,6 +88,23 @@ def test_lossless_is_bit_exact_and_smaller(tmp_path):
         assert info["nbytes"] == os.path.getsize(p)
 
 
+def test_entries_no_smaller_packed_are_stored_raw(tmp_path):
+    """A scalar or a few values under a packing codec would take more bytes than raw (header,
+    metadata): they are stored raw, exactly; a large tensor stays packed."""
+    sd = {"s": torch.tensor(1.5), "d": torch.randn(33, dtype=torch.float64),
+          "w": torch.randn(256, 256)}
+    for policy in (smaq_rs.Policy.lossless(), smaq_rs.Policy(exact_min_bytes=0)):
+        path = tmp_path / "small.smaq"
+        smaq_rs.save(sd, path, policy=policy)
+        with smaq_rs.open(path) as ck:
+            e = {x["name"]: x for x in ck.entries()}
+            assert (e["s"]["codec"], e["s"]["nbytes"]) == ("raw", 4)
+            assert (e["d"]["codec"], e["d"]["nbytes"]) == ("raw", 264)
+            assert e["w"]["codec"] != "raw" and e["w"]["nbytes"] < 256 * 256 * 4
+        back = smaq_rs.load(path)
+        assert back["s"].item() == 1.5 and torch.equal(back["d"], sd["d"])
+
+
 def test_default_policy_choices():
     pol = smaq_rs.Policy()
     assert pol.choose("layer.weight", "float32", (1024, 1024)) == (

@@ -60,7 +60,13 @@ pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> 
             let data = Data::from_bytes(spec.dtype, words)?;
             let p = Packed::encode(data, &spec.shape, name, params)?;
             let id = codec::by_name(p.codec_name())?.id;
-            Ok((ENC_PACKED, id, p.into_bytes()))
+            let bytes = p.into_bytes();
+            // A packed tensor no smaller than its raw bytes (a scalar, a few values: the header
+            // and metadata outweigh them) is stored raw: smaller, and exact.
+            if bytes.len() >= raw.len() {
+                return Ok((ENC_RAW, 0, raw.to_vec()));
+            }
+            Ok((ENC_PACKED, id, bytes))
         }
     }
 }
@@ -304,6 +310,8 @@ impl Drop for Writer {
 mod tests {
     use super::super::tests::{sample, tmpdir, write};
     use super::*;
+    use crate::codec::Params;
+    use crate::dtype::DType;
 
     #[test]
     fn dropped_writer_leaves_target_untouched() {
@@ -318,5 +326,32 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Packed entries that would not be smaller than their raw bytes are stored raw, under
+    /// every codec; larger ones stay packed.
+    #[test]
+    fn packed_entries_no_smaller_than_raw_are_stored_raw() {
+        let one = 1.5f32.to_le_bytes();
+        let many: Vec<u8> = (0..4096)
+            .flat_map(|i| ((i % 7) as f32 * 0.25).to_le_bytes())
+            .collect();
+        for codec in ["lossless", "smaq", "fp16"] {
+            let spec = |shape: Vec<u64>| EntrySpec {
+                name: "w".into(),
+                dtype: DType::F32,
+                shape,
+                encoding: Encoding::Packed(codec.into(), Params::new()),
+            };
+            let (enc, id, bytes) = encode_entry(&spec(vec![]), &one).unwrap();
+            assert_eq!(
+                (enc, id, bytes.as_slice()),
+                (ENC_RAW, 0, &one[..]),
+                "{codec}"
+            );
+            let (enc, _, bytes) = encode_entry(&spec(vec![4096]), &many).unwrap();
+            assert_eq!(enc, ENC_PACKED, "{codec}");
+            assert!(bytes.len() < many.len(), "{codec}");
+        }
     }
 }
