@@ -42,6 +42,19 @@ def _read_any(path: str) -> Any:
     return ckpt.load(path)
 
 
+#: Key of a checkpoint's metadata under which `compress` keeps a .safetensors file's own metadata
+#: (the string map Hugging Face loaders read, e.g. {"format": "pt"}), for `decompress` to write
+#: back.
+SAFETENSORS_METADATA = "safetensors_metadata"
+
+
+def _safetensors_metadata(path: str) -> Optional[Dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
+
+
 def _flat_tensors(obj: Any, prefix: str = "") -> Dict[str, Any]:
     """name -> tensor for every tensor in a nesting of dicts/lists (names as the container's)."""
     torch = _need_torch()
@@ -113,9 +126,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
     policy = ckpt.Policy.for_codec(codec, **_parse_params(a.param))
     if a.min_numel is not None and codec != "lossless":  # lossless codes every float tensor
         policy = dataclasses.replace(policy, min_numel=a.min_numel)
+    meta = None
+    if a.input.lower().endswith(".safetensors"):
+        st_meta = _safetensors_metadata(a.input)
+        meta = {SAFETENSORS_METADATA: st_meta} if st_meta else None
     bar = _Bar("compress", not a.quiet)
     try:
-        summary = ckpt.save(obj, a.output, policy=policy, progress=bar)
+        summary = ckpt.save(obj, a.output, policy=policy, progress=bar, metadata=meta)
     finally:
         bar.close()
     t2 = time.perf_counter()
@@ -149,7 +166,10 @@ def cmd_decompress(a: argparse.Namespace) -> int:
             if ptr in seen and ptr != -1:
                 flat[k] = v.clone()
             seen[ptr] = k
-        save_file({k: v.contiguous() for k, v in flat.items()}, a.output)
+        with ckpt.open(a.input) as ck:
+            meta = ck.metadata
+        st_meta = meta.get(SAFETENSORS_METADATA) if isinstance(meta, dict) else None
+        save_file({k: v.contiguous() for k, v in flat.items()}, a.output, metadata=st_meta)
     elif low.endswith(_TORCH_EXT):
         torch.save(obj, a.output)
     else:
@@ -249,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "decompress",
         help="smaq_rs checkpoint -> .pt/.pth or .safetensors",
         description="Decodes IN and writes OUT with torch.save (.pt/.pth) or safetensors "
-        "(.safetensors: the tensors only, named as in the checkpoint).",
+        "(.safetensors: the tensors, named as in the checkpoint, and the metadata of the "
+        ".safetensors file it was compressed from).",
     )
     d.add_argument("input", metavar="IN")
     d.add_argument("output", metavar="OUT")

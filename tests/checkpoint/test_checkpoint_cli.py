@@ -63,6 +63,25 @@ def test_safetensors_lossy_round_trip(tmp_path, model_sd, capsys):
     assert "rel " in capsys.readouterr().out
 
 
+def test_safetensors_metadata_survives_a_round_trip(tmp_path, model_sd):
+    """The string map a .safetensors file carries (Hugging Face loaders read its "format") is kept
+    in the checkpoint and written back; a file without one gets none."""
+    sf, ck, out = tmp_path / "m.safetensors", tmp_path / "m.smaq", tmp_path / "b.safetensors"
+    meta = {"format": "pt", "note": "trained 3 epochs"}
+    st.save_file(model_sd, sf, metadata=meta)
+    assert main(["compress", str(sf), str(ck), "--lossless", "-q"]) == 0
+    assert main(["decompress", str(ck), str(out), "-q"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == meta
+    st.save_file(model_sd, sf)
+    assert main(["compress", str(sf), str(ck), "--lossless", "-q"]) == 0
+    assert main(["decompress", str(ck), str(out), "-q"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert not f.metadata()
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     bad = tmp_path / "bad.smaq"
     bad.write_bytes(b"\x00" * 100)
