@@ -17,10 +17,12 @@ import numpy as np
 from . import _core
 from ._api import PackedTensor, _torch_as_numpy, compress, decompress
 from ._core import CodecError, DtypeError, LayoutError, SmaqError
+from .checkpoint import open as open_checkpoint
 
 __all__ = [
     "CodecError", "DtypeError", "LayoutError", "PackedTensor", "SmaqError", "adam_step",
-    "compress", "core_of", "decompress", "pack", "registry", "registry_keeps_zeros",
+    "compress", "core_of", "decompress", "open_checkpoint", "pack", "registry",
+    "registry_keeps_zeros",
     "sgd_step", "store_decode", "store_encode", "torch_as_numpy",
 ]
 

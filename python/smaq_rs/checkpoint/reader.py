@@ -87,6 +87,25 @@ class Checkpoint(Mapping):
             out.append(e)
         return out
 
+    def tensor_names(self, key: Optional[str] = None) -> Dict[str, str]:
+        """For a saved dict (the whole object, or its item ``key``, e.g. ``"model"``): the entry
+        name of each of its tensors, by the dict's key. A state dict saved with :func:`save`
+        maps ``"0.weight"`` (or, under ``key``, its own key) to the entry holding it; nothing is
+        read. Not a dict: FormatError."""
+        node = self._doc["root"]
+        where = "the saved object"
+        if key is not None:
+            items = node.get("__dict__") if isinstance(node, dict) else None
+            found = [v for k, v in (items or []) if k == key]
+            if not found:
+                raise KeyError(f"{self.path}: the saved object has no item {key!r}")
+            node, where = found[0], f"item {key!r}"
+        items = node.get("__dict__") if isinstance(node, dict) else None
+        if items is None:
+            raise FormatError(f"{self.path}: {where} is not a dict of tensors")
+        return {k: v["__tensor__"] for k, v in items
+                if isinstance(v, dict) and "__tensor__" in v}
+
     def codec_info(self, name: str) -> Tuple[Optional[Dict], Optional[Dict]]:
         """(params, encoder statistics) of a packed entry; (None, None) for raw/zstd ones."""
         return self._r.codec_info(name)

@@ -7,6 +7,7 @@
 - :mod:`smaq_rs.torch.optim`: SGD / Adam / AdamW with momentum / exp_avg / exp_avg_sq packed
   between steps.
 - :class:`MemoryMeter`: per-step, per-tag dense vs held bytes and the process's peak RSS.
+- :func:`load_into`: a checkpoint into a module by name, one tensor at a time.
 
 CPU tensors; a CUDA tensor is copied to the host to be packed and brought back when decoded.
 """
@@ -14,12 +15,14 @@ CPU tensors; a CUDA tensor is copied to the host to be packed and brought back w
 from . import optim
 from ._autograd import LAYER_GROUPS, Compressor, unwrap_model, wrap_model
 from ._hooks import compressed_activations
+from ._load import LoadResult, load_into
 from ._meter import MemoryMeter, format_table, peak_rss, reset_peak_rss
 from ._store import Stored, codec_keeps_zeros
 from .optim import SGD, Adam, AdamW, state_nbytes
 
 __all__ = [
     "LAYER_GROUPS",
+    "LoadResult",
     "SGD",
     "Adam",
     "AdamW",
@@ -29,6 +32,7 @@ __all__ = [
     "codec_keeps_zeros",
     "compressed_activations",
     "format_table",
+    "load_into",
     "optim",
     "peak_rss",
     "reset_peak_rss",
