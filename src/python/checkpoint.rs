@@ -88,13 +88,15 @@ impl PyWriter {
         detached(py, || w.write_batch(&slices))
     }
 
-    /// Writes the header, fsyncs and renames into place.
-    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+    /// Writes the header, fsyncs (unless `durable` is false) and renames into place; returns
+    /// the seconds the fsyncs took.
+    #[pyo3(signature = (durable=true))]
+    fn finish(&mut self, py: Python<'_>, durable: bool) -> PyResult<f64> {
         let w = self
             .inner
             .take()
             .ok_or_else(|| LayoutError::new_err("the checkpoint writer is closed"))?;
-        detached(py, || w.finish())
+        detached(py, || w.finish(durable))
     }
 
     /// Discards the temporary file (the target is untouched).

@@ -105,6 +105,18 @@ def test_entries_no_smaller_packed_are_stored_raw(tmp_path):
         assert back["s"].item() == 1.5 and torch.equal(back["d"], sd["d"])
 
 
+def test_durable_is_the_default_and_can_be_skipped(tmp_path):
+    """save fsyncs by default and reports how long that took; durable=False skips it and writes
+    the same file."""
+    sd = {"w": torch.randn(512, 512), "step": 3}
+    a, b = tmp_path / "a.smaq", tmp_path / "b.smaq"
+    sa = smaq_rs.save(sd, a, codec="lossless")
+    sb = smaq_rs.save(sd, b, codec="lossless", durable=False)
+    assert sa["fsync_seconds"] > 0.0 and sb["fsync_seconds"] == 0.0
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(smaq_rs.load(b)["w"], sd["w"])
+
+
 def test_default_policy_choices():
     pol = smaq_rs.Policy()
     assert pol.choose("layer.weight", "float32", (1024, 1024)) == (

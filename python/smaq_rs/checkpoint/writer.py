@@ -26,6 +26,7 @@ def save(
     *,
     metadata: Optional[Dict[str, Any]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    durable: bool = True,
     **params: Any,
 ) -> Dict[str, Any]:
     """Saves a state dict, an optimizer state dict or any nesting of dicts/lists of tensors.
@@ -35,7 +36,10 @@ def save(
     arguments). ``policy``: a :class:`Policy`, or a callable ``(name, dtype, shape)`` returning
     a codec name, ``(codec, params)``, or None for the default choice. ``metadata``: JSON-able
     user data, returned by ``open(path).metadata``. ``progress(done_bytes, total_bytes)`` is
-    called after each batch. Returns a summary: file bytes, dense bytes and per-entry sizes.
+    called after each batch. ``durable``: fsync the file and its directory before returning (the
+    default); False skips both for users who do not need the checkpoint to survive a power loss
+    (the file still replaces the target atomically). Returns a summary: file bytes, dense bytes,
+    per-entry sizes, and ``fsync_seconds``, the time the fsyncs took.
     """
     choose = resolve_policy(codec, policy, params)
     tensors, text = document.flatten(obj, metadata)
@@ -66,7 +70,7 @@ def save(
         if batch:
             sizes += writer.write(batch)
             done += batch_bytes
-        writer.finish()
+        fsync_seconds = writer.finish(durable)
         if progress is not None:
             progress(done, total)
     except BaseException:
@@ -76,6 +80,7 @@ def save(
         "path": path,
         "nbytes": os.path.getsize(path),
         "dense_nbytes": total,
+        "fsync_seconds": fsync_seconds,
         "entries": {t.name: (s, t.raw.nbytes, spec[3])
                     for t, s, spec in zip(tensors, sizes, specs)},
     }

@@ -380,7 +380,7 @@ pub(super) mod tests {
         let refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
         w.write_batch(&refs[..2]).unwrap();
         w.write_batch(&refs[2..]).unwrap();
-        w.finish().unwrap();
+        w.finish(true).unwrap();
         raws
     }
 
