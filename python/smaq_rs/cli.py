@@ -3,6 +3,8 @@
     smaq-rs compress model.pt model.smaq                # lossy SmaQ 6/8 for large float tensors
     smaq-rs compress model.safetensors m.smaq --lossless
     smaq-rs decompress m.smaq model.safetensors         # or .pt / .pth
+    smaq-rs compress hf-model/ m.smaq --lossless        # a sharded .safetensors directory
+    smaq-rs decompress m.smaq restored/                 # ... back to the same shards and index
     smaq-rs info m.smaq --against model.pt              # per-entry sizes, ratios and errors
 """
 
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import json
 import math
+import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -53,6 +58,56 @@ def _safetensors_metadata(path: str) -> Optional[Dict[str, str]]:
 
     with safe_open(path, framework="pt") as f:
         return f.metadata()
+
+
+#: Key of a checkpoint's metadata under which `compress` keeps the layout of a sharded
+#: .safetensors directory: the index file's name and content, and each shard's own metadata.
+SHARDED = "safetensors_sharded"
+
+
+def _index_of(directory: str) -> str:
+    """The one `*.safetensors.index.json` of a sharded Hugging Face directory."""
+    found = sorted(glob.glob(os.path.join(directory, "*.safetensors.index.json")))
+    if len(found) != 1:
+        raise SmaqError(f"{directory}: a directory to compress must hold one "
+                        f"*.safetensors.index.json (found {len(found)})")
+    return found[0]
+
+
+def _read_sharded(directory: str) -> Any:
+    """(tensors of every shard by name, the metadata that rebuilds the layout)."""
+    from safetensors.torch import load_file
+
+    index_path = _index_of(directory)
+    with open(index_path) as f:
+        index = json.load(f)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SmaqError(f"{index_path}: no weight_map")
+    tensors, shards = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(directory, shard)
+        tensors.update(load_file(path))
+        shards[shard] = _safetensors_metadata(path) or {}
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise SmaqError(f"{index_path}: the shards hold no tensor {missing[0]!r}")
+    layout = {"index_name": os.path.basename(index_path), "index": index, "shards": shards}
+    return tensors, {SHARDED: layout}
+
+
+def _write_sharded(flat: Dict[str, Any], layout: Dict[str, Any], directory: str) -> None:
+    """The shards and the index file of `layout` into `directory` (created if needed)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    weight_map = layout["index"]["weight_map"]
+    for shard, meta in layout["shards"].items():
+        part = {k: flat[k] for k, s in weight_map.items() if s == shard}
+        save_file(part, os.path.join(directory, shard), metadata=meta or None)
+    with open(os.path.join(directory, layout["index_name"]), "w") as f:
+        json.dump(layout["index"], f, indent=2)
+        f.write("\n")
 
 
 def _flat_tensors(obj: Any, prefix: str = "") -> Dict[str, Any]:
@@ -120,13 +175,16 @@ def _size(n: float) -> str:
 
 def cmd_compress(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    obj = _read_any(a.input)
+    meta = None
+    if os.path.isdir(a.input):
+        obj, meta = _read_sharded(a.input)
+    else:
+        obj = _read_any(a.input)
     t1 = time.perf_counter()
     codec = "lossless" if a.lossless else a.codec
     policy = ckpt.Policy.for_codec(codec, **_parse_params(a.param))
     if a.min_numel is not None and codec != "lossless":  # lossless codes every float tensor
         policy = dataclasses.replace(policy, min_numel=a.min_numel)
-    meta = None
     if a.input.lower().endswith(".safetensors"):
         st_meta = _safetensors_metadata(a.input)
         meta = {SAFETENSORS_METADATA: st_meta} if st_meta else None
@@ -149,8 +207,15 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def cmd_decompress(a: argparse.Namespace) -> int:
     torch = _need_torch()
     obj = ckpt.load(a.input)
+    with ckpt.open(a.input) as ck:
+        meta = ck.metadata
+    meta = meta if isinstance(meta, dict) else {}
     low = a.output.lower()
-    if low.endswith(".safetensors"):
+    if SHARDED in meta and not low.endswith((".safetensors",) + _TORCH_EXT):
+        flat = _flat_tensors(obj)
+        _write_sharded({k: v.contiguous() for k, v in _unshare(flat).items()}, meta[SHARDED],
+                       a.output)
+    elif low.endswith(".safetensors"):
         from safetensors.torch import save_file
 
         flat = _flat_tensors(obj)
@@ -160,23 +225,30 @@ def cmd_decompress(a: argparse.Namespace) -> int:
                 "only its tensors (names joined by '.'); use .pt to keep everything",
                 file=sys.stderr,
             )
-        seen: Dict[int, str] = {}
-        for k, v in list(flat.items()):  # safetensors refuses shared storage: copy the repeats
-            ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-            if ptr in seen and ptr != -1:
-                flat[k] = v.clone()
-            seen[ptr] = k
-        with ckpt.open(a.input) as ck:
-            meta = ck.metadata
-        st_meta = meta.get(SAFETENSORS_METADATA) if isinstance(meta, dict) else None
-        save_file({k: v.contiguous() for k, v in flat.items()}, a.output, metadata=st_meta)
+        st_meta = meta.get(SAFETENSORS_METADATA)
+        save_file({k: v.contiguous() for k, v in _unshare(flat).items()}, a.output,
+                  metadata=st_meta)
     elif low.endswith(_TORCH_EXT):
         torch.save(obj, a.output)
     else:
-        raise SmaqError(f"output {a.output!r}: expected a .pt, .pth or .safetensors file name")
+        raise SmaqError(f"output {a.output!r}: expected a .pt, .pth or .safetensors file name "
+                        "(or a directory, for a checkpoint of a sharded .safetensors directory)")
     if not a.quiet:
         print(f"{a.input} -> {a.output}")
     return 0
+
+
+def _unshare(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """`flat` with every tensor that shares storage with an earlier one copied (safetensors
+    refuses shared storage)."""
+    seen: Dict[int, str] = {}
+    out = dict(flat)
+    for k, v in flat.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen and ptr != -1:
+            out[k] = v.clone()
+        seen[ptr] = k
+    return out
 
 
 def _errors(orig, back) -> str:
@@ -247,8 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser(
         "compress",
-        help="torch .pt/.pth or .safetensors -> smaq_rs checkpoint",
-        description="Reads IN (torch.load with weights_only=True, or safetensors) and writes a "
+        help="torch .pt/.pth, .safetensors or a sharded .safetensors directory -> smaq_rs "
+        "checkpoint",
+        description="Reads IN (torch.load with weights_only=True, safetensors, or a directory of "
+        "safetensors shards with its *.safetensors.index.json) and writes a "
         "smaq_rs checkpoint. By default large float tensors are stored lossy with SmaQ 6/8 and "
         "small, integer and norm-layer tensors exactly.",
     )
@@ -270,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="smaq_rs checkpoint -> .pt/.pth or .safetensors",
         description="Decodes IN and writes OUT with torch.save (.pt/.pth) or safetensors "
         "(.safetensors: the tensors, named as in the checkpoint, and the metadata of the "
-        ".safetensors file it was compressed from).",
+        ".safetensors file it was compressed from). A checkpoint of a sharded directory goes "
+        "back to a directory OUT: the same shards, their metadata and the index file.",
     )
     d.add_argument("input", metavar="IN")
     d.add_argument("output", metavar="OUT")

@@ -82,6 +82,38 @@ def test_safetensors_metadata_survives_a_round_trip(tmp_path, model_sd):
         assert not f.metadata()
 
 
+def test_sharded_safetensors_directory_round_trip(tmp_path, model_sd):
+    """A Hugging Face sharded directory (shards + model.safetensors.index.json) compresses to one
+    container and decompresses to the same files: shards, their metadata and the index."""
+    import json
+
+    src, ck, out = tmp_path / "hf", tmp_path / "m.smaq", tmp_path / "back"
+    src.mkdir()
+    names = list(model_sd)
+    shards = {"model-00001-of-00002.safetensors": names[:3],
+              "model-00002-of-00002.safetensors": names[3:]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        st.save_file({k: model_sd[k] for k in keys}, src / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in keys})
+    index = {"metadata": {"total_size": 12345}, "weight_map": weight_map}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["compress", str(src), str(ck), "--lossless", "-q"]) == 0
+    assert main(["decompress", str(ck), str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert json.loads((out / "model.safetensors.index.json").read_text()) == index
+    from safetensors import safe_open
+
+    for shard, keys in shards.items():
+        back = st.load_file(out / shard)
+        assert sorted(back) == sorted(keys)
+        assert all(torch.equal(back[k], model_sd[k]) for k in keys)
+        with safe_open(str(out / shard), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    (src / "model.safetensors.index.json").unlink()
+    assert main(["compress", str(src), str(ck), "-q"]) == 1  # no index: an error, not a crash
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     bad = tmp_path / "bad.smaq"
     bad.write_bytes(b"\x00" * 100)
