@@ -341,6 +341,15 @@ fn keeps_zeros(codec: &str, params: Option<&Bound<'_, PyDict>>) -> PyResult<bool
     Ok(codec::keeps_zeros(info, &params_from_dict(params)?)?)
 }
 
+/// XXH3-64 of a buffer's bytes (the packed format's checksum), for content hashes of tensors.
+#[pyfunction]
+fn checksum(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<u64> {
+    let bytes = data
+        .as_slice()
+        .map_err(|_| LayoutError::new_err("checksum: the buffer must be C-contiguous"))?;
+    detached(py, || Ok(crate::format::checksum(bytes)))
+}
+
 #[pyfunction]
 fn set_num_threads(n: usize) {
     crate::pool::set_num_threads(n)
@@ -373,6 +382,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codecs, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_params, m)?)?;
     m.add_function(wrap_pyfunction!(keeps_zeros, m)?)?;
+    m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;

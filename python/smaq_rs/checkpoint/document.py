@@ -1,10 +1,18 @@
 """The checkpoint's JSON document: flattening an object into tensors plus the document, the
 document's schema, and rebuilding the object from it (docs/FORMAT.md, "Checkpoint container").
 
-Schema (version 1)::
+Schema (version 1, or 2 for an incremental checkpoint)::
 
     {"format": "smaq_rs.checkpoint", "version": 1,
-     "root": <value>, "kinds": {entry name: "torch" | "numpy"}, "metadata": <value> | null}
+     "root": <value>, "kinds": {tensor name: "torch" | "numpy"}, "metadata": <value> | null,
+     "tensors": {tensor name: [xxh3 of its dense bytes (hex), dtype, shape]}}
+
+An incremental checkpoint (``save(..., base=...)``, version 2) adds
+``"base": {"path": the base file, relative to this one's directory, "identity": hex}`` and
+``"from_base": [tensor names]``: those tensors are the base's (unchanged since), not entries of
+this file. ``identity`` is a SHA-256 over the base's JSON document and its entries' checksums,
+so a base changed since is detected. ``tensors`` (written since the format had it) is what a
+later checkpoint compares with to find unchanged tensors.
 
 A <value> is JSON null/bool/int/str/float/list, or an object with exactly one tag:
 ``{"__tensor__": entry name}``, ``{"__dict__": [[key, value], ...]}`` (keys of any JSON scalar
@@ -29,6 +37,8 @@ except ImportError:  # pragma: no cover - exercised only where torch is absent
 
 DOC_FORMAT = "smaq_rs.checkpoint"
 DOC_VERSION = 1
+#: The document version of an incremental checkpoint (tensors taken from a base file).
+DOC_VERSION_BASE = 2
 
 
 def _torch_dtypes() -> Dict[str, Any]:
@@ -189,11 +199,19 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
         or not isinstance(doc.get("kinds"), dict)
     ):
         raise FormatError(f"{path}: the JSON document is not a smaq_rs checkpoint's")
-    if doc.get("version") != DOC_VERSION:
+    if doc.get("version") not in (DOC_VERSION, DOC_VERSION_BASE):
         raise FormatError(f"{path}: checkpoint document version {doc.get('version')!r} "
-                          f"is not supported (this build reads {DOC_VERSION})")
+                          f"is not supported (this build reads {DOC_VERSION} and "
+                          f"{DOC_VERSION_BASE})")
+    from_base = doc.get("from_base", [])
+    base = doc.get("base")
+    if not isinstance(from_base, list) or (from_base and not (
+            isinstance(base, dict) and isinstance(base.get("path"), str)
+            and isinstance(base.get("identity"), str))):
+        raise FormatError(f"{path}: malformed base reference in the JSON document")
+    from_base = set(from_base)
     for name, kind in doc["kinds"].items():
-        if name not in entries or kind not in ("torch", "numpy"):
+        if (name not in entries and name not in from_base) or kind not in ("torch", "numpy"):
             raise FormatError(f"{path}: the JSON document names an unknown entry "
                               f"{name!r} or kind {kind!r}")
     return doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -41,21 +42,55 @@ class Checkpoint(Mapping):
         self._map = map_location
         self._entries = {e["name"]: e for e in self._r.entries()}
         self._doc = document.parse(self._r.json, self.path, self._entries)
+        #: Tensors an incremental checkpoint takes from its base (see :func:`save`'s ``base``).
+        self.from_base = list(self._doc.get("from_base", []))
+        self._base: Optional["Checkpoint"] = None
 
-    # Mapping
+    # Mapping: the tensors of the file, and those taken from its base.
     def __getitem__(self, name: str):
-        if name not in self._entries:
-            raise KeyError(name)
-        return self._make(name, self._r.read(name))
+        if name in self._entries:
+            return self._make(name, self._r.read(name))
+        if name in self.from_base:
+            return self.base()[name]
+        raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(list(self._entries) + self.from_base)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self.from_base)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self.from_base
+
+    def base(self) -> "Checkpoint":
+        """The base checkpoint of an incremental one, opened once and checked to be the file
+        this one was saved against (FormatError if it changed since, OSError if it is gone)."""
+        if self._base is None:
+            rec = self._doc.get("base")
+            if not rec:
+                raise KeyError(f"{self.path} is not an incremental checkpoint")
+            where = os.path.join(os.path.dirname(os.path.abspath(self.path)), rec["path"])
+            base = Checkpoint(where, self._map)
+            if base.identity() != rec["identity"]:
+                raise FormatError(f"{self.path}: its base {where!r} has changed since this "
+                                  "checkpoint was saved against it")
+            self._base = base
+        return self._base
+
+    def identity(self) -> str:
+        """SHA-256 over the JSON document and every entry's checksum: what an incremental
+        checkpoint records of its base."""
+        h = hashlib.sha256(self._r.json.encode())
+        for name in sorted(self._entries):
+            h.update(f"\0{name}\0{self._entries[name]['checksum']}".encode())
+        return h.hexdigest()
+
+    def tensor_records(self) -> Dict[str, List[Any]]:
+        """Per tensor (stored here or in the base): [hash of its dense bytes, dtype, shape], as
+        recorded at save time; empty for checkpoints written before the format had them."""
+        recs = self._doc.get("tensors")
+        return dict(recs) if isinstance(recs, dict) else {}
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -65,6 +100,8 @@ class Checkpoint(Mapping):
 
     def close(self) -> None:
         self._r = None  # the file is closed when the reader is dropped
+        if self._base is not None:
+            self._base.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path!r}, entries={len(self._entries)})"
@@ -127,7 +164,7 @@ class Checkpoint(Mapping):
 
         def tensor(name):
             if name not in tensors:
-                if name not in self._entries:
+                if name not in self._entries and name not in self.from_base:
                     raise FormatError(f"{self.path}: the document names a missing entry {name!r}")
                 tensors[name] = self[name]
             return tensors[name]
@@ -139,6 +176,8 @@ class Checkpoint(Mapping):
         names = list(self._entries)
         bufs = self._r.read_many(names)
         tensors = {n: self._make(n, b) for n, b in zip(names, bufs)}
+        for n in self.from_base:
+            tensors[n] = self.base()[n]
         return self._rebuild(self._doc["root"], tensors)
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .. import _core
+from .._core import SmaqError
 from . import document
 from .policy import EXACT_CODECS, FLOATS, resolve_policy
 
@@ -27,6 +29,7 @@ def save(
     metadata: Optional[Dict[str, Any]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     durable: bool = True,
+    base: Optional[PathLike] = None,
     **params: Any,
 ) -> Dict[str, Any]:
     """Saves a state dict, an optimizer state dict or any nesting of dicts/lists of tensors.
@@ -40,9 +43,18 @@ def save(
     default); False skips both for users who do not need the checkpoint to survive a power loss
     (the file still replaces the target atomically). Returns a summary: file bytes, dense bytes,
     per-entry sizes, and ``fsync_seconds``, the time the fsyncs took.
+
+    ``base``: an earlier checkpoint (written by this version) to save incrementally against:
+    every tensor whose name, dtype, shape and bytes (an XXH3 hash of them) are the base's is not
+    stored again but taken from the base when this checkpoint is read (a frozen backbone,
+    embeddings that did not move). The base's path is recorded relative to this file, with an
+    identity that reading checks: keep the base beside it, unchanged. A chain of bases works.
+    The summary's ``from_base`` lists the tensors taken from the base.
     """
     choose = resolve_policy(codec, policy, params)
     tensors, text = document.flatten(obj, metadata)
+    path = os.fspath(path)
+    tensors, text, from_base = _against_base(tensors, text, path, base)
     specs = []
     for t in tensors:
         c, p = choose(t.name, t.dtype, t.shape)
@@ -50,7 +62,6 @@ def save(
             specs.append((t.name, t.dtype, list(t.shape), c, p or None))
         else:  # a float codec chosen for an integer or bool tensor: stored exactly
             specs.append((t.name, t.dtype, list(t.shape), "zstd", None))
-    path = os.fspath(path)
     writer = _core.CheckpointWriter(path, specs, text)
     total = sum(t.raw.nbytes for t in tensors)
     done = 0
@@ -81,6 +92,39 @@ def save(
         "nbytes": os.path.getsize(path),
         "dense_nbytes": total,
         "fsync_seconds": fsync_seconds,
+        "from_base": from_base,
         "entries": {t.name: (s, t.raw.nbytes, spec[3])
                     for t, s, spec in zip(tensors, sizes, specs)},
     }
+
+
+def _tensor_hash(t: document.Tensor) -> str:
+    return f"{_core.checksum(np.ascontiguousarray(t.raw).reshape(-1).view(np.uint8)):016x}"
+
+
+def _against_base(tensors: List[document.Tensor], text: str, path: str,
+                  base: Optional[PathLike]) -> Tuple[List[document.Tensor], str, List[str]]:
+    """Records every tensor's hash, dtype and shape in the document; with a base, leaves out
+    the tensors the base holds unchanged and records where they are."""
+    doc = json.loads(text)
+    doc["tensors"] = {t.name: [_tensor_hash(t), t.dtype, list(t.shape)] for t in tensors}
+    from_base: List[str] = []
+    if base is not None:
+        from .reader import Checkpoint
+
+        base = os.fspath(base)
+        if os.path.abspath(base) == os.path.abspath(path):
+            raise SmaqError(f"save: the base {base!r} is the file being written")
+        with Checkpoint(base) as b:
+            known = b.tensor_records()
+            identity = b.identity()
+        from_base = [n for n, rec in doc["tensors"].items() if known.get(n) == rec]
+        if from_base:
+            doc["version"] = document.DOC_VERSION_BASE
+            doc["base"] = {"path": os.path.relpath(os.path.abspath(base),
+                                                   os.path.dirname(os.path.abspath(path))),
+                           "identity": identity}
+            doc["from_base"] = from_base
+            skip = set(from_base)
+            tensors = [t for t in tensors if t.name not in skip]
+    return tensors, json.dumps(doc, allow_nan=False, separators=(",", ":")), from_base
