@@ -62,14 +62,53 @@ def test_a_changed_or_missing_base_is_an_error_not_a_wrong_value(tmp_path):
     sd = model_state()
     base, inc = tmp_path / "b.smaq", tmp_path / "i.smaq"
     smaq_rs.save(sd, base, codec="lossless")
-    smaq_rs.save(dict(sd, **{"1.bias": sd["1.bias"] + 1}), inc, codec="lossless", base=base)
+    smaq_rs.save(dict(sd, **{"1.bias": sd["1.bias"] + 1, "extra": torch.ones(7)}), inc,
+                 codec="lossless", base=base)
     smaq_rs.save(model_state(seed=1), base, codec="lossless")  # the base is rewritten
     with pytest.raises(smaq_rs.FormatError, match="has changed"):
         smaq_rs.load(inc)
     with smaq_rs.open(inc) as ck:
-        ck["1.bias"]  # stored in the file itself: still readable
+        assert torch.equal(ck["extra"], torch.ones(7))  # stored whole in the file: readable
+        with pytest.raises(smaq_rs.FormatError, match="has changed"):
+            ck["1.bias"]  # stored as a difference from the base
     base.unlink()
     with pytest.raises(OSError):
         smaq_rs.load(inc)
     with pytest.raises(smaq_rs.SmaqError, match="being written"):
         smaq_rs.save(sd, inc, base=inc)
+
+
+def test_changed_tensors_are_stored_as_differences_from_the_base(tmp_path):
+    """After a few small optimizer steps every weight changed: each is stored as the difference
+    of its bit patterns from the base's, smaller than a full lossless copy, and read back bit for
+    bit, also through a chain and for bfloat16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_state().items()}
+        gen = torch.Generator().manual_seed(1)
+        step = {k: (v + 1e-3 * v.abs() * torch.randn(v.shape, generator=gen).to(dtype)
+                    if v.is_floating_point() else v) for k, v in sd.items()}
+        paths = [tmp_path / f"d{i}.smaq" for i in range(3)]
+        smaq_rs.save(sd, paths[0], codec="lossless")
+        full = smaq_rs.save(step, tmp_path / "full.smaq", codec="lossless")
+        s = smaq_rs.save(step, paths[1], codec="lossless", base=paths[0])
+        assert "0.weight" in s["deltas"] and "0.weight" not in s["from_base"]
+        assert s["nbytes"] < 0.9 * full["nbytes"], (s["nbytes"], full["nbytes"])
+        step2 = dict(step, **{"2.bias": step["2.bias"] + 1})
+        s2 = smaq_rs.save(step2, paths[2], codec="lossless", base=paths[1])
+        assert "0.weight" in s2["from_base"] and s2["deltas"] == ["2.bias"]
+        for p, want in ((paths[1], step), (paths[2], step2)):
+            back = smaq_rs.load(p)
+            assert all(torch.equal(back[k], v) for k, v in want.items()), (dtype, p.name)
+        with smaq_rs.open(paths[2]) as ck:
+            assert torch.equal(ck["2.bias"], step2["2.bias"])
+
+
+def test_no_difference_against_a_lossy_base(tmp_path):
+    sd = model_state()
+    base, inc = tmp_path / "b.smaq", tmp_path / "i.smaq"
+    smaq_rs.save(sd, base)  # SmaQ for the large weights: their base values are not exact
+    step = {k: v + 1e-3 if v.is_floating_point() else v for k, v in sd.items()}
+    s = smaq_rs.save(step, inc, codec="lossless", base=base)
+    assert "0.weight" not in s["deltas"]
+    back = smaq_rs.load(inc)
+    assert all(torch.equal(back[k], v) for k, v in step.items())

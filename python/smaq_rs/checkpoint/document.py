@@ -11,8 +11,10 @@ An incremental checkpoint (``save(..., base=...)``, version 2) adds
 ``"base": {"path": the base file, relative to this one's directory, "identity": hex}`` and
 ``"from_base": [tensor names]``: those tensors are the base's (unchanged since), not entries of
 this file. ``identity`` is a SHA-256 over the base's JSON document and its entries' checksums,
-so a base changed since is detected. ``tensors`` (written since the format had it) is what a
-later checkpoint compares with to find unchanged tensors.
+so a base changed since is detected. ``"deltas": [entry names]`` lists the entries that store
+the difference of a tensor's bit patterns from the base's (``delta.py``), not the tensor.
+``tensors`` (written since the format had it) is what a later checkpoint compares with to find
+unchanged tensors.
 
 A <value> is JSON null/bool/int/str/float/list, or an object with exactly one tag:
 ``{"__tensor__": entry name}``, ``{"__dict__": [[key, value], ...]}`` (keys of any JSON scalar
@@ -203,11 +205,13 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
         raise FormatError(f"{path}: checkpoint document version {doc.get('version')!r} "
                           f"is not supported (this build reads {DOC_VERSION} and "
                           f"{DOC_VERSION_BASE})")
-    from_base = doc.get("from_base", [])
+    from_base, deltas = doc.get("from_base", []), doc.get("deltas", [])
     base = doc.get("base")
-    if not isinstance(from_base, list) or (from_base and not (
-            isinstance(base, dict) and isinstance(base.get("path"), str)
-            and isinstance(base.get("identity"), str))):
+    if (not isinstance(from_base, list) or not isinstance(deltas, list)
+            or any(n not in entries for n in deltas)
+            or ((from_base or deltas) and not (
+                isinstance(base, dict) and isinstance(base.get("path"), str)
+                and isinstance(base.get("identity"), str)))):
         raise FormatError(f"{path}: malformed base reference in the JSON document")
     from_base = set(from_base)
     for name, kind in doc["kinds"].items():

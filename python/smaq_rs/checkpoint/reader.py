@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import _core
 from .._core import DtypeError, FormatError
-from . import document
+from . import delta, document
 from .document import NUMPY_OK, TORCH_BY_NAME
 
 try:  # torch is optional: checkpoints load as NumPy arrays without it.
@@ -44,12 +44,13 @@ class Checkpoint(Mapping):
         self._doc = document.parse(self._r.json, self.path, self._entries)
         #: Tensors an incremental checkpoint takes from its base (see :func:`save`'s ``base``).
         self.from_base = list(self._doc.get("from_base", []))
+        self._deltas = set(self._doc.get("deltas", []))
         self._base: Optional["Checkpoint"] = None
 
     # Mapping: the tensors of the file, and those taken from its base.
     def __getitem__(self, name: str):
         if name in self._entries:
-            return self._make(name, self._r.read(name))
+            return self._make(name, self._full(name, self._r.read(name)))
         if name in self.from_base:
             return self.base()[name]
         raise KeyError(name)
@@ -77,6 +78,32 @@ class Checkpoint(Mapping):
                                   "checkpoint was saved against it")
             self._base = base
         return self._base
+
+    def raw_bytes(self, name: str) -> np.ndarray:
+        """The dense bytes of tensor `name` (stored here or in the base), as uint8."""
+        if name in self._entries:
+            return self._full(name, self._r.read(name))
+        if name in self.from_base:
+            return self.base().raw_bytes(name)
+        raise KeyError(name)
+
+    def exact(self, name: str) -> bool:
+        """Whether tensor `name` reads back exactly as it was saved (stored raw, zstd or
+        lossless here, or so in the base)."""
+        if name in self._entries:
+            exact = self._entries[name]["codec"] in ("raw", "zstd", "lossless")
+            return exact and (name not in self._deltas or self.base().exact(name))
+        return name in self.from_base and self.base().exact(name)
+
+    def _full(self, name: str, buf: np.ndarray) -> np.ndarray:
+        """An entry's dense bytes from what it stores: itself, or its difference from the
+        base's tensor."""
+        e = self._entries[name]
+        raw = buf.view(np.uint8)[: e["dense_nbytes"]]
+        if name not in self._deltas:
+            return raw
+        n = int(np.prod(e["shape"], dtype=np.int64))
+        return delta.decode(raw, self.base().raw_bytes(name), e["dense_nbytes"] // max(n, 1))
 
     def identity(self) -> str:
         """SHA-256 over the JSON document and every entry's checksum: what an incremental
@@ -175,7 +202,7 @@ class Checkpoint(Mapping):
         """The whole saved object, every entry decoded (in parallel)."""
         names = list(self._entries)
         bufs = self._r.read_many(names)
-        tensors = {n: self._make(n, b) for n, b in zip(names, bufs)}
+        tensors = {n: self._make(n, self._full(n, b)) for n, b in zip(names, bufs)}
         for n in self.from_base:
             tensors[n] = self.base()[n]
         return self._rebuild(self._doc["root"], tensors)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import _core
 from .._core import SmaqError
-from . import document
+from . import delta, document
 from .policy import EXACT_CODECS, FLOATS, resolve_policy
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -49,19 +49,30 @@ def save(
     stored again but taken from the base when this checkpoint is read (a frozen backbone,
     embeddings that did not move). The base's path is recorded relative to this file, with an
     identity that reading checks: keep the base beside it, unchanged. A chain of bases works.
+    A changed tensor stored exactly (``lossless``, ``raw`` or ``zstd``) whose base value is
+    exact too is stored as the difference of its bit patterns from the base's (listed in the
+    summary's ``deltas``; it takes fewer bytes where few bits changed).
     The summary's ``from_base`` lists the tensors taken from the base.
     """
     choose = resolve_policy(codec, policy, params)
     tensors, text = document.flatten(obj, metadata)
     path = os.fspath(path)
-    tensors, text, from_base = _against_base(tensors, text, path, base)
+    tensors, doc, from_base, base_ck = _against_base(tensors, text, path, base)
+    deltas: List[str] = []
     specs = []
     for t in tensors:
         c, p = choose(t.name, t.dtype, t.shape)
+        if base_ck is not None and c in EXACT_CODECS and _delta_against(base_ck, doc, t):
+            deltas.append(t.name)
         if c in EXACT_CODECS or t.dtype in FLOATS:
             specs.append((t.name, t.dtype, list(t.shape), c, p or None))
         else:  # a float codec chosen for an integer or bool tensor: stored exactly
             specs.append((t.name, t.dtype, list(t.shape), "zstd", None))
+    if base_ck is not None:
+        base_ck.close()
+    if deltas:
+        doc["deltas"] = deltas
+    text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
     writer = _core.CheckpointWriter(path, specs, text)
     total = sum(t.raw.nbytes for t in tensors)
     done = 0
@@ -93,6 +104,7 @@ def save(
         "dense_nbytes": total,
         "fsync_seconds": fsync_seconds,
         "from_base": from_base,
+        "deltas": deltas,
         "entries": {t.name: (s, t.raw.nbytes, spec[3])
                     for t, s, spec in zip(tensors, sizes, specs)},
     }
@@ -103,28 +115,39 @@ def _tensor_hash(t: document.Tensor) -> str:
 
 
 def _against_base(tensors: List[document.Tensor], text: str, path: str,
-                  base: Optional[PathLike]) -> Tuple[List[document.Tensor], str, List[str]]:
+                  base: Optional[PathLike]) -> Tuple[List[document.Tensor], Dict[str, Any],
+                                                     List[str], Any]:
     """Records every tensor's hash, dtype and shape in the document; with a base, leaves out
-    the tensors the base holds unchanged and records where they are."""
+    the tensors the base holds unchanged and records where they are. Returns the tensors left,
+    the document, the names taken from the base and the open base (None without one)."""
     doc = json.loads(text)
     doc["tensors"] = {t.name: [_tensor_hash(t), t.dtype, list(t.shape)] for t in tensors}
-    from_base: List[str] = []
-    if base is not None:
-        from .reader import Checkpoint
+    if base is None:
+        return tensors, doc, [], None
+    from .reader import Checkpoint
 
-        base = os.fspath(base)
-        if os.path.abspath(base) == os.path.abspath(path):
-            raise SmaqError(f"save: the base {base!r} is the file being written")
-        with Checkpoint(base) as b:
-            known = b.tensor_records()
-            identity = b.identity()
-        from_base = [n for n, rec in doc["tensors"].items() if known.get(n) == rec]
-        if from_base:
-            doc["version"] = document.DOC_VERSION_BASE
-            doc["base"] = {"path": os.path.relpath(os.path.abspath(base),
-                                                   os.path.dirname(os.path.abspath(path))),
-                           "identity": identity}
-            doc["from_base"] = from_base
-            skip = set(from_base)
-            tensors = [t for t in tensors if t.name not in skip]
-    return tensors, json.dumps(doc, allow_nan=False, separators=(",", ":")), from_base
+    base = os.fspath(base)
+    if os.path.abspath(base) == os.path.abspath(path):
+        raise SmaqError(f"save: the base {base!r} is the file being written")
+    b = Checkpoint(base)
+    known = b.tensor_records()
+    from_base = [n for n, rec in doc["tensors"].items() if known.get(n) == rec]
+    doc["version"] = document.DOC_VERSION_BASE
+    doc["base"] = {"path": os.path.relpath(os.path.abspath(base),
+                                           os.path.dirname(os.path.abspath(path))),
+                   "identity": b.identity()}
+    doc["from_base"] = from_base
+    skip = set(from_base)
+    return [t for t in tensors if t.name not in skip], doc, from_base, b
+
+
+def _delta_against(b: Any, doc: Dict[str, Any], t: document.Tensor) -> bool:
+    """Replaces `t`'s bytes by their difference from the base's tensor of the same name, dtype
+    and shape when the base holds it exactly; whether it did."""
+    rec = b.tensor_records().get(t.name)
+    size = t.raw.nbytes // max(1, int(np.prod(t.shape, dtype=np.int64)))
+    if (rec is None or rec[1:] != doc["tensors"][t.name][1:] or not delta.supports(size)
+            or not b.exact(t.name)):
+        return False
+    t.raw = delta.encode(np.ascontiguousarray(t.raw).reshape(-1), b.raw_bytes(t.name), size)
+    return True
