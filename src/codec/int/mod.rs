@@ -881,6 +881,26 @@ mod tests {
         }
     }
 
+    /// Stochastic rounding never moves a value that lies on the grid, the zero of the absmax
+    /// grid above all: the uniform is compared with the fraction, never added to it in f32.
+    #[test]
+    fn stochastic_rounding_keeps_grid_points() {
+        let mut x = vec![0f32; 1 << 20];
+        x[7] = 1.0;
+        x[9] = -1.0;
+        for seed in 0..8 {
+            let p = super::super::params::from_pairs([
+                ("scheme", Param::Str("absmax".into())),
+                ("rounding", Param::Str("stochastic".into())),
+                ("granularity", Param::Str("tensor".into())),
+                ("seed", Param::Int(seed)),
+            ]);
+            let (y, _, _) = rt(&INFO_INT, &p, &x);
+            let moved = x.iter().zip(&y).filter(|(a, b)| a != b).count();
+            assert_eq!(moved, 0, "seed {seed}");
+        }
+    }
+
     #[test]
     fn stochastic_is_unbiased_and_dither_is_uniform() {
         let x = vec![0.3f32; 1 << 16];

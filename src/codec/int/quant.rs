@@ -1,5 +1,6 @@
 //! The quantization kernel of the `int` codec: codes of a run of values from its affine map
-//! (v = x * a + b, clamped to [0, cmax], plus 1/2 or a uniform u, floored), portable, AVX2 and
+//! (v = x * a + b, clamped to [0, cmax], plus 1/2 or a uniform u, floored; with u, the floor is
+//! taken without rounding the sum), portable, AVX2 and
 //! AVX-512 (nearest rounding), and the fused AVX-512 chunk kernel of 8-bit nearest codes
 //! (statistics, group parameters and codes of whole groups). Every path gives the same codes.
 
@@ -33,8 +34,13 @@ fn quant_body<O: crate::codec::kernel_io::Code>(
     if stochastic {
         for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
             let u = (hash32(key ^ hash32(i0 + i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
-            let q = (v.mul_add(a, b)).max(0.0).min(cmax) + u;
-            *o = O::from_u32(code_of(q));
+            let q = (v.mul_add(a, b)).max(0.0).min(cmax);
+            // floor(q + u) without rounding the sum: floor(q), plus one where u reaches the
+            // fraction's complement. A value on the grid (fraction 0) never moves, where the
+            // f32 sum q + u rounds up to the next integer for u within half an ulp of 1; and
+            // the code never passes cmax.
+            let f = code_of(q);
+            *o = O::from_u32(f + u32::from(u >= 1.0 - (q - f as f32)));
         }
     } else {
         for (o, &v) in out.iter_mut().zip(x) {
