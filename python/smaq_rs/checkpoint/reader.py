@@ -115,9 +115,10 @@ class Checkpoint(Mapping):
 
     def tensor_records(self) -> Dict[str, List[Any]]:
         """Per tensor (stored here or in the base): [hash of its dense bytes, dtype, shape], as
-        recorded at save time; empty for checkpoints written before the format had them."""
+        recorded at save time; empty for checkpoints written before the format had them. The
+        document's own mapping: read it, do not change it."""
         recs = self._doc.get("tensors")
-        return dict(recs) if isinstance(recs, dict) else {}
+        return recs if isinstance(recs, dict) else {}
 
     def __enter__(self) -> "Checkpoint":
         return self
