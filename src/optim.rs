@@ -254,12 +254,16 @@ struct AdamScalars {
     fresh: bool,
 }
 
-/// The scalar step of one element: the reference the SIMD loop reproduces bit for bit.
+/// The scalar step of one element: the reference the SIMD loops reproduce bit for bit. Returns
+/// the new parameter value; with `UPDATE = false` only the moments are computed (the parameter
+/// update, its square root and division, is skipped and the return value is not the new
+/// parameter).
 #[inline(always)]
-fn adam_one(s: &AdamScalars, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+fn adam_one<const UPDATE: bool>(s: &AdamScalars, p: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
     let mut g = if s.maximize { -g } else { g };
+    let mut p = p;
     if let Some(d) = s.decay {
-        *p *= d;
+        p *= d;
     }
     if let Some(wd) = s.l2 {
         g = p.mul_add(wd, g);
@@ -277,22 +281,38 @@ fn adam_one(s: &AdamScalars, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
     // lerp with a small weight: fma(w, g - m, m); addcmul: v*b2 + (c2*g)*g.
     mi = s.w.mul_add(g - mi, mi);
     vi = (s.c2 * g).mul_add(g, vi * s.b2);
-    let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
-    *p += s.step_size * mi / denom;
     *m = mi;
     *v = vi;
+    if UPDATE {
+        let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
+        p + s.step_size * mi / denom
+    } else {
+        p
+    }
 }
 
-fn adam_body(
+/// The portable loop: [`adam_one`] over a chunk, tallying the new moments.
+///
+/// # Safety
+/// `p` points to `g.len()` floats, written only when `UPDATE`; `m` and `v` have `g.len()`
+/// elements.
+unsafe fn adam_body<const UPDATE: bool>(
     s: &AdamScalars,
-    p: &mut [f32],
+    p: *mut f32,
     g: &[f32],
     m: &mut [f32],
     v: &mut [f32],
 ) -> [Tally; 2] {
     let (mut tm, mut tv) = (Tally::EMPTY, Tally::EMPTY);
-    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        adam_one(s, p, g, m, v);
+    for (j, ((&g, m), v)) in g.iter().zip(m.iter_mut()).zip(v.iter_mut()).enumerate() {
+        // SAFETY: j < g.len(), the length of the parameter's chunk (the caller's contract).
+        let pj = unsafe { p.add(j) };
+        // SAFETY: as above; written only when UPDATE, when the caller lends it mutably.
+        let np = adam_one::<UPDATE>(s, unsafe { *pj }, g, m, v);
+        if UPDATE {
+            // SAFETY: as above.
+            unsafe { *pj = np };
+        }
         tm.add(*m as f64);
         tv.add(*v as f64);
     }
@@ -316,7 +336,7 @@ fn fix_zero_signs(t: &mut Tally, x: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{adam_one, sgd_one, AdamScalars, SgdScalars, Tally};
+    use super::{adam_body, sgd_one, AdamScalars, SgdScalars, Tally};
     use std::arch::x86_64::*;
 
     /// Vector form of [`Tally`]: zero count, NaN flag, NaN-ignoring min and max.
@@ -379,16 +399,17 @@ mod avx2 {
     /// division, fused multiply-adds where the scalar code has `mul_add`), so the same bits.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and POPCNT; the four slices have the same length.
+    /// The CPU has AVX2, FMA and POPCNT; `p` points to `g.len()` floats (written only when
+    /// `UPDATE`), `m` and `v` have `g.len()` elements.
     #[target_feature(enable = "avx2,fma,popcnt")]
-    pub unsafe fn adam(
+    pub unsafe fn adam<const UPDATE: bool>(
         s: &AdamScalars,
-        p: &mut [f32],
+        p: *mut f32,
         g: &[f32],
         m: &mut [f32],
         v: &mut [f32],
     ) -> [Tally; 2] {
-        let n = p.len();
+        let n = g.len();
         let (mut tm, mut tv) = (VTally::new(), VTally::new());
         let neg = _mm256_set1_ps(if s.maximize { -0.0 } else { 0.0 });
         let w = _mm256_set1_ps(s.w);
@@ -399,10 +420,10 @@ mod avx2 {
         let step_size = _mm256_set1_ps(s.step_size);
         let mut i = 0;
         while i + 8 <= n {
-            // SAFETY: i + 8 <= n for all four slices (same length).
+            // SAFETY: i + 8 <= n for all four buffers (same length).
             let (pp, gp, mp, vp) = unsafe {
                 (
-                    p.as_mut_ptr().add(i),
+                    p.add(i),
                     g.as_ptr().add(i),
                     m.as_mut_ptr().add(i),
                     v.as_mut_ptr().add(i),
@@ -433,12 +454,14 @@ mod avx2 {
             }
             mi = _mm256_fmadd_ps(w, _mm256_sub_ps(gv, mi), mi);
             vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv, _mm256_mul_ps(vi, b2));
-            let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), sqrt_bc2), eps);
-            let upd = _mm256_div_ps(_mm256_mul_ps(step_size, mi), denom);
-            pv = _mm256_add_ps(pv, upd);
+            if UPDATE {
+                let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), sqrt_bc2), eps);
+                let upd = _mm256_div_ps(_mm256_mul_ps(step_size, mi), denom);
+                // SAFETY: 8 in-bounds floats, lent mutably when UPDATE (the contract).
+                unsafe { _mm256_storeu_ps(pp, _mm256_add_ps(pv, upd)) };
+            }
             // SAFETY: 8 in-bounds floats each (above).
             unsafe {
-                _mm256_storeu_ps(pp, pv);
                 _mm256_storeu_ps(mp, mi);
                 _mm256_storeu_ps(vp, vi);
             }
@@ -446,13 +469,9 @@ mod avx2 {
             tv.add(vi);
             i += 8;
         }
-        let (mut a, mut b) = (tm.finish(), tv.finish());
-        for j in i..n {
-            adam_one(s, &mut p[j], g[j], &mut m[j], &mut v[j]);
-            a.add(m[j] as f64);
-            b.add(v[j] as f64);
-        }
-        [a, b]
+        // SAFETY: the rest of the same buffers, under the same contract.
+        let [c, d] = unsafe { adam_body::<UPDATE>(s, p.add(i), &g[i..], &mut m[i..], &mut v[i..]) };
+        [tm.finish().then(c), tv.finish().then(d)]
     }
 
     /// Eight lanes of [`sgd_one`] (same operations, same order, same bits).
@@ -512,6 +531,146 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{adam_body, AdamScalars, Tally};
+    use std::arch::x86_64::*;
+
+    /// Sixteen-lane [`Tally`]: zero count, NaN flag, NaN-ignoring min and max.
+    struct VTally {
+        zeros: u64,
+        nan: __mmask16,
+        min: __m512,
+        max: __m512,
+    }
+
+    impl VTally {
+        #[target_feature(enable = "avx512f")]
+        fn new() -> Self {
+            VTally {
+                zeros: 0,
+                nan: 0,
+                min: _mm512_set1_ps(f32::INFINITY),
+                max: _mm512_set1_ps(f32::NEG_INFINITY),
+            }
+        }
+        #[target_feature(enable = "avx512f,popcnt")]
+        fn add(&mut self, x: __m512) {
+            let z = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, _mm512_setzero_ps());
+            self.zeros += z.count_ones() as u64;
+            self.nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            // min/max return the second operand when either is NaN: NaN never enters.
+            self.min = _mm512_min_ps(x, self.min);
+            self.max = _mm512_max_ps(x, self.max);
+        }
+        #[target_feature(enable = "avx512f")]
+        fn finish(self) -> Tally {
+            let mut lo = [0f32; 16];
+            let mut hi = [0f32; 16];
+            // SAFETY: both arrays hold 16 floats; unaligned stores.
+            unsafe {
+                _mm512_storeu_ps(lo.as_mut_ptr(), self.min);
+                _mm512_storeu_ps(hi.as_mut_ptr(), self.max);
+            }
+            Tally {
+                zeros: self.zeros,
+                min: lo.into_iter().fold(f32::INFINITY, f32::min) as f64,
+                max: hi.into_iter().fold(f32::NEG_INFINITY, f32::max) as f64,
+                nan: self.nan != 0,
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn clamp(x: __m512, r: Option<[f32; 2]>) -> __m512 {
+        match r {
+            // torch.clamp keeps NaN: max/min with the bound first return x when x is NaN.
+            Some([lo, hi]) => {
+                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), x))
+            }
+            None => x,
+        }
+    }
+
+    /// Sixteen lanes of [`super::adam_one`]: the AVX2 loop's operations, in its order.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and DQ, FMA and POPCNT; `p` points to `g.len()` floats (written
+    /// only when `UPDATE`), `m` and `v` have `g.len()` elements.
+    #[target_feature(enable = "avx512f,avx512dq,fma,popcnt")]
+    pub unsafe fn adam<const UPDATE: bool>(
+        s: &AdamScalars,
+        p: *mut f32,
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> [Tally; 2] {
+        let n = g.len();
+        let (mut tm, mut tv) = (VTally::new(), VTally::new());
+        let neg = _mm512_set1_ps(if s.maximize { -0.0 } else { 0.0 });
+        let w = _mm512_set1_ps(s.w);
+        let b2 = _mm512_set1_ps(s.b2);
+        let c2 = _mm512_set1_ps(s.c2);
+        let sqrt_bc2 = _mm512_set1_ps(s.sqrt_bc2);
+        let eps = _mm512_set1_ps(s.eps);
+        let step_size = _mm512_set1_ps(s.step_size);
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n for all four buffers (same length).
+            let (pp, gp, mp, vp) = unsafe {
+                (
+                    p.add(i),
+                    g.as_ptr().add(i),
+                    m.as_mut_ptr().add(i),
+                    v.as_mut_ptr().add(i),
+                )
+            };
+            // SAFETY: 16 in-bounds floats each (above).
+            let (mut pv, mut gv) = unsafe { (_mm512_loadu_ps(pp), _mm512_loadu_ps(gp)) };
+            gv = _mm512_xor_ps(gv, neg);
+            if let Some(d) = s.decay {
+                pv = _mm512_mul_ps(pv, _mm512_set1_ps(d));
+            }
+            if let Some(wd) = s.l2 {
+                gv = _mm512_fmadd_ps(pv, _mm512_set1_ps(wd), gv);
+            }
+            let (mut mi, mut vi) = if s.fresh {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            } else {
+                // SAFETY: 16 in-bounds floats each (above).
+                unsafe { (_mm512_loadu_ps(mp), _mm512_loadu_ps(vp)) }
+            };
+            mi = clamp(mi, s.range_m);
+            vi = clamp(vi, s.range_v);
+            if let Some(c) = s.guard {
+                // b wins when not (vi >= b), unordered counted as true (torch.maximum).
+                let b = _mm512_mul_ps(_mm512_mul_ps(mi, mi), _mm512_set1_ps(c));
+                vi = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_NGE_UQ>(vi, b), vi, b);
+            }
+            mi = _mm512_fmadd_ps(w, _mm512_sub_ps(gv, mi), mi);
+            vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gv), gv, _mm512_mul_ps(vi, b2));
+            if UPDATE {
+                let denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), sqrt_bc2), eps);
+                let upd = _mm512_div_ps(_mm512_mul_ps(step_size, mi), denom);
+                // SAFETY: 16 in-bounds floats, lent mutably when UPDATE (the contract).
+                unsafe { _mm512_storeu_ps(pp, _mm512_add_ps(pv, upd)) };
+            }
+            // SAFETY: 16 in-bounds floats each (above).
+            unsafe {
+                _mm512_storeu_ps(mp, mi);
+                _mm512_storeu_ps(vp, vi);
+            }
+            tm.add(mi);
+            tv.add(vi);
+            i += 16;
+        }
+        // SAFETY: the rest of the same buffers, under the same contract.
+        let [c, d] = unsafe { adam_body::<UPDATE>(s, p.add(i), &g[i..], &mut m[i..], &mut v[i..]) };
+        [tm.finish().then(c), tv.finish().then(d)]
+    }
+}
+
+/// One chunk of the step: parameter updated in place, new moments in `m`, `v`, their tallies.
 fn adam_chunk(
     s: &AdamScalars,
     p: &mut [f32],
@@ -519,16 +678,56 @@ fn adam_chunk(
     m: &mut [f32],
     v: &mut [f32],
 ) -> [Tally; 2] {
+    assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
+    // SAFETY: four slices of one length, the parameter lent mutably.
+    unsafe { adam_kernel::<true>(s, p.as_mut_ptr(), g, m, v) }
+}
+
+/// [`adam_chunk`] without the parameter update: the new moments and their tallies only (the
+/// first pass of [`adam_two_pass`], which needs the statistics of the new state before any of
+/// it is encoded). The moments are the same bits as [`adam_chunk`]'s.
+fn moments_chunk(
+    s: &AdamScalars,
+    p: &[f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> [Tally; 2] {
+    assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
+    // SAFETY: four slices of one length; with UPDATE = false the kernels only read `p`.
+    unsafe { adam_kernel::<false>(s, p.as_ptr().cast_mut(), g, m, v) }
+}
+
+/// The widest kernel the CPU runs.
+///
+/// # Safety
+/// `p` points to `g.len()` floats, written only when `UPDATE`; `m`, `v` have `g.len()` elements.
+unsafe fn adam_kernel<const UPDATE: bool>(
+    s: &AdamScalars,
+    p: *mut f32,
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> [Tally; 2] {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx2() {
-        // SAFETY: the CPU has the features the function is compiled for; the slices come from
-        // zipped chunks of equal-length buffers.
-        let [mut a, mut b] = unsafe { avx2::adam(s, p, g, m, v) };
-        fix_zero_signs(&mut a, m);
-        fix_zero_signs(&mut b, v);
-        return [a, b];
+    {
+        let tallies = if crate::simd::avx512() {
+            // SAFETY: the CPU has the features the function is compiled for; lengths as above.
+            Some(unsafe { avx512::adam::<UPDATE>(s, p, g, m, v) })
+        } else if crate::simd::avx2() {
+            // SAFETY: as above.
+            Some(unsafe { avx2::adam::<UPDATE>(s, p, g, m, v) })
+        } else {
+            None
+        };
+        if let Some([mut a, mut b]) = tallies {
+            fix_zero_signs(&mut a, m);
+            fix_zero_signs(&mut b, v);
+            return [a, b];
+        }
     }
-    adam_body(s, p, g, m, v)
+    // SAFETY: the caller's contract.
+    unsafe { adam_body::<UPDATE>(s, p, g, m, v) }
 }
 
 /// One Adam/AdamW step of one parameter: `param` updated in place from `grad`; `exp_avg` and
@@ -602,8 +801,9 @@ pub fn adam_step(
 /// pieces (or fresh) and the new state is SmaQ with exact statistics in pieces of the same
 /// length, the step runs twice over the pieces, each worker holding one piece of each slot:
 ///
-/// 1. decode the piece, compute its new exp_avg / exp_avg_sq (on a copy of the parameter's
-///    piece), tally zeros, range and the statistics the new state's code needs; nothing is kept;
+/// 1. decode the piece, compute its new exp_avg / exp_avg_sq (the moments only: the parameter is
+///    read, not updated), tally zeros, range and the statistics the new state's code needs;
+///    nothing is kept;
 /// 2. decode the piece again, update the parameter in place, and encode the new state's piece
 ///    with those statistics ([`crate::codec::smaq::PieceEncoder`]).
 ///
@@ -713,26 +913,24 @@ fn adam_two_pass(
     let s = adam_scalars(h, matches!(slots[0], SlotIn::Fresh), range_m, range_v);
     let len = plan.len;
     let pieces = n.div_ceil(len);
-    let bufs = || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new());
-    // Pass 1 (new state computed on a copy of the parameter, then dropped), piece 0 alone
-    // first: it fixes the shift of the statistics (the first finite value).
-    let pass_one = |i: usize, b: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| -> Result<[Tally; 2]> {
+    let bufs = || (Vec::<f32>::new(), Vec::<f32>::new());
+    // Pass 1 (the new state only, the parameter left alone), piece 0 alone first: it fixes the
+    // shift of the statistics (the first finite value).
+    let pass_one = |i: usize, b: &mut (Vec<f32>, Vec<f32>)| -> Result<[Tally; 2]> {
         let (lo, hi) = (i * len, ((i + 1) * len).min(n));
-        let (pc, m, v) = b;
-        pc.clear();
-        pc.extend_from_slice(&param[lo..hi]);
+        let (m, v) = b;
         m.resize(hi - lo, 0.0);
         v.resize(hi - lo, 0.0);
         load_piece(&slots, i, lo, m, v)?;
-        Ok(adam_chunk(&s, pc, &grad[lo..hi], m, v))
+        Ok(moments_chunk(&s, &param[lo..hi], &grad[lo..hi], m, v))
     };
     let mut b0 = bufs();
     let t0 = pass_one(0, &mut b0)?;
     let [cm, cv] = &plan.cfgs;
     let (mut stats_m, mut stats_v) = (PieceStats::new(), PieceStats::new());
     let mut sbuf = Vec::new();
-    stats_m.add(cm.stat_values(&b0.1, &mut sbuf));
-    stats_v.add(cv.stat_values(&b0.2, &mut sbuf));
+    stats_m.add(cm.stat_values(&b0.0, &mut sbuf));
+    stats_v.add(cv.stat_values(&b0.1, &mut sbuf));
     let (Some(sh_m), Some(sh_v)) = (stats_m.shift(), stats_v.shift()) else {
         // No finite value in the first piece: rare enough to take the whole-buffer path.
         return adam_whole(h, param, grad, shape, slots, rules);
@@ -746,8 +944,8 @@ fn adam_two_pass(
                 || (bufs(), Vec::new()),
                 |(b, sb), i| {
                     let t = pass_one(i, b)?;
-                    let a = PieceStats::moments(cm.stat_values(&b.1, sb), sh_m);
-                    let c = PieceStats::moments(cv.stat_values(&b.2, sb), sh_v);
+                    let a = PieceStats::moments(cm.stat_values(&b.0, sb), sh_m);
+                    let c = PieceStats::moments(cv.stat_values(&b.1, sb), sh_v);
                     Ok((t, a, c))
                 },
             )
@@ -992,7 +1190,7 @@ mod tests {
             return;
         }
         let mut case = 0u64;
-        for n in [0usize, 1, 7, 8, 9, 63, 1000] {
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 63, 1000] {
             for specials in [false, true] {
                 for variant in 0..8u32 {
                     case += 1;
@@ -1017,9 +1215,9 @@ mod tests {
                     let mut v = values(n, case + 300, specials);
                     v.iter_mut().for_each(|x| *x = x.abs());
                     let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
-                    let (mut p2, mut m2, mut v2) = (p, m, v);
-                    let want = adam_body(&s, &mut p1, &g, &mut m1, &mut v1);
-                    let got = adam_chunk(&s, &mut p2, &g, &mut m2, &mut v2);
+                    // SAFETY: four buffers of one length, the parameter lent mutably.
+                    let want =
+                        unsafe { adam_body::<true>(&s, p1.as_mut_ptr(), &g, &mut m1, &mut v1) };
                     // NaN payloads and signs follow operand order, which the compiler may swap
                     // in scalar code: NaNs compare as NaN, everything else bit for bit.
                     let bits = |x: &[f32]| {
@@ -1027,11 +1225,38 @@ mod tests {
                             .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
                             .collect::<Vec<_>>()
                     };
-                    assert_eq!(bits(&p1), bits(&p2), "p, n={n} variant={variant}");
-                    assert_eq!(bits(&m1), bits(&m2), "m, n={n} variant={variant}");
-                    assert_eq!(bits(&v1), bits(&v2), "v, n={n} variant={variant}");
+                    // The moments-only pass: the same moments and tallies, the parameter alone.
+                    let (mut m3, mut v3) = (m.clone(), v.clone());
+                    let moments = moments_chunk(&s, &p, &g, &mut m3, &mut v3);
+                    assert_eq!(bits(&m3), bits(&m1), "moments m, n={n} variant={variant}");
+                    assert_eq!(bits(&v3), bits(&v1), "moments v, n={n} variant={variant}");
                     for k in 0..2 {
-                        assert_eq!(tally_bits(want[k]), tally_bits(got[k]), "tally {k}");
+                        assert_eq!(tally_bits(want[k]), tally_bits(moments[k]), "moments {k}");
+                    }
+                    let mut runs = Vec::new();
+                    let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+                    let t = adam_chunk(&s, &mut p2, &g, &mut m2, &mut v2);
+                    runs.push(("widest", p2, m2, v2, t));
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx512() {
+                        // The AVX2 loop too, on a CPU that otherwise runs AVX-512.
+                        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+                        // SAFETY: the CPU has AVX2 (implied by avx512()); one length.
+                        let mut t = unsafe {
+                            avx2::adam::<true>(&s, p2.as_mut_ptr(), &g, &mut m2, &mut v2)
+                        };
+                        fix_zero_signs(&mut t[0], &m2);
+                        fix_zero_signs(&mut t[1], &v2);
+                        runs.push(("avx2", p2, m2, v2, t));
+                    }
+                    for (kernel, p2, m2, v2, got) in runs {
+                        let at = format!("{kernel}, n={n} variant={variant}");
+                        assert_eq!(bits(&p1), bits(&p2), "p, {at}");
+                        assert_eq!(bits(&m1), bits(&m2), "m, {at}");
+                        assert_eq!(bits(&v1), bits(&v2), "v, {at}");
+                        for k in 0..2 {
+                            assert_eq!(tally_bits(want[k]), tally_bits(got[k]), "tally {k}, {at}");
+                        }
                     }
                 }
             }

@@ -19,6 +19,9 @@ pub(super) struct SmaqDecoder {
     /// The float32 decode table, built on the first piece decoded into float32 (the optimizer
     /// decodes its state piece by piece; a log-domain table costs an exp per code).
     pub(super) lut_f32: std::sync::OnceLock<Vec<f32>>,
+    /// The log domain's escaped values for the first residuals, before clamping: an escape
+    /// costs an exp otherwise, and a piece-by-piece optimizer step decodes every escape twice.
+    pub(super) escapes_log: std::sync::OnceLock<Vec<f64>>,
 }
 
 impl SmaqDecoder {

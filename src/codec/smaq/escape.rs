@@ -91,6 +91,9 @@ pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
     w.finish()
 }
 
+/// Residuals whose log-domain escaped values a decoder keeps, per sign.
+const LOG_CACHED: u32 = 64;
+
 impl SmaqDecoder {
     /// Writes the escaped values of chunk `ci` (see [`write_escapes`]) over their saturated
     /// outlier codes in `dst`; their signs are the codes' sign bits in `primary`.
@@ -117,6 +120,21 @@ impl SmaqDecoder {
             -T::MAX_F64
         };
         let grid = EscapeGrid::new(q, self.h.cfg.escape_bits);
+        let log = self.h.cfg.log;
+        // exp(mean + z * std) for the residuals below LOG_CACHED, positive then negative.
+        let cached: &[f64] = if log {
+            let grid = &grid;
+            self.escapes_log.get_or_init(|| {
+                [1.0, -1.0]
+                    .into_iter()
+                    .flat_map(|sign| {
+                        (0..LOG_CACHED).map(move |r| (mean + sign * grid.z(r) * std).exp())
+                    })
+                    .collect()
+            })
+        } else {
+            &[]
+        };
         let bm = q.bits_main as usize;
         let mut pos = 0usize;
         let mut next = 0usize;
@@ -130,11 +148,21 @@ impl SmaqDecoder {
                 dst.len()
             );
             let negative = crate::bits::get(primary, i * bm + 1, 1) == 1;
-            let z = grid.z(r);
-            let mut v = mean + if negative { -z } else { z } * std;
-            if self.h.cfg.log {
-                v = v.exp();
-            }
+            let hit = (r < LOG_CACHED)
+                .then(|| cached.get((r + negative as u32 * LOG_CACHED) as usize))
+                .flatten();
+            let v = match hit {
+                Some(&v) => v,
+                None => {
+                    let z = grid.z(r);
+                    let v = mean + if negative { -z } else { z } * std;
+                    if log {
+                        v.exp()
+                    } else {
+                        v
+                    }
+                }
+            };
             dst[i] = T::from_f64(v.clamp(floor, T::MAX_F64));
             next = i + 1;
         }
@@ -226,6 +254,47 @@ mod tests {
             }
         }
         assert!(seen > 1000);
+    }
+
+    /// The log domain's cached escaped values are the bits the exp gives: a tensor with
+    /// residuals below and above the cached ones decodes the same with the cache and without.
+    #[test]
+    fn cached_log_escapes_equal_computed_ones() {
+        let mut x: Vec<f32> = normal(100_000, 17)
+            .iter()
+            .map(|v| (v * 1.5).exp() * 1e-6)
+            .collect();
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % 53 == 0 {
+                *v *= 1e3;
+            }
+            if i % 97 == 0 {
+                *v *= 1e-4;
+            }
+        }
+        x[3] = 1e10;
+        x[4] = 1e-25;
+        let cfg = SmaqConfig {
+            log: true,
+            chunk_size: 8192,
+            ..Default::default()
+        };
+        let enc = cfg.encode(Data::F32(&x)).unwrap();
+        let frame = crate::codec::testing::frame_f32(&enc, x.len());
+        let cached = SmaqDecoder::parse(&enc.meta, frame).unwrap();
+        let escapes: u64 = cached.h.chunks.iter().map(|c| c.escapes as u64).sum();
+        assert!(escapes > 1000, "{escapes} escapes");
+        let plain = SmaqDecoder::parse(&enc.meta, frame).unwrap();
+        plain.escapes_log.set(Vec::new()).unwrap();
+        let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        cached.decode(&enc.payload, DataMut::F32(&mut a)).unwrap();
+        plain.decode(&enc.payload, DataMut::F32(&mut b)).unwrap();
+        assert_eq!(
+            cached.escapes_log.get().map(Vec::len),
+            Some(2 * LOG_CACHED as usize)
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
     }
 
     #[test]

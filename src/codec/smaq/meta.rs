@@ -323,6 +323,7 @@ impl SmaqDecoder {
             numel: frame.numel,
             spans,
             lut_f32: std::sync::OnceLock::new(),
+            escapes_log: std::sync::OnceLock::new(),
         })
     }
 }
