@@ -130,7 +130,7 @@ class FloatingPointQuantizer(Quantizer):
         scale = float(2 ** (self.m + 1))  # 2|f| * 2^m = |f| * 2^(m+1)
         q = torch.floor(mant.abs() * scale) / scale * mant.sign()
         out = torch.ldexp(q, exp.to(t.dtype)).to(t.dtype)
-        return torch.where(torch.isfinite(t), out, t), None
+        return torch.where(torch.isfinite(t) & (t != 0), out, t), None  # keeps -0.0
 
     def dequantize(self, t: Tensor, ctx: Any) -> Tensor:
         return t
@@ -409,8 +409,7 @@ class HsumAccumulator(Accumulator):
         items = t
         sizes = [first // group] + [k for k, _ in self.levels[1:]]
         for (k, q), size in zip(self.levels, sizes):
-            sums = torch.stack([c.sum(dim=0) for c in torch.split(items, size, dim=0)])
-            items = q(sums)
+            items = torch.stack([q(c.sum(dim=0)) for c in torch.split(items, size, dim=0)])
         if items.shape[0] != 1:
             raise ValueError(f"HsumAccumulator: {t.shape[0]} groups of {group} samples exceed "
                              f"the {self.capacity} samples its levels cover "
