@@ -277,11 +277,17 @@ def test_sum_accumulator_is_the_plain_sum():
 def test_floating_point_quantizer_matches_reference(m):
     torch.manual_seed(8)
     x = torch.cat([torch.randn(500) * 10.0 ** torch.randint(-6, 6, (500,)),
-                   torch.tensor([0.0, -0.0, 1.0, -1.5, 3.75, float("inf"), float("-inf")])])
+                   torch.tensor([0.0, -0.0, 1.0, -1.5, 3.75, float("inf"), float("-inf"),
+                                 1e-40, -3.3e-41, 1.5e-45, 1.1754944e-38, -3.4e38])])
     y = FloatingPointQuantizer(m)(x)
     assert torch.equal(y, ref_fp(x, m))
+    assert torch.equal(y.view(torch.int32), ref_fp(x, m).view(torch.int32))  # -0.0 kept
+    x64 = x.double() * 1e-300
+    assert torch.equal(FloatingPointQuantizer(m)(x64), ref_fp(x64, m))
+    xb = x[:500].bfloat16()
+    assert torch.equal(FloatingPointQuantizer(m)(xb), ref_fp(xb, m))
     # bit view: the low 23 - m mantissa bits of float32 are cleared, sign and exponent kept
-    finite = torch.isfinite(x)
+    finite = torch.isfinite(x) & (x.abs() >= torch.finfo(torch.float32).tiny)
     bits = y[finite].view(torch.int32)
     assert torch.all(bits & ((1 << (23 - m)) - 1) == 0)
     assert torch.equal(bits >> 23, x[finite].view(torch.int32) >> 23)

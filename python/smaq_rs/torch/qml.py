@@ -124,13 +124,35 @@ class FloatingPointQuantizer(Quantizer):
             raise ValueError(f"m (mantissa bits kept) must be an int in 0..52, got {m!r}")
         self.m = m
 
+    _BITS = {torch.float32: (torch.int32, 23), torch.float64: (torch.int64, 52),
+             torch.float16: (torch.int16, 10), torch.bfloat16: (torch.int16, 7)}
+
     def quantize(self, t: Tensor) -> Tuple[Tensor, Any]:
         _check_float(t, "FloatingPointQuantizer")
+        ibits = self._BITS.get(t.dtype)
+        if ibits is not None:
+            itype, mbits = ibits
+            if self.m >= mbits:
+                return t, None
+            # normal numbers in sign-magnitude: clearing the low mantissa bits is the floor of
+            # the significand, the exponent untouched; subnormals (where frexp renormalizes)
+            # take the frexp path below
+            mask = ~((1 << (mbits - self.m)) - 1)
+            out = (t.view(itype) & mask).view(t.dtype)
+            finite = torch.isfinite(t)
+            out = torch.where(finite, out, t)
+            sub = (t.abs() < torch.finfo(t.dtype).tiny) & (t != 0)
+            if bool(sub.any()):
+                out = torch.where(sub, self._frexp_path(t), out)
+            return out, None
+        return self._frexp_path(t), None
+
+    def _frexp_path(self, t: Tensor) -> Tensor:
         mant, exp = torch.frexp(t)
         scale = float(2 ** (self.m + 1))  # 2|f| * 2^m = |f| * 2^(m+1)
         q = torch.floor(mant.abs() * scale) / scale * mant.sign()
         out = torch.ldexp(q, exp.to(t.dtype)).to(t.dtype)
-        return torch.where(torch.isfinite(t) & (t != 0), out, t), None  # keeps -0.0
+        return torch.where(torch.isfinite(t) & (t != 0), out, t)  # keeps -0.0
 
     def dequantize(self, t: Tensor, ctx: Any) -> Tensor:
         return t
