@@ -1,7 +1,7 @@
 """QML's tables in form on scikit-learn's digits, then post-training quantization (PTQ).
 
     python examples/qml_digits.py [--epochs 6,12] [--workers 8] [--spw 16] [--gpt2-steps 200]
-                                  [--threads 1] [--skip-gpt2]
+                                  [--threads 1] [--optim adam|sgd] [--skip-gpt2]
 
 1. Quantization (QML "everything quantized"): the digits CNN of examples/train_digits.py with all
    eight data paths of its four layers (qx qdx qy qdy qw qdw qb qdb) quantized by one quantizer:
@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import math
 import os
 import platform
 import sys
 import sysconfig
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -69,14 +68,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_cnn(data, epochs: List[int], bundle: Optional[PrefixBundle], batch: int,
-              seed: int = 0) -> Tuple[nn.Module, List[float], float]:
+              seed: int = 0, optim: str = "adam") -> Tuple[nn.Module, List[float], float]:
     """Trains the digits CNN (QML layers when ``bundle``); accuracy after each of ``epochs``."""
     x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(seed)
     model = DigitsCNN()
     if bundle is not None:
         quantize_model(model, bundle)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    if optim == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     order = torch.Generator().manual_seed(seed + 1)
     accs, t0 = [], time.perf_counter()
     for ep in range(1, max(epochs) + 1):
@@ -246,10 +248,13 @@ def main() -> None:
     ap.add_argument("--gpt2-steps", type=int, default=200)
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--optim", choices=("adam", "sgd"), default="adam",
+                    help="Adam lr 3e-3 or SGD lr 0.05 momentum 0.9 for the digits CNN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     epochs = sorted(int(e) for e in args.epochs.split(","))
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {args.threads} threads")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {args.threads} threads, "
+          f"optimizer {args.optim}, load {os.getloadavg()[0]:.2f}")
     data = load_digits_tensors(0)
     t_all = time.perf_counter()
 
@@ -257,7 +262,7 @@ def main() -> None:
     fp32_model = None
     for name, q in schemes([8, 6, 5, 4, 3, 2]):
         bundle = None if q is None else PrefixBundle(default=q)
-        model, accs, secs = train_cnn(data, epochs, bundle, args.batch)
+        model, accs, secs = train_cnn(data, epochs, bundle, args.batch, optim=args.optim)
         if q is None:
             fp32_model = model
         rows.append([name] + [f"{100 * a:.1f}" for a in accs] + [f"{secs:.1f}"])
@@ -274,7 +279,7 @@ def main() -> None:
         else:
             acc = HsumAccumulator([(args.spw, q), (args.workers, Identity())])
             bundle = PrefixBundle(aw=acc, ab=acc)
-        _, accs, secs = train_cnn(data, epochs, bundle, batch)
+        _, accs, secs = train_cnn(data, epochs, bundle, batch, optim=args.optim)
         rows.append([name] + [f"{100 * a:.1f}" for a in accs] + [f"{secs:.1f}"])
     print(table(f"\nAggregation: gradients shared in the encoding, {args.workers} workers x "
                 f"{args.spw} samples (batch {batch}), float32 arithmetic (test accuracy %)",

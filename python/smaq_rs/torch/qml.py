@@ -32,10 +32,9 @@ per-sample gradients. The quantizers and accumulators of a layer are given by a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
