@@ -6,7 +6,9 @@
 1. Quantization (QML "everything quantized"): the digits CNN of examples/train_digits.py with all
    eight data paths of its four layers (qx qdx qy qdy qw qdw qb qdb) quantized by one quantizer:
    none, FloatingPoint with 2 mantissa bits (8 exponent bits, as float32's), Int8/6/5/4/3/2
-   (per-row min-max). Test accuracy after each epoch count of --epochs.
+   (per-row min-max); then two smaq_rs codecs through CodecQuantizer, their packed bytes made
+   and decoded on every path (int8 affine min-max per block of 256; bf16). Test accuracy after each
+   epoch count of --epochs.
 2. Aggregation (QML "reduced precision gradient sharing"): the same CNN with float32 arithmetic,
    the weight and bias gradients summed by HsumAccumulator([(spw, q), (workers, Identity)]):
    each of the simulated workers' gradient (its spw consecutive samples of the batch of
@@ -43,7 +45,7 @@ from train_digits import DigitsCNN, load_digits_tensors  # noqa: E402
 
 from smaq_rs.torch import ptq  # noqa: E402
 from smaq_rs.torch.qml import (  # noqa: E402
-    FloatingPointQuantizer, HsumAccumulator, Identity, IntQuantizer, PrefixBundle, Quantizer,
+    CodecQuantizer, FloatingPointQuantizer, HsumAccumulator, Identity, IntQuantizer, PrefixBundle, Quantizer,
     quantize_model,
 )
 
@@ -260,7 +262,10 @@ def main() -> None:
 
     rows = []
     fp32_model = None
-    for name, q in schemes([8, 6, 5, 4, 3, 2]):
+    codec_rows: List[Tuple[str, Optional[Quantizer]]] = [
+        ("smaq codec int8, blocks of 256 (packed)", CodecQuantizer("int", bits=8)),
+        ("smaq codec bf16 (packed)", CodecQuantizer("bf16"))]
+    for name, q in schemes([8, 6, 5, 4, 3, 2]) + codec_rows:
         bundle = None if q is None else PrefixBundle(default=q)
         model, accs, secs = train_cnn(data, epochs, bundle, args.batch, optim=args.optim)
         if q is None:

@@ -254,3 +254,22 @@ def test_transformers_conv1d():
     expect = F.linear(fake_quant(x, x.min().item(), x.max().item()), w, m[0].bias)
     assert torch.equal(q(x), expect)
     torch.testing.assert_close(q(x), m(x), atol=0.05, rtol=0.05)
+
+
+def test_gpt2_dynamic_ptq_reports_the_tied_head():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 32))
+    q = ptq.quantize(model, mode="dynamic")
+    rows = {r.name: r for r in ptq.report(q)}
+    conv1d = [n for n, r in rows.items() if not r.reason]
+    assert sorted(conv1d) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                              "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert "tied to transformer.wte" in rows["lm_head"].reason
+    with torch.no_grad():
+        a = model(input_ids=ids, labels=ids).loss.item()
+        b = q(input_ids=ids, labels=ids).loss.item()
+    assert abs(a - b) < 0.01 * a
+    assert q.lm_head.weight is q.transformer.wte.weight  # the tie is kept
