@@ -164,7 +164,9 @@ class IntQuantizer(Quantizer):
     """Per row of dim 0 (the whole tensor for a 0-d one): ``q = round((x - min) / (max - min) *
     (2^bits - 1))``, codes held as floats; ``dequantize`` maps them back with the row's
     ``(min, max)``. A row whose values are all equal gets code 0 and decodes exactly. Rows
-    holding NaN or Inf are refused (no finite range)."""
+    holding NaN or Inf are refused (no finite range). As in QML, a 1-D tensor (a bias) has rows
+    of one value and comes back unchanged; ``TiledQuantizer([n], q)`` on it, or a
+    :class:`CodecQuantizer`, quantizes it in groups."""
 
     def __init__(self, bits: int) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 24:
