@@ -145,6 +145,11 @@ def test_observers():
     pc = ptq.quantize(lin, mode="static", calib=data, observer="percentile", percentile=99.9)
     expect = torch.quantile(allv.double(), torch.tensor([0.001, 0.999], dtype=torch.float64))
     assert pc[0].act_range.tolist() == pytest.approx(expect.tolist(), rel=1e-5)
+    ema = ptq.quantize(lin, mode="static", calib=data, observer="ema")
+    lo, hi = data[0].min().item(), data[0].max().item()
+    for b in data[1:]:
+        lo, hi = lo + 0.01 * (b.min().item() - lo), hi + 0.01 * (b.max().item() - hi)
+    assert ema[0].act_range.tolist() == pytest.approx([lo, hi], rel=1e-6)
     ms = ptq.quantize(lin, mode="static", calib=data, observer="mse")
     lo, hi = ms[0].act_range.tolist()
     assert hi < 40.0
@@ -273,3 +278,13 @@ def test_gpt2_dynamic_ptq_reports_the_tied_head():
         b = q(input_ids=ids, labels=ids).loss.item()
     assert abs(a - b) < 0.01 * a
     assert q.lm_head.weight is q.transformer.wte.weight  # the tie is kept
+
+
+def test_other_weight_codec():
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Linear(32, 16))
+    q = ptq.quantize(m, weight_codec="fp8", weight_params={"format": "e5m2"})
+    ref = smaq_rs.compress(m[0].weight.detach().contiguous(), "fp8", format="e5m2")
+    assert bytes(q[0].weight_packed.numpy()) == ref.to_bytes()
+    row = ptq.report(q)[0]
+    assert row.bits is None and row.codec == "fp8" and row.stored_nbytes == ref.nbytes

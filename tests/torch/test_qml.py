@@ -444,3 +444,18 @@ def test_int8_everywhere_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * first
+
+
+def test_codec_quantizer_on_layer_paths():
+    """A packed codec on qw and qx: the layer computes on the codec's decoded tensors."""
+    torch.manual_seed(14)
+    qw = CodecQuantizer("int", bits=4, granularity="row", scheme="absmax")
+    qx = CodecQuantizer("bf16")
+    lin = QLinear(16, 8, bundle=PrefixBundle(qw=qw, qx=qx))
+    x = torch.randn(5, 16)
+    w_dec = smaq_rs.decompress(smaq_rs.compress(lin.weight.detach(), "int", bits=4,
+                                                granularity="row", scheme="absmax",
+                                                row_size=16))
+    x_dec = smaq_rs.decompress(smaq_rs.compress(x, "bf16"))
+    assert torch.equal(lin(x), nn.functional.linear(x_dec, w_dec, lin.bias))
+    assert not torch.equal(w_dec, lin.weight)
