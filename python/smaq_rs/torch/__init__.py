@@ -8,17 +8,34 @@
   between steps.
 - :class:`MemoryMeter`: per-step, per-tag dense vs held bytes and the process's peak RSS.
 - :func:`load_into`: a checkpoint into a module by name, one tensor at a time.
+- :mod:`smaq_rs.torch.qml`: quantizers (any codec, FloatingPoint, Int, Tiled), QLinear / QConv2d
+  with eight quantized data paths, Sum / Hsum gradient accumulators, :func:`quantize_model`.
+- :mod:`smaq_rs.torch.ptq`: post-training quantization, static (calibrated) or dynamic, with
+  the weights stored as packed bytes in the state_dict.
 
 CPU tensors; a CUDA tensor is copied to the host to be packed and brought back when decoded.
 """
 
-from . import optim
+from . import optim, ptq, qml
 from ._autograd import LAYER_GROUPS, Compressor, unwrap_model, wrap_model
 from ._hooks import compressed_activations
 from ._load import LoadResult, load_into
 from ._meter import MemoryMeter, format_table, peak_rss, reset_peak_rss
 from ._store import Stored, codec_keeps_zeros
 from .optim import SGD, Adam, AdamW, state_nbytes
+from .qml import (
+    CodecQuantizer,
+    FloatingPointQuantizer,
+    HsumAccumulator,
+    IntQuantizer,
+    PrefixBundle,
+    QConv2d,
+    QLinear,
+    Quantizer,
+    SumAccumulator,
+    TiledQuantizer,
+    quantize_model,
+)
 
 __all__ = [
     "LAYER_GROUPS",
@@ -26,15 +43,28 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "CodecQuantizer",
     "Compressor",
+    "FloatingPointQuantizer",
+    "HsumAccumulator",
+    "IntQuantizer",
     "MemoryMeter",
+    "PrefixBundle",
+    "QConv2d",
+    "QLinear",
+    "Quantizer",
     "Stored",
+    "SumAccumulator",
+    "TiledQuantizer",
     "codec_keeps_zeros",
     "compressed_activations",
     "format_table",
     "load_into",
     "optim",
     "peak_rss",
+    "ptq",
+    "qml",
+    "quantize_model",
     "reset_peak_rss",
     "state_nbytes",
     "unwrap_model",
