@@ -29,7 +29,6 @@ import argparse
 import glob
 import io
 import os
-import platform
 import sys
 import sysconfig
 import time
@@ -43,22 +42,12 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_digits import DigitsCNN, load_digits_tensors  # noqa: E402
 
+from smaq_rs.bench import cpu_name  # noqa: E402
 from smaq_rs.torch import ptq  # noqa: E402
 from smaq_rs.torch.qml import (  # noqa: E402
     CodecQuantizer, FloatingPointQuantizer, HsumAccumulator, Identity, IntQuantizer, PrefixBundle, Quantizer,
     quantize_model,
 )
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
