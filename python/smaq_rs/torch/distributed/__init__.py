@@ -8,6 +8,7 @@
   smaq_rs codecs by a :class:`smaq_rs.Policy` (lossless by default), checksummed and verified.
 """
 
+from ._dcp import Reader, StoredItem, Writer
 from ._hook import (
     AGGREGATIONS,
     SCHEMES,
@@ -24,6 +25,9 @@ __all__ = [
     "CompressState",
     "ConfigMismatchError",
     "DecodeFaultError",
+    "Reader",
+    "StoredItem",
+    "Writer",
     "compress_hook",
     "shard_bounds",
 ]
