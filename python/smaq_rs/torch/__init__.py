@@ -8,6 +8,8 @@
   between steps.
 - :class:`MemoryMeter`: per-step, per-tag dense vs held bytes and the process's peak RSS.
 - :func:`load_into`: a checkpoint into a module by name, one tensor at a time.
+- :mod:`smaq_rs.torch.distributed` (imported on first use): a DDP communication hook with
+  packed bytes on the wire, and a compressed ``torch.distributed.checkpoint`` Writer/Reader.
 
 CPU tensors; a CUDA tensor is copied to the host to be packed and brought back when decoded.
 """
@@ -20,6 +22,15 @@ from ._meter import MemoryMeter, format_table, peak_rss, reset_peak_rss
 from ._store import Stored, codec_keeps_zeros
 from .optim import SGD, Adam, AdamW, state_nbytes
 
+def __getattr__(name: str):
+    # torch.distributed is imported only when the distributed layer is asked for.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LAYER_GROUPS",
     "LoadResult",
@@ -31,6 +42,7 @@ __all__ = [
     "Stored",
     "codec_keeps_zeros",
     "compressed_activations",
+    "distributed",
     "format_table",
     "load_into",
     "optim",

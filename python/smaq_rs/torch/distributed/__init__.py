@@ -31,3 +31,9 @@ __all__ = [
     "compress_hook",
     "shard_bounds",
 ]
+
+# The public classes keep their public path (repr, pickle, docs).
+for _cls in (CompressState, ConfigMismatchError, DecodeFaultError, Reader, StoredItem, Writer):
+    _cls.__module__ = __name__
+compress_hook.__module__ = shard_bounds.__module__ = __name__
+del _cls

@@ -242,6 +242,13 @@ class CompressState:
     def _world(self) -> Tuple[int, int]:
         return (dist.get_world_size(self.process_group), dist.get_rank(self.process_group))
 
+    def _check_backend(self) -> None:
+        backend = str(dist.get_backend(self.process_group))
+        if backend != "gloo":
+            raise ValueError(
+                "compress_hook exchanges packed bytes as CPU tensors and needs a gloo process "
+                f"group (a model on GPUs can use one: new_group(backend='gloo')); got {backend!r}")
+
     def _check_config(self, world: int) -> None:
         """All ranks' configuration digests compared once; a clear error on every rank when
         they differ."""
@@ -340,6 +347,7 @@ class CompressState:
             self._count("all_reduce", 4 * n, world)
             return x.div_(world).to(device, tensor.dtype)
         if not self._checked:
+            self._check_backend()
             self._check_config(world)
         self._step["compressed"] = True
         if self.error_feedback and key in self.residuals and self.residuals[key].numel() == n:
