@@ -183,3 +183,13 @@ def test_lossy_policy_within_the_int_bound(tmp_path):
 def test_writer_refuses_stream_extensions(tmp_path):
     with pytest.raises(TypeError, match="_extensions"):
         Writer(str(tmp_path), _extensions=[object()])
+
+
+def test_reader_refuses_a_plain_dcp_checkpoint(tmp_path):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    dcp.save(_state(), storage_writer=FileSystemWriter(str(tmp_path / "plain")))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_empty_state(), storage_reader=Reader(str(tmp_path / "plain")))
+    exc, _ = info.value.failures[0]
+    assert isinstance(exc, smaq_rs.FormatError) and "not written by smaq_rs" in str(exc)

@@ -340,3 +340,45 @@ def test_training_with_error_feedback_matches_allreduce(tmp_path):
     assert losses["allreduce"] < 0.2 * losses["initial"]  # it did learn
     assert abs(losses["int8_ef"] - losses["allreduce"]) <= 0.02 * losses["allreduce"], losses
     assert res[1]["int8_ef"] == losses["int8_ef"]  # the replicas hold the same model
+
+
+# -- configuration errors and helpers (no process group needed) -------------------------------
+def test_bad_configuration_is_refused_at_construction():
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        CompressState(scheme="ring")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        CompressState(aggregation="mean")
+    with pytest.raises(ValueError, match="start_iter"):
+        CompressState(start_iter=-1)
+    with pytest.raises(smaq_rs.CodecError):
+        CompressState(codec="no-such-codec")
+    with pytest.raises(smaq_rs.CodecError):
+        CompressState(codec="int", bits=1)
+    with pytest.raises(smaq_rs.CodecError):
+        CompressState(codec="smaq", no_such_param=3)
+
+
+def test_average_refuses_what_a_bucket_cannot_be():
+    st = CompressState()
+    with pytest.raises(ValueError, match="1-D"):
+        st.average(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="floating"):
+        st.average(torch.zeros(12, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("n,world,align", [(5000, 2, 256), (5000, 4, 256), (10, 4, 256),
+                                           (0, 3, 1), (7, 3, 1)])
+def test_shard_bounds_cover_the_bucket_once(n, world, align):
+    bounds = shard_bounds(n, world, align)
+    assert len(bounds) == world and bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a <= b and b == c for (a, b), (c, _) in zip(bounds, bounds[1:]))
+    assert all(a % align == 0 for a, b in bounds if a < n)
+
+
+def test_state_pickles_without_its_process_group():
+    st = CompressState(codec="int", bits=4, start_iter=3)
+    st.residuals[2] = torch.randn(10)
+    st.iter = 5
+    back = pickle.loads(pickle.dumps(st))
+    assert back.iter == 5 and back.config() == st.config() and back.process_group is None
+    assert torch.equal(back.residuals[2], st.residuals[2])
