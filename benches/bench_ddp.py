@@ -63,7 +63,8 @@ def make_model(layers: int, width: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=256, n_positions=CTX, n_embd=width, n_layer=layers,
-                     n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg)
 
@@ -149,6 +150,8 @@ def worker(rank: int, world: int, store: str, args, out: str) -> None:
         if state is not None:
             rec["schemes"] = sorted(set(state.schemes.values()))
         results.append(rec)
+        if rank == 0:
+            print(f"  {name}: done ({len(sent)} steps timed)", flush=True)
         if name == "allreduce" and rank == 0:
             torch.save({"model": model.state_dict(), "optim": opt.state_dict()},
                        os.path.join(out, "state.pt"))
@@ -192,9 +195,18 @@ def dcp_sizes(state_path: str, tmp: str) -> None:
         t0 = time.perf_counter()
         dcp.save(sd, storage_writer=make(path))
         rows.append((label, dir_bytes(path), time.perf_counter() - t0))
+    # the lossless checkpoint reads back bit for bit
+    from smaq_rs.torch.distributed import Reader
+
+    back = torch.load(state_path, weights_only=False)
+    for part in ("model",):
+        for t in back[part].values():
+            t.zero_()
+    dcp.load(back, storage_reader=Reader(os.path.join(tmp, "smaq_rs_Writer_lossless")))
+    exact = all(torch.equal(back["model"][k], v) for k, v in sd["model"].items())
     base = rows[0][1]
-    print(f"\nDCP checkpoint of the trained model + AdamW state (model {dense / 1e6:.2f} MB "
-          "fp32):")
+    print(f"\nDCP checkpoint of the trained model + AdamW state (model state dict "
+          f"{dense / 1e6:.2f} MB); lossless read back bit-exact: {exact}")
     print(f"{'storage':34s} {'bytes':>11s} {'vs plain':>9s} {'save s':>7s}")
     for label, n, t in rows:
         print(f"{label:34s} {n:11d} {base / n:8.2f}x {t:7.2f}")

@@ -42,8 +42,10 @@ def _table():
 
 
 def _state(rank=0):
-    """The plain (replicated) part of the state: a model, integer buffers, Python values."""
-    return {"model": _model().state_dict(), "counts": torch.arange(3000, dtype=torch.int64) * 7,
+    """The plain (replicated) part of the state: a model, integer buffers, Python values, and
+    one tensor under two names (tied weights)."""
+    sd = _model().state_dict()
+    return {"model": sd, "tied": sd["2.weight"], "counts": torch.arange(3000, dtype=torch.int64) * 7,
             "half": torch.randn(2048, generator=torch.Generator().manual_seed(9)).half(),
             "step": 41, "name": "run-a"}
 
@@ -53,7 +55,8 @@ def _empty_state():
                             torch.nn.Linear(96, 10))
     for p in m.parameters():
         p.data.zero_()
-    return {"model": m.state_dict(), "counts": torch.zeros(3000, dtype=torch.int64),
+    return {"model": m.state_dict(), "tied": torch.zeros(10, 96),
+            "counts": torch.zeros(3000, dtype=torch.int64),
             "half": torch.zeros(2048, dtype=torch.float16), "step": 0, "name": ""}
 
 
@@ -61,6 +64,7 @@ def _assert_state_equal(got, want):
     for k, v in want["model"].items():
         assert torch.equal(got["model"][k], v), k
     assert torch.equal(got["counts"], want["counts"])
+    assert torch.equal(got["tied"], want["model"]["2.weight"])
     assert torch.equal(got["half"].view(torch.int16), want["half"].view(torch.int16))
     assert got["step"] == want["step"] and got["name"] == want["name"]
 

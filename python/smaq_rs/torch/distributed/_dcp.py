@@ -106,11 +106,16 @@ class Writer(FileSystemWriter):
         summary = _bridge.save_checkpoint(entries, path, policy=self.policy,
                                           durable=self.sync_files)
         self.summary = summary
-        results = [
-            WriteResult(index=item.index, size_in_bytes=summary["entries"][name][0],
-                        storage_data=StoredItem(file_name, name))
-            for item, name in names
-        ]
+        # Items sharing storage (tied weights) are stored once: each item records the entry
+        # that holds its bytes.
+        with _bridge.open_checkpoint(path) as ck:
+            stored = ck.tensor_names()
+        results = []
+        for item, name in names:
+            entry = stored.get(name, name)
+            results.append(WriteResult(index=item.index,
+                                       size_in_bytes=summary["entries"][entry][0],
+                                       storage_data=StoredItem(file_name, entry)))
         fut: "Future[List[WriteResult]]" = Future()
         fut.set_result(results)
         return fut

@@ -173,6 +173,7 @@ class CompressState:
         self.iter = 0
         self.residuals: Dict[int, torch.Tensor] = {}
         self.schemes: Dict[int, str] = {}
+        self._scheme_sizes: Dict[int, int] = {}
         self.bytes_sent = 0
         self.total_bytes_sent = 0
         self.history: List[Dict[str, Any]] = []
@@ -315,7 +316,10 @@ class CompressState:
         }
 
     def _choose(self, key: int, n: int, world: int) -> str:
-        if key not in self.schemes:
+        # Decided again when a bucket changes size (DDP rebuilds its buckets after the first
+        # iteration, keeping their indices).
+        if key not in self.schemes or self._scheme_sizes.get(key) != n:
+            self._scheme_sizes[key] = n
             if self.scheme != "auto":
                 self.schemes[key] = self.scheme
             else:
