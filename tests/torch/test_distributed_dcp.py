@@ -41,11 +41,12 @@ def _table():
     return torch.randn(ROWS, COLS, generator=g)
 
 
-def _state(rank=0):
+def _state():
     """The plain (replicated) part of the state: a model, integer buffers, Python values, and
     one tensor under two names (tied weights)."""
     sd = _model().state_dict()
-    return {"model": sd, "tied": sd["2.weight"], "counts": torch.arange(3000, dtype=torch.int64) * 7,
+    return {"model": sd, "tied": sd["2.weight"],
+            "counts": torch.arange(3000, dtype=torch.int64) * 7,
             "half": torch.randn(2048, generator=torch.Generator().manual_seed(9)).half(),
             "step": 41, "name": "run-a"}
 
@@ -76,7 +77,7 @@ def _init(rank, world, store):
 
 def _save_worker(rank, world, store, ckpt):
     _init(rank, world, store)
-    sd = _state(rank)
+    sd = _state()
     if init_device_mesh is not None:
         mesh = init_device_mesh("cpu", (world,))
         sd["table"] = distribute_tensor(_table(), mesh, [Shard(0)])
@@ -91,7 +92,7 @@ def _load_worker(rank, world, store, ckpt, out_dir):
         mesh = init_device_mesh("cpu", (world,))
         sd["table"] = distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)])
     dcp.load(sd, storage_reader=Reader(ckpt))
-    _assert_state_equal(sd, _state(rank))
+    _assert_state_equal(sd, _state())
     if init_device_mesh is not None:
         local = sd["table"].to_local()
         rows = ROWS // world

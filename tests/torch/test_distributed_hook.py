@@ -76,6 +76,11 @@ def _hook_worker(rank, world, store, out_dir):
     st.average(g.clone())
     res["auto"] = st.end_step()
 
+    # reduce-scatter quantizing per worker only: the averaged shards travel as fp32
+    st = CompressState(codec="int", bits=8, start_iter=0, error_feedback=False,
+                       scheme="reduce_scatter", aggregation="per_worker")
+    res["rs_per_worker"] = st.average(g.clone())
+
     # error feedback: the residual is what the encoding of g lost; it survives pickling
     st = CompressState(codec="int", bits=4, start_iter=0, scheme="all_gather")
     st.average(g.clone(), key=3)
@@ -185,6 +190,14 @@ def test_int_average_within_the_codec_bound(hook_results, scheme, bits):
     assert (err <= bound * (1 + 1e-5) + 1e-12).all(), (err / bound).max()
     # quantization did happen (a plain float all_reduce would be off by rounding only)
     assert err.max() > 1e-3 * bound.max()
+
+
+def test_per_worker_reduce_scatter_equals_the_all_gather(hook_results):
+    """Shards are aligned to the int codec's blocks, so each rank's shard encodings are its
+    whole-bucket encoding cut in pieces; with exact (fp32) averaged shards both schemes sum the
+    same decoded values in the same order."""
+    world, res = hook_results
+    assert torch.equal(res[0]["rs_per_worker"], res[0]["outputs"]["all_gather/int8"])
 
 
 @pytest.mark.parametrize("codec", ["smaq", "s2fp8"])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
