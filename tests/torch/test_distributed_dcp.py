@@ -24,6 +24,9 @@ try:
 except ImportError:  # pragma: no cover - older torch
     init_device_mesh = None
 
+# Tests without a process group: DCP says it assumes a single process, which is the point.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 ROWS, COLS = 36, 50  # 36 rows: 18 per rank when saved by 2, 9 per rank when loaded by 4
 
 

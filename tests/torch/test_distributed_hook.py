@@ -20,6 +20,7 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
 import torch.multiprocessing as mp  # noqa: E402
 
 import smaq_rs  # noqa: E402
+from smaq_rs import _bridge  # noqa: E402
 from smaq_rs.torch.distributed import (  # noqa: E402
     CompressState, ConfigMismatchError, DecodeFaultError, compress_hook, shard_bounds,
 )
@@ -115,6 +116,23 @@ def _hook_worker(rank, world, store, out_dir):
         finally:
             restore()
         res["fault_" + scheme + "_then"] = st.average(g.clone())
+
+    # an encoding that fails on one rank raises on every rank too
+    res["encode_fault"] = {}
+    for scheme in ("reduce_scatter", "all_gather"):
+        st = CompressState(codec="int", bits=8, start_iter=0, scheme=scheme)
+        real = _bridge.compress
+        if rank == 1:
+            def failing(*a, **k):
+                raise smaq_rs.CodecError("injected encoder failure")
+            _bridge.compress = failing
+        try:
+            st.average(g.clone())
+            res["encode_fault"][scheme] = None
+        except DecodeFaultError as e:
+            res["encode_fault"][scheme] = str(e)
+        finally:
+            _bridge.compress = real
 
     # DDP end to end: gradients of a small model against plain all_reduce of the local ones
     torch.manual_seed(0)
@@ -292,6 +310,15 @@ def test_damaged_bytes_raise_on_every_rank(hook_results, scheme):
         # the group is usable afterwards, and the failed exchange left no residual behind
         assert torch.equal(res[r][f"fault_{scheme}_then"], res[r]["outputs"][f"{scheme}/int8"])
     assert "ChecksumError" in res[1]["fault"][scheme]
+
+
+@pytest.mark.parametrize("scheme", ["reduce_scatter", "all_gather"])
+def test_failed_encoding_raises_on_every_rank(hook_results, scheme):
+    world, res = hook_results
+    for r in range(world):
+        msg = res[r]["encode_fault"][scheme]
+        assert msg is not None and "rank(s) [1] could not encode" in msg, msg
+    assert "injected encoder failure" in res[1]["encode_fault"][scheme]
 
 
 def test_ddp_gradients_within_bucket_bound(hook_results):

@@ -283,13 +283,24 @@ class CompressState:
         self._count("all_gather", width, world)
         return [g[:n] for g, n in zip(got, lengths)]
 
-    def _raise_if_failed(self, status: List[int], what: str, errors: List[str]) -> None:
+    def _raise_if_failed(self, status: List[int], what: str, errors: List[str],
+                         failure: str = "could not decode the packed bytes they received "
+                                        "(checksum or format error)") -> None:
         bad = [r for r, s in enumerate(status) if s != 0]
         if bad:
             mine = f"; on this rank: {errors[0]}" if errors else ""
-            raise DecodeFaultError(
-                f"{what}: rank(s) {bad} could not decode the packed bytes they received "
-                f"(checksum or format error){mine}")
+            raise DecodeFaultError(f"{what}: rank(s) {bad} {failure}{mine}")
+
+    def _try_encode(self, x: torch.Tensor, errors: List[str], global_stage: bool = False
+                    ) -> torch.Tensor:
+        """The packed bytes of ``x``, or an empty tensor with the error noted in ``errors``
+        (announced to the other ranks by the caller instead of raised here, where they would
+        wait for this rank in the next collective)."""
+        try:
+            return self._encode(x, global_stage)
+        except _bridge.SmaqError as e:
+            errors.append(f"encoding: {type(e).__name__}: {e}")
+            return torch.empty(0, dtype=torch.uint8)
 
     def _final_status(self, failed: bool, world: int, errors: List[str], what: str) -> None:
         """Every rank learns whether any rank failed to decode (a status all_gather), so all
@@ -372,12 +383,14 @@ class CompressState:
 
     def _all_gather(self, x: torch.Tensor, world: int) -> Tuple[torch.Tensor, torch.Tensor]:
         _, rank = self._world()
-        mine = self._encode(x)
-        lengths = self._gather_lengths(mine.numel(), world)
+        errors: List[str] = []
+        mine = self._try_encode(x, errors)
+        lengths = self._gather_lengths(-1 if errors else mine.numel(), world)
+        self._raise_if_failed([1 if v < 0 else 0 for v in lengths], "all_gather of packed buckets",
+                              errors, "could not encode their bucket")
         received = self._gather_padded(mine, lengths, world)
         total = torch.zeros_like(x)
         own = x
-        errors: List[str] = []
         for r, buf in enumerate(received):
             try:
                 d = _decode(buf)
@@ -397,21 +410,25 @@ class CompressState:
         _, rank = self._world()
         n = x.numel()
         bounds = shard_bounds(n, world, self.align)
-        parts = [self._encode(x[a:b]) for a, b in bounds]
-        own = torch.cat([_decode(p) for p in parts]) if self.error_feedback else x
-        send = torch.cat(parts)
-        in_splits = [p.numel() for p in parts]
+        errors: List[str] = []
+        parts = [self._try_encode(x[a:b], errors) for a, b in bounds]
+        in_splits = [-1] * world if errors else [p.numel() for p in parts]
         sizes_in = torch.tensor(in_splits, dtype=torch.int64)
         sizes_out = torch.empty(world, dtype=torch.int64)
         dist.all_to_all_single(sizes_out, sizes_in, group=self.process_group)
         self._count("all_to_all", 8 * world, world, payload=False)
         out_splits = [int(s) for s in sizes_out]
+        # every rank receives every rank's lengths: a -1 (an encoding failure) stops them all
+        self._raise_if_failed([1 if v < 0 else 0 for v in out_splits],
+                              "reduce-scatter of packed shards", errors,
+                              "could not encode their shards")
+        own = torch.cat([_decode(p) for p in parts]) if self.error_feedback else x
+        send = torch.cat(parts)
         recv = torch.empty(sum(out_splits), dtype=torch.uint8)
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.process_group)
         self._count("all_to_all", send.numel(), world)
 
         a, b = bounds[rank]
-        errors: List[str] = []
         shard = torch.zeros(b - a)
         offset = 0
         for r, size in enumerate(out_splits):
@@ -428,11 +445,13 @@ class CompressState:
             shard += d
         # A rank that failed sends the length -1 instead of its averaged shard: every rank
         # sees it in the length exchange and raises there.
-        mine = torch.empty(0, dtype=torch.uint8) if errors else \
-            self._encode(shard.div_(world), global_stage=True)
+        if not errors:
+            mine = self._try_encode(shard.div_(world), errors, global_stage=True)
         lengths = self._gather_lengths(-1 if errors else mine.numel(), world)
         self._raise_if_failed([1 if v < 0 else 0 for v in lengths],
-                              "reduce-scatter of packed shards", errors)
+                              "reduce-scatter of packed shards", errors,
+                              "could not decode the shards they received (checksum or format "
+                              "error) or encode their averaged shard")
         received = self._gather_padded(mine, lengths, world)
         out = torch.empty(n)
         for r, buf in enumerate(received):
