@@ -350,8 +350,7 @@ def _train_worker(rank, world, store, out_dir):
     with torch.no_grad():
         losses = {"initial": torch.nn.functional.mse_loss(init(xv), yv).item()}
     for name, state in (("allreduce", None),
-                        ("int8_ef", CompressState(codec="int", bits=8, start_iter=10)),
-                        ("int4_ef", CompressState(codec="int", bits=4, start_iter=10))):
+                        ("int8_ef", CompressState(codec="int", bits=8, start_iter=10))):
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                                     torch.nn.Linear(32, 4))
