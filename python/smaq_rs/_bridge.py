@@ -16,12 +16,15 @@ import numpy as np
 
 from . import _core
 from ._api import PackedTensor, _torch_as_numpy, compress, decompress
-from ._core import CodecError, DtypeError, LayoutError, SmaqError
+from ._core import ChecksumError, CodecError, DtypeError, FormatError, LayoutError, SmaqError
+from .checkpoint import Policy
 from .checkpoint import open as open_checkpoint
+from .checkpoint import save as save_checkpoint
 
 __all__ = [
-    "CodecError", "DtypeError", "LayoutError", "PackedTensor", "SmaqError", "adam_step",
-    "compress", "core_of", "decompress", "open_checkpoint", "pack", "registry",
+    "ChecksumError", "CodecError", "DtypeError", "FormatError", "LayoutError", "PackedTensor",
+    "Policy", "SmaqError", "adam_step", "compress", "core_of", "decompress", "open_checkpoint",
+    "pack", "registry", "save_checkpoint",
     "registry_keeps_zeros",
     "sgd_step", "store_decode", "store_encode", "torch_as_numpy",
 ]

@@ -14,17 +14,20 @@ import smaq_rs.configs  # noqa: E402,F401
 from smaq_rs import _bridge  # noqa: E402
 from smaq_rs.torch import _store  # noqa: E402
 
-TORCH_LAYER = sorted((pathlib.Path(smaq_rs.__file__).parent / "torch").glob("*.py"))
+TORCH_DIR = pathlib.Path(smaq_rs.__file__).parent / "torch"
+TORCH_LAYER = sorted(TORCH_DIR.rglob("*.py"))
 #: Private names of other modules the torch layer used to reach into.
 FORBIDDEN_ATTRS = {"_packed", "_torch_as_numpy", "_core", "_api"}
 
 
-def _package_imports(tree: ast.AST):
-    """(module, names) of every import of the smaq_rs package from a torch-layer module."""
+def _package_imports(tree: ast.AST, root_level: int = 2):
+    """(module, names) of every import of the smaq_rs package from a torch-layer module
+    (``root_level``: the relative-import level that names the package root from that module)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 2 or (node.level == 0 and (node.module or "").startswith("smaq_rs")):
-                mod = (node.module or "") if node.level == 2 else node.module[len("smaq_rs."):]
+            level0 = node.level == 0 and (node.module or "").startswith("smaq_rs")
+            if node.level == root_level or level0:
+                mod = (node.module or "") if node.level else node.module[len("smaq_rs."):]
                 yield mod, [a.name for a in node.names]
         elif isinstance(node, ast.Import):
             for a in node.names:
@@ -32,10 +35,11 @@ def _package_imports(tree: ast.AST):
                     yield a.name[len("smaq_rs."):], []
 
 
-@pytest.mark.parametrize("path", TORCH_LAYER, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TORCH_LAYER, ids=lambda p: str(p.relative_to(TORCH_DIR)))
 def test_torch_layer_imports_only_the_bridge(path):
     tree = ast.parse(path.read_text(), str(path))
-    for mod, names in _package_imports(tree):
+    root_level = len(path.relative_to(TORCH_DIR).parts) + 1
+    for mod, names in _package_imports(tree, root_level):
         assert mod == "_bridge" or (mod == "" and names == ["_bridge"]), (path.name, mod, names)
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):

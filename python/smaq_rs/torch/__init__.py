@@ -12,6 +12,8 @@
   with eight quantized data paths, Sum / Hsum gradient accumulators, :func:`quantize_model`.
 - :mod:`smaq_rs.torch.ptq`: post-training quantization, static (calibrated) or dynamic, with
   the weights stored as packed bytes in the state_dict.
+- :mod:`smaq_rs.torch.distributed` (imported on first use): a DDP communication hook with
+  packed bytes on the wire, and a compressed ``torch.distributed.checkpoint`` Writer/Reader.
 
 CPU tensors; a CUDA tensor is copied to the host to be packed and brought back when decoded.
 """
@@ -37,6 +39,16 @@ from .qml import (
     quantize_model,
 )
 
+
+def __getattr__(name: str):
+    # torch.distributed is imported only when the distributed layer is asked for.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LAYER_GROUPS",
     "LoadResult",
@@ -58,6 +70,7 @@ __all__ = [
     "TiledQuantizer",
     "codec_keeps_zeros",
     "compressed_activations",
+    "distributed",
     "format_table",
     "load_into",
     "optim",
