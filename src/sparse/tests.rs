@@ -1,0 +1,216 @@
+use super::*;
+use crate::rng::SplitMix64;
+
+fn levels() -> Vec<Level> {
+    [Level::Portable, Level::Avx2, Level::Avx512]
+        .into_iter()
+        .filter(|l| l.usable() == *l)
+        .collect()
+}
+
+fn uniform(rng: &mut SplitMix64) -> f32 {
+    (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+}
+
+/// A random `rows x cols` weight with about `density` of its entries non-zero, some rows empty.
+fn weight(rows: usize, cols: usize, density: f64, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..rows * cols)
+        .map(|k| {
+            let keep = (rng.next_u64() % 1000) as f64 / 1000.0 < density;
+            let empty_row = rows > 2 && (k / cols) % 3 == 1 && seed % 2 == 0;
+            if keep && !empty_row {
+                uniform(&mut rng)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| uniform(&mut rng)).collect()
+}
+
+/// The three products in f64 from the dense weight, as plain sums.
+fn reference(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x_t: &[f32],
+    dy_t: &[f32],
+    batch: usize,
+    bias: &[f32],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut y = vec![0f64; rows * batch];
+    let mut dx = vec![0f64; cols * batch];
+    let mut dw = vec![0f64; rows * cols];
+    for o in 0..rows {
+        for t in 0..batch {
+            y[o * batch + t] = bias[o] as f64;
+        }
+        for i in 0..cols {
+            let wv = w[o * cols + i] as f64;
+            for t in 0..batch {
+                y[o * batch + t] += wv * x_t[i * batch + t] as f64;
+                dx[i * batch + t] += wv * dy_t[o * batch + t] as f64;
+                dw[o * cols + i] += dy_t[o * batch + t] as f64 * x_t[i * batch + t] as f64;
+            }
+        }
+    }
+    (y, dx, dw)
+}
+
+fn close(got: &[f32], want: &[f64], terms: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    // Each term is below 1 in magnitude: the float32 error of a sum of n terms is below
+    // n * 2^-24 * (sum of |terms|) <= n^2 2^-24.
+    let tol = (terms.max(1) as f64).powi(2) * 2f64.powi(-23) + 1e-6;
+    for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= tol,
+            "{what}[{k}]: {g} vs {w} (tolerance {tol})"
+        );
+    }
+}
+
+fn run(rows: usize, cols: usize, batch: usize, density: f64, seed: u64) {
+    let w = weight(rows, cols, density, seed);
+    let (csr, vals) = Csr::from_dense(rows, cols, &w).unwrap();
+    assert_eq!(csr.to_dense(&vals).unwrap(), w);
+    let x_t = data(cols * batch, seed + 1);
+    let dy_t = data(rows * batch, seed + 2);
+    let bias = data(rows, seed + 3);
+    let (ry, rdx, rdw) = reference(&w, rows, cols, &x_t, &dy_t, batch, &bias);
+    let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+    for level in levels() {
+        let mut y = vec![f32::NAN; rows * batch];
+        forward(&csr, &vals, &x_t, batch, Some(&bias), &mut y, level).unwrap();
+        let mut dx = vec![f32::NAN; cols * batch];
+        let mut dw = vec![f32::NAN; csr.nnz()];
+        let mut db = vec![f32::NAN; rows];
+        backward(
+            &csr,
+            &vals,
+            &x_t,
+            &dy_t,
+            batch,
+            Some(&mut dx),
+            Some(&mut dw),
+            Some(&mut db),
+            level,
+        )
+        .unwrap();
+        let tag = format!("{rows}x{cols} batch {batch} density {density} {level:?}");
+        close(&y, &ry, cols + 1, &format!("y {tag}"));
+        close(&dx, &rdx, rows, &format!("dx {tag}"));
+        let rdw_nz: Vec<f64> = (0..rows)
+            .flat_map(|o| {
+                let (a, b) = (csr.row_ptr()[o], csr.row_ptr()[o + 1]);
+                let rdw = &rdw;
+                let csr = &csr;
+                (a..b).map(move |k| rdw[o * cols + csr.col_idx().get(k)])
+            })
+            .collect();
+        close(&dw, &rdw_nz, batch, &format!("dw {tag}"));
+        let rdb: Vec<f64> = (0..rows)
+            .map(|o| dy_t[o * batch..(o + 1) * batch].iter().map(|&v| v as f64).sum())
+            .collect();
+        close(&db, &rdb, batch, &format!("db {tag}"));
+        // Every level gives the bits of the portable code.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        match &first {
+            None => first = Some((y, dx, dw, db)),
+            Some((y0, dx0, dw0, db0)) => {
+                assert_eq!(bits(&y), bits(y0), "y bits {tag}");
+                assert_eq!(bits(&dx), bits(dx0), "dx bits {tag}");
+                assert_eq!(bits(&dw), bits(dw0), "dw bits {tag}");
+                assert_eq!(bits(&db), bits(db0), "db bits {tag}");
+            }
+        }
+    }
+}
+
+#[test]
+fn products_match_the_dense_reference_at_every_level() {
+    let mut seed = 10;
+    for &(rows, cols) in &[(1, 1), (7, 5), (33, 70), (64, 48), (3, 200)] {
+        for &batch in &[1usize, 5, 16, 17, 63, 64, 129, 300] {
+            for &density in &[0.0, 0.05, 0.3, 1.0] {
+                run(rows, cols, batch, density, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn no_rows_no_batch_and_wide_indices() {
+    run(0, 9, 4, 0.5, 1);
+    run(9, 0, 4, 0.5, 2);
+    run(5, 6, 0, 0.5, 3);
+    // More than 65536 columns: 4-byte column indices.
+    let (rows, cols, batch) = (2, 70_000, 3);
+    let mut w = vec![0f32; rows * cols];
+    w[69_999] = 2.0;
+    w[cols + 3] = -1.0;
+    w[cols + 66_000] = 0.5;
+    let (csr, vals) = Csr::from_dense(rows, cols, &w).unwrap();
+    assert_eq!(csr.col_idx().width(), 4);
+    let x_t = data(cols * batch, 4);
+    for level in levels() {
+        let mut y = vec![0f32; rows * batch];
+        forward(&csr, &vals, &x_t, batch, None, &mut y, level).unwrap();
+        for t in 0..batch {
+            assert_eq!(y[t], 2.0 * x_t[69_999 * batch + t]);
+            let want = (-1.0f32).mul_add(x_t[3 * batch + t], 0.0);
+            assert_eq!(y[batch + t], 0.5f32.mul_add(x_t[66_000 * batch + t], want));
+        }
+    }
+    let (small, _) = Csr::from_dense(2, 3, &[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]).unwrap();
+    assert_eq!(small.col_idx().width(), 2);
+    assert_eq!(small.index_nbytes(), 6);
+}
+
+#[test]
+fn shape_mismatches_are_layout_errors() {
+    let (csr, vals) = Csr::from_dense(2, 3, &[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]).unwrap();
+    let x_t = vec![1f32; 3 * 4];
+    let mut y = vec![0f32; 2 * 4];
+    let lv = Level::best();
+    let err = |r: Result<()>| match r {
+        Err(Error::Layout(m)) => m,
+        other => panic!("expected a layout error, got {other:?}"),
+    };
+    let m = err(forward(&csr, &vals[..2], &x_t, 4, None, &mut y, lv));
+    assert!(m.contains("values have 2 elements") && m.contains("3 non-zeros"), "{m}");
+    let m = err(forward(&csr, &vals, &x_t[..11], 4, None, &mut y, lv));
+    assert!(m.contains("11 elements") && m.contains("3 x 4 = 12"), "{m}");
+    let m = err(forward(&csr, &vals, &x_t, 4, Some(&[0.0]), &mut y, lv));
+    assert!(m.contains("bias has 1 elements"), "{m}");
+    let m = err(forward(&csr, &vals, &x_t, 4, None, &mut y[..7], lv));
+    assert!(m.contains("output"), "{m}");
+    let dy = vec![1f32; 8];
+    let mut dw = vec![0f32; 4];
+    let m = err(backward(&csr, &vals, &x_t, &dy, 4, None, Some(&mut dw), None, lv));
+    assert!(m.contains("weight gradient has 4 elements"), "{m}");
+    let mut dx = vec![0f32; 5];
+    let m = err(backward(&csr, &vals, &x_t, &dy, 4, Some(&mut dx), None, None, lv));
+    assert!(m.contains("input gradient"), "{m}");
+    let m = err(backward(&csr, &vals, &x_t, &dy[..6], 4, None, None, None, lv));
+    assert!(m.contains("output gradient"), "{m}");
+    // Malformed patterns.
+    let bad = |p: &[i64], c: &[i64]| match Csr::new(2, 3, p, c) {
+        Err(Error::Layout(m)) => m,
+        other => panic!("expected a layout error, got {other:?}"),
+    };
+    assert!(bad(&[0, 1], &[0]).contains("rows + 1 = 3"));
+    assert!(bad(&[1, 1, 1], &[0]).contains("start at 0"));
+    assert!(bad(&[0, 1, 2], &[0, 3]).contains("index 3"));
+    assert!(bad(&[0, 1, 2], &[0, -1]).contains("index -1"));
+    assert!(bad(&[0, 2, 2], &[2, 1]).contains("strictly increasing"));
+    assert!(bad(&[0, 2, 1], &[0, 1]).contains("non-decreasing"));
+    assert!(bad(&[0, 1, 1], &[0, 1]).contains("last row pointer"));
+    assert!(bad(&[0, 1, 9], &[0, 1]).contains("at most 2"));
+}
