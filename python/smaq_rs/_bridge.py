@@ -20,10 +20,13 @@ from ._core import CodecError, DtypeError, LayoutError, SmaqError
 from .checkpoint import open as open_checkpoint
 
 __all__ = [
-    "CodecError", "DtypeError", "LayoutError", "PackedTensor", "SmaqError", "adam_step",
+    "CodecError", "CsrPattern", "DtypeError", "LayoutError", "PackedTensor", "SmaqError",
+    "adam_step",
     "compress", "core_of", "decompress", "open_checkpoint", "pack", "registry",
     "registry_keeps_zeros",
-    "sgd_step", "store_decode", "store_encode", "torch_as_numpy",
+    "sgd_step", "sparse_linear_backward", "sparse_linear_forward", "sparse_padded_ld",
+    "store_decode",
+    "store_encode", "torch_as_numpy",
 ]
 
 
@@ -50,6 +53,13 @@ store_encode = _core.store_encode
 store_decode = _core.store_decode
 adam_step = _core.adam_step
 sgd_step = _core.sgd_step
+
+# -- sparse Linear kernels (src/sparse/) ----------------------------------------------------------
+#: See _core.pyi for the signatures.
+CsrPattern = _core.CsrPattern
+sparse_linear_forward = _core.sparse_linear_forward
+sparse_linear_backward = _core.sparse_linear_backward
+sparse_padded_ld = _core.sparse_padded_ld
 
 
 # -- the codec registry ---------------------------------------------------------------------------

@@ -4,7 +4,10 @@
 //!
 //! Activations are held batch-innermost: `X^T` is `in x B` row-major (one input feature's values
 //! over the batch are contiguous), `Y^T` and `dY^T` are `out x B`. Every inner loop then runs along
-//! the batch with a scalar weight broadcast, so it vectorises without gathers.
+//! the batch with a scalar weight broadcast, so it vectorises without gathers. Rows are `ld >= B`
+//! floats apart: a row stride of a large power of two bytes (B = 2048) maps the rows of a batch
+//! tile onto a few cache sets, which then evict each other; [`padded_ld`] gives a stride that
+//! does not.
 //!
 //! - forward: one task per block of output rows; for each batch tile (kept in L2 across the
 //!   block's rows) and each row, the row's non-zeros are folded into accumulators held in
@@ -286,30 +289,55 @@ impl Csr {
     }
 }
 
-fn check_len(what: &str, len: usize, a: usize, an: &str, b: usize) -> Result<()> {
-    if len != a * b {
+/// A row stride (in floats) for `batch`-wide batch-innermost arrays: `batch` rounded up to 16,
+/// plus 16 when that is a multiple of 256 (1 KiB), so that successive rows start in different
+/// cache sets.
+pub fn padded_ld(batch: usize) -> usize {
+    let ld = batch.div_ceil(16) * 16;
+    if ld % 256 == 0 && ld > 0 {
+        ld + 16
+    } else {
+        ld
+    }
+}
+
+fn check_len(what: &str, len: usize, a: usize, an: &str, ld: usize) -> Result<()> {
+    if len != a * ld {
         return Err(layout(format!(
-            "{what} has {len} elements; expected {an} x batch = {a} x {b} = {}",
-            a * b
+            "{what} has {len} elements; expected {an} x row stride = {a} x {ld} = {}",
+            a * ld
+        )));
+    }
+    Ok(())
+}
+
+fn check_ld(batch: usize, ld: usize) -> Result<()> {
+    if ld < batch {
+        return Err(layout(format!(
+            "row stride {ld} is smaller than the batch {batch}"
         )));
     }
     Ok(())
 }
 
 /// Forward: `y_t[o, t] = bias[o] + sum_k values[k] * x_t[col[k], t]` over row `o`'s non-zeros
-/// (`x_t` is `cols x batch`, `y_t` is `rows x batch`, both row-major).
+/// (`x_t` is `cols x ld`, `y_t` is `rows x ld`, both row-major; columns `batch..ld` are neither
+/// read nor written).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     csr: &Csr,
     values: &[f32],
     x_t: &[f32],
     batch: usize,
+    ld: usize,
     bias: Option<&[f32]>,
     y_t: &mut [f32],
     level: Level,
 ) -> Result<()> {
     csr.check_values(values)?;
-    check_len("input (in_features x batch)", x_t.len(), csr.cols, "in_features", batch)?;
-    check_len("output (out_features x batch)", y_t.len(), csr.rows, "out_features", batch)?;
+    check_ld(batch, ld)?;
+    check_len("input (in_features x batch)", x_t.len(), csr.cols, "in_features", ld)?;
+    check_len("output (out_features x batch)", y_t.len(), csr.rows, "out_features", ld)?;
     if let Some(b) = bias {
         if b.len() != csr.rows {
             return Err(layout(format!(
@@ -320,15 +348,15 @@ pub fn forward(
         }
     }
     match &csr.idx {
-        Indices::U16(i) => spmm(level.usable(), &csr.ptr, i, values, x_t, batch, bias, y_t),
-        Indices::U32(i) => spmm(level.usable(), &csr.ptr, i, values, x_t, batch, bias, y_t),
+        Indices::U16(i) => spmm(level.usable(), &csr.ptr, i, values, x_t, batch, ld, bias, y_t),
+        Indices::U32(i) => spmm(level.usable(), &csr.ptr, i, values, x_t, batch, ld, bias, y_t),
     }
     Ok(())
 }
 
-/// Backward: any of `dx_t = (dY W)^T` (`cols x batch`), `dw` (the gradient at the non-zeros, in
-/// CSR order) and `db` (sum of `dy_t` over the batch), from `x_t` (`cols x batch`) and `dy_t`
-/// (`rows x batch`).
+/// Backward: any of `dx_t = (dY W)^T` (`cols x ld`), `dw` (the gradient at the non-zeros, in
+/// CSR order) and `db` (sum of `dy_t` over the batch), from `x_t` (`cols x ld`) and `dy_t`
+/// (`rows x ld`), all batch-innermost with row stride `ld`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     csr: &Csr,
@@ -336,6 +364,7 @@ pub fn backward(
     x_t: &[f32],
     dy_t: &[f32],
     batch: usize,
+    ld: usize,
     dx_t: Option<&mut [f32]>,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
@@ -343,10 +372,11 @@ pub fn backward(
 ) -> Result<()> {
     let level = level.usable();
     csr.check_values(values)?;
-    check_len("input (in_features x batch)", x_t.len(), csr.cols, "in_features", batch)?;
-    check_len("output gradient (out_features x batch)", dy_t.len(), csr.rows, "out_features", batch)?;
+    check_ld(batch, ld)?;
+    check_len("input (in_features x batch)", x_t.len(), csr.cols, "in_features", ld)?;
+    check_len("output gradient (out_features x batch)", dy_t.len(), csr.rows, "out_features", ld)?;
     if let Some(d) = &dx_t {
-        check_len("input gradient (in_features x batch)", d.len(), csr.cols, "in_features", batch)?;
+        check_len("input gradient (in_features x batch)", d.len(), csr.cols, "in_features", ld)?;
     }
     if let Some(d) = &dw {
         if d.len() != csr.nnz() {
@@ -369,14 +399,14 @@ pub fn backward(
     if let Some(dx) = dx_t {
         let t_vals: Vec<f32> = csr.t_perm.iter().map(|&k| values[k as usize]).collect();
         match &csr.t_idx {
-            Indices::U16(i) => spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, None, dx),
-            Indices::U32(i) => spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, None, dx),
+            Indices::U16(i) => spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, ld, None, dx),
+            Indices::U32(i) => spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, ld, None, dx),
         }
     }
     if dw.is_some() || db.is_some() {
         match &csr.idx {
-            Indices::U16(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, dw, db),
-            Indices::U32(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, dw, db),
+            Indices::U16(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db),
+            Indices::U32(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db),
         }
     }
     Ok(())
@@ -398,6 +428,7 @@ fn spmm<I: Index>(
     vals: &[f32],
     inp: &[f32],
     batch: usize,
+    ld: usize,
     init: Option<&[f32]>,
     out: &mut [f32],
 ) {
@@ -405,19 +436,19 @@ fn spmm<I: Index>(
     if rows == 0 || batch == 0 {
         return;
     }
-    let in_rows = inp.len() / batch;
+    let in_rows = inp.len() / ld;
     let tile = (TILE_BYTES / (4 * in_rows.max(1)) / 16 * 16).clamp(16, SPMM_TILE);
     let per = rows_per_task(rows);
-    crate::pool::for_each_chunk_mut(out, per * batch, |ci, chunk| {
+    crate::pool::for_each_chunk_mut(out, per * ld, |ci, chunk| {
         let r0 = ci * per;
-        let nr = chunk.len() / batch;
+        let nr = chunk.len() / ld;
         for t0 in (0..batch).step_by(tile) {
             let w = tile.min(batch - t0);
             for r in 0..nr {
                 let (a, b) = (ptr[r0 + r], ptr[r0 + r + 1]);
                 let init = init.map_or(0.0, |v| v[r0 + r]);
-                let seg = &mut chunk[r * batch + t0..r * batch + t0 + w];
-                row(level, &idx[a..b], &vals[a..b], inp, batch, t0, init, seg);
+                let seg = &mut chunk[r * ld + t0..r * ld + t0 + w];
+                row(level, &idx[a..b], &vals[a..b], inp, ld, t0, init, seg);
             }
         }
     });
@@ -431,21 +462,21 @@ fn row<I: Index>(
     idx: &[I],
     vals: &[f32],
     inp: &[f32],
-    batch: usize,
+    ld: usize,
     t0: usize,
     init: f32,
     out: &mut [f32],
 ) {
-    debug_assert!(idx.iter().all(|c| (c.at() + 1) * batch <= inp.len()));
-    debug_assert!(t0 + out.len() <= batch);
+    debug_assert!(idx.iter().all(|c| (c.at() + 1) * ld <= inp.len()));
+    debug_assert!(t0 + out.len() <= ld);
     match level {
         // SAFETY: the level is usable on this CPU (Level::usable); every index is a row of
-        // `inp` and `t0 + out.len() <= batch`, so each read lies inside `inp`.
+        // `inp` and `t0 + out.len() <= ld`, so each read lies inside `inp`.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { x86::row512(idx, vals, inp.as_ptr(), batch, t0, init, out) },
+        Level::Avx512 => unsafe { x86::row512(idx, vals, inp.as_ptr(), ld, t0, init, out) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::row256(idx, vals, inp.as_ptr(), batch, t0, init, out) },
-        _ => row_portable(idx, vals, inp, batch, t0, init, out),
+        Level::Avx2 => unsafe { x86::row256(idx, vals, inp.as_ptr(), ld, t0, init, out) },
+        _ => row_portable(idx, vals, inp, ld, t0, init, out),
     }
 }
 
@@ -453,14 +484,14 @@ fn row_portable<I: Index>(
     idx: &[I],
     vals: &[f32],
     inp: &[f32],
-    batch: usize,
+    ld: usize,
     t0: usize,
     init: f32,
     out: &mut [f32],
 ) {
     out.fill(init);
     for (c, &v) in idx.iter().zip(vals) {
-        let x = &inp[c.at() * batch + t0..][..out.len()];
+        let x = &inp[c.at() * ld + t0..][..out.len()];
         for (o, &xv) in out.iter_mut().zip(x) {
             *o = v.mul_add(xv, *o);
         }
@@ -476,6 +507,7 @@ fn grad_w<I: Index>(
     x_t: &[f32],
     dy_t: &[f32],
     batch: usize,
+    ld: usize,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
 ) {
@@ -504,7 +536,7 @@ fn grad_w<I: Index>(
     let run = |(r0, r1, dw, db): (usize, usize, Option<&mut [f32]>, Option<&mut [f32]>)| {
         if let Some(db) = db {
             for (r, d) in (r0..r1).zip(db.iter_mut()) {
-                *d = lane_sum(&dy_t[r * batch..(r + 1) * batch]);
+                *d = lane_sum(&dy_t[r * ld..r * ld + batch]);
             }
         }
         let Some(dw) = dw else { return };
@@ -514,9 +546,9 @@ fn grad_w<I: Index>(
             let w = DOT_TILE.min(batch - t0);
             for r in r0..r1 {
                 let (a, b) = (ptr[r], ptr[r + 1]);
-                let dy = &dy_t[r * batch + t0..r * batch + t0 + w];
+                let dy = &dy_t[r * ld + t0..r * ld + t0 + w];
                 let out = &mut dw[a - k0..b - k0];
-                dots(level, &idx[a..b], dy, x_t, batch, t0, out);
+                dots(level, &idx[a..b], dy, x_t, ld, t0, out);
             }
         }
     };
@@ -534,21 +566,21 @@ fn dots<I: Index>(
     idx: &[I],
     dy: &[f32],
     x_t: &[f32],
-    batch: usize,
+    ld: usize,
     t0: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(dy.len() <= DOT_TILE && t0 + dy.len() <= batch);
-    debug_assert!(idx.iter().all(|c| (c.at() + 1) * batch <= x_t.len()));
+    debug_assert!(dy.len() <= DOT_TILE && t0 + dy.len() <= ld);
+    debug_assert!(idx.iter().all(|c| (c.at() + 1) * ld <= x_t.len()));
     match level {
         // SAFETY: as in `row`.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { x86::dots512(idx, dy, x_t.as_ptr(), batch, t0, out) },
+        Level::Avx512 => unsafe { x86::dots512(idx, dy, x_t.as_ptr(), ld, t0, out) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::dots256(idx, dy, x_t.as_ptr(), batch, t0, out) },
+        Level::Avx2 => unsafe { x86::dots256(idx, dy, x_t.as_ptr(), ld, t0, out) },
         _ => {
             for (c, o) in idx.iter().zip(out.iter_mut()) {
-                let x = &x_t[c.at() * batch + t0..][..dy.len()];
+                let x = &x_t[c.at() * ld + t0..][..dy.len()];
                 let mut s = [0f32; 16];
                 for (j, (&d, &xv)) in dy.iter().zip(x).enumerate() {
                     s[j % 16] = d.mul_add(xv, s[j % 16]);

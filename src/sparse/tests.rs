@@ -75,7 +75,41 @@ fn close(got: &[f32], want: &[f64], terms: usize, what: &str) {
     }
 }
 
+/// A value that marks the padding columns `batch..ld`: never read (it would turn a result into
+/// NaN) and never written (it must still be there).
+const CANARY: u32 = 0x7fc0_1234;
+
+/// `m` (rows x batch) with rows `ld` apart and the gap filled with the canary.
+fn padded(m: &[f32], rows: usize, batch: usize, ld: usize) -> Vec<f32> {
+    let mut out = vec![f32::from_bits(CANARY); rows * ld];
+    for r in 0..rows {
+        out[r * ld..r * ld + batch].copy_from_slice(&m[r * batch..(r + 1) * batch]);
+    }
+    out
+}
+
+/// The `rows x batch` part of a padded result, after checking that the padding is untouched.
+fn unpad(m: &[f32], rows: usize, batch: usize, ld: usize, what: &str) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * batch);
+    for r in 0..rows {
+        out.extend_from_slice(&m[r * ld..r * ld + batch]);
+        assert!(
+            m[r * ld + batch..(r + 1) * ld].iter().all(|v| v.to_bits() == CANARY),
+            "{what}: padding of row {r} was written"
+        );
+    }
+    out
+}
+
 fn run(rows: usize, cols: usize, batch: usize, density: f64, seed: u64) {
+    run_ld(rows, cols, batch, batch, density, seed);
+    let ld = padded_ld(batch);
+    if ld != batch {
+        run_ld(rows, cols, batch, ld, density, seed);
+    }
+}
+
+fn run_ld(rows: usize, cols: usize, batch: usize, ld: usize, density: f64, seed: u64) {
     let w = weight(rows, cols, density, seed);
     let (csr, vals) = Csr::from_dense(rows, cols, &w).unwrap();
     assert_eq!(csr.to_dense(&vals).unwrap(), w);
@@ -83,26 +117,30 @@ fn run(rows: usize, cols: usize, batch: usize, density: f64, seed: u64) {
     let dy_t = data(rows * batch, seed + 2);
     let bias = data(rows, seed + 3);
     let (ry, rdx, rdw) = reference(&w, rows, cols, &x_t, &dy_t, batch, &bias);
+    let (x_p, dy_p) = (padded(&x_t, cols, batch, ld), padded(&dy_t, rows, batch, ld));
     let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = None;
     for level in levels() {
-        let mut y = vec![f32::NAN; rows * batch];
-        forward(&csr, &vals, &x_t, batch, Some(&bias), &mut y, level).unwrap();
-        let mut dx = vec![f32::NAN; cols * batch];
+        let mut y = vec![f32::from_bits(CANARY); rows * ld];
+        forward(&csr, &vals, &x_p, batch, ld, Some(&bias), &mut y, level).unwrap();
+        let mut dx = vec![f32::from_bits(CANARY); cols * ld];
         let mut dw = vec![f32::NAN; csr.nnz()];
         let mut db = vec![f32::NAN; rows];
         backward(
             &csr,
             &vals,
-            &x_t,
-            &dy_t,
+            &x_p,
+            &dy_p,
             batch,
+            ld,
             Some(&mut dx),
             Some(&mut dw),
             Some(&mut db),
             level,
         )
         .unwrap();
-        let tag = format!("{rows}x{cols} batch {batch} density {density} {level:?}");
+        let tag = format!("{rows}x{cols} batch {batch} ld {ld} density {density} {level:?}");
+        let y = unpad(&y, rows, batch, ld, &tag);
+        let dx = unpad(&dx, cols, batch, ld, &tag);
         close(&y, &ry, cols + 1, &format!("y {tag}"));
         close(&dx, &rdx, rows, &format!("dx {tag}"));
         let rdw_nz: Vec<f64> = (0..rows)
@@ -161,7 +199,7 @@ fn no_rows_no_batch_and_wide_indices() {
     let x_t = data(cols * batch, 4);
     for level in levels() {
         let mut y = vec![0f32; rows * batch];
-        forward(&csr, &vals, &x_t, batch, None, &mut y, level).unwrap();
+        forward(&csr, &vals, &x_t, batch, batch, None, &mut y, level).unwrap();
         for t in 0..batch {
             assert_eq!(y[t], 2.0 * x_t[69_999 * batch + t]);
             let want = (-1.0f32).mul_add(x_t[3 * batch + t], 0.0);
@@ -183,22 +221,25 @@ fn shape_mismatches_are_layout_errors() {
         Err(Error::Layout(m)) => m,
         other => panic!("expected a layout error, got {other:?}"),
     };
-    let m = err(forward(&csr, &vals[..2], &x_t, 4, None, &mut y, lv));
+    let m = err(forward(&csr, &vals, &x_t, 5, 4, None, &mut y, lv));
+    assert!(m.contains("row stride 4 is smaller than the batch 5"), "{m}");
+    let m = err(forward(&csr, &vals[..2], &x_t, 4, 4, None, &mut y, lv));
     assert!(m.contains("values have 2 elements") && m.contains("3 non-zeros"), "{m}");
-    let m = err(forward(&csr, &vals, &x_t[..11], 4, None, &mut y, lv));
+    let m = err(forward(&csr, &vals, &x_t[..11], 4, 4, None, &mut y, lv));
     assert!(m.contains("11 elements") && m.contains("3 x 4 = 12"), "{m}");
-    let m = err(forward(&csr, &vals, &x_t, 4, Some(&[0.0]), &mut y, lv));
+    assert_eq!((padded_ld(2048), padded_ld(100), padded_ld(0)), (2064, 112, 0));
+    let m = err(forward(&csr, &vals, &x_t, 4, 4, Some(&[0.0]), &mut y, lv));
     assert!(m.contains("bias has 1 elements"), "{m}");
-    let m = err(forward(&csr, &vals, &x_t, 4, None, &mut y[..7], lv));
+    let m = err(forward(&csr, &vals, &x_t, 4, 4, None, &mut y[..7], lv));
     assert!(m.contains("output"), "{m}");
     let dy = vec![1f32; 8];
     let mut dw = vec![0f32; 4];
-    let m = err(backward(&csr, &vals, &x_t, &dy, 4, None, Some(&mut dw), None, lv));
+    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, None, Some(&mut dw), None, lv));
     assert!(m.contains("weight gradient has 4 elements"), "{m}");
     let mut dx = vec![0f32; 5];
-    let m = err(backward(&csr, &vals, &x_t, &dy, 4, Some(&mut dx), None, None, lv));
+    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, Some(&mut dx), None, None, lv));
     assert!(m.contains("input gradient"), "{m}");
-    let m = err(backward(&csr, &vals, &x_t, &dy[..6], 4, None, None, None, lv));
+    let m = err(backward(&csr, &vals, &x_t, &dy[..6], 4, 4, None, None, None, lv));
     assert!(m.contains("output gradient"), "{m}");
     // Malformed patterns.
     let bad = |p: &[i64], c: &[i64]| match Csr::new(2, 3, p, c) {

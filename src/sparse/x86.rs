@@ -2,13 +2,13 @@
 //! (one fused multiply-add per term, lanes of 16 summed by `tree16`), so the same bits.
 //!
 //! # Safety (every function)
-//! The CPU has the enabled features; every index in `idx` is a row of the `batch`-wide matrix at
-//! `inp` / `x`, and `t0 + out.len()` (or `t0 + dy.len()`) is at most `batch`.
+//! The CPU has the enabled features; every index in `idx` is a row of the matrix at
+//! `inp` / `x`, and `t0 + out.len()` (or `t0 + dy.len()`) is at most `ld`.
 
 use super::Index;
 use std::arch::x86_64::*;
 
-/// `G` vectors of 16 outputs starting at batch column `col`; the last vector is masked by
+/// `G` vectors of 16 outputs starting at ld column `col`; the last vector is masked by
 /// `last` when `TAIL`.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -17,7 +17,7 @@ unsafe fn block512<I: Index, const G: usize, const TAIL: bool>(
     idx: &[I],
     vals: &[f32],
     inp: *const f32,
-    batch: usize,
+    ld: usize,
     col: usize,
     init: f32,
     out: *mut f32,
@@ -25,7 +25,7 @@ unsafe fn block512<I: Index, const G: usize, const TAIL: bool>(
 ) {
     let mut acc = [_mm512_set1_ps(init); G];
     for (c, &v) in idx.iter().zip(vals) {
-        let p = inp.add(c.at() * batch + col);
+        let p = inp.add(c.at() * ld + col);
         let w = _mm512_set1_ps(v);
         for (g, a) in acc.iter_mut().enumerate() {
             let x = if TAIL && g + 1 == G {
@@ -45,13 +45,13 @@ unsafe fn block512<I: Index, const G: usize, const TAIL: bool>(
     }
 }
 
-/// One output row over batch columns `t0..t0 + out.len()` (see `row_portable`).
+/// One output row over ld columns `t0..t0 + out.len()` (see `row_portable`).
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn row512<I: Index>(
     idx: &[I],
     vals: &[f32],
     inp: *const f32,
-    batch: usize,
+    ld: usize,
     t0: usize,
     init: f32,
     out: &mut [f32],
@@ -60,7 +60,7 @@ pub(super) unsafe fn row512<I: Index>(
     let o = out.as_mut_ptr();
     let mut j = 0;
     while j + 128 <= n {
-        block512::<I, 8, false>(idx, vals, inp, batch, t0 + j, init, o.add(j), 0);
+        block512::<I, 8, false>(idx, vals, inp, ld, t0 + j, init, o.add(j), 0);
         j += 128;
     }
     let rem = n - j;
@@ -72,14 +72,14 @@ pub(super) unsafe fn row512<I: Index>(
     let last: __mmask16 = if last_n == 16 { 0xFFFF } else { (1u16 << last_n) - 1 };
     let (c, o) = (t0 + j, o.add(j));
     match g {
-        1 => block512::<I, 1, true>(idx, vals, inp, batch, c, init, o, last),
-        2 => block512::<I, 2, true>(idx, vals, inp, batch, c, init, o, last),
-        3 => block512::<I, 3, true>(idx, vals, inp, batch, c, init, o, last),
-        4 => block512::<I, 4, true>(idx, vals, inp, batch, c, init, o, last),
-        5 => block512::<I, 5, true>(idx, vals, inp, batch, c, init, o, last),
-        6 => block512::<I, 6, true>(idx, vals, inp, batch, c, init, o, last),
-        7 => block512::<I, 7, true>(idx, vals, inp, batch, c, init, o, last),
-        _ => block512::<I, 8, true>(idx, vals, inp, batch, c, init, o, last),
+        1 => block512::<I, 1, true>(idx, vals, inp, ld, c, init, o, last),
+        2 => block512::<I, 2, true>(idx, vals, inp, ld, c, init, o, last),
+        3 => block512::<I, 3, true>(idx, vals, inp, ld, c, init, o, last),
+        4 => block512::<I, 4, true>(idx, vals, inp, ld, c, init, o, last),
+        5 => block512::<I, 5, true>(idx, vals, inp, ld, c, init, o, last),
+        6 => block512::<I, 6, true>(idx, vals, inp, ld, c, init, o, last),
+        7 => block512::<I, 7, true>(idx, vals, inp, ld, c, init, o, last),
+        _ => block512::<I, 8, true>(idx, vals, inp, ld, c, init, o, last),
     }
 }
 
@@ -100,7 +100,7 @@ unsafe fn block256<I: Index, const G: usize, const TAIL: bool>(
     idx: &[I],
     vals: &[f32],
     inp: *const f32,
-    batch: usize,
+    ld: usize,
     col: usize,
     init: f32,
     out: *mut f32,
@@ -108,7 +108,7 @@ unsafe fn block256<I: Index, const G: usize, const TAIL: bool>(
 ) {
     let mut acc = [_mm256_set1_ps(init); G];
     for (c, &v) in idx.iter().zip(vals) {
-        let p = inp.add(c.at() * batch + col);
+        let p = inp.add(c.at() * ld + col);
         let w = _mm256_set1_ps(v);
         for (g, a) in acc.iter_mut().enumerate() {
             let x = if TAIL && g + 1 == G {
@@ -134,7 +134,7 @@ pub(super) unsafe fn row256<I: Index>(
     idx: &[I],
     vals: &[f32],
     inp: *const f32,
-    batch: usize,
+    ld: usize,
     t0: usize,
     init: f32,
     out: &mut [f32],
@@ -144,7 +144,7 @@ pub(super) unsafe fn row256<I: Index>(
     let mut j = 0;
     while j + 64 <= n {
         let m = mask8(8);
-        block256::<I, 8, false>(idx, vals, inp, batch, t0 + j, init, o.add(j), m);
+        block256::<I, 8, false>(idx, vals, inp, ld, t0 + j, init, o.add(j), m);
         j += 64;
     }
     let rem = n - j;
@@ -155,14 +155,14 @@ pub(super) unsafe fn row256<I: Index>(
     let last = mask8(rem - 8 * (g - 1));
     let (c, o) = (t0 + j, o.add(j));
     match g {
-        1 => block256::<I, 1, true>(idx, vals, inp, batch, c, init, o, last),
-        2 => block256::<I, 2, true>(idx, vals, inp, batch, c, init, o, last),
-        3 => block256::<I, 3, true>(idx, vals, inp, batch, c, init, o, last),
-        4 => block256::<I, 4, true>(idx, vals, inp, batch, c, init, o, last),
-        5 => block256::<I, 5, true>(idx, vals, inp, batch, c, init, o, last),
-        6 => block256::<I, 6, true>(idx, vals, inp, batch, c, init, o, last),
-        7 => block256::<I, 7, true>(idx, vals, inp, batch, c, init, o, last),
-        _ => block256::<I, 8, true>(idx, vals, inp, batch, c, init, o, last),
+        1 => block256::<I, 1, true>(idx, vals, inp, ld, c, init, o, last),
+        2 => block256::<I, 2, true>(idx, vals, inp, ld, c, init, o, last),
+        3 => block256::<I, 3, true>(idx, vals, inp, ld, c, init, o, last),
+        4 => block256::<I, 4, true>(idx, vals, inp, ld, c, init, o, last),
+        5 => block256::<I, 5, true>(idx, vals, inp, ld, c, init, o, last),
+        6 => block256::<I, 6, true>(idx, vals, inp, ld, c, init, o, last),
+        7 => block256::<I, 7, true>(idx, vals, inp, ld, c, init, o, last),
+        _ => block256::<I, 8, true>(idx, vals, inp, ld, c, init, o, last),
     }
 }
 
@@ -183,7 +183,7 @@ unsafe fn dots512_g<I: Index, const G: usize>(
     idx: &[I],
     dy: &[f32],
     x: *const f32,
-    batch: usize,
+    ld: usize,
     t0: usize,
     last: __mmask16,
     out: &mut [f32],
@@ -194,7 +194,7 @@ unsafe fn dots512_g<I: Index, const G: usize>(
         *v = _mm512_maskz_loadu_ps(m, dy.as_ptr().add(16 * g));
     }
     for (c, o) in idx.iter().zip(out.iter_mut()) {
-        let p = x.add(c.at() * batch + t0);
+        let p = x.add(c.at() * ld + t0);
         let mut s = _mm512_setzero_ps();
         for (g, v) in d.iter().enumerate() {
             let xv = if g + 1 == G {
@@ -216,7 +216,7 @@ pub(super) unsafe fn dots512<I: Index>(
     idx: &[I],
     dy: &[f32],
     x: *const f32,
-    batch: usize,
+    ld: usize,
     t0: usize,
     out: &mut [f32],
 ) {
@@ -228,14 +228,14 @@ pub(super) unsafe fn dots512<I: Index>(
     let last_n = n - 16 * (g - 1);
     let last: __mmask16 = if last_n == 16 { 0xFFFF } else { (1u16 << last_n) - 1 };
     match g {
-        1 => dots512_g::<I, 1>(idx, dy, x, batch, t0, last, out),
-        2 => dots512_g::<I, 2>(idx, dy, x, batch, t0, last, out),
-        3 => dots512_g::<I, 3>(idx, dy, x, batch, t0, last, out),
-        4 => dots512_g::<I, 4>(idx, dy, x, batch, t0, last, out),
-        5 => dots512_g::<I, 5>(idx, dy, x, batch, t0, last, out),
-        6 => dots512_g::<I, 6>(idx, dy, x, batch, t0, last, out),
-        7 => dots512_g::<I, 7>(idx, dy, x, batch, t0, last, out),
-        _ => dots512_g::<I, 8>(idx, dy, x, batch, t0, last, out),
+        1 => dots512_g::<I, 1>(idx, dy, x, ld, t0, last, out),
+        2 => dots512_g::<I, 2>(idx, dy, x, ld, t0, last, out),
+        3 => dots512_g::<I, 3>(idx, dy, x, ld, t0, last, out),
+        4 => dots512_g::<I, 4>(idx, dy, x, ld, t0, last, out),
+        5 => dots512_g::<I, 5>(idx, dy, x, ld, t0, last, out),
+        6 => dots512_g::<I, 6>(idx, dy, x, ld, t0, last, out),
+        7 => dots512_g::<I, 7>(idx, dy, x, ld, t0, last, out),
+        _ => dots512_g::<I, 8>(idx, dy, x, ld, t0, last, out),
     }
 }
 
@@ -245,7 +245,7 @@ pub(super) unsafe fn dots256<I: Index>(
     idx: &[I],
     dy: &[f32],
     x: *const f32,
-    batch: usize,
+    ld: usize,
     t0: usize,
     out: &mut [f32],
 ) {
@@ -255,7 +255,7 @@ pub(super) unsafe fn dots256<I: Index>(
     let (m_lo, m_hi) = (mask8(r.min(8)), mask8(r.saturating_sub(8)));
     let dp = dy.as_ptr();
     for (c, o) in idx.iter().zip(out.iter_mut()) {
-        let p = x.add(c.at() * batch + t0);
+        let p = x.add(c.at() * ld + t0);
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for g in 0..full {
             let (a, b) = (dp.add(16 * g), p.add(16 * g));

@@ -1,0 +1,354 @@
+"""Sparse Linear layers on the CPU: the weight in CSR, forward and backward in the Rust core.
+
+:class:`SparseLinear` keeps only the non-zeros of a pruned ``nn.Linear`` (float32 values, column
+indices of 2 bytes when ``in_features <= 65536``) and trains them: the input gradient, the
+gradient of the non-zero values (the pruned weights stay zero and cost nothing) and the bias
+gradient come from the core's kernels, which run with the batch innermost so that every inner
+loop is a vector over the batch.
+
+:func:`swap_modules_with_sparse` replaces the ``nn.Linear`` layers of a model that are sparse
+enough *and* measured faster as :class:`SparseLinear` on the model's real input shapes, and says
+what it did and why.
+
+Example::
+
+    layer = SparseLinear.from_dense(pruned_linear)       # refuses a layer that is not sparse
+    y = layer(x); y.sum().backward()                     # layer.values.grad: one per non-zero
+    report = swap_modules_with_sparse(model, (64, 784))  # times both, swaps the faster
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import _bridge
+from .._bridge import DtypeError, LayoutError, SmaqError
+
+__all__ = [
+    "SparseLinear", "SparsityError", "SwapEntry", "SwapReport", "sparsity_of",
+    "swap_modules_with_sparse",
+]
+
+
+class SparsityError(SmaqError):
+    """A weight handed to the sparse kernels is not sparse enough (the message gives the
+    measured sparsity and the minimum)."""
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of the entries of ``weight`` that are exactly zero."""
+    n = weight.numel()
+    return 0.0 if n == 0 else float((weight == 0).sum().item()) / n
+
+
+def _view(t: torch.Tensor, what: str) -> Any:
+    return _bridge.torch_as_numpy(t, what)[0]
+
+
+def _check_input(x: torch.Tensor, in_features: int) -> None:
+    if x.device.type != "cpu":
+        raise LayoutError(f"SparseLinear input is on {x.device}; the sparse kernels run on the CPU")
+    if x.dtype != torch.float32:
+        raise DtypeError(f"SparseLinear input must be float32, found {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise LayoutError(
+            f"SparseLinear input must have in_features = {in_features} as its last dimension, "
+            f"found shape {tuple(x.shape)}"
+        )
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """Y = X W^T + b with W given by its pattern and non-zero values; gradients for X, the
+    values and b from the core."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        pattern: Any,
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, pattern.cols)
+        n = x2.shape[0]
+        # Batch innermost (in x n), rows a padded stride apart (see sparse_padded_ld).
+        ld = _bridge.sparse_padded_ld(n)
+        x_t = torch.empty(pattern.cols, ld, dtype=torch.float32)
+        x_t[:, :n].copy_(x2.t())
+        y_t = torch.empty(pattern.rows, ld, dtype=torch.float32)
+        vals = values.detach().contiguous()
+        b = None if bias is None else _view(bias.detach().contiguous(), "bias")
+        _bridge.sparse_linear_forward(
+            pattern, _view(vals, "values"), _view(x_t, "input"), b, _view(y_t, "output"),
+            batch=n,
+        )
+        ctx.save_for_backward(x_t, vals)
+        ctx.pattern = pattern
+        ctx.x_shape = x.shape
+        ctx.n = n
+        ctx.has_bias = bias is not None
+        return y_t[:, :n].t().reshape(*lead, pattern.rows)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        x_t, vals = ctx.saved_tensors
+        pattern, n = ctx.pattern, ctx.n
+        ld = x_t.shape[1]
+        dy_t = torch.empty(pattern.rows, ld, dtype=torch.float32)
+        dy_t[:, :n].copy_(gy.reshape(n, pattern.rows).t())
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        dx_t = torch.empty(pattern.cols, ld) if want_x else None
+        dw = torch.empty(pattern.nnz) if want_w else None
+        db = torch.empty(pattern.rows) if (want_b and ctx.has_bias) else None
+        _bridge.sparse_linear_backward(
+            pattern, _view(vals, "values"), _view(x_t, "input"), _view(dy_t, "output gradient"),
+            None if dx_t is None else _view(dx_t, "input gradient"),
+            None if dw is None else _view(dw, "weight gradient"),
+            None if db is None else _view(db, "bias gradient"),
+            batch=n,
+        )
+        dx = None if dx_t is None else dx_t[:, :n].t().reshape(ctx.x_shape)
+        return dx, dw, db, None
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer whose weight is stored and trained as its non-zeros only (CSR).
+
+    ``values`` (a Parameter, one float32 per non-zero in row-major order) is what an optimizer
+    updates; the pattern (``row_ptr``, ``col_idx`` buffers) is fixed, so pruned weights stay
+    zero. ``weight`` gives the dense matrix (a fresh tensor) for inspection.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        row_ptr: torch.Tensor,
+        col_idx: torch.Tensor,
+        values: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        row_ptr = row_ptr.detach().to(torch.int64).contiguous()
+        col_idx = col_idx.detach().to(torch.int64).contiguous()
+        self.pattern = _bridge.CsrPattern(
+            self.out_features, self.in_features, row_ptr.numpy(), col_idx.numpy()
+        )
+        if values.shape != (self.pattern.nnz,):
+            raise LayoutError(
+                f"values must have shape ({self.pattern.nnz},), one per non-zero; "
+                f"found {tuple(values.shape)}"
+            )
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.values = nn.Parameter(values.detach().to(torch.float32).clone())
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise LayoutError(
+                    f"bias must have shape ({self.out_features},), found {tuple(bias.shape)}"
+                )
+            self.bias: Optional[nn.Parameter] = nn.Parameter(bias.detach().float().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, quantize: Optional[str] = None, min_sparsity: float = 0.5
+    ) -> "SparseLinear":
+        """The SparseLinear holding the non-zeros of ``linear.weight`` (and its bias).
+
+        Raises :class:`SparsityError` (with the measured sparsity) when fewer than
+        ``min_sparsity`` of the weights are zero: the sparse kernels are slower than dense ones
+        on such a layer. ``quantize`` (int8 inputs and gradients) is not available yet: any
+        value other than None raises ``SmaqError``.
+        """
+        if quantize is not None:
+            raise SmaqError(
+                f"quantize={quantize!r}: quantized sparse kernels are not available; "
+                "pass quantize=None"
+            )
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            raise DtypeError(
+                f"SparseLinear needs a float32 CPU weight, found {w.dtype} on {w.device}"
+            )
+        s = sparsity_of(w)
+        if s < min_sparsity:
+            raise SparsityError(
+                f"weight of shape {tuple(w.shape)} is {s:.1%} sparse; the sparse kernels need "
+                f"at least {min_sparsity:.1%} zeros (prune it first)"
+            )
+        with warnings.catch_warnings():  # torch calls its CSR tensors beta
+            warnings.simplefilter("ignore", UserWarning)
+            csr = w.to_sparse_csr()
+        return cls(
+            linear.in_features, linear.out_features, csr.crow_indices(), csr.col_indices(),
+            csr.values(), None if linear.bias is None else linear.bias,
+        )
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored weights."""
+        return int(self.pattern.nnz)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the dense weight's entries that are not stored."""
+        total = self.in_features * self.out_features
+        return 0.0 if total == 0 else 1.0 - self.nnz / total
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out x in) weight, zeros where nothing is stored (a new tensor)."""
+        w = torch.zeros(self.out_features, self.in_features)
+        rows = torch.repeat_interleave(
+            torch.arange(self.out_features), self.row_ptr[1:] - self.row_ptr[:-1]
+        )
+        w[rows, self.col_idx] = self.values.detach()
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T + bias`` computed from the non-zeros."""
+        _check_input(x, self.in_features)
+        return _SparseLinearFunction.apply(x, self.values, self.bias, self.pattern)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.nnz}, sparsity={self.sparsity:.3f}, bias={self.bias is not None}"
+        )
+
+
+@dataclasses.dataclass
+class SwapEntry:
+    """What :func:`swap_modules_with_sparse` did with one ``nn.Linear``."""
+
+    name: str
+    input_shape: Optional[Tuple[int, ...]]
+    sparsity: float
+    dense_ms: Optional[float]
+    sparse_ms: Optional[float]
+    swapped: bool
+    reason: str
+
+
+@dataclasses.dataclass
+class SwapReport:
+    """Every ``nn.Linear`` the swap looked at, in module order."""
+
+    entries: List[SwapEntry]
+
+    @property
+    def swapped(self) -> List[str]:
+        """Names of the layers replaced by :class:`SparseLinear`."""
+        return [e.name for e in self.entries if e.swapped]
+
+    def __str__(self) -> str:
+        def ms(v: Optional[float]) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        lines = [f"{'layer':<24} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9}  action"]
+        for e in self.entries:
+            act = "swapped" if e.swapped else "kept"
+            lines.append(
+                f"{e.name:<24} {e.sparsity:>8.3f} {ms(e.dense_ms):>9} {ms(e.sparse_ms):>9}  "
+                f"{act}: {e.reason}"
+            )
+        return "\n".join(lines)
+
+
+def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median milliseconds of forward + backward (gradients returned, not accumulated)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    xs = x.detach().requires_grad_(True)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        y = module(xs)
+        torch.autograd.grad(y, [xs] + params, torch.ones_like(y))
+        if i > 0:  # the first call warms caches and allocations
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _input_shapes(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, Tuple[int, ...]]:
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            def hook(mod: nn.Module, args: Tuple[Any, ...], name: str = name) -> None:
+                shapes.setdefault(name, tuple(args[0].shape))
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.randn(*input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def swap_modules_with_sparse(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    min_sparsity: float = 0.8,
+    verbose: bool = True,
+    repeats: int = 3,
+) -> SwapReport:
+    """Replaces, in place, each ``nn.Linear`` of ``model`` that is at least ``min_sparsity``
+    sparse and whose forward + backward is measured faster as a :class:`SparseLinear` on the
+    input it receives when ``model`` runs on a ``torch.randn(*input_shape)`` batch (median of
+    ``repeats`` timed runs of each). Returns the report of every Linear seen (printed when
+    ``verbose``); a layer the model never called is kept and said so.
+    """
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], found {min_sparsity}")
+    shapes = _input_shapes(model, input_shape)
+    entries: List[SwapEntry] = []
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, lin in targets:
+        s = sparsity_of(lin.weight.detach())
+        shape = shapes.get(name)
+
+        def entry(reason: str, dense: Optional[float] = None,
+                  sparse: Optional[float] = None, swapped: bool = False) -> None:
+            entries.append(SwapEntry(name, shape, s, dense, sparse, swapped, reason))
+
+        if s < min_sparsity:
+            entry(f"sparsity {s:.3f} below the minimum {min_sparsity:.3f}")
+            continue
+        if shape is None:
+            entry("not called on the example input")
+            continue
+        if lin.weight.device.type != "cpu" or lin.weight.dtype != torch.float32:
+            entry(f"weight is {lin.weight.dtype} on {lin.weight.device}; needs float32 on CPU")
+            continue
+        sparse = SparseLinear.from_dense(lin, min_sparsity=min_sparsity)
+        x = torch.randn(*shape)
+        dense_ms = _time_fwd_bwd(copy.deepcopy(lin), x, repeats)
+        sparse_ms = _time_fwd_bwd(sparse, x, repeats)
+        if sparse_ms < dense_ms:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            sparse.train(lin.training)
+            setattr(parent, attr, sparse)
+            entry(f"{dense_ms / sparse_ms:.2f}x faster", dense_ms, sparse_ms, True)
+        else:
+            entry(f"sparse not faster ({dense_ms / sparse_ms:.2f}x)", dense_ms, sparse_ms)
+    report = SwapReport(entries)
+    if verbose:
+        print(report)
+    return report
