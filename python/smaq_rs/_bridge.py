@@ -25,7 +25,7 @@ __all__ = [
     "compress", "core_of", "decompress", "open_checkpoint", "pack", "registry",
     "registry_keeps_zeros",
     "sgd_step", "sparse_linear_backward", "sparse_linear_forward", "sparse_padded_ld",
-    "store_decode",
+    "sparse_transpose", "store_decode",
     "store_encode", "torch_as_numpy",
 ]
 
@@ -60,6 +60,7 @@ CsrPattern = _core.CsrPattern
 sparse_linear_forward = _core.sparse_linear_forward
 sparse_linear_backward = _core.sparse_linear_backward
 sparse_padded_ld = _core.sparse_padded_ld
+sparse_transpose = _core.sparse_transpose
 
 
 # -- the codec registry ---------------------------------------------------------------------------

@@ -129,6 +129,10 @@ class CsrPattern:
 
 def sparse_padded_ld(batch: int) -> int:
     """The row stride (floats) the sparse kernels run best with for ``batch`` columns."""
+def sparse_transpose(
+    src: np.ndarray, dst: np.ndarray, rows: Optional[int] = None, cols: Optional[int] = None,
+) -> None:
+    """dst[c, r] = src[r, c] for r < rows, c < cols (2-D float32 arrays, any row lengths)."""
 def sparse_linear_forward(
     pattern: CsrPattern, values: np.ndarray, x_t: np.ndarray, bias: Optional[np.ndarray],
     out: np.ndarray, batch: Optional[int] = None, level: Optional[str] = None,

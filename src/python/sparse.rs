@@ -215,7 +215,41 @@ fn sparse_padded_ld(batch: usize) -> usize {
     sparse::padded_ld(batch)
 }
 
+/// `dst[c, r] = src[r, c]` for `r < rows`, `c < cols`: `src` 2-D (rows x src_ld), `dst` 2-D
+/// (cols x dst_ld), both float32 C-contiguous; `rows` and `cols` default to all of `src`.
+#[pyfunction]
+#[pyo3(signature = (src, dst, rows=None, cols=None))]
+fn sparse_transpose(
+    py: Python<'_>,
+    src: &Bound<'_, PyUntypedArray>,
+    dst: &Bound<'_, PyUntypedArray>,
+    rows: Option<usize>,
+    cols: Option<usize>,
+) -> PyResult<()> {
+    let (ss, ds) = (src.shape().to_vec(), dst.shape().to_vec());
+    if ss.len() != 2 || ds.len() != 2 {
+        return Err(LayoutError::new_err(format!(
+            "transpose takes 2-D arrays, found shapes {ss:?} and {ds:?}"
+        )));
+    }
+    let rows = rows.unwrap_or(ss[0]);
+    let cols = cols.unwrap_or(ss[1]);
+    if rows > ss[0] || cols > ds[0] {
+        return Err(LayoutError::new_err(format!(
+            "transpose of {rows} x {cols} from shape {ss:?} into shape {ds:?}"
+        )));
+    }
+    let s = f32_in(src, "src")?;
+    let mut d = f32_out(dst, "dst")?;
+    let s_all = s.as_slice().map_err(|_| not_contiguous("src"))?;
+    let s_used = &s_all[..rows * ss[1]];
+    let d_all = d.as_slice_mut().map_err(|_| not_contiguous("dst"))?;
+    let d_used = &mut d_all[..cols * ds[1]];
+    detached(py, || sparse::transpose(s_used, rows, cols, ss[1], d_used, ds[1]))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sparse_transpose, m)?)?;
     m.add_class::<PyCsr>()?;
     m.add_function(wrap_pyfunction!(sparse_padded_ld, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_linear_forward, m)?)?;

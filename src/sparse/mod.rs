@@ -412,6 +412,56 @@ pub fn backward(
     Ok(())
 }
 
+/// `dst[c * dst_ld + r] = src[r * src_ld + c]` for `r < rows`, `c < cols`: the change between
+/// the batch-outermost layout of torch (`B x features`) and the kernels' batch-innermost one, in
+/// 16 x 16 tiles, one task per block of destination rows. `src` holds `rows x src_ld` floats and
+/// `dst` `cols x dst_ld`; the other entries of `dst` are not written.
+pub fn transpose(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    src_ld: usize,
+    dst: &mut [f32],
+    dst_ld: usize,
+) -> Result<()> {
+    if src_ld < cols || dst_ld < rows {
+        return Err(layout(format!(
+            "transpose of {rows} x {cols}: row strides {src_ld} (source) and {dst_ld} \
+             (destination) must be at least {cols} and {rows}"
+        )));
+    }
+    if src.len() != rows * src_ld || dst.len() != cols * dst_ld {
+        return Err(layout(format!(
+            "transpose of {rows} x {cols}: source has {} elements, expected {rows} x {src_ld}; \
+             destination has {}, expected {cols} x {dst_ld}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    const T: usize = 16;
+    let per = cols.div_ceil(8 * crate::pool::num_threads()).div_ceil(T).max(1) * T;
+    crate::pool::for_each_chunk_mut(dst, per * dst_ld, |ci, chunk| {
+        let c0 = ci * per;
+        let nc = chunk.len() / dst_ld;
+        for r0 in (0..rows).step_by(T) {
+            let nr = T.min(rows - r0);
+            for cb in (0..nc).step_by(T) {
+                let ncb = T.min(nc - cb);
+                for r in 0..nr {
+                    let row = &src[(r0 + r) * src_ld + c0 + cb..][..ncb];
+                    for (c, &v) in row.iter().enumerate() {
+                        chunk[(cb + c) * dst_ld + r0 + r] = v;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Rows per task: about eight tasks per thread, for balance on a shared machine.
 fn rows_per_task(rows: usize) -> usize {
     rows.div_ceil(8 * crate::pool::num_threads()).max(1)

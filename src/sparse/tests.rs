@@ -255,3 +255,24 @@ fn shape_mismatches_are_layout_errors() {
     assert!(bad(&[0, 1, 1], &[0, 1]).contains("last row pointer"));
     assert!(bad(&[0, 1, 9], &[0, 1]).contains("at most 2"));
 }
+
+#[test]
+fn transpose_moves_every_entry_and_nothing_else() {
+    for &(rows, cols) in &[(0usize, 3usize), (3, 0), (1, 1), (5, 7), (17, 33), (100, 40)] {
+        for &(pad_s, pad_d) in &[(0usize, 0usize), (3, 16)] {
+            let (sld, dld) = (cols + pad_s, rows + pad_d);
+            let src = data(rows * sld, 9);
+            let mut dst = vec![f32::from_bits(CANARY); cols * dld];
+            transpose(&src, rows, cols, sld, &mut dst, dld).unwrap();
+            for c in 0..cols {
+                for r in 0..dld {
+                    let want = if r < rows { src[r * sld + c].to_bits() } else { CANARY };
+                    assert_eq!(dst[c * dld + r].to_bits(), want, "{rows}x{cols} ({r}, {c})");
+                }
+            }
+        }
+    }
+    let mut d = vec![0f32; 6];
+    assert!(matches!(transpose(&[0.0; 6], 2, 3, 3, &mut d, 1), Err(Error::Layout(_))));
+    assert!(matches!(transpose(&[0.0; 5], 2, 3, 3, &mut d, 2), Err(Error::Layout(_))));
+}

@@ -78,12 +78,12 @@ class _SparseLinearFunction(torch.autograd.Function):
         pattern: Any,
     ) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, pattern.cols)
+        x2 = x.detach().reshape(-1, pattern.cols).contiguous()
         n = x2.shape[0]
         # Batch innermost (in x n), rows a padded stride apart (see sparse_padded_ld).
         ld = _bridge.sparse_padded_ld(n)
         x_t = torch.empty(pattern.cols, ld, dtype=torch.float32)
-        x_t[:, :n].copy_(x2.t())
+        _bridge.sparse_transpose(_view(x2, "input"), _view(x_t, "input"))
         y_t = torch.empty(pattern.rows, ld, dtype=torch.float32)
         vals = values.detach().contiguous()
         b = None if bias is None else _view(bias.detach().contiguous(), "bias")
@@ -104,7 +104,8 @@ class _SparseLinearFunction(torch.autograd.Function):
         pattern, n = ctx.pattern, ctx.n
         ld = x_t.shape[1]
         dy_t = torch.empty(pattern.rows, ld, dtype=torch.float32)
-        dy_t[:, :n].copy_(gy.reshape(n, pattern.rows).t())
+        gy2 = gy.reshape(n, pattern.rows).float().contiguous()
+        _bridge.sparse_transpose(_view(gy2, "output gradient"), _view(dy_t, "output gradient"))
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         dx_t = torch.empty(pattern.cols, ld) if want_x else None
         dw = torch.empty(pattern.nnz) if want_w else None
@@ -116,7 +117,12 @@ class _SparseLinearFunction(torch.autograd.Function):
             None if db is None else _view(db, "bias gradient"),
             batch=n,
         )
-        dx = None if dx_t is None else dx_t[:, :n].t().reshape(ctx.x_shape)
+        dx = None
+        if dx_t is not None:
+            dx = torch.empty(n, pattern.cols, dtype=torch.float32)
+            _bridge.sparse_transpose(_view(dx_t, "input gradient"), _view(dx, "input gradient"),
+                                     cols=n)
+            dx = dx.reshape(ctx.x_shape)
         return dx, dw, db, None
 
 
