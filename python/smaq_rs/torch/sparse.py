@@ -65,6 +65,22 @@ def _check_input(x: torch.Tensor, in_features: int) -> None:
         )
 
 
+class _Workspace:
+    """Scratch buffers a layer's backward reuses from call to call (the transposed output
+    gradient and input gradient, tens of MB at large batches): a fresh buffer of that size costs
+    its page faults at every step. Used only inside one backward call, never returned."""
+
+    def __init__(self) -> None:
+        self.buffers: Dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, rows: int, cols: int) -> torch.Tensor:
+        b = self.buffers.get(key)
+        if b is None or b.shape != (rows, cols):
+            b = torch.empty(rows, cols, dtype=torch.float32)
+            self.buffers[key] = b
+        return b
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """Y = X W^T + b with W given by its pattern and non-zero values; gradients for X, the
     values and b from the core."""
@@ -76,6 +92,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         values: torch.Tensor,
         bias: Optional[torch.Tensor],
         pattern: Any,
+        work: _Workspace,
     ) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.detach().reshape(-1, pattern.cols).contiguous()
@@ -93,6 +110,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x_t, vals)
         ctx.pattern = pattern
+        ctx.work = work
         ctx.x_shape = x.shape
         ctx.n = n
         ctx.has_bias = bias is not None
@@ -103,11 +121,11 @@ class _SparseLinearFunction(torch.autograd.Function):
         x_t, vals = ctx.saved_tensors
         pattern, n = ctx.pattern, ctx.n
         ld = x_t.shape[1]
-        dy_t = torch.empty(pattern.rows, ld, dtype=torch.float32)
+        dy_t = ctx.work.get("dy_t", pattern.rows, ld)
         gy2 = gy.reshape(n, pattern.rows).float().contiguous()
         _bridge.sparse_transpose(_view(gy2, "output gradient"), _view(dy_t, "output gradient"))
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        dx_t = torch.empty(pattern.cols, ld) if want_x else None
+        dx_t = ctx.work.get("dx_t", pattern.cols, ld) if want_x else None
         dw = torch.empty(pattern.nnz) if want_w else None
         db = torch.empty(pattern.rows) if (want_b and ctx.has_bias) else None
         _bridge.sparse_linear_backward(
@@ -123,7 +141,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             _bridge.sparse_transpose(_view(dx_t, "input gradient"), _view(dx, "input gradient"),
                                      cols=n)
             dx = dx.reshape(ctx.x_shape)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class SparseLinear(nn.Module):
@@ -156,6 +174,7 @@ class SparseLinear(nn.Module):
                 f"values must have shape ({self.pattern.nnz},), one per non-zero; "
                 f"found {tuple(values.shape)}"
             )
+        self._work = _Workspace()
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col_idx", col_idx)
         self.values = nn.Parameter(values.detach().to(torch.float32).clone())
@@ -229,7 +248,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T + bias`` computed from the non-zeros."""
         _check_input(x, self.in_features)
-        return _SparseLinearFunction.apply(x, self.values, self.bias, self.pattern)
+        return _SparseLinearFunction.apply(x, self.values, self.bias, self.pattern, self._work)
 
     def extra_repr(self) -> str:
         return (
