@@ -141,6 +141,8 @@ def sparse_linear_forward(
 def sparse_linear_backward(
     pattern: CsrPattern, values: np.ndarray, x_t: np.ndarray, dy_t: np.ndarray,
     dx_t: Optional[np.ndarray] = None, dw: Optional[np.ndarray] = None,
-    db: Optional[np.ndarray] = None, batch: Optional[int] = None, level: Optional[str] = None,
+    db: Optional[np.ndarray] = None, batch: Optional[int] = None, accumulate: bool = False,
+    level: Optional[str] = None,
 ) -> None:
-    """dx_t (in x ld) = W^T dy_t, dw (nnz) = the weight gradient at the non-zeros, db (out)."""
+    """dx_t (in x ld) = W^T dy_t, dw (nnz) = the weight gradient at the non-zeros, db (out);
+    with ``accumulate``, dw and db are added to."""

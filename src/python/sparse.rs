@@ -156,9 +156,9 @@ fn batch_of(a: &Bound<'_, PyUntypedArray>, what: &str, rows: usize) -> PyResult<
 
 /// Any of `dx_t` (in x ld), `dw` (nnz, CSR order) and `db` (out) from `x_t` (in x ld) and
 /// `dy_t` (out x ld), of which the first `batch` columns (all by default) are used; outputs given
-/// as None are not computed.
+/// as None are not computed; with `accumulate`, `dw` and `db` are added to.
 #[pyfunction]
-#[pyo3(signature = (pattern, values, x_t, dy_t, dx_t=None, dw=None, db=None, batch=None, level=None))]
+#[pyo3(signature = (pattern, values, x_t, dy_t, dx_t=None, dw=None, db=None, batch=None, accumulate=false, level=None))]
 #[allow(clippy::too_many_arguments)]
 fn sparse_linear_backward(
     py: Python<'_>,
@@ -170,6 +170,7 @@ fn sparse_linear_backward(
     dw: Option<&Bound<'_, PyUntypedArray>>,
     db: Option<&Bound<'_, PyUntypedArray>>,
     batch: Option<usize>,
+    accumulate: bool,
     level: Option<&str>,
 ) -> PyResult<()> {
     let lv = self::level(level)?;
@@ -204,7 +205,7 @@ fn sparse_linear_backward(
     };
     let csr = &pattern.inner;
     detached(py, || {
-        sparse::backward(csr, vs, xs, dys, batch, ld, dxs, dws, dbs, lv)
+        sparse::backward(csr, vs, xs, dys, batch, ld, dxs, dws, dbs, accumulate, lv)
     })
 }
 

@@ -357,7 +357,9 @@ pub fn forward(
 
 /// Backward: any of `dx_t = (dY W)^T` (`cols x ld`), `dw` (the gradient at the non-zeros, in
 /// CSR order) and `db` (sum of `dy_t` over the batch), from `x_t` (`cols x ld`) and `dy_t`
-/// (`rows x ld`), all batch-innermost with row stride `ld`.
+/// (`rows x ld`), all batch-innermost with row stride `ld`. With `accumulate`, `dw` and `db` are
+/// added to rather than overwritten: a batch cut in chunks of a multiple of [`DOT_TILE`] then
+/// gives `dw` bit for bit as one call over the whole batch.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     csr: &Csr,
@@ -369,6 +371,7 @@ pub fn backward(
     dx_t: Option<&mut [f32]>,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
+    accumulate: bool,
     level: Level,
 ) -> Result<()> {
     let level = level.usable();
@@ -406,8 +409,8 @@ pub fn backward(
     }
     if dw.is_some() || db.is_some() {
         match &csr.idx {
-            Indices::U16(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db),
-            Indices::U32(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db),
+            Indices::U16(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db, accumulate),
+            Indices::U32(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db, accumulate),
         }
     }
     Ok(())
@@ -447,14 +450,23 @@ pub fn transpose(
     crate::pool::for_each_chunk_mut(dst, per * dst_ld, |ci, chunk| {
         let c0 = ci * per;
         let nc = chunk.len() / dst_ld;
+        // Through a 16 x 16 tile: each source row segment and each destination row segment is
+        // one full cache line touched once. Writing the destination a float at a time instead
+        // keeps 16 partial lines live, which a row stride of a multiple of 4 KiB (3072 floats)
+        // maps to one L1 set: they evicted each other (a 25 MB transpose took 40 ms).
+        let mut tile = [[0f32; T]; T];
         for r0 in (0..rows).step_by(T) {
             let nr = T.min(rows - r0);
             for cb in (0..nc).step_by(T) {
                 let ncb = T.min(nc - cb);
-                for r in 0..nr {
+                for (r, t) in tile.iter_mut().enumerate().take(nr) {
                     let row = &src[(r0 + r) * src_ld + c0 + cb..][..ncb];
-                    for (c, &v) in row.iter().enumerate() {
-                        chunk[(cb + c) * dst_ld + r0 + r] = v;
+                    t[..ncb].copy_from_slice(row);
+                }
+                for c in 0..ncb {
+                    let out = &mut chunk[(cb + c) * dst_ld + r0..][..nr];
+                    for (r, o) in out.iter_mut().enumerate() {
+                        *o = tile[r][c];
                     }
                 }
             }
@@ -561,6 +573,7 @@ fn grad_w<I: Index>(
     ld: usize,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
+    accumulate: bool,
 ) {
     use rayon::prelude::*;
     let rows = ptr.len() - 1;
@@ -587,11 +600,14 @@ fn grad_w<I: Index>(
     let run = |(r0, r1, dw, db): (usize, usize, Option<&mut [f32]>, Option<&mut [f32]>)| {
         if let Some(db) = db {
             for (r, d) in (r0..r1).zip(db.iter_mut()) {
-                *d = lane_sum(&dy_t[r * ld..r * ld + batch]);
+                let s = lane_sum(&dy_t[r * ld..r * ld + batch]);
+                *d = if accumulate { *d + s } else { s };
             }
         }
         let Some(dw) = dw else { return };
-        dw.fill(0.0);
+        if !accumulate {
+            dw.fill(0.0);
+        }
         let k0 = ptr[r0];
         for t0 in (0..batch).step_by(DOT_TILE) {
             let w = DOT_TILE.min(batch - t0);

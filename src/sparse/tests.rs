@@ -135,9 +135,25 @@ fn run_ld(rows: usize, cols: usize, batch: usize, ld: usize, density: f64, seed:
             Some(&mut dx),
             Some(&mut dw),
             Some(&mut db),
+            false,
             level,
         )
         .unwrap();
+        // The same dw from the batch in chunks of 128 columns, accumulated.
+        if batch > DOT_TILE && ld == batch {
+            let mut dw_acc = vec![f32::NAN; csr.nnz()];
+            for (i, t0) in (0..batch).step_by(DOT_TILE).enumerate() {
+                let w = DOT_TILE.min(batch - t0);
+                let part = |m: &[f32], r: usize| -> Vec<f32> {
+                    (0..r).flat_map(|k| m[k * batch + t0..k * batch + t0 + w].to_vec()).collect()
+                };
+                let (xc, dyc) = (part(&x_p, cols), part(&dy_p, rows));
+                backward(&csr, &vals, &xc, &dyc, w, w, None, Some(&mut dw_acc), None, i > 0, level)
+                    .unwrap();
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dw_acc), bits(&dw), "chunked dw {rows}x{cols} batch {batch}");
+        }
         let tag = format!("{rows}x{cols} batch {batch} ld {ld} density {density} {level:?}");
         let y = unpad(&y, rows, batch, ld, &tag);
         let dx = unpad(&dx, cols, batch, ld, &tag);
@@ -234,12 +250,12 @@ fn shape_mismatches_are_layout_errors() {
     assert!(m.contains("output"), "{m}");
     let dy = vec![1f32; 8];
     let mut dw = vec![0f32; 4];
-    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, None, Some(&mut dw), None, lv));
+    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, None, Some(&mut dw), None, false, lv));
     assert!(m.contains("weight gradient has 4 elements"), "{m}");
     let mut dx = vec![0f32; 5];
-    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, Some(&mut dx), None, None, lv));
+    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, Some(&mut dx), None, None, false, lv));
     assert!(m.contains("input gradient"), "{m}");
-    let m = err(backward(&csr, &vals, &x_t, &dy[..6], 4, 4, None, None, None, lv));
+    let m = err(backward(&csr, &vals, &x_t, &dy[..6], 4, 4, None, None, None, false, lv));
     assert!(m.contains("output gradient"), "{m}");
     // Malformed patterns.
     let bad = |p: &[i64], c: &[i64]| match Csr::new(2, 3, p, c) {

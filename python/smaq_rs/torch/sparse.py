@@ -66,9 +66,10 @@ def _check_input(x: torch.Tensor, in_features: int) -> None:
 
 
 class _Workspace:
-    """Scratch buffers a layer's backward reuses from call to call (the transposed output
-    gradient and input gradient, tens of MB at large batches): a fresh buffer of that size costs
-    its page faults at every step. Used only inside one backward call, never returned."""
+    """Scratch buffers a layer reuses from call to call (the batch-innermost copies of a chunk's
+    input, output and gradients): a fresh buffer costs its page faults at every step. Each is
+    used only inside one forward or backward call and never returned, so a layer must not run
+    in two threads at once."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, torch.Tensor] = {}
@@ -81,9 +82,15 @@ class _Workspace:
         return b
 
 
+#: Samples per kernel call: a batch is cut into chunks of this many (a multiple of the kernels'
+#: 128-wide batch tile, so the weight gradient sums in the same order as in one call), whose
+#: batch-innermost copies stay in L2 and whose layout changes are made in cache.
+CHUNK = 256
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """Y = X W^T + b with W given by its pattern and non-zero values; gradients for X, the
-    values and b from the core."""
+    values and b from the core, chunk by chunk of the batch."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -97,51 +104,64 @@ class _SparseLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.detach().reshape(-1, pattern.cols).contiguous()
         n = x2.shape[0]
-        # Batch innermost (in x n), rows a padded stride apart (see sparse_padded_ld).
-        ld = _bridge.sparse_padded_ld(n)
-        x_t = torch.empty(pattern.cols, ld, dtype=torch.float32)
-        _bridge.sparse_transpose(_view(x2, "input"), _view(x_t, "input"))
-        y_t = torch.empty(pattern.rows, ld, dtype=torch.float32)
+        y = torch.empty(n, pattern.rows, dtype=torch.float32)
         vals = values.detach().contiguous()
         b = None if bias is None else _view(bias.detach().contiguous(), "bias")
-        _bridge.sparse_linear_forward(
-            pattern, _view(vals, "values"), _view(x_t, "input"), b, _view(y_t, "output"),
-            batch=n,
-        )
-        ctx.save_for_backward(x_t, vals)
+        v = _view(vals, "values")
+        ld = _bridge.sparse_padded_ld(min(n, CHUNK))
+        x_t = work.get("x_t", pattern.cols, ld)
+        y_t = work.get("y_t", pattern.rows, ld)
+        for c0 in range(0, n, CHUNK):
+            m = min(CHUNK, n - c0)
+            # Batch innermost (features x m), rows a padded stride apart (sparse_padded_ld).
+            _bridge.sparse_transpose(_view(x2[c0:c0 + m], "input"), _view(x_t, "input"))
+            _bridge.sparse_linear_forward(pattern, v, _view(x_t, "input"), b,
+                                          _view(y_t, "output"), batch=m)
+            _bridge.sparse_transpose(_view(y_t, "output"), _view(y[c0:c0 + m], "output"), cols=m)
+        ctx.save_for_backward(x2, vals)
         ctx.pattern = pattern
         ctx.work = work
         ctx.x_shape = x.shape
-        ctx.n = n
         ctx.has_bias = bias is not None
-        return y_t[:, :n].t().reshape(*lead, pattern.rows)
+        return y.reshape(*lead, pattern.rows)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        x_t, vals = ctx.saved_tensors
-        pattern, n = ctx.pattern, ctx.n
-        ld = x_t.shape[1]
-        dy_t = ctx.work.get("dy_t", pattern.rows, ld)
-        gy2 = gy.reshape(n, pattern.rows).float().contiguous()
-        _bridge.sparse_transpose(_view(gy2, "output gradient"), _view(dy_t, "output gradient"))
+        x2, vals = ctx.saved_tensors
+        pattern, work = ctx.pattern, ctx.work
+        n = x2.shape[0]
+        gy2 = gy.reshape(n, pattern.rows).contiguous()
+        if gy2.dtype != torch.float32:
+            gy2 = gy2.float()
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        dx_t = ctx.work.get("dx_t", pattern.cols, ld) if want_x else None
-        dw = torch.empty(pattern.nnz) if want_w else None
-        db = torch.empty(pattern.rows) if (want_b and ctx.has_bias) else None
-        _bridge.sparse_linear_backward(
-            pattern, _view(vals, "values"), _view(x_t, "input"), _view(dy_t, "output gradient"),
-            None if dx_t is None else _view(dx_t, "input gradient"),
-            None if dw is None else _view(dw, "weight gradient"),
-            None if db is None else _view(db, "bias gradient"),
-            batch=n,
-        )
-        dx = None
-        if dx_t is not None:
-            dx = torch.empty(n, pattern.cols, dtype=torch.float32)
-            _bridge.sparse_transpose(_view(dx_t, "input gradient"), _view(dx, "input gradient"),
-                                     cols=n)
-            dx = dx.reshape(ctx.x_shape)
-        return dx, dw, db, None, None
+        want_b = want_b and ctx.has_bias
+        dx = torch.empty(n, pattern.cols, dtype=torch.float32) if want_x else None
+        # An empty batch runs no chunk: its gradients are zeros.
+        dw = (torch.empty if n else torch.zeros)(pattern.nnz) if want_w else None
+        db = (torch.empty if n else torch.zeros)(pattern.rows) if want_b else None
+        v = _view(vals, "values")
+        ld = _bridge.sparse_padded_ld(min(n, CHUNK))
+        x_t = work.get("x_t", pattern.cols, ld)
+        dy_t = work.get("dy_t", pattern.rows, ld)
+        dx_t = work.get("dx_t", pattern.cols, ld) if want_x else None
+        for c0 in range(0, n, CHUNK):
+            m = min(CHUNK, n - c0)
+            if want_w:
+                _bridge.sparse_transpose(_view(x2[c0:c0 + m], "input"), _view(x_t, "input"))
+            _bridge.sparse_transpose(_view(gy2[c0:c0 + m], "output gradient"),
+                                     _view(dy_t, "output gradient"))
+            _bridge.sparse_linear_backward(
+                pattern, v, _view(x_t, "input"), _view(dy_t, "output gradient"),
+                None if dx_t is None else _view(dx_t, "input gradient"),
+                None if dw is None else _view(dw, "weight gradient"),
+                None if db is None else _view(db, "bias gradient"),
+                batch=m, accumulate=c0 > 0,
+            )
+            if dx is not None:
+                _bridge.sparse_transpose(_view(dx_t, "input gradient"),
+                                         _view(dx[c0:c0 + m], "input gradient"), cols=m)
+        dxr = None if dx is None else dx.reshape(ctx.x_shape)
+        return dxr, dw, db, None, None
 
 
 class SparseLinear(nn.Module):
