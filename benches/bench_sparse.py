@@ -1,13 +1,15 @@
 """Forward + backward of a sparse Linear(768, 3072) against the dense torch layer, 2 threads each.
 
     python benches/bench_sparse.py [--batches 2048 256] [--sparsities 0.8 0.9 0.95 0.98] [--reps 7]
+                                   [--conv-batch 8]
 
 For each batch and sparsity, in one run: torch's nn.Linear holding the pruned weight (dense
 matmuls, zeros included) and smaq_rs.torch.sparse.SparseLinear built from it (CSR, the Rust
 kernels). One timed step is the forward, then the backward with the input gradient, the weight
 gradient (at the non-zeros for the sparse layer, everywhere for the dense one) and the bias
 gradient. Dense and sparse steps alternate; times are medians of ``--reps`` steps after a warm-up
-step; forward and backward are also timed apart. torch.set_num_threads(2) and
+step; forward and backward are also timed apart. Then a ResNet-18 3x3 convolution, nn.Conv2d
+against SparseConv2d, the same way. torch.set_num_threads(2) and
 smaq_rs.set_num_threads(2). The CPU and the load average (the machine may be shared) are
 printed. Nothing asserts: the figures are printed.
 """
@@ -50,12 +52,14 @@ def step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[2048, 256])
+    ap.add_argument("--batches", type=int, nargs="*", default=[2048, 256])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98])
     ap.add_argument("--inp", type=int, default=768)
     ap.add_argument("--out", type=int, default=3072)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--conv-batch", type=int, default=8,
+                    help="batch of the 3x3 convolution part (0: skip it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     smaq_rs.set_num_threads(args.threads)
@@ -87,7 +91,36 @@ def main() -> None:
             st = statistics.median(sum(t) for t in ts) * 1e3
             print(f"{batch:>5} {s:>8.2f} {dt:>9.1f} {st:>9.1f} {dt / st:>7.2f}x   "
                   f"{med(td, 0):>6.1f} /{med(td, 1):>6.1f} {med(ts, 0):>7.1f} /{med(ts, 1):>6.1f}")
+    if args.conv_batch:
+        conv_part(args)
     print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
+
+
+def conv_part(args: argparse.Namespace) -> None:
+    """A ResNet-18 3x3 convolution (64 -> 64 channels, padding 1) on 32 x 32 inputs, the size of
+    ResNet-18 adapted to small images, dense nn.Conv2d against SparseConv2d (unfold + kernels)."""
+    from smaq_rs.torch.sparse import SparseConv2d
+
+    b = args.conv_batch
+    print(f"Conv2d(64, 64, 3, padding=1) on ({b}, 64, 32, 32): forward + backward")
+    print(f"{'batch':>5} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8}")
+    for s in args.sparsities:
+        g = torch.Generator().manual_seed(0)
+        dense = nn.Conv2d(64, 64, 3, padding=1)
+        with torch.no_grad():
+            dense.weight.mul_(torch.rand(dense.weight.shape, generator=g) >= s)
+        sparse = SparseConv2d.from_dense(dense, min_sparsity=0.0)
+        x = torch.randn(b, 64, 32, 32, generator=g).requires_grad_(True)
+        gy = torch.randn(b, 64, 32, 32, generator=g)
+        td, ts = [], []
+        for i in range(args.reps + 1):
+            a = sum(step(dense, x, gy))
+            c = sum(step(sparse, x, gy))
+            if i:
+                td.append(a)
+                ts.append(c)
+        dt, st = statistics.median(td) * 1e3, statistics.median(ts) * 1e3
+        print(f"{b:>5} {s:>8.2f} {dt:>9.1f} {st:>9.1f} {dt / st:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 import smaq_rs  # noqa: E402
 from smaq_rs import _bridge  # noqa: E402
 from smaq_rs.torch.sparse import (  # noqa: E402
+    SparseConv2d,
     SparseLinear,
     SparsityError,
     sparsity_of,
@@ -220,3 +221,56 @@ def test_swap_report_says_what_and_why(capsys):
     for name in by:
         assert name in printed
     torch.testing.assert_close(model(x).detach(), before, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    cin=st.integers(1, 5), cout=st.integers(1, 6), k=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+    n=st.integers(1, 3), hw=st.integers(5, 9), sparsity=st.sampled_from([0.0, 0.6, 0.9, 1.0]),
+    bias=st.booleans(), seed=st.integers(0, 2**31),
+)
+def test_conv_matches_dense_conv2d(cin, cout, k, stride, padding, dilation, n, hw, sparsity,
+                                   bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_((torch.rand(conv.weight.shape, generator=g) * 2 - 1)
+                          * (torch.rand(conv.weight.shape, generator=g) >= sparsity))
+        if bias:
+            conv.bias.copy_(torch.rand(cout, generator=g) * 2 - 1)
+    sp = SparseConv2d.from_dense(conv, min_sparsity=0.0)
+    assert torch.equal(sp.weight, conv.weight.detach())
+    x = torch.rand(n, cin, hw, hw, generator=g) * 2 - 1
+    xs, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ys, yd = sp(xs), conv(xd)
+    assert ys.shape == yd.shape
+    gy = torch.rand(yd.shape, generator=g) * 2 - 1
+    ys.backward(gy)
+    yd.backward(gy)
+    w = conv.weight.detach()
+    kk = cin * k * k
+    geo = dict(stride=stride, padding=padding, dilation=dilation)
+    yref = torch.nn.functional.conv2d(x.abs(), w.abs(), **geo)
+    if bias:
+        yref = yref + conv.bias.detach().abs()[:, None, None]
+    assert_sum_close(ys.detach(), yd.detach(), yref, kk + 1, "conv output")
+    dxref = torch.nn.grad.conv2d_input(x.shape, w.abs(), gy.abs(), **geo)
+    assert_sum_close(xs.grad, xd.grad, dxref, cout * k * k, "conv input gradient")
+    mask = w != 0
+    dwref = torch.nn.grad.conv2d_weight(x.abs(), w.shape, gy.abs(), **geo)[mask]
+    positions = yd.shape[0] * yd.shape[2] * yd.shape[3]
+    assert_sum_close(sp.values.grad, conv.weight.grad[mask], dwref, positions, "conv weight gradient")
+    if bias:
+        assert_sum_close(sp.bias.grad, conv.bias.grad, gy.abs().sum((0, 2, 3)), positions,
+                         "conv bias gradient")
+
+
+def test_conv_refusals():
+    with pytest.raises(SparsityError, match="sparse"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(smaq_rs.SmaqError, match="groups=1"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(4, 4, 3, groups=2), min_sparsity=0)
+    sp = SparseConv2d.from_dense(torch.nn.Conv2d(3, 4, 3), min_sparsity=0)
+    with pytest.raises(smaq_rs.LayoutError, match=r"\(N, 3, H, W\)"):
+        sp(torch.randn(2, 5, 8, 8))

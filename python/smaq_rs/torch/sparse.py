@@ -6,9 +6,10 @@ gradient of the non-zero values (the pruned weights stay zero and cost nothing) 
 gradient come from the core's kernels, which run with the batch innermost so that every inner
 loop is a vector over the batch.
 
-:func:`swap_modules_with_sparse` replaces the ``nn.Linear`` layers of a model that are sparse
-enough *and* measured faster as :class:`SparseLinear` on the model's real input shapes, and says
-what it did and why.
+:class:`SparseConv2d` runs the same kernels over the unfolded input (stride, padding, dilation;
+``groups=1``). :func:`swap_modules_with_sparse` replaces the ``nn.Linear`` / ``nn.Conv2d`` layers
+of a model that are sparse enough *and* measured faster as sparse layers on the model's real
+input shapes, and says what it did and why.
 
 Example::
 
@@ -33,7 +34,7 @@ from .. import _bridge
 from .._bridge import DtypeError, LayoutError, SmaqError
 
 __all__ = [
-    "SparseLinear", "SparsityError", "SwapEntry", "SwapReport", "sparsity_of",
+    "SparseConv2d", "SparseLinear", "SparsityError", "SwapEntry", "SwapReport", "sparsity_of",
     "swap_modules_with_sparse",
 ]
 
@@ -277,9 +278,94 @@ class SparseLinear(nn.Module):
         )
 
 
+def _pair(v: Any) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class SparseConv2d(nn.Module):
+    """A Conv2d whose weight is stored and trained as its non-zeros (CSR over the flattened
+    ``out x (in * kh * kw)`` weight), computed as the sparse Linear kernels over the unfolded
+    input (``F.unfold``: one row per output position, so the kernels' batch runs over samples x
+    positions). Stride, padding and dilation as ``nn.Conv2d``; ``groups=1`` and zero padding
+    only. The gradient of the input goes back through ``F.unfold``'s own backward.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, *, row_ptr: torch.Tensor,
+                 col_idx: torch.Tensor, values: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        kh, kw = self.kernel_size
+        self.linear = SparseLinear(self.in_channels * kh * kw, self.out_channels, row_ptr,
+                                   col_idx, values, bias)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, quantize: Optional[str] = None,
+                   min_sparsity: float = 0.5) -> "SparseConv2d":
+        """The SparseConv2d holding the non-zeros of ``conv.weight`` (and its bias); refusals
+        as :meth:`SparseLinear.from_dense` (SparsityError with the measured sparsity)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise SmaqError(
+                f"SparseConv2d supports groups=1, numeric zero padding; found groups={conv.groups}, "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
+        flat = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None)
+        with torch.no_grad():
+            flat.weight.copy_(conv.weight.detach().reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                flat.bias.copy_(conv.bias.detach())
+        lin = SparseLinear.from_dense(flat, quantize=quantize, min_sparsity=min_sparsity)
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                   conv.padding, conv.dilation, row_ptr=lin.row_ptr, col_idx=lin.col_idx,
+                   values=lin.values.detach(), bias=lin.bias)
+
+    @property
+    def values(self) -> nn.Parameter:
+        """The stored weights (one per non-zero)."""
+        return self.linear.values
+
+    @property
+    def bias(self) -> Optional[nn.Parameter]:
+        return self.linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out, in, kh, kw) weight, zeros where nothing is stored (a new tensor)."""
+        return self.linear.weight.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.conv2d(x, weight, bias, stride, padding, dilation)`` from the non-zeros."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise LayoutError(
+                f"SparseConv2d input must be (N, {self.in_channels}, H, W), found shape "
+                f"{tuple(x.shape)}"
+            )
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding,
+                                          self.stride)  # (n, in * kh * kw, ho * wo)
+        rows = cols.transpose(1, 2).reshape(n * ho * wo, -1)
+        y = self.linear(rows)  # (n * ho * wo, out)
+        return y.reshape(n, ho * wo, self.out_channels).transpose(1, 2).reshape(
+            n, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"nnz={self.linear.nnz}, sparsity={self.linear.sparsity:.3f}")
+
+
 @dataclasses.dataclass
 class SwapEntry:
-    """What :func:`swap_modules_with_sparse` did with one ``nn.Linear``."""
+    """What :func:`swap_modules_with_sparse` did with one ``nn.Linear`` or ``nn.Conv2d``."""
 
     name: str
     input_shape: Optional[Tuple[int, ...]]
@@ -292,13 +378,13 @@ class SwapEntry:
 
 @dataclasses.dataclass
 class SwapReport:
-    """Every ``nn.Linear`` the swap looked at, in module order."""
+    """Every layer the swap looked at, in module order."""
 
     entries: List[SwapEntry]
 
     @property
     def swapped(self) -> List[str]:
-        """Names of the layers replaced by :class:`SparseLinear`."""
+        """Names of the layers replaced by sparse ones."""
         return [e.name for e in self.entries if e.swapped]
 
     def __str__(self) -> str:
@@ -333,7 +419,7 @@ def _input_shapes(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, Tup
     shapes: Dict[str, Tuple[int, ...]] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
             def hook(mod: nn.Module, args: Tuple[Any, ...], name: str = name) -> None:
                 shapes.setdefault(name, tuple(args[0].shape))
             hooks.append(m.register_forward_pre_hook(hook))
@@ -353,17 +439,18 @@ def swap_modules_with_sparse(
     verbose: bool = True,
     repeats: int = 3,
 ) -> SwapReport:
-    """Replaces, in place, each ``nn.Linear`` of ``model`` that is at least ``min_sparsity``
-    sparse and whose forward + backward is measured faster as a :class:`SparseLinear` on the
+    """Replaces, in place, each ``nn.Linear`` (``nn.Conv2d``) of ``model`` that is at least
+    ``min_sparsity`` sparse and whose forward + backward is measured faster as a
+    :class:`SparseLinear` (:class:`SparseConv2d`) on the
     input it receives when ``model`` runs on a ``torch.randn(*input_shape)`` batch (median of
-    ``repeats`` timed runs of each). Returns the report of every Linear seen (printed when
-    ``verbose``); a layer the model never called is kept and said so.
+    ``repeats`` timed runs of each). Returns the report of every Linear and Conv2d seen (printed
+    when ``verbose``); a layer the model never called is kept and said so.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], found {min_sparsity}")
     shapes = _input_shapes(model, input_shape)
     entries: List[SwapEntry] = []
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     for name, lin in targets:
         s = sparsity_of(lin.weight.detach())
         shape = shapes.get(name)
@@ -381,7 +468,13 @@ def swap_modules_with_sparse(
         if lin.weight.device.type != "cpu" or lin.weight.dtype != torch.float32:
             entry(f"weight is {lin.weight.dtype} on {lin.weight.device}; needs float32 on CPU")
             continue
-        sparse = SparseLinear.from_dense(lin, min_sparsity=min_sparsity)
+        if isinstance(lin, nn.Conv2d) and (lin.groups != 1 or lin.padding_mode != "zeros"
+                                           or isinstance(lin.padding, str)):
+            entry("SparseConv2d needs groups=1 and numeric zero padding")
+            continue
+        sparse: nn.Module = (SparseLinear.from_dense(lin, min_sparsity=min_sparsity)
+                             if isinstance(lin, nn.Linear)
+                             else SparseConv2d.from_dense(lin, min_sparsity=min_sparsity))
         x = torch.randn(*shape)
         dense_ms = _time_fwd_bwd(copy.deepcopy(lin), x, repeats)
         sparse_ms = _time_fwd_bwd(sparse, x, repeats)
