@@ -5,8 +5,7 @@
 use super::{detached, not_contiguous, DtypeError, LayoutError};
 use crate::sparse::{self, Csr, Level};
 use numpy::{
-    PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -17,9 +16,9 @@ pub(crate) struct PyCsr {
 }
 
 fn int64<'py>(a: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArrayDyn<'py, i64>> {
-    let arr: PyReadonlyArrayDyn<'py, i64> = a.extract().map_err(|_| {
-        DtypeError::new_err(format!("{what} must be a 1-D int64 array"))
-    })?;
+    let arr: PyReadonlyArrayDyn<'py, i64> = a
+        .extract()
+        .map_err(|_| DtypeError::new_err(format!("{what} must be a 1-D int64 array")))?;
     if arr.ndim() != 1 {
         return Err(LayoutError::new_err(format!(
             "{what} must be 1-D, found {} dimensions",
@@ -76,7 +75,10 @@ impl PyCsr {
     }
 }
 
-fn f32_in<'py>(a: &Bound<'py, PyUntypedArray>, what: &str) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+fn f32_in<'py>(
+    a: &Bound<'py, PyUntypedArray>,
+    what: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
     a.extract().map_err(|_| {
         let dt = a.dtype().str().map(|s| s.to_string()).unwrap_or_default();
         DtypeError::new_err(format!("{what} must be a float32 array, found {dt}"))
@@ -246,7 +248,9 @@ fn sparse_transpose(
     let s_used = &s_all[..rows * ss[1]];
     let d_all = d.as_slice_mut().map_err(|_| not_contiguous("dst"))?;
     let d_used = &mut d_all[..cols * ds[1]];
-    detached(py, || sparse::transpose(s_used, rows, cols, ss[1], d_used, ds[1]))
+    detached(py, || {
+        sparse::transpose(s_used, rows, cols, ss[1], d_used, ds[1])
+    })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -201,8 +201,8 @@ impl Csr {
         let mut t_rows = vec![0usize; nnz];
         let mut t_perm = vec![0u32; nnz];
         for r in 0..rows {
-            for k in ptr[r]..ptr[r + 1] {
-                let c = col_idx[k] as usize;
+            for (j, &c) in col_idx[ptr[r]..ptr[r + 1]].iter().enumerate() {
+                let (k, c) = (ptr[r] + j, c as usize);
                 t_rows[next[c]] = r;
                 t_perm[next[c]] = k as u32;
                 next[c] += 1;
@@ -295,7 +295,7 @@ impl Csr {
 /// cache sets.
 pub fn padded_ld(batch: usize) -> usize {
     let ld = batch.div_ceil(16) * 16;
-    if ld % 256 == 0 && ld > 0 {
+    if ld.is_multiple_of(256) && ld > 0 {
         ld + 16
     } else {
         ld
@@ -337,8 +337,20 @@ pub fn forward(
 ) -> Result<()> {
     csr.check_values(values)?;
     check_ld(batch, ld)?;
-    check_len("input (in_features x batch)", x_t.len(), csr.cols, "in_features", ld)?;
-    check_len("output (out_features x batch)", y_t.len(), csr.rows, "out_features", ld)?;
+    check_len(
+        "input (in_features x batch)",
+        x_t.len(),
+        csr.cols,
+        "in_features",
+        ld,
+    )?;
+    check_len(
+        "output (out_features x batch)",
+        y_t.len(),
+        csr.rows,
+        "out_features",
+        ld,
+    )?;
     if let Some(b) = bias {
         if b.len() != csr.rows {
             return Err(layout(format!(
@@ -349,8 +361,28 @@ pub fn forward(
         }
     }
     match &csr.idx {
-        Indices::U16(i) => spmm(level.usable(), &csr.ptr, i, values, x_t, batch, ld, bias, y_t),
-        Indices::U32(i) => spmm(level.usable(), &csr.ptr, i, values, x_t, batch, ld, bias, y_t),
+        Indices::U16(i) => spmm(
+            level.usable(),
+            &csr.ptr,
+            i,
+            values,
+            x_t,
+            batch,
+            ld,
+            bias,
+            y_t,
+        ),
+        Indices::U32(i) => spmm(
+            level.usable(),
+            &csr.ptr,
+            i,
+            values,
+            x_t,
+            batch,
+            ld,
+            bias,
+            y_t,
+        ),
     }
     Ok(())
 }
@@ -377,10 +409,28 @@ pub fn backward(
     let level = level.usable();
     csr.check_values(values)?;
     check_ld(batch, ld)?;
-    check_len("input (in_features x batch)", x_t.len(), csr.cols, "in_features", ld)?;
-    check_len("output gradient (out_features x batch)", dy_t.len(), csr.rows, "out_features", ld)?;
+    check_len(
+        "input (in_features x batch)",
+        x_t.len(),
+        csr.cols,
+        "in_features",
+        ld,
+    )?;
+    check_len(
+        "output gradient (out_features x batch)",
+        dy_t.len(),
+        csr.rows,
+        "out_features",
+        ld,
+    )?;
     if let Some(d) = &dx_t {
-        check_len("input gradient (in_features x batch)", d.len(), csr.cols, "in_features", ld)?;
+        check_len(
+            "input gradient (in_features x batch)",
+            d.len(),
+            csr.cols,
+            "in_features",
+            ld,
+        )?;
     }
     if let Some(d) = &dw {
         if d.len() != csr.nnz() {
@@ -446,7 +496,11 @@ pub fn transpose(
         return Ok(());
     }
     const T: usize = 16;
-    let per = cols.div_ceil(8 * crate::pool::num_threads()).div_ceil(T).max(1) * T;
+    let per = cols
+        .div_ceil(8 * crate::pool::num_threads())
+        .div_ceil(T)
+        .max(1)
+        * T;
     crate::pool::for_each_chunk_mut(dst, per * dst_ld, |ci, chunk| {
         let c0 = ci * per;
         let nc = chunk.len() / dst_ld;

@@ -18,7 +18,7 @@ fn weight(rows: usize, cols: usize, density: f64, seed: u64) -> Vec<f32> {
     (0..rows * cols)
         .map(|k| {
             let keep = (rng.next_u64() % 1000) as f64 / 1000.0 < density;
-            let empty_row = rows > 2 && (k / cols) % 3 == 1 && seed % 2 == 0;
+            let empty_row = rows > 2 && (k / cols) % 3 == 1 && seed.is_multiple_of(2);
             if keep && !empty_row {
                 uniform(&mut rng)
             } else {
@@ -94,12 +94,17 @@ fn unpad(m: &[f32], rows: usize, batch: usize, ld: usize, what: &str) -> Vec<f32
     for r in 0..rows {
         out.extend_from_slice(&m[r * ld..r * ld + batch]);
         assert!(
-            m[r * ld + batch..(r + 1) * ld].iter().all(|v| v.to_bits() == CANARY),
+            m[r * ld + batch..(r + 1) * ld]
+                .iter()
+                .all(|v| v.to_bits() == CANARY),
             "{what}: padding of row {r} was written"
         );
     }
     out
 }
+
+/// y, dx, dw, db of one level.
+type Products = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 fn run(rows: usize, cols: usize, batch: usize, density: f64, seed: u64) {
     run_ld(rows, cols, batch, batch, density, seed);
@@ -117,8 +122,11 @@ fn run_ld(rows: usize, cols: usize, batch: usize, ld: usize, density: f64, seed:
     let dy_t = data(rows * batch, seed + 2);
     let bias = data(rows, seed + 3);
     let (ry, rdx, rdw) = reference(&w, rows, cols, &x_t, &dy_t, batch, &bias);
-    let (x_p, dy_p) = (padded(&x_t, cols, batch, ld), padded(&dy_t, rows, batch, ld));
-    let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+    let (x_p, dy_p) = (
+        padded(&x_t, cols, batch, ld),
+        padded(&dy_t, rows, batch, ld),
+    );
+    let mut first: Option<Products> = None;
     for level in levels() {
         let mut y = vec![f32::from_bits(CANARY); rows * ld];
         forward(&csr, &vals, &x_p, batch, ld, Some(&bias), &mut y, level).unwrap();
@@ -145,14 +153,32 @@ fn run_ld(rows: usize, cols: usize, batch: usize, ld: usize, density: f64, seed:
             for (i, t0) in (0..batch).step_by(DOT_TILE).enumerate() {
                 let w = DOT_TILE.min(batch - t0);
                 let part = |m: &[f32], r: usize| -> Vec<f32> {
-                    (0..r).flat_map(|k| m[k * batch + t0..k * batch + t0 + w].to_vec()).collect()
+                    (0..r)
+                        .flat_map(|k| m[k * batch + t0..k * batch + t0 + w].to_vec())
+                        .collect()
                 };
                 let (xc, dyc) = (part(&x_p, cols), part(&dy_p, rows));
-                backward(&csr, &vals, &xc, &dyc, w, w, None, Some(&mut dw_acc), None, i > 0, level)
-                    .unwrap();
+                backward(
+                    &csr,
+                    &vals,
+                    &xc,
+                    &dyc,
+                    w,
+                    w,
+                    None,
+                    Some(&mut dw_acc),
+                    None,
+                    i > 0,
+                    level,
+                )
+                .unwrap();
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&dw_acc), bits(&dw), "chunked dw {rows}x{cols} batch {batch}");
+            assert_eq!(
+                bits(&dw_acc),
+                bits(&dw),
+                "chunked dw {rows}x{cols} batch {batch}"
+            );
         }
         let tag = format!("{rows}x{cols} batch {batch} ld {ld} density {density} {level:?}");
         let y = unpad(&y, rows, batch, ld, &tag);
@@ -169,7 +195,12 @@ fn run_ld(rows: usize, cols: usize, batch: usize, ld: usize, density: f64, seed:
             .collect();
         close(&dw, &rdw_nz, batch, &format!("dw {tag}"));
         let rdb: Vec<f64> = (0..rows)
-            .map(|o| dy_t[o * batch..(o + 1) * batch].iter().map(|&v| v as f64).sum())
+            .map(|o| {
+                dy_t[o * batch..(o + 1) * batch]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum()
+            })
             .collect();
         close(&db, &rdb, batch, &format!("db {tag}"));
         // Every level gives the bits of the portable code.
@@ -238,24 +269,69 @@ fn shape_mismatches_are_layout_errors() {
         other => panic!("expected a layout error, got {other:?}"),
     };
     let m = err(forward(&csr, &vals, &x_t, 5, 4, None, &mut y, lv));
-    assert!(m.contains("row stride 4 is smaller than the batch 5"), "{m}");
+    assert!(
+        m.contains("row stride 4 is smaller than the batch 5"),
+        "{m}"
+    );
     let m = err(forward(&csr, &vals[..2], &x_t, 4, 4, None, &mut y, lv));
-    assert!(m.contains("values have 2 elements") && m.contains("3 non-zeros"), "{m}");
+    assert!(
+        m.contains("values have 2 elements") && m.contains("3 non-zeros"),
+        "{m}"
+    );
     let m = err(forward(&csr, &vals, &x_t[..11], 4, 4, None, &mut y, lv));
     assert!(m.contains("11 elements") && m.contains("3 x 4 = 12"), "{m}");
-    assert_eq!((padded_ld(2048), padded_ld(100), padded_ld(0)), (2064, 112, 0));
+    assert_eq!(
+        (padded_ld(2048), padded_ld(100), padded_ld(0)),
+        (2064, 112, 0)
+    );
     let m = err(forward(&csr, &vals, &x_t, 4, 4, Some(&[0.0]), &mut y, lv));
     assert!(m.contains("bias has 1 elements"), "{m}");
     let m = err(forward(&csr, &vals, &x_t, 4, 4, None, &mut y[..7], lv));
     assert!(m.contains("output"), "{m}");
     let dy = vec![1f32; 8];
     let mut dw = vec![0f32; 4];
-    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, None, Some(&mut dw), None, false, lv));
+    let m = err(backward(
+        &csr,
+        &vals,
+        &x_t,
+        &dy,
+        4,
+        4,
+        None,
+        Some(&mut dw),
+        None,
+        false,
+        lv,
+    ));
     assert!(m.contains("weight gradient has 4 elements"), "{m}");
     let mut dx = vec![0f32; 5];
-    let m = err(backward(&csr, &vals, &x_t, &dy, 4, 4, Some(&mut dx), None, None, false, lv));
+    let m = err(backward(
+        &csr,
+        &vals,
+        &x_t,
+        &dy,
+        4,
+        4,
+        Some(&mut dx),
+        None,
+        None,
+        false,
+        lv,
+    ));
     assert!(m.contains("input gradient"), "{m}");
-    let m = err(backward(&csr, &vals, &x_t, &dy[..6], 4, 4, None, None, None, false, lv));
+    let m = err(backward(
+        &csr,
+        &vals,
+        &x_t,
+        &dy[..6],
+        4,
+        4,
+        None,
+        None,
+        None,
+        false,
+        lv,
+    ));
     assert!(m.contains("output gradient"), "{m}");
     // Malformed patterns.
     let bad = |p: &[i64], c: &[i64]| match Csr::new(2, 3, p, c) {
@@ -274,7 +350,14 @@ fn shape_mismatches_are_layout_errors() {
 
 #[test]
 fn transpose_moves_every_entry_and_nothing_else() {
-    for &(rows, cols) in &[(0usize, 3usize), (3, 0), (1, 1), (5, 7), (17, 33), (100, 40)] {
+    for &(rows, cols) in &[
+        (0usize, 3usize),
+        (3, 0),
+        (1, 1),
+        (5, 7),
+        (17, 33),
+        (100, 40),
+    ] {
         for &(pad_s, pad_d) in &[(0usize, 0usize), (3, 16)] {
             let (sld, dld) = (cols + pad_s, rows + pad_d);
             let src = data(rows * sld, 9);
@@ -282,13 +365,23 @@ fn transpose_moves_every_entry_and_nothing_else() {
             transpose(&src, rows, cols, sld, &mut dst, dld).unwrap();
             for c in 0..cols {
                 for r in 0..dld {
-                    let want = if r < rows { src[r * sld + c].to_bits() } else { CANARY };
+                    let want = if r < rows {
+                        src[r * sld + c].to_bits()
+                    } else {
+                        CANARY
+                    };
                     assert_eq!(dst[c * dld + r].to_bits(), want, "{rows}x{cols} ({r}, {c})");
                 }
             }
         }
     }
     let mut d = vec![0f32; 6];
-    assert!(matches!(transpose(&[0.0; 6], 2, 3, 3, &mut d, 1), Err(Error::Layout(_))));
-    assert!(matches!(transpose(&[0.0; 5], 2, 3, 3, &mut d, 2), Err(Error::Layout(_))));
+    assert!(matches!(
+        transpose(&[0.0; 6], 2, 3, 3, &mut d, 1),
+        Err(Error::Layout(_))
+    ));
+    assert!(matches!(
+        transpose(&[0.0; 5], 2, 3, 3, &mut d, 2),
+        Err(Error::Layout(_))
+    ));
 }

@@ -86,7 +86,11 @@ pub(super) unsafe fn row512<I: Index>(
     }
     let g = rem.div_ceil(16);
     let last_n = rem - 16 * (g - 1);
-    let last: __mmask16 = if last_n == 16 { 0xFFFF } else { (1u16 << last_n) - 1 };
+    let last: __mmask16 = if last_n == 16 {
+        0xFFFF
+    } else {
+        (1u16 << last_n) - 1
+    };
     let (c, o) = (t0 + j, o.add(j));
     match g {
         1 => block512::<I, 1, true>(idx, vals, inp, ld, c, init, o, last),
@@ -249,7 +253,11 @@ pub(super) unsafe fn dots512<I: Index>(
     }
     let g = n.div_ceil(16);
     let last_n = n - 16 * (g - 1);
-    let last: __mmask16 = if last_n == 16 { 0xFFFF } else { (1u16 << last_n) - 1 };
+    let last: __mmask16 = if last_n == 16 {
+        0xFFFF
+    } else {
+        (1u16 << last_n) - 1
+    };
     match g {
         1 => dots512_g::<I, 1>(idx, dy, x, ld, t0, last, out),
         2 => dots512_g::<I, 2>(idx, dy, x, ld, t0, last, out),
@@ -293,7 +301,11 @@ pub(super) unsafe fn dots256<I: Index>(
             let (a, b) = (dp.add(16 * full), p.add(16 * full));
             lo = _mm256_fmadd_ps(_mm256_maskload_ps(a, m_lo), _mm256_maskload_ps(b, m_lo), lo);
             let (a8, b8) = (a.wrapping_add(8), b.wrapping_add(8));
-            hi = _mm256_fmadd_ps(_mm256_maskload_ps(a8, m_hi), _mm256_maskload_ps(b8, m_hi), hi);
+            hi = _mm256_fmadd_ps(
+                _mm256_maskload_ps(a8, m_hi),
+                _mm256_maskload_ps(b8, m_hi),
+                hi,
+            );
         }
         *o += tree256(lo, hi);
     }
