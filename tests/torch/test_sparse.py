@@ -122,6 +122,21 @@ def test_training_keeps_the_pattern_and_follows_masked_dense_sgd():
     torch.testing.assert_close(sp.bias, lin.bias, rtol=1e-4, atol=1e-5)
 
 
+def test_state_dict_round_trip_brings_the_pattern():
+    def diagonal(shift):
+        lin = torch.nn.Linear(30, 20)
+        with torch.no_grad():
+            lin.weight.zero_()
+            lin.weight[torch.arange(20), torch.arange(20) + shift] = torch.arange(1.0, 21.0)
+        return SparseLinear.from_dense(lin)
+
+    a, c = diagonal(0), diagonal(1)  # the same number of non-zeros at other positions
+    c.load_state_dict(a.state_dict())
+    x = torch.randn(7, 30)
+    assert torch.equal(c.weight, a.weight)
+    torch.testing.assert_close(c(x), a(x))
+
+
 def test_dense_layer_refused_with_its_sparsity():
     lin = masked_linear(20, 10, 0.3, 1)
     s = sparsity_of(lin.weight)

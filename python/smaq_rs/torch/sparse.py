@@ -245,6 +245,13 @@ class SparseLinear(nn.Module):
             csr.values(), None if linear.bias is None else linear.bias,
         )
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # The kernels read the core's copy of the pattern: rebuild it from the loaded buffers.
+        self.pattern = _bridge.CsrPattern(
+            self.out_features, self.in_features, self.row_ptr.numpy(), self.col_idx.numpy()
+        )
+
     @property
     def nnz(self) -> int:
         """Number of stored weights."""
