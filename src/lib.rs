@@ -3,6 +3,7 @@
 //! Layers, top to bottom (nothing lower uses anything higher):
 //! - [`python`] (feature `python`): the PyO3 glue, the only place that knows about Python;
 //! - [`optim`], [`zmap`]: fused optimizer steps and zero maps over packed tensors;
+//! - [`sparse`]: CSR weights and the forward and backward products of sparse Linear layers;
 //! - [`format`]: the packed tensor byte format and the checkpoint container (docs/FORMAT.md);
 //! - [`codec`]: the encoders (SmaQ, ...) and their registry;
 //! - [`bits`], [`buf`], [`stats`], [`rng`], [`le`], [`dtype`], [`pool`], [`simd`], [`error`]: primitives.
@@ -28,6 +29,7 @@ pub mod optim;
 pub mod pool;
 pub mod rng;
 pub mod simd;
+pub mod sparse;
 pub mod stats;
 pub mod zmap;
 

@@ -22,11 +22,13 @@ from .checkpoint import open as open_checkpoint
 from .checkpoint import save as save_checkpoint
 
 __all__ = [
-    "ChecksumError", "CodecError", "DtypeError", "FormatError", "LayoutError", "PackedTensor",
-    "Policy", "SmaqError", "adam_step", "compress", "core_of", "decompress", "open_checkpoint",
-    "pack", "registry", "save_checkpoint",
+    "ChecksumError", "CodecError", "CsrPattern", "DtypeError", "FormatError", "LayoutError",
+    "PackedTensor", "Policy", "SmaqError", "adam_step", "compress", "core_of", "decompress",
+    "open_checkpoint", "pack", "registry", "save_checkpoint",
     "registry_keeps_zeros",
-    "sgd_step", "store_decode", "store_encode", "torch_as_numpy",
+    "sgd_step", "sparse_linear_backward", "sparse_linear_forward", "sparse_padded_ld",
+    "sparse_transpose", "store_decode",
+    "store_encode", "torch_as_numpy",
 ]
 
 
@@ -53,6 +55,14 @@ store_encode = _core.store_encode
 store_decode = _core.store_decode
 adam_step = _core.adam_step
 sgd_step = _core.sgd_step
+
+# -- sparse Linear kernels (src/sparse/) ----------------------------------------------------------
+#: See _core.pyi for the signatures.
+CsrPattern = _core.CsrPattern
+sparse_linear_forward = _core.sparse_linear_forward
+sparse_linear_backward = _core.sparse_linear_backward
+sparse_padded_ld = _core.sparse_padded_ld
+sparse_transpose = _core.sparse_transpose
 
 
 # -- the codec registry ---------------------------------------------------------------------------

@@ -113,3 +113,36 @@ def store_decode(
     packed: Optional[Packed], mask: Optional[np.ndarray], zeros: Optional[np.ndarray],
     range: Optional[Tuple[float, float]], out: np.ndarray, dtype: str,
 ) -> None: ...
+
+# ---- sparse Linear kernels (src/python/sparse.rs; adapters call them through _bridge.py) -------
+class CsrPattern:
+    """The non-zero pattern of a sparse (out x in) weight in CSR, with its transpose."""
+    def __init__(self, rows: int, cols: int, row_ptr: np.ndarray, col_idx: np.ndarray) -> None: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
+    @property
+    def nnz(self) -> int: ...
+    @property
+    def index_width(self) -> int: ...
+
+def sparse_padded_ld(batch: int) -> int:
+    """The row stride (floats) the sparse kernels run best with for ``batch`` columns."""
+def sparse_transpose(
+    src: np.ndarray, dst: np.ndarray, rows: Optional[int] = None, cols: Optional[int] = None,
+) -> None:
+    """dst[c, r] = src[r, c] for r < rows, c < cols (2-D float32 arrays, any row lengths)."""
+def sparse_linear_forward(
+    pattern: CsrPattern, values: np.ndarray, x_t: np.ndarray, bias: Optional[np.ndarray],
+    out: np.ndarray, batch: Optional[int] = None, level: Optional[str] = None,
+) -> None:
+    """out (out x ld) = W x_t (in x ld) + bias on the first ``batch`` columns, float32."""
+def sparse_linear_backward(
+    pattern: CsrPattern, values: np.ndarray, x_t: np.ndarray, dy_t: np.ndarray,
+    dx_t: Optional[np.ndarray] = None, dw: Optional[np.ndarray] = None,
+    db: Optional[np.ndarray] = None, batch: Optional[int] = None, accumulate: bool = False,
+    level: Optional[str] = None,
+) -> None:
+    """dx_t (in x ld) = W^T dy_t, dw (nnz) = the weight gradient at the non-zeros, db (out);
+    with ``accumulate``, dw and db are added to."""

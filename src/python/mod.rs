@@ -6,6 +6,7 @@
 mod checkpoint;
 mod errors;
 mod optim;
+mod sparse;
 mod zmap;
 
 pub(crate) use errors::{CodecError, DtypeError, FormatError, LayoutError};
@@ -390,6 +391,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Other areas register here, one line each: `area::register(m)?;`
     checkpoint::register(m)?;
     optim::register(m)?;
+    sparse::register(m)?;
     zmap::register(m)?;
     Ok(())
 }

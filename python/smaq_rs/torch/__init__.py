@@ -14,11 +14,15 @@
   the weights stored as packed bytes in the state_dict.
 - :mod:`smaq_rs.torch.distributed` (imported on first use): a DDP communication hook with
   packed bytes on the wire, and a compressed ``torch.distributed.checkpoint`` Writer/Reader.
+- :mod:`smaq_rs.torch.sparse`: SparseLinear (CSR weight, forward and backward in the Rust
+  core) and :func:`swap_modules_with_sparse`, which swaps a layer only where measured faster.
+- :mod:`smaq_rs.torch.prune`: magnitude / snip-momentum pruning, unstructured, N:M and block
+  patterns, cubic or exponential schedules, training callbacks.
 
 CPU tensors; a CUDA tensor is copied to the host to be packed and brought back when decoded.
 """
 
-from . import optim, ptq, qml
+from . import optim, prune, ptq, qml, sparse
 from ._autograd import LAYER_GROUPS, Compressor, unwrap_model, wrap_model
 from ._hooks import compressed_activations
 from ._load import LoadResult, load_into
@@ -75,10 +79,12 @@ __all__ = [
     "load_into",
     "optim",
     "peak_rss",
+    "prune",
     "ptq",
     "qml",
     "quantize_model",
     "reset_peak_rss",
+    "sparse",
     "state_nbytes",
     "unwrap_model",
     "wrap_model",
