@@ -137,6 +137,30 @@ def test_state_dict_round_trip_brings_the_pattern():
     torch.testing.assert_close(c(x), a(x))
 
 
+def test_one_layer_called_from_threads_at_once_gives_each_call_its_result():
+    # The layer's scratch buffers are shared between calls: calls from several threads must
+    # not see each other's data (they take turns).
+    import threading
+
+    lin = masked_linear(300, 200, 0.9, seed=5)
+    sp = SparseLinear.from_dense(lin, min_sparsity=0.0)
+    inputs = [torch.randn(600, 300, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [sp(x).detach() for x in inputs]
+    got = [None] * len(inputs)
+
+    def run(i):
+        for _ in range(5):
+            got[i] = sp(inputs[i]).detach()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+
+
 def test_dense_layer_refused_with_its_sparsity():
     lin = masked_linear(20, 10, 0.3, 1)
     s = sparsity_of(lin.weight)

@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+import threading
+
 import copy
 import dataclasses
 import statistics
@@ -69,11 +71,12 @@ def _check_input(x: torch.Tensor, in_features: int) -> None:
 class _Workspace:
     """Scratch buffers a layer reuses from call to call (the batch-innermost copies of a chunk's
     input, output and gradients): a fresh buffer costs its page faults at every step. Each is
-    used only inside one forward or backward call and never returned, so a layer must not run
-    in two threads at once."""
+    used only inside one forward or backward call and never returned; ``lock`` is held for the
+    whole call, so a layer called from two threads at once runs one call after the other."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
 
     def get(self, key: str, rows: int, cols: int) -> torch.Tensor:
         b = self.buffers.get(key)
@@ -110,15 +113,17 @@ class _SparseLinearFunction(torch.autograd.Function):
         b = None if bias is None else _view(bias.detach().contiguous(), "bias")
         v = _view(vals, "values")
         ld = _bridge.sparse_padded_ld(min(n, CHUNK))
-        x_t = work.get("x_t", pattern.cols, ld)
-        y_t = work.get("y_t", pattern.rows, ld)
-        for c0 in range(0, n, CHUNK):
-            m = min(CHUNK, n - c0)
-            # Batch innermost (features x m), rows a padded stride apart (sparse_padded_ld).
-            _bridge.sparse_transpose(_view(x2[c0:c0 + m], "input"), _view(x_t, "input"))
-            _bridge.sparse_linear_forward(pattern, v, _view(x_t, "input"), b,
-                                          _view(y_t, "output"), batch=m)
-            _bridge.sparse_transpose(_view(y_t, "output"), _view(y[c0:c0 + m], "output"), cols=m)
+        with work.lock:
+            x_t = work.get("x_t", pattern.cols, ld)
+            y_t = work.get("y_t", pattern.rows, ld)
+            for c0 in range(0, n, CHUNK):
+                m = min(CHUNK, n - c0)
+                # Batch innermost (features x m), rows a padded stride apart (sparse_padded_ld).
+                _bridge.sparse_transpose(_view(x2[c0:c0 + m], "input"), _view(x_t, "input"))
+                _bridge.sparse_linear_forward(pattern, v, _view(x_t, "input"), b,
+                                              _view(y_t, "output"), batch=m)
+                _bridge.sparse_transpose(_view(y_t, "output"), _view(y[c0:c0 + m], "output"),
+                                         cols=m)
         ctx.save_for_backward(x2, vals)
         ctx.pattern = pattern
         ctx.work = work
@@ -142,25 +147,26 @@ class _SparseLinearFunction(torch.autograd.Function):
         db = (torch.empty if n else torch.zeros)(pattern.rows) if want_b else None
         v = _view(vals, "values")
         ld = _bridge.sparse_padded_ld(min(n, CHUNK))
-        x_t = work.get("x_t", pattern.cols, ld)
-        dy_t = work.get("dy_t", pattern.rows, ld)
-        dx_t = work.get("dx_t", pattern.cols, ld) if want_x else None
-        for c0 in range(0, n, CHUNK):
-            m = min(CHUNK, n - c0)
-            if want_w:
-                _bridge.sparse_transpose(_view(x2[c0:c0 + m], "input"), _view(x_t, "input"))
-            _bridge.sparse_transpose(_view(gy2[c0:c0 + m], "output gradient"),
-                                     _view(dy_t, "output gradient"))
-            _bridge.sparse_linear_backward(
-                pattern, v, _view(x_t, "input"), _view(dy_t, "output gradient"),
-                None if dx_t is None else _view(dx_t, "input gradient"),
-                None if dw is None else _view(dw, "weight gradient"),
-                None if db is None else _view(db, "bias gradient"),
-                batch=m, accumulate=c0 > 0,
-            )
-            if dx is not None:
-                _bridge.sparse_transpose(_view(dx_t, "input gradient"),
-                                         _view(dx[c0:c0 + m], "input gradient"), cols=m)
+        with work.lock:
+            x_t = work.get("x_t", pattern.cols, ld)
+            dy_t = work.get("dy_t", pattern.rows, ld)
+            dx_t = work.get("dx_t", pattern.cols, ld) if want_x else None
+            for c0 in range(0, n, CHUNK):
+                m = min(CHUNK, n - c0)
+                if want_w:
+                    _bridge.sparse_transpose(_view(x2[c0:c0 + m], "input"), _view(x_t, "input"))
+                _bridge.sparse_transpose(_view(gy2[c0:c0 + m], "output gradient"),
+                                         _view(dy_t, "output gradient"))
+                _bridge.sparse_linear_backward(
+                    pattern, v, _view(x_t, "input"), _view(dy_t, "output gradient"),
+                    None if dx_t is None else _view(dx_t, "input gradient"),
+                    None if dw is None else _view(dw, "weight gradient"),
+                    None if db is None else _view(db, "bias gradient"),
+                    batch=m, accumulate=c0 > 0,
+                )
+                if dx is not None:
+                    _bridge.sparse_transpose(_view(dx_t, "input gradient"),
+                                             _view(dx[c0:c0 + m], "input gradient"), cols=m)
         dxr = None if dx is None else dx.reshape(ctx.x_shape)
         return dxr, dw, db, None, None
 
