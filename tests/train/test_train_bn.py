@@ -70,6 +70,8 @@ def test_hooks_code_batchnorm_inputs_with_straight_through_gradient():
     g_ref = net[0].weight.grad.clone()
     net.zero_grad()
     coder = BNAwareFeatureMaps(net, P, stats="batch")
+    seen = []
+    net[1].register_forward_pre_hook(lambda m, i: seen.append(i[0]))  # after the coder's hook
     out = net(x)
     st = coder.pop_stats()
     assert st["dense"] == 4 * 8 * 8 * 8 * 4 and 0 < st["packed"] < st["dense"]
@@ -77,9 +79,15 @@ def test_hooks_code_batchnorm_inputs_with_straight_through_gradient():
     loss = (out * w).sum()
     assert not torch.equal(loss, ref)  # the values were coded
     loss.backward()
-    # straight-through: the gradient is BN's at the coded input, close to the plain one
-    g = net[0].weight.grad
-    assert 0 < float((g - g_ref).norm() / g_ref.norm()) < 0.05
+    # straight-through: d(coded)/d(conv output) is the identity, so the conv's weight gradient
+    # is torch's conv2d_weight of the gradient BN + ReLU give at the coded map
+    y = seen[0].detach().requires_grad_(True)
+    bn = net[1]
+    z = torch.nn.functional.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    (torch.relu(z) * w).sum().backward()
+    expect = torch.nn.grad.conv2d_weight(x, net[0].weight.shape, y.grad)
+    torch.testing.assert_close(net[0].weight.grad, expect, rtol=1e-4, atol=1e-4)
+    assert float((net[0].weight.grad - g_ref).norm() / g_ref.norm()) > 0  # coded, not plain
     coder.remove()
     with torch.no_grad():
         assert torch.equal(net(x), net(x))
