@@ -150,11 +150,33 @@ def test_report_draws_plots_and_table(tmp_path):
     assert "1.00x (not coded)" in rows[0]
 
 
-def test_cli_train_entry_point(tmp_path, capsys):
+def test_cli_train_entry_point_and_epochs(tmp_path, capsys):
     d = str(tmp_path / "r")
-    assert cli_main(["train", "--model", "mlp", "--dataset", "digits", "--steps", "2",
+    assert cli_main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "0.02",
                      "--run-dir", d] + TINY) == 0
-    assert len(_records(d)) == 2
+    n_train = build_dataset("digits", 8).n_train
+    per_epoch = n_train // 4
+    recs = _records(d)
+    assert len(recs) == math.ceil(0.02 * per_epoch)
+    assert recs[-1]["epoch"] == pytest.approx(len(recs) / per_epoch)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--model", "nope"])
+    assert e.value.code == 2
+    # an error found after parsing: message, exit status 2, nothing trained
+    assert cli_main(["train", "--compress", "fp8", "--bits-main", "6", "--run-dir",
+                     str(tmp_path / "x")]) == 2
+    assert "does not take --bits-main" in capsys.readouterr().err
+
+
+def test_tensorboard_missing_is_refused_before_training(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    d = tmp_path / "r"
+    with pytest.raises(ImportError, match="tensorboard"):
+        run(["--tensorboard", "--run-dir", str(d)] + TINY)
+    assert not (d / "metrics.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Writes into ``DIR``:
 
-- ``curves.png``: per model/dataset, the training loss and the validation metric (accuracy for
-  classification, loss for language modelling) of every run against the step;
+- ``curves.png``: per model/dataset, the training loss (a running mean over 1/30 of the run)
+  and the validation metric (accuracy for classification, loss for language modelling) of
+  every run against the step;
 - ``memory.png``: per run, the packed bytes of each data structure per step, stacked, with the
   dense total (dashed) and the bytes really held (dotted);
 - ``table.md``: the SmaQ paper's Table I in form: per run the final validation accuracy (or
@@ -115,14 +116,19 @@ def plot_curves(runs: List[Run], path: str) -> None:
         groups.setdefault(r.group, []).append(r)
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4 * len(groups)), squeeze=False)
     for row, (g, rs) in zip(axes, groups.items()):
+        win = 1
         for r in rs:
             xs = [s["step"] for s in r.steps]
             ys = [s["loss"] for s in r.steps]
-            row[0].plot(xs, ys, lw=1, label=r.label)
+            win = max(1, len(ys) // 30)
+            smooth = [sum(ys[max(0, i - win + 1):i + 1]) / (i + 1 - max(0, i - win + 1))
+                      for i in range(len(ys))]
+            row[0].plot(xs, smooth, lw=1, label=r.label)
             ev = r.evals()
             if ev:
                 row[1].plot(*zip(*ev), marker="o", ms=3, label=r.label)
-        row[0].set_title(f"{g}: training loss")
+        row[0].set_title(f"{g}: training loss" + (f" (mean of the last {win} steps)"
+                                                   if win > 1 else ""))
         row[1].set_title(f"{g}: {rs[0].metric[1]}")
         for ax in row:
             ax.set_xlabel("step")
