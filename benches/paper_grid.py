@@ -5,8 +5,8 @@ stdlib text}, every data structure coded, then the Table I analogue and the plot
     python benches/paper_grid.py --out docs/paper --reduced   # fewer steps, smaller inputs
 
 Each run is one ``python -m smaq_rs.train`` process (its own peak RSS) writing a run directory
-under ``--runs`` (default bench-out/paper-runs); ``smaq_rs.train.report`` then writes ``OUT/table.md``, ``OUT/curves.png``
-and ``OUT/memory.png``, and ``OUT/README.md`` records the commands, the settings, the CPU and
+under ``--runs`` (default bench-out/paper-runs); ``smaq_rs.train.report`` then writes
+``OUT/table.md``, ``OUT/curves.png`` and ``OUT/memory.png``, and ``OUT/README.md`` records the commands, the settings, the CPU and
 the wall time. Codecs: fp32 (uncoded baseline), bf16, fp16, fp8 (e4m3), s2fp8, SmaQ 6/8, int8
 (blockwise affine).
 """

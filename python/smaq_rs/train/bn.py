@@ -20,7 +20,7 @@ anyway).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -64,8 +64,8 @@ def bn_roundtrip(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: fl
 class BNAwareFeatureMaps:
     """Forward pre-hooks coding the input of every BatchNorm of ``model`` with BN-aware SmaQ.
 
-    ``stats``: "running" (the BN's running mean/var; the batch's own before any update has
-    been made... i.e. whatever the buffers hold) or "batch" (the batch's per-channel statistics,
+    ``stats``: "running" (the BN's running mean/var buffers as they are at that step; a BN
+    without running statistics falls back to the batch's) or "batch" (the batch's per-channel statistics,
     what BN normalises with in training). ``seed``, with ``step`` (set by the driver) and the
     layer index, seeds stochastic rounding. :meth:`pop_stats` returns and clears the bytes
     (dense, packed) and the relative squared error summed since the last call.

@@ -32,18 +32,15 @@ therefore continues a run with the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
