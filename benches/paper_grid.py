@@ -109,6 +109,10 @@ def main(argv=None) -> int:
                 f"({os.cpu_count()} cores), {wall / 60:.1f} min in all.\n\n")
         f.write("Settings per model: " + "; ".join(f"{m}: `{' '.join(grid[m])}`"
                                                     for m in models) + ".\n\n")
+        if a.reduced:
+            f.write("The full grid (`make paper`, no `--reduced`) uses: " + "; ".join(
+                f"{m}: `{' '.join(FULL[m])}`" for m in models) + ". It was not run for "
+                "this page.\n\n")
         f.write(tbl + "\n![curves](curves.png)\n\n![memory](memory.png)\n\n## Commands\n\n")
         f.write("```\n" + "\n".join(commands) + "\n```\n")
     print(tbl)
