@@ -6,8 +6,8 @@ stdlib text}, every data structure coded, then the Table I analogue and the plot
 
 Each run is one ``python -m smaq_rs.train`` process (its own peak RSS) writing a run directory
 under ``--runs`` (default bench-out/paper-runs); ``smaq_rs.train.report`` then writes
-``OUT/table.md``, ``OUT/curves.png`` and ``OUT/memory.png``, and ``OUT/README.md`` records the commands, the settings, the CPU and
-the wall time. Codecs: fp32 (uncoded baseline), bf16, fp16, fp8 (e4m3), s2fp8, SmaQ 6/8, int8
+``OUT/table.md``, ``OUT/curves.png`` and ``OUT/memory.png``, and ``OUT/README.md`` records
+the commands, the settings, the CPU and the wall time. Codecs: fp32 (uncoded baseline), bf16, fp16, fp8 (e4m3), s2fp8, SmaQ 6/8, int8
 (blockwise affine).
 """
 

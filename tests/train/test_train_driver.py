@@ -225,3 +225,15 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert _records(d) != before
     with pytest.raises(ValueError, match="exclude"):
         run(common + ["--resume", "--overwrite"])
+    with pytest.raises(ValueError, match=r"cannot change --compress.*'fp32'"):
+        run(["--resume", "--run-dir", d, "--compress", "smaq", "--steps", "4"])
+    assert _records(d) != before and len(_records(d)) == 2
+
+
+def test_bn_aware_run_logs_its_feature_maps(tmp_path):
+    d = str(tmp_path / "bn")
+    run(["--model", "cnn", "--dataset", "digits", "--compress", "smaq", "--bn-aware", "batch",
+         "--steps", "2", "--run-dir", d] + TINY)
+    for r in _records(d):
+        e = r["bn_feature_maps"]
+        assert 0 < e["packed"] < e["dense"] and 0 < e["rel_mse"] < 1e-2

@@ -65,10 +65,10 @@ class BNAwareFeatureMaps:
     """Forward pre-hooks coding the input of every BatchNorm of ``model`` with BN-aware SmaQ.
 
     ``stats``: "running" (the BN's running mean/var buffers as they are at that step; a BN
-    without running statistics falls back to the batch's) or "batch" (the batch's per-channel statistics,
-    what BN normalises with in training). ``seed``, with ``step`` (set by the driver) and the
-    layer index, seeds stochastic rounding. :meth:`pop_stats` returns and clears the bytes
-    (dense, packed) and the relative squared error summed since the last call.
+    without running statistics falls back to the batch's) or "batch" (the batch's per-channel
+    statistics, what BN normalises with in training). ``seed``, with ``step`` (set by the
+    driver) and the layer index, seeds stochastic rounding. :meth:`pop_stats` returns and
+    clears the bytes (dense, packed) and the relative squared error summed since the last call.
     """
 
     def __init__(self, model: nn.Module, params: Dict[str, Any], stats: str = "running",

@@ -484,6 +484,16 @@ def run(argv: Optional[List[str]] = None,
         "runs", f"{a.model}-{a.dataset or 'default'}-{a.compress}")
     saved = _prepare_dir(run_dir, a.resume, a.overwrite)
     if saved is not None:
+        defaults = vars(ap.parse_args([]))
+        fixed = ("resume", "overwrite", "run_dir", "steps", "epochs", "quiet", "tensorboard",
+                 "threads")
+        clash = sorted(k for k, v in cli.items() if k not in fixed and v != defaults[k]
+                       and v != saved.get(k))
+        if clash:
+            flags = ", ".join("--" + k.replace("_", "-") for k in clash)
+            was = ", ".join(f"{k}={saved.get(k)!r}" for k in clash)
+            raise ValueError(f"--resume continues {run_dir} with its saved configuration; it "
+                             f"cannot change {flags} (saved: {was})")
         cfg = dict(saved)
         for k in ("steps", "epochs"):  # a resumed run may be extended
             if cli[k] is not None:
