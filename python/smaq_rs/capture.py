@@ -19,12 +19,14 @@ research algorithm's error and counted bits beside ours; ``--save DIR`` keeps th
 
 from __future__ import annotations
 
-import glob
-import os
-import sysconfig
 from typing import Dict, Tuple
 
 import numpy as np
+
+# The model and data builders are shared with the training driver.
+from .train.data import digits_32, resnet18_small, stdlib_text
+
+__all__ = ["CLASSES", "capture", "digits_32", "resnet18_small", "stdlib_text"]
 
 #: Class name -> whether its values are non-negative by nature (SmaQ's ``all_positive``).
 CLASSES: Dict[str, bool] = {
@@ -41,12 +43,6 @@ CLASSES: Dict[str, bool] = {
     "resnet18 ReLU activations": True,
     "resnet18 SGD momentum": False,
 }
-
-
-def stdlib_text() -> np.ndarray:
-    """The bytes of Python's standard library sources (``*.py``), concatenated in name order."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    return np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
 
 
 def _gpt2(steps: int, seed: int) -> Dict[str, "np.ndarray"]:
@@ -95,32 +91,6 @@ def _gpt2(steps: int, seed: int) -> Dict[str, "np.ndarray"]:
         "gpt2 Adam exp_avg": state["exp_avg"],
         "gpt2 Adam exp_avg_sq": state["exp_avg_sq"],
     }
-
-
-def digits_32(seed: int = 0):
-    """scikit-learn's digits upsampled to 3x32x32 in [-1, 1], shuffled: (x, y) tensors."""
-    import torch
-    from sklearn.datasets import load_digits
-    from torch.nn import functional as F
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    x = (x - 0.5) / 0.5
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return x[perm], y[perm]
-
-
-def resnet18_small(num_classes: int = 10):
-    """torchvision's ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool."""
-    import torch
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = torch.nn.Identity()
-    return model
 
 
 def _resnet(steps: int, seed: int) -> Dict[str, "np.ndarray"]:

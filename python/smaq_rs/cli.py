@@ -6,6 +6,8 @@
     smaq-rs compress hf-model/ m.smaq --lossless        # a sharded .safetensors directory
     smaq-rs decompress m.smaq restored/                 # ... back to the same shards and index
     smaq-rs info m.smaq --against model.pt              # per-entry sizes, ratios and errors
+    smaq-rs train --model resnet18 --dataset digits --compress smaq --steps 200
+    smaq-rs report runs/a runs/b --out report/          # curves, memory per tag, Table I
 """
 
 from __future__ import annotations
@@ -360,10 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE")
     i.add_argument("--against", metavar="ORIG", default=None)
     i.set_defaults(func=cmd_info)
+    # train / report have their own parsers (smaq_rs.train); listed here for --help
+    sub.add_parser("train", add_help=False,
+                   help="train a model with the five data structures coded, logging real "
+                   "packed bytes per tag (smaq-rs train --help)")
+    sub.add_parser("report", add_help=False,
+                   help="plots and the Table I analogue of run directories "
+                   "(smaq-rs report --help)")
     return p
 
 
+_SUBPROGRAMS = {"train": "smaq_rs.train.driver", "report": "smaq_rs.train.report"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``smaq-rs`` console entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _SUBPROGRAMS:
+        import importlib
+
+        return importlib.import_module(_SUBPROGRAMS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
