@@ -29,10 +29,8 @@ the default lossy SmaQ policy for reference). Nothing asserts: the figures are p
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
-import sysconfig
 import tempfile
 import time
 
@@ -42,20 +40,15 @@ import torch.multiprocessing as mp
 
 import smaq_rs
 from smaq_rs.bench import cpu_name
+from smaq_rs.train.data import stdlib_text
 
 CTX = 64
 BATCH = 16
 
 
 def load_text(limit: int = 3_000_000) -> torch.Tensor:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    data = bytearray()
-    for f in files:
-        with open(f, "rb") as fh:
-            data += fh.read()
-        if len(data) >= limit:
-            break
-    return torch.tensor(list(data[:limit]), dtype=torch.long)
+    """The first ``limit`` bytes of the standard library's sources, as int64 token ids."""
+    return torch.from_numpy(stdlib_text()[:limit].astype("int64"))
 
 
 def make_model(layers: int, width: int):

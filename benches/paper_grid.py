@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Dict, List
 
+from smaq_rs.bench import cpu_name
+
 CODECS: Dict[str, List[str]] = {
     "fp32": ["--compress", "fp32"],
     "bf16": ["--compress", "bf16"],
@@ -45,19 +47,6 @@ REDUCED = {
              "--heads", "4", "--seq", "64", "--batch-size", "16", "--steps", "300",
              "--eval-every", "50"],
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:

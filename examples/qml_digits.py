@@ -26,11 +26,9 @@ Every figure is measured in this run; the CPU is printed. No download.
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import os
 import sys
-import sysconfig
 import time
 import warnings
 from typing import List, Optional, Tuple
@@ -43,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_digits import DigitsCNN, load_digits_tensors  # noqa: E402
 
 from smaq_rs.bench import cpu_name  # noqa: E402
+from smaq_rs.train.data import stdlib_text  # noqa: E402
 from smaq_rs.torch import ptq  # noqa: E402
 from smaq_rs.torch.qml import (  # noqa: E402
     CodecQuantizer, FloatingPointQuantizer, HsumAccumulator, Identity, IntQuantizer, PrefixBundle, Quantizer,
@@ -152,23 +151,12 @@ def part_ptq(model: nn.Module, data) -> str:
 
 
 # -- GPT-2 byte model ------------------------------------------------------------------------------
-def stdlib_bytes(limit: int) -> bytes:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    out = bytearray()
-    for f in files:
-        with open(f, "rb") as fh:
-            out += fh.read()
-        if len(out) >= limit:
-            break
-    return bytes(out[:limit])
-
-
 def part_gpt2(steps: int, seed: int = 0) -> str:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    data = torch.frombuffer(bytearray(stdlib_bytes(3 << 20)), dtype=torch.uint8).long()
+    data = torch.from_numpy(stdlib_text()[:3 << 20].astype("int64"))
     n_val = len(data) // 10
     train, val = data[:-n_val], data[-n_val:]
     seq, batch = 128, 16

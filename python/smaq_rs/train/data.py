@@ -73,7 +73,11 @@ SOURCE_LANG_CLASSES: Tuple[str, ...] = ("python", "c", "text")
 def stdlib_text() -> np.ndarray:
     """The bytes of Python's standard library sources (``*.py``), concatenated in name order."""
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    return np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
+    parts = []
+    for f in files:
+        with open(f, "rb") as fh:
+            parts.append(fh.read())
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
 def digits_32(seed: int = 0, size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
