@@ -33,6 +33,7 @@ bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_checkpoint.py --weights $(CREPE)
 	$(PY) benches/fidelity.py --png bench-out/fidelity.png
 	$(PY) benches/bench_sparse.py
+	$(PY) benches/bench_sparse_checkpoint.py
 	$(PY) benches/bench_ddp.py --world 2
 	$(PY) benches/bench_ddp.py --world 4
 

@@ -18,6 +18,8 @@ The package is split by concern:
 - :mod:`.policy`: :class:`Policy`, which codec stores each tensor;
 - :mod:`.document`: flattening a nested object into tensors plus the JSON document, the
   document's schema, and rebuilding the object from it;
+- :mod:`.delta`, :mod:`.sparse`: a changed tensor kept as its difference from a base's; a pruned
+  tensor kept as a bitmask plus its non-zero elements;
 - :mod:`.writer`: :func:`save`;
 - :mod:`.reader`: :class:`Checkpoint`, :func:`open` and :func:`load`.
 """

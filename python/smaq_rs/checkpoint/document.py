@@ -1,7 +1,7 @@
 """The checkpoint's JSON document: flattening an object into tensors plus the document, the
 document's schema, and rebuilding the object from it (docs/FORMAT.md, "Checkpoint container").
 
-Schema (version 1, or 2 for an incremental checkpoint)::
+Schema (version 1; 2 for an incremental checkpoint; 3 when it holds sparse tensors)::
 
     {"format": "smaq_rs.checkpoint", "version": 1,
      "root": <value>, "kinds": {tensor name: "torch" | "numpy"}, "metadata": <value> | null,
@@ -14,7 +14,10 @@ this file. ``identity`` is a SHA-256 over the base's JSON document and its entri
 so a base changed since is detected. ``"deltas": [entry names]`` lists the entries that store
 the difference of a tensor's bit patterns from the base's (``delta.py``), not the tensor.
 ``tensors`` (written since the format had it) is what a later checkpoint compares with to find
-unchanged tensors.
+unchanged tensors. ``"sparse": {tensor name: {"mask": entry name, "shape": [...], "nnz": k,
+"signs": entry name}}`` (version 3) lists the tensors stored as their ``k`` non-zero elements
+(the tensor's entry, 1-D) plus a bitmask entry (uint8, one bit per element, little bit order)
+and, when some zero is -0.0, a sign entry (one bit per zero, set for -0.0); see ``sparse.py``.
 
 A <value> is JSON null/bool/int/str/float/list, or an object with exactly one tag:
 ``{"__tensor__": entry name}``, ``{"__dict__": [[key, value], ...]}`` (keys of any JSON scalar
@@ -41,6 +44,10 @@ DOC_FORMAT = "smaq_rs.checkpoint"
 DOC_VERSION = 1
 #: The document version of an incremental checkpoint (tensors taken from a base file).
 DOC_VERSION_BASE = 2
+#: The document version of a checkpoint holding sparse tensors (``"sparse"``), incremental or
+#: not: a reader that does not know it must refuse the file rather than return a tensor's
+#: non-zero values as the tensor.
+DOC_VERSION_SPARSE = 3
 
 
 def _torch_dtypes() -> Dict[str, Any]:
@@ -201,10 +208,10 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
         or not isinstance(doc.get("kinds"), dict)
     ):
         raise FormatError(f"{path}: the JSON document is not a smaq_rs checkpoint's")
-    if doc.get("version") not in (DOC_VERSION, DOC_VERSION_BASE):
+    if doc.get("version") not in (DOC_VERSION, DOC_VERSION_BASE, DOC_VERSION_SPARSE):
         raise FormatError(f"{path}: checkpoint document version {doc.get('version')!r} "
-                          f"is not supported (this build reads {DOC_VERSION} and "
-                          f"{DOC_VERSION_BASE})")
+                          f"is not supported (this build reads {DOC_VERSION} to "
+                          f"{DOC_VERSION_SPARSE})")
     from_base, deltas = doc.get("from_base", []), doc.get("deltas", [])
     base = doc.get("base")
     if (not isinstance(from_base, list) or not isinstance(deltas, list)
@@ -213,12 +220,41 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
                 isinstance(base, dict) and isinstance(base.get("path"), str)
                 and isinstance(base.get("identity"), str)))):
         raise FormatError(f"{path}: malformed base reference in the JSON document")
+    _check_sparse(doc.get("sparse", {}), entries, set(deltas), path)
     from_base = set(from_base)
     for name, kind in doc["kinds"].items():
         if (name not in entries and name not in from_base) or kind not in ("torch", "numpy"):
             raise FormatError(f"{path}: the JSON document names an unknown entry "
                               f"{name!r} or kind {kind!r}")
     return doc
+
+
+def _check_sparse(sparse: Any, entries: Mapping[str, Any], deltas: set, path: str) -> None:
+    """``"sparse": {tensor name: {"mask": entry, "shape": [ints], "nnz": int, "signs": entry
+    (optional)}}``: each tensor's entry holds its ``nnz`` non-zero elements, its mask entry one
+    bit per element, its signs entry one bit per zero (set for -0.0)."""
+    ok = isinstance(sparse, dict)
+    for name, rec in (sparse.items() if ok else ()):
+        try:
+            mask, shape, nnz = rec["mask"], rec["shape"], rec["nnz"]
+            numel = math.prod(shape)
+            signs = rec.get("signs")
+            ok = (name in entries and mask in entries and name not in deltas
+                  and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(nnz, int) and 0 <= nnz <= numel
+                  and list(entries[name]["shape"]) == [nnz]
+                  and entries[mask]["dtype"] == "uint8"
+                  and list(entries[mask]["shape"]) == [(numel + 7) // 8]
+                  and (signs is None or (signs in entries and signs != mask
+                                         and entries[signs]["dtype"] == "uint8"
+                                         and list(entries[signs]["shape"])
+                                         == [(numel - nnz + 7) // 8])))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            break
+    if not ok:
+        raise FormatError(f"{path}: malformed sparse tensor record in the JSON document")
 
 
 def rebuild(x: Any, tensor: Callable[[str], Any], path: str) -> Any:

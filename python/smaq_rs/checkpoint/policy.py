@@ -32,7 +32,10 @@ class Policy:
     match one of ``exact`` (fnmatch patterns, lower-cased) are stored exactly whatever their size:
     by default norm layers' weights and buffers. ``rules`` are (pattern, codec, params) tried first,
     in order; codec may be "exact". Names matching ``positive`` get ``all_positive=True`` under
-    SmaQ (Adam's exp_avg_sq).
+    SmaQ (Adam's exp_avg_sq). A float tensor of at least 4096 elements of which at least
+    ``sparse_min`` are zeros (a pruned weight) is stored as a bitmask plus its non-zero elements
+    through the chosen codec, when that codec is ``lossless``, ``zstd`` or ``smaq``; None keeps
+    every tensor dense.
     """
 
     codec: str = "smaq"
@@ -45,6 +48,12 @@ class Policy:
     positive: Tuple[str, ...] = ("*exp_avg_sq", "*exp_avg_sq.*", "*max_exp_avg_sq*")
     rules: Tuple[Tuple[str, str, Dict[str, Any]], ...] = ()
     exact_min_bytes: int = 4096
+    sparse_min: Optional[float] = 0.5
+
+    def __post_init__(self) -> None:
+        if self.sparse_min is not None and not 0.0 < self.sparse_min <= 1.0:
+            raise SmaqError("Policy.sparse_min must be in (0, 1] or None, "
+                            f"got {self.sparse_min!r}")
 
     @classmethod
     def lossless(cls) -> "Policy":
@@ -54,7 +63,8 @@ class Policy:
     @classmethod
     def raw(cls) -> "Policy":
         """No compression at all (still checksummed, still no pickle)."""
-        return cls(codec="raw", params={}, min_numel=0, exact=(), exact_min_bytes=1 << 62)
+        return cls(codec="raw", params={}, min_numel=0, exact=(), exact_min_bytes=1 << 62,
+                   sparse_min=None)
 
     @classmethod
     def for_codec(cls, codec: Optional[str] = None, **params: Any) -> "Policy":
@@ -119,6 +129,7 @@ def _with_exact(choose: Callable, exact_policy: Policy) -> Choose:
             return exact_policy._exact(dtype, math.prod(shape) * itemsize(dtype))
         return codec, params
 
+    resolved.sparse_min = exact_policy.sparse_min  # type: ignore[attr-defined]
     return resolved
 
 
@@ -126,7 +137,8 @@ def resolve_policy(codec: Optional[str], policy: Any, params: Dict[str, Any]) ->
     """The choice function of ``save(codec=..., policy=..., **params)``.
 
     A :class:`Policy` resolves "exact" with its own ``exact_min_bytes``; a callable policy's
-    "exact" and its None answers (the default choice) use the default :class:`Policy`.
+    "exact" and its None answers (the default choice) use the default :class:`Policy`. The
+    function's ``sparse_min`` attribute is the policy's (the default policy's for a callable).
     """
     if policy is None:
         if codec in (None, "smaq"):

@@ -10,8 +10,9 @@ import numpy as np
 
 from .. import _core
 from .._core import DtypeError, FormatError
-from . import delta, document
+from . import delta, document, sparse
 from .document import NUMPY_OK, TORCH_BY_NAME
+from .policy import itemsize
 
 try:  # torch is optional: checkpoints load as NumPy arrays without it.
     import torch as _torch
@@ -42,27 +43,37 @@ class Checkpoint(Mapping):
         self._map = map_location
         self._entries = {e["name"]: e for e in self._r.entries()}
         self._doc = document.parse(self._r.json, self.path, self._entries)
+        #: Tensors stored as a bitmask plus their non-zero elements, and their mask and zero-sign
+        #: entries (container entries that are not tensors of the checkpoint).
+        self._sparse: Dict[str, Dict[str, Any]] = self._doc.get("sparse", {})
+        self._masks = {rec[k] for rec in self._sparse.values() for k in ("mask", "signs")
+                       if k in rec}
+        self._names = [n for n in self._entries if n not in self._masks]
         #: Tensors an incremental checkpoint takes from its base (see :func:`save`'s ``base``).
         self.from_base = list(self._doc.get("from_base", []))
         self._deltas = set(self._doc.get("deltas", []))
         self._base: Optional["Checkpoint"] = None
 
     # Mapping: the tensors of the file, and those taken from its base.
+    def _stored(self, name: object) -> bool:
+        """Whether ``name`` is a tensor stored in this file (not a sparse tensor's mask)."""
+        return name in self._entries and name not in self._masks
+
     def __getitem__(self, name: str):
-        if name in self._entries:
+        if self._stored(name):
             return self._make(name, self._full(name, self._r.read(name)))
         if name in self.from_base:
             return self.base()[name]
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._entries) + self.from_base)
+        return iter(self._names + self.from_base)
 
     def __len__(self) -> int:
-        return len(self._entries) + len(self.from_base)
+        return len(self._names) + len(self.from_base)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries or name in self.from_base
+        return self._stored(name) or name in self.from_base
 
     def base(self) -> "Checkpoint":
         """The base checkpoint of an incremental one, opened once and checked to be the file
@@ -81,7 +92,7 @@ class Checkpoint(Mapping):
 
     def raw_bytes(self, name: str) -> np.ndarray:
         """The dense bytes of tensor `name` (stored here or in the base), as uint8."""
-        if name in self._entries:
+        if self._stored(name):
             return self._full(name, self._r.read(name))
         if name in self.from_base:
             return self.base().raw_bytes(name)
@@ -90,7 +101,7 @@ class Checkpoint(Mapping):
     def exact(self, name: str) -> bool:
         """Whether tensor `name` reads back exactly as it was saved (stored raw, zstd or
         lossless here, or so in the base)."""
-        if name in self._entries:
+        if self._stored(name):
             exact = self._entries[name]["codec"] in ("raw", "zstd", "lossless")
             return exact and (name not in self._deltas or self.base().exact(name))
         return name in self.from_base and self.base().exact(name)
@@ -100,6 +111,16 @@ class Checkpoint(Mapping):
         base's tensor."""
         e = self._entries[name]
         raw = buf.view(np.uint8)[: e["dense_nbytes"]]
+        rec = self._sparse.get(name)
+        if rec is not None:
+            numel = int(np.prod(rec["shape"], dtype=np.int64))
+            size = itemsize(e["dtype"])
+            mask = self._r.read(rec["mask"]).view(np.uint8)[: (numel + 7) // 8]
+            signs = None
+            if "signs" in rec:
+                zeros = numel - rec["nnz"]
+                signs = self._r.read(rec["signs"]).view(np.uint8)[: (zeros + 7) // 8]
+            return sparse.expand(mask, raw, numel, size, signs)
         if name not in self._deltas:
             return raw
         n = int(np.prod(e["shape"], dtype=np.int64))
@@ -132,7 +153,7 @@ class Checkpoint(Mapping):
             self._base.close()
 
     def __repr__(self) -> str:
-        return f"Checkpoint({self.path!r}, entries={len(self._entries)})"
+        return f"Checkpoint({self.path!r}, entries={len(self._names)})"
 
     @property
     def metadata(self) -> Any:
@@ -144,10 +165,19 @@ class Checkpoint(Mapping):
         return self._r.file_nbytes
 
     def entries(self) -> List[Dict[str, Any]]:
-        """Per entry: name, dtype, shape, codec, nbytes (stored), dense_nbytes, ratio, offset."""
+        """Per tensor stored in this file: name, dtype, shape, codec, nbytes (stored), dense_nbytes,
+        ratio, offset, and ``sparse`` (stored as a bitmask plus its non-zero elements: shape and
+        dense_nbytes are the tensor's, nbytes counts the mask too)."""
         out = []
-        for e in self._entries.values():
-            e = dict(e, shape=tuple(e["shape"]))
+        for name in self._names:
+            e = dict(self._entries[name], shape=tuple(self._entries[name]["shape"]))
+            rec = self._sparse.get(name)
+            e["sparse"] = rec is not None
+            if rec is not None:  # the tensor's shape and bytes, its mask's bytes included
+                e["shape"] = tuple(rec["shape"])
+                e["dense_nbytes"] = itemsize(e["dtype"]) * int(np.prod(e["shape"], dtype=np.int64))
+                e["nbytes"] += sum(self._entries[rec[k]]["nbytes"] for k in ("mask", "signs")
+                                   if k in rec)
             e["ratio"] = e["dense_nbytes"] / e["nbytes"] if e["nbytes"] else float("nan")
             out.append(e)
         return out
@@ -175,10 +205,11 @@ class Checkpoint(Mapping):
         """(params, encoder statistics) of a packed entry; (None, None) for raw/zstd ones."""
         return self._r.codec_info(name)
 
-    def _make(self, name: str, buf: np.ndarray):
+    def _make(self, name: str, raw: np.ndarray):
+        """The tensor of entry ``name`` from its dense bytes (:meth:`_full`)."""
         e = self._entries[name]
-        dtype, shape = e["dtype"], tuple(e["shape"])
-        raw = buf.view(np.uint8)[: e["dense_nbytes"]]
+        dtype = e["dtype"]
+        shape = tuple(self._sparse[name]["shape"] if name in self._sparse else e["shape"])
         if self._doc["kinds"].get(name) == "torch" and _torch is not None:
             t = _torch.from_numpy(raw).view(TORCH_BY_NAME[dtype]).reshape(shape)
             return _to_location(t, self._map)
@@ -201,7 +232,7 @@ class Checkpoint(Mapping):
 
     def load(self) -> Any:
         """The whole saved object, every entry decoded (in parallel)."""
-        names = list(self._entries)
+        names = list(self._names)
         bufs = self._r.read_many(names)
         tensors = {n: self._make(n, self._full(n, b)) for n, b in zip(names, bufs)}
         for n in self.from_base:

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
 from .. import _core
 from .._core import SmaqError
-from . import delta, document
-from .policy import EXACT_CODECS, FLOATS, resolve_policy
+from . import delta, document, sparse
+from .policy import EXACT_CODECS, FLOATS, itemsize, resolve_policy
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,10 +61,28 @@ def save(
     tensors, doc, from_base, base_ck = _against_base(tensors, text, path, base)
     deltas: List[str] = []
     specs = []
+    stored: List[document.Tensor] = []  # what the container holds, masks included
+    split: Dict[str, Dict[str, Any]] = {}  # the document's "sparse" records
+    names = {t.name for t in tensors} | set(from_base)
     for t in tensors:
         c, p = choose(t.name, t.dtype, t.shape)
         if base_ck is not None and c in EXACT_CODECS and _delta_against(base_ck, doc, t):
             deltas.append(t.name)
+        elif c in sparse.CODECS and t.dtype in FLOATS:
+            parts = sparse.split(t.raw, itemsize(t.dtype), getattr(choose, "sparse_min", None))
+            if parts is not None:
+                mask, values, nnz, signs = parts
+                rec: Dict[str, Any] = {"shape": list(t.shape), "nnz": nnz}
+                for key, bits in (("mask", mask), ("signs", signs)):
+                    if bits is not None:
+                        rec[key] = _side_name(t.name, key, names)
+                        names.add(rec[key])
+                        stored.append(document.Tensor(rec[key], "uint8", (bits.size,), bits,
+                                                      "numpy"))
+                        specs.append((rec[key], "uint8", [bits.size], "zstd", None))
+                split[t.name] = rec
+                t = document.Tensor(t.name, t.dtype, (nnz,), values, t.kind)
+        stored.append(t)
         if c in EXACT_CODECS or t.dtype in FLOATS:
             specs.append((t.name, t.dtype, list(t.shape), c, p or None))
         else:  # a float codec chosen for an integer or bool tensor: stored exactly
@@ -72,15 +91,18 @@ def save(
         base_ck.close()
     if deltas:
         doc["deltas"] = deltas
+    if split:
+        doc["sparse"] = split
+        doc["version"] = document.DOC_VERSION_SPARSE
     text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
     writer = _core.CheckpointWriter(path, specs, text)
-    total = sum(t.raw.nbytes for t in tensors)
+    total = sum(t.raw.nbytes for t in stored)
     done = 0
     sizes: List[int] = []
     try:
         batch: List[np.ndarray] = []
         batch_bytes = 0
-        for t in tensors:
+        for t in stored:
             batch.append(t.raw)
             batch_bytes += t.raw.nbytes
             if batch_bytes >= _BATCH_BYTES:
@@ -101,13 +123,36 @@ def save(
     return {
         "path": path,
         "nbytes": os.path.getsize(path),
-        "dense_nbytes": total,
+        "dense_nbytes": sum(t.raw.nbytes for t in tensors),
         "fsync_seconds": fsync_seconds,
         "from_base": from_base,
         "deltas": deltas,
-        "entries": {t.name: (s, t.raw.nbytes, spec[3])
-                    for t, s, spec in zip(tensors, sizes, specs)},
+        "entries": _entry_sizes(stored, sizes, specs, split),
     }
+
+
+def _side_name(name: str, what: str, taken: Set[str]) -> str:
+    """A container entry name for the ``what`` ("mask" or "signs") of sparse tensor ``name``
+    that no other entry uses."""
+    m = f"{name}.__sparse_{what}__"
+    k = 1
+    while m in taken:
+        m, k = f"{name}.__sparse_{what}_{k}__", k + 1
+    return m
+
+
+def _entry_sizes(stored: List[document.Tensor], sizes: List[int], specs: List[Tuple],
+                 split: Dict[str, Dict[str, Any]]) -> Dict[str, Tuple[int, int, str]]:
+    """Per tensor: (stored bytes, dense bytes, codec); a sparse tensor's stored bytes are its
+    values', its mask's and its zero signs', its dense bytes the whole tensor's."""
+    out = {t.name: (s, t.raw.nbytes, spec[3]) for t, s, spec in zip(stored, sizes, specs)}
+    dtypes = {spec[0]: spec[1] for spec in specs}
+    for name, rec in split.items():
+        s, _, codec = out[name]
+        dense = itemsize(dtypes[name]) * math.prod(rec["shape"])
+        side = sum(out.pop(rec[k])[0] for k in ("mask", "signs") if k in rec)
+        out[name] = (s + side, dense, codec)
+    return out
 
 
 def _tensor_hash(t: document.Tensor) -> str:
