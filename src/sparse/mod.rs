@@ -312,6 +312,27 @@ fn check_len(what: &str, len: usize, a: usize, an: &str, ld: usize) -> Result<()
     Ok(())
 }
 
+/// A per-row or per-non-zero vector (`bias`, its gradient, the weight gradient) of `len`
+/// elements, where `want` (`want_name`) are expected.
+fn check_count(what: &str, len: usize, want: usize, want_name: &str) -> Result<()> {
+    if len != want {
+        return Err(layout(format!(
+            "{what} has {len} elements; expected {want_name}, {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// `$body` with `$i` bound to the column indices of `$idx`, whichever width they have.
+macro_rules! with_indices {
+    ($idx:expr, $i:ident => $body:expr) => {
+        match $idx {
+            Indices::U16($i) => $body,
+            Indices::U32($i) => $body,
+        }
+    };
+}
+
 fn check_ld(batch: usize, ld: usize) -> Result<()> {
     if ld < batch {
         return Err(layout(format!(
@@ -352,38 +373,10 @@ pub fn forward(
         ld,
     )?;
     if let Some(b) = bias {
-        if b.len() != csr.rows {
-            return Err(layout(format!(
-                "bias has {} elements; expected out_features = {}",
-                b.len(),
-                csr.rows
-            )));
-        }
+        check_count("bias", b.len(), csr.rows, "out_features")?;
     }
-    match &csr.idx {
-        Indices::U16(i) => spmm(
-            level.usable(),
-            &csr.ptr,
-            i,
-            values,
-            x_t,
-            batch,
-            ld,
-            bias,
-            y_t,
-        ),
-        Indices::U32(i) => spmm(
-            level.usable(),
-            &csr.ptr,
-            i,
-            values,
-            x_t,
-            batch,
-            ld,
-            bias,
-            y_t,
-        ),
-    }
+    let level = level.usable();
+    with_indices!(&csr.idx, i => spmm(level, &csr.ptr, i, values, x_t, batch, ld, bias, y_t));
     Ok(())
 }
 
@@ -433,35 +426,19 @@ pub fn backward(
         )?;
     }
     if let Some(d) = &dw {
-        if d.len() != csr.nnz() {
-            return Err(layout(format!(
-                "weight gradient has {} elements; expected one per non-zero, {}",
-                d.len(),
-                csr.nnz()
-            )));
-        }
+        check_count("weight gradient", d.len(), csr.nnz(), "one per non-zero")?;
     }
     if let Some(d) = &db {
-        if d.len() != csr.rows {
-            return Err(layout(format!(
-                "bias gradient has {} elements; expected out_features = {}",
-                d.len(),
-                csr.rows
-            )));
-        }
+        check_count("bias gradient", d.len(), csr.rows, "out_features")?;
     }
     if let Some(dx) = dx_t {
         let t_vals: Vec<f32> = csr.t_perm.iter().map(|&k| values[k as usize]).collect();
-        match &csr.t_idx {
-            Indices::U16(i) => spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, ld, None, dx),
-            Indices::U32(i) => spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, ld, None, dx),
-        }
+        with_indices!(&csr.t_idx, i =>
+            spmm(level, &csr.t_ptr, i, &t_vals, dy_t, batch, ld, None, dx));
     }
     if dw.is_some() || db.is_some() {
-        match &csr.idx {
-            Indices::U16(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db, accumulate),
-            Indices::U32(i) => grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db, accumulate),
-        }
+        with_indices!(&csr.idx, i =>
+            grad_w(level, &csr.ptr, i, x_t, dy_t, batch, ld, dw, db, accumulate));
     }
     Ok(())
 }

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
@@ -127,7 +126,8 @@ def save(
         "fsync_seconds": fsync_seconds,
         "from_base": from_base,
         "deltas": deltas,
-        "entries": _entry_sizes(stored, sizes, specs, split),
+        "entries": _entry_sizes(stored, sizes, specs, split,
+                                {t.name: t.raw.nbytes for t in tensors}),
     }
 
 
@@ -142,17 +142,14 @@ def _side_name(name: str, what: str, taken: Set[str]) -> str:
 
 
 def _entry_sizes(stored: List[document.Tensor], sizes: List[int], specs: List[Tuple],
-                 split: Dict[str, Dict[str, Any]]) -> Dict[str, Tuple[int, int, str]]:
+                 split: Dict[str, Dict[str, Any]], dense: Dict[str, int]
+                 ) -> Dict[str, Tuple[int, int, str]]:
     """Per tensor: (stored bytes, dense bytes, codec); a sparse tensor's stored bytes are its
-    values', its mask's and its zero signs', its dense bytes the whole tensor's."""
-    out = {t.name: (s, t.raw.nbytes, spec[3]) for t, s, spec in zip(stored, sizes, specs)}
-    dtypes = {spec[0]: spec[1] for spec in specs}
+    values', its mask's and its zero signs'."""
+    out = {t.name: [s, spec[3]] for t, s, spec in zip(stored, sizes, specs)}
     for name, rec in split.items():
-        s, _, codec = out[name]
-        dense = itemsize(dtypes[name]) * math.prod(rec["shape"])
-        side = sum(out.pop(rec[k])[0] for k in ("mask", "signs") if k in rec)
-        out[name] = (s + side, dense, codec)
-    return out
+        out[name][0] += sum(out.pop(rec[k])[0] for k in ("mask", "signs") if k in rec)
+    return {name: (s, dense[name], codec) for name, (s, codec) in out.items()}
 
 
 def _tensor_hash(t: document.Tensor) -> str:

@@ -88,6 +88,21 @@ def _decode(buf: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
+def _decode_from(buf: torch.Tensor, numel: int, what: str, errors: List[str]
+                 ) -> Optional[torch.Tensor]:
+    """:func:`_decode` of ``what`` (e.g. "rank 1's shard"), which must hold ``numel`` values;
+    None, with the reason appended to ``errors``, when it does not decode or has another
+    length (the caller announces the failure to the other ranks instead of raising alone)."""
+    try:
+        d = _decode(buf)
+        if d.numel() != numel:
+            raise _bridge.FormatError(f"{what} holds {d.numel()} values, expected {numel}")
+        return d
+    except _bridge.SmaqError as e:
+        errors.append(f"{what}: {type(e).__name__}: {e}")
+        return None
+
+
 class CompressState:
     """Configuration and state of :func:`compress_hook`.
 
@@ -392,13 +407,8 @@ class CompressState:
         total = torch.zeros_like(x)
         own = x
         for r, buf in enumerate(received):
-            try:
-                d = _decode(buf)
-                if d.numel() != x.numel():
-                    raise _bridge.FormatError(
-                        f"rank {r}'s bucket holds {d.numel()} values, expected {x.numel()}")
-            except _bridge.SmaqError as e:
-                errors.append(f"bucket from rank {r}: {type(e).__name__}: {e}")
+            d = _decode_from(buf, x.numel(), f"rank {r}'s bucket", errors)
+            if d is None:
                 continue
             total += d
             if r == rank:
@@ -434,15 +444,9 @@ class CompressState:
         for r, size in enumerate(out_splits):
             buf = recv[offset: offset + size]
             offset += size
-            try:
-                d = _decode(buf)
-                if d.numel() != b - a:
-                    raise _bridge.FormatError(
-                        f"rank {r}'s shard holds {d.numel()} values, expected {b - a}")
-            except _bridge.SmaqError as e:
-                errors.append(f"shard from rank {r}: {type(e).__name__}: {e}")
-                continue
-            shard += d
+            d = _decode_from(buf, b - a, f"rank {r}'s shard", errors)
+            if d is not None:
+                shard += d
         # A rank that failed sends the length -1 instead of its averaged shard: every rank
         # sees it in the length exchange and raises there.
         if not errors:
@@ -456,15 +460,9 @@ class CompressState:
         out = torch.empty(n)
         for r, buf in enumerate(received):
             a, b = bounds[r]
-            try:
-                d = _decode(buf)
-                if d.numel() != b - a:
-                    raise _bridge.FormatError(
-                        f"rank {r}'s averaged shard holds {d.numel()} values, expected {b - a}")
-            except _bridge.SmaqError as e:
-                errors.append(f"averaged shard from rank {r}: {type(e).__name__}: {e}")
-                continue
-            out[a:b] = d
+            d = _decode_from(buf, b - a, f"rank {r}'s averaged shard", errors)
+            if d is not None:
+                out[a:b] = d
         self._final_status(bool(errors), world, errors, "all_gather of averaged shards")
         return out, own
 
