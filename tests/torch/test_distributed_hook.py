@@ -405,6 +405,20 @@ def test_average_refuses_what_a_bucket_cannot_be():
         st.average(torch.zeros(12, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend,device", [("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"),
+                                            ("mpi", None), ("ucc", None)])
+def test_the_collectives_run_where_the_backend_needs_them(monkeypatch, backend, device):
+    # gloo (alone or beside NCCL) takes CPU tensors; NCCL's CUDA path needs a GPU (not tested
+    # here); any other backend is refused by name before a collective starts.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    st = CompressState()
+    if device is None:
+        with pytest.raises(ValueError, match=f"gloo and NCCL.*{backend}"):
+            st._comm()
+    else:
+        assert st._comm() == torch.device(device)
+
+
 @pytest.mark.parametrize("n,world,align", [(5000, 2, 256), (5000, 4, 256), (10, 4, 256),
                                            (0, 3, 1), (7, 3, 1)])
 def test_shard_bounds_cover_the_bucket_once(n, world, align):

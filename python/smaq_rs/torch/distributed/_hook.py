@@ -192,6 +192,7 @@ class CompressState:
         self.total_bytes_sent = 0
         self.history: List[Dict[str, Any]] = []
         self._checked = False
+        self._device: Optional[torch.device] = None
         self._step = self._new_step()
 
     # -- configuration ----------------------------------------------------------------------
@@ -209,7 +210,8 @@ class CompressState:
         return json.dumps(self.config(), sort_keys=True, default=str)
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_step")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("process_group", "_step", "_device")}
         state["residuals"] = {k: v.clone() for k, v in self.residuals.items()}
         return state
 
@@ -217,6 +219,7 @@ class CompressState:
         self.__dict__.update(state)
         self.process_group = None
         self._checked = False
+        self._device = None
         self._step = self._new_step()
 
     def __repr__(self) -> str:
@@ -257,18 +260,28 @@ class CompressState:
     def _world(self) -> Tuple[int, int]:
         return (dist.get_world_size(self.process_group), dist.get_rank(self.process_group))
 
-    def _check_backend(self) -> None:
-        backend = str(dist.get_backend(self.process_group))
-        if backend != "gloo":
-            raise ValueError(
-                "compress_hook exchanges packed bytes as CPU tensors and needs a gloo process "
-                f"group (a model on GPUs can use one: new_group(backend='gloo')); got {backend!r}")
+    def _comm(self) -> torch.device:
+        """Where the tensors handed to the collectives live: the CPU for gloo (and a
+        ``"cpu:gloo,cuda:nccl"`` group), the current CUDA device for NCCL. Encoding and decoding
+        always run on the CPU; only the packed bytes and small control tensors move."""
+        if self._device is None:
+            backend = str(dist.get_backend(self.process_group)).lower()
+            if "gloo" in backend:
+                self._device = torch.device("cpu")
+            elif backend == "nccl":
+                self._device = torch.device("cuda", torch.cuda.current_device())
+            else:
+                raise ValueError(
+                    "compress_hook runs on gloo and NCCL process groups; got backend "
+                    f"{backend!r}")
+        return self._device
 
     def _check_config(self, world: int) -> None:
         """All ranks' configuration digests compared once; a clear error on every rank when
         they differ."""
         text = self._config_text()
-        digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8)
+        digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8,
+                              device=self._comm())
         got = [torch.empty_like(digest) for _ in range(world)]
         dist.all_gather(got, digest, group=self.process_group)
         self._count("all_gather", digest.numel(), world, payload=False)
@@ -282,21 +295,22 @@ class CompressState:
         self._checked = True
 
     def _gather_lengths(self, n: int, world: int) -> List[int]:
-        mine = torch.tensor([n], dtype=torch.int64)
+        mine = torch.tensor([n], dtype=torch.int64, device=self._comm())
         got = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(got, mine, group=self.process_group)
         self._count("all_gather", 8, world, payload=False)
-        return [int(g.item()) for g in got]
+        return torch.cat(got).tolist()
 
     def _gather_padded(self, buf: torch.Tensor, lengths: List[int], world: int
                        ) -> List[torch.Tensor]:
         width = max(lengths)
         padded = torch.zeros(width, dtype=torch.uint8)
         padded[: buf.numel()] = buf
-        got = [torch.empty(width, dtype=torch.uint8) for _ in range(world)]
+        padded = padded.to(self._comm())
+        got = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(got, padded, group=self.process_group)
         self._count("all_gather", width, world)
-        return [g[:n] for g, n in zip(got, lengths)]
+        return [g[:n].cpu() for g, n in zip(got, lengths)]
 
     def _raise_if_failed(self, status: List[int], what: str, errors: List[str],
                          failure: str = "could not decode the packed bytes they received "
@@ -367,17 +381,16 @@ class CompressState:
         self._step["values"] += n
         self._step["fp32_allreduce_bytes"] += 2 * (world - 1) * 4 * n // world
         device = tensor.device
-        x = tensor.detach().to("cpu", torch.float32).contiguous()
         if world == 1:
             return tensor.clone()
         if self.iter < self.start_iter:
-            x = x.clone() if x.data_ptr() == tensor.data_ptr() else x
-            dist.all_reduce(x, group=self.process_group)
+            y = tensor.detach().to(self._comm(), torch.float32, copy=True)
+            dist.all_reduce(y, group=self.process_group)
             self._count("all_reduce", 4 * n, world)
-            return x.div_(world).to(device, tensor.dtype)
+            return y.div_(world).to(device, tensor.dtype)
         if not self._checked:
-            self._check_backend()
             self._check_config(world)
+        x = tensor.detach().to("cpu", torch.float32).contiguous()
         self._step["compressed"] = True
         if self.error_feedback and key in self.residuals and self.residuals[key].numel() == n:
             x = x + self.residuals[key]
@@ -423,20 +436,22 @@ class CompressState:
         errors: List[str] = []
         parts = [self._try_encode(x[a:b], errors) for a, b in bounds]
         in_splits = [-1] * world if errors else [p.numel() for p in parts]
-        sizes_in = torch.tensor(in_splits, dtype=torch.int64)
-        sizes_out = torch.empty(world, dtype=torch.int64)
+        dev = self._comm()
+        sizes_in = torch.tensor(in_splits, dtype=torch.int64, device=dev)
+        sizes_out = torch.empty(world, dtype=torch.int64, device=dev)
         dist.all_to_all_single(sizes_out, sizes_in, group=self.process_group)
         self._count("all_to_all", 8 * world, world, payload=False)
-        out_splits = [int(s) for s in sizes_out]
+        out_splits = sizes_out.tolist()
         # every rank receives every rank's lengths: a -1 (an encoding failure) stops them all
         self._raise_if_failed([1 if v < 0 else 0 for v in out_splits],
                               "reduce-scatter of packed shards", errors,
                               "could not encode their shards")
         own = torch.cat([_decode(p) for p in parts]) if self.error_feedback else x
-        send = torch.cat(parts)
-        recv = torch.empty(sum(out_splits), dtype=torch.uint8)
+        send = torch.cat(parts).to(dev)
+        recv = torch.empty(sum(out_splits), dtype=torch.uint8, device=dev)
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.process_group)
         self._count("all_to_all", send.numel(), world)
+        recv = recv.cpu()
 
         a, b = bounds[rank]
         shard = torch.zeros(b - a)
