@@ -39,7 +39,7 @@ bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 
 # The SmaQ paper's grid (fp32, bf16, fp16, fp8, s2fp8, SmaQ 6/8, int8) on ResNet-18 + digits and
 # GPT-2 + stdlib text: Table I analogue and plots into docs/paper/ (runs in bench-out/paper-runs).
-# PAPER_FLAGS=--reduced for the quick grid committed in docs/paper/.
+# About 30 minutes on a 2-core CPU; PAPER_FLAGS=--large for the larger grid (hours).
 paper: $(BUILT)
 	$(PY) benches/paper_grid.py --out docs/paper $(PAPER_FLAGS)
 

@@ -1,8 +1,8 @@
 """The SmaQ paper's experiment on this machine: a grid of codecs x {ResNet-18 + digits, GPT-2 +
 stdlib text}, every data structure coded, then the Table I analogue and the plots.
 
-    python benches/paper_grid.py --out docs/paper             # the full grid (`make paper`)
-    python benches/paper_grid.py --out docs/paper --reduced   # fewer steps, smaller inputs
+    python benches/paper_grid.py --out docs/paper           # the grid of `make paper` (~30 min)
+    python benches/paper_grid.py --out docs/paper --large   # larger inputs and models (hours)
 
 Each run is one ``python -m smaq_rs.train`` process (its own peak RSS) writing a run directory
 under ``--runs`` (default bench-out/paper-runs); ``smaq_rs.train.report`` then writes
@@ -33,34 +33,36 @@ CODECS: Dict[str, List[str]] = {
     "int8": ["--compress", "int8"],
 }
 
-FULL = {
-    "resnet18": ["--model", "resnet18", "--dataset", "digits", "--image-size", "32",
-                 "--batch-size", "64", "--epochs", "3", "--eval-every", "21"],
-    "gpt2": ["--model", "gpt2", "--dataset", "stdlib-text", "--layers", "4", "--width", "256",
-             "--heads", "4", "--seq", "256", "--batch-size", "16", "--steps", "300",
-             "--eval-every", "25"],
-}
-REDUCED = {
+#: `make paper`: sized to run in about 30 minutes on a 2-core CPU.
+GRID = {
     "resnet18": ["--model", "resnet18", "--dataset", "digits", "--image-size", "16",
                  "--batch-size", "32", "--epochs", "2", "--eval-every", "14"],
     "gpt2": ["--model", "gpt2", "--dataset", "stdlib-text", "--layers", "2", "--width", "128",
              "--heads", "4", "--seq", "64", "--batch-size", "16", "--steps", "300",
              "--eval-every", "50"],
 }
+#: `--large`: the digits at 32x32 and the GPT-2 of benches/fidelity.py (several times longer).
+LARGE = {
+    "resnet18": ["--model", "resnet18", "--dataset", "digits", "--image-size", "32",
+                 "--batch-size", "64", "--epochs", "3", "--eval-every", "21"],
+    "gpt2": ["--model", "gpt2", "--dataset", "stdlib-text", "--layers", "4", "--width", "256",
+             "--heads", "4", "--seq", "256", "--batch-size", "16", "--steps", "300",
+             "--eval-every", "25"],
+}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/paper")
-    ap.add_argument("--reduced", action="store_true",
-                    help="smaller inputs and fewer steps (see REDUCED in this file)")
+    ap.add_argument("--large", action="store_true",
+                    help="larger inputs and models (see LARGE in this file; hours, not minutes)")
     ap.add_argument("--runs", default="bench-out/paper-runs",
                     help="where the run directories (with their checkpoints) go")
     ap.add_argument("--models", default="resnet18,gpt2")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
-    grid = REDUCED if a.reduced else FULL
+    grid = LARGE if a.large else GRID
     models = [m for m in a.models.split(",") if m]
     codecs = [c for c in a.codecs.split(",") if c]
     bad = [m for m in models if m not in grid] + [c for c in codecs if c not in CODECS]
@@ -90,18 +92,18 @@ def main(argv=None) -> int:
     paths = write_report(dirs, a.out)
     with open(paths["table"]) as f:
         tbl = f.read()
-    mode = "REDUCED grid (--reduced)" if a.reduced else "full grid"
+    mode = "large grid (--large)" if a.large else "grid of `make paper`"
     with open(os.path.join(a.out, "README.md"), "w") as f:
         f.write(f"# The SmaQ experiment: {mode}\n\n")
         f.write(f"Written by `python benches/paper_grid.py --out {a.out}"
-                f"{' --reduced' if a.reduced else ''}` on {cpu_name()} "
+                f"{' --large' if a.large else ''}` on {cpu_name()} "
                 f"({os.cpu_count()} cores), {wall / 60:.1f} min in all.\n\n")
         f.write("Settings per model: " + "; ".join(f"{m}: `{' '.join(grid[m])}`"
                                                     for m in models) + ".\n\n")
-        if a.reduced:
-            f.write("The full grid (`make paper`, no `--reduced`) uses: " + "; ".join(
-                f"{m}: `{' '.join(FULL[m])}`" for m in models) + ". It was not run for "
-                "this page.\n\n")
+        if not a.large:
+            f.write("`--large` uses: " + "; ".join(
+                f"{m}: `{' '.join(LARGE[m])}`" for m in models) + " (the GPT-2 of "
+                "`benches/fidelity.py`); it was not run for this page.\n\n")
         f.write(tbl + "\n![curves](curves.png)\n\n![memory](memory.png)\n\n## Commands\n\n")
         f.write("```\n" + "\n".join(commands) + "\n```\n")
     print(tbl)
