@@ -32,8 +32,9 @@ impl SmaqDecoder {
         let q = self.h.cfg.quant();
         let lut = self.table::<T>(&q);
         let cs = self.h.cfg.chunk_size as usize;
+        let stream = crate::simd::stream_output(std::mem::size_of_val(out));
         crate::pool::try_for_each_chunk_mut(out, cs, |ci, dst| {
-            self.decode_chunk(payload, &q, &lut, ci, dst)
+            self.decode_chunk(payload, &q, &lut, ci, dst, stream)
         })
     }
 
@@ -55,12 +56,13 @@ impl SmaqDecoder {
         lut: &[T],
         ci: usize,
         dst: &mut [T],
+        stream: bool,
     ) -> Result<()> {
         let s = &self.spans[ci];
         let esize = 4 + T::DTYPE.size();
         let (primary, extra) = (&payload[s.primary.clone()], &payload[s.extra.clone()]);
         let exc = &payload[s.exceptions.clone()];
-        let used = kernel::unpack(primary, extra, q, lut, dst);
+        let used = kernel::unpack(primary, extra, q, lut, dst, stream);
         ensure_format!(
             used == s.extra_bits,
             "smaq: chunk {ci} flags {} outliers, the index says {}",
@@ -105,10 +107,10 @@ impl SmaqDecoder {
         let q = self.h.cfg.quant();
         if let Some(out32) = as_f32_mut(out) {
             let lut = self.lut_f32.get_or_init(|| self.table::<f32>(&q));
-            return self.decode_chunk(payload, &q, lut, i, out32);
+            return self.decode_chunk(payload, &q, lut, i, out32, false);
         }
         let lut = self.table::<T>(&q);
-        self.decode_chunk(payload, &q, &lut, i, out)
+        self.decode_chunk(payload, &q, &lut, i, out, false)
     }
 }
 

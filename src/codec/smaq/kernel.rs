@@ -938,14 +938,17 @@ fn pack_tail(codes: &[u16], q: &Quant, primary: &mut [u8], extra: &mut BitWriter
 
 /// Decodes one chunk's primary and extra streams through `lut` (indexed by the full code).
 /// Returns the number of extra bits consumed, which the caller checks against the index.
+/// `stream`: write the output with non-temporal stores where the kernel can (a tensor larger
+/// than the caches, [`crate::simd::stream_output`]); the values are the same either way.
 pub fn unpack<T: Copy + 'static>(
     primary: &[u8],
     extra: &[u8],
     q: &Quant,
     lut: &[T],
     out: &mut [T],
+    stream: bool,
 ) -> u64 {
-    unpack_with(Isa::detect(), primary, extra, q, lut, out)
+    unpack_with(Isa::detect(), primary, extra, q, lut, out, stream)
 }
 
 /// [`unpack`] at a given level (at most [`Isa::detect`]).
@@ -956,11 +959,12 @@ fn unpack_with<T: Copy + 'static>(
     q: &Quant,
     lut: &[T],
     out: &mut [T],
+    stream: bool,
 ) -> u64 {
     let (bm, ew) = (q.bits_main, q.extra_bits());
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512 {
-        if let Some(xpos) = unpack_avx512(primary, extra, q, lut, out) {
+        if let Some(xpos) = unpack_avx512(primary, extra, q, lut, out, stream) {
             return xpos;
         }
     }
@@ -1000,6 +1004,7 @@ fn unpack_avx512<T: Copy + 'static>(
     q: &Quant,
     lut: &[T],
     out: &mut [T],
+    stream: bool,
 ) -> Option<u64> {
     use std::any::TypeId;
     let (bm, ew) = (q.bits_main, q.extra_bits());
@@ -1023,7 +1028,7 @@ fn unpack_avx512<T: Copy + 'static>(
         )
     };
     // SAFETY: the CPU has the AVX-512 extensions (the caller's isa comes from Isa::detect).
-    let (done, xpos) = unsafe { avx512::unpack(primary, extra, bm, ew, lut8, out8, size) };
+    let (done, xpos) = unsafe { avx512::unpack(primary, extra, bm, ew, lut8, out8, size, stream) };
     Some(unpack_portable(primary, extra, q, lut, out, done, xpos))
 }
 
@@ -1281,6 +1286,7 @@ mod tests {
                     &q,
                     &keys,
                     &mut back,
+                    false,
                 );
                 assert_eq!(used, c.outliers as u64 * q.extra_bits() as u64);
                 for (a, b) in codes.iter().zip(&back) {
@@ -1394,17 +1400,26 @@ mod tests {
         assert_eq!(ub, c.outliers as u64 * q.extra_bits() as u64);
         let keys: Vec<u32> = (0..1u32 << q.bits_outlier).collect();
         for isa in Isa::all_available() {
-            let mut a = vec![0f32; x.len()];
-            let ua = unpack_with(isa, prim, extra, &q, &lut, &mut a);
-            assert_eq!(ua, ub, "{isa:?} {tag}");
-            assert_eq!(
-                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{isa:?} {tag}"
-            );
+            // Non-temporal stores, at every alignment of the output (in 4-byte steps), give
+            // the same values and touch nothing outside the output.
+            for (stream, off) in [(false, 0), (true, 0), (true, 1), (true, 4), (true, 15)] {
+                let mut buf = vec![-7f32; x.len() + 32];
+                let a = &mut buf[off..off + x.len()];
+                let ua = unpack_with(isa, prim, extra, &q, &lut, a, stream);
+                assert_eq!(ua, ub, "{isa:?} {tag}");
+                assert_eq!(
+                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{isa:?} {tag} stream={stream} off={off}"
+                );
+                assert!(buf[..off]
+                    .iter()
+                    .chain(&buf[off + x.len()..])
+                    .all(|&v| v == -7.0));
+            }
             // The codes themselves, through an identity table.
             let mut k = vec![0u32; x.len()];
-            unpack_with(isa, prim, extra, &q, &keys, &mut k);
+            unpack_with(isa, prim, extra, &q, &keys, &mut k, false);
             assert!(
                 codes.iter().zip(&k).all(|(&u, &v)| u as u32 == v),
                 "{isa:?} {tag}"
@@ -1430,7 +1445,7 @@ mod tests {
             let uw = unpack_portable(&bytes[..pb], extra, &q, &lut, &mut want, 0, 0);
             for isa in Isa::all_available() {
                 let mut got = vec![0f32; x.len()];
-                let ug = unpack_with(isa, &bytes[..pb], extra, &q, &lut, &mut got);
+                let ug = unpack_with(isa, &bytes[..pb], extra, &q, &lut, &mut got, true);
                 assert_eq!(ug, uw);
                 assert_eq!(
                     got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -1518,9 +1533,12 @@ mod tests {
         let mut want = vec![T::default(); n];
         let uw = unpack_portable(prim, extra, q, lut, &mut want, 0, 0);
         for isa in Isa::all_available() {
-            let mut got = vec![T::default(); n];
-            assert_eq!(unpack_with(isa, prim, extra, q, lut, &mut got), uw);
-            assert_eq!(got, want, "{isa:?}");
+            for (stream, off) in [(false, 0), (true, 0), (true, 1), (true, 9)] {
+                let mut buf = vec![T::default(); n + 40];
+                let got = &mut buf[off..off + n];
+                assert_eq!(unpack_with(isa, prim, extra, q, lut, got, stream), uw);
+                assert_eq!(got, &want[..], "{isa:?} stream={stream} off={off}");
+            }
         }
     }
 

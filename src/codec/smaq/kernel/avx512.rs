@@ -479,6 +479,7 @@ pub unsafe fn unpack(
     lut: &[u8],
     out: &mut [u8],
     size: usize,
+    stream: bool,
 ) -> (usize, usize) {
     let bits = bm + ew;
     assert!((3..=8).contains(&bm) && bits <= 8 && (size == 2 || size == 4));
@@ -526,8 +527,77 @@ pub unsafe fn unpack(
         egather: ld(&egather),
         eshift: ld(&eshift),
     };
-    let xpos = k.run(primary, extra, &mut out[..n64 * size]);
+    let xpos = k.run(primary, extra, &mut out[..n64 * size], stream);
     (n64, xpos)
+}
+
+/// Writes a sequence of 64-byte vectors to consecutive memory from `base`, with non-temporal
+/// stores when streaming: the stores then go around the cache, which saves reading each output
+/// line before overwriting it. Non-temporal stores need 64-byte aligned lines, so when `base` is
+/// not aligned (NumPy's large arrays start 16 bytes into a page) each aligned line is assembled
+/// from the tails and heads of two consecutive vectors (one byte permutation), and the partial
+/// lines at both ends are written with masked ordinary stores.
+struct LineSink {
+    base: *mut u8,
+    stream: bool,
+    /// Bytes from `base` to the first 64-byte boundary (0 when aligned).
+    d: usize,
+    /// Byte r of an assembled line is byte d + r of (previous vector, next vector).
+    shift: __m512i,
+    prev: __m512i,
+    n: usize,
+}
+
+impl LineSink {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    fn new(base: *mut u8, stream: bool) -> Self {
+        let d = (64 - base as usize % 64) % 64;
+        let idx: [u8; 64] = std::array::from_fn(|r| (d + r) as u8);
+        LineSink {
+            base,
+            stream,
+            d,
+            // SAFETY: a 64-byte array.
+            shift: unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) },
+            prev: _mm512_setzero_si512(),
+            n: 0,
+        }
+    }
+
+    /// Writes the next 64 bytes (`base + 64 n ..`); the caller guarantees they are writable.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    #[inline]
+    unsafe fn put(&mut self, v: __m512i) {
+        let at = self.base.add(64 * self.n);
+        if !self.stream {
+            _mm512_storeu_si512(at as *mut _, v);
+        } else if self.d == 0 {
+            _mm512_stream_si512(at as *mut _, v);
+        } else {
+            if self.n == 0 {
+                _mm512_mask_storeu_epi8(at as *mut i8, (1u64 << self.d) - 1, v);
+            } else {
+                let line = _mm512_permutex2var_epi8(self.prev, self.shift, v);
+                _mm512_stream_si512(at.sub(64 - self.d) as *mut _, line);
+            }
+            self.prev = v;
+        }
+        self.n += 1;
+    }
+
+    /// Writes what is pending (the last vector's tail when unaligned) and orders the
+    /// non-temporal stores before any later store.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn finish(&mut self) {
+        if !self.stream {
+            return;
+        }
+        if self.d != 0 && self.n > 0 {
+            let at = self.base.add(64 * (self.n - 1));
+            _mm512_mask_storeu_epi8(at as *mut i8, !((1u64 << self.d) - 1), self.prev);
+        }
+        _mm_sfence();
+    }
 }
 
 /// The decoder's loop and its constants.
@@ -562,14 +632,14 @@ fn load_upto64(buf: &[u8], at: usize) -> __m512i {
 
 impl Unpacker {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
-    unsafe fn run(&self, primary: &[u8], extra: &[u8], out: &mut [u8]) -> usize {
+    unsafe fn run(&self, primary: &[u8], extra: &[u8], out: &mut [u8], stream: bool) -> usize {
         let (bm, ew, size) = (self.bm, self.ew, self.size);
         let n64 = out.len() / size;
         let pmask = _mm512_set1_epi8(((1u32 << bm) - 1) as i8);
         let emask = _mm512_set1_epi8(((1u32 << ew) - 1) as i8);
         let bm_x = _mm_cvtsi32_si128(bm as i32);
         let wide_tab = bm + ew == 8;
-        let op = out.as_mut_ptr();
+        let mut sink = LineSink::new(out.as_mut_ptr(), stream);
         let mut xpos = 0usize;
         let mut i = 0;
         while i < n64 {
@@ -602,8 +672,8 @@ impl Unpacker {
             };
             let p0 = plane(&self.tab[0]);
             let p1 = plane(&self.tab[1]);
-            let at = i * size;
-            // SAFETY (both arms): out holds n64 * size bytes and at + 64 * size <= that.
+            // SAFETY (both arms): the sink writes out[64 * size * i / 64..][..64 * size], in
+            // order; out holds n64 * size bytes.
             if size == 4 {
                 let p2 = plane(&self.tab[2]);
                 let p3 = plane(&self.tab[3]);
@@ -612,19 +682,21 @@ impl Unpacker {
                 let c = _mm512_unpacklo_epi8(p2, p3);
                 let d = _mm512_unpackhi_epi8(p2, p3);
                 unsafe {
-                    _mm512_storeu_si512(op.add(at) as *mut _, _mm512_unpacklo_epi16(a, c));
-                    _mm512_storeu_si512(op.add(at + 64) as *mut _, _mm512_unpackhi_epi16(a, c));
-                    _mm512_storeu_si512(op.add(at + 128) as *mut _, _mm512_unpacklo_epi16(b, d));
-                    _mm512_storeu_si512(op.add(at + 192) as *mut _, _mm512_unpackhi_epi16(b, d));
+                    sink.put(_mm512_unpacklo_epi16(a, c));
+                    sink.put(_mm512_unpackhi_epi16(a, c));
+                    sink.put(_mm512_unpacklo_epi16(b, d));
+                    sink.put(_mm512_unpackhi_epi16(b, d));
                 }
             } else {
                 unsafe {
-                    _mm512_storeu_si512(op.add(at) as *mut _, _mm512_unpacklo_epi8(p0, p1));
-                    _mm512_storeu_si512(op.add(at + 64) as *mut _, _mm512_unpackhi_epi8(p0, p1));
+                    sink.put(_mm512_unpacklo_epi8(p0, p1));
+                    sink.put(_mm512_unpackhi_epi8(p0, p1));
                 }
             }
             i += 64;
         }
+        // SAFETY: every vector written so far lies in `out`.
+        unsafe { sink.finish() };
         xpos
     }
 }
