@@ -55,7 +55,7 @@ const HUGE_PAGE_MIN: usize = 8 << 20;
 /// otherwise takes 8192 page faults, which measured as more than half the CPU time of an fp16
 /// encode (1.5 -> 0.6-0.75 ns per value with it). Advisory only: contents and correctness do not
 /// change. `SMAQ_RS_HUGEPAGES=0` turns it off.
-fn advise_huge_pages(ptr: *const u8, len: usize) {
+pub(crate) fn advise_huge_pages(ptr: *const u8, len: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;

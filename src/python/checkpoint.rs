@@ -176,7 +176,9 @@ impl PyReader {
         if self.inner.header.entries[i].encoding != crate::format::container::ENC_PACKED {
             return Ok((None, None));
         }
-        let p = detached_entry(py, name, || Packed::from_bytes(self.inner.stored(i)?))?;
+        let p = detached_entry(py, name, || {
+            Packed::from_verified_bytes(self.inner.stored(i)?)
+        })?;
         Ok((
             Some(params_to_dict(py, &p.params())?),
             Some(params_to_dict(py, &p.stats())?),

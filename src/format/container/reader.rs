@@ -8,18 +8,31 @@ use crate::error::{ensure_format, Error, Result};
 use crate::format::Packed;
 use rayon::prelude::*;
 use std::fs::File;
+use std::mem::MaybeUninit;
+#[cfg(not(target_os = "linux"))]
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// A zeroed, 8-byte-aligned buffer of `len` bytes (allocation failure is an error, not an abort).
+/// Zeroed by the allocator (calloc): a large buffer's fresh pages are not written here, only
+/// faulted in by whoever writes them first.
 pub fn aligned_buffer(len: u64) -> Result<Vec<u64>> {
     let words = usize::try_from(len.div_ceil(8))
         .map_err(|_| Error::Layout(format!("{len} bytes do not fit in memory")))?;
-    let mut v: Vec<u64> = Vec::new();
-    v.try_reserve_exact(words)
-        .map_err(|_| Error::Layout(format!("cannot allocate {len} bytes")))?;
-    v.resize(words, 0);
-    Ok(v)
+    if words == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u64>(words)
+        .map_err(|_| Error::Layout(format!("{len} bytes do not fit in memory")))?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut u64;
+    if ptr.is_null() {
+        return Err(Error::Layout(format!("cannot allocate {len} bytes")));
+    }
+    crate::buf::advise_huge_pages(ptr as *const u8, 8 * words);
+    // SAFETY: allocated by the global allocator with the layout of `words` u64 values, all
+    // initialized (zero).
+    Ok(unsafe { Vec::from_raw_parts(ptr, words, words) })
 }
 
 /// Verifies an entry's stored bytes and decodes them into `out` (its dense little-endian bytes,
@@ -32,13 +45,25 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
         stored.len(),
         entry.length
     );
-    let computed = crate::format::checksum(&stored);
+    verify(entry, &stored)?;
+    decode_verified(entry, stored, out)
+}
+
+/// The entry's checksum against that of its stored bytes.
+fn verify(entry: &Entry, stored: &[u8]) -> Result<()> {
+    let computed = crate::format::checksum(stored);
     if computed != entry.checksum {
         return Err(Error::Checksum {
             stored: entry.checksum,
             computed,
         });
     }
+    Ok(())
+}
+
+/// [`decode_entry`] of stored bytes already verified against the entry's checksum (so a packed
+/// tensor's own checksum, covered by it, is not computed again).
+fn decode_verified(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()> {
     if out.len() as u64 != entry.dense_len() {
         return Err(Error::Layout(format!(
             "entry {:?}: output holds {} bytes, expected {}",
@@ -63,7 +88,7 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
             );
         }
         _ => {
-            let p = Packed::from_bytes(stored)?;
+            let p = Packed::from_verified_bytes(stored)?;
             ensure_format!(
                 codec::by_name(p.codec_name())?.id == entry.codec_id
                     && p.dtype() == entry.dtype
@@ -95,6 +120,12 @@ pub trait Source: Sync {
         self.len() == 0
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Fills `dst` with the bytes at `offset` (initializing every byte, also on error).
+    fn read_into(&self, offset: u64, dst: &mut [MaybeUninit<u8>]) -> Result<()>;
+}
+
+fn out_of_bounds(len: usize, offset: u64) -> Error {
+    Error::Format(format!("read of {len} bytes at {offset} is out of bounds"))
 }
 
 impl Source for [u8] {
@@ -107,9 +138,13 @@ impl Source for [u8] {
             .and_then(|s| s.checked_add(len).map(|e| (s, e)))
             .filter(|&(_, e)| e <= <[u8]>::len(self))
             .map(|(s, e)| self[s..e].to_vec())
-            .ok_or_else(|| {
-                Error::Format(format!("read of {len} bytes at {offset} is out of bounds"))
-            })
+            .ok_or_else(|| out_of_bounds(len, offset))
+    }
+    fn read_into(&self, offset: u64, dst: &mut [MaybeUninit<u8>]) -> Result<()> {
+        let dst = crate::buf::zero_init(dst);
+        let src = self.read_at(offset, dst.len())?;
+        dst.copy_from_slice(&src);
+        Ok(())
     }
 }
 
@@ -127,18 +162,72 @@ impl Source for FileSource {
         let mut buf: Vec<u8> = Vec::new();
         buf.try_reserve_exact(len)
             .map_err(|_| Error::Layout(format!("cannot allocate {len} bytes")))?;
-        buf.resize(len, 0);
-        self.file.read_exact_at(&mut buf, offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Format(format!(
-                    "file ended before {len} bytes at offset {offset} could be read (was it \
-                     truncated while open?)"
-                ))
-            } else {
-                Error::io("cannot read the checkpoint")(e)
-            }
-        })?;
+        self.read_into(offset, &mut buf.spare_capacity_mut()[..len])?;
+        // SAFETY: read_into initialized the first `len` bytes.
+        unsafe { buf.set_len(len) };
         Ok(buf)
+    }
+
+    fn read_into(&self, offset: u64, dst: &mut [MaybeUninit<u8>]) -> Result<()> {
+        let len = dst.len();
+        let short = || {
+            Error::Format(format!(
+                "file ended before {len} bytes at offset {offset} could be read (was it \
+                 truncated while open?)"
+            ))
+        };
+        #[cfg(target_os = "linux")]
+        {
+            // pread straight into the uninitialized buffer: no zeroing pass before the copy.
+            let mut done = 0usize;
+            while done < len {
+                let at =
+                    i64::try_from(offset + done as u64).map_err(|_| out_of_bounds(len, offset));
+                let at = match at {
+                    Ok(a) => a,
+                    Err(e) => {
+                        crate::buf::zero_init(&mut dst[done..]);
+                        return Err(e);
+                    }
+                };
+                // SAFETY: the kernel writes at most len - done bytes into dst[done..], which is
+                // valid for writes; bytes it writes are initialized.
+                let n = unsafe {
+                    libc::pread(
+                        std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                        dst[done..].as_mut_ptr().cast(),
+                        len - done,
+                        at,
+                    )
+                };
+                if n > 0 {
+                    done += n as usize;
+                    continue;
+                }
+                let err = std::io::Error::last_os_error();
+                if n < 0 && err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                crate::buf::zero_init(&mut dst[done..]);
+                return Err(if n == 0 {
+                    short()
+                } else {
+                    Error::io("cannot read the checkpoint")(err)
+                });
+            }
+            Ok(())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let dst = crate::buf::zero_init(dst);
+            self.file.read_exact_at(dst, offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    short()
+                } else {
+                    Error::io("cannot read the checkpoint")(e)
+                }
+            })
+        }
     }
 }
 
@@ -201,36 +290,73 @@ impl<S: Source + ?Sized> Reader<S> {
 
     /// The stored (encoded) bytes of entry `i`, checksum verified.
     pub fn stored(&self, i: usize) -> Result<Vec<u8>> {
+        let b = self.stored_unverified(i)?;
+        verify(&self.header.entries[i], &b)?;
+        Ok(b)
+    }
+
+    /// The stored bytes of entry `i` and the zero padding after them checked, read into a
+    /// recycled buffer when one fits (no page faults, no zeroing pass).
+    fn stored_unverified(&self, i: usize) -> Result<Vec<u8>> {
         let e = &self.header.entries[i];
         let len = usize::try_from(e.length)
             .map_err(|_| Error::Format(format!("entry {:?} is too large", e.name)))?;
         let padded = align8(e.length).unwrap() as usize;
-        let mut b = self
-            .src
-            .read_at(self.header.data_start + e.offset, padded)?;
-        ensure_format!(
-            b[len..].iter().all(|&x| x == 0),
-            "entry {:?}: padding after its payload is not zero",
-            e.name
-        );
+        let mut res = Ok(());
+        // SAFETY: read_into initializes every byte of the slice, also when it fails.
+        let mut b = unsafe {
+            crate::buf::init_with_tail(padded, 0, |dst| {
+                res = self.src.read_into(self.header.data_start + e.offset, dst)
+            })
+        };
+        res?;
+        self.check_padding(e, &b[len..])?;
         b.truncate(len);
-        let computed = crate::format::checksum(&b);
-        if computed != e.checksum {
-            return Err(Error::Checksum {
-                stored: e.checksum,
-                computed,
-            });
-        }
         Ok(b)
     }
 
-    /// Decodes entry `i` into a new 8-byte-aligned buffer (its first `dense_len()` bytes).
+    fn check_padding(&self, e: &Entry, pad: &[u8]) -> Result<()> {
+        ensure_format!(
+            pad.iter().all(|&x| x == 0),
+            "entry {:?}: padding after its payload is not zero",
+            e.name
+        );
+        Ok(())
+    }
+
+    /// Decodes entry `i` into a new 8-byte-aligned buffer (its first `dense_len()` bytes). Each
+    /// byte is checksummed once; a raw entry is read straight into the buffer.
     pub fn read(&self, i: usize) -> Result<Vec<u64>> {
         let e = &self.header.entries[i];
-        let stored = self.stored(i)?;
         let mut buf = aligned_buffer(e.dense_len())?;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
-        decode_entry(e, stored, &mut bytes[..e.dense_len() as usize])?;
+        let out = &mut bytes[..e.dense_len() as usize];
+        if e.encoding == ENC_RAW && e.length == e.dense_len() {
+            let at = self.header.data_start + e.offset;
+            // SAFETY: u8 and MaybeUninit<u8> share their layout; read_into only writes.
+            let dst = unsafe { &mut *(out as *mut [u8] as *mut [MaybeUninit<u8>]) };
+            self.src.read_into(at, dst)?;
+            let pad = (align8(e.length).unwrap() - e.length) as usize;
+            let mut tail = [0u8; 8];
+            let t = &mut tail[..pad];
+            // SAFETY: as above.
+            self.src.read_into(at + e.length, unsafe {
+                &mut *(t as *mut [u8] as *mut [MaybeUninit<u8>])
+            })?;
+            self.check_padding(e, &tail[..pad])?;
+            verify(e, out)?;
+            return Ok(buf);
+        }
+        let stored = self.stored_unverified(i)?;
+        ensure_format!(
+            stored.len() as u64 == e.length,
+            "entry {:?}: read {} bytes, header says {}",
+            e.name,
+            stored.len(),
+            e.length
+        );
+        verify(e, &stored)?;
+        decode_verified(e, stored, out)?;
         Ok(buf)
     }
 
