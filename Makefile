@@ -31,6 +31,7 @@ bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	mkdir -p bench-out
 	$(PY) benches/bench_lossless.py --weights $(CREPE)
 	$(PY) benches/bench_checkpoint.py --weights $(CREPE)
+	$(PY) benches/bench_incremental.py
 	$(PY) benches/fidelity.py --png bench-out/fidelity.png
 	$(PY) benches/bench_sparse.py
 	$(PY) benches/bench_sparse_checkpoint.py

@@ -1,7 +1,8 @@
 """The checkpoint's JSON document: flattening an object into tensors plus the document, the
 document's schema, and rebuilding the object from it (docs/FORMAT.md, "Checkpoint container").
 
-Schema (version 1; 2 for an incremental checkpoint; 3 when it holds sparse tensors)::
+Schema (version 1; 2 for an incremental checkpoint; 3 when it holds sparse tensors; 4 when it
+holds coded differences or lossy residuals)::
 
     {"format": "smaq_rs.checkpoint", "version": 1,
      "root": <value>, "kinds": {tensor name: "torch" | "numpy"}, "metadata": <value> | null,
@@ -12,7 +13,10 @@ An incremental checkpoint (``save(..., base=...)``, version 2) adds
 ``"from_base": [tensor names]``: those tensors are the base's (unchanged since), not entries of
 this file. ``identity`` is a SHA-256 over the base's JSON document and its entries' checksums,
 so a base changed since is detected. ``"deltas": [entry names]`` lists the entries that store
-the difference of a tensor's bit patterns from the base's (``delta.py``), not the tensor.
+the difference of a tensor's bit patterns from the base's (``delta.py``), not the tensor; in
+version 4 it is ``{entry name: {"op": "sub" | "xor", "layout": "rot" | "planes" | "plain",
+"order": "none" | "exponent"}}``, how each difference is coded. ``"residuals": [entry names]``
+(version 4) lists the entries holding ``tensor - base's decoded tensor``, lossily coded.
 ``tensors`` (written since the format had it) is what a later checkpoint compares with to find
 unchanged tensors. ``"sparse": {tensor name: {"mask": entry name, "shape": [...], "nnz": k,
 "signs": entry name}}`` (version 3) lists the tensors stored as their ``k`` non-zero elements
@@ -48,6 +52,11 @@ DOC_VERSION_BASE = 2
 #: not: a reader that does not know it must refuse the file rather than return a tensor's
 #: non-zero values as the tensor.
 DOC_VERSION_SPARSE = 3
+#: The document version of an incremental checkpoint whose differences from the base are coded
+#: (``"deltas"`` a record per entry) or that holds lossy residuals (``"residuals"``); sparse
+#: tensors may appear too. Readers of versions 2 and 3 refuse it rather than read a coded
+#: difference as a plain one.
+DOC_VERSION_CODED = 4
 
 
 def _torch_dtypes() -> Dict[str, Any]:
@@ -208,19 +217,30 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
         or not isinstance(doc.get("kinds"), dict)
     ):
         raise FormatError(f"{path}: the JSON document is not a smaq_rs checkpoint's")
-    if doc.get("version") not in (DOC_VERSION, DOC_VERSION_BASE, DOC_VERSION_SPARSE):
-        raise FormatError(f"{path}: checkpoint document version {doc.get('version')!r} "
+    version = doc.get("version")
+    if version not in (DOC_VERSION, DOC_VERSION_BASE, DOC_VERSION_SPARSE, DOC_VERSION_CODED):
+        raise FormatError(f"{path}: checkpoint document version {version!r} "
                           f"is not supported (this build reads {DOC_VERSION} to "
-                          f"{DOC_VERSION_SPARSE})")
+                          f"{DOC_VERSION_CODED})")
     from_base, deltas = doc.get("from_base", []), doc.get("deltas", [])
+    residuals = doc.get("residuals", [])
     base = doc.get("base")
-    if (not isinstance(from_base, list) or not isinstance(deltas, list)
-            or any(n not in entries for n in deltas)
-            or ((from_base or deltas) and not (
+    if isinstance(deltas, dict):  # version 4: a delta record per entry
+        from .delta import valid
+
+        ok = version == DOC_VERSION_CODED and all(valid(r) for r in deltas.values())
+    else:  # versions 2 and 3: a list of plain differences
+        ok = isinstance(deltas, list)
+    if (not ok or not isinstance(from_base, list) or not isinstance(residuals, list)
+            or (residuals and version != DOC_VERSION_CODED)
+            or not all(isinstance(n, str) for n in list(deltas) + residuals)
+            or any(n not in entries for n in list(deltas) + residuals)
+            or set(deltas) & set(residuals)
+            or ((from_base or deltas or residuals) and not (
                 isinstance(base, dict) and isinstance(base.get("path"), str)
                 and isinstance(base.get("identity"), str)))):
         raise FormatError(f"{path}: malformed base reference in the JSON document")
-    _check_sparse(doc.get("sparse", {}), entries, set(deltas), path)
+    _check_sparse(doc.get("sparse", {}), entries, set(deltas) | set(residuals), path)
     from_base = set(from_base)
     for name, kind in doc["kinds"].items():
         if (name not in entries and name not in from_base) or kind not in ("torch", "numpy"):
@@ -229,9 +249,9 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
     return doc
 
 
-def _check_sparse(sparse: Any, entries: Mapping[str, Any], deltas: set, path: str) -> None:
+def _check_sparse(sparse: Any, entries: Mapping[str, Any], based: set, path: str) -> None:
     """``"sparse": {tensor name: {"mask": entry, "shape": [ints], "nnz": int, "signs": entry
-    (optional)}}``: each tensor's entry holds its ``nnz`` non-zero elements, its mask entry one
+    (optional)}}`` (never a delta or residual entry): each tensor's entry holds its ``nnz`` non-zero elements, its mask entry one
     bit per element, its signs entry one bit per zero (set for -0.0)."""
     ok = isinstance(sparse, dict)
     for name, rec in (sparse.items() if ok else ()):
@@ -239,7 +259,7 @@ def _check_sparse(sparse: Any, entries: Mapping[str, Any], deltas: set, path: st
             mask, shape, nnz = rec["mask"], rec["shape"], rec["nnz"]
             numel = math.prod(shape)
             signs = rec.get("signs")
-            ok = (name in entries and mask in entries and name not in deltas
+            ok = (name in entries and mask in entries and name not in based
                   and all(isinstance(d, int) and d >= 0 for d in shape)
                   and isinstance(nnz, int) and 0 <= nnz <= numel
                   and list(entries[name]["shape"]) == [nnz]

@@ -51,7 +51,13 @@ class Checkpoint(Mapping):
         self._names = [n for n in self._entries if n not in self._masks]
         #: Tensors an incremental checkpoint takes from its base (see :func:`save`'s ``base``).
         self.from_base = list(self._doc.get("from_base", []))
-        self._deltas = set(self._doc.get("deltas", []))
+        deltas = self._doc.get("deltas", [])
+        #: Entries holding a difference from the base's tensor, and how it is coded (document
+        #: version 2 and 3 files: plain differences).
+        self._deltas: Dict[str, Dict[str, str]] = (
+            dict(deltas) if isinstance(deltas, dict) else {n: delta.PLAIN for n in deltas})
+        #: Entries holding a lossy residual from the base's decoded tensor.
+        self._residuals = set(self._doc.get("residuals", []))
         self._base: Optional["Checkpoint"] = None
 
     # Mapping: the tensors of the file, and those taken from its base.
@@ -60,11 +66,7 @@ class Checkpoint(Mapping):
         return name in self._entries and name not in self._masks
 
     def __getitem__(self, name: str):
-        if self._stored(name):
-            return self._make(name, self._full(name, self._r.read(name)))
-        if name in self.from_base:
-            return self.base()[name]
-        raise KeyError(name)
+        return self._tensors([name])[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names + self.from_base)
@@ -92,23 +94,50 @@ class Checkpoint(Mapping):
 
     def raw_bytes(self, name: str) -> np.ndarray:
         """The dense bytes of tensor `name` (stored here or in the base), as uint8."""
-        if self._stored(name):
-            return self._full(name, self._r.read(name))
-        if name in self.from_base:
-            return self.base().raw_bytes(name)
-        raise KeyError(name)
+        return self._dense_many([name])[name]
+
+    def _dense_many(self, names: List[str]) -> Dict[str, np.ndarray]:
+        """The dense bytes of tensors `names` (stored here or in the base): this file's entries
+        are read in parallel, and the base values their differences need in one call to the
+        base."""
+        for n in names:
+            if n not in self:
+                raise KeyError(n)
+        mine = [n for n in names if self._stored(n)]
+        bufs = self._r.read_many(mine) if mine else []
+        based = [n for n in mine if n in self._deltas or n in self._residuals]
+        based += [n for n in names if not self._stored(n)]
+        base = self.base()._dense_many(based) if based else {}
+        out = {n: self._full(n, b, base.get(n)) for n, b in zip(mine, bufs)}
+        out.update((n, base[n]) for n in names if not self._stored(n))
+        return out
+
+    def _tensors(self, names: List[str]) -> Dict[str, Any]:
+        """Tensors `names` (stored here or in the base), decoded."""
+        mine = [n for n in names if self._stored(n)]
+        dense = self._dense_many(mine)
+        out = {n: self._make(n, dense[n]) for n in mine}
+        theirs = [n for n in names if not self._stored(n)]
+        for n in theirs:
+            if n not in self.from_base:
+                raise KeyError(n)
+        if theirs:
+            out.update(self.base()._tensors(theirs))
+        return out
 
     def exact(self, name: str) -> bool:
         """Whether tensor `name` reads back exactly as it was saved (stored raw, zstd or
         lossless here, or so in the base)."""
         if self._stored(name):
-            exact = self._entries[name]["codec"] in ("raw", "zstd", "lossless")
+            exact = (self._entries[name]["codec"] in ("raw", "zstd", "lossless")
+                     and name not in self._residuals)
             return exact and (name not in self._deltas or self.base().exact(name))
         return name in self.from_base and self.base().exact(name)
 
-    def _full(self, name: str, buf: np.ndarray) -> np.ndarray:
-        """An entry's dense bytes from what it stores: itself, or its difference from the
-        base's tensor."""
+    def _full(self, name: str, buf: np.ndarray, base: Optional[np.ndarray] = None
+              ) -> np.ndarray:
+        """An entry's dense bytes from what it stores: itself, its non-zero elements, or its
+        difference from the base's tensor (whose dense bytes `base` are, when already read)."""
         e = self._entries[name]
         raw = buf.view(np.uint8)[: e["dense_nbytes"]]
         rec = self._sparse.get(name)
@@ -121,10 +150,14 @@ class Checkpoint(Mapping):
                 zeros = numel - rec["nnz"]
                 signs = self._r.read(rec["signs"]).view(np.uint8)[: (zeros + 7) // 8]
             return sparse.expand(mask, raw, numel, size, signs)
-        if name not in self._deltas:
+        if name not in self._deltas and name not in self._residuals:
             return raw
-        n = int(np.prod(e["shape"], dtype=np.int64))
-        return delta.decode(raw, self.base().raw_bytes(name), e["dense_nbytes"] // max(n, 1))
+        if base is None:
+            base = self.base().raw_bytes(name)
+        if name in self._residuals:
+            return delta.from_float(delta.to_float(base, e["dtype"])
+                                    + delta.to_float(raw, e["dtype"]), e["dtype"])
+        return delta.decode(raw, base, e["dtype"], self._deltas[name])
 
     def identity(self) -> str:
         """SHA-256 over the JSON document and every entry's checksum: what an incremental
@@ -232,11 +265,7 @@ class Checkpoint(Mapping):
 
     def load(self) -> Any:
         """The whole saved object, every entry decoded (in parallel)."""
-        names = list(self._names)
-        bufs = self._r.read_many(names)
-        tensors = {n: self._make(n, self._full(n, b)) for n, b in zip(names, bufs)}
-        for n in self.from_base:
-            tensors[n] = self.base()[n]
+        tensors = self._tensors(self._names + self.from_base)
         return self._rebuild(self._doc["root"], tensors)
 
 

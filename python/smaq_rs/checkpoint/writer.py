@@ -16,6 +16,9 @@ from .policy import EXACT_CODECS, FLOATS, itemsize, resolve_policy
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: Codec parameters that do not fit a residual (signed, any magnitude): dropped from its entry.
+_NOT_FOR_RESIDUALS = ("all_positive", "log")
+
 #: Tensors are handed to the writer in batches of about this many bytes (one progress call each).
 _BATCH_BYTES = 256 << 20
 
@@ -30,6 +33,7 @@ def save(
     progress: Optional[Callable[[int, int], None]] = None,
     durable: bool = True,
     base: Optional[PathLike] = None,
+    residual: bool = True,
     **params: Any,
 ) -> Dict[str, Any]:
     """Saves a state dict, an optimizer state dict or any nesting of dicts/lists of tensors.
@@ -49,38 +53,61 @@ def save(
     stored again but taken from the base when this checkpoint is read (a frozen backbone,
     embeddings that did not move). The base's path is recorded relative to this file, with an
     identity that reading checks: keep the base beside it, unchanged. A chain of bases works.
-    A changed tensor stored exactly (``lossless``, ``raw`` or ``zstd``) whose base value is
-    exact too is stored as the difference of its bit patterns from the base's (listed in the
-    summary's ``deltas``; it takes fewer bytes where few bits changed).
     The summary's ``from_base`` lists the tensors taken from the base.
+
+    A changed tensor stored exactly (``lossless``, ``zstd``; not ``raw``, which does not
+    compress) whose base value is exact too is stored as a code of its bit patterns against the
+    base's (the integer difference or the XOR, whichever is estimated smaller, its bytes split
+    into planes), or whole when that is estimated smaller; bit-exact either way. The summary's
+    ``deltas`` maps each tensor so stored to how (``{"op": "sub" | "xor", ...}``).
+
+    ``residual`` (default True): a changed float tensor that the policy codes lossily (the
+    default SmaQ policy, ``int``, ``fp8``...) is stored as the residual ``tensor - base``,
+    where ``base`` is the tensor as the base checkpoint returns it (decoded), coded with the same
+    codec and parameters (less ``all_positive`` and ``log``, which a residual does not fit);
+    loading returns ``base + decoded residual``. The coding error then scales with the change
+    since the base rather than with the tensor, and does not build up along a chain: each
+    residual is taken against what the previous checkpoint returns, so it also carries that
+    checkpoint's error. A tensor whose residual is not smaller than the tensor (standard
+    deviation; e.g. re-initialised) is stored whole. The summary's ``residuals`` lists them.
+    ``residual=False`` stores every changed lossy tensor whole.
     """
     choose = resolve_policy(codec, policy, params)
     tensors, text = document.flatten(obj, metadata)
     path = os.fspath(path)
     tensors, doc, from_base, base_ck = _against_base(tensors, text, path, base)
-    deltas: List[str] = []
+    deltas: Dict[str, Dict[str, str]] = {}
+    residuals: List[str] = []
     specs = []
     stored: List[document.Tensor] = []  # what the container holds, masks included
     split: Dict[str, Dict[str, Any]] = {}  # the document's "sparse" records
     names = {t.name for t in tensors} | set(from_base)
     for t in tensors:
         c, p = choose(t.name, t.dtype, t.shape)
-        if base_ck is not None and c in EXACT_CODECS and _delta_against(base_ck, doc, t):
-            deltas.append(t.name)
-        elif c in sparse.CODECS and t.dtype in FLOATS:
-            parts = sparse.split(t.raw, itemsize(t.dtype), getattr(choose, "sparse_min", None))
-            if parts is not None:
-                mask, values, nnz, signs = parts
-                rec: Dict[str, Any] = {"shape": list(t.shape), "nnz": nnz}
-                for key, bits in (("mask", mask), ("signs", signs)):
-                    if bits is not None:
-                        rec[key] = _side_name(t.name, key, names)
-                        names.add(rec[key])
-                        stored.append(document.Tensor(rec[key], "uint8", (bits.size,), bits,
-                                                      "numpy"))
-                        specs.append((rec[key], "uint8", [bits.size], "zstd", None))
-                split[t.name] = rec
-                t = document.Tensor(t.name, t.dtype, (nnz,), values, t.kind)
+        rec = None
+        if base_ck is not None and c in EXACT_CODECS:
+            rec = _delta_against(base_ck, doc, t, c)
+        if rec is not None:
+            deltas[t.name] = rec
+            if c == "lossless":
+                p = {**(p or {}), **delta.LOSSLESS_PARAMS}
+        elif c in sparse.CODECS and t.dtype in FLOATS and (parts := sparse.split(
+                t.raw, itemsize(t.dtype), getattr(choose, "sparse_min", None))) is not None:
+            mask, values, nnz, signs = parts
+            srec: Dict[str, Any] = {"shape": list(t.shape), "nnz": nnz}
+            for key, bits in (("mask", mask), ("signs", signs)):
+                if bits is not None:
+                    srec[key] = _side_name(t.name, key, names)
+                    names.add(srec[key])
+                    stored.append(document.Tensor(srec[key], "uint8", (bits.size,), bits,
+                                                  "numpy"))
+                    specs.append((srec[key], "uint8", [bits.size], "zstd", None))
+            split[t.name] = srec
+            t = document.Tensor(t.name, t.dtype, (nnz,), values, t.kind)
+        elif (base_ck is not None and residual and c not in EXACT_CODECS and t.dtype in FLOATS
+              and _residual_against(base_ck, doc, t)):
+            residuals.append(t.name)
+            p = {k: v for k, v in (p or {}).items() if k not in _NOT_FOR_RESIDUALS}
         stored.append(t)
         if c in EXACT_CODECS or t.dtype in FLOATS:
             specs.append((t.name, t.dtype, list(t.shape), c, p or None))
@@ -90,9 +117,13 @@ def save(
         base_ck.close()
     if deltas:
         doc["deltas"] = deltas
+    if residuals:
+        doc["residuals"] = residuals
     if split:
         doc["sparse"] = split
         doc["version"] = document.DOC_VERSION_SPARSE
+    if deltas or residuals:
+        doc["version"] = document.DOC_VERSION_CODED
     text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
     writer = _core.CheckpointWriter(path, specs, text)
     total = sum(t.raw.nbytes for t in stored)
@@ -126,6 +157,7 @@ def save(
         "fsync_seconds": fsync_seconds,
         "from_base": from_base,
         "deltas": deltas,
+        "residuals": residuals,
         "entries": _entry_sizes(stored, sizes, specs, split,
                                 {t.name: t.raw.nbytes for t in tensors}),
     }
@@ -183,13 +215,37 @@ def _against_base(tensors: List[document.Tensor], text: str, path: str,
     return [t for t in tensors if t.name not in skip], doc, from_base, b
 
 
-def _delta_against(b: Any, doc: Dict[str, Any], t: document.Tensor) -> bool:
-    """Replaces `t`'s bytes by their difference from the base's tensor of the same name, dtype
-    and shape when the base holds it exactly; whether it did."""
+def _base_match(b: Any, doc: Dict[str, Any], t: document.Tensor) -> bool:
+    """Whether the base holds a tensor of `t`'s name, dtype and shape."""
     rec = b.tensor_records().get(t.name)
-    size = t.raw.nbytes // max(1, int(np.prod(t.shape, dtype=np.int64)))
-    if (rec is None or rec[1:] != doc["tensors"][t.name][1:] or not delta.supports(size)
+    return rec is not None and rec[1:] == doc["tensors"][t.name][1:]
+
+
+def _delta_against(b: Any, doc: Dict[str, Any], t: document.Tensor, codec: str
+                   ) -> Optional[Dict[str, str]]:
+    """Replaces `t`'s bytes by their code against the base's tensor of the same name, dtype and
+    shape when the base holds it exactly and the code is estimated smaller than the tensor
+    (stored with `codec`); the delta record, or None (`t` unchanged)."""
+    if (not _base_match(b, doc, t) or not delta.supports(t.dtype, itemsize(t.dtype))
             or not b.exact(t.name)):
+        return None
+    new = np.ascontiguousarray(t.raw).reshape(-1)
+    base = b.raw_bytes(t.name)
+    rec = delta.choose(new, base, t.dtype, codec)
+    if rec is not None:
+        t.raw = delta.encode(new, base, t.dtype, rec)
+    return rec
+
+
+def _residual_against(b: Any, doc: Dict[str, Any], t: document.Tensor) -> bool:
+    """Replaces float tensor `t`'s bytes by its residual from the base's decoded tensor of the
+    same name, dtype and shape when that residual is finite and has a smaller standard
+    deviation than the tensor; whether it did."""
+    if not _base_match(b, doc, t) or t.raw.nbytes == 0:
         return False
-    t.raw = delta.encode(np.ascontiguousarray(t.raw).reshape(-1), b.raw_bytes(t.name), size)
+    new = delta.to_float(np.ascontiguousarray(t.raw).reshape(-1), t.dtype)
+    r = new - delta.to_float(b.raw_bytes(t.name), t.dtype)
+    if not np.isfinite(r).all() or not float(np.std(r)) < float(np.std(new)):
+        return False
+    t.raw = delta.from_float(r, t.dtype)
     return True
