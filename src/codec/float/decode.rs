@@ -1,7 +1,7 @@
 //! The float decode path (docs/CODECS.md, "Floating point"): the metadata read and checked
 //! against the frame ([`FloatDecoder::parse`]), then each chunk of `CHUNK` codes turned back
 //! into float32 in parallel (a table for narrow codes, `half` for fp16, bit shifts for the
-//! formats with float32's exponent), unsqueezed for S2FP8, and written as the tensor's dtype.
+//! formats with float32's exponent; S2FP8's table holds the unsqueezed values), and written as the tensor's dtype.
 
 use super::header::Header;
 use super::minifloat::MiniFloat;
@@ -46,23 +46,21 @@ impl FloatDecoder {
     pub(super) fn decode_typed<T: ToF32>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
         let fmt = self.header.cfg.kind.format();
         let width = fmt.map_or(32, |f| f.width()) as usize;
-        // Lookup table for codes up to 16 bits (fp16 decodes through F16C-capable `half`).
-        let lut: Vec<f32> = match fmt {
-            Some(f) if width <= 16 && f.ebits != 8 && width != 16 => {
+        // Lookup table for codes up to 16 bits (fp16 decodes through F16C-capable `half`);
+        // S2FP8's holds the unsqueezed values.
+        let lut: Vec<f32> = match (fmt, self.header.squeeze) {
+            (Some(f), Some(s)) => s.decode_table(f),
+            (Some(f), None) if width <= 16 && f.ebits != 8 && width != 16 => {
                 (0..1u32 << width).map(|c| f.value(c)).collect()
             }
             _ => Vec::new(),
         };
-        let squeeze = self.header.squeeze;
         let kind = self.header.cfg.kind;
         let src_len = CHUNK * width / 8;
         crate::pool::for_each_chunk_mut(out, CHUNK, |ci, dst| {
             let src = &payload[ci * src_len..payload.len().min((ci + 1) * src_len)];
             let mut tmp = vec![0f32; dst.len()];
             decode_chunk(kind, fmt, &lut, src, &mut tmp);
-            if let Some(s) = squeeze {
-                s.unsqueeze(&mut tmp);
-            }
             T::from_f32_slice(&tmp, dst);
         });
         Ok(())

@@ -1,12 +1,14 @@
 //! The float encode path (docs/CODECS.md, "Floating point"): the metadata and a writer for the
 //! payload ([`FloatConfig::prepare`]), then each chunk of `CHUNK` values written in parallel
-//! ([`ChunkWriter`]): squeezed first for S2FP8, then turned into codes by the fastest kernel the
+//! ([`ChunkWriter`]): S2FP8's codes from magnitude thresholds ([`SqueezeCoder`]), or (stochastic
+//! rounding, small tensors) its values squeezed first and, like every other format's, turned into codes by the fastest kernel the
 //! CPU runs (the x86 kernels in `x86.rs`, chosen at run time through [`crate::simd`]) or the
 //! portable loop over [`to_code`], and stored as bytes, 16-bit words or packed bits.
 
 use super::header::Header;
 use super::minifloat::{to_code, RoundingPlan, NEAREST, STOCHASTIC, TRUNCATE};
-use super::shift_squeeze::LogShiftSqueeze;
+use super::shift_squeeze::{LogShiftSqueeze, FAST_MIN};
+use super::squeeze_codes::SqueezeCoder;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{FloatConfig, Kind, CHUNK};
@@ -40,11 +42,17 @@ impl FloatConfig {
         });
         let meta = Header::new(cfg, squeeze).write();
         let fast_f16 = self.kind == Kind::Fp16 && self.rounding == NEAREST && !self.saturate;
+        let plan = RoundingPlan::new(fmt, self.saturate);
+        // Large tensors, nearest or truncating rounding: codes from thresholds on |x|.
+        let coder = squeeze
+            .filter(|_| self.rounding != STOCHASTIC && x.len() >= FAST_MIN)
+            .map(|s| SqueezeCoder::new(&s, &plan, self.rounding));
         let w = ChunkWriter::Codes {
             rounding: self.rounding,
             seed,
             squeeze,
-            plan: RoundingPlan::new(fmt, self.saturate),
+            coder,
+            plan,
             width: fmt.width() as usize,
             fast_f16,
             stream: crate::simd::stream_output(x.len() * fmt.width() as usize / 8),
@@ -61,6 +69,8 @@ pub(super) enum ChunkWriter {
         rounding: u8,
         seed: u64,
         squeeze: Option<LogShiftSqueeze>,
+        /// S2FP8's codes from magnitude thresholds (instead of squeezing each value).
+        coder: Option<SqueezeCoder>,
         plan: RoundingPlan,
         width: usize,
         fast_f16: bool,
@@ -98,13 +108,19 @@ impl ChunkWriter {
                 rounding,
                 seed,
                 squeeze,
+                ref coder,
                 ref plan,
                 width,
                 fast_f16,
                 stream,
-            } => encode_chunk(
-                rounding, o, c, ci, seed, squeeze, plan, width, fast_f16, stream,
-            ),
+            } => {
+                if let Some(coder) = coder {
+                    return squeeze_chunk(coder, c, o, stream);
+                }
+                encode_chunk(
+                    rounding, o, c, ci, seed, squeeze, plan, width, fast_f16, stream,
+                )
+            }
         }
     }
 }
@@ -159,16 +175,35 @@ fn encode_chunk<T: ToF32>(
     }
     let o = crate::buf::zero_init(o);
     T::with_f32(c, |f| {
-        let sq;
+        let mut sq = Vec::new();
         let f = match squeeze {
             Some(s) => {
-                sq = s.squeeze(f);
+                sq.resize(f.len(), 0.0);
+                s.squeeze(f, &mut sq);
                 &sq[..]
             }
             None => f,
         };
         write_codes(rounding, f, o, plan, key, width, fast_f16)
     });
+}
+
+/// One chunk of S2FP8 codes from `coder` into `o` (one byte per value), which this initializes.
+fn squeeze_chunk<T: ToF32>(
+    coder: &SqueezeCoder,
+    c: &[T],
+    o: &mut [std::mem::MaybeUninit<u8>],
+    stream: bool,
+) {
+    T::with_f32(c, |f| {
+        #[cfg(target_arch = "x86_64")]
+        if o.len() == f.len() && crate::simd::avx512() {
+            // SAFETY: AVX-512 F and BW are present (checked at run time); `o` holds exactly
+            // f.len() bytes, all of which the kernel writes.
+            return unsafe { coder.codes_avx512_to(f, o.as_mut_ptr().cast(), stream) };
+        }
+        coder.codes(f, crate::buf::zero_init(o))
+    })
 }
 
 /// Codes of one chunk into its bytes.
