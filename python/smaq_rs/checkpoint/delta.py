@@ -75,7 +75,7 @@ def valid(rec: Any) -> bool:
             and rec["op"] in OPS and rec["layout"] in LAYOUTS and rec["order"] in ORDERS)
 
 
-# -- the codes ---------------------------------------------------------------------------------------
+# -- the codes ------------------------------------------------------------------------------------
 def _code(new: np.ndarray, base: np.ndarray, op: str) -> np.ndarray:
     """The code of `new` against `base` (unsigned arrays of one width)."""
     if op == "xor":

@@ -251,8 +251,9 @@ def parse(text: str, path: str, entries: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _check_sparse(sparse: Any, entries: Mapping[str, Any], based: set, path: str) -> None:
     """``"sparse": {tensor name: {"mask": entry, "shape": [ints], "nnz": int, "signs": entry
-    (optional)}}`` (never a delta or residual entry): each tensor's entry holds its ``nnz`` non-zero elements, its mask entry one
-    bit per element, its signs entry one bit per zero (set for -0.0)."""
+    (optional)}}`` (never a delta or residual entry): each tensor's entry holds its ``nnz``
+    non-zero elements, its mask entry one bit per element, its signs entry one bit per zero
+    (set for -0.0)."""
     ok = isinstance(sparse, dict)
     for name, rec in (sparse.items() if ok else ()):
         try:

@@ -1,7 +1,8 @@
 //! The float decode path (docs/CODECS.md, "Floating point"): the metadata read and checked
 //! against the frame ([`FloatDecoder::parse`]), then each chunk of `CHUNK` codes turned back
 //! into float32 in parallel (a table for narrow codes, `half` for fp16, bit shifts for the
-//! formats with float32's exponent; S2FP8's table holds the unsqueezed values), and written as the tensor's dtype.
+//! formats with float32's exponent; S2FP8's table holds the unsqueezed values), and written as
+//! the tensor's dtype.
 
 use super::header::Header;
 use super::minifloat::MiniFloat;

@@ -1,9 +1,10 @@
 //! The float encode path (docs/CODECS.md, "Floating point"): the metadata and a writer for the
 //! payload ([`FloatConfig::prepare`]), then each chunk of `CHUNK` values written in parallel
 //! ([`ChunkWriter`]): S2FP8's codes from magnitude thresholds ([`SqueezeCoder`]), or (stochastic
-//! rounding, small tensors) its values squeezed first and, like every other format's, turned into codes by the fastest kernel the
-//! CPU runs (the x86 kernels in `x86.rs`, chosen at run time through [`crate::simd`]) or the
-//! portable loop over [`to_code`], and stored as bytes, 16-bit words or packed bits.
+//! rounding, small tensors) its values squeezed first and, like every other format's, turned
+//! into codes by the fastest kernel the CPU runs (the x86 kernels in `x86.rs`, chosen at run
+//! time through [`crate::simd`]) or the portable loop over [`to_code`], and stored as bytes,
+//! 16-bit words or packed bits.
 
 use super::header::Header;
 use super::minifloat::{to_code, RoundingPlan, NEAREST, STOCHASTIC, TRUNCATE};

@@ -22,8 +22,8 @@
 //! float32/float16/bfloat16 input only); decoding writes the tensor's own dtype.
 //!
 //! The files: `minifloat` (the formats, their codes' values and the rounding of one float32 to
-//! one code), `shift_squeeze` (S2FP8's per-tensor transform and its fit), `squeeze_codes` (S2FP8's codes
-//! from per-tensor magnitude thresholds), `header` (the metadata bytes),
+//! one code), `shift_squeeze` (S2FP8's per-tensor transform and its fit), `squeeze_codes`
+//! (S2FP8's codes from per-tensor magnitude thresholds), `header` (the metadata bytes),
 //! `encode` and `decode` (the chunked, parallel paths) and `x86` (the AVX2 and AVX-512 kernels of
 //! the encoder). This file holds the configuration, the registry entries and the codec traits.
 
