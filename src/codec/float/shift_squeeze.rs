@@ -6,9 +6,9 @@
 //! The transform of one value ([`LogShiftSqueeze::squeeze_one`],
 //! [`LogShiftSqueeze::unsqueeze_one`]) is the definition every fast path reproduces bit for
 //! bit: decoding applies it to the 256 code values once ([`LogShiftSqueeze::decode_table`]) and
-//! encoding compares magnitudes with precomputed thresholds (`squeeze_codes.rs`). The fit of a large tensor sums log2|x| from its
-//! exponent bits and a polynomial of its mantissa ([`log2_stats`]) instead of one `log2` call
-//! per value.
+//! encoding compares magnitudes with precomputed thresholds (`squeeze_codes.rs`). The fit of a
+//! large tensor sums log2|x| from its exponent bits and a polynomial of its mantissa
+//! ([`log2_stats`]) instead of one `log2` call per value.
 
 use rayon::prelude::*;
 
