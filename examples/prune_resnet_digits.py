@@ -26,10 +26,11 @@
 
 The table: test accuracy, its difference to the dense fine-tune in points, the measured sparsity
 of the pruned layers (zeros / weights over all of them, and the lowest layer), the fine-tune's
-wall time (the pruner's mask updates and the swap's timing probe included; the probe also given
-apart), and the process's resident memory during the fine-tune: its peak (the kernel's
-high-water mark, VmHWM, reset at the start of the fine-tune with
-``smaq_rs.torch.reset_peak_rss``) and its growth over the resident memory at that start. The
+wall time (with, given apart, the time in the pruner's callbacks: mask updates and
+applications, and the time of the swap's timing probe), and the process's resident memory
+during the fine-tune: its peak (the kernel's high-water mark, VmHWM, reset at the start of the
+fine-tune with ``smaq_rs.torch.reset_peak_rss``) and its growth over the resident memory at
+that start. The
 three fine-tunes run in one process one after the other, so the peak includes the interpreter
 and libraries, the data, the dense checkpoint, the models of the earlier fine-tunes (kept for
 :func:`main`'s result) and whatever the allocator kept from them; the growth is what the
@@ -87,6 +88,7 @@ class VariantResult:
     accuracy: float
     seconds: float
     swap_seconds: float
+    prune_seconds: float
     rss_start: int
     rss_peak: int
     model: nn.Module
@@ -270,16 +272,22 @@ def _fine_tune(name: str, state: Dict[str, torch.Tensor], data: Dataset,
     masks: Dict[str, torch.Tensor] = {}
     report: Optional[SwapReport] = None
     at_swap: Dict[str, torch.Tensor] = {}
-    swap_s = 0.0
+    swap_s = prune_s = 0.0
     for i, idx in enumerate(_batches(data, a.batch_size, steps, a.seed + 1)):
         if pruner is not None:
+            tp = time.perf_counter()
             pruner.on_step_begin()
+            prune_s += time.perf_counter() - tp
         loss = _step(model, opt, data, idx)
         if pruner is not None:
+            tp = time.perf_counter()
             pruner.on_before_optimizer_step()
+            prune_s += time.perf_counter() - tp
         opt.step()
         if pruner is not None:
+            tp = time.perf_counter()
             pruner.on_after_optimizer_step()
+            prune_s += time.perf_counter() - tp
             if report is None and pruner.step_count > end:
                 # The schedule is at its target: swap what measures faster, keep training it.
                 masks = {k: v.clone() for k, v in pruner.masks().items()}
@@ -306,7 +314,8 @@ def _fine_tune(name: str, state: Dict[str, torch.Tensor], data: Dataset,
     rss_peak = peak_rss()
     acc = evaluate(model, data.x_val, data.y_val)
     return VariantResult(
-        name=name, accuracy=acc, seconds=seconds, swap_seconds=swap_s, rss_start=rss_start,
+        name=name, accuracy=acc, seconds=seconds, swap_seconds=swap_s, prune_seconds=prune_s,
+        rss_start=rss_start,
         rss_peak=rss_peak, model=model, masks=masks,
         layer_sparsity=_layer_sparsity(model, pruned), swap_report=report, at_swap=at_swap,
         pattern=None if cfg is None else cfg["pattern"],
@@ -316,14 +325,15 @@ def _fine_tune(name: str, state: Dict[str, torch.Tensor], data: Dataset,
 def _table(results: List[VariantResult]) -> str:
     dense = results[0].accuracy
     lines = ["| variant | test accuracy | vs dense (points) | sparsity of pruned layers (lowest) "
-             "| fine-tune s (swap probe) | RSS peak MB (growth) |",
+             "| fine-tune s (pruner; swap probe) | RSS peak MB (growth) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         sp = (f"{r.sparsity:.4f} ({min(r.layer_sparsity.values()):.4f})"
               if r.layer_sparsity else "-")
         lines.append(
             f"| {r.name} | {100 * r.accuracy:.2f}% | {100 * (r.accuracy - dense):+.2f} | {sp} | "
-            f"{r.seconds:.1f} ({r.swap_seconds:.1f}) | {r.rss_peak / 2**20:.0f} "
+            f"{r.seconds:.1f} ({r.prune_seconds:.1f}; {r.swap_seconds:.1f}) | "
+            f"{r.rss_peak / 2**20:.0f} "
             f"(+{(r.rss_peak - r.rss_start) / 2**20:.0f}) |")
     return "\n".join(lines)
 

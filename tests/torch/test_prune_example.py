@@ -140,7 +140,9 @@ def test_table_carries_the_measured_rows(run):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"{100 * r.accuracy:.2f}%"
         assert cells[2] == f"{100 * (r.accuracy - dense):+.2f}"
-        assert r.rss_peak >= r.rss_start > 0 and r.seconds > r.swap_seconds >= 0
+        assert r.rss_peak >= r.rss_start > 0
+        assert r.seconds > r.swap_seconds + r.prune_seconds
+        assert (r.prune_seconds > 0) == (r.name != "dense") and r.swap_seconds >= 0
 
 
 def test_optimizer_hand_over_continues_masked_adamw():
