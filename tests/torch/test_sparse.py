@@ -313,3 +313,24 @@ def test_conv_refusals():
     sp = SparseConv2d.from_dense(torch.nn.Conv2d(3, 4, 3), min_sparsity=0)
     with pytest.raises(smaq_rs.LayoutError, match=r"\(N, 3, H, W\)"):
         sp(torch.randn(2, 5, 8, 8))
+
+
+def test_swap_leaves_batchnorm_statistics_and_training_flags_as_they_were():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.BatchNorm2d(8), torch.nn.Flatten(), masked_linear(8 * 6 * 6, 16, 0.9, 7),
+    )
+    model.train()
+    model[3].eval()  # a frozen BatchNorm inside a training model keeps its own mode
+    with torch.no_grad():  # statistics that a random batch would visibly move
+        for bn in (model[1], model[3]):
+            bn.running_mean.fill_(3.0)
+            bn.running_var.fill_(9.0)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k
+               or "num_batches" in k}
+    modes = [m.training for m in model.modules()]
+    swap_modules_with_sparse(model, (4, 3, 6, 6), min_sparsity=0.8, repeats=1, verbose=False)
+    for k, v in buffers.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert [m.training for m in model.modules()] == modes

@@ -436,12 +436,18 @@ def _input_shapes(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, Tup
             def hook(mod: nn.Module, args: Tuple[Any, ...], name: str = name) -> None:
                 shapes.setdefault(name, tuple(args[0].shape))
             hooks.append(m.register_forward_pre_hook(hook))
+    # The probe runs in eval mode: in training mode it would move BatchNorm's running
+    # statistics towards the random batch (the shapes are the same in both modes).
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         with torch.no_grad():
             model(torch.randn(*input_shape))
     finally:
         for h in hooks:
             h.remove()
+        for m, mode in modes.items():
+            m.training = mode
     return shapes
 
 
@@ -456,8 +462,10 @@ def swap_modules_with_sparse(
     ``min_sparsity`` sparse and whose forward + backward is measured faster as a
     :class:`SparseLinear` (:class:`SparseConv2d`) on the
     input it receives when ``model`` runs on a ``torch.randn(*input_shape)`` batch (median of
-    ``repeats`` timed runs of each). Returns the report of every Linear and Conv2d seen (printed
-    when ``verbose``); a layer the model never called is kept and said so.
+    ``repeats`` timed runs of each). The probing batch runs in eval mode, so BatchNorm running
+    statistics are left as they were; every module's training flag is restored. Returns the report
+    of every Linear and Conv2d seen (printed when ``verbose``); a layer the model never called
+    is kept and said so.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], found {min_sparsity}")
