@@ -12,6 +12,11 @@ step; forward and backward are also timed apart. Then a ResNet-18 3x3 convolutio
 against SparseConv2d, the same way. torch.set_num_threads(2) and
 smaq_rs.set_num_threads(2). The CPU and the load average (the machine may be shared) are
 printed. Nothing asserts: the figures are printed.
+
+SparseProp (``pip install sparseprop``, which ``make bench`` installs: it builds a C++ extension
+from source) is timed beside them on the Linear when it imports: its ``SparseLinear.from_dense``
+of the same pruned layer, with ``OMP_NUM_THREADS`` set to the same thread count, and its output
+and gradients checked against the dense layer's (largest difference printed).
 """
 
 from __future__ import annotations
@@ -19,14 +24,33 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
-import torch
-from torch import nn
 
-import smaq_rs
-from smaq_rs.bench import cpu_name
-from smaq_rs.torch.sparse import SparseLinear
+def _threads_flag(argv: list) -> str:
+    """The ``--threads`` value, read before torch and SparseProp start their OpenMP runtimes."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return "2"
+
+
+os.environ["OMP_NUM_THREADS"] = _threads_flag(sys.argv[1:])
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import smaq_rs  # noqa: E402
+from smaq_rs.bench import cpu_name  # noqa: E402
+from smaq_rs.torch.sparse import SparseLinear  # noqa: E402
+
+try:  # a peer in the bench environment, not a dependency
+    from sparseprop.modules.linear import SparseLinear as SparsePropLinear
+except ImportError:  # pragma: no cover - depends on the environment
+    SparsePropLinear = None
 
 
 def pruned_linear(inp: int, out: int, sparsity: float, seed: int) -> nn.Linear:
@@ -65,10 +89,13 @@ def main() -> None:
     smaq_rs.set_num_threads(args.threads)
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; {args.threads} threads (torch and smaq_rs); "
           f"load average {open('/proc/loadavg').read().split()[:3]}")
+    peer = SparsePropLinear is not None
     print(f"torch {torch.__version__}; Linear({args.inp}, {args.out}); forward + backward "
-          f"(dX, dW, db); median of {args.reps}")
+          f"(dX, dW, db); median of {args.reps}; SparseProp: "
+          + (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if peer else "not installed"))
     print(f"{'batch':>5} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8}   "
-          f"{'dense fwd/bwd':>14} {'sparse fwd/bwd':>15}")
+          f"{'dense fwd/bwd':>14} {'sparse fwd/bwd':>15}"
+          + (f" {'SparseProp ms':>13} {'ours vs SP':>10} {'SP max err':>10}" if peer else ""))
     for batch in args.batches:
         for s in args.sparsities:
             dense = pruned_linear(args.inp, args.out, s, 0)
@@ -76,24 +103,47 @@ def main() -> None:
             g = torch.Generator().manual_seed(1)
             x = torch.randn(batch, args.inp, generator=g).requires_grad_(True)
             gy = torch.randn(batch, args.out, generator=g)
-            td, ts = [], []
+            mods = [dense, sparse]
+            if peer:
+                sp = SparsePropLinear.from_dense(dense)
+                mods.append(sp)
+                err = peer_error(dense, sp, x, gy)
+            times: list = [[] for _ in mods]
             for i in range(args.reps + 1):
-                a = step(dense, x, gy)
-                b = step(sparse, x, gy)
-                if i:
-                    td.append(a)
-                    ts.append(b)
+                for m, t in zip(mods, times):
+                    a = step(m, x, gy)
+                    if i:
+                        t.append(a)
 
             def med(v: list, k: int) -> float:
                 return statistics.median(t[k] for t in v) * 1e3
 
+            td, ts = times[0], times[1]
             dt = statistics.median(sum(t) for t in td) * 1e3
             st = statistics.median(sum(t) for t in ts) * 1e3
-            print(f"{batch:>5} {s:>8.2f} {dt:>9.1f} {st:>9.1f} {dt / st:>7.2f}x   "
-                  f"{med(td, 0):>6.1f} /{med(td, 1):>6.1f} {med(ts, 0):>7.1f} /{med(ts, 1):>6.1f}")
+            line = (f"{batch:>5} {s:>8.2f} {dt:>9.1f} {st:>9.1f} {dt / st:>7.2f}x   "
+                    f"{med(td, 0):>6.1f} /{med(td, 1):>6.1f} {med(ts, 0):>7.1f} /"
+                    f"{med(ts, 1):>6.1f}")
+            if peer:
+                pt = statistics.median(sum(t) for t in times[2]) * 1e3
+                line += f" {pt:>13.1f} {pt / st:>9.2f}x {err:>10.1e}"
+            print(line)
     if args.conv_batch:
         conv_part(args)
     print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
+
+
+def peer_error(dense: nn.Linear, peer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> float:
+    """Largest absolute difference of the peer layer's output and input gradient from the
+    dense layer's (same pruned weight, same input)."""
+    outs = []
+    for m in (dense, peer):
+        x.grad = None
+        y = m(x)
+        y.backward(gy)
+        outs.append((y.detach(), x.grad.clone()))
+    x.grad = None
+    return max(float((a - b).abs().max()) for a, b in zip(outs[0], outs[1]))
 
 
 def conv_part(args: argparse.Namespace) -> None:
