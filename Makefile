@@ -24,6 +24,7 @@ test: $(BUILT)
 
 bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_smaq.py
+	$(PY) benches/bench_s2fp8.py --repeat 5
 	$(PY) -m smaq_rs bench
 	$(PY) -m smaq_rs bench --source classes
 	$(PY) benches/bench_optim.py
