@@ -466,10 +466,11 @@ impl Blocks {
 /// Decodes the first len/64*64 values of a chunk whose full codes are at most 8 bits
 /// (bits_main + extra bits <= 8) through `lut` (2^(bits_main + extra) entries of `size` = 2 or 4
 /// bytes each, as little-endian bytes) into `out` (the same element size). Returns (values
-/// decoded, extra stream bits consumed).
+/// decoded, extra stream bits consumed). `stream`: non-temporal stores ([`LineSink`]).
 ///
 /// # Safety
 /// The CPU must have the extensions of [`crate::simd::avx512_vbmi`].
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
 pub unsafe fn unpack(
     primary: &[u8],
