@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import smaq_rs
+from smaq_rs.bench import best_seconds
 
 
 def make_state_dict(total_bytes: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -119,15 +120,6 @@ def run_smaq(sd, path, codec, durable=True):
     return save, (lambda: smaq_rs.load(path))
 
 
-def timed(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def per_core(sd):
     """Single-thread lossless codec throughput on the four largest tensors (GB/s of dense
     bytes)."""
@@ -174,9 +166,9 @@ def bench(dtype, gb, tmpdir, repeat, weights=None):
     for name, make, ext in methods:
         path = os.path.join(tmpdir, "bench" + ext)
         save, load = make(sd, path)
-        ts = timed(save, repeat)
+        ts = best_seconds(save, repeat)
         size = os.path.getsize(path)
-        tl = timed(load, repeat)
+        tl = best_seconds(load, repeat)
         rows.append((name, size, ts, tl))
         os.remove(path)
     base = next(r for r in rows if r[0] == "torch.save")

@@ -32,12 +32,12 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 import smaq_rs
-from smaq_rs.bench import cpu_name
+from smaq_rs.bench import best_seconds, cpu_name
 from smaq_rs.train.data import build_dataset, build_model
 
 SD = Dict[str, torch.Tensor]
@@ -93,15 +93,6 @@ def rel_rmse(back: SD, true: SD) -> float:
 
 def same(back: SD, true: SD) -> bool:
     return all(torch.equal(back[k], v) for k, v in true.items())
-
-
-def best(fn: Callable[[], Any], repeat: int = 3) -> float:
-    t = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - t0)
-    return t
 
 
 def dense_bytes(sd: SD) -> int:
@@ -174,11 +165,11 @@ def main(argv: List[str]) -> None:
             whole = len(w) - len(s["deltas"]) - len(s["from_base"])
             codes = ", ".join(f"{n} {o}" for o, n in sorted(ops.items())) + f", {whole} whole"
             gb = dense_bytes(w) / 1e9
-            ts = [best(lambda: smaq_rs.save(w, p("full.smaq"), policy=lossless, durable=False)),
-                  best(lambda: smaq_rs.save(w, p("inc.smaq"), policy=lossless,
+            ts = [best_seconds(lambda: smaq_rs.save(w, p("full.smaq"), policy=lossless, durable=False)),
+                  best_seconds(lambda: smaq_rs.save(w, p("inc.smaq"), policy=lossless,
                                             base=p("base.smaq"), durable=False))]
-            tl = [best(lambda: smaq_rs.load(p("full.smaq"))),
-                  best(lambda: smaq_rs.load(p("inc.smaq")))]
+            tl = [best_seconds(lambda: smaq_rs.load(p("full.smaq"))),
+                  best_seconds(lambda: smaq_rs.load(p("inc.smaq")))]
             print(f"| {lr:g} | {f['nbytes'] / 1e6:.3f} MB | {s['nbytes'] / 1e6:.3f} MB | "
                   f"{f['nbytes'] / s['nbytes']:.3f}x | {codes} | {gb / ts[0]:.2f} / "
                   f"{gb / ts[1]:.2f} | {gb / tl[0]:.2f} / {gb / tl[1]:.2f} |")
@@ -230,8 +221,8 @@ def main(argv: List[str]) -> None:
                     assert same(back, sd)
                 else:
                     errs.append(f"{rel_rmse(back, sd):.1e} ({rel_rmse(smaq_rs.load(p(f'f{k}.smaq')), sd):.1e})")
-            tc = best(lambda: smaq_rs.load(p("c4.smaq")))
-            tf = best(lambda: smaq_rs.load(p("f4.smaq")))
+            tc = best_seconds(lambda: smaq_rs.load(p("c4.smaq")))
+            tf = best_seconds(lambda: smaq_rs.load(p("f4.smaq")))
             print(f"| {label} | {chain / 1e6:.2f} MB | {indep / 1e6:.2f} MB | "
                   f"{indep / chain:.2f}x | {tc * 1e3:.0f} ms / {tf * 1e3:.0f} ms | "
                   f"{'; '.join(errs) if errs else 'bit-exact'} |")

@@ -102,6 +102,12 @@ def _best(fn: Callable[[], Any], repeat: int) -> Tuple[float, Any]:
     return best, out
 
 
+def best_seconds(fn: Callable[[], Any], repeat: int = 3) -> float:
+    """The shortest wall time of ``repeat`` calls of ``fn`` (each call's result freed before the
+    next starts)."""
+    return _best(fn, repeat)[0]
+
+
 def _cpu_best(fn: Callable[[], Any], repeat: int) -> float:
     """Least process CPU time (all threads, user + system) of one call: unlike wall time, it
     hardly moves with other load on the machine. Thread pools that spin while waiting (torch's

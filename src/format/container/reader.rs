@@ -347,16 +347,7 @@ impl<S: Source + ?Sized> Reader<S> {
             verify(e, out)?;
             return Ok(buf);
         }
-        let stored = self.stored_unverified(i)?;
-        ensure_format!(
-            stored.len() as u64 == e.length,
-            "entry {:?}: read {} bytes, header says {}",
-            e.name,
-            stored.len(),
-            e.length
-        );
-        verify(e, &stored)?;
-        decode_verified(e, stored, out)?;
+        decode_entry(e, self.stored_unverified(i)?, out)?;
         Ok(buf)
     }
 
