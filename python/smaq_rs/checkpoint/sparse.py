@@ -44,13 +44,11 @@ def split(raw: np.ndarray, itemsize: int, threshold: Optional[float]
     n = u.size
     if n < MIN_NUMEL:
         return None
-    if n - _nonzeros(u) < threshold * n:
+    nnz = _nonzeros(u)
+    if n - nnz < threshold * n:
         return None  # the common case (dense), decided without building the mask
     sign = _UINT[itemsize](1 << (8 * itemsize - 1))
     keep = (u & ~sign) != 0
-    nnz = int(np.count_nonzero(keep))
-    if n - nnz < threshold * n:
-        return None
     neg = u[~keep] == sign
     signs = np.packbits(neg, bitorder="little") if neg.any() else None
     return np.packbits(keep, bitorder="little"), u[keep].view(np.uint8), nnz, signs

@@ -49,6 +49,16 @@ pub fn decode_entry(entry: &Entry, stored: Vec<u8>, out: &mut [u8]) -> Result<()
     decode_verified(entry, stored, out)
 }
 
+/// The bytes after an entry's payload, up to the next 8-byte boundary, must be zero.
+fn check_padding(e: &Entry, pad: &[u8]) -> Result<()> {
+    ensure_format!(
+        pad.iter().all(|&x| x == 0),
+        "entry {:?}: padding after its payload is not zero",
+        e.name
+    );
+    Ok(())
+}
+
 /// The entry's checksum against that of its stored bytes.
 fn verify(entry: &Entry, stored: &[u8]) -> Result<()> {
     let computed = crate::format::checksum(stored);
@@ -310,18 +320,9 @@ impl<S: Source + ?Sized> Reader<S> {
             })
         };
         res?;
-        self.check_padding(e, &b[len..])?;
+        check_padding(e, &b[len..])?;
         b.truncate(len);
         Ok(b)
-    }
-
-    fn check_padding(&self, e: &Entry, pad: &[u8]) -> Result<()> {
-        ensure_format!(
-            pad.iter().all(|&x| x == 0),
-            "entry {:?}: padding after its payload is not zero",
-            e.name
-        );
-        Ok(())
     }
 
     /// Decodes entry `i` into a new 8-byte-aligned buffer (its first `dense_len()` bytes). Each
@@ -343,7 +344,7 @@ impl<S: Source + ?Sized> Reader<S> {
             self.src.read_into(at + e.length, unsafe {
                 &mut *(t as *mut [u8] as *mut [MaybeUninit<u8>])
             })?;
-            self.check_padding(e, &tail[..pad])?;
+            check_padding(e, &tail[..pad])?;
             verify(e, out)?;
             return Ok(buf);
         }
