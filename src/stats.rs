@@ -880,6 +880,15 @@ impl PieceStats {
         }
     }
 
+    /// Statistics summed around a `shift` known in advance; pieces may then be summed with
+    /// [`PieceStats::moments`] in parallel from the start.
+    pub fn with_shift(shift: f64) -> Self {
+        PieceStats {
+            shift: Some(shift),
+            m: Summary::EMPTY,
+        }
+    }
+
     /// The shift the sums are taken around: the tensor's first finite value, which the first
     /// piece holding one fixes. Pieces may be summed with [`PieceStats::moments`] in parallel
     /// once it is known.

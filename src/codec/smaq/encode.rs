@@ -15,9 +15,11 @@ use crate::codec::{Encoded, Encoder};
 use crate::dtype::{Data, Element};
 use crate::error::Result;
 use crate::le::LeWriter;
+use crate::rng::SplitMix64;
 use crate::rng::{fresh_seed, stream_key};
-use crate::stats::{mean_std, Sampling};
+use crate::stats::{mean_std, PieceStats, Sampling, Spread, Stats};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Per-chunk result of encoding (its primary stream is written in place).
 pub(super) struct ChunkOut {
@@ -58,6 +60,82 @@ fn encode_typed<T: Codes>(
     lead: usize,
     tail: usize,
 ) -> Result<(Vec<u8>, usize)> {
+    let provisional = x.len() >= PROVISIONAL_MIN;
+    encode_typed_with(cfg, seed, x, lead, tail, provisional)
+}
+
+/// Tensors of at least this many values (64 MiB of float32, beyond the caches) are coded with
+/// provisional statistics ([`provisional_stats`]) where they qualify: reading them a second
+/// time, after a statistics pass, costs them most.
+const PROVISIONAL_MIN: usize = 1 << 24;
+
+/// Values drawn for provisional statistics.
+const PROVISIONAL_K: usize = 1 << 16;
+
+/// The largest estimated relative standard error of a sample's std for which provisional
+/// statistics are tried: three of them stay inside the 1% that [`close_enough`] allows. A
+/// normal sample of [`PROVISIONAL_K`] values has 0.28%; heavier tails (kurtosis above about
+/// 4.2) go straight to the exact statistics.
+const PROVISIONAL_SE: f64 = 0.0035;
+
+/// Whether provisional statistics `guess` stand for the exact ones: a grid at most 1% coarser or
+/// finer (the error moves with it) and a centre within 5% of a std (which moves only the
+/// main/outlier boundary, not the error).
+fn close_enough(guess: Stats, exact: Stats) -> bool {
+    (guess.std / exact.std - 1.0).abs() <= 0.01
+        && (guess.mean - exact.mean).abs() <= 0.05 * exact.std
+}
+
+/// Mean and std of [`PROVISIONAL_K`] values drawn under `seed`, and the shift the exact moments
+/// are summed around (the first finite value), for a tensor that qualifies: linear domain,
+/// exact statistics with the std as spread, and a sample whose kurtosis promises a std within
+/// [`PROVISIONAL_SE`]. The chunks are then coded with these while their exact moments are
+/// gathered, chunk by chunk from the cache; [`close_enough`] decides afterwards whether the
+/// coding stands or is done again with the exact statistics. One read of the tensor instead of
+/// two, at a grid within 1% of the exact one.
+fn provisional_stats<T: Element>(cfg: &SmaqConfig, x: &[T], seed: u64) -> Option<(Stats, f64)> {
+    if cfg.log || cfg.sampling != Sampling::Exact || cfg.spread != Spread::Std {
+        return None;
+    }
+    let shift = x.iter().map(|v| v.to_f64()).find(|v| v.is_finite())?;
+    let mut rng = SplitMix64::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let picks: Vec<f64> = (0..PROVISIONAL_K)
+        .map(|_| x[rng.below(x.len() as u64) as usize].to_f64())
+        .filter(|v| v.is_finite())
+        .collect();
+    if picks.len() < PROVISIONAL_K / 2 {
+        return None;
+    }
+    let c = picks.len() as f64;
+    let mean = picks.iter().sum::<f64>() / c;
+    let (m2, m4) = picks.iter().fold((0.0, 0.0), |(a, b), &v| {
+        let d = (v - mean) * (v - mean);
+        (a + d, b + d * d)
+    });
+    let (var, m4) = (m2 / c, m4 / c);
+    if !(var > 0.0 && var.is_finite() && m4.is_finite()) {
+        return None;
+    }
+    let se = ((m4 / (var * var) - 1.0) / (4.0 * c)).sqrt();
+    (se <= PROVISIONAL_SE).then_some((
+        Stats {
+            mean,
+            std: var.sqrt(),
+            count: picks.len() as u64,
+        },
+        shift,
+    ))
+}
+
+/// [`encode_typed`], with provisional statistics tried (`provisional`) or not.
+fn encode_typed_with<T: Codes>(
+    cfg: &SmaqConfig,
+    seed: u64,
+    x: &[T],
+    lead: usize,
+    tail: usize,
+    provisional: bool,
+) -> Result<(Vec<u8>, usize)> {
     let n = x.len() as u64;
     let mut head = Header {
         cfg: SmaqConfig {
@@ -84,13 +162,17 @@ fn encode_typed<T: Codes>(
         Sampling::Sampled { k, .. } => Sampling::Sampled { k, seed },
         s => s,
     };
-    let stats = if cfg.log {
-        log_stats(x, cfg.spread)
-    } else {
-        mean_std(x, sampling, cfg.spread)
+    let exact_stats = || {
+        if cfg.log {
+            log_stats(x, cfg.spread)
+        } else {
+            mean_std(x, sampling, cfg.spread)
+        }
     };
+    let provisional = provisional
+        .then(|| provisional_stats(cfg, x, seed))
+        .flatten();
     let q = cfg.quant();
-    let prep = cfg.prep(stats);
     let stochastic = cfg.rounding == Rounding::Stochastic;
     let cs = cfg.chunk_size as usize;
     // The primary streams have known sizes: every chunk writes its own straight into the payload.
@@ -105,8 +187,14 @@ fn encode_typed<T: Codes>(
     // rounding per chunk) and the tail: appending them does not reallocate.
     let extra_room = x.len() * q.extra_bits() as usize / 8 + prim.len();
     let mut chunks: Vec<ChunkOut> = Vec::new();
+    let mut stats = Stats {
+        mean: 0.0,
+        std: 1.0,
+        count: 0,
+    };
     // SAFETY: the closure initializes every byte: the head through `zero_init`, each chunk's
-    // primary stream through `zero_init` just before it is encoded.
+    // primary stream through `zero_init` just before it is encoded (again if it is encoded
+    // twice).
     let mut bytes = unsafe {
         crate::buf::init_with_tail(start + ptotal, extra_room + tail, |b| {
             let (head, mut rest) = b.split_at_mut(start);
@@ -117,35 +205,66 @@ fn encode_typed<T: Codes>(
                 slices.push(this);
                 rest = more;
             }
-            type Scratch = (Vec<u16>, Vec<f32>);
-            let work = |(codes, logs): &mut Scratch,
-                        (ci, (c, primary)): (usize, (&[T], &mut [std::mem::MaybeUninit<u8>]))| {
-                let key = stochastic.then(|| stream_key(seed, ci as u64));
-                let primary = crate::buf::zero_init(primary);
-                let p = Prep { key, ..prep };
-                if cfg.log {
-                    log_values(c, logs);
-                    encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes)
+            // Every chunk coded with `stats`; with `shift`, each chunk's exact moments around
+            // it are gathered first (which also brings the chunk into the cache for coding).
+            let run = |slices: &mut [&mut [MaybeUninit<u8>]], stats: Stats, shift: Option<f64>| {
+                let prep = cfg.prep(stats);
+                type Scratch = (Vec<u16>, Vec<f32>);
+                let work = |(codes, logs): &mut Scratch,
+                            (ci, (c, primary)): (usize, (&[T], &mut &mut [MaybeUninit<u8>]))| {
+                    let moments = shift.map(|sh| PieceStats::moments(c, sh));
+                    let key = stochastic.then(|| stream_key(seed, ci as u64));
+                    let primary = crate::buf::zero_init(primary);
+                    let p = Prep { key, ..prep };
+                    let out = if cfg.log {
+                        log_values(c, logs);
+                        encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes)
+                    } else {
+                        encode_chunk(c, &p, cfg, primary, codes)
+                    };
+                    (out, moments)
+                };
+                if crate::pool::parallel(slices.len()) {
+                    crate::pool::install(|| {
+                        x.par_chunks(cs)
+                            .zip(slices.par_iter_mut())
+                            .enumerate()
+                            .map_init(Scratch::default, work)
+                            .collect::<Vec<_>>()
+                    })
                 } else {
-                    encode_chunk(c, &p, cfg, primary, codes)
+                    let mut scratch = Scratch::default();
+                    x.chunks(cs)
+                        .zip(slices.iter_mut())
+                        .enumerate()
+                        .map(|a| work(&mut scratch, a))
+                        .collect()
                 }
             };
-            chunks = if crate::pool::parallel(slices.len()) {
-                crate::pool::install(|| {
-                    x.par_chunks(cs)
-                        .zip(slices)
-                        .enumerate()
-                        .map_init(Scratch::default, work)
-                        .collect()
-                })
+            if let Some((guess, shift)) = provisional {
+                let done = run(&mut slices, guess, Some(shift));
+                let mut exact = PieceStats::with_shift(shift);
+                for (_, m) in &done {
+                    exact.merge(m.expect("moments were gathered"));
+                }
+                let exact = exact.finish(cfg.spread);
+                if close_enough(guess, exact) {
+                    stats = guess;
+                    chunks = done.into_iter().map(|(c, _)| c).collect();
+                    return;
+                }
+                // The sample misled: code again with the exact statistics just gathered.
+                for (c, _) in done {
+                    crate::buf::give_scratch(c.extra);
+                }
+                stats = exact;
             } else {
-                let mut scratch = Scratch::default();
-                x.chunks(cs)
-                    .zip(slices)
-                    .enumerate()
-                    .map(|a| work(&mut scratch, a))
-                    .collect()
-            };
+                stats = exact_stats();
+            }
+            chunks = run(&mut slices, stats, None)
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect();
         })
     };
     head.mean = stats.mean;
@@ -299,6 +418,93 @@ mod tests {
 
     use crate::codec::smaq::round_trip;
     use crate::rng::normal_f32 as normal;
+
+    /// The header of `x` encoded under `cfg`, with provisional statistics tried or not, and the
+    /// decoded values.
+    fn encode_with(cfg: &SmaqConfig, x: &[f32], provisional: bool) -> (Header, Vec<f32>) {
+        use crate::codec::Decoder;
+        use crate::dtype::DataMut;
+        let seed = cfg.seed.unwrap();
+        let (bytes, meta_len) = encode_typed_with(cfg, seed, x, 0, 0, provisional).unwrap();
+        let enc = Encoded::from_framed((bytes, meta_len));
+        let frame = crate::codec::testing::frame_f32(&enc, x.len());
+        let d = super::super::decode::SmaqDecoder::parse(&enc.meta, frame).unwrap();
+        let mut y = vec![0f32; x.len()];
+        d.decode(&enc.payload, DataMut::F32(&mut y)).unwrap();
+        (d.h.clone(), y)
+    }
+
+    fn rmse(x: &[f32], y: &[f32]) -> f64 {
+        let s: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        (s / x.len() as f64).sqrt()
+    }
+
+    /// A large tensor coded in one read, with statistics from a sample: the grid is within 1%
+    /// of the exact statistics' and so is the error.
+    #[test]
+    fn provisional_statistics_stand_within_one_percent() {
+        let x: Vec<f32> = normal(1 << 20, 21).iter().map(|v| v * 3.0 + 1.5).collect();
+        let exact = mean_std(&x, Sampling::Exact, Spread::Std);
+        for seed in 0..4 {
+            let cfg = SmaqConfig {
+                seed: Some(seed),
+                ..Default::default()
+            };
+            let (h, y) = encode_with(&cfg, &x, true);
+            assert_ne!(
+                h.std, exact.std,
+                "seed {seed}: the sample's statistics were used"
+            );
+            assert!((h.std / exact.std - 1.0).abs() <= 0.01, "seed {seed}");
+            assert!(
+                (h.mean - exact.mean).abs() <= 0.05 * exact.std,
+                "seed {seed}"
+            );
+            let (h2, y2) = encode_with(&cfg, &x, false);
+            assert_eq!((h2.mean, h2.std), (exact.mean, exact.std));
+            let ratio = rmse(&x, &y) / rmse(&x, &y2);
+            assert!(
+                (ratio - 1.0).abs() < 0.015,
+                "seed {seed}: error ratio {ratio}"
+            );
+        }
+    }
+
+    /// Ten values at 1000 in a million normal ones: a sample either draws one (its kurtosis
+    /// refuses provisional statistics) or misses them all (its std is far below the exact
+    /// one, and the tensor is coded again). Either way the exact statistics are used.
+    #[test]
+    fn a_misleading_sample_falls_back_to_the_exact_statistics() {
+        let mut x = normal(1 << 20, 22);
+        for i in 0..10 {
+            x[i * 99_991 + 7] = 1000.0;
+        }
+        let exact = mean_std(&x, Sampling::Exact, Spread::Std);
+        let mut recoded = 0;
+        for seed in 0..6 {
+            let cfg = SmaqConfig {
+                seed: Some(seed),
+                ..Default::default()
+            };
+            if provisional_stats(&cfg, &x, seed).is_some() {
+                recoded += 1;
+            }
+            let (h, y) = encode_with(&cfg, &x, true);
+            assert_eq!((h.mean, h.std), (exact.mean, exact.std), "seed {seed}");
+            for i in 0..10 {
+                let v = y[i * 99_991 + 7];
+                assert!((v - 1000.0).abs() < 1.0, "seed {seed}: {v}");
+            }
+        }
+        assert!(
+            recoded > 0,
+            "no seed missed every spike: the recoding path was not tested"
+        );
+    }
 
     #[test]
     fn nearest_error_within_half_step() {
