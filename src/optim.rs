@@ -15,9 +15,11 @@
 //! with a list of exact-zero positions, or (returned as [`SlotOut::NeedsMap`]) with a zero map,
 //! which the caller builds from the buffer.
 
+use crate::codec::smaq::{EncodedPiece, PieceEncoder, PieceOutput, PieceScratch, SmaqConfig};
 use crate::dtype::{Data, DataMut};
 use crate::error::{Error, Result};
 use crate::format::Packed;
+use crate::stats::{PieceMoments, PieceStats, Stats};
 use crate::zmap::{self, Layout, Rule, Tally};
 use rayon::prelude::*;
 
@@ -62,22 +64,29 @@ pub enum SlotIn<'a> {
     /// The slot's buffer already holds the values.
     Dense,
     /// Decode `packed` into the buffer, clamp into `range`, set the positions in `zeros` to 0.
+    /// `stats`: provisional statistics for the new state's code (the exact statistics the
+    /// previous step returned with this slot, [`SlotOut::Plain`]); with them the piece-wise Adam
+    /// step may run in one pass ([`adam_step_pieces`]). Other steps ignore them.
     Packed {
         packed: &'a Packed,
         range: Option<[f64; 2]>,
         zeros: &'a [i64],
+        stats: Option<Stats>,
     },
 }
 
 /// One slot after the step.
 #[derive(Debug)]
 pub enum SlotOut {
-    /// Packed values, positions of exact zeros (when the codec loses zeros), and the
-    /// [min, max] of the values (None when there is a NaN).
+    /// Packed values, positions of exact zeros (when the codec loses zeros), the [min, max] of
+    /// the values (None when there is a NaN), and the exact statistics of the values in the
+    /// domain the codec takes them in (`SmaqConfig::stat_values`) where the step gathered them
+    /// (the piece-wise Adam step): the next step's provisional statistics.
     Plain {
         packed: Packed,
         zeros: Vec<i64>,
         range: Option<[f64; 2]>,
+        stats: Option<Stats>,
     },
     /// Store with a zero map: the new values are in the slot's buffer.
     NeedsMap,
@@ -103,6 +112,7 @@ fn check_slot(slot: SlotIn<'_>, n: usize, what: &str) -> Result<Option<[f32; 2]>
         packed,
         range,
         zeros,
+        ..
     } = slot
     else {
         return Ok(None);
@@ -201,6 +211,7 @@ fn store(buf: &[f32], shape: &[u64], t: Tally, rule: &Rule<'_>) -> Result<SlotOu
         packed,
         zeros,
         range,
+        stats: None,
     })
 }
 
@@ -797,9 +808,70 @@ pub fn adam_step(
     ])
 }
 
+/// Which way [`adam_step_pieces`] ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPath {
+    /// On whole buffers ([`adam_step`]).
+    Whole,
+    /// Two passes over the pieces: the exact statistics first, then the update and the encode.
+    TwoPass,
+    /// One pass, encoded with the provisional statistics, which were accepted for both slots.
+    OnePass,
+    /// One pass, then the slots marked true encoded again with the exact statistics (their
+    /// provisional statistics were rejected, or they need a zero map).
+    Redone([bool; 2]),
+}
+
+impl StepPath {
+    /// A short name (what the Python optimizer counts).
+    pub fn name(self) -> &'static str {
+        match self {
+            StepPath::Whole => "whole",
+            StepPath::TwoPass => "two-pass",
+            StepPath::OnePass => "one-pass",
+            StepPath::Redone([true, true]) => "redone-both",
+            StepPath::Redone([true, false]) => "redone-exp_avg",
+            StepPath::Redone([false, _]) => "redone-exp_avg_sq",
+        }
+    }
+}
+
+/// The accepted ratio of the provisional to the exact spread: a grid at most 1% coarser than
+/// the exact one (the quantization error grows with the step), at most 10% finer (more values
+/// fall beyond the outlier threshold).
+const SPREAD_RATIO: std::ops::RangeInclusive<f64> = 0.90..=1.01;
+/// The accepted distance of the provisional mean from the exact one, in exact spreads.
+const MEAN_SHIFT: f64 = 0.05;
+
+/// Whether a grid set from the provisional statistics `used` codes values whose exact
+/// statistics are `exact` about as well as their own grid would (both in the codec's domain).
+fn accepts(used: &Stats, exact: &Stats) -> bool {
+    SPREAD_RATIO.contains(&(used.std / exact.std))
+        && (used.mean - exact.mean).abs() <= MEAN_SHIFT * exact.std
+}
+
 /// [`adam_step`] without whole-parameter buffers: where the state is packed SmaQ decodable in
 /// pieces (or fresh) and the new state is SmaQ with exact statistics in pieces of the same
-/// length, the step runs twice over the pieces, each worker holding one piece of each slot:
+/// length, the step runs over the pieces, each worker holding one piece of each slot. The new
+/// state's code needs its statistics (mean and spread, for exp_avg_sq in the log domain of
+/// ln v) before any piece is encoded; they come one of two ways.
+///
+/// **One pass** (the steady state): the slots carry provisional statistics (the exact
+/// statistics of the previous step's new state, [`SlotOut::Plain`]'s `stats`), and the new
+/// state does not depend on the old parameter (decoupled weight decay, or none: with L2 weight
+/// decay the gradient, so the moments, read the parameter). Each piece is decoded, stepped
+/// (parameter in place), encoded with the provisional statistics, and its exact moments,
+/// zeros and range are gathered while it is in cache. After the pass each slot's provisional
+/// statistics are compared with the exact ones ([`accepts`]): a spread ratio (provisional over
+/// exact) within [0.90, 1.01], the means within 0.05 exact spreads. An accepted slot keeps its
+/// bytes, which are ordinary SmaQ bytes whose header records the statistics its grid was set
+/// from. A rejected slot, or one whose zeros now need a zero map, is done again: its old state
+/// decoded once more and its new state recomputed (the moments only, the same bits: nothing in
+/// them reads the parameter, which has moved), then encoded with the exact statistics, as the
+/// two-pass step encodes it (or returned as [`SlotOut::Dense`]). A rejected step costs about
+/// what the two passes cost, plus the wasted encode.
+///
+/// **Two passes** (the first step, L2 weight decay, no provisional statistics):
 ///
 /// 1. decode the piece, compute its new exp_avg / exp_avg_sq (the moments only: the parameter is
 ///    read, not updated), tally zeros, range and the statistics the new state's code needs;
@@ -807,12 +879,14 @@ pub fn adam_step(
 /// 2. decode the piece again, update the parameter in place, and encode the new state's piece
 ///    with those statistics ([`crate::codec::smaq::PieceEncoder`]).
 ///
-/// Both passes compute the same values bit for bit, so the result is [`adam_step`]'s (with
-/// pieces of 65,536 values, the SmaQ default, even the packed bytes are). The process then grows
-/// by about the packed state, not by two dense copies of the largest parameter; the price is a
-/// second decode of each piece. Elsewhere (dense or zero-mapped state, other codecs, sampled
-/// statistics, a new state that needs a zero map) it runs [`adam_step`] on buffers it allocates
-/// for the call, and a slot needing a zero map comes back as [`SlotOut::Dense`].
+/// Every way computes the parameter and the float32 new state bit for bit as [`adam_step`]
+/// does (the update reads the exact new state, not its quantized code); the statistics are
+/// the exact ones (with pieces of 65,536 values, the SmaQ default, [`adam_step`]'s bits, so the
+/// two-pass bytes are [`adam_step`]'s), and every way returns them with each slot. The process
+/// grows by about the packed state, not by two dense copies of the largest parameter.
+/// Elsewhere (dense or zero-mapped state, other codecs, sampled statistics, a new state that
+/// needs a zero map in the two-pass step) it runs [`adam_step`] on buffers it allocates for the
+/// call, and a slot needing a zero map comes back as [`SlotOut::Dense`].
 pub fn adam_step_pieces(
     h: &AdamStep,
     param: &mut [f32],
@@ -820,12 +894,15 @@ pub fn adam_step_pieces(
     shape: &[u64],
     slots: [SlotIn<'_>; 2],
     rules: [Rule<'_>; 2],
-) -> Result<[SlotOut; 2]> {
+) -> Result<([SlotOut; 2], StepPath)> {
     let n = param.len();
     check_len("grad", grad.len(), n)?;
     match pieces_plan(&slots, &rules, n) {
-        Some(plan) => adam_two_pass(h, param, grad, shape, slots, rules, plan),
-        None => adam_whole(h, param, grad, shape, slots, rules),
+        Some(plan) => adam_pieces(h, param, grad, shape, slots, rules, plan),
+        None => Ok((
+            adam_whole(h, param, grad, shape, slots, rules)?,
+            StepPath::Whole,
+        )),
     }
 }
 
@@ -849,14 +926,13 @@ fn adam_whole(
     Ok([dense(a, m), dense(b, v)])
 }
 
-/// What the two-pass step needs: the piece length and the new state's SmaQ configurations.
+/// What the piece-wise step needs: the piece length and the new state's SmaQ configurations.
 struct PiecePlan {
     len: usize,
-    cfgs: [crate::codec::smaq::SmaqConfig; 2],
+    cfgs: [SmaqConfig; 2],
 }
 
 fn pieces_plan(slots: &[SlotIn<'_>; 2], rules: &[Rule<'_>; 2], n: usize) -> Option<PiecePlan> {
-    use crate::codec::smaq::SmaqConfig;
     let fresh = slots.iter().all(|s| matches!(s, SlotIn::Fresh));
     let decoded = if fresh {
         None
@@ -892,8 +968,269 @@ fn load_piece(
     Ok(())
 }
 
+/// Provisional statistics a slot carries, when they can set a grid (finite, positive spread).
+fn provisional(slot: &SlotIn<'_>) -> Option<Stats> {
+    match slot {
+        SlotIn::Packed { stats: Some(s), .. }
+            if s.mean.is_finite() && s.std.is_finite() && s.std > 0.0 =>
+        {
+            Some(*s)
+        }
+        _ => None,
+    }
+}
+
+/// What every pass of one piece-wise step shares.
+#[derive(Clone, Copy)]
+struct Base<'a> {
+    s: &'a AdamScalars,
+    slots: &'a [SlotIn<'a>; 2],
+    grad: &'a [f32],
+    len: usize,
+    cfgs: &'a [SmaqConfig; 2],
+}
+
+impl<'a> Base<'a> {
+    /// A pass: `update` the parameter (else compute the moments only); per slot, encode with
+    /// `encs`, collect zero positions (`zeros`), gather the exact statistics (`stats`).
+    fn pass<'e>(
+        self,
+        update: bool,
+        encs: [Option<&'e PieceEncoder>; 2],
+        zeros: [bool; 2],
+        stats: [bool; 2],
+    ) -> Pass<'a, 'e> {
+        Pass {
+            base: self,
+            update,
+            encs,
+            zeros,
+            stats,
+        }
+    }
+}
+
+/// One pass of the piece-wise step over every piece: decode, step (the parameter updated or
+/// only read), and per slot what is asked: encode, collect zero positions, copy the values out,
+/// gather the exact statistics.
+struct Pass<'a, 'e> {
+    base: Base<'a>,
+    /// Update the parameter (else compute the moments only).
+    update: bool,
+    /// Per slot: the encoder of its new values.
+    encs: [Option<&'e PieceEncoder>; 2],
+    /// Per slot: collect the positions of exact zeros.
+    zeros: [bool; 2],
+    /// Per slot: gather the exact statistics of the new values.
+    stats: [bool; 2],
+}
+
+/// One piece's work: the parameter's piece, and per slot where its primary stream goes and
+/// where its values are copied to.
+struct Item<'b> {
+    i: usize,
+    p: &'b mut [f32],
+    prim: [Option<&'b mut [u8]>; 2],
+    dense: [Option<&'b mut [f32]>; 2],
+}
+
+/// What one piece gives back.
+struct PieceOut {
+    tallies: [Tally; 2],
+    enc: [Option<EncodedPiece>; 2],
+    zeros: [Vec<i64>; 2],
+    moments: [Option<PieceMoments>; 2],
+}
+
+/// A worker's reusable buffers.
+#[derive(Default)]
+struct Work {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    sbuf: Vec<f32>,
+    scratch: PieceScratch,
+}
+
+/// One slot after a [`Pass`].
+struct SlotPass {
+    tally: Tally,
+    pieces: Vec<EncodedPiece>,
+    zeros: Vec<i64>,
+    stats: PieceStats,
+}
+
+/// Where each slot of a pass writes: the encoders' primary streams (empty when the slot is
+/// not encoded) and the dense copies.
+type Sinks<'b> = ([Vec<&'b mut [u8]>; 2], [Option<&'b mut [f32]>; 2]);
+
+impl Pass<'_, '_> {
+    /// Piece `it.i`. The statistics go into `first` (in order: the pieces before the shift of
+    /// the sums is known) or come back as moments around `shift`.
+    fn piece(
+        &self,
+        it: Item<'_>,
+        mut first: Option<&mut [PieceStats; 2]>,
+        shift: [f64; 2],
+        w: &mut Work,
+    ) -> Result<PieceOut> {
+        let Item { i, p, prim, dense } = it;
+        let b = &self.base;
+        let (lo, k) = (i * b.len, p.len());
+        let g = &b.grad[lo..lo + k];
+        w.m.resize(k, 0.0);
+        w.v.resize(k, 0.0);
+        load_piece(b.slots, i, lo, &mut w.m, &mut w.v)?;
+        let tallies = if self.update {
+            adam_chunk(b.s, p, g, &mut w.m, &mut w.v)
+        } else {
+            moments_chunk(b.s, p, g, &mut w.m, &mut w.v)
+        };
+        let mut out = PieceOut {
+            tallies,
+            enc: [None, None],
+            zeros: [Vec::new(), Vec::new()],
+            moments: [None, None],
+        };
+        let Work {
+            m,
+            v,
+            sbuf,
+            scratch,
+        } = w;
+        for (j, (x, (prim, dense))) in [&*m, &*v]
+            .into_iter()
+            .zip(prim.into_iter().zip(dense))
+            .enumerate()
+        {
+            if let (Some(e), Some(b)) = (self.encs[j], prim) {
+                out.enc[j] = Some(e.encode_piece(i, x, b, scratch)?);
+            }
+            if let Some(d) = dense {
+                d.copy_from_slice(x);
+            }
+            let z = tallies[j].zeros;
+            if self.zeros[j] && z > 0 {
+                out.zeros[j] = zmap::zero_positions(x, z);
+                out.zeros[j].iter_mut().for_each(|at| *at += lo as i64);
+            }
+            if self.stats[j] {
+                let cfg = &b.cfgs[j];
+                // Without zeros the encoder's log-domain values are the statistics' values
+                // (they differ only at zeros): no second logarithm.
+                let sv = if cfg.log && z == 0 && out.enc[j].is_some() {
+                    scratch.logs()
+                } else {
+                    cfg.stat_values(x, sbuf)
+                };
+                match first.as_deref_mut() {
+                    Some(ps) => ps[j].add(sv),
+                    None => out.moments[j] = Some(PieceStats::moments(sv, shift[j])),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs over every piece of `param`: in order until the shift of each gathered slot's sums
+    /// is known (its first finite value: usually piece 0 alone), then in parallel.
+    fn run(&self, param: &mut [f32], sinks: Sinks<'_>) -> Result<[SlotPass; 2]> {
+        let len = self.base.len;
+        let ([pm, pv], [dm, dv]) = sinks;
+        let mut pm = pm.into_iter();
+        let mut pv = pv.into_iter();
+        let mut dm = dm.map(|d| d.chunks_mut(len));
+        let mut dv = dv.map(|d| d.chunks_mut(len));
+        let mut items = Vec::with_capacity(param.len().div_ceil(len));
+        for (i, p) in param.chunks_mut(len).enumerate() {
+            items.push(Item {
+                i,
+                p,
+                prim: [pm.next(), pv.next()],
+                dense: [
+                    dm.as_mut().and_then(|d| d.next()),
+                    dv.as_mut().and_then(|d| d.next()),
+                ],
+            });
+        }
+        let mut ps = [PieceStats::new(), PieceStats::new()];
+        let mut outs = Vec::with_capacity(items.len());
+        let mut items = items.into_iter();
+        let mut w = Work::default();
+        while (0..2).any(|j| self.stats[j] && ps[j].shift().is_none()) {
+            let Some(it) = items.next() else { break };
+            outs.push(self.piece(it, Some(&mut ps), [0.0; 2], &mut w)?);
+        }
+        drop(w);
+        let shift = [0, 1].map(|j| ps[j].shift().unwrap_or(0.0));
+        let rest: Vec<Item<'_>> = items.collect();
+        let more: Vec<PieceOut> = crate::pool::install(|| {
+            rest.into_par_iter()
+                .map_init(Work::default, |w, it| self.piece(it, None, shift, w))
+                .collect::<Result<_>>()
+        })?;
+        let mut res = ps.map(|stats| SlotPass {
+            tally: Tally::EMPTY,
+            pieces: Vec::new(),
+            zeros: Vec::new(),
+            stats,
+        });
+        for o in outs.into_iter().chain(more) {
+            let PieceOut {
+                tallies,
+                enc,
+                zeros,
+                moments,
+            } = o;
+            for (j, ((e, z), mo)) in enc.into_iter().zip(zeros).zip(moments).enumerate() {
+                let r = &mut res[j];
+                r.tally = r.tally.then(tallies[j]);
+                r.pieces.extend(e);
+                r.zeros.extend(z);
+                // The pieces gathered in order added theirs already (and come first).
+                if let Some(mo) = mo {
+                    r.stats.merge(mo);
+                }
+            }
+        }
+        Ok(res)
+    }
+}
+
+/// Packs the encoded pieces of one slot.
+fn pack(
+    enc: PieceEncoder,
+    out: PieceOutput,
+    pieces: Vec<EncodedPiece>,
+    shape: &[u64],
+) -> Result<Packed> {
+    let lead = Packed::head_len(shape);
+    let version = enc.format_version();
+    let (bytes, meta_len) = enc.finish(out, pieces, lead)?;
+    Packed::from_encoding(
+        bytes,
+        meta_len,
+        version,
+        crate::dtype::DType::F32,
+        &crate::codec::smaq::INFO,
+        shape,
+    )
+}
+
+/// The output buffer of an encoder, as the packed record lays it out.
+fn output(enc: &PieceEncoder, shape: &[u64]) -> PieceOutput {
+    enc.output(Packed::head_len(shape), crate::format::CHECKSUM_LEN)
+}
+
+/// An encoder for `n` values with these statistics (the plan made sure there is one).
+fn encoder(cfg: &SmaqConfig, n: usize, stats: Stats) -> Result<PieceEncoder> {
+    cfg.piece_encoder(n, stats)
+        .ok_or_else(|| Error::Layout("the piece-wise step found no piece encoder".into()))
+}
+
+/// The piece-wise step (see [`adam_step_pieces`]): one pass where the slots carry provisional
+/// statistics and the new state does not read the parameter, else two.
 #[allow(clippy::too_many_arguments)]
-fn adam_two_pass(
+fn adam_pieces(
     h: &AdamStep,
     param: &mut [f32],
     grad: &[f32],
@@ -901,9 +1238,7 @@ fn adam_two_pass(
     slots: [SlotIn<'_>; 2],
     rules: [Rule<'_>; 2],
     plan: PiecePlan,
-) -> Result<[SlotOut; 2]> {
-    use crate::codec::smaq;
-    use crate::stats::{PieceMoments, PieceStats};
+) -> Result<([SlotOut; 2], StepPath)> {
     let n = param.len();
     let range_m = check_slot(slots[0], n, "exp_avg")?;
     let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
@@ -911,148 +1246,162 @@ fn adam_two_pass(
         return Err(Error::Layout("the step count starts at 1".into()));
     }
     let s = adam_scalars(h, matches!(slots[0], SlotIn::Fresh), range_m, range_v);
-    let len = plan.len;
-    let pieces = n.div_ceil(len);
-    let bufs = || (Vec::<f32>::new(), Vec::<f32>::new());
-    // Pass 1 (the new state only, the parameter left alone), piece 0 alone first: it fixes the
-    // shift of the statistics (the first finite value).
-    let pass_one = |i: usize, b: &mut (Vec<f32>, Vec<f32>)| -> Result<[Tally; 2]> {
-        let (lo, hi) = (i * len, ((i + 1) * len).min(n));
-        let (m, v) = b;
-        m.resize(hi - lo, 0.0);
-        v.resize(hi - lo, 0.0);
-        load_piece(&slots, i, lo, m, v)?;
-        Ok(moments_chunk(&s, &param[lo..hi], &grad[lo..hi], m, v))
+    let base = Base {
+        s: &s,
+        slots: &slots,
+        grad,
+        len: plan.len,
+        cfgs: &plan.cfgs,
     };
-    let mut b0 = bufs();
-    let t0 = pass_one(0, &mut b0)?;
-    let [cm, cv] = &plan.cfgs;
-    let (mut stats_m, mut stats_v) = (PieceStats::new(), PieceStats::new());
-    let mut sbuf = Vec::new();
-    stats_m.add(cm.stat_values(&b0.0, &mut sbuf));
-    stats_v.add(cv.stat_values(&b0.1, &mut sbuf));
-    let (Some(sh_m), Some(sh_v)) = (stats_m.shift(), stats_v.shift()) else {
-        // No finite value in the first piece: rare enough to take the whole-buffer path.
-        return adam_whole(h, param, grad, shape, slots, rules);
-    };
-    drop(b0);
-    type One = ([Tally; 2], PieceMoments, PieceMoments);
-    let rest: Vec<One> = crate::pool::install(|| {
-        (1..pieces)
-            .into_par_iter()
-            .map_init(
-                || (bufs(), Vec::new()),
-                |(b, sb), i| {
-                    let t = pass_one(i, b)?;
-                    let a = PieceStats::moments(cm.stat_values(&b.0, sb), sh_m);
-                    let c = PieceStats::moments(cv.stat_values(&b.1, sb), sh_v);
-                    Ok((t, a, c))
-                },
-            )
-            .collect::<Result<_>>()
-    })?;
-    let (mut tm, mut tv) = (t0[0], t0[1]);
-    for (t, a, b) in rest {
-        tm = tm.then(t[0]);
-        tv = tv.then(t[1]);
-        stats_m.merge(a);
-        stats_v.merge(b);
+    // The one pass recomputes a rejected slot's new state after the parameter moved: only
+    // sound when nothing in the moments reads the parameter (no L2 term in the gradient).
+    if let (Some(pm), Some(pv), None) = (provisional(&slots[0]), provisional(&slots[1]), s.l2) {
+        return one_pass(param, shape, &rules, &plan, [pm, pv], base);
     }
-    let layouts = [
-        zmap::layout(n as u64, tm.zeros, &rules[0]),
-        zmap::layout(n as u64, tv.zeros, &rules[1]),
-    ];
+    // Pass 1: the new state's exact statistics, tallies (the parameter left alone).
+    let first = base
+        .pass(false, [None, None], [false; 2], [true; 2])
+        .run(param, ([Vec::new(), Vec::new()], [None, None]))?;
+    let layouts = [0, 1].map(|j| zmap::layout(n as u64, first[j].tally.zeros, &rules[j]));
     if layouts.contains(&Layout::Map) {
-        return adam_whole(h, param, grad, shape, slots, rules);
+        return Ok((
+            adam_whole(h, param, grad, shape, slots, rules)?,
+            StepPath::Whole,
+        ));
     }
-    let (Some(em), Some(ev)) = (
-        cm.piece_encoder(n, stats_m.finish(cm.spread)),
-        cv.piece_encoder(n, stats_v.finish(cv.spread)),
-    ) else {
-        return adam_whole(h, param, grad, shape, slots, rules);
-    };
+    let exact = [0, 1].map(|j| first[j].stats.finish(plan.cfgs[j].spread));
+    let em = encoder(&plan.cfgs[0], n, exact[0])?;
+    let ev = encoder(&plan.cfgs[1], n, exact[1])?;
     // Pass 2: the same values again, the parameter updated, each new piece encoded in place.
-    let lead = Packed::head_len(shape);
-    let tail = crate::format::CHECKSUM_LEN;
-    let (mut out_m, mut out_v) = (em.output(lead, tail), ev.output(lead, tail));
-    type Two = (smaq::EncodedPiece, smaq::EncodedPiece, Vec<i64>, Vec<i64>);
-    let zeros_of = |x: &[f32], start: usize, layout: Layout| -> Vec<i64> {
-        if layout != Layout::List {
-            return Vec::new();
-        }
-        let z = x.iter().filter(|v| **v == 0.0).count() as u64;
-        let mut at = zmap::zero_positions(x, z);
-        for i in &mut at {
-            *i += start as i64;
-        }
-        at
-    };
-    let (prim_m, prim_v) = (out_m.primaries(), out_v.primaries());
-    let done: Vec<Two> = crate::pool::install(|| {
-        param
-            .par_chunks_mut(len)
-            .zip(grad.par_chunks(len))
-            .zip(prim_m)
-            .zip(prim_v)
-            .enumerate()
-            .map_init(
-                || {
-                    (
-                        Vec::<f32>::new(),
-                        Vec::<f32>::new(),
-                        smaq::PieceScratch::default(),
-                    )
-                },
-                |(m, v, scratch), (i, (((p, g), bm), bv))| {
-                    let lo = i * len;
-                    m.resize(p.len(), 0.0);
-                    v.resize(p.len(), 0.0);
-                    load_piece(&slots, i, lo, m, v)?;
-                    adam_chunk(&s, p, g, m, v);
-                    Ok((
-                        em.encode_piece(i, m, bm, scratch)?,
-                        ev.encode_piece(i, v, bv, scratch)?,
-                        zeros_of(m, lo, layouts[0]),
-                        zeros_of(v, lo, layouts[1]),
-                    ))
-                },
-            )
-            .collect::<Result<_>>()
-    })?;
-    let (mut pm, mut pv, mut zm, mut zv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (a, b, za, zb) in done {
-        pm.push(a);
-        pv.push(b);
-        zm.extend(za);
-        zv.extend(zb);
-    }
-    let pack = |enc: smaq::PieceEncoder,
-                out: smaq::PieceOutput,
-                pieces: Vec<smaq::EncodedPiece>|
-     -> Result<Packed> {
-        let version = enc.format_version();
-        let (bytes, meta_len) = enc.finish(out, pieces, lead)?;
-        Packed::from_encoding(
-            bytes,
-            meta_len,
-            version,
-            crate::dtype::DType::F32,
-            &smaq::INFO,
-            shape,
+    let (mut out_m, mut out_v) = (output(&em, shape), output(&ev, shape));
+    let [a, b] = base
+        .pass(
+            true,
+            [Some(&em), Some(&ev)],
+            layouts.map(|l| l == Layout::List),
+            [false; 2],
         )
-    };
-    Ok([
-        SlotOut::Plain {
-            packed: pack(em, out_m, pm)?,
-            zeros: zm,
-            range: tm.range(n as u64),
-        },
-        SlotOut::Plain {
-            packed: pack(ev, out_v, pv)?,
-            zeros: zv,
-            range: tv.range(n as u64),
-        },
-    ])
+        .run(
+            param,
+            ([out_m.primaries(), out_v.primaries()], [None, None]),
+        )?;
+    Ok((
+        [
+            SlotOut::Plain {
+                packed: pack(em, out_m, a.pieces, shape)?,
+                zeros: a.zeros,
+                range: a.tally.range(n as u64),
+                stats: Some(exact[0]),
+            },
+            SlotOut::Plain {
+                packed: pack(ev, out_v, b.pieces, shape)?,
+                zeros: b.zeros,
+                range: b.tally.range(n as u64),
+                stats: Some(exact[1]),
+            },
+        ],
+        StepPath::TwoPass,
+    ))
+}
+
+/// The one pass of [`adam_step_pieces`], with the provisional statistics `prov`, and the
+/// second encode of the slots that need it.
+fn one_pass(
+    param: &mut [f32],
+    shape: &[u64],
+    rules: &[Rule<'_>; 2],
+    plan: &PiecePlan,
+    prov: [Stats; 2],
+    base: Base<'_>,
+) -> Result<([SlotOut; 2], StepPath)> {
+    let n = param.len();
+    let em = encoder(&plan.cfgs[0], n, prov[0])?;
+    let ev = encoder(&plan.cfgs[1], n, prov[1])?;
+    let (mut out_m, mut out_v) = (output(&em, shape), output(&ev, shape));
+    // Zero positions are collected wherever the layout could come out a list (a codec that
+    // keeps zeros never needs one).
+    let maybe_list = [!rules[0].keeps_zeros, !rules[1].keeps_zeros];
+    let done = base
+        .pass(true, [Some(&em), Some(&ev)], maybe_list, [true; 2])
+        .run(
+            param,
+            ([out_m.primaries(), out_v.primaries()], [None, None]),
+        )?;
+    let layouts = [0, 1].map(|j| zmap::layout(n as u64, done[j].tally.zeros, &rules[j]));
+    let exact = [0, 1].map(|j| done[j].stats.finish(plan.cfgs[j].spread));
+    let redo = [0, 1].map(|j| layouts[j] == Layout::Map || !accepts(&prov[j], &exact[j]));
+    let mut result: [Option<SlotOut>; 2] = [None, None];
+    let [dm, dv] = done;
+    for (j, ((d, enc), out)) in [dm, dv]
+        .into_iter()
+        .zip([em, ev])
+        .zip([out_m, out_v])
+        .enumerate()
+    {
+        if !redo[j] {
+            result[j] = Some(SlotOut::Plain {
+                packed: pack(enc, out, d.pieces, shape)?,
+                zeros: if layouts[j] == Layout::List {
+                    d.zeros
+                } else {
+                    Vec::new()
+                },
+                range: d.tally.range(n as u64),
+                stats: Some(exact[j]),
+            });
+        }
+    }
+    if !redo.contains(&true) {
+        let [a, b] = result.map(Option::unwrap);
+        return Ok(([a, b], StepPath::OnePass));
+    }
+    // Done again: the old state decoded, the new one recomputed (the moments only; the
+    // parameter has moved, and nothing they compute reads it) and encoded with the exact
+    // statistics, or returned dense for a zero map.
+    let mut encs: [Option<PieceEncoder>; 2] = [None, None];
+    for j in 0..2 {
+        if redo[j] && layouts[j] != Layout::Map {
+            encs[j] = Some(encoder(&plan.cfgs[j], n, exact[j])?);
+        }
+    }
+    let mut outs = encs
+        .each_ref()
+        .map(|e| e.as_ref().map(|e| output(e, shape)));
+    let mut dense = [0, 1].map(|j| (layouts[j] == Layout::Map && redo[j]).then(|| vec![0f32; n]));
+    let [om, ov] = outs
+        .each_mut()
+        .map(|o| o.as_mut().map(PieceOutput::primaries).unwrap_or_default());
+    let [dm, dv] = dense.each_mut().map(|d| d.as_deref_mut());
+    let again = base
+        .pass(
+            false,
+            encs.each_ref().map(Option::as_ref),
+            layouts.map(|l| l == Layout::List),
+            [false; 2],
+        )
+        .run(param, ([om, ov], [dm, dv]))?;
+    for (j, ((a, (enc, out)), d)) in again
+        .into_iter()
+        .zip(encs.into_iter().zip(outs))
+        .zip(dense)
+        .enumerate()
+    {
+        if !redo[j] {
+            continue;
+        }
+        result[j] = Some(match (enc, out, d) {
+            (Some(enc), Some(out), _) => SlotOut::Plain {
+                packed: pack(enc, out, a.pieces, shape)?,
+                zeros: a.zeros,
+                range: a.tally.range(n as u64),
+                stats: Some(exact[j]),
+            },
+            (_, _, Some(d)) => SlotOut::Dense(d),
+            _ => unreachable!("a slot done again is encoded or dense"),
+        });
+    }
+    let [a, b] = result.map(Option::unwrap);
+    Ok(([a, b], StepPath::Redone(redo)))
 }
 
 /// Float32 scalars of an SGD step.
@@ -1361,11 +1710,13 @@ mod tests {
                         packed: &pm,
                         range,
                         zeros: &zeros,
+                        stats: None,
                     },
                     SlotIn::Packed {
                         packed: &pk,
                         range: None,
                         zeros: &[],
+                        stats: None,
                     },
                 ]
             } else {
@@ -1392,6 +1743,7 @@ mod tests {
                     packed,
                     zeros,
                     range,
+                    ..
                 } => (packed.to_vec(), zeros, range.map(|r| r.map(f64::to_bits))),
                 SlotOut::NeedsMap | SlotOut::Dense(_) => panic!("no map expected"),
             });
@@ -1459,11 +1811,13 @@ mod tests {
                         packed: &om,
                         range: Some([-0.004, 0.004]),
                         zeros: &zeros,
+                        stats: None,
                     },
                     SlotIn::Packed {
                         packed: &ov,
                         range: None,
                         zeros: &[],
+                        stats: None,
                     },
                 ]
             }
@@ -1491,7 +1845,7 @@ mod tests {
             vec![desc(a, &m), desc(b, &v)],
         );
         let mut p2 = values(n, 4, false);
-        let [a, b] =
+        let ([a, b], _) =
             adam_step_pieces(&h, &mut p2, &g, &shape, slots(), [rule(&pa), rule(&pb)]).unwrap();
         let pieces = (
             p2.iter().map(|x| x.to_bits()).collect(),
@@ -1548,5 +1902,299 @@ mod tests {
         fix_zero_signs(&mut u, &x);
         assert_eq!(u.min.to_bits(), (-0.0f64).to_bits());
         assert_eq!(u.max, 2.0);
+    }
+}
+
+#[cfg(test)]
+mod one_pass_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    /// One piece-wise step from the fixture's state with these provisional statistics: the
+    /// parameter's bits, each slot's bytes, zeros and returned statistics, and the path.
+    fn step(decoupled: bool, stats: [Option<Stats>; 2]) -> (Vec<u32>, Vec<SlotDesc>, StepPath) {
+        let f = Fixture::new(150_000);
+        let h = AdamStep { decoupled, ..f.h };
+        let slots = [
+            SlotIn::Packed {
+                packed: &f.om,
+                range: Some([-0.004, 0.004]),
+                zeros: &f.zeros,
+                stats: stats[0],
+            },
+            SlotIn::Packed {
+                packed: &f.ov,
+                range: None,
+                zeros: &[],
+                stats: stats[1],
+            },
+        ];
+        let mut p = f.p.clone();
+        let (outs, path) = adam_step_pieces(&h, &mut p, &f.g, &f.shape, slots, f.rules()).unwrap();
+        let desc = outs.map(|o| match o {
+            SlotOut::Plain {
+                packed,
+                zeros,
+                range,
+                stats,
+            } => (
+                packed.to_vec(),
+                zeros,
+                range.map(|r| r.map(f64::to_bits)),
+                stats.map(|s| (s.mean.to_bits(), s.std.to_bits())),
+            ),
+            SlotOut::NeedsMap | SlotOut::Dense(_) => panic!("no zero map expected"),
+        });
+        (p.iter().map(|x| x.to_bits()).collect(), desc.to_vec(), path)
+    }
+
+    fn exact_stats(d: &[SlotDesc]) -> [Option<Stats>; 2] {
+        [0, 1].map(|j| {
+            d[j].3.map(|(m, s)| Stats {
+                mean: f64::from_bits(m),
+                std: f64::from_bits(s),
+                count: 0,
+            })
+        })
+    }
+
+    #[test]
+    fn one_pass_with_the_exact_statistics_gives_the_two_pass_bytes() {
+        let (p2, d2, path) = step(true, [None, None]);
+        assert_eq!(path, StepPath::TwoPass);
+        assert!(
+            !d2[0].1.is_empty(),
+            "the new exp_avg has exact zeros (a zero list)"
+        );
+        // Provisional statistics equal to the exact ones: accepted, the same grid, so (same
+        // seed) the same bytes; the parameter is the same bits whatever the statistics.
+        let (p1, d1, path) = step(true, exact_stats(&d2));
+        assert_eq!(path, StepPath::OnePass);
+        assert_eq!(p1, p2);
+        assert_eq!(d1, d2);
+    }
+
+    #[test]
+    fn one_pass_accepts_near_statistics_and_decodes_within_the_codec_error() {
+        let (p2, d2, _) = step(true, [None, None]);
+        let near = exact_stats(&d2).map(|s| {
+            s.map(|s| Stats {
+                mean: s.mean + 0.02 * s.std,
+                std: s.std * 0.95,
+                count: 0,
+            })
+        });
+        let (p1, d1, path) = step(true, near);
+        assert_eq!(path, StepPath::OnePass);
+        assert_eq!(p1, p2, "the parameter update reads the exact float32 state");
+        for j in 0..2 {
+            assert_eq!(d1[j].1, d2[j].1, "zero lists");
+            assert_eq!(d1[j].2, d2[j].2, "ranges");
+            assert_eq!(d1[j].3, d2[j].3, "the exact statistics are returned");
+            assert_ne!(d1[j].0, d2[j].0, "a grid of its own");
+        }
+        // Against the exact float32 new state: about the two-pass code's error.
+        let f = Fixture::new(150_000);
+        let (mut p, mut m, mut v) = (f.p.clone(), vec![0f32; 150_000], vec![0f32; 150_000]);
+        let slots = [
+            SlotIn::Packed {
+                packed: &f.om,
+                range: Some([-0.004, 0.004]),
+                zeros: &f.zeros,
+                stats: None,
+            },
+            SlotIn::Packed {
+                packed: &f.ov,
+                range: None,
+                zeros: &[],
+                stats: None,
+            },
+        ];
+        adam_step(
+            &f.h,
+            &mut p,
+            &f.g,
+            &f.shape,
+            &mut m,
+            &mut v,
+            slots,
+            f.rules(),
+        )
+        .unwrap();
+        for (j, exact) in [m, v].iter().enumerate() {
+            // exp_avg_sq is coded in the log domain: its error is relative.
+            let err = |d: &SlotDesc| {
+                let x = decode(&d.0);
+                let e: Vec<f64> = x
+                    .iter()
+                    .zip(exact)
+                    .map(|(&a, &b)| {
+                        let e = (a - b) as f64;
+                        if j == 1 && b != 0.0 {
+                            e / b as f64
+                        } else {
+                            e
+                        }
+                    })
+                    .collect();
+                let rms = (e.iter().map(|e| e * e).sum::<f64>() / e.len() as f64).sqrt();
+                (rms, e.iter().fold(0f64, |a, e| a.max(e.abs())))
+            };
+            let (one, two) = (err(&d1[j]), err(&d2[j]));
+            assert!(one.0 <= 1.1 * two.0, "slot {j}: rms {} vs {}", one.0, two.0);
+            assert!(one.1 <= 1.5 * two.1, "slot {j}: max {} vs {}", one.1, two.1);
+        }
+    }
+
+    #[test]
+    fn rejected_statistics_are_redone_with_the_exact_ones() {
+        let (p2, d2, _) = step(true, [None, None]);
+        let exact = exact_stats(&d2);
+        let wide = |s: Option<Stats>| {
+            s.map(|s| Stats {
+                std: s.std * 3.0,
+                ..s
+            })
+        };
+        for (stats, redo) in [
+            ([wide(exact[0]), wide(exact[1])], [true, true]),
+            ([exact[0], wide(exact[1])], [false, true]),
+            (
+                [
+                    exact[0].map(|s| Stats {
+                        mean: s.mean + 0.2 * s.std,
+                        ..s
+                    }),
+                    exact[1],
+                ],
+                [true, false],
+            ),
+        ] {
+            let (p1, d1, path) = step(true, stats);
+            assert_eq!(path, StepPath::Redone(redo));
+            assert_eq!(p1, p2);
+            assert_eq!(d1, d2, "redone {redo:?}: the two-pass bytes");
+        }
+    }
+
+    #[test]
+    fn l2_weight_decay_never_takes_one_pass() {
+        let (p2, d2, path) = step(false, [None, None]);
+        assert_eq!(path, StepPath::TwoPass);
+        let (p1, d1, path) = step(false, exact_stats(&d2));
+        assert_eq!(path, StepPath::TwoPass);
+        assert_eq!((p1, d1), (p2, d2));
+    }
+
+    #[test]
+    fn acceptance_bounds() {
+        let e = Stats {
+            mean: 1.0,
+            std: 2.0,
+            count: 10,
+        };
+        let at = |mean, std| {
+            accepts(
+                &Stats {
+                    mean,
+                    std,
+                    count: 0,
+                },
+                &e,
+            )
+        };
+        assert!(at(1.0, 2.0) && at(1.09, 1.8) && at(0.91, 2.02));
+        assert!(!at(1.0, 1.79) && !at(1.0, 2.03) && !at(1.11, 2.0) && !at(f64::NAN, 2.0));
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+    use crate::codec::{Param, Params};
+
+    /// Bytes, zero list, range bits and returned statistics' bits of one slot.
+    pub type SlotDesc = (Vec<u8>, Vec<i64>, Option<[u64; 2]>, Option<(u64, u64)>);
+
+    /// A packed Adam state (exp_avg with exact zeros, log-domain exp_avg_sq) of `n` values, a
+    /// parameter and a gradient that leaves some of exp_avg's zeros in place.
+    pub struct Fixture {
+        pub om: Packed,
+        pub ov: Packed,
+        pub zeros: Vec<i64>,
+        pub p: Vec<f32>,
+        pub g: Vec<f32>,
+        pub shape: [u64; 1],
+        pub h: AdamStep,
+        pa: Params,
+        pb: Params,
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::SplitMix64::new(seed);
+        (0..n)
+            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e-2)
+            .collect()
+    }
+
+    impl Fixture {
+        pub fn new(n: usize) -> Fixture {
+            let params = |seed: i64, log: bool| -> Params {
+                [
+                    ("seed".to_string(), Param::Int(seed)),
+                    ("log".to_string(), Param::Bool(log)),
+                ]
+                .into()
+            };
+            let (pa, pb) = (params(7, false), params(8, true));
+            let shape = [n as u64];
+            let mut m0 = values(n, 1);
+            let v0: Vec<f32> = values(n, 2).iter().map(|x| x * x).collect();
+            for i in (0..n).step_by(97) {
+                m0[i] = 0.0;
+            }
+            let mut g = values(n, 3);
+            for i in (0..n).step_by(194) {
+                g[i] = 0.0;
+            }
+            Fixture {
+                om: Packed::encode(Data::F32(&m0), &shape, "smaq", &pa).unwrap(),
+                ov: Packed::encode(Data::F32(&v0), &shape, "smaq", &pb).unwrap(),
+                zeros: (0..n as i64).step_by(97).collect(),
+                p: values(n, 4),
+                g,
+                shape,
+                h: AdamStep {
+                    lr: 1e-3,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                    decoupled: true,
+                    maximize: false,
+                    guard: true,
+                    decoded: true,
+                    step: 3,
+                },
+                pa,
+                pb,
+            }
+        }
+
+        pub fn rules(&self) -> [Rule<'_>; 2] {
+            [&self.pa, &self.pb].map(|params| Rule {
+                codec: "smaq",
+                params,
+                keeps_zeros: false,
+                sparse_fraction: 0.15,
+            })
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Vec<f32> {
+        let p = Packed::from_bytes(bytes.to_vec()).unwrap();
+        let mut x = vec![0f32; p.numel() as usize];
+        p.decode_into(DataMut::F32(&mut x)).unwrap();
+        x
     }
 }

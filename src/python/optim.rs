@@ -2,16 +2,24 @@
 //! state dict, seeds and fallbacks; here float32 NumPy views of the parameter, gradient and
 //! reusable state buffers are borrowed and the step runs with the GIL released.
 //!
-//! A slot's state is passed as `None` (first step), `(None, None, None)` (its buffer already
-//! holds the values) or `(packed, (lo, hi) | None, int64 zero positions | None)`. A slot comes
-//! back as `None` (store it with a zero map from its buffer) or `(packed, zero positions | None,
-//! (lo, hi) | None)`. The Adam step also takes no buffers at all (`None, None`): it then runs
-//! piece by piece without whole-parameter buffers where it can (`optim::adam_step_pieces`), and a
-//! slot that needs a zero map comes back as a float32 array of its new values.
+//! A slot's state is passed as `None` (first step), `(None, None, None, None)` (its buffer
+//! already holds the values) or `(packed, (lo, hi) | None, int64 zero positions | None,
+//! (mean, std) | None)`; the last element is the slot's provisional statistics (what the
+//! previous step returned with it; the SGD step ignores them). A slot comes back as `None`
+//! (store it with a zero map from its buffer) or `(packed, zero positions | None, (lo, hi) |
+//! None, (mean, std) | None)`, the last element being the exact statistics of the new values in
+//! the codec's domain (ln v for log-domain SmaQ) where the step gathered them: keep them with
+//! the slot and pass them back in next step. The Adam step also takes no buffers at all
+//! (`None, None`): it then runs piece by piece without whole-parameter buffers where it can
+//! (`optim::adam_step_pieces`: in one pass when both slots bring statistics), and a slot that
+//! needs a zero map comes back as a float32 array of its new values. The Adam step returns
+//! `(exp_avg, exp_avg_sq, path)`, `path` naming how it ran (`optim::StepPath::name`: "whole",
+//! "two-pass", "one-pass", "redone-exp_avg", "redone-exp_avg_sq", "redone-both").
 
 use super::{detached, not_contiguous, params_from_dict, DtypeError, LayoutError, PyPacked};
 use crate::codec::Params;
-use crate::optim::{self, AdamStep, SgdStep, SlotIn, SlotOut};
+use crate::optim::{self, AdamStep, SgdStep, SlotIn, SlotOut, StepPath};
+use crate::stats::Stats;
 use crate::zmap::Rule;
 use numpy::{
     IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
@@ -24,9 +32,11 @@ type StateIn<'py> = Option<(
     Option<Bound<'py, PyPacked>>,
     Option<(f64, f64)>,
     Option<PyReadonlyArray1<'py, i64>>,
+    Option<(f64, f64)>,
 )>;
 /// A slot after the step: None (store with a zero map: the new values are in the buffer passed
-/// in), `(packed, zero positions or None, (min, max) or None)`, or a float32 array (store with a
+/// in), `(packed, zero positions or None, (min, max) or None, (mean, std) or None)`, or a
+/// float32 array (store with a
 /// zero map: these are the new values; only when no buffers were passed in).
 type StateOut<'py> = Bound<'py, PyAny>;
 
@@ -64,6 +74,7 @@ struct Held<'py> {
     packed: Option<Bound<'py, PyPacked>>,
     range: Option<[f64; 2]>,
     zeros: Option<PyReadonlyArray1<'py, i64>>,
+    stats: Option<Stats>,
     fresh: bool,
 }
 
@@ -74,12 +85,18 @@ impl<'py> Held<'py> {
                 packed: None,
                 range: None,
                 zeros: None,
+                stats: None,
                 fresh: true,
             },
-            Some((packed, range, zeros)) => Held {
+            Some((packed, range, zeros, stats)) => Held {
                 packed,
                 range: range.map(|(a, b)| [a, b]),
                 zeros,
+                stats: stats.map(|(mean, std)| Stats {
+                    mean,
+                    std,
+                    count: 0,
+                }),
                 fresh: false,
             },
         }
@@ -99,6 +116,7 @@ impl<'py> Held<'py> {
             packed: &p.get().inner,
             range: self.range,
             zeros,
+            stats: self.stats,
         })
     }
 }
@@ -111,10 +129,12 @@ fn out<'py>(py: Python<'py>, s: SlotOut) -> PyResult<StateOut<'py>> {
             packed,
             zeros,
             range,
+            stats,
         } => (
             PyPacked { inner: packed },
             (!zeros.is_empty()).then(|| zeros.into_pyarray(py)),
             range.map(|[a, b]| (a, b)),
+            stats.map(|s| (s.mean, s.std)),
         )
             .into_pyobject(py)?
             .into_any(),
@@ -148,7 +168,7 @@ fn adam_step<'py>(
     params: (Bound<'py, PyDict>, Bound<'py, PyDict>),
     keeps_zeros: (bool, bool),
     sparse_fraction: f64,
-) -> PyResult<(StateOut<'py>, StateOut<'py>)> {
+) -> PyResult<(StateOut<'py>, StateOut<'py>, &'static str)> {
     let h = AdamStep {
         lr,
         beta1,
@@ -177,7 +197,7 @@ fn adam_step<'py>(
         sparse_fraction,
     };
     let rules = [rule(&pm, keeps_zeros.0), rule(&pv, keeps_zeros.1)];
-    let [om, ov] = match (exp_avg, exp_avg_sq) {
+    let ([om, ov], path) = match (exp_avg, exp_avg_sq) {
         (None, None) => detached(py, || {
             optim::adam_step_pieces(&h, p, g, &shape, [sm, sv], rules)
         })?,
@@ -190,9 +210,10 @@ fn adam_step<'py>(
             let v = v
                 .as_slice_mut()
                 .map_err(|_| not_contiguous("exp_avg_sq buffer"))?;
-            detached(py, || {
+            let outs = detached(py, || {
                 optim::adam_step(&h, p, g, &shape, m, v, [sm, sv], rules)
-            })?
+            })?;
+            (outs, StepPath::Whole)
         }
         _ => {
             return Err(LayoutError::new_err(
@@ -200,7 +221,7 @@ fn adam_step<'py>(
             ))
         }
     };
-    Ok((out(py, om)?, out(py, ov)?))
+    Ok((out(py, om)?, out(py, ov)?, path.name()))
 }
 
 /// One fused SGD-with-momentum step of one float32 parameter (module doc for the state tuple).

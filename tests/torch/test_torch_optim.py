@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 
 import numpy as np
 import pytest
@@ -221,7 +222,9 @@ def test_fused_step_matches_torch_path(i, zeros):
     # From the same state and gradient, one step of each path: the packed state is the same
     # bytes, and the parameter equal up to 2 float32 ulps of itself plus ~10 ulps of the update
     # (torch's addcdiv and our loop round the last operations of Adam's update differently in
-    # ~0.1% of the elements; measured: at most 2 ulps of p). SGD is bit for bit.
+    # ~0.1% of the elements; measured: at most 2 ulps of p). SGD is bit for bit. The fused
+    # Adam step is given no kept statistics, so it codes with the exact ones in two passes, as
+    # the torch path does (the one pass: test_one_pass_step_*).
     g0 = torch.Generator().manual_seed(i)
     p0 = torch.randn(64, 257, generator=g0)
     pa, pb = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
@@ -236,6 +239,9 @@ def test_fused_step_matches_torch_path(i, zeros):
         plain.load_state_dict(copy.deepcopy(fused.state_dict()))
         pb.data.copy_(pa.data)
         pa.grad, pb.grad = g.clone(), g.clone()
+        for v in fused.state[pa].values():
+            if isinstance(v, Stored):
+                v.stats = None
         try:
             bridge.adam_step = lambda *a, **k: calls.append(1) or real[0](*a, **k)
             bridge.sgd_step = lambda *a, **k: calls.append(1) or real[1](*a, **k)
@@ -246,8 +252,8 @@ def test_fused_step_matches_torch_path(i, zeros):
         sa, sb = _state_bytes(fused, pa), _state_bytes(plain, pb)
         assert sa.keys() == sb.keys() and sa
         for k in sa:
-            assert sa[k].keys() == sb[k].keys()
-            for n in sa[k]:
+            assert sa[k].keys() - {"smaq_stats"} == sb[k].keys()
+            for n in sb[k]:
                 assert torch.equal(sa[k][n], sb[k][n]), (step, k, n)
         torch.testing.assert_close(pa, pb, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-9)
         if isinstance(fused, st.SGD):
@@ -288,7 +294,7 @@ def test_fused_step_rejects_bad_input():
         core.adam_step(np.zeros((10, 20), np.float32)[:, ::2], f(100), f(100), f(100),
                        (None, None), **kw)
     with pytest.raises(smaq_rs.LayoutError, match="both"):
-        core.adam_step(f(100), f(100), f(100), f(100), (None, (None, None, None)), **kw)
+        core.adam_step(f(100), f(100), f(100), f(100), (None, (None, None, None, None)), **kw)
     with pytest.raises(smaq_rs.LayoutError, match="momentum"):
         core.sgd_step(f(100), f(100), f(100), None, lr=0.1, momentum=0.0, dampening=0.0,
                       weight_decay=0.0, nesterov=False, maximize=False, codec="smaq",
@@ -296,7 +302,7 @@ def test_fused_step_rejects_bad_input():
     packed = smaq_rs._core.encode(np.ones(50, np.float32), "smaq", {})
     with pytest.raises(smaq_rs.LayoutError, match="holds 50"):
         core.adam_step(f(100), f(100), f(100), f(100),
-                       ((packed, None, None), (packed, None, None)), **kw)
+                       ((packed, None, None, None), (packed, None, None, None)), **kw)
 
 
 def test_fused_adam_keeps_no_whole_parameter_scratch():
@@ -316,3 +322,117 @@ def test_fused_adam_keeps_no_whole_parameter_scratch():
     assert opt._scratch == {}
     assert sum(b.numel() for b in slow._scratch.values()) >= 2 * p.numel()
     torch.testing.assert_close(p, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-9)
+
+
+# -- the one-pass fused Adam step: the new state coded with the statistics kept from the step
+# before, checked afterwards (src/optim.rs, adam_step_pieces) --------------------------------
+def _scaled_grads(shape, steps, seed=1):
+    """Gradients whose scale varies per element over orders of magnitude, as a network's do:
+    the spread of ln(exp_avg_sq) is then set by the scales and settles within a few steps."""
+    g0 = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.rand(shape, generator=g0) * 6 - 3) * 1e-3
+    return [torch.randn(shape, generator=g0) * scale for _ in range(steps)]
+
+
+def test_one_pass_step_moves_the_parameter_like_the_two_pass_step():
+    p = nn.Parameter(torch.randn(300, 1000))
+    opt = st.AdamW([p], lr=1e-3, seed=3)
+    grads = _scaled_grads(p.shape, 12)
+    for g in grads[:11]:
+        p.grad = g.clone()
+        opt.step()
+    assert opt.fused_paths["two-pass"] == 1  # the first step: no statistics kept yet
+    assert opt.fused_paths["one-pass"] >= 3  # the steady state
+    # The next step both ways from the same state: kept statistics (one pass), none (two).
+    twin = nn.Parameter(p.detach().clone())
+    opt2 = st.AdamW([twin], lr=1e-3, seed=3)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for v in opt2.state[twin].values():
+        if isinstance(v, Stored):
+            v.stats = None
+    p.grad, twin.grad = grads[11].clone(), grads[11].clone()
+    before = opt.fused_paths["one-pass"]
+    opt.step()
+    opt2.step()
+    assert opt.fused_paths["one-pass"] == before + 1
+    assert opt2.fused_paths == {"two-pass": 1}
+    assert torch.equal(p, twin)  # the update reads the exact float32 state either way
+    for name in ("exp_avg", "exp_avg_sq"):
+        a, b = opt.state[p][name], opt2.state[twin][name]
+        np.testing.assert_array_equal(a.stats, b.stats)  # both return the exact statistics
+        x, y = _store_decode(a), _store_decode(b)
+        if name == "exp_avg":
+            # two codes of one tensor (6 bits over +-1 std; the outliers have a grid of their
+            # own): a few grid steps
+            assert (x - y).abs().max() <= 0.2 * a.stats[1]
+            assert (x - y).norm() <= 0.02 * y.norm()
+        else:
+            # log domain: relative, within a few steps of the ln grid (6 bits over +-1 std)
+            # (a grid step of ln v is 2 std / 64; the outliers' grid is coarser)
+            r = ((x - y).abs() / y.abs())[y != 0]
+            assert r.max() <= math.expm1(8 * a.stats[1] / 64)
+            assert r.median() <= math.expm1(2 * a.stats[1] / 64)
+
+
+def test_one_pass_rejects_far_statistics_and_codes_like_the_two_pass_step():
+    p = nn.Parameter(torch.randn(300, 1000))
+    opt = st.AdamW([p], lr=1e-3, seed=3)
+    grads = _scaled_grads(p.shape, 4)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    twin = nn.Parameter(p.detach().clone())
+    opt2 = st.AdamW([twin], lr=1e-3, seed=3)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for v in opt2.state[twin].values():
+        if isinstance(v, Stored):
+            v.stats = None
+    for v in opt.state[p].values():
+        if isinstance(v, Stored):
+            v.stats = v.stats * np.array([1.0, 3.0])  # a spread 3x the true one: rejected
+    opt.fused_paths.clear()
+    p.grad, twin.grad = grads[3].clone(), grads[3].clone()
+    opt.step()
+    opt2.step()
+    assert opt.fused_paths == {"redone-both": 1}
+    assert torch.equal(p, twin)
+    for name in ("exp_avg", "exp_avg_sq"):
+        # coded again with the exact statistics and the same seed: the two-pass bytes
+        assert opt.state[p][name].to_state().keys() == opt2.state[twin][name].to_state().keys()
+        for k, v in opt.state[p][name].to_state().items():
+            assert torch.equal(v, opt2.state[twin][name].to_state()[k]), (name, k)
+
+
+def test_l2_adam_never_takes_one_pass():
+    p = nn.Parameter(torch.randn(300, 1000))
+    opt = st.Adam([p], lr=1e-3, weight_decay=1e-2)
+    for g in _scaled_grads(p.shape, 10):
+        p.grad = g
+        opt.step()
+    assert opt.fused_paths == {"two-pass": 10}
+
+
+def test_kept_statistics_survive_state_dict_and_are_optional():
+    model = mlp()
+    opt = st.AdamW(model.parameters(), lr=1e-3, min_numel=1024)
+    run(model, opt, batches(3))
+    sd = _save_load(opt.state_dict())
+    kept = [s[n]["smaq_stats"] for s in sd["state"].values() for n in ("exp_avg", "exp_avg_sq")
+            if isinstance(s[n], dict)]
+    assert len(kept) >= 4 and all(k.dtype == torch.float64 and k.shape == (2,) for k in kept)
+    opt2 = st.AdamW(model.parameters(), lr=1e-3, min_numel=1024)
+    opt2.load_state_dict(sd)
+    for p, s in opt.state.items():
+        for n, v in s.items():
+            if isinstance(v, Stored):
+                np.testing.assert_array_equal(opt2.state[p][n].stats, v.stats)
+    # A state dict without them (older, or edited) loads; its next step runs in two passes.
+    for s in sd["state"].values():
+        for n in ("exp_avg", "exp_avg_sq"):
+            if isinstance(s[n], dict):
+                del s[n]["smaq_stats"]
+    opt3 = st.AdamW(model.parameters(), lr=1e-3, min_numel=1024)
+    opt3.load_state_dict(sd)
+    run(model, opt3, batches(1, seed=5))
+    assert opt3.fused_paths["two-pass"] == len(kept) // 2
+    assert "one-pass" not in opt3.fused_paths

@@ -44,17 +44,23 @@ def codec_keeps_zeros(codec: str, params: Dict[str, Any]) -> bool:
 class Stored:
     """One tensor held as packed bytes (see the module doc)."""
 
-    __slots__ = ("packed", "mask", "zidx", "range", "shape", "dtype", "numel", "__weakref__")
+    __slots__ = ("packed", "mask", "zidx", "range", "stats", "shape", "dtype", "numel",
+                 "__weakref__")
 
     def __init__(self, packed: Optional[PackedTensor], mask: Optional[np.ndarray],
                  shape: Tuple[int, ...], dtype: torch.dtype,
-                 zidx: Optional[np.ndarray] = None, range: Optional[np.ndarray] = None):
+                 zidx: Optional[np.ndarray] = None, range: Optional[np.ndarray] = None,
+                 stats: Optional[np.ndarray] = None):
         self.packed = packed
         self.mask = mask
         self.zidx = zidx
         # [min, max] of the packed values (float64): decoded values are clamped into it, so a
         # small positive value of a non-negative tensor (a ReLU output) never decodes <= 0.
         self.range = range
+        # [mean, std] (float64) of the packed values in the codec's domain, exact, where the
+        # fused Adam step gathered them: the next step codes its new state with them and
+        # checks them afterwards (one pass over the state instead of two). None: not known.
+        self.stats = stats
         self.shape = tuple(shape)
         self.dtype = dtype
         n = 1
@@ -68,7 +74,8 @@ class Stored:
         return ((self.packed.nbytes if self.packed is not None else 0)
                 + (self.mask.nbytes if self.mask is not None else 0)
                 + (self.zidx.nbytes if self.zidx is not None else 0)
-                + (self.range.nbytes if self.range is not None else 0))
+                + (self.range.nbytes if self.range is not None else 0)
+                + (self.stats.nbytes if self.stats is not None else 0))
 
     @property
     def dense_nbytes(self) -> int:
@@ -86,6 +93,8 @@ class Stored:
             d["smaq_zidx"] = torch.from_numpy(self.zidx.copy())
         if self.range is not None:
             d["smaq_range"] = torch.from_numpy(self.range.copy())
+        if self.stats is not None:
+            d["smaq_stats"] = torch.from_numpy(self.stats.copy())
         return d
 
     @classmethod
@@ -100,7 +109,11 @@ class Stored:
             if "smaq_range" in d else None
         if rng is not None and rng.shape != (2,):
             raise DtypeError(f"value range must hold 2 numbers, not {rng.shape}")
-        s = cls(packed, mask, shape, dtype, zidx, rng)
+        stats = d["smaq_stats"].detach().cpu().numpy().astype(np.float64) \
+            if "smaq_stats" in d else None
+        if stats is not None and stats.shape != (2,):
+            raise DtypeError(f"statistics must hold 2 numbers (mean, std), not {stats.shape}")
+        s = cls(packed, mask, shape, dtype, zidx, rng, stats)
         if packed is not None and mask is None and packed.numel != s.numel:
             raise DtypeError(f"packed state holds {packed.numel} values, the parameter "
                              f"has {s.numel}")

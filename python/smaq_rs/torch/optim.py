@@ -28,6 +28,7 @@ group (e.g. norms and biases) can opt out.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 from typing import Any, Dict, Iterable, Optional, Tuple
@@ -170,13 +171,14 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         if isinstance(v, Stored) and v.mask is None and v.packed is not None:
             z = None if v.zidx is None else np.ascontiguousarray(v.zidx, dtype=np.int64)
             r = None if v.range is None else (float(v.range[0]), float(v.range[1]))
-            return (_bridge.core_of(v.packed), r, z)
+            s = None if v.stats is None else (float(v.stats[0]), float(v.stats[1]))
+            return (_bridge.core_of(v.packed), r, z, s)
         buf = self._scratch_for(slot, p)
         if isinstance(v, Stored):
             _store.decode(v, out=buf)
         else:
             buf.copy_(v)
-        return (None, None, None)
+        return (None, None, None, None)
 
     def _fused_out(self, state, slot: str, res, p: torch.Tensor, seed: int) -> None:
         if res is None:  # needs a zero map: the new values are in the scratch buffer
@@ -187,11 +189,12 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
             state[slot] = _store.encode(torch.from_numpy(res).view(p.shape), self.codec,
                                         self._params_for(slot, seed))
             return
-        core, zidx, rng = res
+        core, zidx, rng, stats = res
         if zidx is not None:
             zidx = zidx.astype(np.int32 if p.numel() < 2**31 else np.int64)
         state[slot] = Stored(_bridge.pack(core), None, p.shape, p.dtype, zidx,
-                             None if rng is None else np.array(rng, dtype=np.float64))
+                             None if rng is None else np.array(rng, dtype=np.float64),
+                             None if stats is None else np.array(stats, dtype=np.float64))
 
     def _fused_common(self, p, g):
         arrays = (p.detach().numpy(), g.detach().numpy())
@@ -322,6 +325,11 @@ class Adam(_PackedStateOptimizer):
                                       guard=guard),
                          codec, codec_params, min_numel, compress_state, quantize_weights,
                          quantize_grads, seed)
+        #: How the fused steps ran, per parameter step (src/optim.rs, ``StepPath``): "one-pass"
+        #: (the steady state: coded with the statistics kept from the step before), "redone-*"
+        #: (those were rejected for a slot, which was coded again), "two-pass" (no statistics
+        #: kept yet, or L2 weight decay), "whole" (on whole buffers).
+        self.fused_paths: collections.Counter = collections.Counter()
 
     def _update(self, p, g, bufs, group, step, decoded):
         b1, b2 = group["betas"]
@@ -360,7 +368,7 @@ class Adam(_PackedStateOptimizer):
         b1, b2 = group["betas"]
         pm = self._params_for("exp_avg", seeds[0])
         pv = self._params_for("exp_avg_sq", seeds[1])
-        return _bridge.adam_step(
+        m_out, v_out, path = _bridge.adam_step(
             pa, ga, m, v, ins, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=self._decoupled,
             maximize=group["maximize"], guard=group["guard"], decoded=decoded, step=step,
@@ -368,6 +376,8 @@ class Adam(_PackedStateOptimizer):
             keeps_zeros=(_store.codec_keeps_zeros(self.codec, pm),
                          _store.codec_keeps_zeros(self.codec, pv)),
             sparse_fraction=_store.SPARSE_FRACTION)
+        self.fused_paths[path] += 1
+        return m_out, v_out
 
 
 class AdamW(Adam):

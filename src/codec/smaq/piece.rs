@@ -31,6 +31,15 @@ pub struct PieceScratch {
     logs: Vec<f32>,
 }
 
+impl PieceScratch {
+    /// The log-domain values the last log-domain [`PieceEncoder::encode_piece`] coded (zeros
+    /// as 0.0): where the piece has no zeros, the values [`SmaqConfig::stat_values`] gives,
+    /// so the caller gathering statistics need not take the logarithms twice.
+    pub fn logs(&self) -> &[f32] {
+        &self.logs
+    }
+}
+
 /// One chunk encoded by a [`PieceEncoder`] (its primary stream is in the [`PieceOutput`]).
 pub struct EncodedPiece(ChunkOut);
 
