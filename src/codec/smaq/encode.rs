@@ -73,26 +73,29 @@ const PROVISIONAL_MIN: usize = 1 << 24;
 const PROVISIONAL_K: usize = 1 << 16;
 
 /// The largest estimated relative standard error of a sample's std for which provisional
-/// statistics are tried: three of them stay inside the 1% that [`close_enough`] allows. A
+/// statistics are tried (the std is taken two of them low, and [`close_enough`] allows 1.5%
+/// below the exact std and 0.2% above: at this error about 1% of tensors are coded again). A
 /// normal sample of [`PROVISIONAL_K`] values has 0.28%; heavier tails (kurtosis above about
 /// 4.2) go straight to the exact statistics.
 const PROVISIONAL_SE: f64 = 0.0035;
 
-/// Whether provisional statistics `guess` stand for the exact ones: a grid at most 1% coarser or
-/// finer (the error moves with it) and a centre within 5% of a std (which moves only the
-/// main/outlier boundary, not the error).
+/// Whether provisional statistics `guess` stand for the exact ones: a grid at most 0.2% coarser
+/// (the error grows with it: the research algorithm's error is the bound) and at most 1.5% finer
+/// (a little more of the tensor becomes outliers), and a centre within 5% of a std (which moves
+/// only the main/outlier boundary, not the error).
 fn close_enough(guess: Stats, exact: Stats) -> bool {
-    (guess.std / exact.std - 1.0).abs() <= 0.01
-        && (guess.mean - exact.mean).abs() <= 0.05 * exact.std
+    let ratio = guess.std / exact.std;
+    (0.985..=1.002).contains(&ratio) && (guess.mean - exact.mean).abs() <= 0.05 * exact.std
 }
 
-/// Mean and std of [`PROVISIONAL_K`] values drawn under `seed`, and the shift the exact moments
+/// Mean and std of [`PROVISIONAL_K`] values drawn under `seed` (the std lowered by twice its
+/// estimated standard error, so that it rarely exceeds the exact one), and the shift the exact moments
 /// are summed around (the first finite value), for a tensor that qualifies: linear domain,
 /// exact statistics with the std as spread, and a sample whose kurtosis promises a std within
 /// [`PROVISIONAL_SE`]. The chunks are then coded with these while their exact moments are
 /// gathered, chunk by chunk from the cache; [`close_enough`] decides afterwards whether the
 /// coding stands or is done again with the exact statistics. One read of the tensor instead of
-/// two, at a grid within 1% of the exact one.
+/// two, at a grid at most 0.2% coarser than the exact one (0.6% finer on normal data).
 fn provisional_stats<T: Element>(cfg: &SmaqConfig, x: &[T], seed: u64) -> Option<(Stats, f64)> {
     if cfg.log || cfg.sampling != Sampling::Exact || cfg.spread != Spread::Std {
         return None;
@@ -120,7 +123,7 @@ fn provisional_stats<T: Element>(cfg: &SmaqConfig, x: &[T], seed: u64) -> Option
     (se <= PROVISIONAL_SE).then_some((
         Stats {
             mean,
-            std: var.sqrt(),
+            std: var.sqrt() * (1.0 - 2.0 * se),
             count: picks.len() as u64,
         },
         shift,
@@ -443,8 +446,8 @@ mod tests {
         (s / x.len() as f64).sqrt()
     }
 
-    /// A large tensor coded in one read, with statistics from a sample: the grid is within 1%
-    /// of the exact statistics' and so is the error.
+    /// A large tensor coded in one read, with statistics from a sample: the grid is at most
+    /// 0.2% coarser than the exact statistics' and at most 1.5% finer, and so is the error.
     #[test]
     fn provisional_statistics_stand_within_one_percent() {
         let x: Vec<f32> = normal(1 << 20, 21).iter().map(|v| v * 3.0 + 1.5).collect();
@@ -459,7 +462,10 @@ mod tests {
                 h.std, exact.std,
                 "seed {seed}: the sample's statistics were used"
             );
-            assert!((h.std / exact.std - 1.0).abs() <= 0.01, "seed {seed}");
+            assert!(
+                (0.985..=1.002).contains(&(h.std / exact.std)),
+                "seed {seed}"
+            );
             assert!(
                 (h.mean - exact.mean).abs() <= 0.05 * exact.std,
                 "seed {seed}"
@@ -468,7 +474,7 @@ mod tests {
             assert_eq!((h2.mean, h2.std), (exact.mean, exact.std));
             let ratio = rmse(&x, &y) / rmse(&x, &y2);
             assert!(
-                (ratio - 1.0).abs() < 0.015,
+                (0.98..1.007).contains(&ratio),
                 "seed {seed}: error ratio {ratio}"
             );
         }
