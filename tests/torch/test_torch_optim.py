@@ -413,13 +413,20 @@ def test_l2_adam_never_takes_one_pass():
 
 
 def test_kept_statistics_survive_state_dict_and_are_optional():
-    model = mlp()
+    # Two weights of 2^17 values keep their statistics; the 16K-value ones and the biases,
+    # below that, do not (their second pass costs little, the 16 bytes would show in their size).
+    model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 32), nn.ReLU(),
+                          nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
     opt = st.AdamW(model.parameters(), lr=1e-3, min_numel=1024)
     run(model, opt, batches(3))
     sd = _save_load(opt.state_dict())
     kept = [s[n]["smaq_stats"] for s in sd["state"].values() for n in ("exp_avg", "exp_avg_sq")
-            if isinstance(s[n], dict)]
-    assert len(kept) >= 4 and all(k.dtype == torch.float64 and k.shape == (2,) for k in kept)
+            if isinstance(s[n], dict) and "smaq_stats" in s[n]]
+    assert len(kept) == 4 and all(k.dtype == torch.float64 and k.shape == (2,) for k in kept)
+    for p, s in opt.state.items():
+        if isinstance(s["exp_avg"], Stored):
+            assert (s["exp_avg"].stats is not None) == (p.numel() >= 1 << 17)
     opt2 = st.AdamW(model.parameters(), lr=1e-3, min_numel=1024)
     opt2.load_state_dict(sd)
     for p, s in opt.state.items():
@@ -430,9 +437,9 @@ def test_kept_statistics_survive_state_dict_and_are_optional():
     for s in sd["state"].values():
         for n in ("exp_avg", "exp_avg_sq"):
             if isinstance(s[n], dict):
-                del s[n]["smaq_stats"]
+                s[n].pop("smaq_stats", None)
     opt3 = st.AdamW(model.parameters(), lr=1e-3, min_numel=1024)
     opt3.load_state_dict(sd)
     run(model, opt3, batches(1, seed=5))
-    assert opt3.fused_paths["two-pass"] == len(kept) // 2
     assert "one-pass" not in opt3.fused_paths
+    assert opt3.fused_paths["two-pass"] >= len(kept) // 2

@@ -48,6 +48,12 @@ def _derive_seed(base: int, gi: int, pi: int, step: int, slot: str) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
+#: Parameters of at least this many values keep their new state's statistics (16 bytes per
+#: slot) for the next fused step, which can then code in one pass over the state; on smaller ones
+#: the second pass costs little and the 16 bytes would show in their state's size.
+_KEEP_STATS_MIN = 1 << 17
+
+
 class _PackedStateOptimizer(torch.optim.Optimizer):
     """Shared machinery: decoding/encoding state slots around a per-parameter update."""
 
@@ -190,6 +196,8 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                                         self._params_for(slot, seed))
             return
         core, zidx, rng, stats = res
+        if p.numel() < _KEEP_STATS_MIN:
+            stats = None
         if zidx is not None:
             zidx = zidx.astype(np.int32 if p.numel() < 2**31 else np.int64)
         state[slot] = Stored(_bridge.pack(core), None, p.shape, p.dtype, zidx,
