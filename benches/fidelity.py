@@ -193,6 +193,9 @@ def step_timing(rounds: int, batch: int, seq: int) -> None:
             if r:  # the first round warms up
                 times[config].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # torch's OpenMP workers spin for a while after each operator (libgomp's default); the
+    # codec's threads then share the cores with them. OMP_WAIT_POLICY=PASSIVE puts them to sleep.
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"GPT-2 (4x256) step (forward + backward), batch {batch}x{seq}, {rounds} alternating "
           f"rounds: plain {med['plain'] * 1e3:.0f} ms, compressed activations "
           f"{med['activations'] * 1e3:.0f} ms: {med['activations'] / med['plain']:.2f}x")
