@@ -7,9 +7,13 @@ foreach AdamW, smaq_rs.torch.AdamW (exp_avg / exp_avg_sq packed with SmaQ 6/8, d
 4096 elements) with its fused Rust step and, for comparison, with the per-operation torch update
 (``fused = False``, the path before it), and bitsandbytes' AdamW8bit / torchao's AdamW8bit where they are installed.
 State bytes are summed from the real buffers each optimizer holds after the steps (tensors'
-storage bytes; for smaq_rs the packed bytes). Times are medians of ``--steps`` steps after two
-warm-up steps. Gradients are fixed random tensors (no forward/backward), so only the optimizer
-step is timed. Nothing asserts: the figures are printed.
+storage bytes; for smaq_rs the packed bytes). Times are medians of ``--steps`` steps after
+``--warmup`` untimed steps (2). Gradients are random tensors drawn afresh each step (no
+forward/backward), so only the optimizer step is timed: N(0, 1e-6) everywhere, or with
+``--grads scaled`` a per-element scale (as a network's gradients have) times fresh noise. The
+fused smaq_rs step codes the new state with the statistics its step before kept, where they still
+fit (one pass over the state), else twice; the paths its timed steps took are printed. Nothing
+asserts: the figures are printed.
 
     python benches/bench_optim.py --rss
 
@@ -50,6 +54,22 @@ def set_grads(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=g) * 1e-3
+
+
+_SCALES: dict = {}
+
+
+def set_scaled_grads(model: nn.Module, seed: int) -> None:
+    """Fresh noise each step, times a per-element scale drawn once over e^-3..e^3 (1e-3 at the
+    centre): the spread of each element's exp_avg_sq is then set by its scale, as in a network,
+    and the state's statistics settle after a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(model.parameters()):
+        key = (i, tuple(p.shape))
+        if key not in _SCALES:
+            g0 = torch.Generator().manual_seed(1000 + i)
+            _SCALES[key] = torch.exp(torch.rand(p.shape, generator=g0) * 6 - 3) * 1e-3
+        p.grad = torch.randn(p.shape, generator=g) * _SCALES[key]
 
 
 def tensor_state_bytes(opt) -> int:
@@ -189,6 +209,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--grads", choices=("normal", "scaled"), default="normal",
+                    help="normal: N(0, 1e-6) everywhere; scaled: each element's scale drawn "
+                         "once over e^-3..e^3 (as a network's gradients vary per weight)")
     ap.add_argument("--rss", action="store_true", help="measure process growth per parameter")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -202,7 +226,8 @@ def main() -> None:
     n = sum(p.numel() for p in model.parameters())
     print(f"load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__} ({torch.get_num_threads()} threads), smaq_rs "
           f"{smaq_rs.__version__} ({smaq_rs.get_num_threads()} threads)")
-    print(f"MLP {args.layers} x Linear({args.width}, {args.width}): {n / 1e6:.2f}M parameters")
+    print(f"MLP {args.layers} x Linear({args.width}, {args.width}): {n / 1e6:.2f}M parameters; "
+          f"{args.grads} gradients, {args.warmup} untimed steps, then {args.steps} timed")
     rows = []
     for name, make in candidates():
         if isinstance(make, str):
@@ -212,11 +237,16 @@ def main() -> None:
         try:
             opt = make(m.parameters())
             times = []
-            for i in range(args.steps + 2):
-                set_grads(m, i)
+            for i in range(args.steps + args.warmup):
+                if args.grads == "normal":
+                    set_grads(m, i)
+                else:
+                    set_scaled_grads(m, i)
+                if i == args.warmup and hasattr(opt, "fused_paths"):
+                    opt.fused_paths.clear()
                 t0 = time.perf_counter()
                 opt.step()
-                if i >= 2:
+                if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             rows.append((name, None, None, f"failed: {type(e).__name__}: {e}"[:80]))
@@ -225,7 +255,10 @@ def main() -> None:
             _, held = opt.state_nbytes()
         else:
             held = tensor_state_bytes(opt)
-        rows.append((name, held / n, statistics.median(times) * 1e3, ""))
+        paths = getattr(opt, "fused_paths", None)
+        note = ("fused steps: " + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
+                if paths else "")
+        rows.append((name, held / n, statistics.median(times) * 1e3, note))
         del opt, m
 
     base = next(r[2] for r in rows if r[2] is not None)
@@ -235,7 +268,7 @@ def main() -> None:
         if ms is None:
             print(f"{name:<28}{'-':>14}{'-':>16}{'-':>10}  {note}")
         else:
-            print(f"{name:<28}{bpp:>14.3f}{ms:>16.1f}{ms / base:>9.1f}x")
+            print(f"{name:<28}{bpp:>14.3f}{ms:>16.1f}{ms / base:>9.1f}x  {note}".rstrip())
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     print("\ngoal for smaq_rs: <= 1.6 bytes/param and a step within 3x of fused fp32 AdamW")
 

@@ -845,7 +845,10 @@ const MEAN_SHIFT: f64 = 0.05;
 
 /// Whether a grid set from the provisional statistics `used` codes values whose exact
 /// statistics are `exact` about as well as their own grid would (both in the codec's domain).
-fn accepts(used: &Stats, exact: &Stats) -> bool {
+/// The caller keeping the statistics asks the same of the statistics it kept and the ones a
+/// step returns: only a slot whose statistics moved this little between two steps is worth a
+/// one-pass try next step (a rejected try costs more than the two passes).
+pub fn accepts(used: &Stats, exact: &Stats) -> bool {
     SPREAD_RATIO.contains(&(used.std / exact.std))
         && (used.mean - exact.mean).abs() <= MEAN_SHIFT * exact.std
 }

@@ -23,7 +23,7 @@ from .checkpoint import save as save_checkpoint
 
 __all__ = [
     "ChecksumError", "CodecError", "CsrPattern", "DtypeError", "FormatError", "LayoutError",
-    "PackedTensor", "Policy", "SmaqError", "adam_step", "compress", "core_of", "decompress",
+    "PackedTensor", "Policy", "SmaqError", "adam_stats_settled", "adam_step", "compress", "core_of", "decompress",
     "open_checkpoint", "pack", "registry", "save_checkpoint",
     "registry_keeps_zeros",
     "sgd_step", "sparse_linear_backward", "sparse_linear_forward", "sparse_padded_ld",
@@ -54,6 +54,7 @@ def core_of(packed: Optional[PackedTensor]) -> Optional["_core.Packed"]:
 store_encode = _core.store_encode
 store_decode = _core.store_decode
 adam_step = _core.adam_step
+adam_stats_settled = _core.adam_stats_settled
 sgd_step = _core.sgd_step
 
 # -- sparse Linear kernels (src/sparse/) ----------------------------------------------------------

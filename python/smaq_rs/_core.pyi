@@ -82,19 +82,30 @@ class CheckpointReader:
     def read_many(self, names: List[str]) -> List[np.ndarray]: ...
 
 # ---- fused optimizer steps (src/python/optim.rs; adapters call them through _bridge.py) ------
-# A slot's state: None (first step), (None, None, None) (its buffer holds the values) or
-# (packed, (lo, hi) | None, int64 zero positions | None). Returned per slot: None (store it with a
-# zero map from its buffer) or (packed, int64 zero positions | None, (lo, hi) | None).
-_SlotIn = Optional[Tuple[Optional[Packed], Optional[Tuple[float, float]], Optional[np.ndarray]]]
-_SlotOut = Optional[Tuple[Packed, Optional[np.ndarray], Optional[Tuple[float, float]]]]
+# A slot's state: None (first step), (None, None, None, None) (its buffer holds the values) or
+# (packed, (lo, hi) | None, int64 zero positions | None, (mean, std) | None), the last being the
+# statistics the step before returned, passed once settled (adam_stats_settled): the Adam step
+# then codes in one pass. Returned per slot: None (store it with a zero map from its buffer), a
+# float32 array (the same, when no buffers were passed) or (packed, int64 zero positions | None,
+# (lo, hi) | None, (mean, std) | None), the last being the new values' exact statistics.
+_SlotIn = Optional[Tuple[Optional[Packed], Optional[Tuple[float, float]], Optional[np.ndarray],
+                         Optional[Tuple[float, float]]]]
+_SlotOut = Union[None, np.ndarray,
+                 Tuple[Packed, Optional[np.ndarray], Optional[Tuple[float, float]],
+                       Optional[Tuple[float, float]]]]
 
 def adam_step(
-    param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+    param: np.ndarray, grad: np.ndarray, exp_avg: Optional[np.ndarray],
+    exp_avg_sq: Optional[np.ndarray],
     states: Tuple[_SlotIn, _SlotIn], *, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled: bool, maximize: bool, guard: bool, decoded: bool,
     step: int, codec: str, params: Tuple[Dict[str, Any], Dict[str, Any]],
     keeps_zeros: Tuple[bool, bool], sparse_fraction: float,
-) -> Tuple[_SlotOut, _SlotOut]: ...
+) -> Tuple[_SlotOut, _SlotOut, str]:
+    """(exp_avg, exp_avg_sq, path): path is "whole", "two-pass", "one-pass",
+    "redone-exp_avg", "redone-exp_avg_sq" or "redone-both"."""
+def adam_stats_settled(kept: Tuple[float, float], new: Tuple[float, float]) -> bool:
+    """Whether statistics kept from one step still stand for the next step's (one pass next)."""
 def sgd_step(
     param: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarray, state: _SlotIn, *,
     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,

@@ -11,7 +11,8 @@
 //! the codec's domain (ln v for log-domain SmaQ) where the step gathered them: keep them with
 //! the slot and pass them back in next step. The Adam step also takes no buffers at all
 //! (`None, None`): it then runs piece by piece without whole-parameter buffers where it can
-//! (`optim::adam_step_pieces`: in one pass when both slots bring statistics), and a slot that
+//! (`optim::adam_step_pieces`: in one pass when both slots bring statistics; the caller passes
+//! them only once they have settled, `adam_stats_settled`), and a slot that
 //! needs a zero map comes back as a float32 array of its new values. The Adam step returns
 //! `(exp_avg, exp_avg_sq, path)`, `path` naming how it ran (`optim::StepPath::name`: "whole",
 //! "two-pass", "one-pass", "redone-exp_avg", "redone-exp_avg_sq", "redone-both").
@@ -277,8 +278,21 @@ fn sgd_step<'py>(
     out(py, o)
 }
 
+/// Whether a slot's statistics `kept` (mean, std) from one step still stand for the `new` ones
+/// the next step returned (`optim::accepts`): then its next step may try the one pass.
+#[pyfunction]
+fn adam_stats_settled(kept: (f64, f64), new: (f64, f64)) -> bool {
+    let st = |(mean, std): (f64, f64)| Stats {
+        mean,
+        std,
+        count: 0,
+    };
+    optim::accepts(&st(kept), &st(new))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adam_stats_settled, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     Ok(())
 }

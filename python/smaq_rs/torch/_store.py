@@ -57,9 +57,11 @@ class Stored:
         # [min, max] of the packed values (float64): decoded values are clamped into it, so a
         # small positive value of a non-negative tensor (a ReLU output) never decodes <= 0.
         self.range = range
-        # [mean, std] (float64) of the packed values in the codec's domain, exact, where the
-        # fused Adam step gathered them: the next step codes its new state with them and
-        # checks them afterwards (one pass over the state instead of two). None: not known.
+        # [mean, std, settled] (float64) of the packed values in the codec's domain, exact,
+        # where the fused Adam step gathered them; settled (1.0 or 0.0): they moved within the
+        # one pass's tolerance since the step before. Once settled, the next step codes its new
+        # state with them and checks them afterwards (one pass over the state instead of two).
+        # None: not known.
         self.stats = stats
         self.shape = tuple(shape)
         self.dtype = dtype
@@ -111,8 +113,9 @@ class Stored:
             raise DtypeError(f"value range must hold 2 numbers, not {rng.shape}")
         stats = d["smaq_stats"].detach().cpu().numpy().astype(np.float64) \
             if "smaq_stats" in d else None
-        if stats is not None and stats.shape != (2,):
-            raise DtypeError(f"statistics must hold 2 numbers (mean, std), not {stats.shape}")
+        if stats is not None and stats.shape != (3,):
+            raise DtypeError(f"statistics must hold 3 numbers (mean, std, settled), not "
+                             f"{stats.shape}")
         s = cls(packed, mask, shape, dtype, zidx, rng, stats)
         if packed is not None and mask is None and packed.numel != s.numel:
             raise DtypeError(f"packed state holds {packed.numel} values, the parameter "

@@ -48,9 +48,11 @@ def _derive_seed(base: int, gi: int, pi: int, step: int, slot: str) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-#: Parameters of at least this many values keep their new state's statistics (16 bytes per
-#: slot) for the next fused step, which can then code in one pass over the state; on smaller ones
-#: the second pass costs little and the 16 bytes would show in their state's size.
+#: Parameters of at least this many values keep their new state's statistics (24 bytes per
+#: slot: mean, std, and whether they had settled, i.e. moved within the one pass's tolerance
+#: since the step before) for the next fused step, which then codes in one pass over the state
+#: where they had; on smaller ones the second pass costs little and the bytes would show in
+#: their state's size.
 _KEEP_STATS_MIN = 1 << 17
 
 
@@ -177,7 +179,10 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         if isinstance(v, Stored) and v.mask is None and v.packed is not None:
             z = None if v.zidx is None else np.ascontiguousarray(v.zidx, dtype=np.int64)
             r = None if v.range is None else (float(v.range[0]), float(v.range[1]))
-            s = None if v.stats is None else (float(v.stats[0]), float(v.stats[1]))
+            # The kept statistics go in only once they have settled (a rejected one-pass try
+            # costs more than the two passes: see _fused_out).
+            s = None if v.stats is None or not v.stats[2] else (float(v.stats[0]),
+                                                                  float(v.stats[1]))
             return (_bridge.core_of(v.packed), r, z, s)
         buf = self._scratch_for(slot, p)
         if isinstance(v, Stored):
@@ -198,6 +203,13 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
         core, zidx, rng, stats = res
         if p.numel() < _KEEP_STATS_MIN:
             stats = None
+        if stats is not None:
+            # Settled: the statistics kept from the step before still stand for these.
+            old = state.get(slot)
+            kept = old.stats if isinstance(old, Stored) else None
+            settled = kept is not None and _bridge.adam_stats_settled(
+                (float(kept[0]), float(kept[1])), stats)
+            stats = (stats[0], stats[1], float(settled))
         if zidx is not None:
             zidx = zidx.astype(np.int32 if p.numel() < 2**31 else np.int64)
         state[slot] = Stored(_bridge.pack(core), None, p.shape, p.dtype, zidx,
