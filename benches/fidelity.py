@@ -78,6 +78,8 @@ class Run:
         self.peak_held = 0
         self.state_bytes = 0
         self.n_params = 0
+        # How the packed AdamW's fused steps ran (one pass, two passes, redone), per parameter.
+        self.paths: Dict[str, int] = {}
 
 
 def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int,
@@ -119,6 +121,7 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int,
         if step % eval_every == 0:
             run.points.append((step, evaluate()))
     run.state_bytes = st.state_nbytes(opt)[1]
+    run.paths = dict(getattr(opt, "fused_paths", {}))
     return run
 
 
@@ -164,6 +167,7 @@ def train_resnet18(config: str, epochs: int, batch: int) -> Run:
                        lambda: F.cross_entropy(model(xtr[idx]), ytr[idx]))
         run.points.append((epoch, accuracy()))
     run.state_bytes = st.state_nbytes(opt)[1]
+    run.paths = dict(getattr(opt, "fused_paths", {}))
     return run
 
 
@@ -281,8 +285,9 @@ def main(argv=None) -> int:
         for c in configs:
             runs[c] = train_gpt2(c, args.steps, args.eval_every, args.batch, args.seq,
                                  args.seed)
-            print(f"  gpt2 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)",
-                  flush=True)
+            paths = ", ".join(f"{k} {v}" for k, v in sorted(runs[c].paths.items()))
+            print(f"  gpt2 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)"
+                  + (f"; fused optimizer steps: {paths}" if paths else ""), flush=True)
         results["gpt2"] = runs
         report(f"GPT-2 (4x256, tied embeddings), stdlib text, batch {args.batch}x{args.seq}: "
                "validation loss", runs, "loss", relative=True)
@@ -290,8 +295,9 @@ def main(argv=None) -> int:
         runs = {}
         for c in configs:
             runs[c] = train_resnet18(c, args.epochs, 64)
-            print(f"  resnet18 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)",
-                  flush=True)
+            paths = ", ".join(f"{k} {v}" for k, v in sorted(runs[c].paths.items()))
+            print(f"  resnet18 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)"
+                  + (f"; fused optimizer steps: {paths}" if paths else ""), flush=True)
         results["resnet18"] = runs
         report("ResNet-18 (3x3 stem), digits 32x32, batch 64: test accuracy (%) per epoch", runs,
                "accuracy", relative=False)
