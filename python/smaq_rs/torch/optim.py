@@ -7,7 +7,7 @@ about the packed state. Elsewhere (SGD, other codecs, zero-mapped state) the sta
 a reusable scratch buffer, so only one parameter's state is dense at a time.
 The fused step needs the new state's statistics before it codes it: it reads the state twice
 (statistics, then update and code), or, on parameters of at least 2^17 values whose statistics
-have settled (a std at most 1% above and 3% below the step before's, a mean within 5% of a
+have settled (a std between 1% below and 3% above the step before's, a mean within 5% of a
 std: the steady state of training), once, coding with the statistics the step before kept and
 checking them afterwards (a slot they no longer fit is coded again). ``fused_paths`` counts how the steps ran.
 With SmaQ, ``exp_avg_sq`` is packed in the log domain (``log=True``: relative precision at every
