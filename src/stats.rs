@@ -776,17 +776,17 @@ fn moments<T: Element>(x: &[T], shift: f64) -> Summary {
 /// `x` widened to f32 when it is float16 or bfloat16 (every value exactly; SIMD conversion).
 #[cfg(target_arch = "x86_64")]
 fn widen_half<T: Element>(x: &[T]) -> Option<Vec<f32>> {
-    use half::slice::HalfFloatSliceExt;
+    use crate::simd::Widen;
     use std::any::TypeId;
     let mut out = vec![0f32; x.len()];
     if TypeId::of::<T>() == TypeId::of::<half::f16>() {
         // SAFETY: T is f16 (same type, same layout).
         let h = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<half::f16>(), x.len()) };
-        h.convert_to_f32_slice(&mut out);
+        half::f16::widen(h, &mut out);
     } else if TypeId::of::<T>() == TypeId::of::<half::bf16>() {
         // SAFETY: T is bf16 (same type, same layout).
         let h = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<half::bf16>(), x.len()) };
-        h.convert_to_f32_slice(&mut out);
+        half::bf16::widen(h, &mut out);
     } else {
         return None;
     }

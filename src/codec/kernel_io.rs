@@ -36,7 +36,7 @@ macro_rules! half_to_f32 {
         impl ToF32 for $t {
             fn with_f32<R>(x: &[$t], f: impl FnOnce(&[f32]) -> R) -> R {
                 let mut tmp = vec![0f32; x.len()];
-                x.convert_to_f32_slice(&mut tmp);
+                <$t as crate::simd::Widen>::widen(x, &mut tmp);
                 f(&tmp)
             }
             fn from_f32_slice(src: &[f32], dst: &mut [$t]) {

@@ -23,7 +23,6 @@
 use crate::bits::{peek64, BitWriter};
 use crate::dtype::Element;
 use crate::rng::uniform;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// The code of an exact zero: main, sign set, magnitude 0.
@@ -787,7 +786,7 @@ macro_rules! half_codes {
                 let mut found = Candidates::new(bounds.0, bounds.1, cands);
                 for (bi, xs) in x.chunks(B).enumerate() {
                     let w = &mut buf[..xs.len()];
-                    xs.convert_to_f32_slice(w);
+                    <$t as crate::simd::Widen>::widen(xs, w);
                     let start = bi * B * bm / 8;
                     let end = start + (xs.len() * bm).div_ceil(8);
                     let first = (bi * B) as u32;
@@ -813,7 +812,7 @@ macro_rules! half_codes {
                 let mut c = Counts::default();
                 for (bi, (xs, os)) in x.chunks(B).zip(out.chunks_mut(B)).enumerate() {
                     let w = &mut buf[..xs.len()];
-                    xs.convert_to_f32_slice(w);
+                    <$t as crate::simd::Widen>::widen(xs, w);
                     c.add(codes_f32(w, (bi * B) as u32, p, os));
                 }
                 c
@@ -826,7 +825,7 @@ macro_rules! half_codes {
                 let mut buf = [0f32; B];
                 for (bi, xs) in x.chunks(B).enumerate() {
                     let w = &mut buf[..xs.len()];
-                    xs.convert_to_f32_slice(w);
+                    <$t as crate::simd::Widen>::widen(xs, w);
                     outside_f32(w, l, h, (bi * B) as u32, out);
                 }
             }
