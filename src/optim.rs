@@ -1690,18 +1690,7 @@ mod tests {
             keeps_zeros: false,
             sparse_fraction: 0.15,
         };
-        let h = AdamStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            decoupled: true,
-            maximize: false,
-            guard: true,
-            decoded: true,
-            step: 3,
-        };
+        let h = super::tests_support::adam_w_step_3();
         let g = values(n, 3, false);
         let run = |piecewise: bool| {
             let mut p = values(n, 4, false);
@@ -2114,6 +2103,22 @@ mod one_pass_tests {
 #[cfg(test)]
 mod tests_support {
     use super::*;
+
+    /// AdamW's defaults at step 3, on decoded state.
+    pub(super) fn adam_w_step_3() -> AdamStep {
+        AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decoupled: true,
+            maximize: false,
+            guard: true,
+            decoded: true,
+            step: 3,
+        }
+    }
     use crate::codec::{Param, Params};
 
     /// Bytes, zero list, range bits and returned statistics' bits of one slot.
@@ -2167,18 +2172,7 @@ mod tests_support {
                 p: values(n, 4),
                 g,
                 shape,
-                h: AdamStep {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.01,
-                    decoupled: true,
-                    maximize: false,
-                    guard: true,
-                    decoded: true,
-                    step: 3,
-                },
+                h: adam_w_step_3(),
                 pa,
                 pb,
             }

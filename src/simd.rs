@@ -97,33 +97,28 @@ pub trait Widen: Sized {
     fn widen(x: &[Self], out: &mut [f32]);
 }
 
-impl Widen for half::bf16 {
-    fn widen(x: &[half::bf16], out: &mut [f32]) {
-        assert_eq!(x.len(), out.len(), "widen: lengths differ");
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2 is present (checked just above); the lengths are equal.
-            unsafe { x86::widen_bf16(x, out) };
-            return;
+/// `Widen` for a half type: its AVX2 kernel (`x86::$kernel`, features checked by `avx2()`),
+/// else the `half` crate's conversion.
+macro_rules! widen_impl {
+    ($t:ty, $kernel:ident) => {
+        impl Widen for $t {
+            fn widen(x: &[$t], out: &mut [f32]) {
+                assert_eq!(x.len(), out.len(), "widen: lengths differ");
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    // SAFETY: AVX2 and F16C are present (checked just above); the lengths are
+                    // equal.
+                    unsafe { x86::$kernel(x, out) };
+                    return;
+                }
+                use half::slice::HalfFloatSliceExt;
+                x.convert_to_f32_slice(out);
+            }
         }
-        use half::slice::HalfFloatSliceExt;
-        x.convert_to_f32_slice(out);
-    }
+    };
 }
-
-impl Widen for half::f16 {
-    fn widen(x: &[half::f16], out: &mut [f32]) {
-        assert_eq!(x.len(), out.len(), "widen: lengths differ");
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2 and F16C are present (checked just above); the lengths are equal.
-            unsafe { x86::widen_f16(x, out) };
-            return;
-        }
-        use half::slice::HalfFloatSliceExt;
-        x.convert_to_f32_slice(out);
-    }
-}
+widen_impl!(half::bf16, widen_bf16);
+widen_impl!(half::f16, widen_f16);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
