@@ -334,6 +334,17 @@ def _scaled_grads(shape, steps, seed=1):
     return [torch.randn(shape, generator=g0) * scale for _ in range(steps)]
 
 
+def _twin_without_statistics(p, opt):
+    """A copy of `p` and of its AdamW `opt` whose slots kept no statistics (two passes next)."""
+    twin = nn.Parameter(p.detach().clone())
+    opt2 = st.AdamW([twin], lr=1e-3, seed=3)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for v in opt2.state[twin].values():
+        if isinstance(v, Stored):
+            v.stats = None
+    return twin, opt2
+
+
 def test_one_pass_step_moves_the_parameter_like_the_two_pass_step():
     p = nn.Parameter(torch.randn(300, 1000))
     opt = st.AdamW([p], lr=1e-3, seed=3)
@@ -346,12 +357,7 @@ def test_one_pass_step_moves_the_parameter_like_the_two_pass_step():
     assert opt.fused_paths["one-pass"] >= 3
     assert sum(k.startswith("redone") for k in opt.fused_paths) == 0
     # The next step both ways from the same state: kept statistics (one pass), none (two).
-    twin = nn.Parameter(p.detach().clone())
-    opt2 = st.AdamW([twin], lr=1e-3, seed=3)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for v in opt2.state[twin].values():
-        if isinstance(v, Stored):
-            v.stats = None
+    twin, opt2 = _twin_without_statistics(p, opt)
     p.grad, twin.grad = grads[16].clone(), grads[16].clone()
     before = opt.fused_paths["one-pass"]
     opt.step()
@@ -383,12 +389,7 @@ def test_one_pass_rejects_far_statistics_and_codes_like_the_two_pass_step():
     for g in grads[:3]:
         p.grad = g.clone()
         opt.step()
-    twin = nn.Parameter(p.detach().clone())
-    opt2 = st.AdamW([twin], lr=1e-3, seed=3)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for v in opt2.state[twin].values():
-        if isinstance(v, Stored):
-            v.stats = None
+    twin, opt2 = _twin_without_statistics(p, opt)
     for v in opt.state[p].values():
         if isinstance(v, Stored):
             # a spread 3x the true one, marked settled: tried, and rejected
