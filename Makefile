@@ -24,10 +24,13 @@ test: $(BUILT)
 
 bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_smaq.py
+	$(PY) benches/bench_smaq.py --weights $(CREPE)
 	$(PY) benches/bench_s2fp8.py --repeat 5
 	$(PY) -m smaq_rs bench
 	$(PY) -m smaq_rs bench --source classes
 	$(PY) benches/bench_optim.py
+	$(PY) benches/bench_optim.py --grads scaled --warmup 30 --steps 10
+	$(PY) benches/bench_optim.py --gpt2 60
 	$(PY) benches/bench_optim.py --rss
 	mkdir -p bench-out
 	$(PY) benches/bench_lossless.py --weights $(CREPE)

@@ -15,6 +15,11 @@ fused smaq_rs step codes the new state with the statistics its step before kept,
 fit (one pass over the state), else twice; the paths its timed steps took are printed. Nothing
 asserts: the figures are printed.
 
+    python benches/bench_optim.py --gpt2 60
+
+times the fused step on a real model instead (GPT-2 from `transformers`, trained on the standard
+library's sources), with the statistics each step keeps for the next and with them dropped.
+
     python benches/bench_optim.py --rss
 
 measures instead how much the process grows (resident memory, as the kernel counts it) while
@@ -204,6 +209,47 @@ def rss_main(steps: int) -> None:
         print(f"{f[0]:<28}{f[1]:>8}{f[2]:>11}{f[3]:>8}{f[4]:>9}{f[5]:>8}")
 
 
+def gpt2_main(steps: int) -> None:
+    """The fused step on a real model: GPT-2 (4 layers x 256, tied embeddings) trained byte-level
+    on the standard library's sources, smaq_rs.AdamW; the median time of ``opt.step()`` over the
+    second half of ``steps``, with the statistics each step keeps for the next (one pass where
+    they settled) and with them dropped before every step (two passes), same batches."""
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from fidelity import stdlib_text
+    from smaq_rs.torch._store import Stored
+
+    hf_logging.set_verbosity_error()
+    text = stdlib_text()
+    print(f"GPT-2 4x256, batch 8x128, lr 1e-3, {steps} steps; opt.step() median over the last "
+          f"{steps - steps // 2}")
+    for mode in ("kept statistics", "two passes"):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256,
+                                           n_positions=256, tie_word_embeddings=True))
+        opt = st.AdamW(model.parameters(), lr=1e-3)
+        rng = np.random.default_rng(0)
+        times = []
+        for _ in range(steps):
+            starts = rng.integers(0, len(text) - 129, size=8)
+            ids = torch.from_numpy(np.stack([text[s:s + 128] for s in starts]).astype(np.int64))
+            model(ids, labels=ids).loss.backward()
+            if mode == "two passes":
+                for state in opt.state.values():
+                    for v in state.values():
+                        if isinstance(v, Stored):
+                            v.stats = None
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            opt.zero_grad()
+        paths = ", ".join(f"{k} {v}" for k, v in sorted(opt.fused_paths.items()))
+        print(f"{mode:<16} {statistics.median(times[steps // 2:]) * 1e3:7.1f} ms   "
+              f"(fused steps, all parameters: {paths})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=2048)
@@ -214,6 +260,8 @@ def main() -> None:
                     help="normal: N(0, 1e-6) everywhere; scaled: each element's scale drawn "
                          "once over e^-3..e^3 (as a network's gradients vary per weight)")
     ap.add_argument("--rss", action="store_true", help="measure process growth per parameter")
+    ap.add_argument("--gpt2", type=int, default=0, metavar="STEPS",
+                    help="time the fused step on GPT-2 training, with and without kept statistics")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child is not None:
@@ -221,6 +269,9 @@ def main() -> None:
         return
     if args.rss:
         rss_main(args.steps)
+        return
+    if args.gpt2:
+        gpt2_main(args.gpt2)
         return
     model = make_model(args.width, args.layers)
     n = sum(p.numel() for p in model.parameters())

