@@ -431,7 +431,7 @@ def test_l2_adam_never_takes_one_pass():
 
 def test_kept_statistics_survive_state_dict_and_are_optional():
     # Two weights of 2^17 values keep their statistics; the 16K-value ones and the biases,
-    # below that, do not (their second pass costs little, the 16 bytes would show in their size).
+    # below that, do not (their second pass costs little, the 24 bytes would show in their size).
     model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 32), nn.ReLU(),
                           nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 32), nn.ReLU(),
                           nn.Linear(32, 4))
