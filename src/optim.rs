@@ -1796,16 +1796,9 @@ mod tests {
             sparse_fraction: 0.15,
         };
         let h = AdamStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            decoupled: true,
-            maximize: false,
-            guard: true,
             decoded: !fresh,
             step: if fresh { 1 } else { 3 },
+            ..super::tests_support::adam_w_step_3()
         };
         let mut g = values(n, 3, false);
         if grad_zero_every > 0 {

@@ -124,45 +124,44 @@ widen_impl!(half::f16, widen_f16);
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// The CPU has AVX2; `out.len() == x.len()`.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn widen_bf16(x: &[half::bf16], out: &mut [f32]) {
+    /// Eight 16-bit patterns at a time through `one`, the tail through `rest`.
+    #[inline(always)]
+    fn widen_with<T: Copy>(
+        x: &[T],
+        out: &mut [f32],
+        one: impl Fn(__m128i) -> __m256,
+        rest: impl Fn(T) -> f32,
+    ) {
         let n = x.len() / 8 * 8;
         let (src, dst) = (x.as_ptr().cast::<u16>(), out.as_mut_ptr());
         let mut i = 0;
         while i < n {
-            // SAFETY: i + 8 <= n <= both lengths.
-            unsafe {
-                let h = _mm_loadu_si128(src.add(i).cast());
-                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-                _mm256_storeu_ps(dst.add(i), _mm256_castsi256_ps(w));
-            }
+            // SAFETY: i + 8 <= n <= both lengths (the callers' contract), and T is 16 bits.
+            unsafe { _mm256_storeu_ps(dst.add(i), one(_mm_loadu_si128(src.add(i).cast()))) };
             i += 8;
         }
-        for (o, v) in out[n..].iter_mut().zip(&x[n..]) {
-            *o = v.to_f32();
+        for (o, &v) in out[n..].iter_mut().zip(&x[n..]) {
+            *o = rest(v);
         }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; `out.len() == x.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn widen_bf16(x: &[half::bf16], out: &mut [f32]) {
+        widen_with(
+            x,
+            out,
+            |h| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))),
+            half::bf16::to_f32,
+        );
     }
 
     /// # Safety
     /// The CPU has AVX2 and F16C; `out.len() == x.len()`.
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn widen_f16(x: &[half::f16], out: &mut [f32]) {
-        let n = x.len() / 8 * 8;
-        let (src, dst) = (x.as_ptr().cast::<u16>(), out.as_mut_ptr());
-        let mut i = 0;
-        while i < n {
-            // SAFETY: i + 8 <= n <= both lengths.
-            unsafe {
-                let h = _mm_loadu_si128(src.add(i).cast());
-                _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(h));
-            }
-            i += 8;
-        }
-        for (o, v) in out[n..].iter_mut().zip(&x[n..]) {
-            *o = v.to_f32();
-        }
+        widen_with(x, out, |h| _mm256_cvtph_ps(h), half::f16::to_f32);
     }
 }
 

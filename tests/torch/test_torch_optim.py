@@ -334,6 +334,18 @@ def _scaled_grads(shape, steps, seed=1):
     return [torch.randn(shape, generator=g0) * scale for _ in range(steps)]
 
 
+def _stepped(steps):
+    """A 300x1000 parameter and its AdamW after `steps` steps of `_scaled_grads`, and the
+    gradients (one more than the steps taken)."""
+    p = nn.Parameter(torch.randn(300, 1000))
+    opt = st.AdamW([p], lr=1e-3, seed=3)
+    grads = _scaled_grads(p.shape, steps + 1)
+    for g in grads[:steps]:
+        p.grad = g.clone()
+        opt.step()
+    return p, opt, grads
+
+
 def _twin_without_statistics(p, opt):
     """A copy of `p` and of its AdamW `opt` whose slots kept no statistics (two passes next)."""
     twin = nn.Parameter(p.detach().clone())
@@ -346,12 +358,7 @@ def _twin_without_statistics(p, opt):
 
 
 def test_one_pass_step_moves_the_parameter_like_the_two_pass_step():
-    p = nn.Parameter(torch.randn(300, 1000))
-    opt = st.AdamW([p], lr=1e-3, seed=3)
-    grads = _scaled_grads(p.shape, 17)
-    for g in grads[:16]:
-        p.grad = g.clone()
-        opt.step()
+    p, opt, grads = _stepped(16)
     # Two passes until the kept statistics settle (the first step has none), then one.
     assert opt.fused_paths["two-pass"] >= 2
     assert opt.fused_paths["one-pass"] >= 3
@@ -383,12 +390,7 @@ def test_one_pass_step_moves_the_parameter_like_the_two_pass_step():
 
 
 def test_one_pass_rejects_far_statistics_and_codes_like_the_two_pass_step():
-    p = nn.Parameter(torch.randn(300, 1000))
-    opt = st.AdamW([p], lr=1e-3, seed=3)
-    grads = _scaled_grads(p.shape, 4)
-    for g in grads[:3]:
-        p.grad = g.clone()
-        opt.step()
+    p, opt, grads = _stepped(3)
     twin, opt2 = _twin_without_statistics(p, opt)
     for v in opt.state[p].values():
         if isinstance(v, Stored):
