@@ -201,8 +201,9 @@ fn merge_block<T: Element>(m: &[u8], v: &[T], range: Option<[f64; 2]>, o: &mut [
     }
 }
 
+/// `e` clamped into `range` in f64 (NaN stays NaN, as torch.clamp); `None` keeps it.
 #[inline(always)]
-fn clamp<T: Element>(e: T, range: Option<[f64; 2]>) -> T {
+pub(crate) fn clamp<T: Element>(e: T, range: Option<[f64; 2]>) -> T {
     match range {
         Some([lo, hi]) => {
             let v = e.to_f64();
@@ -514,9 +515,9 @@ pub fn restore<T: Element>(
                     p.numel()
                 )));
             }
-            p.decode_into(T::wrap_mut(out))?;
-            if let Some(r) = range {
-                clamp_all(out, r);
+            match range {
+                Some(r) => p.decode_into_clamped(r, T::wrap_mut(out))?,
+                None => p.decode_into(T::wrap_mut(out))?,
             }
             if let ZerosRef::List(list) = zeros {
                 for &i in list {

@@ -78,6 +78,16 @@ pub trait Decoder: Send + Sync {
     fn stats(&self) -> Params;
     /// Decodes `payload` into `out` (whose length is the tensor's element count).
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()>;
+    /// Decodes like [`Decoder::decode`], every value clamped into `range` as
+    /// [`crate::zmap::clamp`] does (NaN stays NaN). A codec whose values come from a table
+    /// clamps the table and its few other values instead of making a second pass over `out`.
+    fn decode_clamped(&self, payload: &[u8], range: [f64; 2], out: DataMut<'_>) -> Result<()> {
+        crate::dispatch!(DataMut, out, |o| {
+            self.decode(payload, crate::dtype::Element::wrap_mut(&mut *o))?;
+            crate::zmap::clamp_all(o, range);
+            Ok(())
+        })
+    }
     /// Length of the pieces the tensor can be decoded in independently (the last may be
     /// shorter), or None when it decodes only whole. A caller that works piece by piece (the
     /// fused optimizer step) then uses each piece while it is still in cache.

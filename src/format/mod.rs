@@ -312,6 +312,12 @@ impl Packed {
         self.decoder.decode(&self.bytes[self.payload.clone()], out)
     }
 
+    /// Decodes into `out`, every value clamped into `range` ([`Decoder::decode_clamped`]).
+    pub fn decode_into_clamped(&self, range: [f64; 2], out: DataMut<'_>) -> Result<()> {
+        self.decoder
+            .decode_clamped(&self.bytes[self.payload.clone()], range, out)
+    }
+
     /// Length of the pieces this tensor decodes in independently ([`Decoder::piece_len`]).
     pub fn piece_len(&self) -> Option<usize> {
         self.decoder.piece_len()

@@ -8,6 +8,7 @@ use super::meta::{ChunkIndex, Header, Span};
 use crate::codec::{Decoder, Param, Params};
 use crate::dtype::{DType, DataMut, Element};
 use crate::error::{ensure_format, Error, Result};
+use crate::zmap::clamp;
 
 /// A parsed, validated SmaQ header plus the chunk byte ranges it implies.
 #[derive(Debug)]
@@ -25,17 +26,44 @@ pub(super) struct SmaqDecoder {
 }
 
 impl SmaqDecoder {
-    fn decode_typed<T: Element>(&self, payload: &[u8], out: &mut [T]) -> Result<()> {
+    /// Decodes the whole tensor; with `range`, every value clamped into it: the table's
+    /// entries, the escapes and the exceptions are clamped, so no second pass is needed.
+    fn decode_typed<T: Element>(
+        &self,
+        payload: &[u8],
+        out: &mut [T],
+        range: Option<[f64; 2]>,
+    ) -> Result<()> {
         if self.h.raw {
-            return crate::dtype::fill_from_le_bytes(&mut T::wrap_mut(out), payload);
+            crate::dtype::fill_from_le_bytes(&mut T::wrap_mut(&mut *out), payload)?;
+            if let Some(r) = range {
+                crate::zmap::clamp_all(out, r);
+            }
+            return Ok(());
         }
         let q = self.h.cfg.quant();
-        let lut = self.table::<T>(&q);
+        let mut lut = self.table::<T>(&q);
+        if range.is_some() {
+            lut.iter_mut().for_each(|v| *v = clamp(*v, range));
+        }
         let cs = self.h.cfg.chunk_size as usize;
         let stream = crate::simd::stream_output(std::mem::size_of_val(out));
         crate::pool::try_for_each_chunk_mut(out, cs, |ci, dst| {
-            self.decode_chunk(payload, &q, &lut, ci, dst, stream)
+            self.decode_chunk(payload, &q, &lut, ci, dst, stream, range)
         })
+    }
+
+    fn check_output(&self, out: &DataMut<'_>) -> Result<()> {
+        if out.dtype() != self.dtype || out.len() as u64 != self.numel {
+            return Err(Error::Layout(format!(
+                "output buffer is {} x {}, the tensor is {} x {}",
+                out.len(),
+                out.dtype().name(),
+                self.numel,
+                self.dtype.name()
+            )));
+        }
+        Ok(())
     }
 
     /// The decoded value of every code (the log domain's values already exponentiated).
@@ -48,7 +76,9 @@ impl SmaqDecoder {
         }
     }
 
-    /// Decodes chunk `ci` into `dst` (its length) with the value table `lut`.
+    /// Decodes chunk `ci` into `dst` (its length) with the value table `lut`; escapes and
+    /// exceptions are clamped into `range` (the table already is).
+    #[allow(clippy::too_many_arguments)]
     fn decode_chunk<T: Element>(
         &self,
         payload: &[u8],
@@ -57,6 +87,7 @@ impl SmaqDecoder {
         ci: usize,
         dst: &mut [T],
         stream: bool,
+        range: Option<[f64; 2]>,
     ) -> Result<()> {
         let s = &self.spans[ci];
         let esize = 4 + T::DTYPE.size();
@@ -71,7 +102,8 @@ impl SmaqDecoder {
         );
         let n_escapes = self.h.chunks[ci].escapes;
         if n_escapes > 0 {
-            self.patch_escapes(&payload[s.escapes.clone()], primary, q, ci, n_escapes, dst)?;
+            let escapes = &payload[s.escapes.clone()];
+            self.patch_escapes(escapes, primary, q, ci, n_escapes, dst, range)?;
         }
         let mut prev: Option<usize> = None;
         for e in exc.chunks_exact(esize) {
@@ -82,7 +114,7 @@ impl SmaqDecoder {
             );
             let mut raw = [0u8; 8];
             raw[..esize - 4].copy_from_slice(&e[4..]);
-            dst[i] = T::from_bits_u64(u64::from_le_bytes(raw));
+            dst[i] = clamp(T::from_bits_u64(u64::from_le_bytes(raw)), range);
             prev = Some(i);
         }
         Ok(())
@@ -107,10 +139,10 @@ impl SmaqDecoder {
         let q = self.h.cfg.quant();
         if let Some(out32) = as_f32_mut(out) {
             let lut = self.lut_f32.get_or_init(|| self.table::<f32>(&q));
-            return self.decode_chunk(payload, &q, lut, i, out32, false);
+            return self.decode_chunk(payload, &q, lut, i, out32, false, None);
         }
         let lut = self.table::<T>(&q);
-        self.decode_chunk(payload, &q, &lut, i, out, false)
+        self.decode_chunk(payload, &q, &lut, i, out, false, None)
     }
 }
 
@@ -142,16 +174,13 @@ impl Decoder for SmaqDecoder {
     }
 
     fn decode(&self, payload: &[u8], out: DataMut<'_>) -> Result<()> {
-        if out.dtype() != self.dtype || out.len() as u64 != self.numel {
-            return Err(Error::Layout(format!(
-                "output buffer is {} x {}, the tensor is {} x {}",
-                out.len(),
-                out.dtype().name(),
-                self.numel,
-                self.dtype.name()
-            )));
-        }
-        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o))
+        self.check_output(&out)?;
+        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o, None))
+    }
+
+    fn decode_clamped(&self, payload: &[u8], range: [f64; 2], out: DataMut<'_>) -> Result<()> {
+        self.check_output(&out)?;
+        crate::dispatch!(DataMut, out, |o| self.decode_typed(payload, o, Some(range)))
     }
 
     fn piece_len(&self) -> Option<usize> {
@@ -184,6 +213,65 @@ mod tests {
         };
         let (y, _, _) = round_trip(&cfg, &x);
         assert!(y.iter().all(|&v| v >= 0.0));
+    }
+
+    /// The clamped decode (table, escapes and exceptions clamped) gives what a plain decode
+    /// followed by a clamp of every value gives, bit for bit: heavy tails (escapes), NaN and
+    /// infinities (exceptions), the log domain, half types and tiny (raw) tensors.
+    #[test]
+    fn clamped_decode_is_decode_then_clamp() {
+        use crate::codec::{Decoder, Encoder, Frame};
+        use crate::dtype::Element;
+        use half::{bf16, f16};
+
+        fn check<T: Element>(cfg: &SmaqConfig, x: &[T]) {
+            let enc = cfg.encode(T::wrap(x)).unwrap();
+            let payload = enc.payload;
+            let frame = Frame {
+                version: crate::format::VERSION,
+                dtype: T::DTYPE,
+                numel: x.len() as u64,
+                payload_len: payload.len() as u64,
+            };
+            let dec = super::SmaqDecoder::parse(&enc.meta, frame).unwrap();
+            let vals: Vec<f64> = x
+                .iter()
+                .map(|v| v.to_f64())
+                .filter(|v| !v.is_nan())
+                .collect();
+            let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            for range in [[lo, hi], [lo * 0.5, hi * 0.25], [0.0, hi]] {
+                let mut a = vec![T::from_f64(0.0); x.len()];
+                dec.decode(&payload, T::wrap_mut(&mut a)).unwrap();
+                crate::zmap::clamp_all(&mut a, range);
+                let mut b = vec![T::from_f64(7.0); x.len()];
+                dec.decode_clamped(&payload, range, T::wrap_mut(&mut b))
+                    .unwrap();
+                let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "range {range:?}, {} values", x.len());
+            }
+        }
+        let mut x = normal(200_000, 11);
+        for (i, v) in x.iter_mut().enumerate().step_by(997) {
+            *v *= if i % 2 == 0 { 40.0 } else { -25.0 };
+        }
+        x[5] = f32::NAN;
+        x[6] = f32::INFINITY;
+        x[7] = f32::NEG_INFINITY;
+        let plain = SmaqConfig::default();
+        check(&plain, &x);
+        check(&plain, &x[..3]);
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        check(&plain, &xh);
+        check(&plain, &xb);
+        let pos: Vec<f32> = x.iter().map(|v| v * v + 1e-6).collect();
+        let log = SmaqConfig {
+            log: true,
+            ..Default::default()
+        };
+        check(&log, &pos);
     }
 
     #[test]

@@ -96,7 +96,9 @@ const LOG_CACHED: u32 = 64;
 
 impl SmaqDecoder {
     /// Writes the escaped values of chunk `ci` (see [`write_escapes`]) over their saturated
-    /// outlier codes in `dst`; their signs are the codes' sign bits in `primary`.
+    /// outlier codes in `dst`, clamped into `range` where given; their signs are the codes'
+    /// sign bits in `primary`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn patch_escapes<T: Element>(
         &self,
         stream: &[u8],
@@ -105,6 +107,7 @@ impl SmaqDecoder {
         ci: usize,
         n: u32,
         dst: &mut [T],
+        range: Option<[f64; 2]>,
     ) -> Result<()> {
         let bad = || Error::Format(format!("smaq: chunk {ci}: escape stream is corrupt"));
         let (k_gap, k_res) = (stream[0] as u32, stream[1] as u32);
@@ -163,7 +166,7 @@ impl SmaqDecoder {
                     }
                 }
             };
-            dst[i] = T::from_f64(v.clamp(floor, T::MAX_F64));
+            dst[i] = crate::zmap::clamp(T::from_f64(v.clamp(floor, T::MAX_F64)), range);
             next = i + 1;
         }
         ensure_format!(
