@@ -21,7 +21,6 @@ use crate::error::{Error, Result};
 use crate::format::Packed;
 use crate::stats::{PieceMoments, PieceStats, Stats};
 use crate::zmap::{self, Layout, Rule, Tally};
-use rayon::prelude::*;
 
 /// Elements per task of the fused pass.
 const TASK: usize = 1 << 14;
@@ -779,26 +778,30 @@ pub fn adam_step(
     // With packed slots decodable in pieces, each task decodes its piece of both slots and
     // updates it while it is in cache; otherwise the slots were decoded whole above.
     let task = pieces.unwrap_or(TASK);
-    let tallies: Vec<[Tally; 2]> = crate::pool::install(|| {
-        param
-            .par_chunks_mut(task)
-            .zip(grad.par_chunks(task))
-            .zip(exp_avg.par_chunks_mut(task))
-            .zip(exp_avg_sq.par_chunks_mut(task))
-            .enumerate()
-            .map(|(i, (((p, g), m), v))| {
-                if pieces.is_some() {
-                    for (slot, buf) in slots.iter().zip([&mut *m, &mut *v]) {
-                        if let SlotIn::Packed { packed, .. } = slot {
-                            packed.decode_piece(i, DataMut::F32(buf))?;
-                        }
-                        restore_zeros(*slot, i * task, buf);
+    let items: Vec<_> = param
+        .chunks_mut(task)
+        .zip(grad.chunks(task))
+        .zip(exp_avg.chunks_mut(task))
+        .zip(exp_avg_sq.chunks_mut(task))
+        .enumerate()
+        .collect();
+    let tallies: Vec<[Tally; 2]> = crate::pool::map_items(
+        items,
+        || (),
+        |_, (i, (((p, g), m), v))| {
+            if pieces.is_some() {
+                for (slot, buf) in slots.iter().zip([&mut *m, &mut *v]) {
+                    if let SlotIn::Packed { packed, .. } = slot {
+                        packed.decode_piece(i, DataMut::F32(buf))?;
                     }
+                    restore_zeros(*slot, i * task, buf);
                 }
-                Ok(adam_chunk(&s, p, g, m, v))
-            })
-            .collect::<Result<_>>()
-    })?;
+            }
+            Ok(adam_chunk(&s, p, g, m, v))
+        },
+    )
+    .into_iter()
+    .collect::<Result<_>>()?;
     let [tm, tv] = tallies
         .into_iter()
         .fold([Tally::EMPTY; 2], |[a, b], [c, d]| [a.then(c), b.then(d)]);
@@ -1167,11 +1170,10 @@ impl Pass<'_, '_> {
         drop(w);
         let shift = [0, 1].map(|j| ps[j].shift().unwrap_or(0.0));
         let rest: Vec<Item<'_>> = items.collect();
-        let more: Vec<PieceOut> = crate::pool::install(|| {
-            rest.into_par_iter()
-                .map_init(Work::default, |w, it| self.piece(it, None, shift, w))
-                .collect::<Result<_>>()
-        })?;
+        let more: Vec<PieceOut> =
+            crate::pool::map_items(rest, Work::default, |w, it| self.piece(it, None, shift, w))
+                .into_iter()
+                .collect::<Result<_>>()?;
         let mut res = ps.map(|stats| SlotPass {
             tally: Tally::EMPTY,
             pieces: Vec::new(),
@@ -1517,14 +1519,12 @@ pub fn sgd_step(
         neg_lr: -h.lr as f32,
         fresh: matches!(slot, SlotIn::Fresh),
     };
-    let tallies: Vec<Tally> = crate::pool::install(|| {
-        param
-            .par_chunks_mut(TASK)
-            .zip(grad.par_chunks(TASK))
-            .zip(momentum_buffer.par_chunks_mut(TASK))
-            .map(|((p, g), b)| sgd_chunk(&s, p, g, b))
-            .collect()
-    });
+    let items: Vec<_> = param
+        .chunks_mut(TASK)
+        .zip(grad.chunks(TASK))
+        .zip(momentum_buffer.chunks_mut(TASK))
+        .collect();
+    let tallies = crate::pool::map_items(items, || (), |_, ((p, g), b)| sgd_chunk(&s, p, g, b));
     let t = tallies.into_iter().fold(Tally::EMPTY, Tally::then);
     store(momentum_buffer, shape, t, &rule)
 }

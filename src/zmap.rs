@@ -17,7 +17,6 @@ use crate::dtype::{Data, DataMut, Element};
 use crate::error::{Error, Result};
 use crate::format::Packed;
 use crate::stats::{summarize, Filter, Gather, Sums};
-use rayon::prelude::*;
 
 /// Elements per parallel task; a multiple of 8 so each task owns whole bytes of the map.
 const BLOCK: usize = 1 << 16;
@@ -106,8 +105,7 @@ fn census_block<T: Element>(x: &[T]) -> (Tally, Tally) {
 }
 
 pub fn census<T: Element>(x: &[T]) -> Census {
-    let parts: Vec<(Tally, Tally)> =
-        crate::pool::install(|| x.par_chunks(BLOCK).map(census_block).collect());
+    let parts: Vec<(Tally, Tally)> = crate::pool::map_chunks(x, BLOCK, |_, b| census_block(b));
     let mut c = Census {
         all: Tally::EMPTY,
         nonzero: Tally::EMPTY,
@@ -151,22 +149,26 @@ pub fn split<T: Element>(x: &[T], c: &Census) -> (Vec<u8>, Vec<T>) {
     let mut mask = vec![0u8; x.len().div_ceil(8)];
     let mut values = vec![T::from_f64(0.0); nnz];
     let vals = carve(&mut values, &c.per_block);
-    crate::pool::install(|| {
-        x.par_chunks(BLOCK)
-            .zip(mask.par_chunks_mut(BLOCK / 8))
-            .zip(vals)
-            .for_each(|((x, m), v)| {
-                #[cfg(target_arch = "x86_64")]
-                if let (Some(xf), true) = (as_f32(x), crate::simd::avx512()) {
-                    let vf = as_f32_mut(v).expect("same type as x");
-                    // SAFETY: AVX-512F and POPCNT are present; `m` holds a bit per element of
-                    // `x` and `vf` a slot per non-zero element of `x` (census counted them).
-                    unsafe { avx512::split(xf, m, vf) };
-                    return;
-                }
-                split_block(x, m, v)
-            })
-    });
+    let items: Vec<_> = x
+        .chunks(BLOCK)
+        .zip(mask.chunks_mut(BLOCK / 8))
+        .zip(vals)
+        .collect();
+    crate::pool::map_items(
+        items,
+        || (),
+        |_, ((x, m), v)| {
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(xf), true) = (as_f32(x), crate::simd::avx512()) {
+                let vf = as_f32_mut(v).expect("same type as x");
+                // SAFETY: AVX-512F and POPCNT are present; `m` holds a bit per element of
+                // `x` and `vf` a slot per non-zero element of `x` (census counted them).
+                unsafe { avx512::split(xf, m, vf) };
+                return;
+            }
+            split_block(x, m, v)
+        },
+    );
     (mask, values)
 }
 
@@ -242,13 +244,8 @@ pub fn merge<T: Element>(
         }
         k
     };
-    let lens: Vec<usize> = out.chunks(BLOCK).map(|b| b.len()).collect();
-    let per_block: Vec<usize> = crate::pool::install(|| {
-        mask.par_chunks(BLOCK / 8)
-            .zip(lens.par_iter())
-            .map(|(m, &len)| ones(m, len))
-            .collect()
-    });
+    let per_block: Vec<usize> =
+        crate::pool::map_chunks(mask, BLOCK / 8, |i, m| ones(m, BLOCK.min(n - i * BLOCK)));
     let total: usize = per_block.iter().sum();
     if total != values.len() {
         return Err(Error::Layout(format!(
@@ -262,32 +259,27 @@ pub fn merge<T: Element>(
         starts.push(at);
         at += k;
     }
-    crate::pool::install(|| {
-        out.par_chunks_mut(BLOCK)
-            .zip(mask.par_chunks(BLOCK / 8))
-            .zip(starts)
-            .for_each(|((o, m), s)| {
-                #[cfg(target_arch = "x86_64")]
-                if let (Some(vf), true) = (as_f32(values), crate::simd::avx512()) {
-                    let of = as_f32_mut(o).expect("same type as values");
-                    let r = range.map(|[lo, hi]| [lo as f32, hi as f32]);
-                    // SAFETY: AVX-512F and POPCNT are present; `m` holds a bit per element of
-                    // `of` and `vf[s..]` at least as many values as those bits are set (the
-                    // per-block counts were checked against `values.len()` above).
-                    unsafe { avx512::merge(m, &vf[s..], r, of) };
-                    return;
-                }
-                merge_block(m, &values[s..], range, o)
-            })
+    crate::pool::for_each_chunk_mut(out, BLOCK, |i, o| {
+        let (m, s) = (&mask[i * BLOCK / 8..][..o.len().div_ceil(8)], starts[i]);
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(vf), true) = (as_f32(values), crate::simd::avx512()) {
+            let of = as_f32_mut(o).expect("same type as values");
+            let r = range.map(|[lo, hi]| [lo as f32, hi as f32]);
+            // SAFETY: AVX-512F and POPCNT are present; `m` holds a bit per element of
+            // `of` and `vf[s..]` at least as many values as those bits are set (the
+            // per-block counts were checked against `values.len()` above).
+            unsafe { avx512::merge(m, &vf[s..], r, of) };
+            return;
+        }
+        merge_block(m, &values[s..], range, o)
     });
     Ok(())
 }
 
 /// Clamps every value into `range` (NaN stays NaN, as torch.clamp).
 pub fn clamp_all<T: Element>(out: &mut [T], range: [f64; 2]) {
-    crate::pool::install(|| {
-        out.par_chunks_mut(BLOCK)
-            .for_each(|o| o.iter_mut().for_each(|e| *e = clamp(*e, Some(range))))
+    crate::pool::for_each_chunk_mut(out, BLOCK, |_, o| {
+        o.iter_mut().for_each(|e| *e = clamp(*e, Some(range)))
     });
 }
 

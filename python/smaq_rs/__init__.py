@@ -22,6 +22,7 @@ from ._api import (
     get_num_threads,
     list_codecs,
     set_num_threads,
+    thread_backend,
 )
 from .checkpoint import Checkpoint, Policy, load, open, save
 from ._core import (
@@ -53,6 +54,7 @@ __all__ = [
     "get_num_threads",
     "list_codecs",
     "set_num_threads",
+    "thread_backend",
     "Checkpoint",
     "Policy",
     "load",

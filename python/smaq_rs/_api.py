@@ -248,6 +248,19 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+def thread_backend() -> str:
+    """Where the codecs' parallel loops run in this process now.
+
+    ``"openmp"``: as parallel regions of the GNU OpenMP team the process already has (torch's),
+    so that a codec called between torch operators (the activation hooks, the packed optimizer
+    step) uses torch's workers instead of competing with them while they spin. ``"rayon"``:
+    smaq_rs's own thread pool (no OpenMP loaded, a forked child, or ``SMAQ_RS_THREADS=rayon`` in
+    the environment). Either way the threads number :func:`get_num_threads` and the bytes
+    written are the same.
+    """
+    return _core.thread_backend()
+
+
 def empty_cache() -> int:
     """Frees the packed buffers and scratch space kept for reuse; returns the bytes released.
 

@@ -361,6 +361,12 @@ fn get_num_threads() -> usize {
     crate::pool::num_threads()
 }
 
+/// Where the codecs' parallel loops run now: "openmp" (the host's team, e.g. torch's) or "rayon".
+#[pyfunction]
+fn thread_backend() -> &'static str {
+    crate::pool::backend()
+}
+
 /// Frees the recycled packed buffers kept for reuse; returns the bytes released.
 #[pyfunction]
 fn empty_cache() -> usize {
@@ -386,6 +392,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     // Other areas register here, one line each: `area::register(m)?;`

@@ -18,7 +18,6 @@ use crate::le::LeWriter;
 use crate::rng::SplitMix64;
 use crate::rng::{fresh_seed, stream_key};
 use crate::stats::{mean_std, PieceStats, Sampling, Spread, Stats};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Per-chunk result of encoding (its primary stream is written in place).
@@ -227,22 +226,8 @@ fn encode_typed_with<T: Codes>(
                     };
                     (out, moments)
                 };
-                if crate::pool::parallel(slices.len()) {
-                    crate::pool::install(|| {
-                        x.par_chunks(cs)
-                            .zip(slices.par_iter_mut())
-                            .enumerate()
-                            .map_init(Scratch::default, work)
-                            .collect::<Vec<_>>()
-                    })
-                } else {
-                    let mut scratch = Scratch::default();
-                    x.chunks(cs)
-                        .zip(slices.iter_mut())
-                        .enumerate()
-                        .map(|a| work(&mut scratch, a))
-                        .collect()
-                }
+                let items: Vec<_> = x.chunks(cs).zip(slices.iter_mut()).enumerate().collect();
+                crate::pool::map_items(items, Scratch::default, work)
             };
             if let Some((guess, shift)) = provisional {
                 let done = run(&mut slices, guess, Some(shift));
