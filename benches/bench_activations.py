@@ -94,7 +94,8 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), smaq_rs "
-          f"{smaq_rs.__version__} ({smaq_rs.get_num_threads()} threads)")
+          f"{smaq_rs.__version__} ({smaq_rs.get_num_threads()} threads on "
+          f"{smaq_rs.thread_backend()})")
     print(f"CNN 4x(conv32+ReLU)-pool-4x(conv64+ReLU)-pool-fc, batch {args.batch} of "
           f"{args.size}x{args.size}x3, "
           f"SGD; SmaQ 6/8 nearest for the compressed run")

@@ -275,8 +275,9 @@ def main() -> None:
         return
     model = make_model(args.width, args.layers)
     n = sum(p.numel() for p in model.parameters())
-    print(f"load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__} ({torch.get_num_threads()} threads), smaq_rs "
-          f"{smaq_rs.__version__} ({smaq_rs.get_num_threads()} threads)")
+    print(f"load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), smaq_rs {smaq_rs.__version__} "
+          f"({smaq_rs.get_num_threads()} threads on {smaq_rs.thread_backend()})")
     print(f"MLP {args.layers} x Linear({args.width}, {args.width}): {n / 1e6:.2f}M parameters; "
           f"{args.grads} gradients, {args.warmup} untimed steps, then {args.steps} timed")
     rows = []

@@ -88,8 +88,9 @@ def main() -> None:
     print(f"# SmaQ 6/8 (outliers={args.outliers}) on {args.numel:,} {what} "
           f"({x.nbytes / 2**20:.0f} MiB)")
     print(f"# {cpu_name()}, {os.cpu_count()} CPUs, smaq_rs threads "
-          f"{smaq_rs.get_num_threads()}, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}; best of {args.repeat} alternating rounds of 3 calls each")
+          f"{smaq_rs.get_num_threads()} on {smaq_rs.thread_backend()}, torch threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}; best of {args.repeat} "
+          f"alternating rounds of 3 calls each")
     r_bits = research.bits / x.size
     print(f"# stored: {packed.nbytes:,} bytes = {packed.bits_per_value:.3f} bits/value, "
           f"ratio {packed.ratio:.2f}x; rel. RMSE {rel_rmse(y):.4f}")

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import smaq_rs
 import smaq_rs.torch as st
 from smaq_rs.bench import cpu_name
 from smaq_rs.train.data import digits_split, resnet18_small, stdlib_text
@@ -197,9 +198,11 @@ def step_timing(rounds: int, batch: int, seq: int) -> None:
             if r:  # the first round warms up
                 times[config].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    # torch's OpenMP workers spin for a while after each operator (libgomp's default); the
-    # codec's threads then share the cores with them. OMP_WAIT_POLICY=PASSIVE puts them to sleep.
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    # torch's OpenMP workers spin for a while after each operator (libgomp's default); on its
+    # "openmp" backend smaq_rs runs its loops on those workers, on "rayon" it competes with them
+    # (OMP_WAIT_POLICY=PASSIVE puts them to sleep at once).
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, smaq_rs threads: "
+          f"{smaq_rs.get_num_threads()} on {smaq_rs.thread_backend()}")
     print(f"GPT-2 (4x256) step (forward + backward), batch {batch}x{seq}, {rounds} alternating "
           f"rounds: plain {med['plain'] * 1e3:.0f} ms, compressed activations "
           f"{med['activations'] * 1e3:.0f} ms: {med['activations'] / med['plain']:.2f}x")
