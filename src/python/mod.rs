@@ -342,6 +342,19 @@ fn keeps_zeros(codec: &str, params: Option<&Bound<'_, PyDict>>) -> PyResult<bool
     Ok(codec::keeps_zeros(info, &params_from_dict(params)?)?)
 }
 
+/// Elements of a float tensor's bytes (`itemsize` bytes each) that are not zeros of either sign.
+#[pyfunction]
+fn count_nonzero_bits(
+    py: Python<'_>,
+    data: numpy::PyReadonlyArray1<'_, u8>,
+    itemsize: usize,
+) -> PyResult<u64> {
+    let bytes = data
+        .as_slice()
+        .map_err(|_| LayoutError::new_err("count_nonzero_bits: the buffer must be C-contiguous"))?;
+    detached(py, || crate::zmap::count_nonzero_bits(bytes, itemsize))
+}
+
 /// XXH3-64 of a buffer's bytes (the packed format's checksum), for content hashes of tensors.
 #[pyfunction]
 fn checksum(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<u64> {
@@ -393,6 +406,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(count_nonzero_bits, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     // Other areas register here, one line each: `area::register(m)?;`
