@@ -118,6 +118,7 @@ pub fn get(buf: &[u8], pos: usize, width: u32) -> u32 {
 /// Appends `v` (< 2^32) as an exponential-Golomb code of order `k` (<= 31), LSB first: with
 /// `w = v + 2^k` of bit length `n`, `n - k - 1` zero bits, a one, then the low `n - 1` bits of `w`.
 /// Small values cost `k + 1` bits; each doubling beyond `2^k` costs two more.
+#[inline]
 pub fn put_exp_golomb(w: &mut BitWriter, v: u32, k: u32) {
     debug_assert!(k <= 31);
     let x = v as u64 + (1u64 << k);

@@ -51,6 +51,20 @@ pub fn avx512() -> bool {
     }
 }
 
+/// [`avx512`] plus CD (vector leading-zero counts).
+#[inline]
+pub fn avx512_cd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| avx512() && is_x86_feature_detected!("avx512cd"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// [`avx512`] plus VBMI and VBMI2 (byte permutes, compress and expand).
 #[inline]
 pub fn avx512_vbmi() -> bool {

@@ -7,7 +7,7 @@
 
 use super::decode::SmaqDecoder;
 use super::kernel::{self, Prep};
-use crate::bits::{get_exp_golomb, put_exp_golomb, BitWriter};
+use crate::bits::get_exp_golomb;
 use crate::dtype::Element;
 use crate::error::{ensure_format, Error, Result};
 
@@ -23,7 +23,9 @@ pub(super) fn escape_residual(a: f64, i: u32, p: &Prep, g: &EscapeGrid) -> Optio
         Some(key) => crate::rng::uniform(key, i) as f64,
         None => p.dither as f64,
     };
-    let code = ((a - g.t_main) * g.scale + u).floor();
+    // Non-negative (a > t_main, u >= 0): truncation is the floor, one instruction where
+    // `floor` is a libm call on baseline x86-64; beyond 2^64 it saturates, still too far out.
+    let code = ((a - g.t_main) * g.scale + u) as u64 as f64;
     let r = (code - g.base).max(0.0);
     (r < MAX_RESIDUAL).then_some(r as u32)
 }
@@ -52,18 +54,69 @@ impl EscapeGrid {
 }
 
 /// The order of exponential-Golomb code that codes `values` in the fewest bits. The best order
-/// lies near log2 of the mean value; the orders within two of it are costed exactly.
+/// lies near log2 of the mean value; the orders within two of it are costed exactly (in one
+/// pass), and of equal costs the lowest order wins.
 fn best_order(values: &[u32]) -> u32 {
     let mean = values.iter().map(|&v| v as u64).sum::<u64>() / values.len().max(1) as u64;
     let centre = 63 - (mean + 1).leading_zeros();
-    (centre.saturating_sub(2)..=(centre + 2).min(31))
-        .min_by_key(|&k| {
-            values
-                .iter()
-                .map(|&v| crate::bits::exp_golomb_len(v, k) as u64)
-                .sum::<u64>()
-        })
+    let (lo, hi) = (centre.saturating_sub(2), (centre + 2).min(31));
+    let costs = order_costs(values, lo, hi);
+    (lo..=hi)
+        .min_by_key(|&k| costs[(k - lo) as usize])
         .unwrap_or(0)
+}
+
+/// Bits [`crate::bits::put_exp_golomb`] takes for all of `values` at each order of `lo..=hi` (at most five
+/// orders; entry `k - lo`), in one pass over them.
+fn order_costs(values: &[u32], lo: u32, hi: u32) -> [u64; 5] {
+    assert!(lo <= hi && hi - lo < 5 && hi <= 31);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_cd() {
+        // SAFETY: AVX-512 F and CD are present (checked just above).
+        return unsafe { order_costs_avx512(values, lo, hi) };
+    }
+    let mut c = [0u64; 5];
+    for &v in values {
+        for (j, k) in (lo..=hi).enumerate() {
+            c[j] += crate::bits::exp_golomb_len(v, k) as u64;
+        }
+    }
+    c
+}
+
+/// [`order_costs`] eight values at a time: `len = 127 - k - 2 * lzcnt64(v + 2^k)`.
+///
+/// # Safety
+/// The CPU has AVX-512 F and CD; `lo <= hi <= 31`, `hi - lo < 5`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512cd")]
+unsafe fn order_costs_avx512(values: &[u32], lo: u32, hi: u32) -> [u64; 5] {
+    use std::arch::x86_64::*;
+    let orders = (hi - lo + 1) as usize;
+    let mut acc = [_mm512_setzero_si512(); 5];
+    let full = values.len() / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        // SAFETY: eight u32 at i, i + 8 <= values.len().
+        let v = _mm512_cvtepu32_epi64(unsafe {
+            _mm256_loadu_si256(values.as_ptr().add(i) as *const __m256i)
+        });
+        for (j, a) in acc.iter_mut().enumerate().take(orders) {
+            let k = lo as i64 + j as i64;
+            let lz = _mm512_lzcnt_epi64(_mm512_add_epi64(v, _mm512_set1_epi64(1 << k)));
+            let len = _mm512_sub_epi64(_mm512_set1_epi64(127 - k), _mm512_slli_epi64::<1>(lz));
+            *a = _mm512_add_epi64(*a, len);
+        }
+        i += 8;
+    }
+    let mut c = [0u64; 5];
+    for j in 0..orders {
+        c[j] = _mm512_reduce_add_epi64(acc[j]) as u64;
+        for &v in &values[full..] {
+            c[j] += crate::bits::exp_golomb_len(v, lo + j as u32) as u64;
+        }
+    }
+    c
 }
 
 /// One chunk's escape stream: two bytes (the exponential-Golomb orders of the gaps and of the
@@ -81,14 +134,68 @@ pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
         .collect();
     let residuals: Vec<u32> = tail.iter().map(|&(_, r)| r).collect();
     let (k_gap, k_res) = (best_order(&gaps), best_order(&residuals));
-    let mut w = BitWriter::with_capacity_bits(16 + tail.len() * 24);
-    w.put(k_gap, 8);
-    w.put(k_res, 8);
+    // The bits as `BitWriter` and `put_exp_golomb` (crate::bits) lay them out (LSB first), with
+    // the pending bits in a register: each code is stored whole (one unaligned 64-bit store of
+    // the register, never read back), then the whole bytes are dropped from the register. A
+    // code takes at most 65 bits, so two take at most 17 bytes; 8 bytes of slack cover the
+    // stores past the end.
+    let mut out = vec![0u8; 2 + tail.len() * 17 + 16];
+    out[0] = k_gap as u8;
+    out[1] = k_res as u8;
+    let mut w = Bits {
+        out: &mut out,
+        at: 2,
+        acc: 0,
+        n: 0,
+    };
     for (&g, &r) in gaps.iter().zip(&residuals) {
-        put_exp_golomb(&mut w, g, k_gap);
-        put_exp_golomb(&mut w, r, k_res);
+        w.exp_golomb(g, k_gap);
+        w.exp_golomb(r, k_res);
     }
-    w.finish()
+    let end = w.at + w.n.div_ceil(8) as usize;
+    out.truncate(end);
+    out
+}
+
+/// The escape stream's bit writer: bits from byte `at` on, `n` (< 8) of them pending in `acc`.
+struct Bits<'a> {
+    out: &'a mut [u8],
+    at: usize,
+    acc: u64,
+    n: u32,
+}
+
+impl Bits<'_> {
+    /// Appends the low `len` (<= 56) bits of `code` (the bits above are zero).
+    #[inline(always)]
+    fn put(&mut self, code: u64, len: u32) {
+        self.acc |= code << self.n;
+        self.n += len;
+        let word: &mut [u8; 8] = (&mut self.out[self.at..self.at + 8])
+            .try_into()
+            .expect("8 bytes of slack");
+        *word = self.acc.to_le_bytes();
+        let whole = self.n / 8;
+        self.at += whole as usize;
+        // whole <= 7: n < 8 + 56.
+        self.acc >>= 8 * whole;
+        self.n -= 8 * whole;
+    }
+
+    /// Appends the [`crate::bits::put_exp_golomb`] code of `v` at order `k`.
+    #[inline(always)]
+    fn exp_golomb(&mut self, v: u32, k: u32) {
+        let x = v as u64 + (1u64 << k);
+        let n = 64 - x.leading_zeros();
+        let (prefix, low) = (1u64 << (n - k - 1), x & ((1u64 << (n - 1)) - 1));
+        if 2 * n - k - 1 <= 56 {
+            // The prefix and its terminating one, then the low bits above them.
+            self.put(prefix | low << (n - k), 2 * n - k - 1);
+        } else {
+            self.put(prefix, n - k);
+            self.put(low, n - 1);
+        }
+    }
 }
 
 /// Residuals whose log-domain escaped values a decoder keeps, per sign.
@@ -187,6 +294,113 @@ mod tests {
     use crate::codec::{Decoder, Encoder, Frame};
     use crate::dtype::{Data, DataMut};
     use crate::rng::normal_f32 as normal;
+
+    /// The escape stream's bits are those of `BitWriter` and `put_exp_golomb`, for small and
+    /// large gaps and residuals (codes longer than one 64-bit store included).
+    #[test]
+    fn escape_stream_bits_match_the_bit_writer() {
+        use crate::bits::{put_exp_golomb, BitWriter};
+        let mut r = crate::rng::SplitMix64::new(3);
+        for n in [1usize, 2, 5, 64, 999] {
+            for spread in [3u64, 1 << 12, 1 << 31] {
+                let mut at = 0u32;
+                let tail: Vec<(u32, u32)> = (0..n)
+                    .map(|_| {
+                        at += 1 + (r.next_u64() % spread.min(1 << 20)) as u32;
+                        (at, (r.next_u64() % spread) as u32)
+                    })
+                    .collect();
+                let got = write_escapes(&tail);
+                let mut prev = -1i64;
+                let gaps: Vec<u32> = tail
+                    .iter()
+                    .map(|&(i, _)| {
+                        let g = (i as i64 - prev - 1) as u32;
+                        prev = i as i64;
+                        g
+                    })
+                    .collect();
+                let res: Vec<u32> = tail.iter().map(|&(_, v)| v).collect();
+                let (kg, kr) = (got[0] as u32, got[1] as u32);
+                assert_eq!((kg, kr), (best_order(&gaps), best_order(&res)));
+                let mut w = BitWriter::with_capacity_bits(64);
+                w.put(kg, 8);
+                w.put(kr, 8);
+                for (&g, &v) in gaps.iter().zip(&res) {
+                    put_exp_golomb(&mut w, g, kg);
+                    put_exp_golomb(&mut w, v, kr);
+                }
+                assert_eq!(got, w.finish(), "n {n} spread {spread}");
+            }
+        }
+        // Order 0 and residuals near 2^31: codes of 63 bits, written in two stores.
+        let tail = [(0u32, (1u32 << 31) - 1), (1, 0), (2, (1 << 31) - 2)];
+        let got = write_escapes(&tail);
+        let (bits, mut p) = (&got[2..], 0usize);
+        for &(_, v) in &tail {
+            assert_eq!(get_exp_golomb(bits, &mut p, got[0] as u32), Some(0));
+            assert_eq!(get_exp_golomb(bits, &mut p, got[1] as u32), Some(v));
+        }
+        assert_eq!(p.div_ceil(8), bits.len());
+    }
+
+    /// The one-pass costs (every kernel level) equal the code lengths summed order by order,
+    /// and the order chosen is the cheapest, the lowest of equals.
+    #[test]
+    fn order_costs_are_exact_at_every_level() {
+        let mut r = crate::rng::SplitMix64::new(17);
+        for n in [0usize, 1, 7, 8, 9, 100, 1003] {
+            for shape in 0..4 {
+                let v: Vec<u32> = (0..n)
+                    .map(|_| {
+                        let x = r.next_u64();
+                        match shape {
+                            0 => (x % 7) as u32,
+                            1 => (x % 5000) as u32,
+                            2 => (x >> 33) as u32,
+                            _ => u32::MAX - (x % 3) as u32,
+                        }
+                    })
+                    .collect();
+                for lo in [0u32, 3, 27] {
+                    let hi = (lo + 4).min(31);
+                    let want: Vec<u64> = (lo..=hi)
+                        .map(|k| {
+                            v.iter()
+                                .map(|&x| crate::bits::exp_golomb_len(x, k) as u64)
+                                .sum()
+                        })
+                        .collect();
+                    assert_eq!(&order_costs(&v, lo, hi)[..want.len()], &want[..]);
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::avx512_cd() {
+                        // SAFETY: checked just above.
+                        let simd = unsafe { order_costs_avx512(&v, lo, hi) };
+                        assert_eq!(
+                            &simd[..want.len()],
+                            &want[..],
+                            "n {n} shape {shape} lo {lo}"
+                        );
+                    }
+                }
+                let k = best_order(&v);
+                let cost = |k| {
+                    v.iter()
+                        .map(|&x| crate::bits::exp_golomb_len(x, k) as u64)
+                        .sum()
+                };
+                let c: u64 = cost(k);
+                let mean = v.iter().map(|&x| x as u64).sum::<u64>() / n.max(1) as u64;
+                let centre = 63 - (mean + 1).leading_zeros();
+                for j in centre.saturating_sub(2)..=(centre + 2).min(31) {
+                    assert!(
+                        cost(j) > c || (cost(j) == c && j >= k),
+                        "order {j} beats {k}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The research algorithm (never clamps), in f64, nearest rounding: the value each element
     /// must decode to.
