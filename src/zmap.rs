@@ -123,25 +123,35 @@ pub fn census<T: Element>(x: &[T]) -> Census {
 /// a zero of either sign: their bits with the sign bit cleared are not all zero. One parallel
 /// pass, no temporary (a checkpoint writer asks this of every float tensor it saves).
 pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize) -> Result<u64> {
-    /// Elements of one aligned run (a loop the compiler vectorizes).
-    fn typed<U: bytemuck::Pod + std::ops::BitAnd<Output = U> + PartialEq>(x: &[U], mag: U) -> u64 {
-        let zero = U::zeroed();
-        x.iter().filter(|&&v| v & mag != zero).count() as u64
+    /// Elements of one aligned run, counted in lanes as wide as the elements over runs short
+    /// enough not to overflow them (a loop the compiler vectorizes at any level).
+    macro_rules! typed {
+        ($name:ident, $u:ty, $acc:ty) => {
+            fn $name(x: &[$u], mag: $u) -> u64 {
+                x.chunks(1 << 15)
+                    .map(|b| b.iter().fold(0 as $acc, |a, &v| a + (v & mag != 0) as $acc) as u64)
+                    .sum()
+            }
+        };
     }
+    typed!(count8, u8, u16);
+    typed!(count16, u16, u16);
+    typed!(count32, u32, u32);
+    typed!(count64, u64, u64);
     fn count<const N: usize>(bytes: &[u8]) -> u64 {
         let per: usize = BLOCK * N;
         crate::pool::map_chunks(bytes, per, |_, c| {
             let aligned = match N {
                 2 => bytemuck::try_cast_slice::<u8, u16>(c)
                     .ok()
-                    .map(|x| typed(x, 0x7fff)),
+                    .map(|x| count16(x, 0x7fff)),
                 4 => bytemuck::try_cast_slice::<u8, u32>(c)
                     .ok()
-                    .map(|x| typed(x, 0x7fff_ffff)),
+                    .map(|x| count32(x, 0x7fff_ffff)),
                 8 => bytemuck::try_cast_slice::<u8, u64>(c)
                     .ok()
-                    .map(|x| typed(x, 0x7fff_ffff_ffff_ffff)),
-                _ => Some(typed(c, 0x7f)),
+                    .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
+                _ => Some(count8(c, 0x7f)),
             };
             // Little-endian hosts only read through the typed views (the format is LE).
             match aligned.filter(|_| cfg!(target_endian = "little")) {
