@@ -139,35 +139,41 @@ pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize) -> Result<u64> {
     typed!(count32, u32, u32);
     typed!(count64, u64, u64);
     fn count<const N: usize>(bytes: &[u8]) -> u64 {
+        use rayon::prelude::*;
         let per: usize = BLOCK * N;
-        crate::pool::map_chunks(bytes, per, |_, c| {
-            let aligned = match N {
-                2 => bytemuck::try_cast_slice::<u8, u16>(c)
-                    .ok()
-                    .map(|x| count16(x, 0x7fff)),
-                4 => bytemuck::try_cast_slice::<u8, u32>(c)
-                    .ok()
-                    .map(|x| count32(x, 0x7fff_ffff)),
-                8 => bytemuck::try_cast_slice::<u8, u64>(c)
-                    .ok()
-                    .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
-                _ => Some(count8(c, 0x7f)),
-            };
-            // Little-endian hosts only read through the typed views (the format is LE).
-            match aligned.filter(|_| cfg!(target_endian = "little")) {
-                Some(k) => k,
-                None => c
-                    .chunks_exact(N)
-                    .filter(|e| {
-                        let mut b = [0u8; 8];
-                        b[..N].copy_from_slice(e);
-                        u64::from_le_bytes(b) & !(1u64 << (8 * N - 1)) != 0
-                    })
-                    .count() as u64,
-            }
+        // On the Rayon pool, as the checkpoint writer's encodes that follow: a region of the
+        // host's OpenMP team here would leave its workers spinning beside those encodes.
+        crate::pool::install(|| {
+            bytes
+                .par_chunks(per)
+                .map(|c| {
+                    let aligned = match N {
+                        2 => bytemuck::try_cast_slice::<u8, u16>(c)
+                            .ok()
+                            .map(|x| count16(x, 0x7fff)),
+                        4 => bytemuck::try_cast_slice::<u8, u32>(c)
+                            .ok()
+                            .map(|x| count32(x, 0x7fff_ffff)),
+                        8 => bytemuck::try_cast_slice::<u8, u64>(c)
+                            .ok()
+                            .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
+                        _ => Some(count8(c, 0x7f)),
+                    };
+                    // Little-endian hosts only read through the typed views (the format is LE).
+                    match aligned.filter(|_| cfg!(target_endian = "little")) {
+                        Some(k) => k,
+                        None => c
+                            .chunks_exact(N)
+                            .filter(|e| {
+                                let mut b = [0u8; 8];
+                                b[..N].copy_from_slice(e);
+                                u64::from_le_bytes(b) & !(1u64 << (8 * N - 1)) != 0
+                            })
+                            .count() as u64,
+                    }
+                })
+                .sum()
         })
-        .into_iter()
-        .sum()
     }
     if itemsize == 0 || !bytes.len().is_multiple_of(itemsize) {
         return Err(Error::Layout(format!(
