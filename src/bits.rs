@@ -120,16 +120,27 @@ pub fn get(buf: &[u8], pos: usize, width: u32) -> u32 {
 /// Small values cost `k + 1` bits; each doubling beyond `2^k` costs two more.
 #[inline]
 pub fn put_exp_golomb(w: &mut BitWriter, v: u32, k: u32) {
-    debug_assert!(k <= 31);
+    for (bits, len) in exp_golomb_runs(v, k, 64) {
+        if len > 0 {
+            w.put_wide(bits, len);
+        }
+    }
+}
+
+/// The [`put_exp_golomb`] code of `v` at order `k` as runs of bits to append in order, LSB
+/// first, each at most `max` (>= 33) bits long: `(bits, length)`, the second of length 0 when
+/// the whole code fits one run (the prefix and its terminating one, then the low bits above
+/// them), else the prefix with its one, then the low bits.
+#[inline(always)]
+pub fn exp_golomb_runs(v: u32, k: u32, max: u32) -> [(u64, u32); 2] {
+    debug_assert!(k <= 31 && max >= 33);
     let x = v as u64 + (1u64 << k);
     let n = 64 - x.leading_zeros();
     let (prefix, low) = (1u64 << (n - k - 1), x & ((1u64 << (n - 1)) - 1));
-    if 2 * n - k - 1 <= 64 {
-        // One write: the prefix and its terminating one, then the low bits above them.
-        w.put_wide(prefix | low << (n - k), 2 * n - k - 1);
+    if 2 * n - k - 1 <= max {
+        [(prefix | low << (n - k), 2 * n - k - 1), (0, 0)]
     } else {
-        w.put_wide(prefix, n - k);
-        w.put_wide(low, n - 1);
+        [(prefix, n - k), (low, n - 1)]
     }
 }
 

@@ -123,16 +123,7 @@ unsafe fn order_costs_avx512(values: &[u32], lo: u32, hi: u32) -> [u64; 5] {
 /// residuals), then per escape the gap from the previous escape's index (the first counts from
 /// -1) and the residual beyond the saturated code minus one.
 pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
-    let mut prev = -1i64;
-    let gaps: Vec<u32> = tail
-        .iter()
-        .map(|&(i, _)| {
-            let g = (i as i64 - prev - 1) as u32;
-            prev = i as i64;
-            g
-        })
-        .collect();
-    let residuals: Vec<u32> = tail.iter().map(|&(_, r)| r).collect();
+    let (gaps, residuals) = gaps_and_residuals(tail);
     let (k_gap, k_res) = (best_order(&gaps), best_order(&residuals));
     // The bits as `BitWriter` and `put_exp_golomb` (crate::bits) lay them out (LSB first), with
     // the pending bits in a register: each code is stored whole (one unaligned 64-bit store of
@@ -155,6 +146,18 @@ pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
     let end = w.at + w.n.div_ceil(8) as usize;
     out.truncate(end);
     out
+}
+
+/// The gaps between the escapes' indices (the first from -1) and their residuals.
+fn gaps_and_residuals(tail: &[(u32, u32)]) -> (Vec<u32>, Vec<u32>) {
+    let mut prev = -1i64;
+    tail.iter()
+        .map(|&(i, r)| {
+            let g = (i as i64 - prev - 1) as u32;
+            prev = i as i64;
+            (g, r)
+        })
+        .unzip()
 }
 
 /// The escape stream's bit writer: bits from byte `at` on, `n` (< 8) of them pending in `acc`.
@@ -185,15 +188,10 @@ impl Bits<'_> {
     /// Appends the [`crate::bits::put_exp_golomb`] code of `v` at order `k`.
     #[inline(always)]
     fn exp_golomb(&mut self, v: u32, k: u32) {
-        let x = v as u64 + (1u64 << k);
-        let n = 64 - x.leading_zeros();
-        let (prefix, low) = (1u64 << (n - k - 1), x & ((1u64 << (n - 1)) - 1));
-        if 2 * n - k - 1 <= 56 {
-            // The prefix and its terminating one, then the low bits above them.
-            self.put(prefix | low << (n - k), 2 * n - k - 1);
-        } else {
-            self.put(prefix, n - k);
-            self.put(low, n - 1);
+        let [(a, la), (b, lb)] = crate::bits::exp_golomb_runs(v, k, 56);
+        self.put(a, la);
+        if lb > 0 {
+            self.put(b, lb);
         }
     }
 }
@@ -311,16 +309,7 @@ mod tests {
                     })
                     .collect();
                 let got = write_escapes(&tail);
-                let mut prev = -1i64;
-                let gaps: Vec<u32> = tail
-                    .iter()
-                    .map(|&(i, _)| {
-                        let g = (i as i64 - prev - 1) as u32;
-                        prev = i as i64;
-                        g
-                    })
-                    .collect();
-                let res: Vec<u32> = tail.iter().map(|&(_, v)| v).collect();
+                let (gaps, res) = gaps_and_residuals(&tail);
                 let (kg, kr) = (got[0] as u32, got[1] as u32);
                 assert_eq!((kg, kr), (best_order(&gaps), best_order(&res)));
                 let mut w = BitWriter::with_capacity_bits(64);
