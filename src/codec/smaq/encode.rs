@@ -5,9 +5,9 @@
 //! its chunks with the same [`encode_chunk`] and completes them with the same
 //! [`finish_encoding`].
 
-use super::escape::{escape_residual, write_escapes, EscapeGrid};
+use super::escape::{escape_residual, sort_candidates, write_escapes, EscapeGrid};
 use super::kernel::{self, Codes, Counts, Prep};
-use super::log::{log_stats, log_values};
+use super::log::{as_f32, log_stats, log_values};
 use super::meta::{ChunkIndex, Header};
 use super::{Outliers, Rounding, SmaqConfig};
 use crate::bits::BitWriter;
@@ -361,29 +361,31 @@ pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
         }
         let grid = EscapeGrid::new(&p.q, cfg.escape_bits);
         let mut tail = Vec::with_capacity(candidates.len());
-        for i in candidates {
+        let mut one = |i: u32, tail: &mut Vec<(u32, u32)>| {
             let f = x[i as usize].to_f64();
-            let exact = |list: &mut LeWriter| {
+            let mut exact = || {
                 list.u32(i);
                 list.bytes(&raw[i as usize].to_bits_u64().to_le_bytes()[..R::DTYPE.size()]);
+                index.exceptions += 1;
             };
             if !f.is_finite() {
-                exact(&mut list);
-                index.exceptions += 1;
-                continue;
+                return exact();
             }
             let a = ((f - p.mean) * p.inv_std).abs();
             if !tails || f == 0.0 || a <= t_out {
-                continue;
+                return;
             }
             match escape_residual(a, i, p, &grid) {
                 Some(0) if cfg.outliers == Outliers::Escape => {}
                 Some(r) if cfg.outliers == Outliers::Escape => tail.push((i, r - 1)),
-                _ => {
-                    exact(&mut list);
-                    index.exceptions += 1;
-                }
+                _ => exact(),
             }
+        };
+        match as_f32(x) {
+            Some(xf) if tails && cfg.outliers == Outliers::Escape => {
+                sort_candidates(xf, &candidates, p, &grid, t_out, &mut tail, &mut one)
+            }
+            _ => candidates.iter().for_each(|&i| one(i, &mut tail)),
         }
         if !tail.is_empty() {
             escapes = write_escapes(&tail);

@@ -30,6 +30,124 @@ pub(super) fn escape_residual(a: f64, i: u32, p: &Prep, g: &EscapeGrid) -> Optio
     (r < MAX_RESIDUAL).then_some(r as u32)
 }
 
+/// The scalar handling of one escape candidate: its index and the chunk's escape tail.
+pub(super) type Slow<'a> = dyn FnMut(u32, &mut Vec<(u32, u32)>) + 'a;
+
+/// Sorts the escape candidates `cands` (indices into `x`, ascending) of one chunk coded
+/// with `outliers="escape"`: each finite, non-zero value beyond `t_out` whose residual
+/// ([`escape_residual`]) is at least 1 goes to `tail` as `(i, residual - 1)`; one at residual 0
+/// keeps its saturated code. Eight candidates at a time where the CPU has AVX-512 (the same
+/// f64 arithmetic as the scalar path, bit for bit); a group holding a non-finite value or a
+/// residual too far out for the stream goes lane by lane, in order, through `slow`, as does
+/// everything on other CPUs.
+pub(super) fn sort_candidates(
+    x: &[f32],
+    cands: &[u32],
+    p: &Prep,
+    g: &EscapeGrid,
+    t_out: f64,
+    tail: &mut Vec<(u32, u32)>,
+    slow: &mut Slow<'_>,
+) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512() && cands.iter().all(|&i| (i as usize) < x.len()) {
+        // SAFETY: AVX-512 F, BW, DQ and VL are present; every index is inside `x`.
+        done = unsafe { sort_candidates_avx512(x, cands, p, g, t_out, tail, slow) };
+    }
+    for &i in &cands[done..] {
+        slow(i, tail);
+    }
+}
+
+/// [`sort_candidates`] in groups of eight; returns how many candidates it took (the rest, fewer
+/// than eight, are the caller's).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, DQ and VL; every index in `cands` is inside `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn sort_candidates_avx512(
+    x: &[f32],
+    cands: &[u32],
+    p: &Prep,
+    g: &EscapeGrid,
+    t_out: f64,
+    tail: &mut Vec<(u32, u32)>,
+    slow: &mut Slow<'_>,
+) -> usize {
+    use std::arch::x86_64::*;
+    let full = cands.len() / 8 * 8;
+    let (mean, inv_std) = (_mm512_set1_pd(p.mean), _mm512_set1_pd(p.inv_std));
+    let (t_main, scale, base) = (
+        _mm512_set1_pd(g.t_main),
+        _mm512_set1_pd(g.scale),
+        _mm512_set1_pd(g.base),
+    );
+    let (zero, t_out, max_r) = (
+        _mm512_setzero_pd(),
+        _mm512_set1_pd(t_out),
+        _mm512_set1_pd(MAX_RESIDUAL),
+    );
+    let dither = _mm512_set1_pd(p.dither as f64);
+    let key = _mm256_set1_epi32(p.key.unwrap_or(0) as i32);
+    let mut i = 0;
+    while i < full {
+        // SAFETY: eight indices at i, i + 8 <= cands.len().
+        let idx = unsafe { _mm256_loadu_si256(cands.as_ptr().add(i) as *const __m256i) };
+        // SAFETY: every index is inside `x` (the caller's contract).
+        let f = _mm512_cvtps_pd(unsafe { _mm256_i32gather_ps::<4>(x.as_ptr(), idx) });
+        // QNaN, +Inf, -Inf, SNaN: such a group goes lane by lane.
+        let special = _mm512_fpclass_pd_mask::<0x99>(f);
+        // |z| = |(f - mean) * inv_std|, as `encode_chunk_raw` computes it.
+        let a = _mm512_abs_pd(_mm512_mul_pd(_mm512_sub_pd(f, mean), inv_std));
+        let beyond =
+            _mm512_cmp_pd_mask::<_CMP_NEQ_OQ>(f, zero) & _mm512_cmp_pd_mask::<_CMP_GT_OQ>(a, t_out);
+        let u = if p.key.is_some() {
+            // crate::rng::uniform(key, i): hash32(key + i) >> 8, times 2^-24, in f32.
+            let mut h = _mm256_add_epi32(key, idx);
+            h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
+            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb_352d));
+            h = _mm256_xor_si256(h, _mm256_srli_epi32::<15>(h));
+            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
+            h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
+            let u32s = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(h)),
+                _mm256_set1_ps(1.0 / 16_777_216.0),
+            );
+            _mm512_cvtps_pd(u32s)
+        } else {
+            dither
+        };
+        // escape_residual: floor((a - t_main) * scale + u) as a truncation, minus base, >= 0.
+        let code = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(a, t_main), scale), u);
+        let code = _mm512_cvtepu64_pd(_mm512_cvttpd_epu64(code));
+        let r = _mm512_max_pd(_mm512_sub_pd(code, base), zero);
+        let far = beyond & _mm512_cmp_pd_mask::<_CMP_GE_OQ>(r, max_r);
+        if special != 0 || far != 0 {
+            for k in 0..8 {
+                slow(cands[i + k], tail);
+            }
+        } else {
+            let r32 = _mm512_cvttpd_epu32(r);
+            let esc = beyond & _mm512_cmp_pd_mask::<_CMP_GT_OQ>(r, zero);
+            let (mut is, mut rs) = ([0u32; 8], [0u32; 8]);
+            // SAFETY: both arrays hold eight u32.
+            unsafe {
+                _mm256_storeu_si256(is.as_mut_ptr() as *mut __m256i, idx);
+                _mm256_storeu_si256(rs.as_mut_ptr() as *mut __m256i, r32);
+            }
+            for k in 0..8 {
+                if esc >> k & 1 == 1 {
+                    tail.push((is[k], rs[k] - 1));
+                }
+            }
+        }
+        i += 8;
+    }
+    full
+}
+
 /// The grid of escaped values: the outlier grid past its end, `2^escape_bits` times finer. An
 /// escape with residual `r` stands for `|z| = t_main + (base + 1 + r) / scale`.
 pub(super) struct EscapeGrid {
@@ -292,6 +410,81 @@ mod tests {
     use crate::codec::{Decoder, Encoder, Frame};
     use crate::dtype::{Data, DataMut};
     use crate::rng::normal_f32 as normal;
+
+    /// The vectorized candidate pass sorts every candidate as the scalar test does: escapes with
+    /// their residuals, residual 0 kept, non-zero values inside `t_outlier` skipped, zeros, NaN,
+    /// infinities and values too far out for the stream handed to the scalar path, in order;
+    /// stochastic, nearest and truncating rounding.
+    #[test]
+    fn candidate_pass_matches_the_scalar_test() {
+        let mut x = normal(5003, 21);
+        for (k, v) in x.iter_mut().enumerate() {
+            match k % 97 {
+                0 => *v = 0.0,
+                1 => *v = -0.0,
+                2 if k % 3 == 0 => *v = f32::NAN,
+                3 if k % 5 == 0 => *v = f32::INFINITY,
+                4 if k % 7 == 0 => *v = -3e30,
+                5 => *v *= 40.0,
+                _ => {}
+            }
+        }
+        let cfg = SmaqConfig::default();
+        let q = cfg.quant();
+        let grid = EscapeGrid::new(&q, cfg.escape_bits);
+        let t_out = q.t_outlier as f64;
+        let (mean, inv_std) = (0.013, 1.0 / 0.97);
+        // Values whose code lands a quarter step past the saturated one: residual 0 unless the
+        // rounding carries them to the next step.
+        let at_saturation = (grid.t_main + (grid.base + 0.25) / grid.scale) / inv_std + mean;
+        assert!(at_saturation > t_out / inv_std + mean);
+        for (k, v) in x.iter_mut().enumerate().filter(|(k, _)| k % 97 == 6) {
+            *v = if k % 2 == 0 { 1.0 } else { -1.0 } * at_saturation as f32;
+        }
+        // Every value beyond 2 std, zeros and specials: some inside t_outlier on purpose.
+        let cands: Vec<u32> = (0..x.len() as u32)
+            .filter(|&i| {
+                let v = x[i as usize];
+                !v.is_finite() || v == 0.0 || v.abs() > 2.0
+            })
+            .collect();
+        for (key, dither) in [(Some(0x9e37_79b9u32), 0.0f32), (None, 0.5), (None, 0.0)] {
+            let p = Prep {
+                q,
+                mean,
+                inv_std,
+                key,
+                dither,
+                f32_ok: true,
+            };
+            let scalar = |i: u32, tail: &mut Vec<(u32, u32)>, exc: &mut Vec<u32>| {
+                let f = x[i as usize] as f64;
+                if !f.is_finite() {
+                    return exc.push(i);
+                }
+                let a = ((f - p.mean) * p.inv_std).abs();
+                if f == 0.0 || a <= t_out {
+                    return;
+                }
+                match escape_residual(a, i, &p, &grid) {
+                    Some(0) => {}
+                    Some(r) => tail.push((i, r - 1)),
+                    None => exc.push(i),
+                }
+            };
+            let (mut want, mut want_exc) = (Vec::new(), Vec::new());
+            for &i in &cands {
+                scalar(i, &mut want, &mut want_exc);
+            }
+            let (mut got, mut got_exc) = (Vec::new(), Vec::new());
+            sort_candidates(&x, &cands, &p, &grid, t_out, &mut got, &mut |i, t| {
+                scalar(i, t, &mut got_exc)
+            });
+            assert_eq!(got, want, "key {key:?} dither {dither}");
+            assert_eq!(got_exc, want_exc);
+            assert!(want.len() > 50 && !want_exc.is_empty() && want.iter().any(|e| e.1 > 0));
+        }
+    }
 
     /// The escape stream's bits are those of `BitWriter` and `put_exp_golomb`, for small and
     /// large gaps and residuals (codes longer than one 64-bit store included).

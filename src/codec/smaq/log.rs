@@ -124,7 +124,7 @@ fn log_f32_avx2(x: &[f32], out: &mut [f32], zero: f32) {
 }
 
 /// `x` as f32 values when T is f32 (the vectorized path).
-fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
+pub(super) fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
         // SAFETY: T is f32.
         unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) }
