@@ -26,10 +26,12 @@ pub(super) struct Team {
     pid: u32,
 }
 
-/// What the search found: the team, or the count of loaded objects when it found none (the
-/// search runs again once more objects are loaded, e.g. after `import torch`).
+/// What the search found, once it found a team.
 static FOUND: OnceLock<Team> = OnceLock::new();
-static SEARCHED_AT: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// The count of loaded objects at the last search that found none: the search runs again only
+/// once more objects are loaded (e.g. after `import torch`). A lock, so that a thread that
+/// comes while another searches waits for its answer instead of taking "nothing new" for one.
+static SEARCHED_AT: Mutex<usize> = Mutex::new(usize::MAX);
 
 thread_local! {
     /// Set on threads running a team region: nested parallel work runs inline there.
@@ -108,19 +110,24 @@ pub(super) fn team() -> Option<Team> {
     if !allowed {
         return None;
     }
+    let here = |t: &Team| (t.pid == std::process::id()).then_some(*t);
     if let Some(t) = FOUND.get() {
-        return (t.pid == std::process::id()).then_some(*t);
+        return here(t);
+    }
+    let mut searched = SEARCHED_AT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = FOUND.get() {
+        return here(t);
     }
     let adds = loaded_count();
-    if SEARCHED_AT.swap(adds, Ordering::Relaxed) == adds {
+    if *searched == adds {
         return None;
     }
+    *searched = adds;
     let parallel = loaded_libgomp().iter().find_map(|p| open_loaded(p))?;
-    let t = *FOUND.get_or_init(|| Team {
+    here(FOUND.get_or_init(|| Team {
         parallel,
         pid: std::process::id(),
-    });
-    (t.pid == std::process::id()).then_some(t)
+    }))
 }
 
 /// One parallel region's shared state.
