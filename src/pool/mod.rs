@@ -192,20 +192,6 @@ pub fn map_chunks<T: Sync, R: Send>(
     )
 }
 
-/// A buffer's start, shared by the tasks that each take their own disjoint part of it.
-struct Base<T>(*mut T);
-// SAFETY: tasks only form disjoint sub-slices of the buffer (see `try_for_each_chunk_mut`),
-// which is as sound as handing out `&mut` chunks of a `T: Send` buffer to other threads.
-unsafe impl<T: Send> Send for Base<T> {}
-// SAFETY: as above.
-unsafe impl<T: Send> Sync for Base<T> {}
-
-impl<T> Base<T> {
-    fn ptr(&self) -> *mut T {
-        self.0
-    }
-}
-
 /// Calls `f(i, chunk)` for each `size`-long chunk of `buf` (the last may be shorter); in
 /// parallel ([`for_each_index`]) unless there is one chunk ([`parallel`]). Stops at an error
 /// (which one, when several chunks fail in parallel, is not specified).
@@ -222,23 +208,16 @@ pub fn try_for_each_chunk_mut<T: Send, E: Send>(
             .enumerate()
             .try_for_each(|(i, c)| f(i, c));
     }
-    let len = buf.len();
-    let base = Base(buf.as_mut_ptr());
     let failed = AtomicBool::new(false);
     let error: Mutex<Option<E>> = Mutex::new(None);
-    for_each_index(
-        n,
+    let chunks: Vec<(usize, &mut [T])> = buf.chunks_mut(size).enumerate().collect();
+    map_items(
+        chunks,
         || (),
-        |_, i| {
+        |_, (i, c)| {
             if failed.load(Ordering::Relaxed) {
                 return;
             }
-            let start = i * size;
-            // SAFETY: every index in 0..n is handed out once, so the chunks [start, start +
-            // size) are disjoint and inside `buf`, which this call borrows mutably throughout.
-            let c = unsafe {
-                std::slice::from_raw_parts_mut(base.ptr().add(start), size.min(len - start))
-            };
             if let Err(e) = f(i, c) {
                 failed.store(true, Ordering::Relaxed);
                 error
