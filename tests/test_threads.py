@@ -87,3 +87,17 @@ def test_forked_child_uses_its_own_pool():
     assert backend == "rayon"
     assert data == parent.to_bytes()
     np.testing.assert_array_equal(y, smaq_rs.decompress(parent))
+
+
+def test_zero_count_errors_are_typed():
+    from smaq_rs import _core
+
+    raw = np.arange(12, dtype=np.uint8)
+    assert _core.count_nonzero_bits(raw, 4) == 3
+    with pytest.raises(smaq_rs.LayoutError):
+        _core.count_nonzero_bits(raw[:7], 4)  # not whole elements
+    with pytest.raises(smaq_rs.LayoutError):
+        _core.count_nonzero_bits(raw, 3)  # no float has 3 bytes
+    with pytest.raises(smaq_rs.LayoutError):
+        _core.count_nonzero_bits(raw[::2], 2)  # not contiguous
+    assert _core.count_nonzero_bits(raw[:0], 2) == 0
