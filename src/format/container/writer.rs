@@ -207,6 +207,7 @@ impl Writer {
         };
         // From here on, dropping `w` removes the temporary file.
         let start = align8(header_len as u64).unwrap();
+        preallocate(&file, 0, start);
         file.write_all(&vec![0u8; start as usize])
             .map_err(Error::io("cannot write the checkpoint"))?;
         w.file = Some(file);
@@ -231,22 +232,37 @@ impl Writer {
             )));
         }
         let specs = &self.specs[self.next..end];
-        let coded: Vec<(u8, u16, Vec<u8>)> = crate::pool::install(|| {
+        // Each entry's checksum is taken on the thread that encoded it, while its bytes are hot.
+        let coded: Vec<((u8, u16, Vec<u8>), u64)> = crate::pool::install(|| {
             specs
                 .par_iter()
                 .zip(raws.par_iter())
-                .map(|(s, r)| encode_entry(s, r))
+                .map(|(s, r)| {
+                    encode_entry(s, r).map(|c| {
+                        let sum = crate::format::checksum(&c.2);
+                        (c, sum)
+                    })
+                })
                 .collect::<Result<Vec<_>>>()
         })?;
         let file = self.file.as_mut().expect("writer already finished");
+        let batch: u64 = coded
+            .iter()
+            .map(|c| align8(c.0 .2.len() as u64).unwrap())
+            .sum();
+        preallocate(
+            file,
+            align8(self.header_len as u64).unwrap() + self.pos,
+            batch,
+        );
         let mut sizes = Vec::with_capacity(coded.len());
-        for (i, (enc, id, bytes)) in coded.into_iter().enumerate() {
+        for (i, ((enc, id, bytes), checksum)) in coded.into_iter().enumerate() {
             let e = &mut self.entries[self.next + i];
             e.encoding = enc;
             e.codec_id = id;
             e.offset = self.pos;
             e.length = bytes.len() as u64;
-            e.checksum = crate::format::checksum(&bytes);
+            e.checksum = checksum;
             let pad = align8(e.length).unwrap() - e.length;
             file.write_all(&bytes)
                 .and_then(|_| file.write_all(&[0u8; 8][..pad as usize]))
@@ -308,6 +324,25 @@ impl Writer {
         self.tmp = PathBuf::new();
         Ok(synced.as_secs_f64())
     }
+}
+
+/// Allocates the file's blocks for `len` bytes at `offset` before they are written. On ext4 (and
+/// other delayed-allocation file systems) a file whose blocks are not yet allocated has them
+/// allocated and written out synchronously when it is renamed over an existing file (the
+/// `auto_da_alloc` safeguard for programs that do not fsync): 12-15 ms for a 19 MB checkpoint on
+/// the benchmark machine, against 1 ms once allocated. A file system that cannot preallocate is
+/// left to allocate as it writes (the error is ignored; a full disk fails the write itself).
+fn preallocate(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    if let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+        if n > 0 {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain system call on an open descriptor; it touches no memory of ours.
+            let _ = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, n) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 impl Drop for Writer {
