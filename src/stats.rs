@@ -316,9 +316,15 @@ pub fn summarize<T: Element>(x: &[T], g: Gather) -> Summary {
 /// `x` as float32 when that is its element type.
 #[cfg(target_arch = "x86_64")]
 fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32 (same type, same layout).
-        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    as_type::<T, f32>(x)
+}
+
+/// `x` as a slice of `U` when `U` is its element type.
+#[cfg(target_arch = "x86_64")]
+fn as_type<T: 'static, U: 'static>(x: &[T]) -> Option<&[U]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>())
+        // SAFETY: T is U (same type, same layout).
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<U>(), x.len()) })
 }
 
 /// The SIMD kernels of [`summarize`] for float32.
@@ -434,6 +440,56 @@ pub(crate) mod simd {
         l.finish(x, &g, true)
     }
 
+    /// An element type that [`moments_avx512`] reads as float32, sixteen lanes at a time:
+    /// float32 itself, and float16 and bfloat16 widened exactly as they are loaded (no widened
+    /// copy of the tensor, and the same sums as over one).
+    pub trait Lanes16: Copy {
+        /// Sixteen values from `p`, as float32.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F, BW, DQ and VL; `p` points to sixteen readable values.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// One value as float32.
+        fn widen(self) -> f32;
+    }
+
+    impl Lanes16 for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: sixteen readable values (the caller's contract).
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Lanes16 for half::bf16 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        unsafe fn load16(p: *const half::bf16) -> __m512 {
+            // SAFETY: sixteen readable 16-bit values (the caller's contract).
+            let h = unsafe { _mm256_loadu_si256(p.cast()) };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    impl Lanes16 for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        unsafe fn load16(p: *const half::f16) -> __m512 {
+            // SAFETY: sixteen readable 16-bit values (the caller's contract).
+            _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p.cast()) })
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
     /// Lanes holding NaN or +-Inf.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
@@ -479,7 +535,7 @@ pub(crate) mod simd {
     /// # Safety
     /// The CPU has AVX-512 F, BW, DQ and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub unsafe fn moments_avx512(x: &[f32], shift: f64) -> Summary {
+    pub unsafe fn moments_avx512<T: Lanes16>(x: &[T], shift: f64) -> Summary {
         const BLOCK: usize = 1024;
         let n = x.len();
         let p = x.as_ptr();
@@ -504,6 +560,7 @@ pub(crate) mod simd {
             let (mut s, mut q) = (0f64, 0f64);
             let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
             for &v in &x[i..end] {
+                let v = v.widen();
                 if v.is_finite() {
                     let d = v as f64 - sh32 as f64;
                     s += d;
@@ -526,7 +583,7 @@ pub(crate) mod simd {
             for j in (i..i + BLOCK).step_by(64) {
                 for r in 0..4 {
                     // SAFETY: j + 64 <= i + BLOCK <= full <= n.
-                    let v = unsafe { _mm512_loadu_ps(p.add(j + 16 * r)) };
+                    let v = unsafe { T::load16(p.add(j + 16 * r)) };
                     let d = _mm512_sub_ps(v, sh);
                     s[r] = _mm512_add_ps(s[r], d);
                     q[r] = _mm512_fmadd_ps(d, d, q[r]);
@@ -758,9 +815,13 @@ fn moments<T: Element>(x: &[T], shift: f64) -> Summary {
                 // SAFETY: AVX-512 F, BW, DQ and VL are present (checked just above).
                 return unsafe { simd::moments_avx512(f, shift) };
             }
-            if let Some(wide) = widen_half(x) {
+            if let Some(h) = as_type::<T, half::bf16>(x) {
                 // SAFETY: as above.
-                return unsafe { simd::moments_avx512(&wide, shift) };
+                return unsafe { simd::moments_avx512(h, shift) };
+            }
+            if let Some(h) = as_type::<T, half::f16>(x) {
+                // SAFETY: as above.
+                return unsafe { simd::moments_avx512(h, shift) };
             }
         }
     }
@@ -1016,6 +1077,48 @@ pub(crate) mod tests {
             let lo = fin.iter().cloned().fold(f64::INFINITY, f64::min);
             let hi = fin.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             assert_eq!((m.min, m.max), (lo, hi), "n = {n}");
+        }
+    }
+
+    /// float16 and bfloat16 moments, read by the kernel through its widening loads, are the
+    /// very bits of the moments of the same values widened to float32 beforehand: blocks with
+    /// and without specials, tails of every length.
+    #[test]
+    fn half_moments_are_those_of_the_widened_values() {
+        for n in [0usize, 1, 17, 1023, 1024, 1025, 3000, 65_537] {
+            for plain in [false, true] {
+                let mut x = specials(n, n as u64 + 11);
+                if plain {
+                    // Finite blocks: the kernel's fast path.
+                    x.iter_mut()
+                        .filter(|v| !v.is_finite() || v.abs() > 1e4)
+                        .for_each(|v| *v = 0.75);
+                }
+                half_against_widened(&x, n);
+            }
+        }
+    }
+
+    /// One case of the test above, both half types.
+    fn half_against_widened(x: &[f32], n: usize) {
+        let b: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let wb: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+        let wh: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+        for (m, w) in [
+            (moments(&b, 0.5), moments(&wb, 0.5)),
+            (moments(&h, 0.5), moments(&wh, 0.5)),
+        ] {
+            assert_eq!(m.count, w.count, "n = {n}");
+            assert_eq!(m.nonfinite, w.nonfinite, "n = {n}");
+            for (a, c) in [
+                (m.min, w.min),
+                (m.max, w.max),
+                (m.sum, w.sum),
+                (m.sumsq, w.sumsq),
+            ] {
+                assert_eq!(a.to_bits(), c.to_bits(), "n = {n}: {a} against {c}");
+            }
         }
     }
 
