@@ -7,7 +7,7 @@
 
 use super::escape::{escape_residual, sort_candidates, write_escapes, EscapeGrid};
 use super::kernel::{self, Codes, Counts, Prep};
-use super::log::{as_f32, log_stats, log_values};
+use super::log::{log_stats, log_values};
 use super::meta::{ChunkIndex, Header};
 use super::{Outliers, Rounding, SmaqConfig};
 use crate::bits::BitWriter;
@@ -381,11 +381,10 @@ pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
                 _ => exact(),
             }
         };
-        match as_f32(x) {
-            Some(xf) if tails && cfg.outliers == Outliers::Escape => {
-                sort_candidates(xf, &candidates, p, &grid, t_out, &mut tail, &mut one)
-            }
-            _ => candidates.iter().for_each(|&i| one(i, &mut tail)),
+        if tails && cfg.outliers == Outliers::Escape {
+            sort_candidates(x, &candidates, p, &grid, t_out, &mut tail, &mut one)
+        } else {
+            candidates.iter().for_each(|&i| one(i, &mut tail))
         }
         if !tail.is_empty() {
             escapes = write_escapes(&tail);

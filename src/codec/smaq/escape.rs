@@ -36,12 +36,13 @@ pub(super) type Slow<'a> = dyn FnMut(u32, &mut Vec<(u32, u32)>) + 'a;
 /// Sorts the escape candidates `cands` (indices into `x`, ascending) of one chunk coded
 /// with `outliers="escape"`: each finite, non-zero value beyond `t_out` whose residual
 /// ([`escape_residual`]) is at least 1 goes to `tail` as `(i, residual - 1)`; one at residual 0
-/// keeps its saturated code. Eight candidates at a time where the CPU has AVX-512 (the same
-/// f64 arithmetic as the scalar path, bit for bit); a group holding a non-finite value or a
+/// keeps its saturated code. Eight candidates at a time where the CPU has AVX-512 (float32
+/// gathered, other types read one by one; the same f64 arithmetic as the scalar path, bit for
+/// bit); a group holding a non-finite value or a
 /// residual too far out for the stream goes lane by lane, in order, through `slow`, as does
 /// everything on other CPUs.
-pub(super) fn sort_candidates(
-    x: &[f32],
+pub(super) fn sort_candidates<T: Element>(
+    x: &[T],
     cands: &[u32],
     p: &Prep,
     g: &EscapeGrid,
@@ -67,8 +68,8 @@ pub(super) fn sort_candidates(
 /// The CPU has AVX-512 F, BW, DQ and VL; every index in `cands` is inside `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn sort_candidates_avx512(
-    x: &[f32],
+unsafe fn sort_candidates_avx512<T: Element>(
+    x: &[T],
     cands: &[u32],
     p: &Prep,
     g: &EscapeGrid,
@@ -91,12 +92,25 @@ unsafe fn sort_candidates_avx512(
     );
     let dither = _mm512_set1_pd(p.dither as f64);
     let key = _mm256_set1_epi32(p.key.unwrap_or(0) as i32);
+    let xf = super::log::as_f32(x);
     let mut i = 0;
     while i < full {
         // SAFETY: eight indices at i, i + 8 <= cands.len().
         let idx = unsafe { _mm256_loadu_si256(cands.as_ptr().add(i) as *const __m256i) };
-        // SAFETY: every index is inside `x` (the caller's contract).
-        let f = _mm512_cvtps_pd(unsafe { _mm256_i32gather_ps::<4>(x.as_ptr(), idx) });
+        let f = match xf {
+            // SAFETY: every index is inside `x` (the caller's contract).
+            Some(xf) => _mm512_cvtps_pd(unsafe { _mm256_i32gather_ps::<4>(xf.as_ptr(), idx) }),
+            // Other element types one value at a time, exactly as the scalar path widens them.
+            None => {
+                let mut v = [0f64; 8];
+                for (k, v) in v.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    *v = unsafe { x.get_unchecked(cands[i + k] as usize) }.to_f64();
+                }
+                // SAFETY: eight f64.
+                unsafe { _mm512_loadu_pd(v.as_ptr()) }
+            }
+        };
         // QNaN, +Inf, -Inf, SNaN: such a group goes lane by lane.
         let special = _mm512_fpclass_pd_mask::<0x99>(f);
         // |z| = |(f - mean) * inv_std|, as `encode_chunk_raw` computes it.
@@ -414,7 +428,7 @@ mod tests {
     /// The vectorized candidate pass sorts every candidate as the scalar test does: escapes with
     /// their residuals, residual 0 kept, non-zero values inside `t_outlier` skipped, zeros, NaN,
     /// infinities and values too far out for the stream handed to the scalar path, in order;
-    /// stochastic, nearest and truncating rounding.
+    /// stochastic, nearest and truncating rounding; float32, bfloat16 and float16.
     #[test]
     fn candidate_pass_matches_the_scalar_test() {
         let mut x = normal(5003, 21);
@@ -441,10 +455,23 @@ mod tests {
         for (k, v) in x.iter_mut().enumerate().filter(|(k, _)| k % 97 == 6) {
             *v = if k % 2 == 0 { 1.0 } else { -1.0 } * at_saturation as f32;
         }
+        let b: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+        candidates_against_scalar(&x, mean, inv_std);
+        candidates_against_scalar(&b, mean, inv_std);
+        candidates_against_scalar(&h, mean, inv_std);
+    }
+
+    /// One element type of the test above.
+    fn candidates_against_scalar<T: Element>(x: &[T], mean: f64, inv_std: f64) {
+        let cfg = SmaqConfig::default();
+        let q = cfg.quant();
+        let grid = EscapeGrid::new(&q, cfg.escape_bits);
+        let t_out = q.t_outlier as f64;
         // Every value beyond 2 std, zeros and specials: some inside t_outlier on purpose.
         let cands: Vec<u32> = (0..x.len() as u32)
             .filter(|&i| {
-                let v = x[i as usize];
+                let v = x[i as usize].to_f64();
                 !v.is_finite() || v == 0.0 || v.abs() > 2.0
             })
             .collect();
@@ -458,7 +485,7 @@ mod tests {
                 f32_ok: true,
             };
             let scalar = |i: u32, tail: &mut Vec<(u32, u32)>, exc: &mut Vec<u32>| {
-                let f = x[i as usize] as f64;
+                let f = x[i as usize].to_f64();
                 if !f.is_finite() {
                     return exc.push(i);
                 }
@@ -477,10 +504,10 @@ mod tests {
                 scalar(i, &mut want, &mut want_exc);
             }
             let (mut got, mut got_exc) = (Vec::new(), Vec::new());
-            sort_candidates(&x, &cands, &p, &grid, t_out, &mut got, &mut |i, t| {
+            sort_candidates(x, &cands, &p, &grid, t_out, &mut got, &mut |i, t| {
                 scalar(i, t, &mut got_exc)
             });
-            assert_eq!(got, want, "key {key:?} dither {dither}");
+            assert_eq!(got, want, "{:?} key {key:?} dither {dither}", T::DTYPE);
             assert_eq!(got_exc, want_exc);
             assert!(want.len() > 50 && !want_exc.is_empty() && want.iter().any(|e| e.1 > 0));
         }
