@@ -122,7 +122,12 @@ pub fn census<T: Element>(x: &[T]) -> Census {
 /// Elements of `bytes` (float bit patterns of `itemsize` bytes each, little-endian) that are not
 /// a zero of either sign: their bits with the sign bit cleared are not all zero. One parallel
 /// pass, no temporary (a checkpoint writer asks this of every float tensor it saves).
-pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize) -> Result<u64> {
+///
+/// With a `limit`, counting stops once more than `limit` are found: the result is then some
+/// number above `limit` (no more than the full count); at or below `limit` it is exact. A
+/// writer that only needs to know whether a tensor is sparse enough reads about half of a
+/// dense one.
+pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize, limit: Option<u64>) -> Result<u64> {
     /// Elements of one aligned run, counted in lanes as wide as the elements over runs short
     /// enough not to overflow them (a loop the compiler vectorizes at any level).
     macro_rules! typed {
@@ -138,42 +143,48 @@ pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize) -> Result<u64> {
     typed!(count16, u16, u16);
     typed!(count32, u32, u32);
     typed!(count64, u64, u64);
-    fn count<const N: usize>(bytes: &[u8]) -> u64 {
+    fn count<const N: usize>(bytes: &[u8], limit: u64) -> u64 {
         use rayon::prelude::*;
+        use std::sync::atomic::{AtomicU64, Ordering};
         let per: usize = BLOCK * N;
+        // Blocks are skipped once the total is past `limit`; the total only grows, so a total
+        // at or below it at the end counted every block.
+        let total = AtomicU64::new(0);
         // On the Rayon pool, as the checkpoint writer's encodes that follow: a region of the
         // host's OpenMP team here would leave its workers spinning beside those encodes.
         crate::pool::install(|| {
-            bytes
-                .par_chunks(per)
-                .map(|c| {
-                    let aligned = match N {
-                        2 => bytemuck::try_cast_slice::<u8, u16>(c)
-                            .ok()
-                            .map(|x| count16(x, 0x7fff)),
-                        4 => bytemuck::try_cast_slice::<u8, u32>(c)
-                            .ok()
-                            .map(|x| count32(x, 0x7fff_ffff)),
-                        8 => bytemuck::try_cast_slice::<u8, u64>(c)
-                            .ok()
-                            .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
-                        _ => Some(count8(c, 0x7f)),
-                    };
-                    // Little-endian hosts only read through the typed views (the format is LE).
-                    match aligned.filter(|_| cfg!(target_endian = "little")) {
-                        Some(k) => k,
-                        None => c
-                            .chunks_exact(N)
-                            .filter(|e| {
-                                let mut b = [0u8; 8];
-                                b[..N].copy_from_slice(e);
-                                u64::from_le_bytes(b) & !(1u64 << (8 * N - 1)) != 0
-                            })
-                            .count() as u64,
-                    }
-                })
-                .sum()
-        })
+            bytes.par_chunks(per).for_each(|c| {
+                if total.load(Ordering::Relaxed) > limit {
+                    return;
+                }
+                let aligned = match N {
+                    2 => bytemuck::try_cast_slice::<u8, u16>(c)
+                        .ok()
+                        .map(|x| count16(x, 0x7fff)),
+                    4 => bytemuck::try_cast_slice::<u8, u32>(c)
+                        .ok()
+                        .map(|x| count32(x, 0x7fff_ffff)),
+                    8 => bytemuck::try_cast_slice::<u8, u64>(c)
+                        .ok()
+                        .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
+                    _ => Some(count8(c, 0x7f)),
+                };
+                // Little-endian hosts only read through the typed views (the format is LE).
+                let k = match aligned.filter(|_| cfg!(target_endian = "little")) {
+                    Some(k) => k,
+                    None => c
+                        .chunks_exact(N)
+                        .filter(|e| {
+                            let mut b = [0u8; 8];
+                            b[..N].copy_from_slice(e);
+                            u64::from_le_bytes(b) & !(1u64 << (8 * N - 1)) != 0
+                        })
+                        .count() as u64,
+                };
+                total.fetch_add(k, Ordering::Relaxed);
+            })
+        });
+        total.into_inner()
     }
     if itemsize == 0 || !bytes.len().is_multiple_of(itemsize) {
         return Err(Error::Layout(format!(
@@ -181,11 +192,12 @@ pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize) -> Result<u64> {
             bytes.len()
         )));
     }
+    let limit = limit.unwrap_or(u64::MAX);
     Ok(match itemsize {
-        1 => count::<1>(bytes),
-        2 => count::<2>(bytes),
-        4 => count::<4>(bytes),
-        8 => count::<8>(bytes),
+        1 => count::<1>(bytes, limit),
+        2 => count::<2>(bytes, limit),
+        4 => count::<4>(bytes, limit),
+        8 => count::<8>(bytes, limit),
         _ => {
             return Err(Error::Layout(format!(
                 "elements of {itemsize} bytes are not floats"
@@ -658,21 +670,46 @@ mod tests {
         let x = values(100_003, 3, 40);
         let want = x.iter().filter(|v| **v != 0.0 || v.is_nan()).count() as u64;
         let b32: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(count_nonzero_bits(&b32, 4).unwrap(), want);
+        assert_eq!(count_nonzero_bits(&b32, 4, None).unwrap(), want);
         let b64: Vec<u8> = x.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
-        assert_eq!(count_nonzero_bits(&b64, 8).unwrap(), want);
+        assert_eq!(count_nonzero_bits(&b64, 8, None).unwrap(), want);
         let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let want_h = h.iter().filter(|v| v.to_f32() != 0.0 || v.is_nan()).count() as u64;
         let b16: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(count_nonzero_bits(&b16, 2).unwrap(), want_h);
+        assert_eq!(count_nonzero_bits(&b16, 2, None).unwrap(), want_h);
         let b8 = [0x00u8, 0x80, 0x01, 0x81, 0x7f];
-        assert_eq!(count_nonzero_bits(&b8, 1).unwrap(), 3);
+        assert_eq!(count_nonzero_bits(&b8, 1, None).unwrap(), 3);
         // A buffer that does not start on an element boundary takes the byte-wise path.
         let mut off = vec![0u8];
         off.extend_from_slice(&b32);
-        assert_eq!(count_nonzero_bits(&off[1..], 4).unwrap(), want);
-        assert!(count_nonzero_bits(&b32[..7], 4).is_err());
-        assert!(count_nonzero_bits(&b32, 3).is_err());
+        assert_eq!(count_nonzero_bits(&off[1..], 4, None).unwrap(), want);
+        assert!(count_nonzero_bits(&b32[..7], 4, None).is_err());
+        assert!(count_nonzero_bits(&b32, 3, None).is_err());
+    }
+
+    /// With a limit: exact at or below it, some count above it (never above the full count)
+    /// past it, on a buffer of many blocks.
+    #[test]
+    fn nonzero_bits_stop_past_the_limit() {
+        let x = values(1 << 21, 5, 30);
+        let want = x.iter().filter(|v| **v != 0.0 || v.is_nan()).count() as u64;
+        let b: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for limit in [want, want + 1, u64::MAX] {
+            assert_eq!(count_nonzero_bits(&b, 4, Some(limit)).unwrap(), want);
+        }
+        for limit in [0, want / 2, want - 1] {
+            let k = count_nonzero_bits(&b, 4, Some(limit)).unwrap();
+            assert!(k > limit && k <= want, "limit {limit}: {k} of {want}");
+        }
+        // One thread takes the blocks in order and stops soon after the limit.
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let k = one
+            .install(|| count_nonzero_bits(&b, 4, Some(want / 4)))
+            .unwrap();
+        assert!(k < want / 2, "{k} of {want}");
     }
 
     /// The AVX-512 split and merge give the portable results exactly.

@@ -101,3 +101,22 @@ def test_zero_count_errors_are_typed():
     with pytest.raises(smaq_rs.LayoutError):
         _core.count_nonzero_bits(raw[::2], 2)  # not contiguous
     assert _core.count_nonzero_bits(raw[:0], 2) == 0
+
+
+def test_zero_count_limit_and_parallel_checksums():
+    from smaq_rs import _core
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(1 << 20).astype(np.float32)
+    x[rng.random(x.size) < 0.3] = 0.0
+    raw = x.view(np.uint8)
+    want = int(np.count_nonzero(x))
+    assert _core.count_nonzero_bits(raw, 4, want) == want
+    k = _core.count_nonzero_bits(raw, 4, want // 3)
+    assert want // 3 < k <= want
+    # The parallel hashes are the single-buffer ones, in the order given.
+    bufs = [raw, raw[:0], x[:1000].view(np.uint8), np.arange(7, dtype=np.uint8)]
+    assert _core.checksums(bufs) == [_core.checksum(b) for b in bufs]
+    assert _core.checksums([]) == []
+    with pytest.raises(smaq_rs.LayoutError):
+        _core.checksums([raw[::2]])

@@ -342,17 +342,22 @@ fn keeps_zeros(codec: &str, params: Option<&Bound<'_, PyDict>>) -> PyResult<bool
     Ok(codec::keeps_zeros(info, &params_from_dict(params)?)?)
 }
 
-/// Elements of a float tensor's bytes (`itemsize` bytes each) that are not zeros of either sign.
+/// Elements of a float tensor's bytes (`itemsize` bytes each) that are not zeros of either sign;
+/// with `limit`, counting stops past it (the result is then some count above `limit`).
 #[pyfunction]
+#[pyo3(signature = (data, itemsize, limit=None))]
 fn count_nonzero_bits(
     py: Python<'_>,
     data: numpy::PyReadonlyArray1<'_, u8>,
     itemsize: usize,
+    limit: Option<u64>,
 ) -> PyResult<u64> {
     let bytes = data
         .as_slice()
         .map_err(|_| LayoutError::new_err("count_nonzero_bits: the buffer must be C-contiguous"))?;
-    detached(py, || crate::zmap::count_nonzero_bits(bytes, itemsize))
+    detached(py, || {
+        crate::zmap::count_nonzero_bits(bytes, itemsize, limit)
+    })
 }
 
 /// XXH3-64 of a buffer's bytes (the packed format's checksum), for content hashes of tensors.
@@ -362,6 +367,37 @@ fn checksum(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<u
         .as_slice()
         .map_err(|_| LayoutError::new_err("checksum: the buffer must be C-contiguous"))?;
     detached(py, || Ok(crate::format::checksum(bytes)))
+}
+
+/// XXH3-64 of each buffer (what `checksum` gives), the buffers hashed in parallel.
+#[pyfunction]
+fn checksums(py: Python<'_>, data: Vec<numpy::PyReadonlyArray1<'_, u8>>) -> PyResult<Vec<u64>> {
+    let slices = data
+        .iter()
+        .map(|a| {
+            a.as_slice()
+                .map_err(|_| LayoutError::new_err("checksums: the buffers must be C-contiguous"))
+        })
+        .collect::<PyResult<Vec<&[u8]>>>()?;
+    Ok(py.detach(|| {
+        use rayon::prelude::*;
+        // On the Rayon pool, as the checkpoint writer's encodes that follow (see
+        // `zmap::count_nonzero_bits`). Largest first, so that the big ones start early.
+        let mut order: Vec<usize> = (0..slices.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(slices[i].len()));
+        let mut sums = vec![0u64; slices.len()];
+        let found: Vec<(usize, u64)> = crate::pool::install(|| {
+            order
+                .par_iter()
+                .with_max_len(1)
+                .map(|&i| (i, crate::format::checksum(slices[i])))
+                .collect()
+        });
+        for (i, h) in found {
+            sums[i] = h;
+        }
+        sums
+    }))
 }
 
 #[pyfunction]
@@ -407,6 +443,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
     m.add_function(wrap_pyfunction!(count_nonzero_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(checksums, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cached_bytes, m)?)?;
     // Other areas register here, one line each: `area::register(m)?;`

@@ -6,6 +6,7 @@ every element comes back bit for bit."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -16,11 +17,12 @@ from .. import _core
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def _nonzeros(u: np.ndarray) -> int:
+def _nonzeros(u: np.ndarray, limit: Optional[int] = None) -> int:
     """Elements of `u` (the bit patterns of a float tensor) that are not a zero of either sign:
-    one parallel pass in the core, no temporary."""
+    one parallel pass in the core, no temporary. With `limit`, counting stops past it (the
+    result is then some count above `limit`)."""
     flat = np.ascontiguousarray(u).reshape(-1).view(np.uint8)
-    return int(_core.count_nonzero_bits(flat, u.itemsize))
+    return int(_core.count_nonzero_bits(flat, u.itemsize, limit))
 
 
 #: Codecs a tensor's non-zero values may go through when it is stored sparse: the exact ones and
@@ -43,9 +45,12 @@ def split(raw: np.ndarray, itemsize: int, threshold: Optional[float]
     n = u.size
     if n < MIN_NUMEL:
         return None
-    nnz = _nonzeros(u)
-    if n - nnz < threshold * n:
-        return None  # the common case (dense), decided without building the mask
+    # Sparse when n - nnz >= threshold * n, i.e. nnz <= floor(n - threshold * n): the count
+    # stops past that (a dense tensor, the common case, is decided after about half of it).
+    most = math.floor(n - threshold * n)
+    nnz = _nonzeros(u, max(most, 0))
+    if nnz > most:
+        return None
     sign = _UINT[itemsize](1 << (8 * itemsize - 1))
     keep = (u & ~sign) != 0
     neg = u[~keep] == sign

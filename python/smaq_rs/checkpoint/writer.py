@@ -184,8 +184,10 @@ def _entry_sizes(stored: List[document.Tensor], sizes: List[int], specs: List[Tu
     return {name: (s, dense[name], codec) for name, (s, codec) in out.items()}
 
 
-def _tensor_hash(t: document.Tensor) -> str:
-    return f"{_core.checksum(np.ascontiguousarray(t.raw).reshape(-1).view(np.uint8)):016x}"
+def _tensor_hashes(tensors: List[document.Tensor]) -> List[str]:
+    """Each tensor's content hash (XXH3 of its bytes, in hex), the tensors hashed in parallel."""
+    raws = [np.ascontiguousarray(t.raw).reshape(-1).view(np.uint8) for t in tensors]
+    return [f"{h:016x}" for h in _core.checksums(raws)]
 
 
 def _against_base(tensors: List[document.Tensor], text: str, path: str,
@@ -195,7 +197,8 @@ def _against_base(tensors: List[document.Tensor], text: str, path: str,
     the tensors the base holds unchanged and records where they are. Returns the tensors left,
     the document, the names taken from the base and the open base (None without one)."""
     doc = json.loads(text)
-    doc["tensors"] = {t.name: [_tensor_hash(t), t.dtype, list(t.shape)] for t in tensors}
+    doc["tensors"] = {t.name: [h, t.dtype, list(t.shape)]
+                      for t, h in zip(tensors, _tensor_hashes(tensors))}
     if base is None:
         return tensors, doc, [], None
     from .reader import Checkpoint
