@@ -34,7 +34,7 @@ bench: $(BUILT) $(BENCH_STAMP) $(CREPE)
 	$(PY) benches/bench_optim.py --rss
 	mkdir -p bench-out
 	$(PY) benches/bench_lossless.py --weights $(CREPE)
-	$(PY) benches/bench_checkpoint.py --weights $(CREPE)
+	$(PY) benches/bench_checkpoint.py --weights $(CREPE) --repeat 5
 	$(PY) benches/bench_incremental.py
 	$(PY) benches/fidelity.py --png bench-out/fidelity.png
 	$(PY) benches/bench_sparse.py
