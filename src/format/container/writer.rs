@@ -15,8 +15,11 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+/// One coded entry: (encoding, codec id, stored bytes).
+type Coded = (u8, u16, Vec<u8>);
+
 /// Encodes one entry's raw little-endian bytes. Returns (encoding, codec id, stored bytes).
-pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<(u8, u16, Vec<u8>)> {
+pub fn encode_entry(spec: &EntrySpec, raw: &[u8]) -> Result<Coded> {
     let dense = dense_of(spec.dtype, &spec.shape)
         .ok_or_else(|| Error::Layout(format!("entry {:?}: shape overflows", spec.name)))?;
     if raw.len() as u64 != dense {
@@ -233,7 +236,7 @@ impl Writer {
         }
         let specs = &self.specs[self.next..end];
         // Each entry's checksum is taken on the thread that encoded it, while its bytes are hot.
-        let coded: Vec<((u8, u16, Vec<u8>), u64)> = crate::pool::install(|| {
+        let coded: Vec<(Coded, u64)> = crate::pool::install(|| {
             specs
                 .par_iter()
                 .zip(raws.par_iter())
