@@ -536,94 +536,163 @@ pub(crate) mod simd {
     /// The CPU has AVX-512 F, BW, DQ and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     pub unsafe fn moments_avx512<T: Lanes16>(x: &[T], shift: f64) -> Summary {
-        const BLOCK: usize = 1024;
-        let n = x.len();
+        let full = x.len() / MomentsAcc::BLOCK * MomentsAcc::BLOCK;
         let p = x.as_ptr();
-        // The f32 path sums around the nearest f32 to `shift`; the f64 sums are moved to
-        // `shift` at the end.
-        let sh32 = shift as f32;
-        let delta = sh32 as f64 - shift;
-        let sh = _mm512_set1_ps(sh32);
-        let pinf = _mm512_set1_ps(f32::INFINITY);
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let (mut lo, mut hi) = (pinf, ninf);
-        let (mut s64, mut q64) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-        let mut nonfinite = 0u64;
-        let widen = |v: __m512| {
-            _mm512_add_pd(
-                _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
-            )
-        };
-        // Values i..end one by one in f64 (around sh32), the non-finite ones counted.
-        let mut careful = |i: usize, end: usize, s64: &mut __m512d, q64: &mut __m512d| {
+        let mut m = MomentsAcc::new(shift);
+        let mut i = 0;
+        while i < full {
+            for j in (i..i + MomentsAcc::BLOCK).step_by(64) {
+                // SAFETY: j + 64 <= i + BLOCK <= full <= n.
+                let v = [0, 1, 2, 3].map(|r| unsafe { T::load16(p.add(j + 16 * r)) });
+                m.add64(v);
+            }
+            m.end_block(&x[i..i + MomentsAcc::BLOCK]);
+            i += MomentsAcc::BLOCK;
+        }
+        m.finish(&x[full..], x.len())
+    }
+
+    /// The state of [`moments_avx512`] between blocks of [`MomentsAcc::BLOCK`] values, for a
+    /// kernel that reads the values anyway (SmaQ's encoder gathers a chunk's moments as it
+    /// codes it): [`MomentsAcc::add64`] on each 64 values of a block, in order, then
+    /// [`MomentsAcc::end_block`]; [`MomentsAcc::finish`] with the values after the last whole
+    /// block. The sums are the very bits of [`moments_avx512`]'s over the same values.
+    pub struct MomentsAcc {
+        sh32: f32,
+        delta: f64,
+        sh: __m512,
+        lo: __m512,
+        hi: __m512,
+        s64: __m512d,
+        q64: __m512d,
+        nonfinite: u64,
+        // The current block's f32 sums and range.
+        s: [__m512; 4],
+        q: [__m512; 4],
+        bl: __m512,
+        bh: __m512,
+    }
+
+    impl MomentsAcc {
+        /// Values per block.
+        pub const BLOCK: usize = 1024;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        pub fn new(shift: f64) -> Self {
+            // The f32 path sums around the nearest f32 to `shift`; the f64 sums are moved to
+            // `shift` at the end.
+            let sh32 = shift as f32;
+            let (pinf, ninf) = (
+                _mm512_set1_ps(f32::INFINITY),
+                _mm512_set1_ps(f32::NEG_INFINITY),
+            );
+            MomentsAcc {
+                sh32,
+                delta: sh32 as f64 - shift,
+                sh: _mm512_set1_ps(sh32),
+                lo: pinf,
+                hi: ninf,
+                s64: _mm512_setzero_pd(),
+                q64: _mm512_setzero_pd(),
+                nonfinite: 0,
+                s: [_mm512_setzero_ps(); 4],
+                q: [_mm512_setzero_ps(); 4],
+                bl: pinf,
+                bh: ninf,
+            }
+        }
+
+        /// The next 64 values of the current block, as four registers in order.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        pub fn add64(&mut self, v: [__m512; 4]) {
+            for (r, v) in v.into_iter().enumerate() {
+                let d = _mm512_sub_ps(v, self.sh);
+                self.s[r] = _mm512_add_ps(self.s[r], d);
+                self.q[r] = _mm512_fmadd_ps(d, d, self.q[r]);
+                // A NaN in `v` leaves the range alone (vminps returns its second operand).
+                self.bl = _mm512_min_ps(v, self.bl);
+                self.bh = _mm512_max_ps(v, self.bh);
+            }
+        }
+
+        /// Closes the current block, whose values are `block` (read again only when its f32
+        /// sums came out non-finite: a NaN or infinity in it, or a square beyond f32).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        pub fn end_block<T: Lanes16>(&mut self, block: &[T]) {
+            let [s0, s1, s2, s3] = self.s;
+            let [q0, q1, q2, q3] = self.q;
+            let bs = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+            let bq = _mm512_add_ps(_mm512_add_ps(q0, q1), _mm512_add_ps(q2, q3));
+            if nonfinite16(bs) | nonfinite16(bq) != 0 {
+                self.careful(block);
+            } else {
+                let widen = |v: __m512| {
+                    _mm512_add_pd(
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                        _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
+                    )
+                };
+                self.s64 = _mm512_add_pd(self.s64, widen(bs));
+                self.q64 = _mm512_add_pd(self.q64, widen(bq));
+                self.lo = _mm512_min_ps(self.bl, self.lo);
+                self.hi = _mm512_max_ps(self.bh, self.hi);
+            }
+            self.s = [_mm512_setzero_ps(); 4];
+            self.q = [_mm512_setzero_ps(); 4];
+            self.bl = _mm512_set1_ps(f32::INFINITY);
+            self.bh = _mm512_set1_ps(f32::NEG_INFINITY);
+        }
+
+        /// Values one by one in f64 (around sh32), the non-finite ones counted.
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        fn careful<T: Lanes16>(&mut self, x: &[T]) {
             let (mut s, mut q) = (0f64, 0f64);
             let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
-            for &v in &x[i..end] {
+            for &v in x {
                 let v = v.widen();
                 if v.is_finite() {
-                    let d = v as f64 - sh32 as f64;
+                    let d = v as f64 - self.sh32 as f64;
                     s += d;
                     q += d * d;
                     l = l.min(v);
                     h = h.max(v);
                 } else {
-                    nonfinite += 1;
+                    self.nonfinite += 1;
                 }
             }
-            *s64 = _mm512_add_pd(*s64, _mm512_set_pd(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, s));
-            *q64 = _mm512_add_pd(*q64, _mm512_set_pd(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, q));
-            (l, h)
-        };
-        let full = n / BLOCK * BLOCK;
-        let mut i = 0;
-        while i < full {
-            let (mut s, mut q) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
-            let (mut bl, mut bh) = (pinf, ninf);
-            for j in (i..i + BLOCK).step_by(64) {
-                for r in 0..4 {
-                    // SAFETY: j + 64 <= i + BLOCK <= full <= n.
-                    let v = unsafe { T::load16(p.add(j + 16 * r)) };
-                    let d = _mm512_sub_ps(v, sh);
-                    s[r] = _mm512_add_ps(s[r], d);
-                    q[r] = _mm512_fmadd_ps(d, d, q[r]);
-                    // A NaN in `v` leaves the range alone (vminps returns its second operand).
-                    bl = _mm512_min_ps(v, bl);
-                    bh = _mm512_max_ps(v, bh);
-                }
-            }
-            let bs = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
-            let bq = _mm512_add_ps(_mm512_add_ps(q[0], q[1]), _mm512_add_ps(q[2], q[3]));
-            // Non-finite sums: a NaN or infinity in the block, or a square beyond f32.
-            if nonfinite16(bs) | nonfinite16(bq) != 0 {
-                let (l, h) = careful(i, i + BLOCK, &mut s64, &mut q64);
-                lo = _mm512_min_ps(_mm512_set1_ps(l), lo);
-                hi = _mm512_max_ps(_mm512_set1_ps(h), hi);
-            } else {
-                s64 = _mm512_add_pd(s64, widen(bs));
-                q64 = _mm512_add_pd(q64, widen(bq));
-                lo = _mm512_min_ps(bl, lo);
-                hi = _mm512_max_ps(bh, hi);
-            }
-            i += BLOCK;
+            let z = _mm512_setzero_pd();
+            self.s64 = _mm512_add_pd(self.s64, _mm512_mask_mov_pd(z, 1, _mm512_set1_pd(s)));
+            self.q64 = _mm512_add_pd(self.q64, _mm512_mask_mov_pd(z, 1, _mm512_set1_pd(q)));
+            self.lo = _mm512_min_ps(_mm512_set1_ps(l), self.lo);
+            self.hi = _mm512_max_ps(_mm512_set1_ps(h), self.hi);
         }
-        if i < n {
-            let (l, h) = careful(i, n, &mut s64, &mut q64);
-            lo = _mm512_min_ps(_mm512_set1_ps(l), lo);
-            hi = _mm512_max_ps(_mm512_set1_ps(h), hi);
-        }
-        let count = n as u64 - nonfinite;
-        // Around `shift`: sum (d + delta) and sum (d + delta)^2 over the d around sh32.
-        let (s, q) = (_mm512_reduce_add_pd(s64), _mm512_reduce_add_pd(q64));
-        let c = count as f64;
-        Summary {
-            count,
-            nonfinite,
-            min: first_min16(lo) as f64,
-            max: first_max16(hi) as f64,
-            sum: s + c * delta,
-            sumsq: q + 2.0 * delta * s + c * delta * delta,
-            ..Summary::EMPTY
+
+        /// The summary of `n` values: the blocks closed so far and `rest`, the values after
+        /// them.
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        pub fn finish<T: Lanes16>(mut self, rest: &[T], n: usize) -> Summary {
+            if !rest.is_empty() {
+                self.careful(rest);
+            }
+            let count = n as u64 - self.nonfinite;
+            // Around `shift`: sum (d + delta) and sum (d + delta)^2 over the d around sh32.
+            let (s, q) = (
+                _mm512_reduce_add_pd(self.s64),
+                _mm512_reduce_add_pd(self.q64),
+            );
+            let (c, delta) = (count as f64, self.delta);
+            Summary {
+                count,
+                nonfinite: self.nonfinite,
+                min: first_min16(self.lo) as f64,
+                max: first_max16(self.hi) as f64,
+                sum: s + c * delta,
+                sumsq: q + 2.0 * delta * s + c * delta * delta,
+                ..Summary::EMPTY
+            }
         }
     }
 
@@ -984,6 +1053,14 @@ impl PieceStats {
 /// The moments of one piece (see [`PieceStats::moments`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PieceMoments(Summary);
+
+impl PieceMoments {
+    /// What [`moments_avx512`](simd::moments_avx512) (through [`simd::MomentsAcc`]) returned.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn from_summary(s: Summary) -> Self {
+        PieceMoments(s)
+    }
+}
 
 fn finish(m: Summary, shift: f64, spread: Spread) -> Stats {
     if m.count == 0 {

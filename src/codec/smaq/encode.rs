@@ -6,7 +6,7 @@
 //! [`finish_encoding`].
 
 use super::escape::{escape_residual, sort_candidates, write_escapes, EscapeGrid};
-use super::kernel::{self, Codes, Counts, Prep};
+use super::kernel::{self, Codes, Counts, FusedMoments, Prep};
 use super::log::{log_stats, log_values};
 use super::meta::{ChunkIndex, Header};
 use super::{Outliers, Rounding, SmaqConfig};
@@ -214,15 +214,21 @@ fn encode_typed_with<T: Codes>(
                 type Scratch = (Vec<u16>, Vec<f32>);
                 let work = |(codes, logs): &mut Scratch,
                             (ci, (c, primary)): (usize, (&[T], &mut &mut [MaybeUninit<u8>]))| {
-                    let moments = shift.map(|sh| PieceStats::moments(c, sh));
                     let key = stochastic.then(|| stream_key(seed, ci as u64));
                     let primary = crate::buf::zero_init(primary);
                     let p = Prep { key, ..prep };
+                    // The chunk's exact moments (non-log only), gathered by the kernel as it
+                    // codes where it can.
+                    let mut fused = shift.filter(|_| !cfg.log).map(FusedMoments::new);
                     let out = if cfg.log {
                         log_values(c, logs);
-                        encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes)
+                        encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes, None)
                     } else {
-                        encode_chunk(c, &p, cfg, primary, codes)
+                        encode_chunk_raw(c, c, &p, cfg, primary, codes, fused.as_mut())
+                    };
+                    let moments = match fused {
+                        Some(f) => Some(f.take(c)),
+                        None => shift.map(|sh| PieceStats::moments(c, sh)),
                     };
                     (out, moments)
                 };
@@ -303,7 +309,7 @@ pub(super) fn encode_chunk<T: Codes>(
     primary: &mut [u8],
     codes: &mut Vec<u16>,
 ) -> ChunkOut {
-    encode_chunk_raw(x, x, p, cfg, primary, codes)
+    encode_chunk_raw(x, x, p, cfg, primary, codes, None)
 }
 
 /// [`encode_chunk`] of coded values `x` whose exceptions are stored as the elements of `raw`
@@ -315,6 +321,7 @@ pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
     cfg: &SmaqConfig,
     primary: &mut [u8],
     codes: &mut Vec<u16>,
+    moments: Option<&mut FusedMoments>,
 ) -> ChunkOut {
     // Room for every value being an outlier, plus the SIMD kernels' slack (one vector): the
     // stream never reallocates.
@@ -333,7 +340,7 @@ pub(super) fn encode_chunk_raw<T: Codes, R: Element>(
     };
     let mut candidates = Vec::new();
     let (counts, scanned) =
-        match T::encode_fused(x, p, primary, &mut extra, bounds, &mut candidates) {
+        match T::encode_fused(x, p, primary, &mut extra, bounds, &mut candidates, moments) {
             Some(c) => (c, true),
             None => {
                 codes.resize(x.len(), 0);

@@ -23,6 +23,7 @@
 use crate::bits::{peek64, BitWriter};
 use crate::dtype::Element;
 use crate::rng::uniform;
+use crate::stats::{PieceMoments, PieceStats};
 use half::{bf16, f16};
 
 /// The code of an exact zero: main, sign set, magnitude 0.
@@ -286,13 +287,41 @@ pub struct Candidates<'a> {
     pub lo: f32,
     pub hi: f32,
     pub out: &'a mut Vec<u32>,
+    /// The chunk's moments, when wanted and the kernel can gather them as it reads the values.
+    pub moments: Option<&'a mut FusedMoments>,
 }
 
 impl<'a> Candidates<'a> {
     /// Candidates outside the f64 interval `[lo, hi]` (rounded inward to f32, see [`outside`]).
     pub fn new(lo: f64, hi: f64, out: &'a mut Vec<u32>) -> Self {
         let (lo, hi) = bounds_f32(lo, hi);
-        Candidates { lo, hi, out }
+        Candidates {
+            lo,
+            hi,
+            out,
+            moments: None,
+        }
+    }
+}
+
+/// A chunk's moments around `shift` ([`PieceStats::moments`]), asked of the encoder: the AVX-512
+/// float32 kernel gathers them in its pass over the values (`got`, the very bits of
+/// `PieceStats::moments`), saving the encoder a pass over the chunk; elsewhere `got` stays None
+/// and the caller gathers them.
+pub struct FusedMoments {
+    pub shift: f64,
+    pub got: Option<PieceMoments>,
+}
+
+impl FusedMoments {
+    pub fn new(shift: f64) -> Self {
+        FusedMoments { shift, got: None }
+    }
+
+    /// The moments of `x`, the chunk just coded: as the kernel gathered them, else now.
+    pub fn take<T: Element>(self, x: &[T]) -> PieceMoments {
+        self.got
+            .unwrap_or_else(|| PieceStats::moments(x, self.shift))
     }
 }
 
@@ -715,6 +744,7 @@ pub trait Codes: Element {
         _extra: &mut BitWriter,
         _bounds: (f64, f64),
         _cands: &mut Vec<u32>,
+        _moments: Option<&mut FusedMoments>,
     ) -> Option<Counts> {
         None
     }
@@ -745,8 +775,10 @@ impl Codes for f32 {
         extra: &mut BitWriter,
         bounds: (f64, f64),
         cands: &mut Vec<u32>,
+        moments: Option<&mut FusedMoments>,
     ) -> Option<Counts> {
         let mut c = Candidates::new(bounds.0, bounds.1, cands);
+        c.moments = moments;
         encode_f32_fused(x, 0, p, primary, extra, &mut c)
     }
     fn codes(x: &[f32], p: &Prep, out: &mut [u16]) -> Counts {
@@ -772,6 +804,7 @@ macro_rules! half_codes {
                 extra: &mut BitWriter,
                 bounds: (f64, f64),
                 cands: &mut Vec<u32>,
+                _moments: Option<&mut FusedMoments>,
             ) -> Option<Counts> {
                 if !fused_applies(Isa::detect(), p) {
                     return None;
@@ -1454,6 +1487,46 @@ mod tests {
         }
     }
 
+    /// The moments the fused float32 encode gathers as it codes are the very bits of
+    /// `PieceStats::moments` over the chunk: whole blocks, a tail, blocks holding NaN, infinities
+    /// and values whose square is beyond f32; and the codes are those of an encode that was not
+    /// asked for them.
+    #[test]
+    fn fused_moments_are_the_moments() {
+        let q = Quant::new(6, 8, 1.0, 2.5);
+        for n in [64usize, 1000, 1024, 5000, 65_553] {
+            let mut x = crate::stats::tests::specials(n, n as u64);
+            for (k, v) in x.iter_mut().enumerate() {
+                // Two blocks in three for the fast path, the others with NaN and infinities.
+                *v = match v.is_finite() {
+                    true => v.clamp(-1e3, 1e3),
+                    false if (k / 1024) % 3 != 0 => 0.5,
+                    false => *v,
+                };
+            }
+            if n > 60_000 {
+                x[2500] = 3e20; // a square beyond f32 in a finite block (it swamps the sums)
+            }
+            let p = prep(q, Some(9));
+            let bounds = (-1e3, 1e3);
+            let encode = |mom: Option<&mut FusedMoments>| {
+                let mut primary = vec![0u8; q.chunk_bytes(n as u64, 0).0 as usize];
+                let (mut extra, mut found) = (BitWriter::default(), Vec::new());
+                let c =
+                    f32::encode_fused(&x, &p, &mut primary, &mut extra, bounds, &mut found, mom);
+                (c, primary, extra.finish(), found)
+            };
+            let mut fm = FusedMoments::new(0.3);
+            let with = encode(Some(&mut fm));
+            assert_eq!(with, encode(None), "n = {n}");
+            if Isa::detect() >= Isa::Avx512 {
+                let got = fm.got.expect("the AVX-512 kernel gathers the moments");
+                let want = PieceStats::moments(&x, 0.3);
+                assert_eq!(format!("{got:?}"), format!("{want:?}"), "n = {n}");
+            }
+        }
+    }
+
     #[test]
     fn half_fused_matches_codes_and_pack() {
         let q = Quant::new(6, 8, 1.0, 2.5);
@@ -1477,7 +1550,7 @@ mod tests {
         let mut extra = BitWriter::default();
         let bounds = (p.mean - 1.9 / p.inv_std, p.mean + 2.2 / p.inv_std);
         let (mut found, mut scanned) = (Vec::new(), Vec::new());
-        let cf = T::encode_fused(&x, p, &mut primary, &mut extra, bounds, &mut found);
+        let cf = T::encode_fused(&x, p, &mut primary, &mut extra, bounds, &mut found, None);
         assert_eq!(cf.is_some(), Isa::detect() >= Isa::Avx2);
         if let Some(cf) = cf {
             outside(&x, bounds.0, bounds.1, &mut scanned);

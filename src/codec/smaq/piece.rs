@@ -184,7 +184,7 @@ impl PieceEncoder {
         let PieceScratch { codes, logs } = scratch;
         Ok(EncodedPiece(if cfg.log {
             log_values(x, logs);
-            encode_chunk_raw(&logs[..], x, &p, cfg, primary, codes)
+            encode_chunk_raw(&logs[..], x, &p, cfg, primary, codes, None)
         } else {
             encode_chunk(x, &p, cfg, primary, codes)
         }))

@@ -14,6 +14,8 @@
 
 use super::{Candidates, Counts, Prep, ZERO_CODE};
 use crate::bits::BitWriter;
+use crate::stats::simd::MomentsAcc;
+use crate::stats::PieceMoments;
 use std::arch::x86_64::*;
 
 // The encoder builds the zero code as "main, sign set, magnitude 0".
@@ -279,20 +281,35 @@ pub unsafe fn encode(
         emul16,
     };
     let mut t = Counts::default();
+    let whole = x;
     let x = &x[..n64];
     let stoch = p.key.is_some();
+    // The moments, when wanted, of the whole blocks (the rest are added at the end).
+    let wanted = cands.moments.as_ref().map(|m| m.shift);
+    let mut mom = MomentsAcc::new(wanted.unwrap_or(0.0));
+    let mom_end = wanted.map_or(0, |_| whole.len() / MomentsAcc::BLOCK * MomentsAcc::BLOCK);
     // The default configuration (6/8 bits) gets a loop compiled for its widths; the others share
     // one that reads them at run time.
     let fixed = (bm, ew) == (6, 2);
     let mut run = |buf: &mut [u8], xbit: usize| {
-        // SAFETY (all four calls): the same extensions are present (this function's contract);
-        // with no extra bits the buffer is never touched.
+        let (t, m) = (&mut t, &mut mom);
+        // SAFETY (all calls): the same extensions are present (this function's contract); with
+        // no extra bits the buffer is never touched.
         unsafe {
+            macro_rules! go {
+                ($s:literal, $bm:literal, $ew:literal) => {
+                    if mom_end > 0 {
+                        k.run::<$s, $bm, $ew, true>(x, first, primary, buf, xbit, t, cands, m)
+                    } else {
+                        k.run::<$s, $bm, $ew, false>(x, first, primary, buf, xbit, t, cands, m)
+                    }
+                };
+            }
             match (stoch, fixed) {
-                (true, true) => k.run::<true, 6, 2>(x, first, primary, buf, xbit, &mut t, cands),
-                (true, false) => k.run::<true, 0, 0>(x, first, primary, buf, xbit, &mut t, cands),
-                (false, true) => k.run::<false, 6, 2>(x, first, primary, buf, xbit, &mut t, cands),
-                (false, false) => k.run::<false, 0, 0>(x, first, primary, buf, xbit, &mut t, cands),
+                (true, true) => go!(true, 6, 2),
+                (true, false) => go!(true, 0, 0),
+                (false, true) => go!(false, 6, 2),
+                (false, false) => go!(false, 0, 0),
             }
         }
     };
@@ -300,6 +317,10 @@ pub unsafe fn encode(
         extra.append_raw(n64 * ew as usize / 8 + 66, run);
     } else {
         run(&mut [], 0);
+    }
+    if let Some(m) = cands.moments.as_mut() {
+        let s = mom.finish(&whole[mom_end..], whole.len());
+        m.got = Some(PieceMoments::from_summary(s));
     }
     // The loop counts infinities as beyond t_outlier (their |z| is +Inf); take them out here,
     // where there are non-finite values at all (rare).
@@ -333,7 +354,7 @@ impl Blocks {
         enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma"
     )]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn run<const STOCH: bool, const BM: u32, const EW: u32>(
+    unsafe fn run<const STOCH: bool, const BM: u32, const EW: u32, const MOM: bool>(
         &self,
         x: &[f32],
         first: u32,
@@ -342,6 +363,7 @@ impl Blocks {
         mut xbit: usize,
         t: &mut Counts,
         cands: &mut Candidates<'_>,
+        mom: &mut MomentsAcc,
     ) -> usize {
         // BM = 0: the widths are read at run time; else they are constants (and equal these).
         debug_assert!(BM == 0 || (BM, EW) == (self.bm, self.ew));
@@ -364,6 +386,8 @@ impl Blocks {
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         assert!(x.len().is_multiple_of(64) && primary.len() >= x.len() / 8 * bm as usize);
         let (xp, pp, bp) = (x.as_ptr(), primary.as_mut_ptr(), buf.as_mut_ptr());
+        // With MOM, the moments of the whole blocks are gathered from the loaded values.
+        let mom_end = x.len() / MomentsAcc::BLOCK * MomentsAcc::BLOCK;
         // The pending bits of the extra stream's current byte, in byte 0.
         let mut carry = _mm512_maskz_set1_epi8(1, buf.first().map_or(0, |&b| b as i8));
         // Stochastic rounding counters (key + element index) of the next sixteen lanes.
@@ -381,6 +405,13 @@ impl Blocks {
                     _mm512_loadu_ps(xp.add(i + 48)),
                 )
             };
+            if MOM && i < mom_end {
+                mom.add64([v0, v1, v2, v3]);
+                if (i + 64) % MomentsAcc::BLOCK == 0 {
+                    let b = i + 64 - MomentsAcc::BLOCK;
+                    mom.end_block(&x[b..i + 64]);
+                }
+            }
             let sixteen = _mm512_set1_epi32(16);
             let s0 = step::<STOCH>(c, v0, ctr, &mut tally);
             ctr = _mm512_add_epi32(ctr, sixteen);
