@@ -305,7 +305,7 @@ impl<'a> Candidates<'a> {
 }
 
 /// A chunk's moments around `shift` ([`PieceStats::moments`]), asked of the encoder: the AVX-512
-/// float32 kernel gathers them in its pass over the values (`got`, the very bits of
+/// kernel (float32, float16, bfloat16) gathers them in its pass over the values (`got`, the very bits of
 /// `PieceStats::moments`), saving the encoder a pass over the chunk; elsewhere `got` stays None
 /// and the caller gathers them.
 pub struct FusedMoments {
@@ -804,10 +804,36 @@ macro_rules! half_codes {
                 extra: &mut BitWriter,
                 bounds: (f64, f64),
                 cands: &mut Vec<u32>,
-                _moments: Option<&mut FusedMoments>,
+                moments: Option<&mut FusedMoments>,
             ) -> Option<Counts> {
-                if !fused_applies(Isa::detect(), p) {
+                let isa = Isa::detect();
+                if !fused_applies(isa, p) {
                     return None;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if isa >= Isa::Avx512 {
+                    // The AVX-512 kernel reads the half values itself (and gathers the
+                    // moments); the last < 64 values are widened and take the f32 path.
+                    let mut found = Candidates::new(bounds.0, bounds.1, cands);
+                    found.moments = moments;
+                    // SAFETY: the CPU has every extension the AVX-512 kernel uses.
+                    let (done, mut c) =
+                        unsafe { avx512::encode(x, 0, p, primary, extra, &mut found) };
+                    found.moments = None;
+                    let rest = &x[done..];
+                    let mut buf = [0f32; 64];
+                    let w = &mut buf[..rest.len()];
+                    <$t as crate::simd::Widen>::widen(rest, w);
+                    let bm = p.q.bits_main as usize;
+                    c.add(encode_f32_fused(
+                        w,
+                        done as u32,
+                        p,
+                        &mut primary[done / 8 * bm..],
+                        extra,
+                        &mut found,
+                    )?);
+                    return Some(c);
                 }
                 // Widen a block at a time (exact); blocks are multiples of 8 values, so each
                 // block's primary stream starts on a byte.
@@ -1487,7 +1513,7 @@ mod tests {
         }
     }
 
-    /// The moments the fused float32 encode gathers as it codes are the very bits of
+    /// The moments the fused encode (float32, bfloat16, float16) gathers as it codes are the very bits of
     /// `PieceStats::moments` over the chunk: whole blocks, a tail, blocks holding NaN, infinities
     /// and values whose square is beyond f32; and the codes are those of an encode that was not
     /// asked for them.
@@ -1507,23 +1533,35 @@ mod tests {
             if n > 60_000 {
                 x[2500] = 3e20; // a square beyond f32 in a finite block (it swamps the sums)
             }
-            let p = prep(q, Some(9));
-            let bounds = (-1e3, 1e3);
-            let encode = |mom: Option<&mut FusedMoments>| {
-                let mut primary = vec![0u8; q.chunk_bytes(n as u64, 0).0 as usize];
-                let (mut extra, mut found) = (BitWriter::default(), Vec::new());
-                let c =
-                    f32::encode_fused(&x, &p, &mut primary, &mut extra, bounds, &mut found, mom);
-                (c, primary, extra.finish(), found)
-            };
-            let mut fm = FusedMoments::new(0.3);
-            let with = encode(Some(&mut fm));
-            assert_eq!(with, encode(None), "n = {n}");
-            if Isa::detect() >= Isa::Avx512 {
-                let got = fm.got.expect("the AVX-512 kernel gathers the moments");
-                let want = PieceStats::moments(&x, 0.3);
-                assert_eq!(format!("{got:?}"), format!("{want:?}"), "n = {n}");
-            }
+            let b: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            fused_moments_of(&x, q);
+            fused_moments_of(&b, q);
+            fused_moments_of(&h, q);
+        }
+    }
+
+    /// One element type of the test above.
+    fn fused_moments_of<T: Codes>(x: &[T], q: Quant) {
+        let (n, p, bounds) = (x.len(), prep(q, Some(9)), (-1e3, 1e3));
+        let encode = |mom: Option<&mut FusedMoments>| {
+            let mut primary = vec![0u8; q.chunk_bytes(n as u64, 0).0 as usize];
+            let (mut extra, mut found) = (BitWriter::default(), Vec::new());
+            let c = T::encode_fused(x, &p, &mut primary, &mut extra, bounds, &mut found, mom);
+            (c, primary, extra.finish(), found)
+        };
+        let mut fm = FusedMoments::new(0.3);
+        let with = encode(Some(&mut fm));
+        assert_eq!(with, encode(None), "{:?} n = {n}", T::DTYPE);
+        if Isa::detect() >= Isa::Avx512 {
+            let got = fm.got.expect("the AVX-512 kernel gathers the moments");
+            let want = PieceStats::moments(x, 0.3);
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{want:?}"),
+                "{:?} n = {n}",
+                T::DTYPE
+            );
         }
     }
 

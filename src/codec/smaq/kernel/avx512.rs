@@ -14,7 +14,7 @@
 
 use super::{Candidates, Counts, Prep, ZERO_CODE};
 use crate::bits::BitWriter;
-use crate::stats::simd::MomentsAcc;
+use crate::stats::simd::{Lanes16, MomentsAcc};
 use crate::stats::PieceMoments;
 use std::arch::x86_64::*;
 
@@ -227,13 +227,14 @@ fn pack_mul(w: u32) -> (__m512i, __m512i) {
 
 /// Codes and packing fused, for 3 <= bits_main <= 8 and extra bits <= 4: the first len/64*64
 /// values go to `primary` (8 * bits_main bytes per 64 values) and `extra`. Returns the number of
-/// values done and their counts.
+/// values done and their counts. `x`: float32, or float16 / bfloat16 widened (exactly) as they
+/// are loaded, which codes them as their float32 values would be coded.
 ///
 /// # Safety
 /// The CPU must have the extensions of [`crate::simd::avx512_vbmi`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
-pub unsafe fn encode(
-    x: &[f32],
+pub unsafe fn encode<T: Lanes16>(
+    x: &[T],
     first: u32,
     p: &Prep,
     primary: &mut [u8],
@@ -299,9 +300,9 @@ pub unsafe fn encode(
             macro_rules! go {
                 ($s:literal, $bm:literal, $ew:literal) => {
                     if mom_end > 0 {
-                        k.run::<$s, $bm, $ew, true>(x, first, primary, buf, xbit, t, cands, m)
+                        k.run::<T, $s, $bm, $ew, true>(x, first, primary, buf, xbit, t, cands, m)
                     } else {
-                        k.run::<$s, $bm, $ew, false>(x, first, primary, buf, xbit, t, cands, m)
+                        k.run::<T, $s, $bm, $ew, false>(x, first, primary, buf, xbit, t, cands, m)
                     }
                 };
             }
@@ -325,7 +326,7 @@ pub unsafe fn encode(
     // The loop counts infinities as beyond t_outlier (their |z| is +Inf); take them out here,
     // where there are non-finite values at all (rare).
     if t.nonfinite > 0 {
-        t.beyond -= x.iter().filter(|v| v.is_infinite()).count() as u32;
+        t.beyond -= x.iter().filter(|v| v.widen().is_infinite()).count() as u32;
     }
     (n64, t)
 }
@@ -354,9 +355,9 @@ impl Blocks {
         enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma"
     )]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn run<const STOCH: bool, const BM: u32, const EW: u32, const MOM: bool>(
+    unsafe fn run<T: Lanes16, const STOCH: bool, const BM: u32, const EW: u32, const MOM: bool>(
         &self,
-        x: &[f32],
+        x: &[T],
         first: u32,
         primary: &mut [u8],
         buf: &mut [u8],
@@ -399,10 +400,10 @@ impl Blocks {
             // SAFETY: i + 64 <= x.len(): the four loads are in bounds.
             let (v0, v1, v2, v3) = unsafe {
                 (
-                    _mm512_loadu_ps(xp.add(i)),
-                    _mm512_loadu_ps(xp.add(i + 16)),
-                    _mm512_loadu_ps(xp.add(i + 32)),
-                    _mm512_loadu_ps(xp.add(i + 48)),
+                    T::load16(xp.add(i)),
+                    T::load16(xp.add(i + 16)),
+                    T::load16(xp.add(i + 32)),
+                    T::load16(xp.add(i + 48)),
                 )
             };
             if MOM && i < mom_end {
