@@ -1513,10 +1513,10 @@ mod tests {
         }
     }
 
-    /// The moments the fused encode (float32, bfloat16, float16) gathers as it codes are the very bits of
-    /// `PieceStats::moments` over the chunk: whole blocks, a tail, blocks holding NaN, infinities
-    /// and values whose square is beyond f32; and the codes are those of an encode that was not
-    /// asked for them.
+    /// The moments the fused encode (float32, bfloat16, float16) gathers as it codes are the
+    /// very bits of `PieceStats::moments` over the chunk: whole blocks, a tail, blocks holding
+    /// NaN, infinities and values whose square is beyond f32; and the codes are those of an
+    /// encode that was not asked for them.
     #[test]
     fn fused_moments_are_the_moments() {
         let q = Quant::new(6, 8, 1.0, 2.5);
