@@ -305,9 +305,9 @@ impl<'a> Candidates<'a> {
 }
 
 /// A chunk's moments around `shift` ([`PieceStats::moments`]), asked of the encoder: the AVX-512
-/// kernel (float32, float16, bfloat16) gathers them in its pass over the values (`got`, the very bits of
-/// `PieceStats::moments`), saving the encoder a pass over the chunk; elsewhere `got` stays None
-/// and the caller gathers them.
+/// kernel (float32, float16, bfloat16) gathers them in its pass over the values (`got`, the
+/// very bits of `PieceStats::moments`), saving the encoder a pass over the chunk; elsewhere
+/// `got` stays None and the caller gathers them.
 pub struct FusedMoments {
     pub shift: f64,
     pub got: Option<PieceMoments>,
