@@ -2,7 +2,7 @@
 //! byte arrays, and a reader that decodes entries by name. Python (python/smaq_rs/checkpoint/) owns the
 //! policy, the JSON skeleton and the torch/NumPy views.
 
-use super::{detached, params_from_dict, params_to_dict, LayoutError};
+use super::{byte_slices, detached, params_from_dict, params_to_dict, LayoutError};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::container::{Encoding, EntrySpec, FileSource, Reader, Writer};
@@ -78,13 +78,7 @@ impl PyWriter {
             .inner
             .as_mut()
             .ok_or_else(|| LayoutError::new_err("the checkpoint writer is closed"))?;
-        let slices = arrays
-            .iter()
-            .map(|a| {
-                a.as_slice()
-                    .map_err(|_| LayoutError::new_err("entry bytes must be C-contiguous"))
-            })
-            .collect::<PyResult<Vec<&[u8]>>>()?;
+        let slices = byte_slices(&arrays, "entry bytes")?;
         detached(py, || w.write_batch(&slices))
     }
 

@@ -31,6 +31,20 @@ pub(crate) fn detached<T: Send>(
     py.detach(f).map_err(PyErr::from)
 }
 
+/// The bytes of each array; a LayoutError ("`what` must be C-contiguous") for one that is not.
+pub(crate) fn byte_slices<'a>(
+    arrays: &'a [numpy::PyReadonlyArray1<'_, u8>],
+    what: &str,
+) -> PyResult<Vec<&'a [u8]>> {
+    arrays
+        .iter()
+        .map(|a| {
+            a.as_slice()
+                .map_err(|_| LayoutError::new_err(format!("{what} must be C-contiguous")))
+        })
+        .collect()
+}
+
 fn not_contiguous(what: &str) -> PyErr {
     LayoutError::new_err(format!(
         "{what} is not C-contiguous; pass np.ascontiguousarray(x) or x.contiguous() \
@@ -372,31 +386,18 @@ fn checksum(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<u
 /// XXH3-64 of each buffer (what `checksum` gives), the buffers hashed in parallel.
 #[pyfunction]
 fn checksums(py: Python<'_>, data: Vec<numpy::PyReadonlyArray1<'_, u8>>) -> PyResult<Vec<u64>> {
-    let slices = data
-        .iter()
-        .map(|a| {
-            a.as_slice()
-                .map_err(|_| LayoutError::new_err("checksums: the buffers must be C-contiguous"))
-        })
-        .collect::<PyResult<Vec<&[u8]>>>()?;
+    let slices = byte_slices(&data, "checksums: the buffers")?;
     Ok(py.detach(|| {
         use rayon::prelude::*;
         // On the Rayon pool, as the checkpoint writer's encodes that follow (see
-        // `zmap::count_nonzero_bits`). Largest first, so that the big ones start early.
-        let mut order: Vec<usize> = (0..slices.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(slices[i].len()));
-        let mut sums = vec![0u64; slices.len()];
-        let found: Vec<(usize, u64)> = crate::pool::install(|| {
-            order
+        // `zmap::count_nonzero_bits`).
+        crate::pool::install(|| {
+            slices
                 .par_iter()
                 .with_max_len(1)
-                .map(|&i| (i, crate::format::checksum(slices[i])))
+                .map(|s| crate::format::checksum(s))
                 .collect()
-        });
-        for (i, h) in found {
-            sums[i] = h;
-        }
-        sums
+        })
     }))
 }
 

@@ -217,20 +217,16 @@ fn encode_typed_with<T: Codes>(
                     let key = stochastic.then(|| stream_key(seed, ci as u64));
                     let primary = crate::buf::zero_init(primary);
                     let p = Prep { key, ..prep };
-                    // The chunk's exact moments (non-log only), gathered by the kernel as it
-                    // codes where it can.
-                    let mut fused = shift.filter(|_| !cfg.log).map(FusedMoments::new);
+                    // The chunk's exact moments, gathered by the kernel as it codes where it
+                    // can (`take` sums them otherwise).
+                    let mut fused = shift.map(FusedMoments::new);
                     let out = if cfg.log {
                         log_values(c, logs);
                         encode_chunk_raw(&logs[..], c, &p, cfg, primary, codes, None)
                     } else {
                         encode_chunk_raw(c, c, &p, cfg, primary, codes, fused.as_mut())
                     };
-                    let moments = match fused {
-                        Some(f) => Some(f.take(c)),
-                        None => shift.map(|sh| PieceStats::moments(c, sh)),
-                    };
-                    (out, moments)
+                    (out, fused.map(|f| f.take(c)))
                 };
                 let items: Vec<_> = x.chunks(cs).zip(slices.iter_mut()).enumerate().collect();
                 crate::pool::map_items(items, Scratch::default, work)

@@ -285,10 +285,9 @@ pub unsafe fn encode<T: Lanes16>(
     let whole = x;
     let x = &x[..n64];
     let stoch = p.key.is_some();
-    // The moments, when wanted, of the whole blocks (the rest are added at the end).
+    // The moments, when wanted: the loop gathers the whole blocks', the rest are added at the end.
     let wanted = cands.moments.as_ref().map(|m| m.shift);
     let mut mom = MomentsAcc::new(wanted.unwrap_or(0.0));
-    let mom_end = wanted.map_or(0, |_| whole.len() / MomentsAcc::BLOCK * MomentsAcc::BLOCK);
     // The default configuration (6/8 bits) gets a loop compiled for its widths; the others share
     // one that reads them at run time.
     let fixed = (bm, ew) == (6, 2);
@@ -299,7 +298,7 @@ pub unsafe fn encode<T: Lanes16>(
         unsafe {
             macro_rules! go {
                 ($s:literal, $bm:literal, $ew:literal) => {
-                    if mom_end > 0 {
+                    if wanted.is_some() {
                         k.run::<T, $s, $bm, $ew, true>(x, first, primary, buf, xbit, t, cands, m)
                     } else {
                         k.run::<T, $s, $bm, $ew, false>(x, first, primary, buf, xbit, t, cands, m)
@@ -320,7 +319,8 @@ pub unsafe fn encode<T: Lanes16>(
         run(&mut [], 0);
     }
     if let Some(m) = cands.moments.as_mut() {
-        let s = mom.finish(&whole[mom_end..], whole.len());
+        let blocks = whole.len() / MomentsAcc::BLOCK * MomentsAcc::BLOCK;
+        let s = mom.finish(&whole[blocks..], whole.len());
         m.got = Some(PieceMoments::from_summary(s));
     }
     // The loop counts infinities as beyond t_outlier (their |z| is +Inf); take them out here,
