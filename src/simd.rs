@@ -1,9 +1,9 @@
 //! Which SIMD kernels this CPU can run, detected once at run time (the shipped build targets
 //! baseline x86-64; no kernel is chosen at compile time).
 //!
-//! Three levels on x86-64: portable code, AVX2 (with FMA, F16C and POPCNT, which every AVX2 CPU
-//! of note has) and AVX-512 (F, BW, DQ, VL; the SmaQ kernels also need VBMI and VBMI2). Every
-//! kernel gives the same bytes at every level (each module tests that).
+//! Three levels on x86-64: portable code, AVX2 (with FMA, F16C, POPCNT and BMI2, which every
+//! AVX2 CPU of note has) and AVX-512 (F, BW, DQ, VL; the SmaQ kernels also need VBMI and
+//! VBMI2). Every kernel gives the same bytes at every level (each module tests that).
 //!
 //! `SMAQ_RS_AVX512=0` in the environment, read once, keeps every kernel at the AVX2 level: for
 //! comparisons, or on CPUs where 512-bit instructions lower the clock.
@@ -11,7 +11,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
-/// AVX2, FMA, F16C and POPCNT.
+/// AVX2, FMA, F16C, POPCNT and BMI2.
 #[inline]
 pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -22,6 +22,7 @@ pub fn avx2() -> bool {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
                 && is_x86_feature_detected!("popcnt")
+                && is_x86_feature_detected!("bmi2")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -82,6 +83,39 @@ pub fn avx512_vbmi() -> bool {
         false
     }
 }
+
+/// Defines `fn $name` running `$body` (an `#[inline(always)]` function taking the same
+/// arguments) compiled for AVX-512 (F, BW), for the AVX2 level or for baseline x86-64, as this
+/// CPU allows: for plain loops that LLVM vectorizes by itself once the features are enabled.
+/// The three are the same source, so they compute the same thing.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) = $body:ident) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw")]
+                unsafe fn v512($($a: $t),*) {
+                    $body($($a),*)
+                }
+                #[target_feature(enable = "avx2,bmi2")]
+                unsafe fn v2($($a: $t),*) {
+                    $body($($a),*)
+                }
+                if $crate::simd::avx512() {
+                    // SAFETY: AVX-512 F and BW are present (checked at run time).
+                    return unsafe { v512($($a),*) };
+                }
+                if $crate::simd::avx2() {
+                    // SAFETY: the AVX2 level is present (checked at run time).
+                    return unsafe { v2($($a),*) };
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use multiversion;
 
 /// Payloads at least this large are written with non-temporal stores: half this machine class's
 /// last-level cache (32 MiB on the Zen 4 parts measured), above which the codes would only evict

@@ -21,22 +21,22 @@ pub const MAX_LEN: u32 = 11;
 const TABLE: usize = 1 << MAX_LEN;
 const STREAMS: usize = 4;
 
-/// Byte histogram, four sub-counts to keep consecutive equal bytes from serialising.
+/// Byte histogram, eight sub-counts to keep runs of equal bytes from serialising on one counter.
 pub fn histogram(data: &[u8]) -> [u32; 256] {
-    let mut h = [[0u32; 256]; 4];
-    let mut it = data.chunks_exact(4);
+    let mut h = [[0u32; 256]; 8];
+    let mut it = data.chunks_exact(8);
     for c in &mut it {
-        h[0][c[0] as usize] += 1;
-        h[1][c[1] as usize] += 1;
-        h[2][c[2] as usize] += 1;
-        h[3][c[3] as usize] += 1;
+        let w = u64::from_le_bytes(c.try_into().unwrap());
+        for (k, t) in h.iter_mut().enumerate() {
+            t[(w >> (8 * k)) as u8 as usize] += 1;
+        }
     }
     for &b in it.remainder() {
         h[0][b as usize] += 1;
     }
     let mut out = [0u32; 256];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = h[0][i] + h[1][i] + h[2][i] + h[3][i];
+        *o = h.iter().map(|t| t[i]).sum();
     }
     out
 }
@@ -146,12 +146,17 @@ fn canonical(lens: &[u8; 256]) -> Option<[u16; 256]> {
 pub fn block_size(hist: &[u32; 256], lens: &[u8; 256]) -> usize {
     let (_, count) = span(lens);
     // Streams each round up to a byte: bound by the total bits plus one byte per stream.
+    2 + count.div_ceil(2) + 12 + total_bits(hist, lens).div_ceil(8) + STREAMS
+}
+
+/// Bits of all the codes of a plane with this histogram.
+fn total_bits(hist: &[u32; 256], lens: &[u8; 256]) -> usize {
     let bits: u64 = hist
         .iter()
         .zip(lens)
         .map(|(&c, &l)| c as u64 * l as u64)
         .sum();
-    2 + count.div_ceil(2) + 12 + (bits as usize).div_ceil(8) + STREAMS
+    bits as usize
 }
 
 fn span(lens: &[u8; 256]) -> (usize, usize) {
@@ -160,13 +165,17 @@ fn span(lens: &[u8; 256]) -> (usize, usize) {
     (first, last + 1 - first)
 }
 
-/// Appends the block for `data` coded with `lens` (from `code_lengths` of its histogram).
-pub fn encode(data: &[u8], lens: &[u8; 256], out: &mut Vec<u8>) {
+/// Appends the block for `data` coded with `lens` (from `code_lengths` of `hist`, its
+/// histogram).
+pub fn encode(data: &[u8], hist: &[u32; 256], lens: &[u8; 256], out: &mut Vec<u8>) {
     let codes = canonical(lens).expect("code_lengths makes a valid code");
-    // One table of (code | len << 16) keeps each symbol to a single lookup.
-    let mut table = [0u32; 256];
+    let mut table = CodeTable {
+        code: [0; 256],
+        len: [0; 256],
+    };
     for s in 0..256 {
-        table[s] = codes[s] as u32 | (lens[s] as u32) << 16;
+        table.code[s] = codes[s] as u64;
+        table.len[s] = lens[s] as u32;
     }
     let (first, count) = span(lens);
     out.push(first as u8);
@@ -176,6 +185,10 @@ pub fn encode(data: &[u8], lens: &[u8; 256], out: &mut Vec<u8>) {
     }
     let sizes_at = out.len();
     out.extend_from_slice(&[0u8; 12]);
+    // The streams take the plane's total bits plus at most a byte each; 8 more bytes take the
+    // last stream's closing whole-word store.
+    let mut pos = out.len();
+    out.resize(pos + total_bits(hist, lens).div_ceil(8) + STREAMS + 8, 0);
     let q = data.len().div_ceil(STREAMS).max(1);
     for (k, run) in data
         .chunks(q)
@@ -183,47 +196,71 @@ pub fn encode(data: &[u8], lens: &[u8; 256], out: &mut Vec<u8>) {
         .take(STREAMS)
         .enumerate()
     {
-        let start = out.len();
-        let len = encode_stream(run, &table, out);
+        let len = encode_stream(run, &table, &mut out[pos..]);
         if k < STREAMS - 1 {
             out[sizes_at + 4 * k..sizes_at + 4 * k + 4]
                 .copy_from_slice(&(len as u32).to_le_bytes());
         }
-        debug_assert_eq!(out.len(), start + len);
+        pos += len;
     }
+    out.truncate(pos);
 }
 
-/// Codes one run, LSB-first; returns its byte length.
-fn encode_stream(run: &[u8], table: &[u32; 256], out: &mut Vec<u8>) -> usize {
-    let start = out.len();
-    // Room for the worst case plus an 8-byte store past the end.
-    out.resize(start + (run.len() * MAX_LEN as usize).div_ceil(8) + 16, 0);
-    let buf = &mut out[start..];
+/// Each symbol's code (canonical, bit-reversed for LSB-first output) and length, in two
+/// tables so that each feeds its shift or add straight from memory.
+struct CodeTable {
+    code: [u64; 256],
+    len: [u32; 256],
+}
+
+/// Codes one run LSB-first at the start of `buf`, which holds its bytes and 8 more (a
+/// stream's closing store writes a whole word); returns its byte length.
+fn encode_stream(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        // SAFETY: the CPU has BMI2 (part of the AVX2 level, checked at run time).
+        return unsafe { encode_stream_bmi2(run, table, buf) };
+    }
+    encode_stream_body(run, table, buf)
+}
+
+/// [`encode_stream`] with BMI2's flagless shifts by a register (one instruction each, with
+/// the code loaded by the shift itself).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi2")]
+unsafe fn encode_stream_bmi2(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
+    encode_stream_body(run, table, buf)
+}
+
+#[inline(always)]
+fn encode_stream_body(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
     let (mut acc, mut nbits, mut pos) = (0u64, 0u32, 0usize);
-    let mut it = run.chunks_exact(4);
+    let mut it = run.chunks_exact(5);
     for c in &mut it {
-        // 4 codes of <= 11 bits on top of <= 7 pending bits: 51 bits, fits.
+        // 5 codes of <= 11 bits on top of <= 7 pending bits: at most 62 bits, so at most 7
+        // whole bytes leave and the shift stays under 64.
         for &s in c {
-            let e = table[s as usize];
-            acc |= ((e & 0xffff) as u64) << nbits;
-            nbits += e >> 16;
+            acc |= table.code[s as usize] << nbits;
+            nbits += table.len[s as usize];
         }
         buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
-        let whole = (nbits >> 3) as usize;
-        pos += whole;
-        acc = if whole == 8 { 0 } else { acc >> (8 * whole) };
+        pos += (nbits >> 3) as usize;
+        acc >>= nbits & 56;
         nbits &= 7;
     }
     for &s in it.remainder() {
-        let e = table[s as usize];
-        acc |= ((e & 0xffff) as u64) << nbits;
-        nbits += e >> 16;
+        acc |= table.code[s as usize] << nbits;
+        nbits += table.len[s as usize];
     }
     buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
-    pos += nbits.div_ceil(8) as usize;
-    out.truncate(start + pos);
-    pos
+    pos + nbits.div_ceil(8) as usize
 }
+
+/// A multi-symbol decode entry holds up to three symbols in bits 0..24, the bits they take in
+/// bits 24..30 and their count in bits 30..32 (so a shift by `entry >> USED_SHIFT`, which
+/// uses the low 6 bits of the amount, skips exactly the bits taken).
+const USED_SHIFT: u32 = 24;
+const COUNT_SHIFT: u32 = 30;
 
 /// Decodes a block into `out` (its length is the symbol count). Errors name what is wrong.
 pub fn decode(src: &[u8], out: &mut [u8]) -> Result<(), String> {
@@ -254,36 +291,7 @@ pub fn decode(src: &[u8], out: &mut [u8]) -> Result<(), String> {
     if lens.iter().all(|&l| l == 0) {
         return Err("Huffman table has no symbols".into());
     }
-    // Single-symbol table: sym | len << 8; entries no code reaches keep length MAX_LEN.
-    let mut single = [(MAX_LEN as u16) << 8; TABLE];
-    for s in 0..256 {
-        let l = lens[s] as u32;
-        if l > 0 {
-            let mut i = codes[s] as usize;
-            while i < TABLE {
-                single[i] = s as u16 | (l as u16) << 8;
-                i += 1 << l;
-            }
-        }
-    }
-    // Multi-symbol table: s1 | s2 << 8 | s3 << 16 | bits << 24 | count << 28.
-    let mut multi = [0u32; TABLE];
-    for (idx, m) in multi.iter_mut().enumerate() {
-        let mut syms = 0u32;
-        let (mut used, mut n, mut rest) = (0u32, 0u32, idx);
-        while n < 3 {
-            let e = single[rest];
-            let l = (e >> 8) as u32;
-            if used + l > MAX_LEN {
-                break;
-            }
-            syms |= ((e & 0xff) as u32) << (8 * n);
-            used += l;
-            n += 1;
-            rest >>= l;
-        }
-        *m = syms | used << 24 | n << 28;
-    }
+    let (single, multi) = decode_tables(&lens, &codes);
     let sizes = &src[table_end - 12..table_end];
     let mut bounds = [0usize; STREAMS + 1];
     bounds[0] = table_end;
@@ -302,40 +310,13 @@ pub fn decode(src: &[u8], out: &mut [u8]) -> Result<(), String> {
     while outs.len() < STREAMS {
         outs.push(&mut []);
     }
-    let mut bit = [0usize; STREAMS];
-    let mut at = [0usize; STREAMS];
-    // Fast path: all four streams have 8 readable bytes and 16 writable ones.
-    loop {
-        let ready = (0..STREAMS)
-            .all(|k| (bit[k] >> 3) + 8 <= streams[k].len() && at[k] + 16 <= outs[k].len());
-        if !ready {
-            break;
-        }
-        for k in 0..STREAMS {
-            let p = bit[k] >> 3;
-            let mut w =
-                u64::from_le_bytes(streams[k][p..p + 8].try_into().unwrap()) >> (bit[k] & 7);
-            let o = &mut *outs[k];
-            let mut a = at[k];
-            let mut used = 0u32;
-            // 56 fresh bits: five lookups of <= 11 bits each.
-            for _ in 0..5 {
-                let e = multi[(w & (TABLE as u64 - 1)) as usize];
-                o[a..a + 4].copy_from_slice(&e.to_le_bytes());
-                a += (e >> 28) as usize;
-                let l = (e >> 24) & 15;
-                w >>= l;
-                used += l;
-            }
-            at[k] = a;
-            bit[k] += used as usize;
-        }
-    }
+    let mut cur = [Cursor { bit: 0, at: 0 }; STREAMS];
+    decode_fast(&multi, &streams, &mut outs, &mut cur);
     // Tails: one symbol at a time with a zero-padded read.
     for k in 0..STREAMS {
         let s = streams[k];
         let o = &mut *outs[k];
-        let (mut b, mut a) = (bit[k], at[k]);
+        let (mut b, mut a) = (cur[k].bit, cur[k].at);
         while a < o.len() {
             let p = b >> 3;
             let w = if p + 8 <= s.len() {
@@ -363,6 +344,129 @@ pub fn decode(src: &[u8], out: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// The decode tables of a code: single-symbol entries (sym | len << 8; entries no code
+/// reaches keep length `MAX_LEN`) and multi-symbol entries (as many whole symbols, up to three,
+/// as `MAX_LEN` bits hold; layout at [`USED_SHIFT`]).
+fn decode_tables(lens: &[u8; 256], codes: &[u16; 256]) -> ([u16; TABLE], [u32; TABLE]) {
+    let mut single = [(MAX_LEN as u16) << 8; TABLE];
+    for s in 0..256 {
+        let l = lens[s] as u32;
+        if l > 0 {
+            let mut i = codes[s] as usize;
+            while i < TABLE {
+                single[i] = s as u16 | (l as u16) << 8;
+                i += 1 << l;
+            }
+        }
+    }
+    let mut multi = [0u32; TABLE];
+    for (idx, m) in multi.iter_mut().enumerate() {
+        let mut syms = 0u32;
+        let (mut used, mut n, mut rest) = (0u32, 0u32, idx);
+        while n < 3 {
+            let e = single[rest];
+            let l = (e >> 8) as u32;
+            if used + l > MAX_LEN {
+                break;
+            }
+            syms |= ((e & 0xff) as u32) << (8 * n);
+            used += l;
+            n += 1;
+            rest >>= l;
+        }
+        *m = syms | used << USED_SHIFT | n << COUNT_SHIFT;
+    }
+    (single, multi)
+}
+
+/// Where one stream's decoding stands: bits read, symbols written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cursor {
+    bit: usize,
+    at: usize,
+}
+
+/// Lookups per 64-bit read: 5 of at most `MAX_LEN` bits fit the 57 bits past its first byte.
+const LOOKUPS: usize = 5;
+/// Most bits one round (`LOOKUPS` lookups) reads from a stream, most symbols it writes.
+const ROUND_BITS: usize = LOOKUPS * MAX_LEN as usize;
+const ROUND_SYMS: usize = LOOKUPS * 3;
+
+/// Decodes the four streams side by side while each has 8 readable bytes and 16 writable ones
+/// left, and leaves `cur` where single-symbol decoding takes over.
+fn decode_fast(
+    multi: &[u32; TABLE],
+    streams: &[&[u8]; STREAMS],
+    outs: &mut [&mut [u8]],
+    cur: &mut [Cursor; STREAMS],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        // SAFETY: the CPU has BMI2 (part of the AVX2 level, checked at run time).
+        return unsafe { decode_fast_bmi2(multi, streams, outs, cur) };
+    }
+    decode_fast_body(multi, streams, outs, cur)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi2")]
+unsafe fn decode_fast_bmi2(
+    multi: &[u32; TABLE],
+    streams: &[&[u8]; STREAMS],
+    outs: &mut [&mut [u8]],
+    cur: &mut [Cursor; STREAMS],
+) {
+    decode_fast_body(multi, streams, outs, cur)
+}
+
+#[inline(always)]
+fn decode_fast_body(
+    multi: &[u32; TABLE],
+    streams: &[&[u8]; STREAMS],
+    outs: &mut [&mut [u8]],
+    cur: &mut [Cursor; STREAMS],
+) {
+    loop {
+        // Rounds every stream can take with no check: round j reads 8 bytes from byte
+        // (bit + j * ROUND_BITS) / 8 and writes 4 bytes at up to at + j * ROUND_SYMS +
+        // ROUND_SYMS - 3, so j < by_src and j < by_out keep both in bounds.
+        let mut rounds = usize::MAX;
+        for (k, c) in cur.iter().enumerate() {
+            let (s, o) = (streams[k].len(), outs[k].len());
+            if (c.bit >> 3) + 8 > s || c.at + 16 > o {
+                return;
+            }
+            let by_src = ((s - 8) * 8 - c.bit) / ROUND_BITS + 1;
+            let by_out = (o - 16 - c.at) / ROUND_SYMS + 1;
+            rounds = rounds.min(by_src).min(by_out);
+        }
+        let src: [*const u8; STREAMS] = std::array::from_fn(|k| streams[k].as_ptr());
+        let dst: [*mut u8; STREAMS] = std::array::from_fn(|k| outs[k].as_mut_ptr());
+        for _ in 0..rounds {
+            for k in 0..STREAMS {
+                let Cursor { bit, at } = cur[k];
+                // SAFETY: `rounds` keeps this 8-byte read inside stream k (see above).
+                let mut w = unsafe { src[k].add(bit >> 3).cast::<u64>().read_unaligned() };
+                w >>= bit & 7;
+                let (mut a, mut used) = (at, 0usize);
+                for _ in 0..LOOKUPS {
+                    let e = multi[(w & (TABLE as u64 - 1)) as usize];
+                    // SAFETY: `rounds` keeps this 4-byte write inside output k (see above).
+                    unsafe { dst[k].add(a).cast::<u32>().write_unaligned(e.to_le()) };
+                    a += (e >> COUNT_SHIFT) as usize;
+                    let l = (e >> USED_SHIFT) as usize & 63;
+                    w >>= l;
+                    used += l;
+                }
+                cur[k] = Cursor {
+                    bit: bit + used,
+                    at: a,
+                };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,7 +475,7 @@ mod tests {
         let h = histogram(data);
         let lens = code_lengths(&h);
         let mut blk = vec![0xAA];
-        encode(data, &lens, &mut blk);
+        encode(data, &h, &lens, &mut blk);
         // block_size bounds the block (each stream rounds up on its own) within a few bytes.
         let bound = block_size(&h, &lens);
         assert!(bound >= blk.len() - 1 && bound - (blk.len() - 1) <= STREAMS);
@@ -394,6 +498,69 @@ mod tests {
             let v: Vec<u8> = (0..n).map(|i| (i % 3) as u8 * 7).collect();
             round_trip(&v);
         }
+    }
+
+    /// The BMI2 builds of the coding loops give what the portable ones give.
+    #[test]
+    fn simd_and_portable_loops_agree() {
+        let mut rng = crate::rng::SplitMix64::new(11);
+        let data: Vec<u8> = (0..40_003)
+            .map(|_| (rng.next_u64().trailing_zeros().min(30) + 7) as u8)
+            .collect();
+        let hist = histogram(&data);
+        let lens = code_lengths(&hist);
+        let codes = canonical(&lens).unwrap();
+        let table = CodeTable {
+            code: std::array::from_fn(|s| codes[s] as u64),
+            len: std::array::from_fn(|s| lens[s] as u32),
+        };
+        let room = total_bits(&hist, &lens).div_ceil(8) + 9;
+        let (mut a, mut b) = (vec![0u8; room], vec![0u8; room]);
+        let la = encode_stream(&data, &table, &mut a);
+        let lb = encode_stream_body(&data, &table, &mut b);
+        assert_eq!((la, &a), (lb, &b));
+
+        let mut blk = Vec::new();
+        encode(&data, &hist, &lens, &mut blk);
+        let mut out = vec![0u8; data.len()];
+        decode(&blk, &mut out).unwrap();
+        assert_eq!(out, data);
+        // The fast loop alone, both builds, from the start of the block's streams.
+        let (a, b) = (
+            decode_streams(&blk, data.len(), true),
+            decode_streams(&blk, data.len(), false),
+        );
+        assert!(a.1[0].at > 0);
+        assert_eq!(a, b);
+    }
+
+    /// Runs only the fast loop of [`decode`] on `blk`: the symbols written and the cursors.
+    fn decode_streams(blk: &[u8], n: usize, dispatch: bool) -> (Vec<u8>, Vec<Cursor>) {
+        let count = blk[1] as usize + 1;
+        let mut lens = [0u8; 256];
+        for i in 0..count {
+            let b = blk[2 + i / 2];
+            lens[blk[0] as usize + i] = if i % 2 == 0 { b & 15 } else { b >> 4 };
+        }
+        let table_end = 2 + count.div_ceil(2) + 12;
+        let mut bounds = vec![table_end];
+        for k in 0..STREAMS - 1 {
+            let s = u32::from_le_bytes(blk[table_end - 12 + 4 * k..][..4].try_into().unwrap());
+            bounds.push(bounds[k] + s as usize);
+        }
+        bounds.push(blk.len());
+        let streams: [&[u8]; STREAMS] = std::array::from_fn(|k| &blk[bounds[k]..bounds[k + 1]]);
+        let (_, multi) = decode_tables(&lens, &canonical(&lens).unwrap());
+        let mut out = vec![0u8; n];
+        let q = n.div_ceil(STREAMS);
+        let mut outs: Vec<&mut [u8]> = out.chunks_mut(q).collect();
+        let mut cur = [Cursor { bit: 0, at: 0 }; STREAMS];
+        if dispatch {
+            decode_fast(&multi, &streams, &mut outs, &mut cur);
+        } else {
+            decode_fast_body(&multi, &streams, &mut outs, &mut cur);
+        }
+        (out, cur.to_vec())
     }
 
     #[test]
