@@ -477,12 +477,19 @@ impl LosslessDecoder {
     }
 }
 
-/// Decodes a non-raw plane into `out` (its length is the chunk's element count).
-fn decode_plane(p: &Plane, src: &[u8], out: &mut [u8], chunk: usize) -> Result<()> {
+/// Decodes a non-raw plane into `out` (its length is the chunk's element count); a Huffman
+/// plane's decode fetches the `ahead` memory into cache as it goes.
+fn decode_plane(
+    p: &Plane,
+    src: &[u8],
+    out: &mut [u8],
+    chunk: usize,
+    ahead: &[(*const u8, usize)],
+) -> Result<()> {
     let n = out.len();
     match p.mode {
         MODE_CONST => out.fill(src[0]),
-        MODE_HUFFMAN => huffman::decode(src, out)
+        MODE_HUFFMAN => huffman::decode(src, out, ahead)
             .map_err(|e| Error::Format(format!("lossless chunk {chunk}: {e}")))?,
         _ => {
             let got = zstd::bulk::Decompressor::new()
@@ -509,6 +516,17 @@ fn decode_chunk(planes: &[Plane], payload: &[u8], out: DataMut<'_>, chunk: usize
             scratch.resize(n * planes.len(), 0);
         }
         let mut slots = scratch[..n * planes.len()].chunks_mut(n.max(1));
+        // The join reads the raw planes and writes the output: the first Huffman decode
+        // fetches both while it works.
+        let mut ahead: Vec<(*const u8, usize)> = planes
+            .iter()
+            .filter(|p| p.mode == MODE_RAW)
+            .map(|p| (payload[p.start..].as_ptr(), p.len))
+            .collect();
+        ahead.push(dispatch!(DataMut, &out, |o| (
+            o.as_ptr().cast::<u8>(),
+            std::mem::size_of_val(&**o)
+        )));
         let mut views: Vec<&[u8]> = Vec::with_capacity(planes.len());
         for p in planes {
             let src = &payload[p.start..p.start + p.len];
@@ -516,7 +534,8 @@ fn decode_chunk(planes: &[Plane], payload: &[u8], out: DataMut<'_>, chunk: usize
             if p.mode == MODE_RAW {
                 views.push(src);
             } else {
-                decode_plane(p, src, slot, chunk)?;
+                decode_plane(p, src, slot, chunk, &ahead)?;
+                ahead.clear();
                 views.push(slot);
             }
         }
