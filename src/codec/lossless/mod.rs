@@ -22,7 +22,6 @@ use crate::dispatch;
 use crate::dtype::{Data, DataMut};
 use crate::error::{ensure_format, Error, Result};
 use crate::le::{LeReader, LeWriter};
-use rayon::prelude::*;
 
 mod huffman;
 
@@ -337,12 +336,12 @@ impl Encoder for LosslessConfig {
     fn encode_framed(&self, x: Data<'_>, lead: usize, tail: usize) -> Result<(Vec<u8>, usize)> {
         let chunk = self.chunk_size as usize;
         let level = self.level;
-        let coded: Vec<Chunk> = crate::pool::install(|| {
-            dispatch!(Data, x, |v| v
-                .par_chunks(chunk)
-                .map(|c| code_chunk(Data::from_typed(c), level))
-                .collect::<Result<Vec<_>>>())
-        })?;
+        let coded: Vec<Chunk> =
+            dispatch!(Data, x, |v| crate::pool::map_chunks(v, chunk, |_, c| {
+                code_chunk(Data::from_typed(c), level)
+            }))
+            .into_iter()
+            .collect::<Result<_>>()?;
         let mut meta = LeWriter::default();
         meta.u8(VERSION)
             .u8(level as i8 as u8)
@@ -373,16 +372,15 @@ impl Encoder for LosslessConfig {
                     slices.push(this);
                     rest = tail;
                 }
-                crate::pool::install(|| {
-                    dispatch!(Data, x, |v| v
-                        .par_chunks(chunk)
-                        .zip(&coded)
-                        .zip(slices)
-                        .for_each(|((c, k), dst)| write_chunk(
-                            Data::from_typed(c),
-                            k,
-                            crate::buf::zero_init(dst)
-                        )))
+                dispatch!(Data, x, |v| {
+                    let items: Vec<_> = v.chunks(chunk).zip(&coded).zip(slices).collect();
+                    crate::pool::map_items(
+                        items,
+                        || (),
+                        |_, ((c, k), dst)| {
+                            write_chunk(Data::from_typed(c), k, crate::buf::zero_init(dst))
+                        },
+                    );
                 })
             })
         };
@@ -573,17 +571,16 @@ impl Decoder for LosslessDecoder {
         let size = self.size;
         let chunk = self.cfg.chunk_size as usize;
         let planes = &self.planes;
-        crate::pool::install(|| {
-            dispatch!(DataMut, out, |o| o
-                .par_chunks_mut(chunk)
-                .enumerate()
-                .try_for_each(|(c, dst)| decode_chunk(
-                    &planes[c * size..(c + 1) * size],
-                    payload,
-                    crate::dtype::Element::wrap_mut(dst),
-                    c
-                )))
-        })
+        dispatch!(DataMut, out, |o| crate::pool::try_for_each_chunk_mut(
+            o,
+            chunk,
+            |c, dst| decode_chunk(
+                &planes[c * size..(c + 1) * size],
+                payload,
+                crate::dtype::Element::wrap_mut(dst),
+                c
+            )
+        ))
     }
 }
 
