@@ -150,40 +150,44 @@ pub fn count_nonzero_bits(bytes: &[u8], itemsize: usize, limit: Option<u64>) -> 
         // Blocks are skipped once the total is past `limit`; the total only grows, so a total
         // at or below it at the end counted every block.
         let total = AtomicU64::new(0);
-        // On the Rayon pool, as the checkpoint writer's encodes that follow: a region of the
-        // host's OpenMP team here would leave its workers spinning beside those encodes.
-        crate::pool::install(|| {
-            bytes.par_chunks(per).for_each(|c| {
-                if total.load(Ordering::Relaxed) > limit {
-                    return;
-                }
-                let aligned = match N {
-                    2 => bytemuck::try_cast_slice::<u8, u16>(c)
-                        .ok()
-                        .map(|x| count16(x, 0x7fff)),
-                    4 => bytemuck::try_cast_slice::<u8, u32>(c)
-                        .ok()
-                        .map(|x| count32(x, 0x7fff_ffff)),
-                    8 => bytemuck::try_cast_slice::<u8, u64>(c)
-                        .ok()
-                        .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
-                    _ => Some(count8(c, 0x7f)),
-                };
-                // Little-endian hosts only read through the typed views (the format is LE).
-                let k = match aligned.filter(|_| cfg!(target_endian = "little")) {
-                    Some(k) => k,
-                    None => c
-                        .chunks_exact(N)
-                        .filter(|e| {
-                            let mut b = [0u8; 8];
-                            b[..N].copy_from_slice(e);
-                            u64::from_le_bytes(b) & !(1u64 << (8 * N - 1)) != 0
-                        })
-                        .count() as u64,
-                };
-                total.fetch_add(k, Ordering::Relaxed);
-            })
-        });
+        let block = |c: &[u8]| {
+            if total.load(Ordering::Relaxed) > limit {
+                return;
+            }
+            let aligned = match N {
+                2 => bytemuck::try_cast_slice::<u8, u16>(c)
+                    .ok()
+                    .map(|x| count16(x, 0x7fff)),
+                4 => bytemuck::try_cast_slice::<u8, u32>(c)
+                    .ok()
+                    .map(|x| count32(x, 0x7fff_ffff)),
+                8 => bytemuck::try_cast_slice::<u8, u64>(c)
+                    .ok()
+                    .map(|x| count64(x, 0x7fff_ffff_ffff_ffff)),
+                _ => Some(count8(c, 0x7f)),
+            };
+            // Little-endian hosts only read through the typed views (the format is LE).
+            let k = match aligned.filter(|_| cfg!(target_endian = "little")) {
+                Some(k) => k,
+                None => c
+                    .chunks_exact(N)
+                    .filter(|e| {
+                        let mut b = [0u8; 8];
+                        b[..N].copy_from_slice(e);
+                        u64::from_le_bytes(b) & !(1u64 << (8 * N - 1)) != 0
+                    })
+                    .count() as u64,
+            };
+            total.fetch_add(k, Ordering::Relaxed);
+        };
+        // One block, or one thread, runs here: a pool worker would cost two wake-ups. Else on
+        // the Rayon pool, as the checkpoint writer's encodes that follow: a region of the host's
+        // OpenMP team here would leave its workers spinning beside those encodes.
+        if crate::pool::parallel(bytes.len().div_ceil(per)) && crate::pool::num_threads() > 1 {
+            crate::pool::install(|| bytes.par_chunks(per).for_each(block));
+        } else {
+            bytes.chunks(per).for_each(block);
+        }
         total.into_inner()
     }
     if itemsize == 0 || !bytes.len().is_multiple_of(itemsize) {
