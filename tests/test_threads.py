@@ -36,6 +36,7 @@ h = hashlib.sha256()
 for arr, codec, params in [(x, "smaq", {"seed": 3}), (x, "smaq", {"rounding": "nearest", "seed": 2}),
                            (np.abs(x) + 1e-3, "smaq", {"log": True, "seed": 4}),
                            (x.astype(np.float16), "smaq", {"seed": 5}), (x, "lossless", {}),
+                           (x.astype(np.float16), "lossless", {"chunk_size": 65536}),
                            (x, "int", {"bits": 8, "block_size": 64})]:
     p = smaq_rs.compress(arr, codec, **params)
     h.update(p.to_bytes())
