@@ -764,18 +764,50 @@ impl IntDecoder {
             let mut f = vec![0f32; dst.len()];
             self.lay.for_runs((ci * ch) as u64, dst.len(), |g, s, e| {
                 let (lo, step) = params[g];
-                for i in s..e {
-                    let mut v = q[i] as f32 - zp;
-                    if dithered {
-                        let u = (hash32(key ^ hash32(i as u32)) >> 8) as f32 * (1.0 / 16_777_216.0);
-                        v -= u - 0.5;
-                    }
-                    f[i] = v * step + lo;
-                }
+                let dither = dithered.then_some((key, s as u32));
+                dequantize(&q[s..e], zp, lo, step, dither, &mut f[s..e]);
             });
             T::from_f32_slice(&f, dst);
         });
         apply_exceptions(exc, out, "int")
+    }
+}
+
+crate::simd::multiversion!(
+    /// One run of a group's codes back to values, `(q - zp) * step + lo`, less the dither of
+    /// stream `key` from element `first` when there is one.
+    fn dequantize(
+        q: &[u32],
+        zp: f32,
+        lo: f32,
+        step: f32,
+        dither: Option<(u32, u32)>,
+        out: &mut [f32],
+    ) = dequantize_body
+);
+
+#[inline(always)]
+fn dequantize_body(
+    q: &[u32],
+    zp: f32,
+    lo: f32,
+    step: f32,
+    dither: Option<(u32, u32)>,
+    out: &mut [f32],
+) {
+    match dither {
+        Some((key, first)) => {
+            for (j, (o, &c)) in out.iter_mut().zip(q).enumerate() {
+                let i = first.wrapping_add(j as u32);
+                let u = (hash32(key ^ hash32(i)) >> 8) as f32 * (1.0 / 16_777_216.0);
+                *o = (c as f32 - zp - (u - 0.5)) * step + lo;
+            }
+        }
+        None => {
+            for (o, &c) in out.iter_mut().zip(q) {
+                *o = (c as f32 - zp) * step + lo;
+            }
+        }
     }
 }
 
