@@ -12,7 +12,6 @@ use crate::codec::kernel_io::ToF32;
 use crate::codec::Frame;
 use crate::error::{ensure_format, Error, Result};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 /// A float decoder opened on validated metadata.
 pub struct FloatDecoder {
@@ -81,7 +80,8 @@ fn decode_chunk(kind: Kind, fmt: Option<MiniFloat>, lut: &[f32], src: &[u8], dst
                 .chunks_exact(2)
                 .map(|s| f16::from_bits(u16::from_le_bytes([s[0], s[1]])))
                 .collect();
-            h.convert_to_f32_slice(dst);
+            // F16C where the CPU has it (the `half` crate converts one value at a time here).
+            crate::simd::Widen::widen(&h, dst);
         }
         (_, Some(f)) if f.ebits == 8 => {
             let m = f.mbits;
