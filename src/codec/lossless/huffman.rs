@@ -481,15 +481,16 @@ fn decode_fast_body(
 ) {
     loop {
         // Rounds every stream can take with no check: round j reads 8 bytes from byte
-        // (bit + j * ROUND_BITS) / 8 and writes 4 bytes at up to at + j * ROUND_SYMS +
-        // ROUND_SYMS - 3, so j < by_src and j < by_out keep both in bounds.
+        // (bit + j * ROUND_BITS) / 8, in bounds while bit + j * ROUND_BITS <= (s - 8) * 8 + 7,
+        // and writes 4 bytes at up to at + j * ROUND_SYMS + ROUND_SYMS - 3, in bounds while
+        // at + j * ROUND_SYMS + 16 <= o; the checks just below make both hold for j = 0.
         let mut rounds = usize::MAX;
         for (k, c) in cur.iter().enumerate() {
             let (s, o) = (streams[k].len(), outs[k].len());
             if (c.bit >> 3) + 8 > s || c.at + 16 > o {
                 return;
             }
-            let by_src = ((s - 8) * 8 - c.bit) / ROUND_BITS + 1;
+            let by_src = ((s - 8) * 8 + 7 - c.bit) / ROUND_BITS + 1;
             let by_out = (o - 16 - c.at) / ROUND_SYMS + 1;
             rounds = rounds.min(by_src).min(by_out);
         }
@@ -586,6 +587,37 @@ mod tests {
         );
         assert!(a.1[0].at > 0);
         assert_eq!(a, b);
+    }
+
+    /// A stream whose read position sits in its last readable word, past the word's first
+    /// bit, gets exactly the rounds that stay inside it.
+    #[test]
+    fn fast_loop_bounds_hold_mid_byte_at_the_end_of_a_stream() {
+        let lens: [u8; 256] = std::array::from_fn(|s| if s < 2 { 1 } else { 0 });
+        let (_, multi) = decode_tables(&lens, &canonical(&lens).unwrap());
+        let bytes = [0x5au8; 16];
+        let streams: [&[u8]; STREAMS] = [&bytes; STREAMS];
+        let mut out = vec![0u8; 4 * 1000];
+        let mut outs: Vec<&mut [u8]> = out.chunks_mut(1000).collect();
+        // (16 - 8) * 8 + 5: the last word that can be read whole, five bits in.
+        let mut cur = [Cursor { bit: 69, at: 0 }; STREAMS];
+        decode_fast_body(
+            &multi,
+            &streams,
+            &mut outs,
+            &mut cur,
+            &mut Prefetch::new(&[], 1),
+        );
+        for c in cur {
+            // One round: 5 lookups of 3 one-bit symbols each.
+            assert_eq!(
+                c,
+                Cursor {
+                    bit: 69 + 15,
+                    at: 15
+                }
+            );
+        }
     }
 
     /// Runs only the fast loop of [`decode`] on `blk`: the symbols written and the cursors.
