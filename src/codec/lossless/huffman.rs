@@ -213,24 +213,12 @@ struct CodeTable {
     len: [u32; 256],
 }
 
-/// Codes one run LSB-first at the start of `buf`, which holds its bytes and 8 more (a
-/// stream's closing store writes a whole word); returns its byte length.
-fn encode_stream(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx2() {
-        // SAFETY: the CPU has BMI2 (part of the AVX2 level, checked at run time).
-        return unsafe { encode_stream_bmi2(run, table, buf) };
-    }
-    encode_stream_body(run, table, buf)
-}
-
-/// [`encode_stream`] with BMI2's flagless shifts by a register (one instruction each, with
-/// the code loaded by the shift itself).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "bmi2")]
-unsafe fn encode_stream_bmi2(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
-    encode_stream_body(run, table, buf)
-}
+crate::simd::multiversion!(
+    /// Codes one run LSB-first at the start of `buf`, which holds its bytes and 8 more (a
+    /// stream's closing store writes a whole word); returns its byte length. (BMI2's shifts by
+    /// a register take the code straight from the table, one instruction each.)
+    fn encode_stream(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize = encode_stream_body
+);
 
 #[inline(always)]
 fn encode_stream_body(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
@@ -442,34 +430,17 @@ const LOOKUPS: usize = 5;
 const ROUND_BITS: usize = LOOKUPS * MAX_LEN as usize;
 const ROUND_SYMS: usize = LOOKUPS * 3;
 
-/// Decodes the four streams side by side while each has 8 readable bytes and 16 writable ones
-/// left, and leaves `cur` where single-symbol decoding takes over.
-fn decode_fast(
-    multi: &[u32; TABLE],
-    streams: &[&[u8]; STREAMS],
-    outs: &mut [&mut [u8]],
-    cur: &mut [Cursor; STREAMS],
-    fetch: &mut Prefetch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx2() {
-        // SAFETY: the CPU has BMI2 (part of the AVX2 level, checked at run time).
-        return unsafe { decode_fast_bmi2(multi, streams, outs, cur, fetch) };
-    }
-    decode_fast_body(multi, streams, outs, cur, fetch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "bmi2")]
-unsafe fn decode_fast_bmi2(
-    multi: &[u32; TABLE],
-    streams: &[&[u8]; STREAMS],
-    outs: &mut [&mut [u8]],
-    cur: &mut [Cursor; STREAMS],
-    fetch: &mut Prefetch,
-) {
-    decode_fast_body(multi, streams, outs, cur, fetch)
-}
+crate::simd::multiversion!(
+    /// Decodes the four streams side by side while each has 8 readable bytes and 16 writable
+    /// ones left, and leaves `cur` where single-symbol decoding takes over.
+    fn decode_fast(
+        multi: &[u32; TABLE],
+        streams: &[&[u8]; STREAMS],
+        outs: &mut [&mut [u8]],
+        cur: &mut [Cursor; STREAMS],
+        fetch: &mut Prefetch,
+    ) = decode_fast_body
+);
 
 #[inline(always)]
 fn decode_fast_body(
