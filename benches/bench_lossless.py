@@ -205,6 +205,34 @@ def run(name, arrays, dtname, repeat, zipnn_mod, threads: int):
               f"{dense / dw / 1e9:12.2f} {dense / dc / 1e9:7.2f} {load1():6.2f}")
 
 
+def per_call(repeat: int):
+    """Microseconds per call of the lossless codec on small float32 tensors, 1 thread (what a
+    checkpoint's biases and norms cost; ZipNN beside it)."""
+    import zipnn
+
+    smaq_rs.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    zn = zipnn.ZipNN(input_format="byte", bytearray_dtype="float32", threads=1)
+    print("\n== per call, small float32 tensors, 1 thread (us, best of runs of 200 calls) ==")
+    print(f"{'values':>8} {'ours enc':>9} {'ours dec':>9} {'zipnn enc':>10} {'zipnn dec':>10}")
+    for n in (512, 32768):
+        a = (rng.standard_normal(n) * 0.02).astype(np.float32)
+        p = smaq_rs._core.encode(a, "lossless", {}, None)
+        o = np.empty_like(a)
+        blob = zn.compress(a.tobytes())
+        row = []
+        for fn in (lambda: smaq_rs._core.encode(a, "lossless", {}, None), lambda: p.decode_into(o),
+                   lambda: zn.compress(a.tobytes()), lambda: zn.decompress(blob)):
+            best = float("inf")
+            for _ in range(repeat):
+                t = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                best = min(best, (time.perf_counter() - t) / 200)
+            row.append(best * 1e6)
+        print(f"{n:8} {row[0]:9.1f} {row[1]:9.1f} {row[2]:10.1f} {row[3]:10.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=64.0, help="dense MB of synthetic weights")
@@ -237,6 +265,8 @@ def main():
             arrays = f32s if dt == "float32" else [to_bf16_bits(w) for w in f32s]
             for t in thread_counts:
                 run(name, arrays, dt, a.repeat, zipnn_mod, t)
+    if zipnn_mod is not None:
+        per_call(a.repeat)
 
 
 if __name__ == "__main__":

@@ -168,15 +168,7 @@ fn span(lens: &[u8; 256]) -> (usize, usize) {
 /// Appends the block for `data` coded with `lens` (from `code_lengths` of `hist`, its
 /// histogram).
 pub fn encode(data: &[u8], hist: &[u32; 256], lens: &[u8; 256], out: &mut Vec<u8>) {
-    let codes = canonical(lens).expect("code_lengths makes a valid code");
-    let mut table = CodeTable {
-        code: [0; 256],
-        len: [0; 256],
-    };
-    for s in 0..256 {
-        table.code[s] = codes[s] as u64;
-        table.len[s] = lens[s] as u32;
-    }
+    let table = CodeTable::new(lens);
     let (first, count) = span(lens);
     out.push(first as u8);
     out.push((count - 1) as u8);
@@ -211,6 +203,16 @@ pub fn encode(data: &[u8], hist: &[u32; 256], lens: &[u8; 256], out: &mut Vec<u8
 struct CodeTable {
     code: [u64; 256],
     len: [u32; 256],
+}
+
+impl CodeTable {
+    fn new(lens: &[u8; 256]) -> Self {
+        let codes = canonical(lens).expect("code_lengths makes a valid code");
+        CodeTable {
+            code: std::array::from_fn(|s| codes[s] as u64),
+            len: std::array::from_fn(|s| lens[s] as u32),
+        }
+    }
 }
 
 crate::simd::multiversion!(
@@ -250,9 +252,15 @@ fn encode_stream_body(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
 const USED_SHIFT: u32 = 24;
 const COUNT_SHIFT: u32 = 30;
 
-/// Decodes a block into `out` (its length is the symbol count), fetching the `ahead` memory
-/// into cache as it goes. Errors name what is wrong.
-pub fn decode(src: &[u8], out: &mut [u8], ahead: &[(*const u8, usize)]) -> Result<(), String> {
+/// A block's code lengths and canonical codes, and its four streams.
+struct Block<'a> {
+    lens: [u8; 256],
+    codes: [u16; 256],
+    streams: [&'a [u8]; STREAMS],
+}
+
+/// Reads a block's header (code lengths, stream sizes). Errors name what is wrong.
+fn parse_block(src: &[u8]) -> Result<Block<'_>, String> {
     if src.len() < 2 {
         return Err("Huffman block shorter than its header".into());
     }
@@ -280,7 +288,6 @@ pub fn decode(src: &[u8], out: &mut [u8], ahead: &[(*const u8, usize)]) -> Resul
     if lens.iter().all(|&l| l == 0) {
         return Err("Huffman table has no symbols".into());
     }
-    let (single, multi) = decode_tables(&lens, &codes);
     let sizes = &src[table_end - 12..table_end];
     let mut bounds = [0usize; STREAMS + 1];
     bounds[0] = table_end;
@@ -292,9 +299,24 @@ pub fn decode(src: &[u8], out: &mut [u8], ahead: &[(*const u8, usize)]) -> Resul
             .ok_or("Huffman stream sizes exceed the block")?;
     }
     bounds[STREAMS] = src.len();
+    Ok(Block {
+        lens,
+        codes,
+        streams: std::array::from_fn(|k| &src[bounds[k]..bounds[k + 1]]),
+    })
+}
+
+/// Decodes a block into `out` (its length is the symbol count), fetching the `ahead` memory
+/// into cache as it goes. Errors name what is wrong.
+pub fn decode(src: &[u8], out: &mut [u8], ahead: &[(*const u8, usize)]) -> Result<(), String> {
+    let Block {
+        lens,
+        codes,
+        streams,
+    } = parse_block(src)?;
+    let (single, multi) = decode_tables(&lens, &codes);
     let n = out.len();
     let q = n.div_ceil(STREAMS).max(1);
-    let streams: [&[u8]; STREAMS] = std::array::from_fn(|k| &src[bounds[k]..bounds[k + 1]]);
     let mut outs: Vec<&mut [u8]> = out.chunks_mut(q).collect();
     while outs.len() < STREAMS {
         outs.push(&mut []);
@@ -407,6 +429,7 @@ impl<'a> Prefetch<'a> {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
                 _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(self.offset).cast());
             }
+            #[cfg(not(target_arch = "x86_64"))]
             let _ = start;
             self.offset += 64;
             if self.offset >= len {
@@ -535,11 +558,7 @@ mod tests {
             .collect();
         let hist = histogram(&data);
         let lens = code_lengths(&hist);
-        let codes = canonical(&lens).unwrap();
-        let table = CodeTable {
-            code: std::array::from_fn(|s| codes[s] as u64),
-            len: std::array::from_fn(|s| lens[s] as u32),
-        };
+        let table = CodeTable::new(&lens);
         let room = total_bits(&hist, &lens).div_ceil(8) + 9;
         let (mut a, mut b) = (vec![0u8; room], vec![0u8; room]);
         let la = encode_stream(&data, &table, &mut a);
@@ -593,21 +612,12 @@ mod tests {
 
     /// Runs only the fast loop of [`decode`] on `blk`: the symbols written and the cursors.
     fn decode_streams(blk: &[u8], n: usize, dispatch: bool) -> (Vec<u8>, Vec<Cursor>) {
-        let count = blk[1] as usize + 1;
-        let mut lens = [0u8; 256];
-        for i in 0..count {
-            let b = blk[2 + i / 2];
-            lens[blk[0] as usize + i] = if i % 2 == 0 { b & 15 } else { b >> 4 };
-        }
-        let table_end = 2 + count.div_ceil(2) + 12;
-        let mut bounds = vec![table_end];
-        for k in 0..STREAMS - 1 {
-            let s = u32::from_le_bytes(blk[table_end - 12 + 4 * k..][..4].try_into().unwrap());
-            bounds.push(bounds[k] + s as usize);
-        }
-        bounds.push(blk.len());
-        let streams: [&[u8]; STREAMS] = std::array::from_fn(|k| &blk[bounds[k]..bounds[k + 1]]);
-        let (_, multi) = decode_tables(&lens, &canonical(&lens).unwrap());
+        let Block {
+            lens,
+            codes,
+            streams,
+        } = parse_block(blk).unwrap();
+        let (_, multi) = decode_tables(&lens, &codes);
         let mut out = vec![0u8; n];
         let q = n.div_ceil(STREAMS);
         let mut outs: Vec<&mut [u8]> = out.chunks_mut(q).collect();
