@@ -33,6 +33,16 @@ impl LeWriter {
         self.0.extend_from_slice(b);
         self
     }
+    /// An unsigned LEB128 varint: seven bits per byte, low bits first, the top bit set on
+    /// every byte but the last (1 byte below 128, 3 below 2^21, at most 10).
+    pub fn varint(&mut self, mut v: u64) -> &mut Self {
+        while v >= 0x80 {
+            self.0.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+        self
+    }
 }
 
 /// Reads little-endian values; every read checks the remaining length and names what it read.
@@ -87,6 +97,28 @@ impl<'a> LeReader<'a> {
     pub fn f64(&mut self, field: &str) -> Result<f64> {
         Ok(f64::from_bits(self.u64(field)?))
     }
+    /// An unsigned LEB128 varint as [`LeWriter::varint`] writes it; an overlong encoding (a
+    /// zero final byte after the first, or bits past 64) is an error, so every value has one
+    /// encoding.
+    pub fn varint(&mut self, field: &str) -> Result<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8(field)?;
+            let bits = (b & 0x7f) as u64;
+            if (i == 9 && b > 1) || (i > 0 && b == 0) {
+                return Err(Error::Format(format!(
+                    "{}: {field} is not a canonical varint (offset {})",
+                    self.what,
+                    self.pos - 1
+                )));
+            }
+            v |= bits << (7 * i);
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        unreachable!("the tenth byte is at most 1")
+    }
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
@@ -101,5 +133,42 @@ impl<'a> LeReader<'a> {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_and_reject_overlong_encodings() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            16383,
+            16384,
+            1 << 21,
+            u32::MAX as u64,
+            u64::MAX,
+        ] {
+            let mut w = LeWriter::default();
+            w.varint(v);
+            let want = (64 - v.leading_zeros()).div_ceil(7).max(1) as usize;
+            assert_eq!(w.0.len(), want, "{v}");
+            let mut r = LeReader::new(&w.0, "test");
+            assert_eq!(r.varint("v").unwrap(), v);
+            r.finish().unwrap();
+            // Every shorter prefix is truncated.
+            for cut in 0..w.0.len() {
+                assert!(LeReader::new(&w.0[..cut], "test").varint("v").is_err());
+            }
+        }
+        for bad in [&[0x80, 0x00][..], &[0xff; 10][..], &[0x81, 0x80, 0x00][..]] {
+            let e = LeReader::new(bad, "test").varint("v").unwrap_err();
+            assert!(matches!(e, Error::Format(_)), "{bad:?}");
+        }
     }
 }

@@ -142,11 +142,11 @@ fn canonical(lens: &[u8; 256]) -> Option<[u16; 256]> {
     Some(codes)
 }
 
-/// Bytes of the block for this histogram and these lengths.
-pub fn block_size(hist: &[u32; 256], lens: &[u8; 256]) -> usize {
+/// Bytes of the block for this histogram and these lengths, in `streams` streams (1 or 4).
+pub fn block_size(hist: &[u32; 256], lens: &[u8; 256], streams: usize) -> usize {
     let (_, count) = span(lens);
     // Streams each round up to a byte: bound by the total bits plus one byte per stream.
-    2 + count.div_ceil(2) + 12 + total_bits(hist, lens).div_ceil(8) + STREAMS
+    2 + count.div_ceil(2) + 4 * (streams - 1) + total_bits(hist, lens).div_ceil(8) + streams
 }
 
 /// Bits of all the codes of a plane with this histogram.
@@ -166,8 +166,9 @@ fn span(lens: &[u8; 256]) -> (usize, usize) {
 }
 
 /// Appends the block for `data` coded with `lens` (from `code_lengths` of `hist`, its
-/// histogram).
-pub fn encode(data: &[u8], hist: &[u32; 256], lens: &[u8; 256], out: &mut Vec<u8>) {
+/// histogram) in `streams` streams: 4, or 1 (no stream sizes; small planes).
+pub fn encode(data: &[u8], hist: &[u32; 256], lens: &[u8; 256], streams: usize, out: &mut Vec<u8>) {
+    debug_assert!(streams == 1 || streams == STREAMS);
     let table = CodeTable::new(lens);
     let (first, count) = span(lens);
     out.push(first as u8);
@@ -176,20 +177,20 @@ pub fn encode(data: &[u8], hist: &[u32; 256], lens: &[u8; 256], out: &mut Vec<u8
         out.push(pair[0] | pair.get(1).map_or(0, |&h| h << 4));
     }
     let sizes_at = out.len();
-    out.extend_from_slice(&[0u8; 12]);
+    out.resize(sizes_at + 4 * (streams - 1), 0);
     // The streams take the plane's total bits plus at most a byte each; 8 more bytes take the
     // last stream's closing whole-word store.
     let mut pos = out.len();
-    out.resize(pos + total_bits(hist, lens).div_ceil(8) + STREAMS + 8, 0);
-    let q = data.len().div_ceil(STREAMS).max(1);
+    out.resize(pos + total_bits(hist, lens).div_ceil(8) + streams + 8, 0);
+    let q = data.len().div_ceil(streams).max(1);
     for (k, run) in data
         .chunks(q)
         .chain(std::iter::repeat(&[][..]))
-        .take(STREAMS)
+        .take(streams)
         .enumerate()
     {
         let len = encode_stream(run, &table, &mut out[pos..]);
-        if k < STREAMS - 1 {
+        if k < streams - 1 {
             out[sizes_at + 4 * k..sizes_at + 4 * k + 4]
                 .copy_from_slice(&(len as u32).to_le_bytes());
         }
@@ -252,15 +253,17 @@ fn encode_stream_body(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
 const USED_SHIFT: u32 = 24;
 const COUNT_SHIFT: u32 = 30;
 
-/// A block's code lengths and canonical codes, and its four streams.
+/// A block's code lengths and canonical codes, and its streams (a one-stream block's last
+/// three are empty).
 struct Block<'a> {
     lens: [u8; 256],
     codes: [u16; 256],
     streams: [&'a [u8]; STREAMS],
 }
 
-/// Reads a block's header (code lengths, stream sizes). Errors name what is wrong.
-fn parse_block(src: &[u8]) -> Result<Block<'_>, String> {
+/// Reads the header (code lengths, stream sizes) of a block of `streams` streams. Errors name
+/// what is wrong.
+fn parse_block(src: &[u8], streams: usize) -> Result<Block<'_>, String> {
     if src.len() < 2 {
         return Err("Huffman block shorter than its header".into());
     }
@@ -272,7 +275,7 @@ fn parse_block(src: &[u8]) -> Result<Block<'_>, String> {
             first + count
         ));
     }
-    let table_end = 2 + count.div_ceil(2) + 12;
+    let table_end = 2 + count.div_ceil(2) + 4 * (streams - 1);
     if src.len() < table_end {
         return Err(format!(
             "Huffman block of {} bytes cannot hold its {table_end}-byte header",
@@ -288,11 +291,15 @@ fn parse_block(src: &[u8]) -> Result<Block<'_>, String> {
     if lens.iter().all(|&l| l == 0) {
         return Err("Huffman table has no symbols".into());
     }
-    let sizes = &src[table_end - 12..table_end];
+    let sizes = &src[table_end - 4 * (streams - 1)..table_end];
     let mut bounds = [0usize; STREAMS + 1];
     bounds[0] = table_end;
     for k in 0..STREAMS - 1 {
-        let s = u32::from_le_bytes(sizes[4 * k..4 * k + 4].try_into().unwrap()) as usize;
+        let s = match sizes.get(4 * k..4 * k + 4) {
+            Some(b) => u32::from_le_bytes(b.try_into().unwrap()) as usize,
+            // One stream: it is the whole rest of the block, the other three are empty.
+            None => src.len() - bounds[k],
+        };
         bounds[k + 1] = bounds[k]
             .checked_add(s)
             .filter(|&e| e <= src.len())
@@ -306,24 +313,34 @@ fn parse_block(src: &[u8]) -> Result<Block<'_>, String> {
     })
 }
 
-/// Decodes a block into `out` (its length is the symbol count), fetching the `ahead` memory
-/// into cache as it goes. Errors name what is wrong.
-pub fn decode(src: &[u8], out: &mut [u8], ahead: &[(*const u8, usize)]) -> Result<(), String> {
+/// Decodes a block of `streams` streams (1 or 4) into `out` (its length is the symbol count),
+/// fetching the `ahead` memory into cache as it goes. Errors name what is wrong.
+pub fn decode(
+    src: &[u8],
+    out: &mut [u8],
+    ahead: &[(*const u8, usize)],
+    streams: usize,
+) -> Result<(), String> {
+    debug_assert!(streams == 1 || streams == STREAMS);
+    let one = streams == 1;
+    let q = out.len().div_ceil(streams).max(1);
     let Block {
         lens,
         codes,
         streams,
-    } = parse_block(src)?;
+    } = parse_block(src, streams)?;
     let (single, multi) = decode_tables(&lens, &codes);
-    let n = out.len();
-    let q = n.div_ceil(STREAMS).max(1);
     let mut outs: Vec<&mut [u8]> = out.chunks_mut(q).collect();
     while outs.len() < STREAMS {
         outs.push(&mut []);
     }
     let mut cur = [Cursor { bit: 0, at: 0 }; STREAMS];
-    let mut fetch = Prefetch::new(ahead, n);
-    decode_fast(&multi, &streams, &mut outs, &mut cur, &mut fetch);
+    let mut fetch = Prefetch::new(ahead, q);
+    if one {
+        decode_fast_one(&multi, &streams, &mut outs, &mut cur, &mut fetch);
+    } else {
+        decode_fast(&multi, &streams, &mut outs, &mut cur, &mut fetch);
+    }
     // Tails: one symbol at a time with a zero-padded read.
     for k in 0..STREAMS {
         let s = streams[k];
@@ -403,11 +420,11 @@ struct Prefetch<'a> {
 }
 
 impl<'a> Prefetch<'a> {
-    /// Spread over the fewest rounds `n` symbols can take (a round writes at most
-    /// `ROUND_SYMS` per stream).
-    fn new(ranges: &'a [(*const u8, usize)], n: usize) -> Self {
+    /// Spread over the fewest rounds streams of `per_stream` symbols can take (a round writes
+    /// at most `ROUND_SYMS` per stream).
+    fn new(ranges: &'a [(*const u8, usize)], per_stream: usize) -> Self {
         let lines: usize = ranges.iter().map(|r| r.1.div_ceil(64)).sum();
-        let rounds = (n / (STREAMS * ROUND_SYMS)).max(1);
+        let rounds = (per_stream / ROUND_SYMS).max(1);
         Prefetch {
             ranges,
             range: 0,
@@ -462,11 +479,45 @@ crate::simd::multiversion!(
         outs: &mut [&mut [u8]],
         cur: &mut [Cursor; STREAMS],
         fetch: &mut Prefetch,
-    ) = decode_fast_body
+    ) = decode_fast4
+);
+
+crate::simd::multiversion!(
+    /// [`decode_fast`] for a one-stream block: stream 0 alone.
+    fn decode_fast_one(
+        multi: &[u32; TABLE],
+        streams: &[&[u8]; STREAMS],
+        outs: &mut [&mut [u8]],
+        cur: &mut [Cursor; STREAMS],
+        fetch: &mut Prefetch,
+    ) = decode_fast1
 );
 
 #[inline(always)]
-fn decode_fast_body(
+fn decode_fast4(
+    multi: &[u32; TABLE],
+    streams: &[&[u8]; STREAMS],
+    outs: &mut [&mut [u8]],
+    cur: &mut [Cursor; STREAMS],
+    fetch: &mut Prefetch,
+) {
+    decode_fast_body::<STREAMS>(multi, streams, outs, cur, fetch)
+}
+
+#[inline(always)]
+fn decode_fast1(
+    multi: &[u32; TABLE],
+    streams: &[&[u8]; STREAMS],
+    outs: &mut [&mut [u8]],
+    cur: &mut [Cursor; STREAMS],
+    fetch: &mut Prefetch,
+) {
+    decode_fast_body::<1>(multi, streams, outs, cur, fetch)
+}
+
+/// The fast loop over the first `S` streams (the others are left as they are).
+#[inline(always)]
+fn decode_fast_body<const S: usize>(
     multi: &[u32; TABLE],
     streams: &[&[u8]; STREAMS],
     outs: &mut [&mut [u8]],
@@ -479,7 +530,7 @@ fn decode_fast_body(
         // and writes 4 bytes at up to at + j * ROUND_SYMS + ROUND_SYMS - 3, in bounds while
         // at + j * ROUND_SYMS + 16 <= o; the checks just below make both hold for j = 0.
         let mut rounds = usize::MAX;
-        for (k, c) in cur.iter().enumerate() {
+        for (k, c) in cur.iter().enumerate().take(S) {
             let (s, o) = (streams[k].len(), outs[k].len());
             if (c.bit >> 3) + 8 > s || c.at + 16 > o {
                 return;
@@ -492,7 +543,7 @@ fn decode_fast_body(
         let dst: [*mut u8; STREAMS] = std::array::from_fn(|k| outs[k].as_mut_ptr());
         for _ in 0..rounds {
             fetch.step();
-            for k in 0..STREAMS {
+            for k in 0..S {
                 let Cursor { bit, at } = cur[k];
                 // SAFETY: `rounds` keeps this 8-byte read inside stream k (see above).
                 let mut w = unsafe { src[k].add(bit >> 3).cast::<u64>().read_unaligned() };
@@ -520,16 +571,18 @@ fn decode_fast_body(
 mod tests {
     use super::*;
 
-    fn round_trip(data: &[u8]) -> Vec<u8> {
+    /// Codes `data` in `streams` streams after one byte already in the buffer, checks the
+    /// block's size bound and decodes it back; returns the buffer.
+    fn round_trip(data: &[u8], streams: usize) -> Vec<u8> {
         let h = histogram(data);
         let lens = code_lengths(&h);
         let mut blk = vec![0xAA];
-        encode(data, &h, &lens, &mut blk);
+        encode(data, &h, &lens, streams, &mut blk);
         // block_size bounds the block (each stream rounds up on its own) within a few bytes.
-        let bound = block_size(&h, &lens);
-        assert!(bound >= blk.len() - 1 && bound - (blk.len() - 1) <= STREAMS);
+        let bound = block_size(&h, &lens, streams);
+        assert!(bound >= blk.len() - 1 && bound - (blk.len() - 1) <= streams);
         let mut out = vec![0u8; data.len()];
-        decode(&blk[1..], &mut out, &[]).unwrap();
+        decode(&blk[1..], &mut out, &[], streams).unwrap();
         assert_eq!(out, data);
         blk
     }
@@ -540,13 +593,18 @@ mod tests {
         let skewed: Vec<u8> = (0..100_003)
             .map(|_| (rng.next_u64().trailing_zeros().min(40) + 100) as u8)
             .collect();
-        round_trip(&skewed);
         let uniform: Vec<u8> = (0..70_001).map(|_| rng.next_u64() as u8).collect();
-        round_trip(&uniform);
-        for n in [2usize, 3, 5, 17, 63, 64, 65] {
-            let v: Vec<u8> = (0..n).map(|i| (i % 3) as u8 * 7).collect();
-            round_trip(&v);
+        for streams in [1, STREAMS] {
+            round_trip(&skewed, streams);
+            round_trip(&uniform, streams);
+            for n in [2usize, 3, 5, 17, 63, 64, 65] {
+                let v: Vec<u8> = (0..n).map(|i| (i % 3) as u8 * 7).collect();
+                round_trip(&v, streams);
+            }
         }
+        // One stream spares the three sizes and the padding of the other three.
+        let small: Vec<u8> = skewed[..1000].to_vec();
+        assert!(round_trip(&small, 1).len() + 12 <= round_trip(&small, STREAMS).len());
     }
 
     /// The BMI2 builds of the coding loops give what the portable ones give.
@@ -565,18 +623,20 @@ mod tests {
         let lb = encode_stream_body(&data, &table, &mut b);
         assert_eq!((la, &a), (lb, &b));
 
-        let mut blk = Vec::new();
-        encode(&data, &hist, &lens, &mut blk);
-        let mut out = vec![0u8; data.len()];
-        decode(&blk, &mut out, &[]).unwrap();
-        assert_eq!(out, data);
-        // The fast loop alone, both builds, from the start of the block's streams.
-        let (a, b) = (
-            decode_streams(&blk, data.len(), true),
-            decode_streams(&blk, data.len(), false),
-        );
-        assert!(a.1[0].at > 0);
-        assert_eq!(a, b);
+        for count in [1, STREAMS] {
+            let mut blk = Vec::new();
+            encode(&data, &hist, &lens, count, &mut blk);
+            let mut out = vec![0u8; data.len()];
+            decode(&blk, &mut out, &[], count).unwrap();
+            assert_eq!(out, data);
+            // The fast loop alone, both builds, from the start of the block's streams.
+            let (a, b) = (
+                decode_streams(&blk, data.len(), count, true),
+                decode_streams(&blk, data.len(), count, false),
+            );
+            assert!(a.1[0].at > data.len() / count / 2, "{count}");
+            assert_eq!(a, b);
+        }
     }
 
     /// A stream whose read position sits in its last readable word, past the word's first
@@ -591,7 +651,7 @@ mod tests {
         let mut outs: Vec<&mut [u8]> = out.chunks_mut(1000).collect();
         // (16 - 8) * 8 + 5: the last word that can be read whole, five bits in.
         let mut cur = [Cursor { bit: 69, at: 0 }; STREAMS];
-        decode_fast_body(
+        decode_fast4(
             &multi,
             &streams,
             &mut outs,
@@ -610,34 +670,31 @@ mod tests {
         }
     }
 
-    /// Runs only the fast loop of [`decode`] on `blk`: the symbols written and the cursors.
-    fn decode_streams(blk: &[u8], n: usize, dispatch: bool) -> (Vec<u8>, Vec<Cursor>) {
+    /// Runs only the fast loop of [`decode`] on `blk` (`n` symbols in `count` streams), the
+    /// run-time dispatched build or the portable one: the symbols written and the cursors.
+    fn decode_streams(
+        blk: &[u8],
+        n: usize,
+        count: usize,
+        dispatch: bool,
+    ) -> (Vec<u8>, Vec<Cursor>) {
         let Block {
             lens,
             codes,
             streams,
-        } = parse_block(blk).unwrap();
+        } = parse_block(blk, count).unwrap();
         let (_, multi) = decode_tables(&lens, &codes);
         let mut out = vec![0u8; n];
-        let q = n.div_ceil(STREAMS);
+        let q = n.div_ceil(count);
         let mut outs: Vec<&mut [u8]> = out.chunks_mut(q).collect();
+        outs.resize_with(STREAMS, Default::default);
         let mut cur = [Cursor { bit: 0, at: 0 }; STREAMS];
-        if dispatch {
-            decode_fast(
-                &multi,
-                &streams,
-                &mut outs,
-                &mut cur,
-                &mut Prefetch::new(&[], n),
-            );
-        } else {
-            decode_fast_body(
-                &multi,
-                &streams,
-                &mut outs,
-                &mut cur,
-                &mut Prefetch::new(&[], n),
-            );
+        let fetch = &mut Prefetch::new(&[], q);
+        match (count, dispatch) {
+            (1, true) => decode_fast_one(&multi, &streams, &mut outs, &mut cur, fetch),
+            (1, false) => decode_fast1(&multi, &streams, &mut outs, &mut cur, fetch),
+            (_, true) => decode_fast(&multi, &streams, &mut outs, &mut cur, fetch),
+            (_, false) => decode_fast4(&multi, &streams, &mut outs, &mut cur, fetch),
         }
         (out, cur.to_vec())
     }
@@ -665,19 +722,21 @@ mod tests {
     #[test]
     fn corrupt_blocks_are_errors_not_panics() {
         let data: Vec<u8> = (0..5000u32).map(|i| (i * i % 13) as u8).collect();
-        let blk = round_trip(&data)[1..].to_vec();
-        let mut out = vec![0u8; data.len()];
-        for cut in 0..blk.len().min(64) {
-            assert!(decode(&blk[..cut], &mut out, &[]).is_err());
-        }
-        let mut errors = 0;
-        for i in 0..blk.len() {
-            for flip in [1u8, 0x10, 0xff] {
-                let mut b = blk.clone();
-                b[i] ^= flip;
-                errors += decode(&b, &mut out, &[]).is_err() as usize;
+        for streams in [1, STREAMS] {
+            let blk = round_trip(&data, streams)[1..].to_vec();
+            let mut out = vec![0u8; data.len()];
+            for cut in 0..blk.len().min(64) {
+                assert!(decode(&blk[..cut], &mut out, &[], streams).is_err());
             }
+            let mut errors = 0;
+            for i in 0..blk.len() {
+                for flip in [1u8, 0x10, 0xff] {
+                    let mut b = blk.clone();
+                    b[i] ^= flip;
+                    errors += decode(&b, &mut out, &[], streams).is_err() as usize;
+                }
+            }
+            assert!(errors > 0);
         }
-        assert!(errors > 0);
     }
 }

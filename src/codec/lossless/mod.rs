@@ -13,9 +13,12 @@
 //! on exponent bytes, and Huffman alone runs several times faster. Chunks are independent and
 //! run in parallel; per-thread scratch buffers hold a chunk's planes.
 //!
-//! Metadata (little-endian): version u8 (= 2), level i8, chunk_size u32, n_chunks u32, then per
-//! chunk and per plane: mode u8 (0 raw, 1 zstd, 2 Huffman, 3 constant), stored length u32. The
-//! payload is the planes' stored bytes in that order (docs/FORMAT.md).
+//! Metadata (little-endian): version u8 (= 3), level i8, chunk_size varint, then per chunk and
+//! per plane: mode u8 (0 raw, 1 zstd, 2 Huffman, 3 constant) and, for zstd and Huffman, the
+//! stored length as a varint (a raw plane holds the chunk's element count, a constant one 1
+//! byte). The payload is the planes' stored bytes in that order. Version 2 (read, no longer
+//! written) stored the chunk size and every length as u32 with the chunk count after the chunk
+//! size, and four streams in every Huffman block (docs/FORMAT.md).
 
 use super::{CodecInfo, Decoder, Encoded, Encoder, Frame, Param, ParamReader, Params};
 use crate::dispatch;
@@ -26,7 +29,9 @@ use crate::le::{LeReader, LeWriter};
 mod huffman;
 
 pub const ID: u16 = 16;
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// The oldest metadata version this build reads.
+const OLDEST: u8 = 2;
 const DEFAULT_LEVEL: i64 = 1;
 const DEFAULT_CHUNK: i64 = 1 << 18;
 const MODE_RAW: u8 = 0;
@@ -215,6 +220,7 @@ thread_local! {
 /// Codes one plane onto `out` and returns its mode; a raw plane adds nothing to `out` (the
 /// payload is filled from the tensor later).
 fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
+    let streams = block_streams(VERSION, plane.len());
     let start = out.len();
     if plane.is_empty() {
         return Ok(MODE_RAW);
@@ -225,7 +231,7 @@ fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
         return Ok(MODE_CONST);
     }
     let lens = huffman::code_lengths(&hist);
-    let huff = huffman::block_size(&hist, &lens);
+    let huff = huffman::block_size(&hist, &lens, streams);
     let mut best = (MODE_RAW, plane.len());
     if huff < plane.len() {
         best = (MODE_HUFFMAN, huff);
@@ -241,7 +247,7 @@ fn code_plane(plane: &[u8], level: i32, out: &mut Vec<u8>) -> Result<u8> {
         }
     }
     if best.0 == MODE_HUFFMAN {
-        huffman::encode(plane, &hist, &lens, out);
+        huffman::encode(plane, &hist, &lens, streams, out);
     }
     debug_assert!(out.len() - start <= best.1);
     Ok(best.0)
@@ -345,15 +351,17 @@ impl Encoder for LosslessConfig {
         let mut meta = LeWriter::default();
         meta.u8(VERSION)
             .u8(level as i8 as u8)
-            .u32(self.chunk_size)
-            .u32(coded.len() as u32);
+            .varint(self.chunk_size as u64);
         let sizes: Vec<usize> = coded
             .iter()
             .map(|(index, _)| index.iter().map(|&(_, l)| l as usize).sum())
             .collect();
         for (index, _) in &coded {
             for &(mode, len) in index {
-                meta.u8(mode).u32(len);
+                meta.u8(mode);
+                if mode == MODE_ZSTD || mode == MODE_HUFFMAN {
+                    meta.varint(len as u64);
+                }
             }
         }
         let meta = meta.0;
@@ -388,12 +396,28 @@ impl Encoder for LosslessConfig {
     }
 }
 
-/// One stored plane: where it lies in the payload and how it is coded.
+/// One stored plane: where it lies in the payload and how it is coded (`streams`: a Huffman
+/// block's stream count).
 #[derive(Debug, Clone, Copy)]
 struct Plane {
     mode: u8,
     start: usize,
     len: usize,
+    streams: usize,
+}
+
+/// Planes of fewer symbols than this are coded in one Huffman stream instead of four (version
+/// 3): there, the three stream sizes and the other streams' padding cost more than the
+/// interleaved decode of four streams saves.
+const ONE_STREAM_BELOW: usize = 4096;
+
+/// Streams of a Huffman block of `n` symbols in metadata `version`.
+fn block_streams(version: u8, n: usize) -> usize {
+    if version >= 3 && n < ONE_STREAM_BELOW {
+        1
+    } else {
+        4
+    }
 }
 
 struct LosslessDecoder {
@@ -408,31 +432,42 @@ impl LosslessDecoder {
         let mut r = LeReader::new(meta, "lossless metadata");
         let version = r.u8("version")?;
         ensure_format!(
-            version == VERSION,
-            "lossless metadata version {version} is not supported (this build reads {VERSION})"
+            (OLDEST..=VERSION).contains(&version),
+            "lossless metadata version {version} is not supported (this build reads \
+             {OLDEST} to {VERSION})"
         );
         let level = r.u8("level")? as i8 as i32;
-        let chunk_size = r.u32("chunk size")?;
+        let chunk_size = if version == 2 {
+            r.u32("chunk size")?
+        } else {
+            u32::try_from(r.varint("chunk size")?)
+                .map_err(|_| Error::Format("lossless chunk size exceeds 2^32 - 1".into()))?
+        };
         ensure_format!(chunk_size >= 1, "lossless chunk size is 0");
-        let n_chunks = r.u32("chunk count")? as u64;
-        let expected = frame.numel.div_ceil(chunk_size as u64);
-        ensure_format!(
-            n_chunks == expected,
-            "lossless metadata has {n_chunks} chunks, {} elements in chunks of {chunk_size} need \
-             {expected}",
-            frame.numel
-        );
+        let n_chunks = frame.numel.div_ceil(chunk_size as u64);
+        if version == 2 {
+            let stored = r.u32("chunk count")? as u64;
+            ensure_format!(
+                stored == n_chunks,
+                "lossless metadata has {stored} chunks, {} elements in chunks of {chunk_size} \
+                 need {n_chunks}",
+                frame.numel
+            );
+        }
         let numel = usize::try_from(frame.numel)
             .map_err(|_| Error::Format("tensor too large for this platform".into()))?;
         let size = frame.dtype.size();
-        let n_planes = (n_chunks as usize)
-            .checked_mul(size)
-            .filter(|&n| n.checked_mul(5).is_some_and(|b| b <= r.remaining()))
+        // The fewest index bytes a plane takes: a mode and a u32 length (version 2), a mode.
+        let least = if version == 2 { 5 } else { 1 };
+        let n_planes = usize::try_from(n_chunks)
+            .ok()
+            .and_then(|n| n.checked_mul(size))
+            .filter(|&n| n.checked_mul(least).is_some_and(|b| b <= r.remaining()))
             .ok_or_else(|| {
                 Error::Format(format!(
-                    "lossless metadata: {n_chunks} chunks of {size} planes need {} bytes of \
-                     index, {} present",
-                    n_chunks.saturating_mul(size as u64 * 5),
+                    "lossless metadata: {n_chunks} chunks of {size} planes need at least {} \
+                     bytes of index, {} present",
+                    n_chunks.saturating_mul((size * least) as u64),
                     r.remaining()
                 ))
             })?;
@@ -442,7 +477,13 @@ impl LosslessDecoder {
             let chunk = i / size;
             let chunk_len = (chunk_size as usize).min(numel - chunk * chunk_size as usize);
             let mode = r.u8("plane mode")?;
-            let len = r.u32("plane length")? as usize;
+            let len = match (version, mode) {
+                (2, _) => r.u32("plane length")? as usize,
+                (_, MODE_RAW) => chunk_len,
+                (_, MODE_CONST) => 1,
+                _ => usize::try_from(r.varint("plane length")?)
+                    .map_err(|_| Error::Format("lossless plane length overflows".into()))?,
+            };
             match mode {
                 MODE_RAW => ensure_format!(
                     len == chunk_len,
@@ -455,7 +496,13 @@ impl LosslessDecoder {
                 MODE_ZSTD | MODE_HUFFMAN => {}
                 m => return Err(Error::Format(format!("lossless plane mode {m} is unknown"))),
             }
-            planes.push(Plane { mode, start, len });
+            let streams = block_streams(version, chunk_len);
+            planes.push(Plane {
+                mode,
+                start,
+                len,
+                streams,
+            });
             start = start
                 .checked_add(len)
                 .ok_or_else(|| Error::Format("lossless plane lengths overflow".into()))?;
@@ -487,7 +534,7 @@ fn decode_plane(
     let n = out.len();
     match p.mode {
         MODE_CONST => out.fill(src[0]),
-        MODE_HUFFMAN => huffman::decode(src, out, ahead)
+        MODE_HUFFMAN => huffman::decode(src, out, ahead, p.streams)
             .map_err(|e| Error::Format(format!("lossless chunk {chunk}: {e}")))?,
         _ => {
             let got = zstd::bulk::Decompressor::new()
