@@ -17,7 +17,9 @@ Data: "synthetic" is a transformer-shaped set of weight matrices, each normal wi
 every weight of a small MLP trained for a few seconds on sklearn's digits (real trained weights,
 offline; small, so its speed figures are noisier).
 
-Speeds are GB/s of dense (uncompressed) bytes, with smaq_rs and ZipNN on the same number of
+`bytes` is the total length of the compressed outputs (for smaq_rs, the packed tensors, each
+with its self-describing header and checksum); ratio is dense bytes over it. Speeds are GB/s of
+dense (uncompressed) bytes, with smaq_rs and ZipNN on the same number of
 threads (zstd's one-shot API stays on one). For each figure: the best of --repeat runs of wall
 time, and of CPU time of this process (utime + stime from /proc/self/stat, which has 10 ms
 resolution, so each run loops until it has taken at least 0.3 s). The 1-minute load average is
@@ -194,8 +196,8 @@ def run(name, arrays, dtname, repeat, zipnn_mod, threads: int):
     dense = sum(a.nbytes for a in arrays)
     print(f"\n== {name}, {dtname}: {len(arrays)} tensors, {dense / 1e6:.1f} MB dense, "
           f"{threads} thread{'s' if threads > 1 else ''} ==")
-    print(f"{'method':20} {'ratio':>6} {'comp GB/s':>10} {'(cpu)':>7} {'decomp GB/s':>12} "
-          f"{'(cpu)':>7} {'load1':>6}")
+    print(f"{'method':20} {'bytes':>11} {'ratio':>6} {'comp GB/s':>10} {'(cpu)':>7} "
+          f"{'decomp GB/s':>12} {'(cpu)':>7} {'load1':>6}")
     for mname, make in methods(zipnn_mod, threads):
         try:
             size, comp, decomp = make(arrays, dtname)
@@ -204,8 +206,9 @@ def run(name, arrays, dtname, repeat, zipnn_mod, threads: int):
             continue
         cw, cc = measure(comp, repeat)
         dw, dc = measure(decomp, repeat)
-        print(f"{mname:20} {dense / size:6.3f} {dense / cw / 1e9:10.2f} {dense / cc / 1e9:7.2f} "
-              f"{dense / dw / 1e9:12.2f} {dense / dc / 1e9:7.2f} {load1():6.2f}")
+        print(f"{mname:20} {size:11,} {dense / size:6.3f} {dense / cw / 1e9:10.2f} "
+              f"{dense / cc / 1e9:7.2f} {dense / dw / 1e9:12.2f} {dense / dc / 1e9:7.2f} "
+              f"{load1():6.2f}")
 
 
 def per_call(repeat: int):

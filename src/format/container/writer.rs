@@ -222,8 +222,9 @@ impl Writer {
         self.next
     }
 
-    /// Encodes the next `raws.len()` entries (in parallel) and appends them. Returns the stored
-    /// byte length of each.
+    /// Encodes the next `raws.len()` entries (in parallel) and appends them, each written as
+    /// soon as it and those before it are encoded, while the later ones are still being
+    /// encoded. Returns the stored byte length of each.
     pub fn write_batch(&mut self, raws: &[&[u8]]) -> Result<Vec<u64>> {
         let end = self.next + raws.len();
         if end > self.specs.len() {
@@ -234,45 +235,93 @@ impl Writer {
                 self.next
             )));
         }
-        let specs = &self.specs[self.next..end];
+        let start = self.next;
+        let specs = &self.specs[start..end];
         // Each entry's checksum is taken on the thread that encoded it, while its bytes are hot.
-        let coded: Vec<(Coded, u64)> = crate::pool::install(|| {
-            specs
-                .par_iter()
-                .zip(raws.par_iter())
-                .map(|(s, r)| {
-                    encode_entry(s, r).map(|c| {
-                        let sum = crate::format::checksum(&c.2);
-                        (c, sum)
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let file = self.file.as_mut().expect("writer already finished");
-        let batch: u64 = coded
-            .iter()
-            .map(|c| align8(c.0 .2.len() as u64).unwrap())
-            .sum();
-        preallocate(
-            file,
-            align8(self.header_len as u64).unwrap() + self.pos,
-            batch,
-        );
-        let mut sizes = Vec::with_capacity(coded.len());
-        for (i, ((enc, id, bytes), checksum)) in coded.into_iter().enumerate() {
-            let e = &mut self.entries[self.next + i];
-            e.encoding = enc;
-            e.codec_id = id;
-            e.offset = self.pos;
-            e.length = bytes.len() as u64;
-            e.checksum = checksum;
-            let pad = align8(e.length).unwrap() - e.length;
-            file.write_all(&bytes)
-                .and_then(|_| file.write_all(&[0u8; 8][..pad as usize]))
-                .map_err(Error::io("cannot write the checkpoint"))?;
-            self.pos += e.length + pad;
-            sizes.push(e.length);
-        }
+        let code = |s: &EntrySpec, r: &[u8]| {
+            encode_entry(s, r).map(|c| {
+                let sum = crate::format::checksum(&c.2);
+                (c, sum)
+            })
+        };
+        let sizes = if raws.len() == 1 {
+            // One entry: coded on this thread (its chunks still go to the pool), no hand-off.
+            let coded = code(&specs[0], raws[0])?;
+            let data_start = align8(self.header_len as u64).unwrap();
+            let file = self.file.as_mut().expect("writer already finished");
+            vec![append(
+                file,
+                &mut self.entries[start],
+                &mut self.pos,
+                data_start,
+                coded,
+            )?]
+        } else {
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            let data_start = align8(self.header_len as u64).unwrap();
+            let file = self.file.as_mut().expect("writer already finished");
+            let (entries, pos) = (&mut self.entries[start..end], &mut self.pos);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (_, written) = crate::pool::alongside(
+                || {
+                    specs
+                        .par_iter()
+                        .zip(raws.par_iter())
+                        .enumerate()
+                        .for_each_with(tx, |tx, (i, (s, r))| {
+                            // After a failure the remaining entries are not coded (nothing
+                            // more will be written).
+                            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                                return;
+                            }
+                            let c = code(s, r);
+                            if c.is_err() {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            let _ = tx.send((i, c));
+                        })
+                },
+                || -> Result<Vec<u64>> {
+                    // Results arrive in any order and are written in entry order.
+                    let mut ready: Vec<Option<Result<(Coded, u64)>>> =
+                        (0..raws.len()).map(|_| None).collect();
+                    let (mut next, mut sizes, mut error) = (0, Vec::new(), None);
+                    for (i, c) in rx {
+                        ready[i] = Some(c);
+                        while let Some(c) = ready.get_mut(next).and_then(Option::take) {
+                            if error.is_none() {
+                                match c.and_then(|c| {
+                                    append(file, &mut entries[next], pos, data_start, c)
+                                }) {
+                                    Ok(len) => sizes.push(len),
+                                    Err(e) => {
+                                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                        error = Some(e);
+                                    }
+                                }
+                            }
+                            next += 1;
+                        }
+                    }
+                    if let Some(e) = error {
+                        return Err(e);
+                    }
+                    if next < raws.len() {
+                        // Entries were skipped after one failed to encode: that one's error
+                        // waits among the results not yet written.
+                        return Err(ready
+                            .into_iter()
+                            .flatten()
+                            .find_map(Result::err)
+                            .unwrap_or_else(|| {
+                                Error::Codec("an entry was neither encoded nor failed".into())
+                            }));
+                    }
+                    Ok(sizes)
+                },
+            );
+            written?
+        };
         self.next = end;
         Ok(sizes)
     }
@@ -329,6 +378,30 @@ impl Writer {
     }
 }
 
+/// Writes an entry's coded bytes at `pos` past the data start (the end of what is written; its
+/// blocks allocated first), records them in `e` and advances `pos`; returns their length.
+fn append(
+    file: &mut File,
+    e: &mut Entry,
+    pos: &mut u64,
+    data_start: u64,
+    ((enc, id, bytes), checksum): (Coded, u64),
+) -> Result<u64> {
+    let length = bytes.len() as u64;
+    let padded = align8(length).unwrap();
+    preallocate(file, data_start + *pos, padded);
+    file.write_all(&bytes)
+        .and_then(|_| file.write_all(&[0u8; 8][..(padded - length) as usize]))
+        .map_err(Error::io("cannot write the checkpoint"))?;
+    e.encoding = enc;
+    e.codec_id = id;
+    e.offset = *pos;
+    e.length = length;
+    e.checksum = checksum;
+    *pos += padded;
+    Ok(length)
+}
+
 /// Allocates the file's blocks for `len` bytes at `offset` before they are written. On ext4 (and
 /// other delayed-allocation file systems) a file whose blocks are not yet allocated has them
 /// allocated and written out synchronously when it is renamed over an existing file (the
@@ -373,6 +446,29 @@ mod tests {
         let (specs, raws) = sample();
         let mut w = Writer::create(&path, specs, "{}".into()).unwrap();
         w.write_batch(&[&raws[0]]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// An entry that fails to encode in the middle of a batch fails the batch with its own
+    /// error, whatever the order the entries finish in; the target is left untouched.
+    #[test]
+    fn a_failing_entry_fails_its_batch_with_its_error() {
+        let dir = tmpdir("fail");
+        let path = dir.join("a.smaq");
+        write(&path);
+        let before = std::fs::read(&path).unwrap();
+        let (specs, raws) = sample();
+        let mut w = Writer::create(&path, specs, "{}".into()).unwrap();
+        let mut refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
+        refs[1] = &refs[1][..8]; // "w.smaq" is declared with 5000 values
+        let e = w.write_batch(&refs).unwrap_err();
+        assert!(
+            matches!(&e, Error::Layout(m) if m.contains("w.smaq")),
+            "{e}"
+        );
         drop(w);
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
