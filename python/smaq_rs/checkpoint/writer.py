@@ -38,7 +38,7 @@ def save(
 ) -> Dict[str, Any]:
     """Saves a state dict, an optimizer state dict or any nesting of dicts/lists of tensors.
 
-    ``codec``: "smaq" (default: lossy SmaQ 6/8 for large float tensors, exact for the rest),
+    ``codec``: "smaq" (default: lossy SmaQ 6/8, nearest rounding, for large float tensors, exact for the rest),
     "lossless" (every tensor bit-exact), "raw", or any registered codec (its ``params`` as keyword
     arguments). ``policy``: a :class:`Policy`, or a callable ``(name, dtype, shape)`` returning
     a codec name, ``(codec, params)``, or None for the default choice. ``metadata``: JSON-able
