@@ -1,4 +1,5 @@
-//! Canonical Huffman coding of one byte plane, four interleaved streams, table-driven decoding.
+//! Canonical Huffman coding of one byte plane in S interleaved streams (S = 4, or 1 for small
+//! planes: the caller says which), table-driven decoding.
 //!
 //! Block layout (docs/FORMAT.md, "The lossless codec"):
 //!
@@ -6,15 +7,15 @@
 //!   first   u8    lowest symbol with a code
 //!   count   u8    number of symbols from `first` that have a length entry, minus one
 //!   lengths ceil(count / 2) bytes: 4-bit code lengths, low nibble first, 0 = no code, <= 11
-//!   sizes   u32 * 3   byte lengths of streams 0, 1, 2 (stream 3 takes the rest)
-//!   streams the n symbols cut into 4 runs of ceil(n / 4) (the last shorter), each coded
+//!   sizes   u32 * (S - 1)   byte lengths of streams 0 .. S - 2 (the last takes the rest)
+//!   streams the n symbols cut into S runs of ceil(n / S) (the last shorter), each coded
 //!           LSB-first: a code's first bit is the lowest bit of the next byte position
 //! ```
 //!
 //! Codes are canonical (by length, then symbol), so the lengths alone rebuild them. Each stream
 //! ends on a whole byte, zero-padded. Decoding looks up 11 bits at a time in a table that yields
 //! up to three whole symbols per lookup (exponent codes are 2 to 4 bits long, so most lookups do),
-//! and runs the four streams side by side so their lookups overlap in the CPU.
+//! and runs four streams side by side so their lookups overlap in the CPU.
 
 /// Longest code; also the decode table's index width.
 pub const MAX_LEN: u32 = 11;
