@@ -337,11 +337,7 @@ pub fn decode(
     }
     let mut cur = [Cursor { bit: 0, at: 0 }; STREAMS];
     let mut fetch = Prefetch::new(ahead, q);
-    if one {
-        decode_fast_one(&multi, &streams, &mut outs, &mut cur, &mut fetch);
-    } else {
-        decode_fast(&multi, &streams, &mut outs, &mut cur, &mut fetch);
-    }
+    decode_fast(&multi, &streams, &mut outs, &mut cur, &mut fetch, one);
     // Tails: one symbol at a time with a zero-padded read.
     for k in 0..STREAMS {
         let s = streams[k];
@@ -472,48 +468,33 @@ const ROUND_BITS: usize = LOOKUPS * MAX_LEN as usize;
 const ROUND_SYMS: usize = LOOKUPS * 3;
 
 crate::simd::multiversion!(
-    /// Decodes the four streams side by side while each has 8 readable bytes and 16 writable
-    /// ones left, and leaves `cur` where single-symbol decoding takes over.
+    /// Decodes the four streams side by side (stream 0 alone when `one`: a one-stream block)
+    /// while each has 8 readable bytes and 16 writable ones left, and leaves `cur` where
+    /// single-symbol decoding takes over.
     fn decode_fast(
         multi: &[u32; TABLE],
         streams: &[&[u8]; STREAMS],
         outs: &mut [&mut [u8]],
         cur: &mut [Cursor; STREAMS],
         fetch: &mut Prefetch,
-    ) = decode_fast4
-);
-
-crate::simd::multiversion!(
-    /// [`decode_fast`] for a one-stream block: stream 0 alone.
-    fn decode_fast_one(
-        multi: &[u32; TABLE],
-        streams: &[&[u8]; STREAMS],
-        outs: &mut [&mut [u8]],
-        cur: &mut [Cursor; STREAMS],
-        fetch: &mut Prefetch,
-    ) = decode_fast1
+        one: bool,
+    ) = decode_fast_streams
 );
 
 #[inline(always)]
-fn decode_fast4(
+fn decode_fast_streams(
     multi: &[u32; TABLE],
     streams: &[&[u8]; STREAMS],
     outs: &mut [&mut [u8]],
     cur: &mut [Cursor; STREAMS],
     fetch: &mut Prefetch,
+    one: bool,
 ) {
-    decode_fast_body::<STREAMS>(multi, streams, outs, cur, fetch)
-}
-
-#[inline(always)]
-fn decode_fast1(
-    multi: &[u32; TABLE],
-    streams: &[&[u8]; STREAMS],
-    outs: &mut [&mut [u8]],
-    cur: &mut [Cursor; STREAMS],
-    fetch: &mut Prefetch,
-) {
-    decode_fast_body::<1>(multi, streams, outs, cur, fetch)
+    if one {
+        decode_fast_body::<1>(multi, streams, outs, cur, fetch)
+    } else {
+        decode_fast_body::<STREAMS>(multi, streams, outs, cur, fetch)
+    }
 }
 
 /// The fast loop over the first `S` streams (the others are left as they are).
@@ -652,7 +633,7 @@ mod tests {
         let mut outs: Vec<&mut [u8]> = out.chunks_mut(1000).collect();
         // (16 - 8) * 8 + 5: the last word that can be read whole, five bits in.
         let mut cur = [Cursor { bit: 69, at: 0 }; STREAMS];
-        decode_fast4(
+        decode_fast_body::<STREAMS>(
             &multi,
             &streams,
             &mut outs,
@@ -691,11 +672,11 @@ mod tests {
         outs.resize_with(STREAMS, Default::default);
         let mut cur = [Cursor { bit: 0, at: 0 }; STREAMS];
         let fetch = &mut Prefetch::new(&[], q);
-        match (count, dispatch) {
-            (1, true) => decode_fast_one(&multi, &streams, &mut outs, &mut cur, fetch),
-            (1, false) => decode_fast1(&multi, &streams, &mut outs, &mut cur, fetch),
-            (_, true) => decode_fast(&multi, &streams, &mut outs, &mut cur, fetch),
-            (_, false) => decode_fast4(&multi, &streams, &mut outs, &mut cur, fetch),
+        let one = count == 1;
+        if dispatch {
+            decode_fast(&multi, &streams, &mut outs, &mut cur, fetch, one);
+        } else {
+            decode_fast_streams(&multi, &streams, &mut outs, &mut cur, fetch, one);
         }
         (out, cur.to_vec())
     }
