@@ -437,42 +437,42 @@ mod tests {
     use crate::codec::Params;
     use crate::dtype::DType;
 
-    #[test]
-    fn dropped_writer_leaves_target_untouched() {
-        let dir = tmpdir("drop");
+    /// Over an existing checkpoint, opens a writer of the sample entries, runs `f` on it and
+    /// drops it unfinished: the target must be as it was, the temporary file gone.
+    fn unfinished_writer(tag: &str, f: impl FnOnce(&mut Writer, &[Vec<u8>])) {
+        let dir = tmpdir(tag);
         let path = dir.join("a.smaq");
         write(&path);
         let before = std::fs::read(&path).unwrap();
         let (specs, raws) = sample();
         let mut w = Writer::create(&path, specs, "{}".into()).unwrap();
-        w.write_batch(&[&raws[0]]).unwrap();
+        f(&mut w, &raws);
         drop(w);
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[test]
+    fn dropped_writer_leaves_target_untouched() {
+        unfinished_writer("drop", |w, raws| {
+            w.write_batch(&[&raws[0]]).unwrap();
+        });
+    }
+
     /// An entry that fails to encode in the middle of a batch fails the batch with its own
     /// error, whatever the order the entries finish in; the target is left untouched.
     #[test]
     fn a_failing_entry_fails_its_batch_with_its_error() {
-        let dir = tmpdir("fail");
-        let path = dir.join("a.smaq");
-        write(&path);
-        let before = std::fs::read(&path).unwrap();
-        let (specs, raws) = sample();
-        let mut w = Writer::create(&path, specs, "{}".into()).unwrap();
-        let mut refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
-        refs[1] = &refs[1][..8]; // "w.smaq" is declared with 5000 values
-        let e = w.write_batch(&refs).unwrap_err();
-        assert!(
-            matches!(&e, Error::Layout(m) if m.contains("w.smaq")),
-            "{e}"
-        );
-        drop(w);
-        assert_eq!(std::fs::read(&path).unwrap(), before);
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
-        std::fs::remove_dir_all(dir).unwrap();
+        unfinished_writer("fail", |w, raws| {
+            let mut refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
+            refs[1] = &refs[1][..8]; // "w.smaq" is declared with 5000 values
+            let e = w.write_batch(&refs).unwrap_err();
+            assert!(
+                matches!(&e, Error::Layout(m) if m.contains("w.smaq")),
+                "{e}"
+            );
+        });
     }
 
     /// Packed entries that would not be smaller than their raw bytes are stored raw, under
