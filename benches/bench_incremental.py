@@ -180,7 +180,7 @@ def main(argv: List[str]) -> None:
         print("| storage | bytes | relative RMSE vs the true weights |")
         print("|---|---:|---:|")
         variants = [("SmaQ 6/8 (default)", lossy),
-                    ("SmaQ 4/6", smaq_rs.Policy(params={"bits_main": 4, "bits_outlier": 6})),
+                    ("SmaQ 4/6", smaq_rs.Policy.for_codec("smaq", bits_main=4, bits_outlier=6)),
                     ("int8 blockwise (256)", smaq_rs.Policy(codec="int", params={"bits": 8})),
                     ("int4 blockwise (256)", smaq_rs.Policy(codec="int", params={"bits": 4}))]
         for label, pol in variants:
