@@ -353,11 +353,13 @@ impl Writer {
             synced += t.elapsed();
         }
         drop(file);
+        let replaced = hold_replaced(&self.path);
         std::fs::rename(&self.tmp, &self.path).map_err(Error::io(format!(
             "cannot rename {} to {}",
             self.tmp.display(),
             self.path.display()
         )))?;
+        release_in_background(replaced);
         // Make the rename itself durable.
         let t = std::time::Instant::now();
         if let Some(dir) = self.path.parent().filter(|_| durable) {
@@ -400,6 +402,34 @@ fn append(
     e.checksum = checksum;
     *pos += padded;
     Ok(length)
+}
+
+/// The file a rename is about to replace, opened so that the rename does not free its blocks:
+/// ext4 frees a replaced file's blocks inside `rename` when nothing else holds it (5-6 ms for a
+/// 19 MB checkpoint on the benchmark machine, the sixth of a save; a training loop that saves
+/// over its last checkpoint pays it every time). [`release_in_background`] closes the handle
+/// after the rename, which frees them then, off the caller's thread. None where there is no
+/// such file (or it cannot be opened: the rename then frees it as before), and on other
+/// systems, where an open file may not be replaceable.
+fn hold_replaced(path: &Path) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    return File::open(path)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Closes a replaced file's handle on a short-lived thread (inline if none can be started).
+fn release_in_background(file: Option<File>) {
+    if let Some(f) = file {
+        let _ = std::thread::Builder::new()
+            .name("smaq-rs-release".into())
+            .spawn(move || drop(f));
+    }
 }
 
 /// Allocates the file's blocks for `len` bytes at `offset` before they are written. On ext4 (and
@@ -458,6 +488,44 @@ mod tests {
         unfinished_writer("drop", |w, raws| {
             w.write_batch(&[&raws[0]]).unwrap();
         });
+    }
+
+    /// Saving over an existing checkpoint replaces it; the handle held on the replaced file
+    /// (so that the rename does not free its blocks) is closed soon after, off this thread.
+    #[test]
+    fn a_replaced_checkpoint_is_released() {
+        let dir = tmpdir("replace");
+        let path = dir.join("a.smaq");
+        write(&path);
+        let first = std::fs::read(&path).unwrap();
+        let (specs, raws) = sample();
+        let mut w = Writer::create(&path, specs, "{\"step\": 4}".into()).unwrap();
+        let refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
+        w.write_batch(&refs).unwrap();
+        w.finish(false).unwrap();
+        let second = std::fs::read(&path).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        #[cfg(target_os = "linux")]
+        {
+            // No descriptor of this process still names the replaced (deleted) file.
+            let held = || {
+                std::fs::read_dir("/proc/self/fd")
+                    .unwrap()
+                    .flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .any(|l| l.to_string_lossy() == format!("{} (deleted)", path.display()))
+            };
+            let start = std::time::Instant::now();
+            while held() {
+                assert!(
+                    start.elapsed().as_secs() < 10,
+                    "the replaced file is still open"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// An entry that fails to encode in the middle of a batch fails the batch with its own
