@@ -132,6 +132,9 @@ pub struct Writer {
     header_len: usize,
     pos: u64,
     next: usize,
+    /// Set when a failed batch could not be taken back out of the file: nothing more is
+    /// written.
+    broken: bool,
 }
 
 impl Writer {
@@ -207,6 +210,7 @@ impl Writer {
             header_len,
             pos: 0,
             next: 0,
+            broken: false,
         };
         // From here on, dropping `w` removes the temporary file.
         let start = align8(header_len as u64).unwrap();
@@ -224,7 +228,9 @@ impl Writer {
 
     /// Encodes the next `raws.len()` entries (in parallel) and appends them, each written as
     /// soon as it and those before it are encoded, while the later ones are still being
-    /// encoded. Returns the stored byte length of each.
+    /// encoded. Returns the stored byte length of each. A batch that fails is taken back out
+    /// of the file (as if it had not been written): it may be written again, or the writer
+    /// dropped.
     pub fn write_batch(&mut self, raws: &[&[u8]]) -> Result<Vec<u64>> {
         let end = self.next + raws.len();
         if end > self.specs.len() {
@@ -235,8 +241,38 @@ impl Writer {
                 self.next
             )));
         }
+        if self.broken {
+            return Err(Error::Layout(
+                "the checkpoint writer could not take a failed batch back out of its file".into(),
+            ));
+        }
+        let pos0 = self.pos;
+        match self.append_batch(raws) {
+            Ok(sizes) => {
+                self.next = end;
+                Ok(sizes)
+            }
+            Err(e) => {
+                // Back to where the batch started: payloads must be contiguous.
+                let at = align8(self.header_len as u64).unwrap() + pos0;
+                self.pos = pos0;
+                let file = self.file.as_mut().expect("writer already finished");
+                if file
+                    .set_len(at)
+                    .and_then(|_| file.seek(SeekFrom::Start(at)))
+                    .is_err()
+                {
+                    self.broken = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The work of [`Writer::write_batch`] once the batch is known to fit.
+    fn append_batch(&mut self, raws: &[&[u8]]) -> Result<Vec<u64>> {
         let start = self.next;
-        let specs = &self.specs[start..end];
+        let specs = &self.specs[start..start + raws.len()];
         // Each entry's checksum is taken on the thread that encoded it, while its bytes are hot.
         let code = |s: &EntrySpec, r: &[u8]| {
             encode_entry(s, r).map(|c| {
@@ -244,86 +280,75 @@ impl Writer {
                 (c, sum)
             })
         };
-        let sizes = if raws.len() == 1 {
+        let data_start = align8(self.header_len as u64).unwrap();
+        let file = self.file.as_mut().expect("writer already finished");
+        let (entries, pos) = (&mut self.entries[start..], &mut self.pos);
+        if raws.len() == 1 {
             // One entry: coded on this thread (its chunks still go to the pool), no hand-off.
             let coded = code(&specs[0], raws[0])?;
-            let data_start = align8(self.header_len as u64).unwrap();
-            let file = self.file.as_mut().expect("writer already finished");
-            vec![append(
-                file,
-                &mut self.entries[start],
-                &mut self.pos,
-                data_start,
-                coded,
-            )?]
-        } else {
-            let failed = std::sync::atomic::AtomicBool::new(false);
-            let data_start = align8(self.header_len as u64).unwrap();
-            let file = self.file.as_mut().expect("writer already finished");
-            let (entries, pos) = (&mut self.entries[start..end], &mut self.pos);
-            let (tx, rx) = std::sync::mpsc::channel();
-            let (_, written) = crate::pool::alongside(
-                || {
-                    specs
-                        .par_iter()
-                        .zip(raws.par_iter())
-                        .enumerate()
-                        .for_each_with(tx, |tx, (i, (s, r))| {
-                            // After a failure the remaining entries are not coded (nothing
-                            // more will be written).
-                            if failed.load(std::sync::atomic::Ordering::Relaxed) {
-                                return;
-                            }
-                            let c = code(s, r);
-                            if c.is_err() {
-                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                            }
-                            let _ = tx.send((i, c));
-                        })
-                },
-                || -> Result<Vec<u64>> {
-                    // Results arrive in any order and are written in entry order.
-                    let mut ready: Vec<Option<Result<(Coded, u64)>>> =
-                        (0..raws.len()).map(|_| None).collect();
-                    let (mut next, mut sizes, mut error) = (0, Vec::new(), None);
-                    for (i, c) in rx {
-                        ready[i] = Some(c);
-                        while let Some(c) = ready.get_mut(next).and_then(Option::take) {
-                            if error.is_none() {
-                                match c.and_then(|c| {
-                                    append(file, &mut entries[next], pos, data_start, c)
-                                }) {
-                                    Ok(len) => sizes.push(len),
-                                    Err(e) => {
-                                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                                        error = Some(e);
-                                    }
+            return Ok(vec![append(file, &mut entries[0], pos, data_start, coded)?]);
+        }
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (_, written) = crate::pool::alongside(
+            || {
+                specs
+                    .par_iter()
+                    .zip(raws.par_iter())
+                    .enumerate()
+                    .for_each_with(tx, |tx, (i, (s, r))| {
+                        // After a failure the remaining entries are not coded (nothing more
+                        // will be written).
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let c = code(s, r);
+                        if c.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        let _ = tx.send((i, c));
+                    })
+            },
+            || -> Result<Vec<u64>> {
+                // Results arrive in any order and are written in entry order.
+                let mut ready: Vec<Option<Result<(Coded, u64)>>> =
+                    (0..raws.len()).map(|_| None).collect();
+                let (mut next, mut sizes, mut error) = (0, Vec::new(), None);
+                for (i, c) in rx {
+                    ready[i] = Some(c);
+                    while let Some(c) = ready.get_mut(next).and_then(Option::take) {
+                        if error.is_none() {
+                            match c
+                                .and_then(|c| append(file, &mut entries[next], pos, data_start, c))
+                            {
+                                Ok(len) => sizes.push(len),
+                                Err(e) => {
+                                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                    error = Some(e);
                                 }
                             }
-                            next += 1;
                         }
+                        next += 1;
                     }
-                    if let Some(e) = error {
-                        return Err(e);
-                    }
-                    if next < raws.len() {
-                        // Entries were skipped after one failed to encode: that one's error
-                        // waits among the results not yet written.
-                        return Err(ready
-                            .into_iter()
-                            .flatten()
-                            .find_map(Result::err)
-                            .unwrap_or_else(|| {
-                                Error::Codec("an entry was neither encoded nor failed".into())
-                            }));
-                    }
-                    Ok(sizes)
-                },
-            );
-            written?
-        };
-        self.next = end;
-        Ok(sizes)
+                }
+                if let Some(e) = error {
+                    return Err(e);
+                }
+                if next < raws.len() {
+                    // Entries were skipped after one failed to encode: that one's error waits
+                    // among the results not yet written.
+                    return Err(ready
+                        .into_iter()
+                        .flatten()
+                        .find_map(Result::err)
+                        .unwrap_or_else(|| {
+                            Error::Codec("an entry was neither encoded nor failed".into())
+                        }));
+                }
+                Ok(sizes)
+            },
+        );
+        written
     }
 
     /// Writes the header, fsyncs, and renames the temporary file over the target; then fsyncs
@@ -529,10 +554,11 @@ mod tests {
     }
 
     /// An entry that fails to encode in the middle of a batch fails the batch with its own
-    /// error, whatever the order the entries finish in; the target is left untouched.
+    /// error, whatever the order the entries finish in; the target is left untouched, and the
+    /// batch written again gives a checkpoint that reads back whole.
     #[test]
     fn a_failing_entry_fails_its_batch_with_its_error() {
-        unfinished_writer("fail", |w, raws| {
+        let bad = |w: &mut Writer, raws: &[Vec<u8>]| {
             let mut refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
             refs[1] = &refs[1][..8]; // "w.smaq" is declared with 5000 values
             let e = w.write_batch(&refs).unwrap_err();
@@ -540,7 +566,26 @@ mod tests {
                 matches!(&e, Error::Layout(m) if m.contains("w.smaq")),
                 "{e}"
             );
-        });
+        };
+        unfinished_writer("fail", bad);
+        let dir = tmpdir("retry");
+        let path = dir.join("a.smaq");
+        let (specs, raws) = sample();
+        let mut w = Writer::create(&path, specs, "{}".into()).unwrap();
+        bad(&mut w, &raws);
+        let refs: Vec<&[u8]> = raws.iter().map(|r| r.as_slice()).collect();
+        w.write_batch(&refs).unwrap();
+        w.finish(false).unwrap();
+        let r = super::super::Reader::open(&path).unwrap();
+        let lossless: Vec<u64> = r.read(0).unwrap();
+        assert_eq!(
+            bytemuck::cast_slice::<u64, u8>(&lossless)[..raws[0].len()],
+            raws[0]
+        );
+        for i in 1..raws.len() {
+            r.read(i).unwrap();
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Packed entries that would not be smaller than their raw bytes are stored raw, under
