@@ -126,7 +126,8 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 def compute_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured",
                  name: str = "weight") -> torch.Tensor:
     """The keep-mask (bool, shape of ``scores``) for ``sparsity`` under ``pattern``: the
-    lowest-scoring weights, N:M groups or blocks are pruned. PatternError when the pattern
+    lowest-scoring weights, N:M groups or blocks are pruned (unstructured: the
+    ``round(sparsity * scores.numel())`` lowest, Python's rounding). PatternError when the pattern
     does not divide the weight (``name`` is used in the message) or cannot reach ``sparsity``."""
     kind, n, m = parse_pattern(pattern)
     if not 0.0 <= sparsity <= 1.0:
