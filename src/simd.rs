@@ -84,24 +84,30 @@ pub fn avx512_vbmi() -> bool {
     }
 }
 
-/// Defines `fn $name` running `$body` (an `#[inline(always)]` function taking the same
-/// arguments) compiled for AVX-512 (F, BW), for the AVX2 level (BMI2 included) or for baseline
-/// x86-64, as this CPU allows: for plain loops that LLVM vectorizes by itself once the features
-/// are enabled, and for bit-coding loops that want BMI2's shifts. The three are the same
-/// source, so they compute the same thing.
+/// Defines `fn $name` and its body, compiled for AVX-512 (F, BW), for the AVX2 level (BMI2
+/// included) or for baseline x86-64, as this CPU allows: for plain loops that LLVM vectorizes
+/// by itself once the features are enabled, and for bit-coding loops that want BMI2's shifts.
+/// The body is also the `#[inline(always)]` function `$portable` (the baseline build, which
+/// tests compare the dispatched one with). The three are the same source, so they compute the
+/// same thing.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $body:ident) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)?
+        = $portable:ident $body:block) => {
+        #[doc = concat!("[`", stringify!($name), "`] as the baseline x86-64 build.")]
+        #[inline(always)]
+        fn $portable($($a: $t),*) $(-> $r)? $body
+
         $(#[$m])*
         $vis fn $name($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx2,bmi2")]
                 unsafe fn v512($($a: $t),*) $(-> $r)? {
-                    $body($($a),*)
+                    $portable($($a),*)
                 }
                 #[target_feature(enable = "avx2,bmi2")]
                 unsafe fn v2($($a: $t),*) $(-> $r)? {
-                    $body($($a),*)
+                    $portable($($a),*)
                 }
                 if $crate::simd::avx512() {
                     // SAFETY: AVX-512 F and BW and the AVX2 level are present (checked at run
@@ -113,7 +119,7 @@ macro_rules! multiversion {
                     return unsafe { v2($($a),*) };
                 }
             }
-            $body($($a),*)
+            $portable($($a),*)
         }
     };
 }

@@ -783,33 +783,23 @@ crate::simd::multiversion!(
         step: f32,
         dither: Option<(u32, u32)>,
         out: &mut [f32],
-    ) = dequantize_body
-);
-
-#[inline(always)]
-fn dequantize_body(
-    q: &[u32],
-    zp: f32,
-    lo: f32,
-    step: f32,
-    dither: Option<(u32, u32)>,
-    out: &mut [f32],
-) {
-    match dither {
-        Some((key, first)) => {
-            for (j, (o, &c)) in out.iter_mut().zip(q).enumerate() {
-                let i = first.wrapping_add(j as u32);
-                let u = (hash32(key ^ hash32(i)) >> 8) as f32 * (1.0 / 16_777_216.0);
-                *o = (c as f32 - zp - (u - 0.5)) * step + lo;
+    ) = dequantize_body {
+        match dither {
+            Some((key, first)) => {
+                for (j, (o, &c)) in out.iter_mut().zip(q).enumerate() {
+                    let i = first.wrapping_add(j as u32);
+                    let u = (hash32(key ^ hash32(i)) >> 8) as f32 * (1.0 / 16_777_216.0);
+                    *o = (c as f32 - zp - (u - 0.5)) * step + lo;
+                }
             }
-        }
-        None => {
-            for (o, &c) in out.iter_mut().zip(q) {
-                *o = (c as f32 - zp) * step + lo;
+            None => {
+                for (o, &c) in out.iter_mut().zip(q) {
+                    *o = (c as f32 - zp) * step + lo;
+                }
             }
         }
     }
-}
+);
 
 impl Decoder for IntDecoder {
     fn params(&self) -> Params {

@@ -221,32 +221,30 @@ crate::simd::multiversion!(
     /// Codes one run LSB-first at the start of `buf`, which holds its bytes and 8 more (a
     /// stream's closing store writes a whole word); returns its byte length. (BMI2's shifts by
     /// a register take the code straight from the table, one instruction each.)
-    fn encode_stream(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize = encode_stream_body
-);
-
-#[inline(always)]
-fn encode_stream_body(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize {
-    let (mut acc, mut nbits, mut pos) = (0u64, 0u32, 0usize);
-    let mut it = run.chunks_exact(5);
-    for c in &mut it {
-        // 5 codes of <= 11 bits on top of <= 7 pending bits: at most 62 bits, so at most 7
-        // whole bytes leave and the shift stays under 64.
-        for &s in c {
+    fn encode_stream(run: &[u8], table: &CodeTable, buf: &mut [u8]) -> usize
+        = encode_stream_body {
+        let (mut acc, mut nbits, mut pos) = (0u64, 0u32, 0usize);
+        let mut it = run.chunks_exact(5);
+        for c in &mut it {
+            // 5 codes of <= 11 bits on top of <= 7 pending bits: at most 62 bits, so at most 7
+            // whole bytes leave and the shift stays under 64.
+            for &s in c {
+                acc |= table.code[s as usize] << nbits;
+                nbits += table.len[s as usize];
+            }
+            buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
+            pos += (nbits >> 3) as usize;
+            acc >>= nbits & 56;
+            nbits &= 7;
+        }
+        for &s in it.remainder() {
             acc |= table.code[s as usize] << nbits;
             nbits += table.len[s as usize];
         }
         buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
-        pos += (nbits >> 3) as usize;
-        acc >>= nbits & 56;
-        nbits &= 7;
+        pos + nbits.div_ceil(8) as usize
     }
-    for &s in it.remainder() {
-        acc |= table.code[s as usize] << nbits;
-        nbits += table.len[s as usize];
-    }
-    buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
-    pos + nbits.div_ceil(8) as usize
-}
+);
 
 /// A multi-symbol decode entry holds up to three symbols in bits 0..24, the bits they take in
 /// bits 24..30 and their count in bits 30..32 (so a shift by `entry >> USED_SHIFT`, which
@@ -478,24 +476,14 @@ crate::simd::multiversion!(
         cur: &mut [Cursor; STREAMS],
         fetch: &mut Prefetch,
         one: bool,
-    ) = decode_fast_streams
-);
-
-#[inline(always)]
-fn decode_fast_streams(
-    multi: &[u32; TABLE],
-    streams: &[&[u8]; STREAMS],
-    outs: &mut [&mut [u8]],
-    cur: &mut [Cursor; STREAMS],
-    fetch: &mut Prefetch,
-    one: bool,
-) {
-    if one {
-        decode_fast_body::<1>(multi, streams, outs, cur, fetch)
-    } else {
-        decode_fast_body::<STREAMS>(multi, streams, outs, cur, fetch)
+    ) = decode_fast_streams {
+        if one {
+            decode_fast_body::<1>(multi, streams, outs, cur, fetch)
+        } else {
+            decode_fast_body::<STREAMS>(multi, streams, outs, cur, fetch)
+        }
     }
-}
+);
 
 /// The fast loop over the first `S` streams (the others are left as they are).
 #[inline(always)]

@@ -88,81 +88,75 @@ impl LosslessConfig {
 
 crate::simd::multiversion!(
     /// Byte plane `p` (0 = most significant byte after the sign rotation) of `x` into `out`.
-    fn extract(x: Data<'_>, p: usize, out: &mut [u8]) = extract_body
-);
-
-#[inline(always)]
-fn extract_body(x: Data<'_>, p: usize, out: &mut [u8]) {
-    #[inline(always)]
-    fn go<W: Copy>(x: &[W], out: &mut [u8], byte: impl Fn(W) -> u8) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = byte(v);
-        }
-    }
-    // Each plane's shift spelled out (the rotation folded in), so every loop vectorizes.
-    fn bits16(v: &[impl bytemuck::Pod]) -> &[u16] {
-        bytemuck::cast_slice(v)
-    }
-    match (x, p) {
-        (Data::F32(v), _) => {
-            let w = bytemuck::cast_slice::<_, u32>(v);
-            match p {
-                0 => go(w, out, |w| (w >> 23) as u8),
-                1 => go(w, out, |w| (w >> 15) as u8),
-                2 => go(w, out, |w| (w >> 7) as u8),
-                _ => go(w, out, |w| w.rotate_left(1) as u8),
+    fn extract(x: Data<'_>, p: usize, out: &mut [u8]) = extract_body {
+        #[inline(always)]
+        fn go<W: Copy>(x: &[W], out: &mut [u8], byte: impl Fn(W) -> u8) {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = byte(v);
             }
         }
-        (Data::F16(v), 0) => go(bits16(v), out, |w| (w >> 7) as u8),
-        (Data::F16(v), _) => go(bits16(v), out, |w| w.rotate_left(1) as u8),
-        (Data::BF16(v), 0) => go(bits16(v), out, |w| (w >> 7) as u8),
-        (Data::BF16(v), _) => go(bits16(v), out, |w| w.rotate_left(1) as u8),
-        (Data::F64(v), _) => {
-            let s = 56 - 8 * p as u32;
-            go(bytemuck::cast_slice::<_, u64>(v), out, |w| {
-                (w.rotate_left(1) >> s) as u8
-            })
+        // Each plane's shift spelled out (the rotation folded in), so every loop vectorizes.
+        fn bits16(v: &[impl bytemuck::Pod]) -> &[u16] {
+            bytemuck::cast_slice(v)
+        }
+        match (x, p) {
+            (Data::F32(v), _) => {
+                let w = bytemuck::cast_slice::<_, u32>(v);
+                match p {
+                    0 => go(w, out, |w| (w >> 23) as u8),
+                    1 => go(w, out, |w| (w >> 15) as u8),
+                    2 => go(w, out, |w| (w >> 7) as u8),
+                    _ => go(w, out, |w| w.rotate_left(1) as u8),
+                }
+            }
+            (Data::F16(v), 0) => go(bits16(v), out, |w| (w >> 7) as u8),
+            (Data::F16(v), _) => go(bits16(v), out, |w| w.rotate_left(1) as u8),
+            (Data::BF16(v), 0) => go(bits16(v), out, |w| (w >> 7) as u8),
+            (Data::BF16(v), _) => go(bits16(v), out, |w| w.rotate_left(1) as u8),
+            (Data::F64(v), _) => {
+                let s = 56 - 8 * p as u32;
+                go(bytemuck::cast_slice::<_, u64>(v), out, |w| {
+                    (w.rotate_left(1) >> s) as u8
+                })
+            }
         }
     }
-}
+);
 
 crate::simd::multiversion!(
     /// Joins byte planes (most significant first) back into values, undoing the sign rotation.
-    fn join(planes: &[&[u8]], out: DataMut<'_>) = join_body
-);
-
-#[inline(always)]
-fn join_body(planes: &[&[u8]], out: DataMut<'_>) {
-    match out {
-        DataMut::F32(o) => {
-            let o = bytemuck::cast_slice_mut::<_, u32>(o);
-            let [p0, p1, p2, p3] = planes else {
-                unreachable!()
-            };
-            let (p0, p1, p2, p3) = (
-                &p0[..o.len()],
-                &p1[..o.len()],
-                &p2[..o.len()],
-                &p3[..o.len()],
-            );
-            for (i, w) in o.iter_mut().enumerate() {
-                *w = u32::from_be_bytes([p0[i], p1[i], p2[i], p3[i]]).rotate_right(1);
-            }
-        }
-        DataMut::F16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
-        DataMut::BF16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
-        DataMut::F64(o) => {
-            let o = bytemuck::cast_slice_mut::<_, u64>(o);
-            for (i, w) in o.iter_mut().enumerate() {
-                let mut b = [0u8; 8];
-                for (d, p) in b.iter_mut().zip(planes) {
-                    *d = p[i];
+    fn join(planes: &[&[u8]], out: DataMut<'_>) = join_body {
+        match out {
+            DataMut::F32(o) => {
+                let o = bytemuck::cast_slice_mut::<_, u32>(o);
+                let [p0, p1, p2, p3] = planes else {
+                    unreachable!()
+                };
+                let (p0, p1, p2, p3) = (
+                    &p0[..o.len()],
+                    &p1[..o.len()],
+                    &p2[..o.len()],
+                    &p3[..o.len()],
+                );
+                for (i, w) in o.iter_mut().enumerate() {
+                    *w = u32::from_be_bytes([p0[i], p1[i], p2[i], p3[i]]).rotate_right(1);
                 }
-                *w = u64::from_be_bytes(b).rotate_right(1);
+            }
+            DataMut::F16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
+            DataMut::BF16(o) => join16(planes, bytemuck::cast_slice_mut(o)),
+            DataMut::F64(o) => {
+                let o = bytemuck::cast_slice_mut::<_, u64>(o);
+                for (i, w) in o.iter_mut().enumerate() {
+                    let mut b = [0u8; 8];
+                    for (d, p) in b.iter_mut().zip(planes) {
+                        *d = p[i];
+                    }
+                    *w = u64::from_be_bytes(b).rotate_right(1);
+                }
             }
         }
     }
-}
+);
 
 #[inline(always)]
 fn join16(planes: &[&[u8]], o: &mut [u16]) {
