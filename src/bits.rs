@@ -144,6 +144,18 @@ pub fn exp_golomb_runs(v: u32, k: u32, max: u32) -> [(u64, u32); 2] {
     }
 }
 
+/// The [`put_exp_golomb`] code of `v` at order `k` as one run of bits and its length (up to 65
+/// bits; the value is meaningful only when the length is at most 64).
+#[inline(always)]
+pub fn exp_golomb_code(v: u32, k: u32) -> (u64, u32) {
+    debug_assert!(k <= 31);
+    let x = v as u64 + (1u64 << k);
+    let n = 64 - x.leading_zeros();
+    // The prefix's terminating one at bit n - k - 1, the low n - 1 bits of x above it.
+    let low = x & ((1u64 << (n - 1)) - 1);
+    ((low << 1 | 1).wrapping_shl(n - k - 1), 2 * n - k - 1)
+}
+
 /// Bits [`put_exp_golomb`] takes for `v` at order `k`.
 pub fn exp_golomb_len(v: u32, k: u32) -> u32 {
     let x = v as u64 + (1u64 << k);
@@ -276,6 +288,23 @@ mod tests {
                 assert_eq!(get_exp_golomb(&buf, &mut pos, k), Some(v), "k={k}");
             }
             assert_eq!(pos, bits);
+        }
+        // The one-run form equals the runs wherever it fits 64 bits.
+        for k in 0..32 {
+            for v in values
+                .into_iter()
+                .chain((0..40).map(|s| (1u32 << (s % 32)) - 1))
+            {
+                let (code, len) = exp_golomb_code(v, k);
+                assert_eq!(len, exp_golomb_len(v, k));
+                if len <= 64 {
+                    assert_eq!(
+                        exp_golomb_runs(v, k, 64),
+                        [(code, len), (0, 0)],
+                        "v={v} k={k}"
+                    );
+                }
+            }
         }
         // Order 0: 0 -> "1", 1 -> "010" (LSB first: 0, 1, 0), 2 -> "011".
         assert_eq!(exp_golomb_len(0, 0), 1);

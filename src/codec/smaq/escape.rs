@@ -185,17 +185,18 @@ impl EscapeGrid {
     }
 }
 
-/// The order of exponential-Golomb code that codes `values` in the fewest bits. The best order
-/// lies near log2 of the mean value; the orders within two of it are costed exactly (in one
-/// pass), and of equal costs the lowest order wins.
-fn best_order(values: &[u32]) -> u32 {
+/// The order of exponential-Golomb code that codes `values` in the fewest bits, and those bits.
+/// The best order lies near log2 of the mean value; the orders within two of it are costed
+/// exactly (in one pass), and of equal costs the lowest order wins.
+fn best_order(values: &[u32]) -> (u32, u64) {
     let mean = values.iter().map(|&v| v as u64).sum::<u64>() / values.len().max(1) as u64;
     let centre = 63 - (mean + 1).leading_zeros();
     let (lo, hi) = (centre.saturating_sub(2), (centre + 2).min(31));
     let costs = order_costs(values, lo, hi);
     (lo..=hi)
-        .min_by_key(|&k| costs[(k - lo) as usize])
-        .unwrap_or(0)
+        .map(|k| (k, costs[(k - lo) as usize]))
+        .min_by_key(|&(_, c)| c)
+        .unwrap_or((0, 0))
 }
 
 /// Bits [`crate::bits::put_exp_golomb`] takes for all of `values` at each order of `lo..=hi` (at most five
@@ -256,13 +257,12 @@ unsafe fn order_costs_avx512(values: &[u32], lo: u32, hi: u32) -> [u64; 5] {
 /// -1) and the residual beyond the saturated code minus one.
 pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
     let (gaps, residuals) = gaps_and_residuals(tail);
-    let (k_gap, k_res) = (best_order(&gaps), best_order(&residuals));
+    let ((k_gap, gap_bits), (k_res, res_bits)) = (best_order(&gaps), best_order(&residuals));
     // The bits as `BitWriter` and `put_exp_golomb` (crate::bits) lay them out (LSB first), with
     // the pending bits in a register: each code is stored whole (one unaligned 64-bit store of
     // the register, never read back), then the whole bytes are dropped from the register. A
-    // code takes at most 65 bits, so two take at most 17 bytes; 8 bytes of slack cover the
-    // stores past the end.
-    let mut out = vec![0u8; 2 + tail.len() * 17 + 16];
+    // store past the end writes at most 8 bytes beyond the last whole byte: slack for them.
+    let mut out = vec![0u8; 2 + (gap_bits + res_bits).div_ceil(8) as usize + 8];
     out[0] = k_gap as u8;
     out[1] = k_res as u8;
     let mut w = Bits {
@@ -272,8 +272,15 @@ pub(super) fn write_escapes(tail: &[(u32, u32)]) -> Vec<u8> {
         n: 0,
     };
     for (&g, &r) in gaps.iter().zip(&residuals) {
-        w.exp_golomb(g, k_gap);
-        w.exp_golomb(r, k_res);
+        let (cg, lg) = crate::bits::exp_golomb_code(g, k_gap);
+        let (cr, lr) = crate::bits::exp_golomb_code(r, k_res);
+        if lg + lr <= 56 {
+            // Both codes in one store (the usual case: both are short).
+            w.put(cg | cr << lg, lg + lr);
+        } else {
+            w.exp_golomb(g, k_gap);
+            w.exp_golomb(r, k_res);
+        }
     }
     let end = w.at + w.n.div_ceil(8) as usize;
     out.truncate(end);
@@ -531,7 +538,7 @@ mod tests {
                 let got = write_escapes(&tail);
                 let (gaps, res) = gaps_and_residuals(&tail);
                 let (kg, kr) = (got[0] as u32, got[1] as u32);
-                assert_eq!((kg, kr), (best_order(&gaps), best_order(&res)));
+                assert_eq!((kg, kr), (best_order(&gaps).0, best_order(&res).0));
                 let mut w = BitWriter::with_capacity_bits(64);
                 w.put(kg, 8);
                 w.put(kr, 8);
@@ -592,13 +599,14 @@ mod tests {
                         );
                     }
                 }
-                let k = best_order(&v);
+                let (k, bits) = best_order(&v);
                 let cost = |k| {
                     v.iter()
                         .map(|&x| crate::bits::exp_golomb_len(x, k) as u64)
                         .sum()
                 };
                 let c: u64 = cost(k);
+                assert_eq!(bits, c);
                 let mean = v.iter().map(|&x| x as u64).sum::<u64>() / n.max(1) as u64;
                 let centre = 63 - (mean + 1).leading_zeros();
                 for j in centre.saturating_sub(2)..=(centre + 2).min(31) {
