@@ -1,7 +1,7 @@
 //! Which SIMD kernels this CPU can run, detected once at run time (the shipped build targets
 //! baseline x86-64; no kernel is chosen at compile time).
 //!
-//! Three levels on x86-64: portable code, AVX2 (with FMA, F16C, POPCNT and BMI2, which every
+//! Three levels on x86-64: portable code, AVX2 (with FMA, F16C, POPCNT, BMI2 and LZCNT, which every
 //! AVX2 CPU of note has) and AVX-512 (F, BW, DQ, VL; the SmaQ kernels also need VBMI and
 //! VBMI2). Every kernel gives the same bytes at every level (each module tests that).
 //!
@@ -11,7 +11,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
-/// AVX2, FMA, F16C, POPCNT and BMI2.
+/// AVX2, FMA, F16C, POPCNT, BMI2 and LZCNT.
 #[inline]
 pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -23,6 +23,7 @@ pub fn avx2() -> bool {
                 && is_x86_feature_detected!("f16c")
                 && is_x86_feature_detected!("popcnt")
                 && is_x86_feature_detected!("bmi2")
+                && is_x86_feature_detected!("lzcnt")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -84,9 +85,10 @@ pub fn avx512_vbmi() -> bool {
     }
 }
 
-/// Defines `fn $name` and its body, compiled for AVX-512 (F, BW), for the AVX2 level (BMI2
-/// included) or for baseline x86-64, as this CPU allows: for plain loops that LLVM vectorizes
-/// by itself once the features are enabled, and for bit-coding loops that want BMI2's shifts.
+/// Defines `fn $name` and its body, compiled for AVX-512 (F, BW), for the AVX2 level (BMI2 and
+/// LZCNT included) or for baseline x86-64, as this CPU allows: for plain loops that LLVM
+/// vectorizes by itself once the features are enabled, and for bit-coding loops that want
+/// BMI2's shifts and LZCNT.
 /// The body is also the `#[inline(always)]` function `$portable` (the baseline build, which
 /// tests compare the dispatched one with). The three are the same source, so they compute the
 /// same thing.
@@ -101,11 +103,11 @@ macro_rules! multiversion {
         $vis fn $name($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx2,bmi2")]
+                #[target_feature(enable = "avx512f,avx512bw,avx2,bmi2,lzcnt")]
                 unsafe fn v512($($a: $t),*) $(-> $r)? {
                     $portable($($a),*)
                 }
-                #[target_feature(enable = "avx2,bmi2")]
+                #[target_feature(enable = "avx2,bmi2,lzcnt")]
                 unsafe fn v2($($a: $t),*) $(-> $r)? {
                     $portable($($a),*)
                 }
