@@ -546,6 +546,66 @@ mod avx2 {
         out as usize
     }
 
+    /// For each 8-bit mask, the positions of its set bits, first to last, then zeros: the
+    /// `vpermd` indices that move the selected lanes of a vector to its front.
+    static COMPRESS8: [[u32; 8]; 256] = {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut j, mut k) = (0, 0);
+            while j < 8 {
+                if m >> j & 1 == 1 {
+                    t[m][k] = j as u32;
+                    k += 1;
+                }
+                j += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// [`super::outside_f32`] for the first len/8*8 values, eight at a time without a branch per
+    /// candidate: the indices of the lanes outside `[lo, hi]` (or NaN) moved to the front of a
+    /// vector through [`COMPRESS8`], the whole vector stored, the length advanced by their
+    /// count. Returns the number of values done.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and POPCNT.
+    #[target_feature(enable = "avx2,popcnt")]
+    pub unsafe fn outside(x: &[f32], lo: f32, hi: f32, base: u32, out: &mut Vec<u32>) -> usize {
+        let n8 = x.len() / 8 * 8;
+        let (l, h) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n8 <= x.len().
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            let inside = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GE_OQ>(v, l),
+                _mm256_cmp_ps::<_CMP_LE_OQ>(v, h),
+            );
+            let m = !_mm256_movemask_ps(inside) as usize & 0xff;
+            if out.capacity() - out.len() < 8 {
+                out.reserve(1024);
+            }
+            let at = _mm256_add_epi32(_mm256_set1_epi32(base.wrapping_add(i as u32) as i32), lanes);
+            let len = out.len();
+            // SAFETY: eight u32 in the table row; len + 8 <= capacity (reserved above), and
+            // the first len + popcount(m) slots are written.
+            unsafe {
+                let perm = _mm256_loadu_si256(COMPRESS8[m].as_ptr() as *const __m256i);
+                _mm256_storeu_si256(
+                    out.as_mut_ptr().add(len) as *mut __m256i,
+                    _mm256_permutevar8x32_epi32(at, perm),
+                );
+                out.set_len(len + m.count_ones() as usize);
+            }
+            i += 8;
+        }
+        n8
+    }
+
     /// Codes for the first len/8*8 values, stored as u16.
     #[target_feature(enable = "avx2,popcnt")]
     pub unsafe fn codes(x: &[f32], first: u32, p: &Prep, out: &mut [u16]) -> (usize, Counts) {
@@ -925,6 +985,9 @@ fn outside_f32(x: &[f32], lo: f32, hi: f32, base: u32, out: &mut Vec<u32>) {
     if crate::simd::avx512() {
         // SAFETY: the CPU has AVX-512 F (checked just above).
         done = unsafe { avx512::outside(x, lo, hi, base, out) };
+    } else if crate::simd::avx2() {
+        // SAFETY: the CPU has AVX2 and POPCNT (checked just above).
+        done = unsafe { avx2::outside(x, lo, hi, base, out) };
     }
     // Blocks of 16: one branch-free test per block, a scan only where something lies outside.
     let rest = &x[done..];
@@ -1242,6 +1305,24 @@ mod tests {
         outside(&x, lo, hi, &mut got);
         // For f32 values, v >= up(lo) is exactly v >= lo: the f32 test is exact.
         let (l, h) = bounds_f32(lo, hi);
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2() {
+            // The AVX2 scan on its own (the AVX-512 one runs above where the CPU has it),
+            // from an offset index and into a vector that already holds something.
+            let mut v2 = vec![7u32];
+            // SAFETY: AVX2 and POPCNT are present (checked just above).
+            let done = unsafe { avx2::outside(&x, l, h, 100, &mut v2) };
+            assert_eq!(done, x.len() / 8 * 8);
+            let want2: Vec<u32> = [7]
+                .into_iter()
+                .chain(
+                    want.iter()
+                        .filter(|&&i| (i as usize) < done)
+                        .map(|i| i + 100),
+                )
+                .collect();
+            assert_eq!(v2, want2);
+        }
         assert!(x[17] >= l && x[18] <= h);
         assert_eq!(got, want);
         let mut portable = Vec::new();
