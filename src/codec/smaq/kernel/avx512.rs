@@ -240,7 +240,8 @@ fn pack_mul(w: u32) -> (__m512i, __m512i) {
 
 /// Codes and packing fused, for 3 <= bits_main <= 8 and extra bits <= 4: the first len/64*64
 /// values go to `primary` (8 * bits_main bytes per 64 values) and `extra`. Returns the number of
-/// values done and their counts. `x`: float32, or float16 / bfloat16 widened (exactly) as they
+/// values done and their counts: none with stochastic rounding from a `first` that is not a
+/// multiple of 32 (see [`halves`]). `x`: float32, or float16 / bfloat16 widened (exactly) as they
 /// are loaded, which codes them as their float32 values would be coded.
 ///
 /// # Safety
