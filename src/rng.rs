@@ -28,11 +28,60 @@ pub fn stream_key(seed: u64, stream: u64) -> u32 {
     (mix64(seed ^ mix64(stream.wrapping_add(0x9e37_79b9_7f4a_7c15))) >> 32) as u32
 }
 
-/// A uniform f32 in [0, 1) for element `i` of the stream with key `key` (24 random bits).
-/// The SIMD kernels compute exactly this, lane by lane.
+/// A uniform f32 in (0, 1) for element `i` of the stream with key `key`: 16 random bits, at the
+/// centres of 2^16 equal steps ((b + 1/2) / 2^16, so its mean is exactly 1/2). Each hash serves
+/// two elements: `i` and `i ^ 16` take the low and the high half of the hash of counter
+/// [`pair_counter`]`(i)`, so a SIMD kernel codes 32 consecutive elements (from a multiple of
+/// 32) with sixteen hashes. The kernels compute exactly this, lane by lane.
 #[inline(always)]
 pub fn uniform(key: u32, i: u32) -> f32 {
-    (hash32(key.wrapping_add(i)) >> 8) as f32 * (1.0 / 16_777_216.0)
+    let h = hash32(key.wrapping_add(pair_counter(i)));
+    let b = if i & 16 == 0 { h & 0xffff } else { h >> 16 };
+    // (2b + 1) / 2^17: exact in f32 (18 significant bits at most).
+    (2 * b + 1) as f32 * (1.0 / 131_072.0)
+}
+
+/// The hash counter of element `i` in [`uniform`]: elements `i` and `i ^ 16` share it, and no
+/// other element does.
+#[inline(always)]
+pub fn pair_counter(i: u32) -> u32 {
+    (i >> 1 & !15) | (i & 15)
+}
+
+/// [`uniform`] of eight elements at once: `key` and the element indices `idx` in every lane.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub unsafe fn uniform8(
+    key: std::arch::x86_64::__m256i,
+    idx: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let pair = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srli_epi32::<1>(idx), _mm256_set1_epi32(!15)),
+        _mm256_and_si256(idx, _mm256_set1_epi32(15)),
+    );
+    let mut h = _mm256_add_epi32(key, pair);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb_352d));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32::<15>(h));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
+    // The high half where bit 4 of the index is set, else the low half.
+    let high = _mm256_cmpeq_epi32(
+        _mm256_and_si256(idx, _mm256_set1_epi32(16)),
+        _mm256_set1_epi32(16),
+    );
+    let b = _mm256_blendv_epi8(
+        _mm256_and_si256(h, _mm256_set1_epi32(0xffff)),
+        _mm256_srli_epi32::<16>(h),
+        high,
+    );
+    let odd = _mm256_or_si256(_mm256_slli_epi32::<1>(b), _mm256_set1_epi32(1));
+    _mm256_mul_ps(_mm256_cvtepi32_ps(odd), _mm256_set1_ps(1.0 / 131_072.0))
 }
 
 /// A fresh seed per call, for encoders given none: distinct across calls and processes. 63 bits,
@@ -100,6 +149,50 @@ mod tests {
         for b in buckets {
             // expected 4096 per bucket; 5 sigma is about 310
             assert!((b as i64 - 4096).abs() < 320, "bucket count {b}");
+        }
+    }
+
+    #[test]
+    fn pairs_share_a_hash_and_nothing_else_does() {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0..4096u32 {
+            let c = pair_counter(i);
+            if let Some(j) = seen.insert(c, i) {
+                assert_eq!(j, i ^ 16, "counter {c}: elements {j} and {i}");
+            }
+        }
+        assert_eq!(seen.len(), 2048);
+        // Both halves are drawn: over pairs, the low and high halves are not the same values.
+        let key = stream_key(5, 1);
+        let same = (0..16u32)
+            .filter(|&i| uniform(key, i) == uniform(key, i ^ 16))
+            .count();
+        assert!(same < 2);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn uniform8_is_uniform_lane_by_lane() {
+        use std::arch::x86_64::*;
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for key in [0u32, 7, stream_key(3, 9), u32::MAX] {
+            for start in (0..200u32).chain([u32::MAX - 40]).step_by(3) {
+                let idx: [u32; 8] = std::array::from_fn(|l| start.wrapping_add(5 * l as u32));
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 is present; eight lanes in and out.
+                unsafe {
+                    let u = uniform8(
+                        _mm256_set1_epi32(key as i32),
+                        _mm256_loadu_si256(idx.as_ptr() as *const __m256i),
+                    );
+                    _mm256_storeu_ps(got.as_mut_ptr(), u);
+                }
+                for l in 0..8 {
+                    assert_eq!(got[l].to_bits(), uniform(key, idx[l]).to_bits());
+                }
+            }
         }
     }
 

@@ -67,7 +67,7 @@ pub(super) fn sort_candidates<T: Element>(
 /// # Safety
 /// The CPU has AVX-512 F, BW, DQ and VL; every index in `cands` is inside `x`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512dq,avx512vl")]
 unsafe fn sort_candidates_avx512<T: Element>(
     x: &[T],
     cands: &[u32],
@@ -118,18 +118,8 @@ unsafe fn sort_candidates_avx512<T: Element>(
         let beyond =
             _mm512_cmp_pd_mask::<_CMP_NEQ_OQ>(f, zero) & _mm512_cmp_pd_mask::<_CMP_GT_OQ>(a, t_out);
         let u = if p.key.is_some() {
-            // crate::rng::uniform(key, i): hash32(key + i) >> 8, times 2^-24, in f32.
-            let mut h = _mm256_add_epi32(key, idx);
-            h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
-            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb_352d));
-            h = _mm256_xor_si256(h, _mm256_srli_epi32::<15>(h));
-            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
-            h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
-            let u32s = _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(h)),
-                _mm256_set1_ps(1.0 / 16_777_216.0),
-            );
-            _mm512_cvtps_pd(u32s)
+            // SAFETY: AVX2 is present (AVX-512 F is).
+            _mm512_cvtps_pd(unsafe { crate::rng::uniform8(key, idx) })
         } else {
             dither
         };

@@ -36,7 +36,8 @@ struct Consts {
     /// 1 and 2 in every lane.
     one: __m512i,
     two: __m512i,
-    /// key + first + lane: the counter of lane 0 of the first vector.
+    /// key + first / 2 + lane: the hash counters ([`crate::rng::pair_counter`]) of the first 32
+    /// values (`first` is a multiple of 32).
     base: __m512i,
 }
 
@@ -61,7 +62,7 @@ impl Consts {
             one: _mm512_set1_epi32(1),
             two: _mm512_set1_epi32(2),
             base: _mm512_add_epi32(
-                _mm512_set1_epi32(p.key.unwrap_or(0).wrapping_add(first) as i32),
+                _mm512_set1_epi32(p.key.unwrap_or(0).wrapping_add(first / 2) as i32),
                 lanes,
             ),
         }
@@ -82,17 +83,39 @@ struct Tally {
     nonfin: __m512i,
 }
 
-/// Codes of the sixteen values `v`, the first being element `i` of the call; `STOCH`:
-/// stochastic rounding (else the constant dither).
+/// The sixteen hashes of counters `ctr` ([`crate::rng::uniform`]).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn hash16(ctr: __m512i) -> __m512i {
+    let mut h = ctr;
+    h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb_352d));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32::<15>(h));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
+    _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h))
+}
+
+/// The odd integers 2b + 1 (as f32) of the uniforms (2b + 1) / 2^17 that the hashes `h` give
+/// 32 consecutive values: the low halves for the first sixteen, the high halves for the rest.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn halves(h: __m512i, one: __m512i) -> (__m512, __m512) {
+    let lo = _mm512_or_si512(_mm512_srli_epi32::<15>(_mm512_slli_epi32::<16>(h)), one);
+    let hi = _mm512_or_si512(_mm512_srli_epi32::<15>(h), one);
+    (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
+}
+
+/// Codes of the sixteen values `v`; `STOCH`: stochastic rounding with the uniforms `odd` / 2^17
+/// ([`halves`]), else the constant dither (`odd` unused).
 ///
 /// The portable code computes `s = min(d * r, mx)`, `mag = min(trunc(s + u), mx)`; here
 /// `mag = trunc(min(d * r + u, mx))`, which is the same for every input: d * r >= 0 and u < 1,
 /// so either d * r + u < mx and both truncate the same sum, or both give mx (NaN included:
-/// vminps returns its second operand). The uniform is (h >> 8) * 2^-24, an exact product, so
-/// adding it with one FMA rounds exactly as the separate add does.
+/// vminps returns its second operand). The uniform odd * 2^-17 is an exact product, so adding
+/// it with one FMA rounds exactly as the separate add does.
 #[target_feature(enable = "avx512f,avx512dq,fma")]
 #[inline]
-fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i, t: &mut Tally) -> Step {
+fn step<const STOCH: bool>(c: &Consts, v: __m512, odd: __m512, t: &mut Tally) -> Step {
     let vb = _mm512_castps_si512(v);
     let z = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(v, c.hi), c.lo), c.inv);
     let a = _mm512_abs_ps(z);
@@ -107,17 +130,7 @@ fn step<const STOCH: bool>(c: &Consts, v: __m512, ctr: __m512i, t: &mut Tally) -
     let mx = _mm512_mask_blend_ps(is_out, c.mx_main, c.mx_out);
     let dr = _mm512_mul_ps(d, r);
     let sum = if STOCH {
-        let mut h = ctr;
-        h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
-        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb_352d));
-        h = _mm512_xor_si512(h, _mm512_srli_epi32::<15>(h));
-        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
-        h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
-        _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)),
-            _mm512_set1_ps(1.0 / 16_777_216.0),
-            dr,
-        )
+        _mm512_fmadd_ps(odd, _mm512_set1_ps(1.0 / 131_072.0), dr)
     } else {
         _mm512_add_ps(dr, c.dither)
     };
@@ -227,7 +240,8 @@ fn pack_mul(w: u32) -> (__m512i, __m512i) {
 
 /// Codes and packing fused, for 3 <= bits_main <= 8 and extra bits <= 4: the first len/64*64
 /// values go to `primary` (8 * bits_main bytes per 64 values) and `extra`. Returns the number of
-/// values done and their counts. `x`: float32, or float16 / bfloat16 widened (exactly) as they
+/// values done and their counts: none with stochastic rounding from a `first` that is not a
+/// multiple of 32 (see [`halves`]). `x`: float32, or float16 / bfloat16 widened (exactly) as they
 /// are loaded, which codes them as their float32 values would be coded.
 ///
 /// # Safety
@@ -242,6 +256,11 @@ pub unsafe fn encode<T: Lanes16>(
     cands: &mut Candidates<'_>,
 ) -> (usize, Counts) {
     let (bm, ew) = (p.q.bits_main, p.q.extra_bits());
+    if p.key.is_some() && !first.is_multiple_of(32) {
+        // Its pairs of values sharing a hash start at multiples of 32 (the callers' chunks and
+        // blocks all do): the caller's other levels code it.
+        return (0, Counts::default());
+    }
     let n64 = x.len() / 64 * 64;
     assert!((3..=8).contains(&bm) && ew <= 4 && primary.len() >= n64 / 8 * bm as usize);
     let step_bytes = 8 * bm as usize;
@@ -391,7 +410,7 @@ impl Blocks {
         let mom_end = x.len() / MomentsAcc::BLOCK * MomentsAcc::BLOCK;
         // The pending bits of the extra stream's current byte, in byte 0.
         let mut carry = _mm512_maskz_set1_epi8(1, buf.first().map_or(0, |&b| b as i8));
-        // Stochastic rounding counters (key + element index) of the next sixteen lanes.
+        // The hash counters of the next 32 values (`Consts::base`).
         let mut ctr = c.base;
         // The candidates' bounds ([`Candidates`]).
         let (cl, ch) = (_mm512_set1_ps(cands.lo), _mm512_set1_ps(cands.hi));
@@ -414,15 +433,22 @@ impl Blocks {
                     mom.end_block(&x[b..i + 64]);
                 }
             }
-            let sixteen = _mm512_set1_epi32(16);
-            let s0 = step::<STOCH>(c, v0, ctr, &mut tally);
-            ctr = _mm512_add_epi32(ctr, sixteen);
-            let s1 = step::<STOCH>(c, v1, ctr, &mut tally);
-            ctr = _mm512_add_epi32(ctr, sixteen);
-            let s2 = step::<STOCH>(c, v2, ctr, &mut tally);
-            ctr = _mm512_add_epi32(ctr, sixteen);
-            let s3 = step::<STOCH>(c, v3, ctr, &mut tally);
-            ctr = _mm512_add_epi32(ctr, sixteen);
+            // One hash per two values: vectors 0 and 1 take the halves of the first sixteen
+            // hashes, vectors 2 and 3 those of the next sixteen.
+            let (u0, u1, u2, u3) = if STOCH {
+                let sixteen = _mm512_set1_epi32(16);
+                let (u0, u1) = halves(hash16(ctr), c.one);
+                let (u2, u3) = halves(hash16(_mm512_add_epi32(ctr, sixteen)), c.one);
+                ctr = _mm512_add_epi32(ctr, _mm512_set1_epi32(32));
+                (u0, u1, u2, u3)
+            } else {
+                let z = _mm512_setzero_ps();
+                (z, z, z, z)
+            };
+            let s0 = step::<STOCH>(c, v0, u0, &mut tally);
+            let s1 = step::<STOCH>(c, v1, u1, &mut tally);
+            let s2 = step::<STOCH>(c, v2, u2, &mut tally);
+            let s3 = step::<STOCH>(c, v3, u3, &mut tally);
             let outl = mask64([s0.is_out, s1.is_out, s2.is_out, s3.is_out]);
             t.outliers += outl.count_ones();
             // The candidates' indices, compressed to the front of each vector and stored whole
