@@ -38,7 +38,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,11 +53,15 @@ from smaq_rs.train.data import digits_split, resnet18_small, stdlib_text
 CONFIGS = ("plain", "activations", "optimizer", "both", "paper5")
 
 
-def make_optimizer(config: str, params) -> torch.optim.Optimizer:
+def make_optimizer(config: str, params,
+                   opt_seed: Optional[int] = None) -> torch.optim.Optimizer:
+    """The configuration's optimizer; ``opt_seed``: the packed optimizer's rounding seed (None:
+    its default)."""
+    seeded = {} if opt_seed is None else {"seed": opt_seed}
     if config in ("optimizer", "both"):
-        return st.AdamW(params, lr=1e-3)
+        return st.AdamW(params, lr=1e-3, **seeded)
     if config == "paper5":
-        return st.AdamW(params, lr=1e-3, quantize_weights=True, quantize_grads=True)
+        return st.AdamW(params, lr=1e-3, quantize_weights=True, quantize_grads=True, **seeded)
     return torch.optim.AdamW(params, lr=1e-3)
 
 
@@ -84,7 +88,7 @@ class Run:
 
 
 def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int,
-               seed: int = 0) -> Run:
+               seed: int = 0, opt_seed: Optional[int] = None) -> Run:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -97,7 +101,7 @@ def train_gpt2(config: str, steps: int, eval_every: int, batch: int, seq: int,
                      tie_word_embeddings=True)
     model = GPT2LMHeadModel(cfg)
     model.train()
-    opt = make_optimizer(config, model.parameters())
+    opt = make_optimizer(config, model.parameters(), opt_seed)
     if config == "paper5":
         st.wrap_model(model, layer_types=("linear",), forward=False)
     rng = np.random.default_rng(1 + seed)
@@ -142,11 +146,11 @@ def timed_step(run: Run, config: str, model: nn.Module, opt, loss_fn: Callable[[
         run.peak_held = max(run.peak_held, ctx.peak_held_bytes)
 
 
-def train_resnet18(config: str, epochs: int, batch: int) -> Run:
+def train_resnet18(config: str, epochs: int, batch: int, opt_seed: Optional[int] = None) -> Run:
     xtr, ytr, xte, yte = digits_split()
     torch.manual_seed(0)
     model = resnet18_small()
-    opt = make_optimizer(config, model.parameters())
+    opt = make_optimizer(config, model.parameters(), opt_seed)
     if config == "paper5":
         st.wrap_model(model, layer_types=("conv", "linear"), forward=False)
     run = Run(config)
@@ -268,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0,
                     help="GPT-2 initialisation and batch order (another seed of plain training "
                          "measures the run-to-run spread the gaps compare with)")
+    ap.add_argument("--opt-seed", type=int, default=None,
+                    help="the packed optimizer's rounding seed (default: its own default); "
+                         "another seed measures how much the gaps depend on the draws")
     ap.add_argument("--timing", type=int, default=0,
                     help="only time GPT-2 steps, plain against compressed activations, N rounds")
     args = ap.parse_args(argv)
@@ -287,7 +294,7 @@ def main(argv=None) -> int:
         runs = {}
         for c in configs:
             runs[c] = train_gpt2(c, args.steps, args.eval_every, args.batch, args.seq,
-                                 args.seed)
+                                 args.seed, args.opt_seed)
             paths = ", ".join(f"{k} {v}" for k, v in sorted(runs[c].paths.items()))
             print(f"  gpt2 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)"
                   + (f"; fused optimizer steps: {paths}" if paths else ""), flush=True)
@@ -297,7 +304,7 @@ def main(argv=None) -> int:
     if args.model in ("resnet18", "all"):
         runs = {}
         for c in configs:
-            runs[c] = train_resnet18(c, args.epochs, 64)
+            runs[c] = train_resnet18(c, args.epochs, 64, args.opt_seed)
             paths = ", ".join(f"{k} {v}" for k, v in sorted(runs[c].paths.items()))
             print(f"  resnet18 {c}: done ({runs[c].step_time / runs[c].steps * 1e3:.0f} ms/step)"
                   + (f"; fused optimizer steps: {paths}" if paths else ""), flush=True)
