@@ -134,26 +134,31 @@ pub fn put_exp_golomb(w: &mut BitWriter, v: u32, k: u32) {
 #[inline(always)]
 pub fn exp_golomb_runs(v: u32, k: u32, max: u32) -> [(u64, u32); 2] {
     debug_assert!(k <= 31 && max >= 33);
-    let x = v as u64 + (1u64 << k);
-    let n = 64 - x.leading_zeros();
-    let (prefix, low) = (1u64 << (n - k - 1), x & ((1u64 << (n - 1)) - 1));
-    if 2 * n - k - 1 <= max {
-        [(prefix | low << (n - k), 2 * n - k - 1), (0, 0)]
-    } else {
-        [(prefix, n - k), (low, n - 1)]
+    let (code, len) = exp_golomb_code(v, k);
+    if len <= max {
+        return [(code, len), (0, 0)];
     }
+    let (n, low) = exp_golomb_parts(v, k);
+    [(1u64 << (n - k - 1), n - k), (low, n - 1)]
 }
 
 /// The [`put_exp_golomb`] code of `v` at order `k` as one run of bits and its length (up to 65
 /// bits; the value is meaningful only when the length is at most 64).
 #[inline(always)]
 pub fn exp_golomb_code(v: u32, k: u32) -> (u64, u32) {
+    let (n, low) = exp_golomb_parts(v, k);
+    // The prefix's terminating one at bit n - k - 1, the low bits above it.
+    ((low << 1 | 1).wrapping_shl(n - k - 1), 2 * n - k - 1)
+}
+
+/// The parts of an order-`k` code of `v`: the bit length `n` of `v + 2^k` and its low `n - 1`
+/// bits (the code is n - k - 1 zeros, a one, then those bits).
+#[inline(always)]
+fn exp_golomb_parts(v: u32, k: u32) -> (u32, u64) {
     debug_assert!(k <= 31);
     let x = v as u64 + (1u64 << k);
     let n = 64 - x.leading_zeros();
-    // The prefix's terminating one at bit n - k - 1, the low n - 1 bits of x above it.
-    let low = x & ((1u64 << (n - 1)) - 1);
-    ((low << 1 | 1).wrapping_shl(n - k - 1), 2 * n - k - 1)
+    (n, x & ((1u64 << (n - 1)) - 1))
 }
 
 /// Bits [`put_exp_golomb`] takes for `v` at order `k`.
