@@ -42,6 +42,13 @@ pub struct AdamStep {
     pub decoded: bool,
     /// The step number, counted from 1.
     pub step: u64,
+    /// The exp_avg state given (packed or dense) is stored scaled, by the step before (see
+    /// [`scaled`]); the step multiplies it back before using it. Needs `step >= 2`.
+    pub scaled_in: bool,
+    /// Store the new exp_avg scaled ([`scaled`]) before it is packed or handed back (also a
+    /// [`SlotOut::NeedsMap`] buffer or a [`SlotOut::Dense`] vector); its range and statistics
+    /// are then those of the scaled values.
+    pub scaled_out: bool,
 }
 
 /// SGD hyper-parameters.
@@ -99,6 +106,19 @@ fn check_len(what: &str, len: usize, n: usize) -> Result<()> {
         return Err(Error::Layout(format!(
             "{what} has {len} elements, the parameter has {n}"
         )));
+    }
+    Ok(())
+}
+
+/// The step count starts at 1; a scaled exp_avg was stored by a step before this one.
+fn check_step(h: &AdamStep, fresh: bool) -> Result<()> {
+    if h.step == 0 {
+        return Err(Error::Layout("the step count starts at 1".into()));
+    }
+    if h.scaled_in && !fresh && h.step < 2 {
+        return Err(Error::Layout(
+            "a scaled exp_avg comes from a step before: the step count must be at least 2".into(),
+        ));
     }
     Ok(())
 }
@@ -233,7 +253,8 @@ fn adam_scalars(
         l2: (h.weight_decay != 0.0 && !h.decoupled).then_some(h.weight_decay as f32),
         guard: (!fresh && h.decoded && h.guard && b1 * b1 < b2)
             .then_some(((1.0 - b2) * (1.0 - b1 * b1 / b2) / ((1.0 - b1) * (1.0 - b1))) as f32),
-        range_m,
+        // A scaled exp_avg is clamped (its stored values' range) before it is multiplied back.
+        range_m: if h.scaled_in { None } else { range_m },
         range_v,
         w: (1.0 - b1) as f32,
         b2: b2 as f32,
@@ -242,7 +263,19 @@ fn adam_scalars(
         eps: h.eps as f32,
         step_size: (-h.lr / bc1) as f32,
         fresh,
+        unscale: (!fresh && h.scaled_in).then(|| Unscale {
+            range_m,
+            range_v,
+            k: (1.0 / scale_factor(b1, b2, step - 1)) as f32,
+        }),
+        scale: h.scaled_out.then_some(scale_factor(b1, b2, step) as f32),
     }
+}
+
+/// The factor of a scaled exp_avg stored at step `step`: `sqrt(1 - beta2^step) / (1 -
+/// beta1^step)`, the bias corrections of Adam's update (see [`scaled`]).
+pub fn scale_factor(beta1: f64, beta2: f64, step: u64) -> f64 {
+    (1.0 - beta2.powf(step as f64)).sqrt() / (1.0 - beta1.powf(step as f64))
 }
 
 /// Float32 scalars of an Adam step, rounded as torch rounds Python floats.
@@ -262,6 +295,19 @@ struct AdamScalars {
     eps: f32,
     step_size: f32,
     fresh: bool,
+    /// The old exp_avg is stored scaled: multiply it back (after clamping both slots).
+    unscale: Option<Unscale>,
+    /// Store the new exp_avg scaled, with this step's factor ([`scale_factor`]).
+    scale: Option<f32>,
+}
+
+/// How a scaled exp_avg is multiplied back: the ranges the decoded slots are clamped into
+/// first, and the inverse of the factor it was stored with.
+#[derive(Clone, Copy)]
+struct Unscale {
+    range_m: Option<[f32; 2]>,
+    range_v: Option<[f32; 2]>,
+    k: f32,
 }
 
 /// The scalar step of one element: the reference the SIMD loops reproduce bit for bit. Returns
@@ -689,8 +735,12 @@ fn adam_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
+    if let Some(u) = s.unscale {
+        unscale_exp_avg(m, v, u.range_m, u.range_v, u.k);
+    }
     // SAFETY: four slices of one length, the parameter lent mutably.
-    unsafe { adam_kernel::<true>(s, p.as_mut_ptr(), g, m, v) }
+    let t = unsafe { adam_kernel::<true>(s, p.as_mut_ptr(), g, m, v) };
+    scaled_tallies(s, m, v, t)
 }
 
 /// [`adam_chunk`] without the parameter update: the new moments and their tallies only (the
@@ -704,8 +754,110 @@ fn moments_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
+    if let Some(u) = s.unscale {
+        unscale_exp_avg(m, v, u.range_m, u.range_v, u.k);
+    }
     // SAFETY: four slices of one length; with UPDATE = false the kernels only read `p`.
-    unsafe { adam_kernel::<false>(s, p.as_ptr().cast_mut(), g, m, v) }
+    let t = unsafe { adam_kernel::<false>(s, p.as_ptr().cast_mut(), g, m, v) };
+    scaled_tallies(s, m, v, t)
+}
+
+/// The new exp_avg scaled in place where the step stores it scaled, its tally then taken over
+/// the scaled values.
+fn scaled_tallies(s: &AdamScalars, m: &mut [f32], v: &[f32], [tm, tv]: [Tally; 2]) -> [Tally; 2] {
+    if let Some(k) = s.scale {
+        let mut t = scale_exp_avg(m, v, k);
+        fix_zero_signs(&mut t, m);
+        [t, tv]
+    } else {
+        [tm, tv]
+    }
+}
+
+/// exp_avg as stored scaled, from its value `m`, exp_avg_sq's `v` and the step's factor `k`
+/// ([`scale_factor`]): `m / sqrt(v) * k`, Adam's update direction `(m / bc1) / sqrt(v / bc2)`,
+/// so every element is coded with the same precision relative to its own update, however
+/// small its gradients (coded as is, the elements with small gradients are rounded on a grid
+/// set by the large ones, and their updates, which divide by their small `sqrt(v)`, take that
+/// rounding noise magnified), and the values' spread stays put from step to step (the bias
+/// corrections). 0 where `v` is 0 (there `m` is 0 too: `m^2 <= v (1-beta1)^2 /
+/// ((1-beta2)(1-beta1^2/beta2))` for zero-started moments); `m` itself where `v` is not
+/// finite. [`unscaled`] inverts it.
+#[inline(always)]
+pub fn scaled(m: f32, v: f32, k: f32) -> f32 {
+    if v > 0.0 && v < f32::INFINITY {
+        m / v.sqrt() * k
+    } else if v == 0.0 {
+        0.0
+    } else {
+        m
+    }
+}
+
+/// exp_avg from its scaled value `ms`, exp_avg_sq's decoded value `v` and the inverse `kinv`
+/// of the factor it was stored with: `ms * sqrt(v) * kinv`, or `ms` where `v` is not finite
+/// (see [`scaled`]).
+#[inline(always)]
+pub fn unscaled(ms: f32, v: f32, kinv: f32) -> f32 {
+    if v.is_finite() {
+        ms * v.sqrt() * kinv
+    } else {
+        ms
+    }
+}
+
+crate::simd::multiversion! {
+    /// Clamps a decoded exp_avg (scaled) and exp_avg_sq into their ranges and multiplies exp_avg
+    /// back ([`unscaled`]).
+    fn unscale_exp_avg(
+        m: &mut [f32],
+        v: &[f32],
+        range_m: Option<[f32; 2]>,
+        range_v: Option<[f32; 2]>,
+        kinv: f32,
+    ) = unscale_exp_avg_base {
+        let [mlo, mhi] = range_m.unwrap_or([f32::NEG_INFINITY, f32::INFINITY]);
+        let [vlo, vhi] = range_v.unwrap_or([f32::NEG_INFINITY, f32::INFINITY]);
+        for (m, &v) in m.iter_mut().zip(v) {
+            *m = unscaled(clamp(*m, mlo, mhi), clamp(v, vlo, vhi), kinv);
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    /// Scales the new exp_avg in place ([`scaled`]) and tallies the scaled values (the sign of a
+    /// zero extreme is left to [`fix_zero_signs`]).
+    fn scale_exp_avg(m: &mut [f32], v: &[f32], k: f32) -> Tally = scale_exp_avg_base {
+        const L: usize = 16;
+        let (mut lo, mut hi) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
+        let (mut zeros, mut nan) = ([0u32; L], [false; L]);
+        let mut mc = m.chunks_exact_mut(L);
+        let mut vc = v.chunks_exact(L);
+        for (m, v) in (&mut mc).zip(&mut vc) {
+            for l in 0..L {
+                let x = scaled(m[l], v[l], k);
+                m[l] = x;
+                lo[l] = if x < lo[l] { x } else { lo[l] };
+                hi[l] = if x > hi[l] { x } else { hi[l] };
+                zeros[l] += (x == 0.0) as u32;
+                nan[l] |= x.is_nan();
+            }
+        }
+        let mut t = Tally::EMPTY;
+        for (m, &v) in mc.into_remainder().iter_mut().zip(vc.remainder()) {
+            *m = scaled(*m, v, k);
+            t.add(*m as f64);
+        }
+        for l in 0..L {
+            t = t.then(Tally {
+                zeros: zeros[l] as u64,
+                min: lo[l] as f64,
+                max: hi[l] as f64,
+                nan: nan[l],
+            });
+        }
+        t
+    }
 }
 
 /// The widest kernel the CPU runs.
@@ -764,9 +916,7 @@ pub fn adam_step(
             "exp_avg and exp_avg_sq must both be present or both absent".into(),
         ));
     }
-    if h.step == 0 {
-        return Err(Error::Layout("the step count starts at 1".into()));
-    }
+    check_step(h, fresh)?;
     let range_m = check_slot(slots[0], n, "exp_avg")?;
     let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
     let pieces = shared_pieces(&slots);
@@ -1248,9 +1398,7 @@ fn adam_pieces(
     let n = param.len();
     let range_m = check_slot(slots[0], n, "exp_avg")?;
     let range_v = check_slot(slots[1], n, "exp_avg_sq")?;
-    if h.step == 0 {
-        return Err(Error::Layout("the step count starts at 1".into()));
-    }
+    check_step(h, matches!(slots[0], SlotIn::Fresh))?;
     let s = adam_scalars(h, matches!(slots[0], SlotIn::Fresh), range_m, range_v);
     let base = Base {
         s: &s,
@@ -1274,7 +1422,8 @@ fn adam_pieces(
         slots[0],
     ) {
         let mut first = base.pass(false, [None, None], [false; 2], [true, false]);
-        first.decode = [true, false];
+        // A scaled exp_avg reads exp_avg_sq, old (multiplied back) or new (scaled).
+        first.decode = [true, s.unscale.is_some() || s.scale.is_some()];
         let [m, _] = first.run(param, ([Vec::new(), Vec::new()], [None, None]))?;
         let pm = m.stats.finish(plan.cfgs[0].spread);
         let (out, path) = one_pass(param, shape, &rules, &plan, [pm, pv], base)?;
@@ -1534,6 +1683,87 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64;
 
+    #[test]
+    fn scaled_exp_avg_round_trips_and_tallies_like_the_scalar_loop() {
+        let (k, kinv) = (
+            scale_factor(0.9, 0.999, 7),
+            1.0 / scale_factor(0.9, 0.999, 7),
+        );
+        let (k, kinv) = (k as f32, kinv as f32);
+        // scaled, then multiplied back: the value, to a few ulps; exact zeros and specials.
+        let mut m = values(1000, 21, true);
+        let mut v: Vec<f32> = values(1000, 22, true).iter().map(|x| x * x * 1e3).collect();
+        v[5] = 0.0;
+        m[5] = 0.0;
+        v[6] = f32::INFINITY;
+        m[6] = 3.0;
+        v[7] = f32::NAN;
+        m[7] = -2.0;
+        for (&m, &v) in m.iter().zip(&v) {
+            let back = unscaled(scaled(m, v, k), v, kinv);
+            if v == 0.0 {
+                assert_eq!(back, 0.0);
+            } else if m.is_nan() {
+                assert!(back.is_nan());
+            } else if !v.is_finite() {
+                assert_eq!(back.to_bits(), m.to_bits());
+            } else {
+                let close = (back - m).abs() <= 4.0 * f32::EPSILON * m.abs();
+                assert!(back == m || close, "{m} {v} {back}");
+            }
+        }
+        // The dispatched loop (the widest level) and the baseline build: the scalar values,
+        // and the tally Tally::add gives.
+        for odd in [0, 5, 17] {
+            let n = m.len() - odd;
+            let want: Vec<f32> = m[..n]
+                .iter()
+                .zip(&v)
+                .map(|(&x, &y)| scaled(x, y, k))
+                .collect();
+            let mut t_want = Tally::EMPTY;
+            want.iter().for_each(|&x| t_want.add(x as f64));
+            for f in [scale_exp_avg, scale_exp_avg_base] {
+                let mut got = m[..n].to_vec();
+                let mut t = f(&mut got, &v[..n], k);
+                fix_zero_signs(&mut t, &got);
+                let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want));
+                assert_eq!(
+                    (t.zeros, t.nan, t.min.to_bits(), t.max.to_bits()),
+                    (
+                        t_want.zeros,
+                        t_want.nan,
+                        t_want.min.to_bits(),
+                        t_want.max.to_bits()
+                    )
+                );
+            }
+            // without NaN, the range too
+            let clean: Vec<f32> = want
+                .iter()
+                .map(|&x| if x.is_nan() { 1.0 } else { x })
+                .collect();
+            let mut got = clean.clone();
+            let ones = vec![1.0f32; n];
+            let t = scale_exp_avg(&mut got, &ones, 1.0);
+            let mut t_want = Tally::EMPTY;
+            clean.iter().for_each(|&x| t_want.add(x as f64));
+            assert!(!t.nan && t.min == t_want.min && t.max == t_want.max);
+        }
+        // multiplied back after clamping, both builds alike
+        let ms: Vec<f32> = m.iter().zip(&v).map(|(&x, &y)| scaled(x, y, k)).collect();
+        let (rm, rv) = (Some([-1.0f32, 1.0]), Some([1e-6f32, 1e3]));
+        let mut a = ms.clone();
+        let mut b = ms.clone();
+        unscale_exp_avg(&mut a, &v, rm, rv, kinv);
+        unscale_exp_avg_base(&mut b, &v, rm, rv, kinv);
+        for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let want = unscaled(clamp(ms[i], -1.0, 1.0), clamp(v[i], 1e-6, 1e3), kinv);
+            assert_eq!((x.to_bits(), y.to_bits()), (want.to_bits(), want.to_bits()));
+        }
+    }
+
     fn values(n: usize, seed: u64, specials: bool) -> Vec<f32> {
         let mut r = SplitMix64::new(seed);
         (0..n)
@@ -1581,6 +1811,8 @@ mod tests {
                         eps: 1e-8,
                         step_size: -0.01,
                         fresh: variant == 3,
+                        unscale: None,
+                        scale: None,
                     };
                     let p = values(n, case, specials);
                     let g = values(n, case + 100, specials);
@@ -2138,7 +2370,8 @@ mod one_pass_tests {
 mod tests_support {
     use super::*;
 
-    /// AdamW's defaults at step 3, on decoded state.
+    /// AdamW's defaults at step 3, on decoded state, exp_avg stored scaled (the Python
+    /// optimizer's default).
     pub(super) fn adam_w_step_3() -> AdamStep {
         AdamStep {
             lr: 1e-3,
@@ -2151,6 +2384,8 @@ mod tests_support {
             guard: true,
             decoded: true,
             step: 3,
+            scaled_in: true,
+            scaled_out: true,
         }
     }
     use crate::codec::{Param, Params};

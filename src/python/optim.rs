@@ -146,7 +146,7 @@ fn out<'py>(py: Python<'py>, s: SlotOut) -> PyResult<StateOut<'py>> {
 #[pyfunction]
 #[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, states, *, lr, beta1, beta2, eps,
                     weight_decay, decoupled, maximize, guard, decoded, step, codec, params,
-                    keeps_zeros, sparse_fraction))]
+                    keeps_zeros, sparse_fraction, scaled=(false, false)))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step<'py>(
     py: Python<'py>,
@@ -169,6 +169,7 @@ fn adam_step<'py>(
     params: (Bound<'py, PyDict>, Bound<'py, PyDict>),
     keeps_zeros: (bool, bool),
     sparse_fraction: f64,
+    scaled: (bool, bool),
 ) -> PyResult<(StateOut<'py>, StateOut<'py>, &'static str)> {
     let h = AdamStep {
         lr,
@@ -181,6 +182,8 @@ fn adam_step<'py>(
         guard,
         decoded,
         step,
+        scaled_in: scaled.0,
+        scaled_out: scaled.1,
     };
     let pm: Params = params_from_dict(Some(&params.0))?;
     let pv: Params = params_from_dict(Some(&params.1))?;

@@ -11,14 +11,24 @@ have settled (a std between 1% below and 3% above the step before's, a mean with
 std: the steady state of training), once, coding with the statistics the step before kept and
 checking them afterwards (a slot they no longer fit is coded again). ``fused_paths`` counts how the steps ran.
 With SmaQ, ``exp_avg_sq`` is packed in the log domain (``log=True``: relative precision at every
-magnitude, which Adam's ``1/sqrt(v)`` needs). Tensors with fewer than ``min_numel``
+magnitude, which Adam's ``1/sqrt(v)`` needs).
+
+Adam's ``exp_avg`` is packed scaled (``scale_exp_avg=True``, the default): divided by
+``sqrt(exp_avg_sq)`` and multiplied by the step's bias corrections, ``sqrt(1 - beta2**t) /
+(1 - beta1**t)``, which makes it the direction of the update, the quantity the step reads; 0
+where exp_avg_sq is 0 (exp_avg is then 0 too). The next step multiplies it back with the square
+root of the decoded exp_avg_sq. Packed as is, the elements whose gradients are small next to
+the tensor's others would be rounded on a grid set by the large ones, and their updates, which
+divide by their own small ``sqrt(exp_avg_sq)``, would take that rounding noise magnified. The
+state entry ``exp_avg_scaled`` records the scaling; state saved without it loads as it was
+saved. Tensors with fewer than ``min_numel``
 elements, and parameter groups with ``compress_state=False``, keep dense state.
 
 Exactness and resuming: zeros in the state decode to exactly 0 (a zero map is stored when the
 codec does not guarantee it). Stochastic rounding draws its seed from (group ``seed``, group,
 parameter, step, slot), so a run resumed from ``state_dict()`` continues bit for bit like the
-uninterrupted one. ``state_dict()`` holds only tensors, ints, floats and strings and loads with
-``torch.load(..., weights_only=True)``.
+uninterrupted one. ``state_dict()`` holds only tensors, ints, floats, bools and strings and
+loads with ``torch.load(..., weights_only=True)``.
 
 Adam guard (``guard=True``, the default): with zero-initialised moments and beta1**2 < beta2,
 Cauchy-Schwarz gives exp_avg**2 <= exp_avg_sq * (1-beta1)**2 / ((1-beta2)(1-beta1**2/beta2)).
@@ -48,10 +58,27 @@ from ._store import Stored
 _COMMON = ("compress_state", "quantize_weights", "quantize_grads", "seed")
 
 
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """The square root correctly rounded, as the fused step takes it (torch's float32 kernel can
+    be an ulp off): through float64, whose rounding to float32 is then exact."""
+    return v.double().sqrt().to(v.dtype)
+
+
+def _scale_factor(beta1: float, beta2: float, step: int) -> float:
+    """The factor of a scaled exp_avg stored at step ``step``: sqrt(1 - beta2**step) /
+    (1 - beta1**step), Adam's bias corrections, so the scaled values are the update's direction
+    (m / bc1) / sqrt(v / bc2) and their spread stays put from step to step."""
+    return math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+
 def _derive_seed(base: int, gi: int, pi: int, step: int, slot: str) -> int:
     h = hashlib.blake2b(f"{base}:{gi}:{pi}:{step}:{slot}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
+
+#: The state entry that says a parameter's packed exp_avg is stored scaled (divided by
+#: sqrt(exp_avg_sq)); absent in state saved without scaling, which loads as it was saved.
+_SCALED = "exp_avg_scaled"
 
 #: Parameters of at least this many values keep their new state's statistics (24 bytes per
 #: slot: mean, std, and whether they had settled, i.e. moved within the one pass's tolerance
@@ -147,8 +174,10 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                 else:
                     bufs = {s: (None if fresh else self._load(state, s, p))
                             for s in self._slots}
+                    if not fresh:
+                        self._loaded(state, bufs, group, step)
                     bufs = self._update(p, g, bufs, group, step, decoded)
-                    for s, v in bufs.items():
+                    for s, v in self._to_store(state, bufs, packed, group, step).items():
                         if v is None:
                             continue
                         if packed:
@@ -163,6 +192,14 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
 
     def _update(self, p, g, bufs, group, step, decoded):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _loaded(self, state, bufs, group, step: int) -> None:
+        """Turns the slots as decoded (``bufs``, in place) into the state step ``step`` reads."""
+
+    def _to_store(self, state, bufs, packed: bool, group, step: int):
+        """The slots' values as they are stored after step ``step`` (``packed``: as packed
+        bytes); records in ``state`` how they were stored."""
+        return bufs
 
     # -- the fused step (src/optim.rs): decode, update and re-encode in one Rust call ----------
     #: Set to False to force the per-operation torch path (tests compare the two).
@@ -335,10 +372,10 @@ class Adam(_PackedStateOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
-                 maximize: bool = False, *, guard: bool = True, codec: str = "smaq",
-                 codec_params: Optional[Dict[str, Any]] = None, min_numel: int = 4096,
-                 compress_state: bool = True, quantize_weights: bool = False,
-                 quantize_grads: bool = False, seed: int = 0):
+                 maximize: bool = False, *, guard: bool = True, scale_exp_avg: bool = True,
+                 codec: str = "smaq", codec_params: Optional[Dict[str, Any]] = None,
+                 min_numel: int = 4096, compress_state: bool = True,
+                 quantize_weights: bool = False, quantize_grads: bool = False, seed: int = 0):
         if amsgrad:
             raise ValueError(f"{type(self).__name__}: amsgrad is not supported")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -350,6 +387,8 @@ class Adam(_PackedStateOptimizer):
                                       guard=guard),
                          codec, codec_params, min_numel, compress_state, quantize_weights,
                          quantize_grads, seed)
+        #: Pack exp_avg divided by sqrt(exp_avg_sq) (see the module doc).
+        self.scale_exp_avg = bool(scale_exp_avg)
         #: How the fused steps ran, per parameter step (src/optim.rs, ``StepPath``): "one-pass"
         #: (the steady state: coded with the statistics kept from the step before), "redone-*"
         #: (those were rejected for a slot, which was coded again), "two-pass" (no statistics
@@ -382,6 +421,25 @@ class Adam(_PackedStateOptimizer):
         bufs["exp_avg"], bufs["exp_avg_sq"] = m, v
         return bufs
 
+    def _loaded(self, state, bufs, group, step: int) -> None:
+        # A scaled exp_avg, stored by the step before: exp_avg = scaled * sqrt(exp_avg_sq) / k.
+        if state.get(_SCALED):
+            m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+            kinv = 1.0 / _scale_factor(*group["betas"], step - 1)
+            m.copy_(torch.where(torch.isfinite(v), m * _sqrt(v) * kinv, m))
+
+    def _to_store(self, state, bufs, packed: bool, group, step: int):
+        scaled = packed and self.scale_exp_avg and bufs.get("exp_avg") is not None
+        state.pop(_SCALED, None)
+        if not scaled:
+            return bufs
+        state[_SCALED] = True
+        m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+        k = _scale_factor(*group["betas"], step)
+        ok = (v > 0) & (v < math.inf)
+        ms = torch.where(ok, m / _sqrt(v) * k, torch.where(v == 0, 0.0, m))
+        return {**bufs, "exp_avg": ms}
+
     def _fused(self, p, g, ins, group, step, decoded, seeds):
         if any(i is not None and i[0] is None for i in ins):
             # a slot was put in its scratch buffer (zero-mapped or dense state): whole buffers
@@ -400,7 +458,11 @@ class Adam(_PackedStateOptimizer):
             codec=self.codec, params=(pm, pv),
             keeps_zeros=(_store.codec_keeps_zeros(self.codec, pm),
                          _store.codec_keeps_zeros(self.codec, pv)),
-            sparse_fraction=_store.SPARSE_FRACTION)
+            sparse_fraction=_store.SPARSE_FRACTION,
+            scaled=(bool(self.state[p].get(_SCALED)), self.scale_exp_avg))
+        self.state[p].pop(_SCALED, None)
+        if self.scale_exp_avg:
+            self.state[p][_SCALED] = True
         self.fused_paths[path] += 1
         return m_out, v_out
 
