@@ -5,7 +5,9 @@
 Measured in one run, same model and gradients: torch's fused AdamW (float32 state), torch's
 foreach AdamW, smaq_rs.torch.AdamW (exp_avg / exp_avg_sq packed with SmaQ 6/8, dense below
 4096 elements) with its fused Rust step and, for comparison, with the per-operation torch update
-(``fused = False``, the path before it), and bitsandbytes' AdamW8bit / torchao's AdamW8bit where they are installed.
+(``fused = False``, the path before it) and with exp_avg packed unscaled (``scale_exp_avg=False``:
+what the scaling costs), and bitsandbytes' AdamW8bit / torchao's AdamW8bit where they are
+installed.
 State bytes are summed from the real buffers each optimizer holds after the steps (tensors'
 storage bytes; for smaq_rs the packed bytes). Times are medians of ``--steps`` steps after
 ``--warmup`` untimed steps (2). Gradients are random tensors drawn afresh each step (no
@@ -125,6 +127,7 @@ def candidates():
         ("torch AdamW foreach fp32", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
         ("smaq_rs AdamW (SmaQ 6/8)", lambda p: st.AdamW(p, lr=1e-3)),
         ("  same, torch path (before)", _unfused(lambda p: st.AdamW(p, lr=1e-3))),
+        ("  same, exp_avg unscaled", lambda p: st.AdamW(p, lr=1e-3, scale_exp_avg=False)),
         ("smaq_rs AdamW (SmaQ 5/7)", lambda p: st.AdamW(
             p, lr=1e-3, codec_params={"bits_main": 5, "bits_outlier": 7})),
     ]

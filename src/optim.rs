@@ -970,7 +970,7 @@ pub enum StepPath {
     TwoPass,
     /// One pass, encoded with the provisional statistics, which were accepted for both slots.
     OnePass,
-    /// A first pass over exp_avg alone (its exact statistics), then one pass with exp_avg_sq's
+    /// A first pass gathering exp_avg's exact statistics alone, then one pass with exp_avg_sq's
     /// provisional statistics, which were accepted.
     ExpAvgFirst,
     /// One pass, then the slots marked true encoded again with the exact statistics (their
@@ -1412,9 +1412,10 @@ fn adam_pieces(
     if let (Some(pm), Some(pv), None) = (provisional(&slots[0]), provisional(&slots[1]), s.l2) {
         return one_pass(param, shape, &rules, &plan, [pm, pv], base);
     }
-    // Only exp_avg_sq brings statistics (on GPT-2, exp_avg's std moves by 7% a step, a median,
-    // up to 25%; exp_avg_sq's log-domain ones by under 1%): a first pass over exp_avg alone (no
-    // exp_avg_sq decoded, no logarithm taken) gives its exact statistics, then one pass.
+    // Only exp_avg_sq brings statistics (exp_avg's move more from step to step than
+    // exp_avg_sq's log-domain ones): a first pass gathering exp_avg's alone (no logarithm taken;
+    // exp_avg_sq not even decoded unless exp_avg is scaled) gives its exact statistics, then
+    // one pass.
     if let (None, Some(pv), None, SlotIn::Packed { .. }) = (
         provisional(&slots[0]),
         provisional(&slots[1]),

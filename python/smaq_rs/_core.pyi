@@ -104,9 +104,13 @@ def adam_step(
     weight_decay: float, decoupled: bool, maximize: bool, guard: bool, decoded: bool,
     step: int, codec: str, params: Tuple[Dict[str, Any], Dict[str, Any]],
     keeps_zeros: Tuple[bool, bool], sparse_fraction: float,
+    scaled: Tuple[bool, bool] = (False, False),
 ) -> Tuple[_SlotOut, _SlotOut, str]:
     """(exp_avg, exp_avg_sq, path): path is "whole", "two-pass", "one-pass",
-    "redone-exp_avg", "redone-exp_avg_sq" or "redone-both"."""
+    "redone-exp_avg", "redone-exp_avg_sq" or "redone-both". ``scaled``: (exp_avg given is
+    stored scaled, store the new one scaled), scaled meaning exp_avg / sqrt(exp_avg_sq) times
+    sqrt(1 - beta2**t) / (1 - beta1**t) of the step t that stored it (0 where exp_avg_sq is 0,
+    exp_avg itself where it is not finite)."""
 def adam_stats_settled(kept: Tuple[float, float], new: Tuple[float, float]) -> bool:
     """Whether statistics kept from one step still stand for the next step's (one pass next)."""
 def sgd_step(

@@ -108,7 +108,7 @@ class _Handle:
 class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
     """Stores the tensors autograd saves for backward as packed bytes, decoded when needed.
 
-    >>> with smaq_rs.torch.compressed_activations(rounding="nearest"):
+    >>> with smaq_rs.torch.compressed_activations():
     ...     loss = model(x).square().mean()
     >>> loss.backward()
 
@@ -120,8 +120,9 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
     - integer tensors (max-pool indices) are kept exactly, in the narrowest integer type that
       holds their values when ``narrow_ints`` (int64 indices of a 2x2 pool fit in uint8);
     - bool tensors (dropout masks) are stored as 1 bit per element when ``bool_bits``;
-    - float16 / bfloat16 / float32 / float64 tensors are packed with ``codec`` and ``params``;
-      zeros always come back as exactly 0 (see ``_store``), so ReLU masks stay right;
+    - float16 / bfloat16 / float32 / float64 tensors are packed with ``codec`` and ``params``
+      (SmaQ with nearest rounding unless ``rounding`` is given); zeros always come back as
+      exactly 0 (see ``_store``), so ReLU masks stay right;
     - a tensor saved several times (same storage, offset, shape, strides and version, object
       still alive) is packed once; unpack may run any number of times (``retain_graph``);
       the tensor given to pack is never modified; unpacked tensors have the original strides
@@ -144,6 +145,11 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
             raise ValueError("min_numel must be >= 0")
         self.codec = codec
         self.params: Dict[str, Any] = dict(params)
+        if codec == "smaq":
+            # A saved tensor is decoded for one backward, not re-coded step after step as
+            # optimizer state is: nearest rounding's error, half of stochastic rounding's in
+            # variance, is what counts, and runs repeat bit for bit.
+            self.params.setdefault("rounding", "nearest")
         self.min_numel = int(min_numel)
         self.bool_bits = bool_bits
         self.narrow_ints = narrow_ints
