@@ -58,10 +58,19 @@ from ._store import Stored
 _COMMON = ("compress_state", "quantize_weights", "quantize_grads", "seed")
 
 
+#: Elements per float64 piece of :func:`_sqrt` (8 MiB of scratch at a time).
+_SQRT_PIECE = 1 << 20
+
+
 def _sqrt(v: torch.Tensor) -> torch.Tensor:
     """The square root correctly rounded, as the fused step takes it (torch's float32 kernel can
-    be an ulp off): through float64, whose rounding to float32 is then exact."""
-    return v.double().sqrt().to(v.dtype)
+    be an ulp off): through float64, whose rounding to float32 is then exact; piece by piece,
+    so the float64 scratch stays small."""
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    src, dst = v.reshape(-1), out.view(-1)
+    for i in range(0, src.numel(), _SQRT_PIECE):
+        dst[i:i + _SQRT_PIECE] = src[i:i + _SQRT_PIECE].double().sqrt_()
+    return out
 
 
 def _scale_factor(beta1: float, beta2: float, step: int) -> float:
