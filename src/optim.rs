@@ -254,7 +254,7 @@ fn adam_scalars(
         guard: (!fresh && h.decoded && h.guard && b1 * b1 < b2)
             .then_some(((1.0 - b2) * (1.0 - b1 * b1 / b2) / ((1.0 - b1) * (1.0 - b1))) as f32),
         // A scaled exp_avg is clamped (its stored values' range) before it is multiplied back.
-        range_m: if h.scaled_in { None } else { range_m },
+        range_m,
         range_v,
         w: (1.0 - b1) as f32,
         b2: b2 as f32,
@@ -263,11 +263,7 @@ fn adam_scalars(
         eps: h.eps as f32,
         step_size: (-h.lr / bc1) as f32,
         fresh,
-        unscale: (!fresh && h.scaled_in).then(|| Unscale {
-            range_m,
-            range_v,
-            k: (1.0 / scale_factor(b1, b2, step - 1)) as f32,
-        }),
+        unscale: (!fresh && h.scaled_in).then(|| (1.0 / scale_factor(b1, b2, step - 1)) as f32),
         scale: h.scaled_out.then_some(scale_factor(b1, b2, step) as f32),
     }
 }
@@ -295,25 +291,19 @@ struct AdamScalars {
     eps: f32,
     step_size: f32,
     fresh: bool,
-    /// The old exp_avg is stored scaled: multiply it back (after clamping both slots).
-    unscale: Option<Unscale>,
+    /// The old exp_avg is stored scaled: multiply it back, after clamping both slots, with this
+    /// inverse of the factor it was stored with ([`unscaled`]).
+    unscale: Option<f32>,
     /// Store the new exp_avg scaled, with this step's factor ([`scale_factor`]).
     scale: Option<f32>,
-}
-
-/// How a scaled exp_avg is multiplied back: the ranges the decoded slots are clamped into
-/// first, and the inverse of the factor it was stored with.
-#[derive(Clone, Copy)]
-struct Unscale {
-    range_m: Option<[f32; 2]>,
-    range_v: Option<[f32; 2]>,
-    k: f32,
 }
 
 /// The scalar step of one element: the reference the SIMD loops reproduce bit for bit. Returns
 /// the new parameter value; with `UPDATE = false` only the moments are computed (the parameter
 /// update, its square root and division, is skipped and the return value is not the new
-/// parameter).
+/// parameter). A scaled exp_avg is multiplied back ([`unscaled`]) after the clamps, and the new
+/// one is stored scaled ([`scaled`]) where `s.scale` says: the update and the scaling share
+/// one square root of the new exp_avg_sq.
 #[inline(always)]
 fn adam_one<const UPDATE: bool>(s: &AdamScalars, p: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
     let mut g = if s.maximize { -g } else { g };
@@ -331,13 +321,19 @@ fn adam_one<const UPDATE: bool>(s: &AdamScalars, p: f32, g: f32, m: &mut f32, v:
     if let Some([lo, hi]) = s.range_v {
         vi = clamp(vi, lo, hi);
     }
+    if let Some(kinv) = s.unscale {
+        mi = unscaled(mi, vi, kinv);
+    }
     if let Some(c) = s.guard {
         vi = maximum(vi, mi * mi * c);
     }
     // lerp with a small weight: fma(w, g - m, m); addcmul: v*b2 + (c2*g)*g.
     mi = s.w.mul_add(g - mi, mi);
     vi = (s.c2 * g).mul_add(g, vi * s.b2);
-    *m = mi;
+    *m = match s.scale {
+        Some(k) => scaled(mi, vi, k),
+        None => mi,
+    };
     *v = vi;
     if UPDATE {
         let denom = vi.sqrt() / s.sqrt_bc2 + s.eps;
@@ -474,6 +470,8 @@ mod avx2 {
         let sqrt_bc2 = _mm256_set1_ps(s.sqrt_bc2);
         let eps = _mm256_set1_ps(s.eps);
         let step_size = _mm256_set1_ps(s.step_size);
+        let sign = _mm256_set1_ps(-0.0);
+        let inf = _mm256_set1_ps(f32::INFINITY);
         let mut i = 0;
         while i + 8 <= n {
             // SAFETY: i + 8 <= n for all four buffers (same length).
@@ -502,6 +500,13 @@ mod avx2 {
             };
             mi = clamp(mi, s.range_m);
             vi = clamp(vi, s.range_v);
+            if let Some(kinv) = s.unscale {
+                // unscaled(): mi * sqrt(vi) * kinv where vi is finite (|vi| < inf), else mi.
+                let fin = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, vi), inf);
+                let back =
+                    _mm256_mul_ps(_mm256_mul_ps(mi, _mm256_sqrt_ps(vi)), _mm256_set1_ps(kinv));
+                mi = _mm256_blendv_ps(mi, back, fin);
+            }
             if let Some(c) = s.guard {
                 // maximum(vi, b): b wins when vi is NaN, b > vi or b is NaN, that is when
                 // not (vi >= b) with unordered counted as true.
@@ -510,11 +515,28 @@ mod avx2 {
             }
             mi = _mm256_fmadd_ps(w, _mm256_sub_ps(gv, mi), mi);
             vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv, _mm256_mul_ps(vi, b2));
+            // One square root for the update and the scaling.
+            let sq = if UPDATE || s.scale.is_some() {
+                _mm256_sqrt_ps(vi)
+            } else {
+                vi
+            };
             if UPDATE {
-                let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), sqrt_bc2), eps);
+                let denom = _mm256_add_ps(_mm256_div_ps(sq, sqrt_bc2), eps);
                 let upd = _mm256_div_ps(_mm256_mul_ps(step_size, mi), denom);
                 // SAFETY: 8 in-bounds floats, lent mutably when UPDATE (the contract).
                 unsafe { _mm256_storeu_ps(pp, _mm256_add_ps(pv, upd)) };
+            }
+            if let Some(k) = s.scale {
+                // scaled(): mi / sqrt(vi) * k where 0 < vi < inf, +0 where vi == 0, else mi.
+                let zero = _mm256_setzero_ps();
+                let pos = _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(vi, zero),
+                    _mm256_cmp_ps::<_CMP_LT_OQ>(vi, inf),
+                );
+                let ms = _mm256_mul_ps(_mm256_div_ps(mi, sq), _mm256_set1_ps(k));
+                mi = _mm256_blendv_ps(mi, ms, pos);
+                mi = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(vi, zero), mi);
             }
             // SAFETY: 8 in-bounds floats each (above).
             unsafe {
@@ -698,6 +720,13 @@ mod avx512 {
             };
             mi = clamp(mi, s.range_m);
             vi = clamp(vi, s.range_v);
+            if let Some(kinv) = s.unscale {
+                // unscaled(): mi * sqrt(vi) * kinv where vi is finite, else mi (NaN and +-Inf
+                // are fpclass 0x99).
+                let fin = !_mm512_fpclass_ps_mask::<0x99>(vi);
+                let back = _mm512_mul_ps(mi, _mm512_sqrt_ps(vi));
+                mi = _mm512_mask_mul_ps(mi, fin, back, _mm512_set1_ps(kinv));
+            }
             if let Some(c) = s.guard {
                 // b wins when not (vi >= b), unordered counted as true (torch.maximum).
                 let b = _mm512_mul_ps(_mm512_mul_ps(mi, mi), _mm512_set1_ps(c));
@@ -705,11 +734,26 @@ mod avx512 {
             }
             mi = _mm512_fmadd_ps(w, _mm512_sub_ps(gv, mi), mi);
             vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gv), gv, _mm512_mul_ps(vi, b2));
+            // One square root for the update and the scaling.
+            let sq = if UPDATE || s.scale.is_some() {
+                _mm512_sqrt_ps(vi)
+            } else {
+                vi
+            };
             if UPDATE {
-                let denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), sqrt_bc2), eps);
+                let denom = _mm512_add_ps(_mm512_div_ps(sq, sqrt_bc2), eps);
                 let upd = _mm512_div_ps(_mm512_mul_ps(step_size, mi), denom);
                 // SAFETY: 16 in-bounds floats, lent mutably when UPDATE (the contract).
                 unsafe { _mm512_storeu_ps(pp, _mm512_add_ps(pv, upd)) };
+            }
+            if let Some(k) = s.scale {
+                // scaled(): mi / sqrt(vi) * k where 0 < vi < inf, +0 where vi == 0, else mi.
+                let zero = _mm512_setzero_ps();
+                let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(vi, zero)
+                    & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(vi, _mm512_set1_ps(f32::INFINITY));
+                let ms = _mm512_div_ps(mi, sq);
+                mi = _mm512_mask_mul_ps(mi, pos, ms, _mm512_set1_ps(k));
+                mi = _mm512_mask_mov_ps(mi, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(vi, zero), zero);
             }
             // SAFETY: 16 in-bounds floats each (above).
             unsafe {
@@ -726,7 +770,8 @@ mod avx512 {
     }
 }
 
-/// One chunk of the step: parameter updated in place, new moments in `m`, `v`, their tallies.
+/// One chunk of the step: parameter updated in place, new moments in `m`, `v` (exp_avg scaled
+/// where the step stores it so), their tallies.
 fn adam_chunk(
     s: &AdamScalars,
     p: &mut [f32],
@@ -735,12 +780,8 @@ fn adam_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
-    if let Some(u) = s.unscale {
-        unscale_exp_avg(m, v, u.range_m, u.range_v, u.k);
-    }
     // SAFETY: four slices of one length, the parameter lent mutably.
-    let t = unsafe { adam_kernel::<true>(s, p.as_mut_ptr(), g, m, v) };
-    scaled_tallies(s, m, v, t)
+    unsafe { adam_kernel::<true>(s, p.as_mut_ptr(), g, m, v) }
 }
 
 /// [`adam_chunk`] without the parameter update: the new moments and their tallies only (the
@@ -754,24 +795,8 @@ fn moments_chunk(
     v: &mut [f32],
 ) -> [Tally; 2] {
     assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
-    if let Some(u) = s.unscale {
-        unscale_exp_avg(m, v, u.range_m, u.range_v, u.k);
-    }
     // SAFETY: four slices of one length; with UPDATE = false the kernels only read `p`.
-    let t = unsafe { adam_kernel::<false>(s, p.as_ptr().cast_mut(), g, m, v) };
-    scaled_tallies(s, m, v, t)
-}
-
-/// The new exp_avg scaled in place where the step stores it scaled, its tally then taken over
-/// the scaled values.
-fn scaled_tallies(s: &AdamScalars, m: &mut [f32], v: &[f32], [tm, tv]: [Tally; 2]) -> [Tally; 2] {
-    if let Some(k) = s.scale {
-        let mut t = scale_exp_avg(m, v, k);
-        fix_zero_signs(&mut t, m);
-        [t, tv]
-    } else {
-        [tm, tv]
-    }
+    unsafe { adam_kernel::<false>(s, p.as_ptr().cast_mut(), g, m, v) }
 }
 
 /// exp_avg as stored scaled, from its value `m`, exp_avg_sq's `v` and the step's factor `k`
@@ -803,60 +828,6 @@ pub fn unscaled(ms: f32, v: f32, kinv: f32) -> f32 {
         ms * v.sqrt() * kinv
     } else {
         ms
-    }
-}
-
-crate::simd::multiversion! {
-    /// Clamps a decoded exp_avg (scaled) and exp_avg_sq into their ranges and multiplies exp_avg
-    /// back ([`unscaled`]).
-    fn unscale_exp_avg(
-        m: &mut [f32],
-        v: &[f32],
-        range_m: Option<[f32; 2]>,
-        range_v: Option<[f32; 2]>,
-        kinv: f32,
-    ) = unscale_exp_avg_base {
-        let [mlo, mhi] = range_m.unwrap_or([f32::NEG_INFINITY, f32::INFINITY]);
-        let [vlo, vhi] = range_v.unwrap_or([f32::NEG_INFINITY, f32::INFINITY]);
-        for (m, &v) in m.iter_mut().zip(v) {
-            *m = unscaled(clamp(*m, mlo, mhi), clamp(v, vlo, vhi), kinv);
-        }
-    }
-}
-
-crate::simd::multiversion! {
-    /// Scales the new exp_avg in place ([`scaled`]) and tallies the scaled values (the sign of a
-    /// zero extreme is left to [`fix_zero_signs`]).
-    fn scale_exp_avg(m: &mut [f32], v: &[f32], k: f32) -> Tally = scale_exp_avg_base {
-        const L: usize = 16;
-        let (mut lo, mut hi) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
-        let (mut zeros, mut nan) = ([0u32; L], [false; L]);
-        let mut mc = m.chunks_exact_mut(L);
-        let mut vc = v.chunks_exact(L);
-        for (m, v) in (&mut mc).zip(&mut vc) {
-            for l in 0..L {
-                let x = scaled(m[l], v[l], k);
-                m[l] = x;
-                lo[l] = if x < lo[l] { x } else { lo[l] };
-                hi[l] = if x > hi[l] { x } else { hi[l] };
-                zeros[l] += (x == 0.0) as u32;
-                nan[l] |= x.is_nan();
-            }
-        }
-        let mut t = Tally::EMPTY;
-        for (m, &v) in mc.into_remainder().iter_mut().zip(vc.remainder()) {
-            *m = scaled(*m, v, k);
-            t.add(*m as f64);
-        }
-        for l in 0..L {
-            t = t.then(Tally {
-                zeros: zeros[l] as u64,
-                min: lo[l] as f64,
-                max: hi[l] as f64,
-                nan: nan[l],
-            });
-        }
-        t
     }
 }
 
@@ -1713,55 +1684,50 @@ mod tests {
                 assert!(back == m || close, "{m} {v} {back}");
             }
         }
-        // The dispatched loop (the widest level) and the baseline build: the scalar values,
-        // and the tally Tally::add gives.
-        for odd in [0, 5, 17] {
-            let n = m.len() - odd;
-            let want: Vec<f32> = m[..n]
-                .iter()
-                .zip(&v)
-                .map(|(&x, &y)| scaled(x, y, k))
-                .collect();
-            let mut t_want = Tally::EMPTY;
-            want.iter().for_each(|&x| t_want.add(x as f64));
-            for f in [scale_exp_avg, scale_exp_avg_base] {
-                let mut got = m[..n].to_vec();
-                let mut t = f(&mut got, &v[..n], k);
-                fix_zero_signs(&mut t, &got);
-                let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want));
-                assert_eq!(
-                    (t.zeros, t.nan, t.min.to_bits(), t.max.to_bits()),
-                    (
-                        t_want.zeros,
-                        t_want.nan,
-                        t_want.min.to_bits(),
-                        t_want.max.to_bits()
-                    )
-                );
-            }
-            // without NaN, the range too
-            let clean: Vec<f32> = want
-                .iter()
-                .map(|&x| if x.is_nan() { 1.0 } else { x })
-                .collect();
-            let mut got = clean.clone();
-            let ones = vec![1.0f32; n];
-            let t = scale_exp_avg(&mut got, &ones, 1.0);
-            let mut t_want = Tally::EMPTY;
-            clean.iter().for_each(|&x| t_want.add(x as f64));
-            assert!(!t.nan && t.min == t_want.min && t.max == t_want.max);
-        }
-        // multiplied back after clamping, both builds alike
+        // The step with the scaling inside: the old exp_avg multiplied back after the clamps,
+        // the plain step, the new one scaled, element by element.
+        let plain = AdamScalars {
+            maximize: false,
+            decay: Some(0.999),
+            l2: None,
+            guard: Some(0.0123),
+            // The range of the stored (scaled) values: the plain step takes them multiplied back.
+            range_m: None,
+            range_v: Some([1e-6, 1e3]),
+            w: 0.1,
+            b2: 0.999,
+            c2: 0.001,
+            sqrt_bc2: 0.0447,
+            eps: 1e-8,
+            step_size: -0.01,
+            fresh: false,
+            unscale: None,
+            scale: None,
+        };
+        let with = AdamScalars {
+            range_m: Some([-1.0, 1.0]),
+            unscale: Some(kinv),
+            scale: Some(k),
+            ..plain
+        };
         let ms: Vec<f32> = m.iter().zip(&v).map(|(&x, &y)| scaled(x, y, k)).collect();
-        let (rm, rv) = (Some([-1.0f32, 1.0]), Some([1e-6f32, 1e3]));
-        let mut a = ms.clone();
-        let mut b = ms.clone();
-        unscale_exp_avg(&mut a, &v, rm, rv, kinv);
-        unscale_exp_avg_base(&mut b, &v, rm, rv, kinv);
-        for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
-            let want = unscaled(clamp(ms[i], -1.0, 1.0), clamp(v[i], 1e-6, 1e3), kinv);
-            assert_eq!((x.to_bits(), y.to_bits()), (want.to_bits(), want.to_bits()));
+        let g = values(1000, 23, true);
+        for i in 0..m.len() {
+            let (mut m0, mut v0) = (
+                unscaled(clamp(ms[i], -1.0, 1.0), clamp(v[i], 1e-6, 1e3), kinv),
+                v[i],
+            );
+            // The plain step clamps exp_avg_sq again: the same value (clamp is idempotent).
+            let p0 = adam_one::<true>(&plain, 0.5, g[i], &mut m0, &mut v0);
+            let want = scaled(m0, v0, k);
+            let (mut m1, mut v1) = (ms[i], v[i]);
+            let p1 = adam_one::<true>(&with, 0.5, g[i], &mut m1, &mut v1);
+            let bits = |x: f32| if x.is_nan() { u32::MAX } else { x.to_bits() };
+            assert_eq!(
+                (bits(m1), bits(v1), bits(p1)),
+                (bits(want), bits(v0), bits(p0)),
+                "element {i}"
+            );
         }
     }
 
@@ -1796,8 +1762,10 @@ mod tests {
         let mut case = 0u64;
         for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 63, 1000] {
             for specials in [false, true] {
-                for variant in 0..8u32 {
+                for variant in 0..16u32 {
                     case += 1;
+                    // Variants 8..16: exp_avg stored scaled, multiplied back and scaled again.
+                    let scaled = variant & 8 != 0;
                     let s = AdamScalars {
                         maximize: variant & 1 != 0,
                         decay: (variant & 2 != 0).then_some(0.999),
@@ -1811,9 +1779,9 @@ mod tests {
                         sqrt_bc2: 0.0447,
                         eps: 1e-8,
                         step_size: -0.01,
-                        fresh: variant == 3,
-                        unscale: None,
-                        scale: None,
+                        fresh: variant & 7 == 3,
+                        unscale: (scaled && variant & 7 != 3).then_some(1.7),
+                        scale: scaled.then_some(0.3),
                     };
                     let p = values(n, case, specials);
                     let g = values(n, case + 100, specials);
