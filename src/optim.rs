@@ -15,7 +15,9 @@
 //! with a list of exact-zero positions, or (returned as [`SlotOut::NeedsMap`]) with a zero map,
 //! which the caller builds from the buffer.
 
-use crate::codec::smaq::{EncodedPiece, PieceEncoder, PieceOutput, PieceScratch, SmaqConfig};
+use crate::codec::smaq::{
+    EncodedPiece, PieceEncoder, PieceOutput, PieceScratch, Primary, SmaqConfig,
+};
 use crate::dtype::{Data, DataMut};
 use crate::error::{Error, Result};
 use crate::format::Packed;
@@ -1148,7 +1150,7 @@ struct Pass<'a, 'e> {
 struct Item<'b> {
     i: usize,
     p: &'b mut [f32],
-    prim: [Option<&'b mut [u8]>; 2],
+    prim: [Option<Primary<'b>>; 2],
     dense: [Option<&'b mut [f32]>; 2],
 }
 
@@ -1179,7 +1181,7 @@ struct SlotPass {
 
 /// Where each slot of a pass writes: the encoders' primary streams (empty when the slot is
 /// not encoded) and the dense copies.
-type Sinks<'b> = ([Vec<&'b mut [u8]>; 2], [Option<&'b mut [f32]>; 2]);
+type Sinks<'b> = ([Vec<Primary<'b>>; 2], [Option<&'b mut [f32]>; 2]);
 
 impl Pass<'_, '_> {
     /// Piece `it.i`. The statistics go into `first` (in order: the pieces before the shift of
@@ -1230,8 +1232,8 @@ impl Pass<'_, '_> {
             .zip(prim.into_iter().zip(dense))
             .enumerate()
         {
-            if let (Some(e), Some(b)) = (self.encs[j], prim) {
-                out.enc[j] = Some(e.encode_piece(i, x, b, scratch)?);
+            if let (Some(e), Some(mut b)) = (self.encs[j], prim) {
+                out.enc[j] = Some(e.encode_piece(i, x, b.bytes(), scratch)?);
             }
             if let Some(d) = dense {
                 d.copy_from_slice(x);

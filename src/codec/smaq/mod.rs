@@ -40,7 +40,7 @@ mod log;
 mod meta;
 mod piece;
 
-pub use piece::{EncodedPiece, PieceEncoder, PieceOutput, PieceScratch};
+pub use piece::{EncodedPiece, PieceEncoder, PieceOutput, PieceScratch, Primary};
 
 use super::{CodecInfo, Param, ParamReader, Params};
 use crate::error::{Error, Result};

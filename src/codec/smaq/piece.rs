@@ -11,6 +11,8 @@ use crate::codec::Encoder;
 use crate::error::{Error, Result};
 use crate::rng::{fresh_seed, stream_key};
 use crate::stats::{Sampling, Stats};
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Encodes a float32 tensor that is produced one chunk at a time and never held whole (the
 /// fused optimizer step): the statistics come first (`stats::PieceStats`), then each chunk is
@@ -43,22 +45,49 @@ impl PieceScratch {
 /// One chunk encoded by a [`PieceEncoder`] (its primary stream is in the [`PieceOutput`]).
 pub struct EncodedPiece(ChunkOut);
 
-/// The buffer a [`PieceEncoder`] writes: room for the header and metadata, then every chunk's
-/// primary stream, each chunk writing its own in place.
+/// The buffer a [`PieceEncoder`] writes: room for the header and metadata (zeroed), then every
+/// chunk's primary stream, each chunk zeroing and writing its own in place (on the worker that
+/// encodes it, while it is in cache: no serial memset of the whole buffer first).
 pub struct PieceOutput {
+    /// Its length is the zeroed head; the primary streams lie in the spare capacity after it
+    /// until [`PieceEncoder::finish`] finds them all written.
     bytes: Vec<u8>,
     head: usize,
     primary: Vec<usize>,
+    /// Per chunk: its primary stream has been initialized ([`Primary::bytes`]).
+    written: Vec<AtomicBool>,
+}
+
+/// One chunk's primary stream in a [`PieceOutput`], not yet initialized.
+pub struct Primary<'a> {
+    bytes: &'a mut [MaybeUninit<u8>],
+    written: &'a AtomicBool,
+}
+
+impl Primary<'_> {
+    /// The stream's bytes, zeroed on the first call, to hand to [`PieceEncoder::encode_piece`].
+    pub fn bytes(&mut self) -> &mut [u8] {
+        if !self.written.load(Ordering::Relaxed) {
+            crate::buf::zero_init(self.bytes);
+            self.written.store(true, Ordering::Relaxed);
+        }
+        // SAFETY: initialized just above or by an earlier call (this Primary holds the only
+        // reference to these bytes); MaybeUninit<u8> and u8 have the same layout.
+        unsafe { &mut *(self.bytes as *mut [MaybeUninit<u8>] as *mut [u8]) }
+    }
 }
 
 impl PieceOutput {
     /// Each chunk's primary stream, in chunk order, to hand to [`PieceEncoder::encode_piece`].
-    pub fn primaries(&mut self) -> Vec<&mut [u8]> {
-        let mut rest = &mut self.bytes[self.head..];
+    pub fn primaries(&mut self) -> Vec<Primary<'_>> {
+        let mut rest = &mut self.bytes.spare_capacity_mut()[..self.primary.iter().sum::<usize>()];
         let mut out = Vec::with_capacity(self.primary.len());
-        for &len in &self.primary {
+        for (&len, written) in self.primary.iter().zip(&self.written) {
             let (this, more) = rest.split_at_mut(len);
-            out.push(this);
+            out.push(Primary {
+                bytes: this,
+                written,
+            });
             rest = more;
         }
         out
@@ -122,7 +151,8 @@ impl PieceEncoder {
     }
 
     /// The buffer to encode into: `lead` bytes left to the caller, room for the metadata, every
-    /// chunk's primary stream (zeroed), capacity for `tail` bytes beyond the rest. It comes from
+    /// chunk's primary stream (zeroed by [`Primary::bytes`]), capacity for `tail` bytes beyond
+    /// the rest. It comes from
     /// the cache of recycled buffers where it can (`crate::buf`), as a whole-tensor encode's
     /// does.
     pub fn output(&self, lead: usize, tail: usize) -> PieceOutput {
@@ -135,15 +165,17 @@ impl PieceEncoder {
         let len = head + primary.iter().sum::<usize>();
         // Room for the other streams as encode_typed reserves it: appending does not reallocate.
         let room = self.numel * q.extra_bits() as usize / 8 + 2 * primary.len() + tail;
-        // SAFETY: the closure initializes all `len` bytes.
+        // SAFETY: the closure initializes all `head` bytes. The primary streams stay in the
+        // spare capacity (len - head more) until every chunk has written its own.
         let bytes = unsafe {
-            crate::buf::init_with_tail(len, room, |b| {
+            crate::buf::init_with_tail(head, len - head + room, |b| {
                 crate::buf::zero_init(b);
             })
         };
         PieceOutput {
             bytes,
             head,
+            written: primary.iter().map(|_| AtomicBool::new(false)).collect(),
             primary,
         }
     }
@@ -206,7 +238,16 @@ impl PieceEncoder {
                 self.pieces()
             )));
         }
+        if !out.written.iter().all(|w| w.load(Ordering::Relaxed)) {
+            return Err(Error::Layout(
+                "a piece's primary stream was never written".into(),
+            ));
+        }
         let mut bytes = out.bytes;
+        let len = out.head + out.primary.iter().sum::<usize>();
+        // SAFETY: the head was zeroed in `output` and every primary stream, which together
+        // fill [head, len) of the capacity, was initialized (checked just above).
+        unsafe { bytes.set_len(len) };
         let chunks = pieces.into_iter().map(|p| p.0).collect();
         finish_encoding(self.head, chunks, &mut bytes, lead);
         Ok((bytes, meta_len))
@@ -271,10 +312,15 @@ mod tests {
                 .chunks(cs)
                 .enumerate()
                 .rev()
-                .map(|(ci, c)| (ci, enc.encode_piece(ci, c, prim[ci], &mut codes).unwrap()))
+                .map(|(ci, c)| {
+                    let p = enc.encode_piece(ci, c, prim[ci].bytes(), &mut codes);
+                    (ci, p.unwrap())
+                })
                 .collect();
             pieces.sort_by_key(|p| p.0);
-            assert!(enc.encode_piece(0, &x[..10], prim[0], &mut codes).is_err());
+            assert!(enc
+                .encode_piece(0, &x[..10], prim[0].bytes(), &mut codes)
+                .is_err());
             drop(prim);
             let (bytes, meta_len) = enc
                 .finish(out, pieces.into_iter().map(|p| p.1).collect(), 3)
