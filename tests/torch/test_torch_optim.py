@@ -62,6 +62,30 @@ def test_dense_state_is_exactly_torch(i):
         torch.testing.assert_close(pb, pa, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_dense_state_updated_together_is_exactly_torch(decoupled):
+    # Dense state takes the multi-tensor update after the first step: maximize and weight
+    # decay through it, and a parameter whose gradient goes missing for a step (its step count
+    # then lags the others').
+    ref_cls, ours_cls = ((torch.optim.AdamW, st.AdamW) if decoupled
+                         else (torch.optim.Adam, st.Adam))
+    a, b = mlp(), mlp()
+    ra = ref_cls(a.parameters(), lr=1e-3, weight_decay=1e-2, maximize=True, foreach=False)
+    rb = ours_cls(b.parameters(), lr=1e-3, weight_decay=1e-2, maximize=True,
+                  compress_state=False)
+    for k, (x, y) in enumerate(batches(6)):
+        for model, opt in ((a, ra), (b, rb)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if k == 2:
+                next(model.parameters()).grad = None
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=0, atol=0)
+    steps = [int(s["step"]) for s in rb.state.values()]
+    assert sorted(steps) == [5] + [6] * (len(steps) - 1)
+
+
 @pytest.mark.parametrize("i", range(len(PAIRS)))
 def test_packed_state_tracks_torch(i):
     ref_f, ours_f = PAIRS[i]

@@ -156,24 +156,36 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            todo = []
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                g = p.grad
-                if g.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if group["quantize_grads"]:
-                    g = _store.roundtrip(g, self.codec, self._params_for(
-                        "grad", _derive_seed(group["seed"], gi, pi, -1, "grad")))
                 state = self.state[p]
-                packed = (group["compress_state"] and p.numel() >= self.min_numel
-                          and p.dtype in _store.CODEC_DTYPES)
                 fresh = len(state) == 0
                 if fresh:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["step"] += 1
+                todo.append((pi, p, state, fresh))
+            # Every step count at once (one operator, not one per parameter).
+            if todo:
+                torch._foreach_add_([t[2]["step"] for t in todo], 1)
+            # Dense state that takes the plain update, done together after the loop.
+            many = []
+            for pi, p, state, fresh in todo:
+                g = p.grad
+                if group["quantize_grads"]:
+                    g = _store.roundtrip(g, self.codec, self._params_for(
+                        "grad", _derive_seed(group["seed"], gi, pi, -1, "grad")))
+                packed = (group["compress_state"] and p.numel() >= self.min_numel
+                          and p.dtype in _store.CODEC_DTYPES)
                 step = int(state["step"].item())
                 decoded = any(isinstance(state.get(s), Stored) for s in self._slots)
+                if (not packed and not fresh and not decoded and self._update_many is not None
+                        and not group["quantize_weights"]
+                        and all(isinstance(state.get(s), torch.Tensor) for s in self._slots)):
+                    many.append((p, g, state, step))
+                    continue
                 if packed and self._fusable(p, g, group):
                     ins = tuple(self._fused_in(state, s, p) for s in self._slots)
                     seeds = [_derive_seed(group["seed"], gi, pi, step, s) for s in self._slots]
@@ -197,10 +209,17 @@ class _PackedStateOptimizer(torch.optim.Optimizer):
                 if group["quantize_weights"]:
                     p.copy_(_store.roundtrip(p, self.codec, self._params_for(
                         "weight", _derive_seed(group["seed"], gi, pi, step, "weight"))))
+            if many:
+                self._update_many(many, group)
         return loss
 
     def _update(self, p, g, bufs, group, step, decoded):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    #: ``_update_many(items, group)``, where a subclass has it: the plain update of several
+    #: parameters whose state is dense tensors (``items``: (param, grad, state, step)), in
+    #: place, with multi-tensor operators; the same bits as ``_update`` on each.
+    _update_many = None
 
     def _loaded(self, state, bufs, group, step: int) -> None:
         """Turns the slots as decoded (``bufs``, in place) into the state step ``step`` reads."""
@@ -429,6 +448,29 @@ class Adam(_PackedStateOptimizer):
         p.addcdiv_(m, denom, value=-lr / bc1)
         bufs["exp_avg"], bufs["exp_avg_sq"] = m, v
         return bufs
+
+    def _update_many(self, items, group) -> None:
+        b1, b2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        ps = [it[0] for it in items]
+        gs = [it[1] for it in items]
+        ms = [it[2]["exp_avg"] for it in items]
+        vs = [it[2]["exp_avg_sq"] for it in items]
+        steps = [it[3] for it in items]
+        if group["maximize"]:
+            gs = torch._foreach_neg(gs)
+        if wd:
+            if self._decoupled:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            else:
+                gs = torch._foreach_add(gs, ps, alpha=wd)
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s) for s in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - b1 ** s) for s in steps])
 
     def _loaded(self, state, bufs, group, step: int) -> None:
         # A scaled exp_avg, stored by the step before: exp_avg = scaled * sqrt(exp_avg_sq) / k.
