@@ -946,6 +946,9 @@ pub enum StepPath {
     /// A first pass gathering exp_avg's exact statistics alone, then one pass with exp_avg_sq's
     /// provisional statistics, which were accepted.
     ExpAvgFirst,
+    /// A first pass over every few pieces sampling the statistics the slots did not bring,
+    /// then one pass with them, which were accepted.
+    Sampled,
     /// One pass, then the slots marked true encoded again with the exact statistics (their
     /// provisional statistics were rejected, or they need a zero map).
     Redone([bool; 2]),
@@ -959,12 +962,18 @@ impl StepPath {
             StepPath::TwoPass => "two-pass",
             StepPath::OnePass => "one-pass",
             StepPath::ExpAvgFirst => "exp_avg-first",
+            StepPath::Sampled => "sampled",
             StepPath::Redone([true, true]) => "redone-both",
             StepPath::Redone([true, false]) => "redone-exp_avg",
             StepPath::Redone([false, _]) => "redone-exp_avg_sq",
         }
     }
 }
+
+/// Parameters of at least this many pieces without settled statistics sample them from every
+/// few pieces ([`StepPath::Sampled`]) rather than reading every piece twice: 16 pieces of the
+/// default 65,536 values, 1M values.
+const SAMPLED_MIN_PIECES: usize = 16;
 
 /// The accepted ratio of the provisional to the exact spread: a grid at most 1% coarser than
 /// the exact one (the quantization error grows with the step), at most 3% finer (more values
@@ -1004,7 +1013,14 @@ pub fn accepts(used: &Stats, exact: &Stats) -> bool {
 /// two-pass step encodes it (or returned as [`SlotOut::Dense`]). A rejected step costs about
 /// what the two passes cost, plus the wasted encode.
 ///
-/// **Two passes** (the first step, L2 weight decay, no provisional statistics):
+/// **A sampled first pass, then one pass** (no provisional statistics for a slot, on a
+/// parameter of [`SAMPLED_MIN_PIECES`] pieces or more, without L2 weight decay): a moments-only
+/// pass over every few pieces (every `min(pieces / 4, 8)`-th) gives statistics for the slots
+/// that brought none, and the one pass above codes with them, its check catching a sample that
+/// missed how the rest of the state moved (that slot is then done again with the exact
+/// statistics). About 1/8 of a pass instead of a second whole one.
+///
+/// **Two passes** (smaller parameters without provisional statistics, L2 weight decay):
 ///
 /// 1. decode the piece, compute its new exp_avg / exp_avg_sq (the moments only: the parameter is
 ///    read, not updated), tally zeros, range and the statistics the new state's code needs;
@@ -1123,6 +1139,7 @@ impl<'a> Base<'a> {
             zeros,
             stats,
             decode: [true; 2],
+            stride: 1,
         }
     }
 }
@@ -1143,6 +1160,9 @@ struct Pass<'a, 'e> {
     /// Per slot: decode the old state (else the slot's new values are computed from zeros and
     /// must not be used: a moments-only pass after one slot's statistics).
     decode: [bool; 2],
+    /// Visit every `stride`-th piece only (1: all; more: a moments-only pass sampling the new
+    /// state's statistics).
+    stride: usize,
 }
 
 /// One piece's work: the parameter's piece, and per slot where its primary stream goes and
@@ -1272,7 +1292,7 @@ impl Pass<'_, '_> {
         let mut dv = dv.map(|d| d.chunks_mut(len));
         let mut items = Vec::with_capacity(param.len().div_ceil(len));
         for (i, p) in param.chunks_mut(len).enumerate() {
-            items.push(Item {
+            let it = Item {
                 i,
                 p,
                 prim: [pm.next(), pv.next()],
@@ -1280,7 +1300,10 @@ impl Pass<'_, '_> {
                     dm.as_mut().and_then(|d| d.next()),
                     dv.as_mut().and_then(|d| d.next()),
                 ],
-            });
+            };
+            if i % self.stride == 0 {
+                items.push(it);
+            }
         }
         let mut ps = [PieceStats::new(), PieceStats::new()];
         let mut outs = Vec::with_capacity(items.len());
@@ -1384,6 +1407,25 @@ fn adam_pieces(
     // sound when nothing in the moments reads the parameter (no L2 term in the gradient).
     if let (Some(pm), Some(pv), None) = (provisional(&slots[0]), provisional(&slots[1]), s.l2) {
         return one_pass(param, shape, &rules, &plan, [pm, pv], base);
+    }
+    // A large parameter without settled statistics: a first pass over every few pieces
+    // (moments only) samples them, then one pass (a sample too far from the exact statistics
+    // is caught by the one pass's check, and that slot is coded again with the exact ones).
+    let pieces = n.div_ceil(plan.len);
+    if s.l2.is_none() && pieces >= SAMPLED_MIN_PIECES {
+        let mut first = base.pass(false, [None, None], [false; 2], [true; 2]);
+        first.stride = (pieces / 4).min(8);
+        let [m, v] = first.run(param, ([Vec::new(), Vec::new()], [None, None]))?;
+        let sampled = [
+            provisional(&slots[0]).unwrap_or_else(|| m.stats.finish(plan.cfgs[0].spread)),
+            provisional(&slots[1]).unwrap_or_else(|| v.stats.finish(plan.cfgs[1].spread)),
+        ];
+        let (out, path) = one_pass(param, shape, &rules, &plan, sampled, base)?;
+        let path = match path {
+            StepPath::OnePass => StepPath::Sampled,
+            p => p,
+        };
+        return Ok((out, path));
     }
     // Only exp_avg_sq brings statistics (exp_avg's move more from step to step than
     // exp_avg_sq's log-domain ones): a first pass gathering exp_avg's alone (no logarithm taken;
@@ -2122,7 +2164,15 @@ mod one_pass_tests {
     /// One piece-wise step from the fixture's state with these provisional statistics: the
     /// parameter's bits, each slot's bytes, zeros and returned statistics, and the path.
     fn step(decoupled: bool, stats: [Option<Stats>; 2]) -> (Vec<u32>, Vec<SlotDesc>, StepPath) {
-        let f = Fixture::new(150_000);
+        step_with(Fixture::new(150_000), decoupled, stats)
+    }
+
+    /// [`step`] from a given fixture.
+    fn step_with(
+        f: Fixture,
+        decoupled: bool,
+        stats: [Option<Stats>; 2],
+    ) -> (Vec<u32>, Vec<SlotDesc>, StepPath) {
         let h = AdamStep { decoupled, ..f.h };
         let slots = [
             SlotIn::Packed {
@@ -2304,6 +2354,55 @@ mod one_pass_tests {
             assert_eq!(p1, p2);
             assert_eq!(d1, d2, "redone {redo:?}: the two-pass bytes");
         }
+    }
+
+    /// A parameter of 16 pieces or more without statistics samples them from every few pieces,
+    /// then takes one pass: the parameter's bits and the returned exact statistics are those of
+    /// the step given the exact statistics, the state decodes close to it; a sample that misses
+    /// how the rest of the state moved is caught and that slot coded with the exact ones.
+    #[test]
+    fn large_parameters_sample_their_statistics() {
+        let n = 16 * 65_536 + 1000;
+        let (p1, d1, path) = step_with(Fixture::new(n), true, [None, None]);
+        assert_eq!(path, StepPath::Sampled);
+        let (p2, d2, path) = step_with(Fixture::new(n), true, exact_stats(&d1));
+        assert_eq!(path, StepPath::OnePass);
+        assert_eq!(p1, p2);
+        for j in 0..2 {
+            assert_eq!(d1[j].3, d2[j].3, "slot {j}: the exact statistics");
+            let (a, b) = (decode(&d1[j].0), decode(&d2[j].0));
+            let rms =
+                |x: &[f32]| (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64).sqrt();
+            let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+            assert!(
+                rms(&diff) < 0.05 * rms(&b),
+                "slot {j}: {} vs {}",
+                rms(&diff),
+                rms(&b)
+            );
+        }
+        // Gradients 30 times larger outside the sampled pieces (every fourth): exp_avg_sq's
+        // sampled statistics are far off, and it is coded again with the exact ones.
+        let skewed = || {
+            let mut f = Fixture::new(n);
+            for (i, c) in f.g.chunks_mut(65_536).enumerate() {
+                if i % 4 != 0 {
+                    c.iter_mut().for_each(|x| *x *= 30.0);
+                }
+            }
+            f
+        };
+        let (p1, d1, path) = step_with(skewed(), true, [None, None]);
+        let StepPath::Redone(redo) = path else {
+            panic!("{path:?}: the sample should have been rejected");
+        };
+        assert!(redo[1], "exp_avg_sq redone");
+        let (p2, d2, _) = step_with(skewed(), true, exact_stats(&d1));
+        assert_eq!(p1, p2);
+        assert_eq!(
+            d1[1], d2[1],
+            "exp_avg_sq redone: the bytes of its exact statistics"
+        );
     }
 
     #[test]

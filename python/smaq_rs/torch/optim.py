@@ -418,9 +418,11 @@ class Adam(_PackedStateOptimizer):
         #: Pack exp_avg divided by sqrt(exp_avg_sq) (see the module doc).
         self.scale_exp_avg = bool(scale_exp_avg)
         #: How the fused steps ran, per parameter step (src/optim.rs, ``StepPath``): "one-pass"
-        #: (the steady state: coded with the statistics kept from the step before), "redone-*"
-        #: (those were rejected for a slot, which was coded again), "two-pass" (no statistics
-        #: kept yet, or L2 weight decay), "whole" (on whole buffers).
+        #: (the steady state: coded with the statistics kept from the step before), "sampled"
+        #: (a parameter of 1M values or more without kept statistics: sampled from every few
+        #: pieces first), "exp_avg-first" (exp_avg's statistics gathered first), "redone-*"
+        #: (the statistics were rejected for a slot, which was coded again), "two-pass" (no
+        #: statistics kept yet, or L2 weight decay), "whole" (on whole buffers).
         self.fused_paths: collections.Counter = collections.Counter()
 
     def _update(self, p, g, bufs, group, step, decoded):
