@@ -980,9 +980,6 @@ impl StepPath {
 /// default 65,536 values, 1M values.
 const SAMPLED_MIN_PIECES: usize = 16;
 
-/// The factor a sampled spread is coded with: the middle of [`SPREAD_RATIO`].
-const SAMPLED_SPREAD: f64 = 0.99;
-
 /// The accepted ratio of the provisional to the exact spread: a grid at most 1% coarser than
 /// the exact one (the quantization error grows with the step), at most 3% finer (more values
 /// fall beyond the outlier threshold).
@@ -1024,10 +1021,9 @@ pub fn accepts(used: &Stats, exact: &Stats) -> bool {
 /// **A sampled first pass, then one pass** (no provisional statistics for a slot, on a
 /// parameter of [`SAMPLED_MIN_PIECES`] pieces or more, without L2 weight decay): a moments-only
 /// pass over every few pieces (every `clamp(pieces / 8, 1, 8)`-th: at least 8 pieces, at most
-/// one in 8) gives statistics for the slots that brought none (the spread times
-/// [`SAMPLED_SPREAD`]), and the one pass above codes with them, its check catching a sample
-/// that missed how the rest of the state moved (that slot is then done again with the exact
-/// statistics). At most half, on large parameters 1/8, of a moments pass instead of a whole
+/// one in 8) gives statistics for the slots that brought none, and the one pass above codes
+/// with them, its check catching a sample that missed how the rest of the state moved (that
+/// slot is then done again with the exact statistics). At most half, on large parameters 1/8, of a moments pass instead of a whole
 /// one.
 ///
 /// **Two passes** (smaller parameters without provisional statistics, L2 weight decay):
@@ -1426,15 +1422,9 @@ fn adam_pieces(
         let mut first = base.pass(false, [None, None], [false; 2], [true; 2]);
         first.stride = (pieces / 8).clamp(1, 8);
         let [m, v] = first.run(param, ([Vec::new(), Vec::new()], [None, None]))?;
-        // The sampled spread, put at the middle of the spreads the check accepts (a sample
-        // errs either way; the window is 3% on the fine side, 1% on the coarse one).
-        let centred = |st: Stats| Stats {
-            std: st.std * SAMPLED_SPREAD,
-            ..st
-        };
         let sampled = [
-            provisional(&slots[0]).unwrap_or_else(|| centred(m.stats.finish(plan.cfgs[0].spread))),
-            provisional(&slots[1]).unwrap_or_else(|| centred(v.stats.finish(plan.cfgs[1].spread))),
+            provisional(&slots[0]).unwrap_or_else(|| m.stats.finish(plan.cfgs[0].spread)),
+            provisional(&slots[1]).unwrap_or_else(|| v.stats.finish(plan.cfgs[1].spread)),
         ];
         let (out, path) = one_pass(param, shape, &rules, &plan, sampled, base)?;
         let path = match path {
