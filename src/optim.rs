@@ -1738,22 +1738,12 @@ mod tests {
         // The step with the scaling inside: the old exp_avg multiplied back after the clamps,
         // the plain step, the new one scaled, element by element.
         let plain = AdamScalars {
-            maximize: false,
             decay: Some(0.999),
-            l2: None,
             guard: Some(0.0123),
             // The range of the stored (scaled) values: the plain step takes them multiplied back.
             range_m: None,
             range_v: Some([1e-6, 1e3]),
-            w: 0.1,
-            b2: 0.999,
-            c2: 0.001,
-            sqrt_bc2: 0.0447,
-            eps: 1e-8,
-            step_size: -0.01,
-            fresh: false,
-            unscale: None,
-            scale: None,
+            ..test_scalars()
         };
         let with = AdamScalars {
             range_m: Some([-1.0, 1.0]),
@@ -1779,6 +1769,27 @@ mod tests {
                 (bits(want), bits(v0), bits(p0)),
                 "element {i}"
             );
+        }
+    }
+
+    /// Scalars of a plain step (no options), for the tests to vary.
+    fn test_scalars() -> AdamScalars {
+        AdamScalars {
+            maximize: false,
+            decay: None,
+            l2: None,
+            guard: None,
+            range_m: None,
+            range_v: None,
+            w: 0.1,
+            b2: 0.999,
+            c2: 0.001,
+            sqrt_bc2: 0.0447,
+            eps: 1e-8,
+            step_size: -0.01,
+            fresh: false,
+            unscale: None,
+            scale: None,
         }
     }
 
@@ -1824,15 +1835,10 @@ mod tests {
                         guard: (variant & 4 != 0).then_some(0.0123),
                         range_m: (variant & 4 != 0).then_some([-3e-3, 4e-3]),
                         range_v: (variant & 1 != 0).then_some([-0.0, 2e-3]),
-                        w: 0.1,
-                        b2: 0.999,
-                        c2: 0.001,
-                        sqrt_bc2: 0.0447,
-                        eps: 1e-8,
-                        step_size: -0.01,
                         fresh: variant & 7 == 3,
                         unscale: (scaled && variant & 7 != 3).then_some(1.7),
                         scale: scaled.then_some(0.3),
+                        ..test_scalars()
                     };
                     let p = values(n, case, specials);
                     let g = values(n, case + 100, specials);
