@@ -107,7 +107,8 @@ def adam_step(
     scaled: Tuple[bool, bool] = (False, False),
 ) -> Tuple[_SlotOut, _SlotOut, str]:
     """(exp_avg, exp_avg_sq, path): path is "whole", "two-pass", "one-pass",
-    "redone-exp_avg", "redone-exp_avg_sq" or "redone-both". ``scaled``: (exp_avg given is
+    "exp_avg-first", "sampled", "redone-exp_avg", "redone-exp_avg_sq", "redone-both", or
+    "sampled, " followed by one of the three "redone-*". ``scaled``: (exp_avg given is
     stored scaled, store the new one scaled), scaled meaning exp_avg / sqrt(exp_avg_sq) times
     sqrt(1 - beta2**t) / (1 - beta1**t) of the step t that stored it (0 where exp_avg_sq is 0,
     exp_avg itself where it is not finite)."""
