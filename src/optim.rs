@@ -1707,7 +1707,7 @@ mod tests {
     use crate::rng::SplitMix64;
 
     #[test]
-    fn scaled_exp_avg_round_trips_and_tallies_like_the_scalar_loop() {
+    fn scaled_exp_avg_round_trips_and_the_step_scales_it_in_place() {
         let (k, kinv) = (
             scale_factor(0.9, 0.999, 7),
             1.0 / scale_factor(0.9, 0.999, 7),
