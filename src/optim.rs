@@ -2418,6 +2418,57 @@ mod one_pass_tests {
         );
     }
 
+    /// The first step of a large parameter samples too (the fresh moments need no decode):
+    /// the parameter's bits as the whole-buffer step gives them, and the state as close to the
+    /// new moments as the whole-buffer step's own packed state is.
+    #[test]
+    fn a_large_fresh_state_samples_too() {
+        let n = 16 * 65_536 + 1000;
+        let f = Fixture::new(n);
+        let h = AdamStep {
+            step: 1,
+            decoded: false,
+            scaled_in: false,
+            ..f.h
+        };
+        let fresh = [SlotIn::Fresh, SlotIn::Fresh];
+        let mut p1 = f.p.clone();
+        let (outs, path) = adam_step_pieces(&h, &mut p1, &f.g, &f.shape, fresh, f.rules()).unwrap();
+        assert!(
+            matches!(path, StepPath::Sampled | StepPath::SampledRedone(_)),
+            "{path:?}"
+        );
+        let mut p2 = f.p.clone();
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let whole = adam_step(
+            &h,
+            &mut p2,
+            &f.g,
+            &f.shape,
+            &mut m,
+            &mut v,
+            fresh,
+            f.rules(),
+        )
+        .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p1), bits(&p2));
+        // The whole-buffer step leaves the new state (exp_avg scaled) in its buffers.
+        let rel = |out: SlotOut, want: &[f32]| {
+            let SlotOut::Plain { packed, .. } = out else {
+                panic!("no zero map expected");
+            };
+            let got = decode(&packed.to_vec());
+            let sq = |x: f32| (x as f64).powi(2);
+            let err: f64 = got.iter().zip(want).map(|(a, b)| sq(a - b)).sum();
+            (err / want.iter().map(|&b| sq(b)).sum::<f64>()).sqrt()
+        };
+        for ((out, w), want) in outs.into_iter().zip(whole).zip([&m, &v]) {
+            let (ours, theirs) = (rel(out, want), rel(w, want));
+            assert!(ours <= 1.05 * theirs + 1e-4, "{ours} against {theirs}");
+        }
+    }
+
     #[test]
     fn l2_weight_decay_never_takes_one_pass() {
         let (p2, d2, path) = step(false, [None, None]);
