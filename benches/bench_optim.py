@@ -11,8 +11,9 @@ installed.
 State bytes are summed from the real buffers each optimizer holds after the steps (tensors'
 storage bytes; for smaq_rs the packed bytes). Times are medians of ``--steps`` steps after
 ``--warmup`` untimed steps (2), in ``--rounds`` (3) rounds in which the optimizers take turns,
-each on its own copy of the model, so that a slow spell of a shared machine falls on all of them. Gradients are random tensors drawn afresh each step (no
-forward/backward), so only the optimizer step is timed: N(0, 1e-6) everywhere, or with
+each on its own copy of the model, so that a slow spell of a shared machine falls on all of
+them. Gradients are random tensors drawn afresh each step (no forward/backward), so only the
+optimizer step is timed: N(0, 1e-6) everywhere, or with
 ``--grads scaled`` a per-element scale (as a network's gradients have) times fresh noise. The
 fused smaq_rs step codes the new state with the statistics its step before kept, where they still
 fit (one pass over the state), else twice; the paths its timed steps took are printed. Nothing

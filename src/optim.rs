@@ -1148,6 +1148,17 @@ impl<'a> Base<'a> {
             stride: 1,
         }
     }
+
+    /// A moments-only pass over every `stride`-th piece gathering the statistics of the slots
+    /// marked in `stats`: exp_avg_sq is decoded only where its statistics or a scaled exp_avg
+    /// (multiplied back with the old exp_avg_sq, scaled with the new) need it.
+    fn moments_pass<'e>(self, stats: [bool; 2], stride: usize) -> Pass<'a, 'e> {
+        let scaled = self.s.unscale.is_some() || self.s.scale.is_some();
+        let mut p = self.pass(false, [None, None], [false; 2], stats);
+        p.decode = [true, stats[1] || scaled];
+        p.stride = stride;
+        p
+    }
 }
 
 /// One pass of the piece-wise step over every piece: decode, step (the parameter updated or
@@ -1419,12 +1430,13 @@ fn adam_pieces(
     // is caught by the one pass's check, and that slot is coded again with the exact ones).
     let pieces = n.div_ceil(plan.len);
     if s.l2.is_none() && pieces >= SAMPLED_MIN_PIECES {
-        let mut first = base.pass(false, [None, None], [false; 2], [true; 2]);
-        first.stride = (pieces / 8).clamp(1, 8);
-        let [m, v] = first.run(param, ([Vec::new(), Vec::new()], [None, None]))?;
+        let kept = [provisional(&slots[0]), provisional(&slots[1])];
+        let [m, v] = base
+            .moments_pass(kept.map(|k| k.is_none()), (pieces / 8).clamp(1, 8))
+            .run(param, ([Vec::new(), Vec::new()], [None, None]))?;
         let sampled = [
-            provisional(&slots[0]).unwrap_or_else(|| m.stats.finish(plan.cfgs[0].spread)),
-            provisional(&slots[1]).unwrap_or_else(|| v.stats.finish(plan.cfgs[1].spread)),
+            kept[0].unwrap_or_else(|| m.stats.finish(plan.cfgs[0].spread)),
+            kept[1].unwrap_or_else(|| v.stats.finish(plan.cfgs[1].spread)),
         ];
         let (out, path) = one_pass(param, shape, &rules, &plan, sampled, base)?;
         let path = match path {
@@ -1444,10 +1456,9 @@ fn adam_pieces(
         s.l2,
         slots[0],
     ) {
-        let mut first = base.pass(false, [None, None], [false; 2], [true, false]);
-        // A scaled exp_avg reads exp_avg_sq, old (multiplied back) or new (scaled).
-        first.decode = [true, s.unscale.is_some() || s.scale.is_some()];
-        let [m, _] = first.run(param, ([Vec::new(), Vec::new()], [None, None]))?;
+        let [m, _] = base
+            .moments_pass([true, false], 1)
+            .run(param, ([Vec::new(), Vec::new()], [None, None]))?;
         let pm = m.stats.finish(plan.cfgs[0].spread);
         let (out, path) = one_pass(param, shape, &rules, &plan, [pm, pv], base)?;
         let path = match path {

@@ -80,7 +80,8 @@ impl Primary<'_> {
 impl PieceOutput {
     /// Each chunk's primary stream, in chunk order, to hand to [`PieceEncoder::encode_piece`].
     pub fn primaries(&mut self) -> Vec<Primary<'_>> {
-        let mut rest = &mut self.bytes.spare_capacity_mut()[..self.primary.iter().sum::<usize>()];
+        let len = self.primary.iter().sum::<usize>();
+        let mut rest = &mut self.bytes.spare_capacity_mut()[..len];
         let mut out = Vec::with_capacity(self.primary.len());
         for (&len, written) in self.primary.iter().zip(&self.written) {
             let (this, more) = rest.split_at_mut(len);
@@ -152,9 +153,8 @@ impl PieceEncoder {
 
     /// The buffer to encode into: `lead` bytes left to the caller, room for the metadata, every
     /// chunk's primary stream (zeroed by [`Primary::bytes`]), capacity for `tail` bytes beyond
-    /// the rest. It comes from
-    /// the cache of recycled buffers where it can (`crate::buf`), as a whole-tensor encode's
-    /// does.
+    /// the rest. It comes from the cache of recycled buffers where it can (`crate::buf`), as a
+    /// whole-tensor encode's does.
     pub fn output(&self, lead: usize, tail: usize) -> PieceOutput {
         let q = &self.prep.q;
         let cs = self.piece_len() as u64;
@@ -327,6 +327,19 @@ mod tests {
                 .unwrap();
             assert_eq!(&bytes[3..3 + meta_len], &whole.meta[..]);
             assert_eq!(&bytes[3 + meta_len..], &whole.payload[..]);
+            // Pieces coded elsewhere leave the output's primary streams unwritten: refused.
+            let enc = cfg.piece_encoder(x.len(), stats).unwrap();
+            let mut out = enc.output(3, 8);
+            let lens: Vec<usize> = out.primaries().iter_mut().map(|p| p.bytes.len()).collect();
+            let elsewhere: Vec<EncodedPiece> = x
+                .chunks(cs)
+                .enumerate()
+                .map(|(ci, c)| {
+                    let mut buf = vec![0u8; lens[ci]];
+                    enc.encode_piece(ci, c, &mut buf, &mut codes).unwrap()
+                })
+                .collect();
+            assert!(enc.finish(out, elsewhere, 3).is_err());
         }
         let small = SmaqConfig::default();
         assert!(small
